@@ -1,0 +1,635 @@
+"""The TOML config: parsed into frozen dataclasses, validated, secrets resolved, diffed.
+
+Every problem is collected (not just the first) and named as `file: table.key: message`,
+so one `sugard check` run shows everything there is to fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import subprocess
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .secret import Secret
+
+__all__ = [
+    "DAEMON_DEFAULTS",
+    "INSTANCE_DEFAULTS",
+    "Config",
+    "ConfigDiff",
+    "ConfigError",
+    "DaemonConfig",
+    "InstanceConfig",
+    "Problem",
+    "SecretRef",
+    "diff_configs",
+    "load_config",
+    "parse_config",
+    "resolve_secrets",
+]
+
+INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+PLATFORM_NAME = re.compile(r"^[a-z0-9_-]{1,127}$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SECRET_KINDS = ("", "_file", "_env", "_command", "_credential")
+SECRET_FIELDS = ("password", "client_secret")
+SECRET_COMMAND_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the config, located precisely enough to fix it."""
+
+    file: str
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.key}: {self.message}" if self.key else f"{self.file}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config cannot be used; `problems` says every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """Where a secret comes from, and, once resolved, its value.
+
+    `kind` is `inline`, `file`, `env`, `command` or `credential`; `ref` is the path, variable,
+    command or credential name (empty for inline). `value` stays None until resolved.
+    """
+
+    kind: str
+    ref: str | tuple[str, ...] = ""
+    value: Secret | None = None
+
+    def describe(self) -> str:
+        """Where the secret comes from, for humans (never the secret itself)."""
+        if self.kind == "inline":
+            return "inline"
+        ref = " ".join(self.ref) if isinstance(self.ref, tuple) else self.ref
+        return f"{self.kind}: {ref}"
+
+    def reveal(self) -> str:
+        if self.value is None:
+            raise RuntimeError("secret was not resolved")
+        return self.value.reveal()
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    """One SugarCRM instance, with `[defaults]` merged in."""
+
+    name: str
+    url: str
+    username: str
+    password: SecretRef
+    client_id: str = "sugar"
+    client_secret: SecretRef = field(default_factory=lambda: SecretRef("inline", "", Secret("")))
+    platform: str = "sugard"
+    timeout: float = 10.0
+    verify_tls: bool = True
+    ca_file: str | None = None
+    refresh_before: float = 300.0
+    backoff_max: float = 300.0
+    allowed_uids: tuple[int, ...] | None = None
+    allowed_gids: tuple[int, ...] | None = None
+
+    def auth_key(self) -> tuple[object, ...]:
+        """What identifies the upstream session: if this is unchanged, the live token stays valid."""
+        return (
+            self.url,
+            self.username,
+            self.password.value,
+            self.client_id,
+            self.client_secret.value,
+            self.platform,
+            self.verify_tls,
+            self.ca_file,
+        )
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    socket: str | None = None
+    log_level: str = "info"
+    max_parallel_logins: int = 4
+    shutdown_grace: float = 10.0
+    allowed_uids: tuple[int, ...] = ()
+    allowed_gids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    daemon: DaemonConfig
+    instances: Mapping[str, InstanceConfig]
+
+
+# Schema: key -> (checker, default). A checker returns the normalized value or raises ValueError
+# with a message that says what a valid value looks like.
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string, not {_tname(v)}")
+    return v
+
+
+def _nonempty(v: Any) -> str:
+    s = _str(v)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    return s
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, not {_tname(v)}")
+    return v
+
+
+def _number(low: float, high: float) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"must be a number, not {_tname(v)}")
+        if not low <= v <= high:
+            raise ValueError(f"must be between {low:g} and {high:g}, not {v:g}")
+        return float(v)
+
+    return check
+
+
+def _int(low: int, high: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"must be an integer, not {_tname(v)}")
+        if not low <= v <= high:
+            raise ValueError(f"must be between {low} and {high}, not {v}")
+        return v
+
+    return check
+
+
+def _ids(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v
+    ):
+        raise ValueError("must be a list of numeric ids, like [1000, 1001]")
+    return tuple(v)
+
+
+def _url(v: Any) -> str:
+    s = _nonempty(v).rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", s):
+        raise ValueError(f"must start with https:// (or http://), not {s!r}")
+    if "/rest/v" in s:
+        raise ValueError("give the site root (like https://crm.example.com), without /rest/v10")
+    return s
+
+
+def _platform(v: Any) -> str:
+    s = _str(v)
+    if not PLATFORM_NAME.match(s):
+        raise ValueError(
+            f"{s!r} is not a valid platform name: use 1-127 of a-z, 0-9, '_' and '-'"
+        )
+    return s
+
+
+def _log_level(v: Any) -> str:
+    s = _str(v).lower()
+    if s not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, not {v!r}")
+    return s
+
+
+def _optional_path(v: Any) -> str:
+    return _nonempty(v)
+
+
+INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "url": _url,
+    "username": _nonempty,
+    "client_id": _nonempty,
+    "platform": _platform,
+    "timeout": _number(0.1, 300),
+    "verify_tls": _bool,
+    "ca_file": _optional_path,
+    "refresh_before": _number(0, 86400),
+    "backoff_max": _number(0.01, 86400),
+    "allowed_uids": _ids,
+    "allowed_gids": _ids,
+}
+INSTANCE_DEFAULTS: dict[str, Any] = {
+    "client_id": "sugar",
+    "platform": "sugard",
+    "timeout": 10.0,
+    "verify_tls": True,
+    "refresh_before": 300.0,
+    "backoff_max": 300.0,
+}
+DAEMON_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "socket": _optional_path,
+    "log_level": _log_level,
+    "max_parallel_logins": _int(1, 1000),
+    "shutdown_grace": _number(0, 600),
+    "allowed_uids": _ids,
+    "allowed_gids": _ids,
+}
+DAEMON_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in fields(DaemonConfig) if f.name not in ("allowed_uids", "allowed_gids")
+}
+SECRET_KEYS = {base + kind for base in SECRET_FIELDS for kind in SECRET_KINDS}
+
+
+def _tname(v: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+def load_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    resolve: bool = True,
+) -> Config:
+    """Read, validate and (by default) resolve the secrets of the config at `path`."""
+    path = Path(path).expanduser()
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            [Problem(str(path), "", "no such file; create one with `sugard init`")]
+        ) from None
+    except OSError as exc:
+        raise ConfigError([Problem(str(path), "", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(str(path), "", "is not UTF-8 text")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(str(path), "", f"invalid TOML: {exc}")]) from None
+    config = parse_config(data, str(path))
+    problems = _check_file_mode(path, config)
+    if resolve:
+        try:
+            config = resolve_secrets(config, environ)
+        except ConfigError as exc:
+            problems += exc.problems
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _check_file_mode(path: Path, config: Config) -> list[Problem]:
+    """An inline secret in a file others can read is as good as published."""
+    inline = [
+        f"instances.{i.name}.{name}"
+        for i in config.instances.values()
+        for name in SECRET_FIELDS
+        if getattr(i, name).kind == "inline" and getattr(i, name).value
+    ]
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return []
+    if inline and mode & 0o077:
+        return [
+            Problem(
+                str(path),
+                inline[0],
+                f"holds an inline secret but the file is readable by others "
+                f"(mode {stat.S_IMODE(mode):04o}); run: chmod 600 {path}",
+            )
+        ]
+    return []
+
+
+def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
+    """Validate a parsed TOML document; secrets are located but not resolved."""
+    problems: list[Problem] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(Problem(path, key, message))
+
+    for key in data:
+        if key not in ("daemon", "defaults", "instances"):
+            problem(key, "unknown table or key; expected [daemon], [defaults] and [instances.NAME]")
+
+    daemon_raw = _table(data, "daemon", problem)
+    daemon_values: dict[str, Any] = {}
+    for key, value in daemon_raw.items():
+        checker = DAEMON_SCHEMA.get(key)
+        if checker is None:
+            problem(f"daemon.{key}", f"unknown key; known keys: {', '.join(DAEMON_SCHEMA)}")
+            continue
+        try:
+            daemon_values[key] = checker(value)
+        except ValueError as exc:
+            problem(f"daemon.{key}", str(exc))
+    daemon = DaemonConfig(**daemon_values)
+
+    defaults = _table(data, "defaults", problem)
+    _check_instance_keys(defaults, "defaults", problem)
+
+    instances_raw = _table(data, "instances", problem)
+    instances: dict[str, InstanceConfig] = {}
+    if not instances_raw and not problems:
+        problem("instances", "no instances configured; add an [instances.NAME] table")
+    for name, table in instances_raw.items():
+        where = f"instances.{name}"
+        if not INSTANCE_NAME.match(name):
+            problem(
+                where,
+                "bad instance name: use up to 64 of A-Z, a-z, 0-9, '_', '.' and '-', "
+                "starting with a letter or digit",
+            )
+            continue
+        if not isinstance(table, dict):
+            problem(where, f"must be a table, not {_tname(table)}")
+            continue
+        if not _check_instance_keys(table, where, problem):
+            continue
+        instance = _build_instance(name, defaults, table, where, problem)
+        if instance is not None:
+            instances[name] = instance
+
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=path, daemon=daemon, instances=instances)
+
+
+def _table(
+    data: Mapping[str, Any], name: str, problem: Callable[[str, str], None]
+) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, dict):
+        problem(name, f"must be a table ([{name}]), not {_tname(value)}")
+        return {}
+    return value
+
+
+def _check_instance_keys(
+    table: Mapping[str, Any], where: str, problem: Callable[[str, str], None]
+) -> bool:
+    ok = True
+    for key, value in table.items():
+        if key in SECRET_KEYS:
+            continue
+        checker = INSTANCE_SCHEMA.get(key)
+        if checker is None:
+            hint = " (did you mean password_file?)" if key.startswith("password") else ""
+            problem(f"{where}.{key}", f"unknown key{hint}")
+            ok = False
+            continue
+        try:
+            checker(value)
+        except ValueError as exc:
+            problem(f"{where}.{key}", str(exc))
+            ok = False
+    return ok
+
+
+def _build_instance(
+    name: str,
+    defaults: Mapping[str, Any],
+    table: Mapping[str, Any],
+    where: str,
+    problem: Callable[[str, str], None],
+) -> InstanceConfig | None:
+    values: dict[str, Any] = dict(INSTANCE_DEFAULTS)
+    for source in (defaults, table):
+        for key, value in source.items():
+            if key not in SECRET_KEYS:
+                values[key] = INSTANCE_SCHEMA[key](value)
+    ok = True
+    for required in ("url", "username"):
+        if required not in values:
+            problem(f"{where}.{required}", "missing; every instance needs url and username")
+            ok = False
+    secrets: dict[str, SecretRef] = {}
+    for base in SECRET_FIELDS:
+        ref = _secret_ref(base, table, where, problem)
+        if ref is False:
+            ok = False
+            continue
+        if ref is None:
+            ref = _secret_ref(base, defaults, "defaults", problem) or None
+        if ref is None:
+            if base == "password":
+                problem(
+                    f"{where}.password_file",
+                    "missing; give the password as one of password_file, password_env, "
+                    "password_command, password_credential or password",
+                )
+                ok = False
+                continue
+            ref = SecretRef("inline", "", Secret(""))
+        secrets[base] = ref
+    if not ok:
+        return None
+    if "ca_file" in values:
+        values["ca_file"] = str(Path(values["ca_file"]).expanduser())
+    return InstanceConfig(name=name, **values, **secrets)
+
+
+def _secret_ref(
+    base: str, table: Mapping[str, Any], where: str, problem: Callable[[str, str], None]
+) -> SecretRef | bool | None:
+    """The one source of secret `base` in `table`; None if there is none, False if it is wrong."""
+    given = [base + kind for kind in SECRET_KINDS if base + kind in table]
+    if not given:
+        return None
+    if len(given) > 1:
+        problem(f"{where}.{given[1]}", f"give only one of {', '.join(given)}")
+        return False
+    key = given[0]
+    value = table[key]
+    kind = key[len(base) + 1 :] or "inline"
+    if kind == "command":
+        if isinstance(value, list) and value and all(isinstance(a, str) for a in value):
+            return SecretRef(kind, tuple(value))
+        if isinstance(value, str) and value.strip():
+            return SecretRef(kind, value)
+        problem(f"{where}.{key}", "must be a shell command string or a list of arguments")
+        return False
+    if not isinstance(value, str):
+        problem(f"{where}.{key}", f"must be a string, not {_tname(value)}")
+        return False
+    if kind == "inline":
+        return SecretRef("inline", "", Secret(value))
+    if not value.strip():
+        problem(f"{where}.{key}", "must not be empty")
+        return False
+    if kind == "credential" and "/" in value:
+        problem(f"{where}.{key}", "is a credential name (as in LoadCredential=NAME:...), not a path")
+        return False
+    return SecretRef(kind, value)
+
+
+def resolve_secrets(config: Config, environ: Mapping[str, str] | None = None) -> Config:
+    """Read every secret from its source; raise ConfigError naming each one that fails."""
+    env = os.environ if environ is None else environ
+    base_dir = Path(config.path).parent
+    problems: list[Problem] = []
+    instances: dict[str, InstanceConfig] = {}
+    for name, instance in config.instances.items():
+        resolved: dict[str, SecretRef] = {}
+        for base in SECRET_FIELDS:
+            ref: SecretRef = getattr(instance, base)
+            key = f"instances.{name}.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
+            try:
+                resolved[base] = replace(ref, value=Secret(_read_secret(ref, env, base_dir)))
+            except ValueError as exc:
+                problems.append(Problem(config.path, key, str(exc)))
+        instances[name] = replace(instance, **resolved)
+    if problems:
+        raise ConfigError(problems)
+    return replace(config, instances=instances)
+
+
+def _read_secret(ref: SecretRef, env: Mapping[str, str], base_dir: Path) -> str:
+    if ref.kind == "inline":
+        return ref.reveal()
+    if ref.kind == "env":
+        assert isinstance(ref.ref, str)
+        if ref.ref not in env:
+            raise ValueError(f"environment variable {ref.ref} is not set")
+        return env[ref.ref]
+    if ref.kind == "file":
+        assert isinstance(ref.ref, str)
+        return _read_secret_file(_resolve_path(ref.ref, base_dir), check_mode=True)
+    if ref.kind == "credential":
+        assert isinstance(ref.ref, str)
+        directory = env.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise ValueError(
+                "$CREDENTIALS_DIRECTORY is not set; use LoadCredential= in the systemd unit"
+            )
+        return _read_secret_file(Path(directory) / ref.ref, check_mode=False)
+    if ref.kind == "command":
+        return _run_secret_command(ref.ref, env)
+    raise ValueError(f"unknown secret source {ref.kind}")
+
+
+def _resolve_path(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _read_secret_file(path: Path, *, check_mode: bool) -> str:
+    try:
+        st = path.stat()
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"file {path} does not exist") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text") from None
+    if check_mode and st.st_mode & 0o077:
+        raise ValueError(
+            f"{path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    secret = text.rstrip("\r\n")
+    if not secret:
+        raise ValueError(f"{path} is empty")
+    return secret
+
+
+def _run_secret_command(command: str | tuple[str, ...], env: Mapping[str, str]) -> str:
+    argv = ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,  # stderr is captured and dropped: it may echo the secret
+            stdin=subprocess.DEVNULL,
+            timeout=SECRET_COMMAND_TIMEOUT,
+            env=dict(env),
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"command did not finish within {SECRET_COMMAND_TIMEOUT:g} s") from None
+    except OSError as exc:
+        raise ValueError(f"command cannot run: {exc.strerror}") from None
+    if done.returncode != 0:
+        raise ValueError(f"command exited with status {done.returncode}")
+    secret = done.stdout.decode("utf-8", "replace").rstrip("\r\n")
+    if not secret:
+        raise ValueError("command printed nothing")
+    return secret
+
+
+@dataclass(frozen=True)
+class ConfigDiff:
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: tuple[str, ...]
+    unchanged: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, list[str]]:
+        return {
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": list(self.changed),
+            "unchanged": list(self.unchanged),
+        }
+
+
+def diff_configs(old: Config, new: Config) -> ConfigDiff:
+    """Which instances a reload adds, removes, changes or leaves alone."""
+    old_names, new_names = set(old.instances), set(new.instances)
+    both = sorted(old_names & new_names)
+    return ConfigDiff(
+        added=tuple(sorted(new_names - old_names)),
+        removed=tuple(sorted(old_names - new_names)),
+        changed=tuple(n for n in both if old.instances[n] != new.instances[n]),
+        unchanged=tuple(n for n in both if old.instances[n] == new.instances[n]),
+    )
+
+
+def effective_config(config: Config) -> dict[str, Any]:
+    """The config with defaults merged into each instance; every secret shown as `***` with
+    where it comes from. Ready for tomli-w or json."""
+    daemon = {
+        k: list(v) if isinstance(v, tuple) else v
+        for k, v in vars(config.daemon).items()
+        if v is not None and v != ()
+    }
+    instances: dict[str, Any] = {}
+    for name, instance in config.instances.items():
+        table: dict[str, Any] = {}
+        for f in fields(instance):
+            value = getattr(instance, f.name)
+            if f.name == "name" or value is None:
+                continue
+            if isinstance(value, SecretRef):
+                value = "(empty)" if _is_empty_inline(value) else f"*** ({value.describe()})"
+            elif isinstance(value, tuple):
+                value = list(value)
+            table[f.name] = value
+        instances[name] = table
+    return {"daemon": daemon, "instances": instances}
+
+
+def _is_empty_inline(ref: SecretRef) -> bool:
+    return ref.kind == "inline" and ref.value is not None and not ref.value

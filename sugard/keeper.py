@@ -1,0 +1,443 @@
+"""One instance's token life: log in, refresh ahead of expiry, recover, back off, serve.
+
+One supervisor task per instance makes every upstream call, so there is never more than one
+in flight per instance (single flight): requests only read the current grant, or ask the
+supervisor for a new one and wait for it. Times that matter (expiry, refresh-at) are wall
+clock, re-read at every decision, and no sleep lasts longer than `MAX_SLEEP`: asyncio's
+monotonic clock stops while a laptop is suspended, the wall clock does not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+
+from .config import InstanceConfig
+from .secret import Secret
+from .sugar import (
+    Grant,
+    RefreshRejected,
+    RejectedError,
+    SugarClient,
+    SugarError,
+    TransientError,
+)
+
+__all__ = [
+    "MAX_SLEEP",
+    "InstanceStopped",
+    "Keeper",
+    "LastError",
+    "NeedsAttention",
+    "State",
+    "TokenUnavailable",
+]
+
+log = logging.getLogger("sugard.keeper")
+
+MAX_SLEEP = 30.0
+JITTER = 0.10  # spread of the advisory window, so many instances do not refresh together
+LONG_BACKOFF = 60.0  # floor for maintenance and license locks: they last minutes, not seconds
+MIN_TTL_CAP = 0.9  # a min_ttl above this share of Sugar's token lifetime cannot be met
+
+
+class State(enum.StrEnum):
+    STARTING = "starting"
+    LOGGING_IN = "logging_in"
+    READY = "ready"
+    REFRESHING = "refreshing"
+    BACKING_OFF = "backing_off"
+    FAILED = "failed"
+
+
+class TokenUnavailable(Exception):
+    """No valid token within the wait; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NeedsAttention(Exception):
+    """Sugar refused for a reason a person must fix; sugard will not retry by itself."""
+
+
+class InstanceStopped(Exception):
+    """The instance was removed (reload) or the daemon is stopping."""
+
+
+@dataclass(frozen=True)
+class LastError:
+    at: float
+    kind: str
+    message: str
+
+
+class Keeper:
+    """Keeps one live session for one instance."""
+
+    def __init__(
+        self,
+        config: InstanceConfig,
+        upstream: SugarClient,
+        *,
+        login_slots: asyncio.Semaphore | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+        max_sleep: float = MAX_SLEEP,
+    ) -> None:
+        self.config = config
+        self.upstream = upstream
+        self._login_slots = login_slots or asyncio.Semaphore(1)
+        self._clock = clock
+        self._rng = rng
+        self._max_sleep = max_sleep
+
+        self.state = State.STARTING
+        self.logins = 0
+        self.refreshes = 0
+        self.failures = 0
+        self.last_refresh: float | None = None
+        self.last_error: LastError | None = None
+        self.refresh_at: float | None = None
+        self.next_attempt_at: float | None = None
+
+        self._grant: Grant | None = None
+        self._refresh_token: Secret | None = None  # None once burned or rejected
+        self._dead_token: Secret | None = None  # reported by a script as refused by Sugar
+        self._want_new = False  # a request needs a newer token than the current one
+        self._forced = False  # `sugarctl refresh`: act now, even during backoff
+        self._generation = 0
+        self._changed = asyncio.Event()
+        self._wake = asyncio.Event()  # ends an idle wait
+        self._interrupt = asyncio.Event()  # ends a backoff wait too
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def grant(self) -> Grant | None:
+        return self._grant
+
+    # Lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name=f"keeper:{self.name}")
+
+    async def stop(self) -> None:
+        """Stop the supervisor; waiting requests get InstanceStopped."""
+        self._stopped = True
+        self._notify()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def adopt(self, config: InstanceConfig) -> None:
+        """Take settings that do not touch the session (timeouts, windows) without a new login."""
+        assert config.auth_key() == self.config.auth_key()
+        self.config = config
+        self.upstream.instance = config
+        if self._grant is not None:
+            self.refresh_at = self._refresh_time(self._grant)
+        self._wake.set()
+
+    # Requests
+
+    async def token(self, min_ttl: float = 0.0, wait: float = 10.0) -> Grant:
+        """The current token, if it has `min_ttl` seconds left; else wait up to `wait` for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        asked_at_generation: int | None = None
+        while True:
+            if self._stopped:
+                raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+            grant = self._grant
+            if grant is not None and self._servable(grant):
+                remaining = grant.expires_at - self._clock()
+                wanted = min(min_ttl, MIN_TTL_CAP * grant.lifetime)
+                renewed = asked_at_generation is not None and self._generation > asked_at_generation
+                if remaining >= wanted or renewed:
+                    return grant
+                self._want_new = True
+            if self.state is State.FAILED:
+                raise NeedsAttention(self._failure_message())
+            if asked_at_generation is None:
+                asked_at_generation = self._generation
+            self._wake.set()
+            changed = self._changed
+            left = deadline - loop.time()
+            try:
+                if left <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(left):
+                    await changed.wait()
+            except TimeoutError:
+                raise TokenUnavailable(self._unavailable_message(), self._retry_after()) from None
+
+    async def invalidate(self, access_token: str, wait: float = 10.0) -> Grant:
+        """A script reports that Sugar refused `access_token`.
+
+        Only a report of the current token starts a refresh, and only once however many
+        scripts report it; an older token gets the current one back, with no upstream call.
+        """
+        grant = self._grant
+        if grant is not None and grant.access_token == Secret(access_token):
+            if self._dead_token != grant.access_token:
+                log.info(
+                    "%s: token %s reported as refused by Sugar; renewing",
+                    self.name,
+                    grant.access_token.fingerprint,
+                )
+                self._dead_token = grant.access_token
+                self._wake.set()
+        return await self.token(wait=wait)
+
+    async def refresh_now(self, wait: float = 10.0) -> Grant:
+        """Renew now, even from `failed` or during backoff (`sugarctl refresh`)."""
+        if self._stopped:
+            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+        generation = self._generation
+        self._forced = True
+        self._wake.set()
+        self._interrupt.set()
+        changed = self._changed
+        try:
+            async with asyncio.timeout(wait):
+                while self._generation == generation and not self._stopped:
+                    await changed.wait()
+                    changed = self._changed
+        except TimeoutError:
+            raise TokenUnavailable(self._unavailable_message(), self._retry_after()) from None
+        if self._stopped:
+            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+        if self.state is State.FAILED:
+            raise NeedsAttention(self._failure_message())
+        assert self._grant is not None
+        return self._grant
+
+    def status(self) -> dict[str, Any]:
+        grant = self._grant
+        return {
+            "name": self.name,
+            "url": self.config.url,
+            "username": self.config.username,
+            "platform": self.config.platform,
+            "state": self.state.value,
+            "expires_at": grant.expires_at if grant else None,
+            "refresh_at": self.refresh_at,
+            "last_refresh": self.last_refresh,
+            "last_error": (
+                {"at": self.last_error.at, "kind": self.last_error.kind,
+                 "message": self.last_error.message}
+                if self.last_error
+                else None
+            ),
+            "logins": self.logins,
+            "refreshes": self.refreshes,
+            "failures": self.failures,
+        }
+
+    # The supervisor
+
+    async def _supervise(self) -> None:
+        while not self._stopped:
+            if self.state is State.FAILED and not self._forced:
+                await self._idle(self._max_sleep)
+                continue
+            delay = self._time_to_act()
+            if delay > 0:
+                await self._idle(min(delay, self._max_sleep))
+                continue
+            self._forced = self._want_new = False
+            self._interrupt.clear()
+            await self._renew()
+
+    def _time_to_act(self) -> float:
+        """Seconds until the supervisor must call Sugar; 0 means now."""
+        grant = self._grant
+        if self._forced or self._want_new or grant is None:
+            return 0.0
+        if self._dead_token is not None and self._dead_token == grant.access_token:
+            return 0.0
+        assert self.refresh_at is not None
+        return max(0.0, self.refresh_at - self._clock())
+
+    async def _idle(self, seconds: float) -> None:
+        self._wake.clear()
+        try:
+            async with asyncio.timeout(seconds):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _renew(self) -> None:
+        retrying = AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=self._backoff,
+            stop=stop_never,
+            sleep=self._backoff_sleep,
+            before_sleep=self._before_backoff,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt()
+        except RejectedError as exc:
+            self.state = State.FAILED
+            self.next_attempt_at = None
+            log.error("%s: %s", self.name, exc.message)
+            self._notify()
+
+    async def _attempt(self) -> None:
+        try:
+            if self._refresh_token is not None and self._refresh_usable():
+                grant = await self._refresh(self._refresh_token)
+                if grant is None:
+                    grant = await self._login()
+            else:
+                grant = await self._login()
+        except SugarError as exc:
+            self.failures += 1
+            self.last_error = LastError(self._clock(), exc.kind, exc.message)
+            raise
+        self._install(grant)
+
+    async def _refresh(self, refresh_token: Secret) -> Grant | None:
+        """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
+        self.state = State.REFRESHING
+        self.refreshes += 1
+        try:
+            return await self.upstream.refresh(refresh_token)
+        except RefreshRejected as exc:
+            # Evicted by another login, rotated by a refresh we never saw, or expired:
+            # exactly one password login gets the session back.
+            self.last_error = LastError(self._clock(), exc.kind, exc.message)
+            log.warning("%s: %s; logging in again", self.name, exc.message)
+            self._refresh_token = None
+            return None
+        except TransientError as exc:
+            if exc.status == 401:
+                # Maintenance or a license lock: Sugar deleted the refresh token before
+                # refusing, so the next try must be a password login.
+                self._refresh_token = None
+            raise
+
+    async def _login(self) -> Grant:
+        self.state = State.LOGGING_IN
+        async with self._login_slots:
+            self.logins += 1
+            log.info("%s: logging in as %s", self.name, self.config.username)
+            return await self.upstream.login()
+
+    def _refresh_usable(self) -> bool:
+        grant = self._grant
+        if grant is None or grant.refresh_expires_at is None:
+            return True
+        return grant.refresh_expires_at - self._clock() > 5.0
+
+    def _install(self, grant: Grant) -> None:
+        old = self._grant
+        self._grant = grant
+        self._refresh_token = grant.refresh_token
+        self._dead_token = None
+        self.refresh_at = self._refresh_time(grant)
+        self.last_refresh = self._clock()
+        self.next_attempt_at = None
+        self.state = State.READY
+        log.info(
+            "%s: token %s%s, valid %.0f s, refresh at %s",
+            self.name,
+            grant.access_token.fingerprint,
+            f" replaces {old.access_token.fingerprint}" if old else "",
+            grant.lifetime,
+            time.strftime("%H:%M:%S", time.localtime(self.refresh_at)),
+        )
+        self._notify()
+
+    def _refresh_time(self, grant: Grant) -> float:
+        """Start of the advisory window: `refresh_before` ahead of expiry, with jitter,
+        but never in the first half of a short-lived token's life."""
+        lead = min(self.config.refresh_before, grant.lifetime / 2)
+        lead *= 1 + JITTER * self._rng()
+        at = grant.expires_at - min(lead, 0.6 * grant.lifetime)
+        if grant.refresh_expires_at is not None:
+            # Refresh while the refresh token still works (max_session_lifetime shrinks it).
+            at = min(at, max(grant.issued_at, grant.refresh_expires_at - 10.0))
+        return at
+
+    def _servable(self, grant: Grant) -> bool:
+        """Valid for long enough to be used: outside the mandatory window, not reported dead."""
+        if self._dead_token is not None and self._dead_token == grant.access_token:
+            return False
+        margin = min(10.0, grant.lifetime / 10)
+        return grant.expires_at - self._clock() > margin
+
+    # Backoff (tenacity hooks)
+
+    def _backoff(self, retry_state: RetryCallState) -> float:
+        """Full-jitter exponential backoff from 1 s to `backoff_max`, honouring Retry-After."""
+        cap = self.config.backoff_max
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        ceiling = min(cap, 2.0 ** (retry_state.attempt_number - 1))
+        delay = max(min(1.0, cap), ceiling * self._rng())
+        if isinstance(exc, TransientError):
+            if exc.long:
+                delay = max(delay, min(LONG_BACKOFF, cap) * (1 + JITTER * self._rng()))
+            if exc.retry_after is not None:
+                delay = max(delay, min(exc.retry_after, cap))
+        return delay
+
+    def _before_backoff(self, retry_state: RetryCallState) -> None:
+        seconds = retry_state.upcoming_sleep
+        self.state = State.BACKING_OFF
+        self.next_attempt_at = self._clock() + seconds
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        log.warning("%s: %s; next try in %.1f s", self.name, exc, seconds)
+
+    async def _backoff_sleep(self, seconds: float) -> None:
+        """Sleep until a wall-clock deadline, in steps of at most MAX_SLEEP (suspend-proof);
+        `refresh_now` cuts it short."""
+        deadline = self._clock() + seconds
+        while (left := deadline - self._clock()) > 0 and not self._interrupt.is_set():
+            try:
+                async with asyncio.timeout(min(left, self._max_sleep)):
+                    await self._interrupt.wait()
+            except TimeoutError:
+                pass
+        self._interrupt.clear()
+        self._forced = False
+
+    # Waking waiters
+
+    def _notify(self) -> None:
+        self._generation += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _retry_after(self) -> float:
+        if self.next_attempt_at is not None:
+            return max(1.0, round(self.next_attempt_at - self._clock(), 1))
+        return 1.0
+
+    def _unavailable_message(self) -> str:
+        why = f": {self.last_error.message}" if self.last_error else ""
+        return f"no valid token for {self.name!r} yet ({self.state.value}){why}"
+
+    def _failure_message(self) -> str:
+        return self.last_error.message if self.last_error else f"instance {self.name!r} failed"

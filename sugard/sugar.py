@@ -1,0 +1,428 @@
+"""SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, logout.
+
+Everything Sugar (or the network, or a proxy in front of Sugar) can answer is translated here,
+once, into a `Grant` or one of the errors below; nothing above this module sees aiohttp.
+
+    SugarError                    anything that kept us from getting a token
+    +-- TransientError            worth retrying later: network, timeouts, 408/425/429/5xx,
+    |                             bodies that are not Sugar's JSON, maintenance, license locks
+    +-- RejectedError             Sugar said no, and asking again will not change that
+        +-- CredentialsRejected   401 need_login on a password login (never retried: lockout)
+        +-- ClientRejected        400 invalid_client
+        +-- PlatformRejected      422 invalid_parameter: platform not registered in Sugar
+        +-- RefreshRejected       the refresh token is gone (evicted, rotated, expired)
+
+Branching uses the HTTP status and the `error` label only, since `error_message` is localised;
+the one exception is telling maintenance and license locks from a bad password, which Sugar
+answers with the same 401 `need_login`, so their English texts are recognised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from .config import InstanceConfig
+from .secret import Secret
+
+__all__ = [
+    "ClientRejected",
+    "CredentialsRejected",
+    "Grant",
+    "PlatformRejected",
+    "RefreshRejected",
+    "RejectedError",
+    "SugarClient",
+    "SugarError",
+    "TransientError",
+    "new_http_session",
+]
+
+TOKEN_PATH = "/rest/v10/oauth2/token"
+LOGOUT_PATH = "/rest/v10/oauth2/logout"
+TRANSIENT_STATUSES = {408, 425, 429}
+# A refresh_expires_in above this is an absolute epoch time (a bug of Sugar's IdM mode),
+# not a duration: no site keeps refresh tokens for ten years.
+EPOCH_THRESHOLD = 10 * 365 * 86400
+MAINTENANCE_TEXT = re.compile(r"maintenance", re.IGNORECASE)
+LICENSE_TEXT = re.compile(r"licen[cs]e|seats", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A token set from Sugar; times are wall-clock epoch seconds."""
+
+    access_token: Secret
+    refresh_token: Secret
+    download_token: Secret
+    token_type: str
+    issued_at: float
+    expires_at: float
+    refresh_expires_at: float | None
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+
+class SugarError(Exception):
+    """Base of every upstream failure. `kind` is a stable label; `str()` is one line for humans."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, status: int | None = None, label: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.label = label
+
+
+class TransientError(SugarError):
+    """Try again later. `retry_after` is the server's wish, `long` asks for a patient backoff."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str,
+        status: int | None = None,
+        label: str | None = None,
+        retry_after: float | None = None,
+        long: bool = False,
+    ):
+        super().__init__(message, status=status, label=label)
+        self.kind = kind
+        self.retry_after = retry_after
+        self.long = long
+
+
+class RejectedError(SugarError):
+    """Sugar refused, for a reason that a person has to fix."""
+
+    kind = "rejected"
+
+
+class CredentialsRejected(RejectedError):
+    kind = "credentials"
+
+
+class ClientRejected(RejectedError):
+    kind = "client"
+
+
+class PlatformRejected(RejectedError):
+    kind = "platform"
+
+
+class RefreshRejected(RejectedError):
+    """The refresh token is unusable; a password login is the way back."""
+
+    kind = "refresh_token"
+
+
+def new_http_session() -> aiohttp.ClientSession:
+    """The one HTTP session of the daemon. Sugar's cookies are never kept (dummy jar)."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=100, limit_per_host=8),
+        headers={"User-Agent": "sugard"},
+    )
+
+
+def _ssl_for(instance: InstanceConfig) -> ssl.SSLContext | bool:
+    if not instance.verify_tls:
+        return False
+    if instance.ca_file:
+        return ssl.create_default_context(cafile=instance.ca_file)
+    return True
+
+
+class SugarClient:
+    """Talks to one instance's token endpoint. Always sends the configured client and platform:
+    a refresh without `platform` would land the session on `base` and log the human out."""
+
+    def __init__(
+        self,
+        instance: InstanceConfig,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.instance = instance
+        self._session = session
+        self._clock = clock
+        self._ssl = _ssl_for(instance)
+
+    async def login(self) -> Grant:
+        """Password grant."""
+        i = self.instance
+        return await self._token_request(
+            {
+                "grant_type": "password",
+                "username": i.username,
+                "password": i.password.reveal(),
+            },
+            grant="password",
+        )
+
+    async def refresh(self, refresh_token: Secret) -> Grant:
+        """Refresh grant; Sugar rotates every token and deletes the old refresh token."""
+        return await self._token_request(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()},
+            grant="refresh_token",
+        )
+
+    async def logout(self, grant: Grant) -> None:
+        """Ends the session upstream; failures are ignored (the session expires anyway)."""
+        try:
+            async with self._session.post(
+                self.instance.url + LOGOUT_PATH,
+                json={"refresh_token": grant.refresh_token.reveal()},
+                headers={"OAuth-Token": grant.access_token.reveal()},
+                timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
+                ssl=self._ssl,
+            ) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+
+    async def _token_request(self, fields: dict[str, str], *, grant: str) -> Grant:
+        i = self.instance
+        body = {
+            **fields,
+            "client_id": i.client_id,
+            "client_secret": i.client_secret.reveal(),
+            "platform": i.platform,
+        }
+        # Expiry counts from when we asked, not when the answer came: never overestimate it.
+        sent_at = self._clock()
+        try:
+            async with self._session.post(
+                i.url + TOKEN_PATH,
+                json=body,
+                headers={"Accept": "application/json", "Cache-Control": "no-cache"},
+                timeout=aiohttp.ClientTimeout(total=i.timeout),
+                ssl=self._ssl,
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                raw = await response.read()
+                retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise RejectedError(
+                f"TLS certificate of {i.url} not trusted ({exc.certificate_error}); "
+                "set ca_file to your CA bundle"
+            ) from exc
+        except TimeoutError as exc:
+            raise TransientError(
+                f"no answer from {i.url} within {i.timeout:g} s", kind="timeout"
+            ) from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise TransientError(
+                f"cannot reach {i.url}: {_describe_network_error(exc)}", kind="unreachable"
+            ) from exc
+        return _interpret(i, grant, status, raw, retry_after, sent_at)
+
+
+def _interpret(
+    i: InstanceConfig,
+    grant: str,
+    status: int,
+    raw: bytes,
+    retry_after: float | None,
+    sent_at: float,
+) -> Grant:
+    data = _json_object(raw)
+    if status == 200:
+        parsed = _parse_grant(data, sent_at) if data is not None else None
+        if parsed is None:
+            raise TransientError(
+                f"{i.url} answered 200 without a token (not SugarCRM's JSON; a proxy page?)",
+                kind="bad_response",
+                status=status,
+            )
+        return parsed
+
+    label = data.get("error") if data is not None else None
+    text = data.get("error_message") if data is not None else None
+    label = label if isinstance(label, str) else None
+    sugar_says = _one_line(text) if isinstance(text, str) else ""
+    where = f"{label} ({status})" if label else f"HTTP {status}"
+
+    if status in TRANSIENT_STATUSES or status >= 500:
+        kind = "rate_limited" if status == 429 else "server_error"
+        if label == "maintenance":
+            kind = "maintenance"
+        return _raise(
+            TransientError(
+                f"{i.url} is unavailable: {where}{_quote(sugar_says)}",
+                kind=kind,
+                status=status,
+                label=label,
+                retry_after=retry_after,
+                long=kind == "maintenance",
+            )
+        )
+    if label is None:
+        if status == 404:
+            raise RejectedError(
+                f"no SugarCRM REST API at {i.url}{TOKEN_PATH} (HTTP 404); check url "
+                "(the site root, like https://crm.example.com)",
+                status=status,
+            )
+        raise TransientError(
+            f"{i.url} answered HTTP {status} without SugarCRM's JSON (a proxy page?)",
+            kind="bad_response",
+            status=status,
+            retry_after=retry_after,
+        )
+
+    if status == 401 and label == "need_login":
+        if MAINTENANCE_TEXT.search(sugar_says):
+            raise TransientError(
+                f"{i.url} is in maintenance mode{_quote(sugar_says)}",
+                kind="maintenance",
+                status=status,
+                label=label,
+                long=True,
+            )
+        if LICENSE_TEXT.search(sugar_says):
+            raise TransientError(
+                f"{i.url} refuses logins because of its license{_quote(sugar_says)}; "
+                "an administrator must renew or extend it",
+                kind="license",
+                status=status,
+                label=label,
+                long=True,
+            )
+        if grant == "password":
+            raise CredentialsRejected(
+                f"Sugar rejected the credentials of user {i.username!r} (need_login)"
+                f"{_quote(sugar_says)}. Not retrying, so the account is not locked: fix the "
+                "password (or ask an admin to unlock the user), then run `sugarctl reload` "
+                f"or `sugarctl refresh {i.name}`",
+                status=status,
+                label=label,
+            )
+        raise RefreshRejected(
+            f"Sugar refused the refresh (need_login){_quote(sugar_says)}",
+            status=status,
+            label=label,
+        )
+    if status == 403 and label == "license_seats_needed":
+        raise TransientError(
+            f"{i.url} has no free license seat for {i.username!r}{_quote(sugar_says)}; "
+            "an administrator must free or buy seats",
+            kind="license",
+            status=status,
+            label=label,
+            long=True,
+        )
+    if label == "invalid_client":
+        raise ClientRejected(
+            f"Sugar rejected client_id {i.client_id!r} or its client_secret (invalid_client); "
+            "check them against Admin > OAuth Keys (the built-in 'sugar' key has an empty secret)",
+            status=status,
+            label=label,
+        )
+    if status == 422 and label == "invalid_parameter":
+        raise PlatformRejected(
+            f"Sugar refused platform {i.platform!r} (invalid_parameter){_quote(sugar_says)}: "
+            "register it in Sugar under Admin > Configure API Platforms, or set `platform` "
+            "to a registered one",
+            status=status,
+            label=label,
+        )
+    if grant == "refresh_token" and label in ("invalid_grant", "invalid_request"):
+        # IdM mode answers a failed refresh with invalid_request instead of invalid_grant.
+        raise RefreshRejected(
+            f"Sugar refused the refresh token ({label}){_quote(sugar_says)}",
+            status=status,
+            label=label,
+        )
+    raise RejectedError(
+        f"Sugar refused the {'login' if grant == 'password' else 'refresh'}: {where}"
+        f"{_quote(sugar_says)}",
+        status=status,
+        label=label,
+    )
+
+
+def _raise(exc: SugarError) -> Grant:
+    raise exc
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _parse_grant(data: dict[str, Any], sent_at: float) -> Grant | None:
+    access, refresh = data.get("access_token"), data.get("refresh_token")
+    expires_in = data.get("expires_in")
+    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+        return None
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        return None
+    download = data.get("download_token")
+    token_type = data.get("token_type")
+    return Grant(
+        access_token=Secret(access),
+        refresh_token=Secret(refresh),
+        download_token=Secret(download if isinstance(download, str) else ""),
+        token_type=token_type if isinstance(token_type, str) else "bearer",
+        issued_at=sent_at,
+        expires_at=sent_at + float(expires_in),
+        refresh_expires_at=_refresh_expiry(data.get("refresh_expires_in"), sent_at),
+    )
+
+
+def _refresh_expiry(value: object, sent_at: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    if value > EPOCH_THRESHOLD:
+        return float(value)  # IdM bug: an absolute epoch time, not a duration
+    return sent_at + float(value)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _quote(text: str) -> str:
+    return f': "{text}"' if text else ""
+
+
+def _describe_network_error(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.strerror or "connection failed"
+    if isinstance(exc, asyncio.IncompleteReadError | ConnectionResetError):
+        return "connection reset"
+    return type(exc).__name__

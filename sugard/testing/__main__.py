@@ -1,0 +1,115 @@
+"""`python -m sugard.testing`: a fake SugarCRM for trying sugard, or any script, by hand.
+
+Prints exactly one line, the base URL, so a parent process can read it and wait for nothing
+else; never prints a password. Runs until SIGINT or SIGTERM, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+
+from sugard.testing.fake import DEFAULT_PLATFORMS, FakeSugar
+
+# Sugar always accepts its built-in platforms; --platform adds custom ones next to them.
+_BUILTIN_PLATFORMS = frozenset({"base", "mobile", "portal"})
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, secret = text.partition(":")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("expected NAME:SECRET")
+    return name, secret
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; kept separate so tests and --help agree."""
+    parser = argparse.ArgumentParser(
+        prog="python -m sugard.testing",
+        description="Run a fake SugarCRM (OAuth2 token endpoint, /me, /ping) until interrupted.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port (default: any free port)")
+    parser.add_argument(
+        "--user",
+        action="append",
+        type=_pair,
+        metavar="NAME:PASSWORD",
+        help="a user; repeatable (default: admin:admin-password)",
+    )
+    parser.add_argument(
+        "--client",
+        action="append",
+        type=_pair,
+        metavar="ID:SECRET",
+        help="an OAuth2 client besides the built-in 'sugar' with an empty secret; repeatable",
+    )
+    parser.add_argument(
+        "--platform",
+        action="append",
+        metavar="P",
+        help="a custom platform to register besides base, mobile and portal; repeatable "
+        f"(default: {', '.join(sorted(DEFAULT_PLATFORMS - _BUILTIN_PLATFORMS))})",
+    )
+    parser.add_argument("--access-lifetime", type=float, default=3600, metavar="S")
+    parser.add_argument("--refresh-lifetime", type=float, default=1209600, metavar="S")
+    parser.add_argument(
+        "--eviction-grace",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="how long evicted access tokens live on: 0 as Sugar 13, 120 as Sugar 8-12",
+    )
+    parser.add_argument("--max-session-lifetime", type=float, default=None, metavar="S")
+    parser.add_argument("--lockout-after", type=int, default=None, metavar="N")
+    parser.add_argument("--idm-mode", action="store_true", help="mimic SugarCloud IdM quirks")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse arguments, serve until SIGINT/SIGTERM; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    platforms = set(DEFAULT_PLATFORMS)
+    if args.platform:
+        platforms = set(_BUILTIN_PLATFORMS) | set(args.platform)
+    try:
+        fake = FakeSugar(
+            users=dict(args.user) if args.user else {"admin": "admin-password"},
+            clients={"sugar": ""} | dict(args.client or []),
+            platforms=platforms,
+            access_lifetime=args.access_lifetime,
+            refresh_lifetime=args.refresh_lifetime,
+            eviction_grace=args.eviction_grace,
+            max_session_lifetime=args.max_session_lifetime,
+            idm_mode=args.idm_mode,
+            lockout_after=args.lockout_after,
+        )
+    except ValueError as exc:
+        print(f"sugard.testing: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(_serve(fake, args.host, args.port))
+    except OSError as exc:
+        print(f"sugard.testing: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve(fake: FakeSugar, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await fake.start(host, port)
+    try:
+        print(fake.url, flush=True)
+        await stop.wait()
+    finally:
+        await fake.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

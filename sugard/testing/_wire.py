@@ -1,0 +1,171 @@
+"""What the fake SugarCRM puts on the wire: Sugar's error envelope, its texts, and broken answers.
+
+Everything a client could branch on lives here in one place, copied from how Sugar answers
+(see docs/sugarcrm-oauth2.md): HTTP status, the `error` label, `Cache-Control: no-store`, and
+no `WWW-Authenticate` or `Retry-After` on Sugar's own errors. Faults that only a proxy in front
+of Sugar produces (HTML 502 pages, 429, resets, garbage) are built here too.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+from urllib.parse import parse_qsl
+
+from aiohttp import BasicAuth, hdrs, web
+
+FaultKind = Literal["html502", "503", "429", "reset", "garbage"]
+FAULT_KINDS: Final = frozenset(get_args(FaultKind))
+
+# English texts of Sugar's en_us language pack; real sites localise them, clients must not match.
+MSG_BAD_GRANT_TYPE: Final = "Invalid grant_type parameter or parameter missing"
+MSG_NO_CLIENT_ID: Final = "Client id was not found in the headers or body"
+MSG_TWO_CLIENT_METHODS: Final = (
+    "Only one method may be used to authenticate at a time (Auth header, GET or POST)."
+)
+MSG_BAD_CLIENT: Final = "The client credentials are invalid"
+MSG_NO_USER_PASS: Final = 'Missing parameters. "username" and "password" required'  # noqa: S105
+MSG_BAD_LOGIN: Final = "You must specify a valid username and password."
+MSG_LOCKED: Final = (
+    "Too many failed login attempts. Your account is locked; contact your administrator."
+)
+MSG_NO_REFRESH: Final = 'No "refresh_token" parameter found'
+MSG_BAD_REFRESH: Final = "Invalid refresh token"
+MSG_EXPIRED_REFRESH: Final = "Refresh token has expired: "
+MSG_NO_TOKEN: Final = "No valid authentication for user."  # noqa: S105
+MSG_INVALID_ACCESS: Final = "The access token provided is invalid."
+MSG_EXPIRED_ACCESS: Final = "The access token provided has expired."
+MSG_BAD_PLATFORM: Final = "Invalid platform specified."
+MSG_MAINTENANCE: Final = "The system is in maintenance mode. Please try again later."
+MSG_LICENSE_EXPIRED: Final = (
+    "Your Sugar license has expired. Only administrators can log in; contact your administrator."
+)
+MSG_LICENSE_SEATS: Final = (
+    "The number of active users exceeds the number of licensed seats. Contact your administrator."
+)
+MSG_CLIENT_OUTDATED: Final = "This client is too old for this server. Please update it."
+MSG_NOT_AUTHORIZED: Final = "You are not authorized to perform this action."
+
+_PROXY_PAGES: Final = {
+    502: "502 Bad Gateway",
+    503: "503 Service Temporarily Unavailable",
+    429: "429 Too Many Requests",
+}
+
+
+class ApiError(Exception):
+    """A Sugar error answer; raised anywhere in a handler, turned into JSON at the edge."""
+
+    def __init__(self, status: int, label: str, message: str | None, **extra: Any) -> None:
+        super().__init__(status, label, message)
+        self.status = status
+        self.label = label
+        # None: Sugar sends no error_message at all (unsupported_grant_type).
+        self.message = message
+        self.extra = extra
+
+    def response(self) -> web.Response:
+        """Sugar's envelope, keys in Sugar's order; never cached, never a WWW-Authenticate."""
+        body: dict[str, Any] = {"error": self.label}
+        if self.message is not None:
+            body["error_message"] = self.message
+        body.update(self.extra)
+        return json_response(body, status=self.status)
+
+
+def json_response(body: object, *, status: int = 200) -> web.Response:
+    """A JSON answer as Sugar sends it: compact, UTF-8, and `Cache-Control: no-store`."""
+    return web.Response(
+        status=status,
+        text=json.dumps(body, separators=(",", ":")),
+        content_type="application/json",
+        headers={hdrs.CACHE_CONTROL: "no-store"},
+    )
+
+
+@dataclass(frozen=True)
+class Args:
+    """The arguments of one request, merged the way Sugar's RestService merges them."""
+
+    values: dict[str, str]
+    basic: tuple[str, str] | None  # (client_id, client_secret) from HTTP Basic, if sent
+
+    def get(self, key: str) -> str | None:
+        """One argument; absent and empty are the same thing to Sugar (PHP `empty()`)."""
+        value = self.values.get(key)
+        return value or None
+
+
+async def read_args(request: web.Request) -> Args:
+    """Body (JSON, else form-encoded) overlaid by the query string, plus HTTP Basic credentials."""
+    raw = await request.read()
+    body: dict[str, str] = {}
+    if raw:
+        text = raw.decode("utf-8", "replace")
+        parsed: object = None
+        if request.content_type != "application/x-www-form-urlencoded":
+            try:
+                parsed = json.loads(text)
+            except ValueError:
+                parsed = None
+        if isinstance(parsed, dict):
+            scalars = ((str(k), _scalar(v)) for k, v in parsed.items())
+            body = {k: v for k, v in scalars if v is not None}
+        else:
+            body = dict(parse_qsl(text, keep_blank_values=True))
+    # Sugar merges $_GET over the body, so a query-string argument always wins.
+    values = body | dict(request.query)
+    basic = None
+    header = request.headers.get(hdrs.AUTHORIZATION, "")
+    if header[:6].lower() == "basic ":
+        try:
+            auth = BasicAuth.decode(header)
+        except ValueError:
+            # A mangled header still counts as "a method was used"; the client check refuses it.
+            basic = ("", "")
+        else:
+            basic = (auth.login, auth.password)
+    return Args(values, basic)
+
+
+def _scalar(value: object) -> str | None:
+    """A JSON value as PHP would see it in a string context; nested values are dropped."""
+    if isinstance(value, bool):
+        return "1" if value else ""
+    if isinstance(value, str | int | float):
+        return str(value)
+    return None
+
+
+def fault_response(request: web.Request, kind: FaultKind, retry_after: str | None) -> web.Response:
+    """An answer from a broken proxy or network in front of Sugar, never from Sugar itself."""
+    if kind == "reset":
+        _reset(request)
+        # Never sent: the transport is gone, aiohttp drops the write silently.
+        return web.Response(status=500)
+    if kind == "garbage":
+        # A 200 that claims JSON but is cut short, as a truncated proxy buffer would give.
+        return web.Response(status=200, text='{"access_token":"', content_type="application/json")
+    status = {"html502": 502, "503": 503, "429": 429}[kind]
+    title = _PROXY_PAGES[status]
+    page = (
+        f"<html>\r\n<head><title>{title}</title></head>\r\n<body>\r\n"
+        f"<center><h1>{title}</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+    )
+    headers = {hdrs.RETRY_AFTER: retry_after} if retry_after is not None else {}
+    return web.Response(status=status, text=page, content_type="text/html", headers=headers)
+
+
+def _reset(request: web.Request) -> None:
+    """Drop the connection with a TCP RST, as a crashing proxy or a firewall does."""
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        # Linger on with timeout 0 turns close() into an RST instead of an orderly FIN.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()

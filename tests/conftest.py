@@ -1,0 +1,157 @@
+"""Shared fixtures: the fake SugarCRM on 127.0.0.1, configs, and the real daemon as a process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from sugard.client import DaemonUnreachable, SugardClient
+from sugard.testing import FakeSugar, running_fake
+
+BIN = Path(sys.executable).parent
+SUGARD = str(BIN / "sugard")
+SUGARCTL = str(BIN / "sugarctl")
+USER, PASSWORD = "alice", "alice-secret-pw"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A private (0700) directory with a short path: Unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="sd-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeSugar]:
+    """The fake SugarCRM on 127.0.0.1 in a background thread, with one user."""
+    with running_fake(users={USER: PASSWORD, "admin": "admin-pw"}) as server:
+        yield server
+
+
+def write_config(
+    directory: Path,
+    instances: dict[str, dict[str, Any]],
+    daemon: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    name: str = "config.toml",
+) -> Path:
+    """Write a config; each instance's `password` goes to its own 0600 file."""
+    tables: dict[str, Any] = {}
+    for instance, table in instances.items():
+        table = dict(table)
+        if "password" in table:
+            secret = directory / f"{instance}.password"
+            secret.write_text(table.pop("password") + "\n")
+            secret.chmod(0o600)
+            table["password_file"] = str(secret)
+        tables[instance] = table
+    document: dict[str, Any] = {"daemon": daemon or {}, "instances": tables}
+    if defaults:
+        document["defaults"] = defaults
+    path = directory / name
+    path.write_text(tomli_w.dumps(document))
+    path.chmod(0o600)
+    return path
+
+
+def instance(fake: FakeSugar, **overrides: Any) -> dict[str, Any]:
+    """An instance table pointing at `fake`, logging in as alice; fast backoff for tests."""
+    table: dict[str, Any] = {
+        "url": fake.url,
+        "username": USER,
+        "password": PASSWORD,
+        "backoff_max": 0.2,
+    }
+    table.update(overrides)
+    return table
+
+
+class DaemonProcess:
+    """`sugard run` as a real subprocess; its stderr goes to a file tests can read."""
+
+    def __init__(self, config: Path, socket: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.socket = socket
+        self.log_path = socket.parent / "sugard.log"
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [SUGARD, "run", "-c", str(config), "--socket", str(socket), "--log-level", "debug"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"sugard exited with {self.proc.returncode}: {self.log()}")
+            try:
+                with SugardClient(self.socket, timeout=2) as client:
+                    client.health()
+                return
+            except DaemonUnreachable:
+                time.sleep(0.05)
+        raise AssertionError(f"sugard did not answer within {timeout} s: {self.log()}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def client(self) -> SugardClient:
+        return SugardClient(self.socket)
+
+
+@pytest.fixture
+def start_daemon(short_dir: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start `sugard run` on a config; stopped (SIGTERM) at the end of the test."""
+    started: list[DaemonProcess] = []
+
+    def start(config: Path, *, wait: bool = True, env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(config, short_dir / "s.sock", env)
+        started.append(daemon)
+        if wait:
+            daemon.wait_ready()
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.stop()
+
+
+def sugarctl(socket: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `sugarctl` console script."""
+    return subprocess.run(
+        [SUGARCTL, "--socket", str(socket), *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=60,
+        check=False,
+    )
