@@ -24,7 +24,7 @@ from aiohttp import web
 from . import __version__
 from .api import Peer, ReloadFailed, make_app
 from .config import Config, ConfigError, InstanceConfig, diff_configs, load_config
-from .keeper import Keeper
+from .keeper import MAX_SLEEP, Keeper
 from .paths import SOCKET_PATH_MAX
 from .sugar import SugarClient, new_http_session
 
@@ -115,6 +115,7 @@ class Daemon:
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
         listen_socket: socket.socket | None = None,
+        max_sleep: float = MAX_SLEEP,
     ) -> None:
         self.config = config
         self.socket_path = socket_path
@@ -128,6 +129,7 @@ class Daemon:
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
         self._owns_socket = listen_socket is None
+        self._max_sleep = max_sleep
 
     @property
     def keepers(self) -> Mapping[str, Keeper]:
@@ -182,6 +184,7 @@ class Daemon:
             SugarClient(instance, self._http, clock=self._clock),
             login_slots=self._login_slots,
             clock=self._clock,
+            max_sleep=self._max_sleep,
         )
         self._keepers[instance.name] = keeper
         keeper.start()
