@@ -1,34 +1,81 @@
 """The socket API: HTTP/1.1 + JSON under /v1, served by aiohttp on the Unix socket.
 
-Every answer, errors included, is JSON of the design's shapes; no traceback or HTML page ever
-reaches a client. Each connection's peer credentials are checked before any route runs.
+Every answer, errors included, is JSON of the design's shapes (described by `openapi.spec()`);
+no traceback or HTML page ever reaches a client, not even for bytes that are not HTTP.
+
+Who may ask is decided by the kernel's word on the peer (`SO_PEERCRED`, `SO_PEERGROUPS`), twice:
+when a connection is made (a refused uid may hold only a few connections, so it cannot starve
+the others) and for every request (instances can narrow the daemon's list).
+
+Hostile or broken clients are bounded: request line and header size and count, body size, time
+to send a request or its body, idle time, and the number of connections (kept under the open
+files limit, which is raised to its hard maximum first).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import errno
+import json
 import logging
 import math
 import os
+import resource
 import socket
 import struct
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import (
+    BadHttpMethod,
+    HttpProcessingError,
+    InvalidHeader,
+    LineTooLong,
+    PayloadEncodingError,
+)
 
 from . import __version__
+from .config import INSTANCE_NAME
 from .keeper import InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from .openapi import spec
 from .sugar import Grant
 
-__all__ = ["Peer", "Registry", "make_app", "peer_of", "rfc3339"]
+__all__ = [
+    "ApiRunner",
+    "Peer",
+    "Registry",
+    "ReloadFailed",
+    "connection_limits",
+    "make_app",
+    "peer_of",
+    "raise_open_files_limit",
+    "rfc3339",
+]
 
 log = logging.getLogger("sugard.api")
 
 DEFAULT_WAIT = 10.0
 MAX_WAIT = 300.0
+MAX_MIN_TTL = 86400.0
 MAX_BODY = 64 * 1024
+MAX_LINE = 8190  # the request line, and each header line
+MAX_HEADERS = 64
+# A connection that sends no complete request for this long is closed; this also bounds how
+# long a slowloris client can take over its request line and headers.
+IDLE_TIMEOUT = 30.0
+BODY_TIMEOUT = 10.0  # to send a request body, once the headers are in
+MAX_CONNECTIONS = 4096
+LISTEN_BACKLOG = 1024  # connections the kernel queues while the loop is busy accepting others
+BUSY_LOG_INTERVAL = 10.0
+REFUSED_PER_UID = 8  # open connections a refused uid may hold, enough to be told why
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no name for it
+MAX_PEER_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes
 
 
 class ReloadFailed(Exception):
@@ -40,7 +87,7 @@ class ReloadFailed(Exception):
 
 
 class Registry(Protocol):
-    """What the API needs from the daemon: the keepers, and a way to reload."""
+    """What the API needs from the daemon: the keepers, who may ask, and a way to reload."""
 
     @property
     def keepers(self) -> Mapping[str, Keeper]: ...
@@ -52,26 +99,57 @@ class Registry(Protocol):
 
 @dataclass(frozen=True)
 class Peer:
+    """The process at the other end of a connection, as the kernel saw it at connect time."""
+
     pid: int
     uid: int
     gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups; `gid` is not necessarily among them
 
     def executable(self) -> str:
+        """The peer's program, for the log: its path, else (another user's process) its name."""
         try:
             return os.readlink(f"/proc/{self.pid}/exe")
         except OSError:
+            pass
+        try:
+            with open(f"/proc/{self.pid}/comm", encoding="utf-8", errors="replace") as f:
+                return f"[{f.read().strip()}]"
+        except OSError:
             return "?"
+
+    def describe(self) -> str:
+        return f"pid {self.pid} uid {self.uid} ({self.executable()!r})"
+
+
+def peer_of_socket(sock: Any) -> Peer | None:
+    """SO_PEERCRED (and SO_PEERGROUPS) of a Unix socket; None for any other kind of socket."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid, _peer_groups(sock))
+
+
+def _peer_groups(sock: Any) -> tuple[int, ...]:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+    except OSError as exc:
+        # ERANGE: more groups than we read; the peer is then judged by uid and primary gid.
+        if exc.errno not in (errno.ERANGE, errno.ENOPROTOOPT):
+            log.debug("cannot read SO_PEERGROUPS: %s", exc.strerror)
+        return ()
+    count = len(raw) // 4
+    return tuple(struct.unpack(f"{count}I", raw[: 4 * count]))
 
 
 def peer_of(request: web.Request) -> Peer | None:
-    """SO_PEERCRED of the connection: who is asking, as the kernel says."""
+    """Who is asking, as the kernel says."""
     transport = request.transport
-    sock = transport.get_extra_info("socket") if transport else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid)
+    return peer_of_socket(transport.get_extra_info("socket") if transport else None)
 
 
 def rfc3339(epoch: float | None) -> str | None:
@@ -89,8 +167,14 @@ def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
     )
 
 
-KEY_REGISTRY = web.AppKey("registry", Registry)  # type: ignore[type-abstract]
-KEY_CLOCK = web.AppKey("clock", Callable[[], float])
+def _shown(value: str, limit: int = 80) -> str:
+    """A client-supplied value, quoted, on one line and short, for an error message."""
+    text = value if len(value) <= limit else value[:limit] + "..."
+    return repr(text)
+
+
+KEY_REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
+KEY_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 
 
 def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
@@ -98,6 +182,7 @@ def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
     app[KEY_REGISTRY] = registry
     app[KEY_CLOCK] = clock
     app.router.add_get("/v1/health", health)
+    app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/instances", list_instances)
     app.router.add_get("/v1/instances/{name}", instance_status)
     app.router.add_get("/v1/instances/{name}/token", token)
@@ -106,6 +191,199 @@ def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
     app.router.add_post("/v1/reload", reload)
     return app
 
+
+# Serving: limits and JSON for what never reaches a handler (malformed HTTP, overload).
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's soft default is 1024);
+    returns the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.debug("cannot raise the open files limit to %d: %s", target, exc)
+    return soft
+
+
+class ApiRunner(web.AppRunner):
+    """An AppRunner with sugard's limits, JSON for malformed requests, and connection caps."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        idle_timeout: float | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=shutdown_timeout,
+            keepalive_timeout=IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
+            max_line_size=MAX_LINE,
+            max_field_size=MAX_LINE,
+            max_headers=MAX_HEADERS,
+            lingering_time=1.0,
+            # Bodies are small JSON: a compressed one is refused as not JSON, never inflated.
+            auto_decompress=False,
+        )
+        self._max_connections = max_connections
+        self.backlog = LISTEN_BACKLOG  # for the site; set from the open files limit by setup()
+
+    async def _make_server(self) -> web.Server:
+        open_files = raise_open_files_limit()
+        limit, self.backlog = connection_limits(open_files, self._max_connections)
+        log.debug("serving up to %d connections (open files limit %d)", limit, open_files)
+        base = await super()._make_server()
+        return _Server(base, self.app[KEY_REGISTRY], limit)
+
+
+def connection_limits(open_files: int, most: int = MAX_CONNECTIONS) -> tuple[int, int]:
+    """(connections to hold, listen backlog) that never run the process out of descriptors.
+
+    asyncio accepts up to `backlog` connections per loop iteration, and one turned away still
+    holds its descriptor for an iteration or two: held + a few backlogs must stay under the
+    limit, with room left for upstream HTTPS, secret commands and the log.
+    """
+    return max(16, min(most, open_files // 2)), max(8, min(LISTEN_BACKLOG, open_files // 16))
+
+
+class _Server(web.Server):
+    """aiohttp's Server, with a cap on connections in all and on those of refused uids."""
+
+    def __init__(self, base: web.Server, registry: Registry, max_connections: int) -> None:
+        super().__init__(
+            base.request_handler,
+            request_factory=base.request_factory,
+            handler_cancellation=base.handler_cancellation,
+            loop=asyncio.get_running_loop(),
+            **base._kwargs,
+        )
+        self.max_connections = max_connections
+        self._registry = registry
+        self._refused: Counter[int] = Counter()
+        self._refused_by: dict[web.RequestHandler, int] = {}
+        self._turned_away = 0
+        self._busy_logged_at = -math.inf
+
+    def __call__(self) -> web.RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def refusal(self, transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+        """Why a new connection is not admitted (an error body), or None to serve it."""
+        if len(self._connections) >= self.max_connections:
+            self._report_busy()
+            return {
+                "error": "busy",
+                "message": f"sugard is serving its maximum of {self.max_connections} "
+                "connections; try again in a moment",
+                "retry_after": 1,
+            }
+        peer = peer_of_socket(transport.get_extra_info("socket"))
+        if peer is None:
+            return {"error": "forbidden", "message": "sugard serves only local peers"}
+        if not self._registry.allowed(peer, None) and self._refused[peer.uid] >= REFUSED_PER_UID:
+            log.debug("turned away another connection of refused %s", peer.describe())
+            return {"error": "forbidden", "message": _refusal(peer, None)}
+        return None
+
+    def _report_busy(self) -> None:
+        # Once per interval: an overload must not turn into a flood of log lines.
+        self._turned_away += 1
+        now = self._loop.time()
+        if now - self._busy_logged_at >= BUSY_LOG_INTERVAL:
+            log.warning(
+                "at the limit of %d connections: turned %d away since the last report",
+                self.max_connections,
+                self._turned_away,
+            )
+            self._busy_logged_at, self._turned_away = now, 0
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        peer = peer_of_socket(transport.get_extra_info("socket"))
+        if peer is not None and not self._registry.allowed(peer, None):
+            # Let a few requests in, to answer them with the reason (and log who asked).
+            self._refused[peer.uid] += 1
+            self._refused_by[handler] = peer.uid
+
+    def connection_lost(
+        self, handler: web.RequestHandler, exc: BaseException | None = None
+    ) -> None:
+        super().connection_lost(handler, exc)
+        uid = self._refused_by.pop(handler, None)
+        if uid is not None:
+            self._refused[uid] -= 1
+            if self._refused[uid] <= 0:
+                del self._refused[uid]
+
+
+class _RequestHandler(web.RequestHandler):
+    """Turns away connections the server does not admit, and answers requests that cannot be
+    parsed with a JSON error, logging no traceback for them (aiohttp would log one per
+    malformed request: a flood, and the bytes may hold a token)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(self._manager, _Server)
+        refusal = self._manager.refusal(transport)
+        if refusal is None:
+            super().connection_made(transport)
+            return
+        # Answered and closed here, before aiohttp sets the connection up: a turned-away
+        # connection holds its descriptor for as short a time as possible.
+        assert isinstance(transport, asyncio.Transport)
+        status = 503 if refusal["error"] == "busy" else 403
+        body = json.dumps(refusal).encode()
+        retry = f"Retry-After: {refusal['retry_after']}\r\n" if "retry_after" in refusal else ""
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            "Content-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n"
+        )
+        with contextlib.suppress(OSError, RuntimeError):
+            transport.write(head.encode() + body)
+        transport.close()
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        if status >= 500:
+            log.error("internal error answering a request", exc_info=exc)
+            resp = error(500, "internal", "internal error in sugard; see its log")
+        else:
+            log.debug("malformed request: %s", type(exc).__name__ if exc else status)
+            resp = error(400, "bad_request", _malformed(exc))
+        resp.force_close()
+        return resp
+
+
+def _malformed(exc: BaseException | None) -> str:
+    if isinstance(exc, LineTooLong):
+        return f"malformed HTTP request: request line or header longer than {MAX_LINE} bytes"
+    if isinstance(exc, BadHttpMethod):
+        return "malformed HTTP request: not an HTTP method (is this client speaking HTTP/1.1?)"
+    if isinstance(exc, InvalidHeader):
+        return "malformed HTTP request: invalid header"
+    if isinstance(exc, PayloadEncodingError):
+        return "malformed HTTP request: body does not match Content-Length or Transfer-Encoding"
+    if isinstance(exc, HttpProcessingError) and "headers" in (exc.message or "").lower():
+        return f"malformed HTTP request: more than {MAX_HEADERS} headers"
+    return "malformed HTTP request; send HTTP/1.1, like curl --unix-socket SOCKET http://sugard/v1/health"
+
+
+# Middlewares
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -116,37 +394,71 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status == 404:
-            return error(404, "not_found", f"no such route: {request.method} {request.path}")
+            return error(
+                404, "not_found", f"no such route: {request.method} {_shown(request.path)}"
+            )
         if exc.status == 405:
-            return error(405, "method_not_allowed", f"{request.method} is not allowed here")
+            allowed = exc.headers.get("Allow", "")
+            resp = error(405, "method_not_allowed", f"{request.method} is not allowed here")
+            if allowed:
+                resp.headers["Allow"] = allowed
+            return resp
         if exc.status == 413:
-            return error(413, "bad_request", "request body too large")
-        return error(exc.status, "bad_request", exc.reason)
+            return error(413, "bad_request", f"request body larger than {MAX_BODY} bytes")
+        status = exc.status if 400 <= exc.status < 500 else 400
+        return error(status, "bad_request", exc.reason)
     except Exception:
-        log.exception("internal error answering %s %s", request.method, request.path)
+        log.exception("internal error answering %s %r", request.method, request.raw_path[:200])
         return error(500, "internal", "internal error in sugard; see its log")
 
 
 @web.middleware
 async def _check_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
     peer = peer_of(request)
-    if peer is not None:
-        instance = request.match_info.get("name")
-        if not request.app[KEY_REGISTRY].allowed(peer, instance):
-            log.warning(
-                "refused %s %s from pid %d uid %d (%s)",
-                request.method,
-                request.path,
-                peer.pid,
-                peer.uid,
-                peer.executable(),
-            )
-            return error(403, "forbidden", f"uid {peer.uid} may not use this sugard")
-    return await handler(request)
+    instance = request.match_info.get("name")
+    if peer is None:
+        resp = error(403, "forbidden", "sugard serves only local Unix-socket peers")
+    elif not request.app[KEY_REGISTRY].allowed(peer, instance):
+        # Path quoted (%r): a decoded path could carry newlines into the log.
+        log.warning(
+            "refused %s %r from %s", request.method, request.raw_path[:200], peer.describe()
+        )
+        daemon_wide = request.app[KEY_REGISTRY].allowed(peer, None)
+        resp = error(403, "forbidden", _refusal(peer, instance if daemon_wide else None))
+    else:
+        return await handler(request)
+    resp.force_close()
+    return resp
+
+
+def _refusal(peer: Peer, instance: str | None) -> str:
+    if instance is not None:
+        return (
+            f"uid {peer.uid} may not use instance {_shown(instance)}; its allowed_uids / "
+            "allowed_gids in the config decide who may"
+        )
+    return (
+        f"uid {peer.uid} may not use this sugard; its owner can add the uid to allowed_uids "
+        "(or a group to allowed_gids) in [daemon]"
+    )
+
+
+# Handlers
+
+
+class _BadRequest(Exception):
+    pass
 
 
 def _keeper(request: web.Request) -> Keeper | web.Response:
     name = request.match_info["name"]
+    if not INSTANCE_NAME.fullmatch(name):
+        return error(
+            400,
+            "bad_request",
+            f"bad instance name {_shown(name)}: use up to 64 of A-Z, a-z, 0-9, '_', '.' "
+            "and '-', starting with a letter or digit",
+        )
     keepers = request.app[KEY_REGISTRY].keepers
     keeper = keepers.get(name)
     if keeper is None:
@@ -162,14 +474,10 @@ def _seconds(request: web.Request, key: str, default: float, high: float) -> flo
     try:
         value = float(raw)
     except ValueError:
-        raise _BadRequest(f"{key} must be a number of seconds, not {raw!r}") from None
-    if not 0 <= value <= high or math.isnan(value):
-        raise _BadRequest(f"{key} must be between 0 and {high:g} seconds")
+        raise _BadRequest(f"{key} must be a number of seconds, not {_shown(raw)}") from None
+    if math.isnan(value) or not 0 <= value <= high:
+        raise _BadRequest(f"{key} must be between 0 and {high:g} seconds, not {_shown(raw)}")
     return value
-
-
-class _BadRequest(Exception):
-    pass
 
 
 def _status(keeper: Keeper) -> dict[str, Any]:
@@ -215,9 +523,20 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(spec())
+
+
 async def list_instances(request: web.Request) -> web.Response:
-    keepers = request.app[KEY_REGISTRY].keepers
-    return web.json_response({"instances": [_status(k) for _, k in sorted(keepers.items())]})
+    registry = request.app[KEY_REGISTRY]
+    peer = peer_of(request)
+    # A peer sees only the instances it may use (an instance's allowed_uids narrow the list).
+    shown = [
+        _status(k)
+        for name, k in sorted(registry.keepers.items())
+        if peer is not None and registry.allowed(peer, name)
+    ]
+    return web.json_response({"instances": shown})
 
 
 async def instance_status(request: web.Request) -> web.Response:
@@ -232,11 +551,14 @@ async def token(request: web.Request) -> web.Response:
     if isinstance(keeper, web.Response):
         return keeper
     try:
-        min_ttl = _seconds(request, "min_ttl", 0.0, 86400)
+        min_ttl = _seconds(request, "min_ttl", 0.0, MAX_MIN_TTL)
         wait = _seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
     except _BadRequest as exc:
         return error(400, "bad_request", str(exc))
     return await _answer_token(request, keeper, lambda: keeper.token(min_ttl, wait))
+
+
+INVALIDATE_BODY = 'body must be JSON: {"access_token": "<the token Sugar refused>"}'
 
 
 async def invalidate(request: web.Request) -> web.Response:
@@ -244,12 +566,24 @@ async def invalidate(request: web.Request) -> web.Response:
     if isinstance(keeper, web.Response):
         return keeper
     try:
-        body = await request.json()
-    except ValueError:
-        return error(400, "bad_request", 'body must be JSON: {"access_token": "..."}')
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
+    except TimeoutError:
+        resp = error(408, "bad_request", f"request body not received within {BODY_TIMEOUT:g} s")
+        resp.force_close()
+        return resp
+    except (web.RequestPayloadError, ConnectionError):
+        # A broken chunked body, or a client gone mid-body: nothing to parse.
+        resp = error(400, "bad_request", "request body incomplete or malformed")
+        resp.force_close()
+        return resp
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return error(400, "bad_request", INVALIDATE_BODY)
     reported = body.get("access_token") if isinstance(body, dict) else None
     if not isinstance(reported, str) or not reported:
-        return error(400, "bad_request", 'body must be JSON: {"access_token": "..."}')
+        return error(400, "bad_request", INVALIDATE_BODY)
     return await _answer_token(request, keeper, lambda: keeper.invalidate(reported))
 
 
@@ -261,6 +595,13 @@ async def refresh(request: web.Request) -> web.Response:
 
 
 async def reload(request: web.Request) -> web.Response:
+    peer = peer_of(request)
+    if peer is None or peer.uid not in (os.getuid(), 0):
+        # allowed_uids/allowed_gids share tokens, not the running of the daemon.
+        uid = peer.uid if peer else "?"
+        return error(
+            403, "forbidden", f"uid {uid} may not reload sugard; only its owner and root may"
+        )
     try:
         diff = await request.app[KEY_REGISTRY].reload()
     except ReloadFailed as exc:

@@ -1,33 +1,44 @@
-"""Python client of the sugard socket. Standard library only, so scripts pay nothing to import it.
+"""Python client of the sugard socket. Standard library only, and nearly free to import.
 
     from sugard.client import SugardClient
-    token = SugardClient().token("prod")["access_token"]
+
+    with SugardClient() as sugard:
+        token = sugard.token("prod")["access_token"]
 
 Errors mirror `sugarctl`'s exit codes:
 
-    SugardError               base; `.exit_code`
-    +-- DaemonUnreachable     4  no daemon on the socket
-    +-- UnknownInstance       3  no such instance in the config
-    +-- TokenUnavailable      5  no token now (upstream down, still logging in); `.retry_after`
-    +-- NeedsAttention        6  Sugar refused credentials, client or platform: fix the config
-    +-- PermissionDenied      7  the daemon does not serve this user
-    +-- BadRequest            2  the request itself was wrong
+    SugardError               base; `.exit_code` (1: an answer sugarctl does not know),
+    |                         `.message` (one line), `.body` (the daemon's JSON error, if any)
+    +-- BadRequest            2  the request itself was wrong (a bad wait, an empty name)
+    +-- UnknownInstance       3  no such instance in the daemon's config
+    +-- DaemonUnreachable     4  no daemon on the socket, or it did not answer in time
+    +-- TokenUnavailable      5  no token now (Sugar down, still logging in); `.retry_after`
+    +-- NeedsAttention        6  Sugar refused credentials, client or platform, or a reload
+    |                            found errors in the config (`.errors`): fix the config
+    +-- PermissionDenied      7  the daemon does not serve this user, or the socket is not ours
+
+Why the low-level modules: `sugarctl` runs once per call in scripts, and on a small machine
+`import socket`, `import json` and `import argparse` each cost about as much as starting the
+bare interpreter (they pull in `re` and `enum`), while `_socket`, `_json` and `_thread` cost
+nothing. So the transport speaks the small part of HTTP/1.1 the daemon uses (Content-Length
+or chunked bodies, keep-alive) on a `_socket`, and JSON goes through `_json`'s scanner, the C
+code behind `json.loads` (with a fallback to `json` where `_json` is missing).
 """
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import socket
-import threading
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote, urlencode
+from _socket import AF_UNIX, SOCK_STREAM
+from _socket import socket as _unix_socket
+from _thread import allocate_lock
 
-from .paths import default_socket_path
+TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+    from typing import Any
 
 __all__ = [
+    "DEFAULT_WAIT",
     "BadRequest",
     "DaemonUnreachable",
     "NeedsAttention",
@@ -39,14 +50,23 @@ __all__ = [
     "resolve_socket",
 ]
 
+DEFAULT_WAIT = 10.0  # how long the daemon waits for a token when a request names no wait
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
+_MAX_LINE = 65536
+_MAX_BODY = 64 * 1024 * 1024
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
 
 class SugardError(Exception):
+    """Base of every error the client raises; `message` is one line for a human."""
+
     exit_code = 1
 
-    def __init__(self, message: str, body: dict[str, Any] | None = None) -> None:
+    def __init__(self, message: str, body: Mapping[str, Any] | None = None) -> None:
+        message = " ".join(message.split())  # one line, whatever the daemon sent
         super().__init__(message)
         self.message = message
-        self.body = body or {}
+        self.body: dict[str, Any] = dict(body or {})
 
 
 class BadRequest(SugardError):
@@ -66,6 +86,7 @@ class TokenUnavailable(SugardError):
 
     @property
     def retry_after(self) -> float | None:
+        """Seconds after which asking again may succeed, as the daemon estimates it."""
         value = self.body.get("retry_after")
         return float(value) if isinstance(value, int | float) else None
 
@@ -73,78 +94,277 @@ class TokenUnavailable(SugardError):
 class NeedsAttention(SugardError):
     exit_code = 6
 
+    @property
+    def errors(self) -> list[str]:
+        """The problems a refused reload found in the config, one line each."""
+        value = self.body.get("errors")
+        return [" ".join(str(e).split()) for e in value] if isinstance(value, list) else []
+
 
 class PermissionDenied(SugardError):
     exit_code = 7
 
 
-ERRORS: dict[str, type[SugardError]] = {
+_ERRORS: dict[str, type[SugardError]] = {
+    "bad_request": BadRequest,
     "unknown_instance": UnknownInstance,
     "token_unavailable": TokenUnavailable,
+    "busy": TokenUnavailable,  # the daemon is at its connection limit: try again shortly
     "upstream_rejected": NeedsAttention,
-    "forbidden": PermissionDenied,
-    "bad_request": BadRequest,
     "invalid_config": NeedsAttention,
+    "forbidden": PermissionDenied,
 }
 
 
-def _config_socket(config_path: Path) -> str | None:
-    """`[daemon].socket` from the config, if there is one (tomllib only when needed)."""
+# Where the daemon is
+
+
+def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> str:
+    """`explicit` > `$SUGARD_SOCKET` > `[daemon].socket` of the config > the default path:
+    the order `sugard run` uses, so both ends agree without being told."""
+    if explicit:
+        return os.path.expanduser(os.fspath(explicit))
+    env = os.environ
+    if env.get("SUGARD_SOCKET"):
+        return os.path.expanduser(env["SUGARD_SOCKET"])
+    configured = _config_socket(default_config_path(env))
+    return configured or default_socket_path(env)
+
+
+# The same rules as sugard.paths, on strings: pathlib would cost sugarctl an import of `re`.
+# tests/test_client.py checks that both give the same answers.
+
+
+def default_config_path(env: Mapping[str, str]) -> str:
+    if env.get("SUGARD_CONFIG"):
+        return os.path.expanduser(env["SUGARD_CONFIG"])
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "sugard", "config.toml")
+
+
+def default_socket_path(env: Mapping[str, str]) -> str:
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "sugard", "sugard.sock")
+    return f"/tmp/sugard-{os.getuid()}/sugard.sock"
+
+
+def _config_socket(config_path: str) -> str | None:
+    """`[daemon].socket` of the config, if it names one. An unreadable or broken config is the
+    daemon's to report (`sugard check`); here it only means "not set"."""
     try:
-        raw = config_path.read_bytes()
+        with open(config_path, "rb") as f:
+            raw = f.read()
     except OSError:
+        return None
+    if b"socket" not in raw:  # most configs: no TOML parser to import and run
         return None
     import tomllib
 
     try:
-        socket_path = tomllib.loads(raw.decode()).get("daemon", {}).get("socket")
-    except (ValueError, UnicodeDecodeError, AttributeError):
+        daemon = tomllib.loads(raw.decode()).get("daemon", {})
+    except (ValueError, UnicodeDecodeError):
         return None
-    return os.path.expanduser(socket_path) if isinstance(socket_path, str) else None
+    path = daemon.get("socket") if isinstance(daemon, dict) else None
+    return os.path.expanduser(path) if isinstance(path, str) and path else None
 
 
-def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> Path:
-    """`explicit` > `$SUGARD_SOCKET` > `[daemon].socket` > the default socket path."""
-    if explicit:
-        return Path(explicit)
-    if os.environ.get("SUGARD_SOCKET"):
-        return Path(os.environ["SUGARD_SOCKET"])
-    from .paths import default_config_path
-
-    configured = _config_socket(default_config_path())
-    return Path(configured) if configured else default_socket_path()
+# JSON through _json's C scanner (see the module docstring)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("sugard", timeout=timeout)
-        self._path = path
+class _JsonContext:
+    """The attributes `_json.make_scanner` reads from a `json.JSONDecoder`."""
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # NaN, Infinity, -Infinity
+
+
+_scan: Callable[[str, int], tuple[Any, int]] | None
+_quote_json: Callable[[str], str]
+try:
+    from _json import encode_basestring_ascii as _quote_json
+    from _json import make_scanner
+
+    _scan = make_scanner(_JsonContext())  # type: ignore[arg-type]
+except ImportError:  # not CPython: the json module does the work
+    _scan = None
+
+
+def _json_loads(raw: bytes) -> Any:
+    if _scan is None:
+        import json
+
+        return json.loads(raw)
+    text = raw.decode("utf-8").strip()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if end != len(text):
+        raise ValueError("not JSON: data after the value")
+    return value
+
+
+def _json_object(fields: dict[str, str]) -> bytes:
+    """A flat JSON object of strings (the only kind of request body the daemon takes)."""
+    if _scan is None:
+        import json
+
+        return json.dumps(fields).encode()
+    items = ", ".join(f"{_quote_json(k)}: {_quote_json(v)}" for k, v in fields.items())
+    return ("{" + items + "}").encode()
+
+
+# HTTP/1.1 on the Unix socket
+
+
+class _Closed(Exception):
+    """The daemon closed the connection before any byte of an answer."""
+
+
+class _Connection:
+    """One HTTP/1.1 connection to the daemon's Unix socket."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.sock = _unix_socket(AF_UNIX, SOCK_STREAM)
+        self._buf = bytearray()
         try:
-            sock.connect(os.fspath(self._path))
-        except OSError:
-            sock.close()
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
             raise
-        self.sock = sock
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __del__(self) -> None:
+        # The kept connection is the client's business, not its caller's: a client dropped
+        # without close() (`SugardClient().token("prod")`) must not warn about it.
+        self.sock.close()
+
+    def exchange(
+        self, method: str, target: str, body: bytes | None, timeout: float
+    ) -> tuple[int, bytes, bool]:
+        """Send one request; return (status, body, whether the connection can be used again)."""
+        head = f"{method} {target} HTTP/1.1\r\nHost: sugard\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        elif method != "GET":
+            head += "Content-Length: 0\r\n"
+        self.sock.settimeout(timeout)
+        try:  # noqa: SIM105 - contextlib would cost an import
+            self.sock.sendall(head.encode() + b"\r\n" + (body or b""))
+        except (BrokenPipeError, ConnectionResetError):
+            # The daemon may have answered and closed before reading: it does so for a
+            # refused uid and when it is at its connection limit. Read that answer.
+            pass
+        line = self._readline()
+        if not line:
+            raise _Closed
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise ValueError("not an HTTP status line")
+        status = int(parts[1])
+        headers: dict[bytes, bytes] = {}
+        while (line := self._readline()) not in (b"\r\n", b"\n"):
+            if not line.endswith(b"\n"):
+                raise ValueError("headers cut short")
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        keep = parts[0] == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
+        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            data = self._chunked()
+        elif b"content-length" in headers:
+            data = self._read(int(headers[b"content-length"]))
+        else:
+            data, keep = self._read_to_end(), False
+        return status, data, keep
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self._buf += data
+        return bool(data)
+
+    def _readline(self) -> bytes:
+        """One line with its end; what is left at the end of the stream; b"" at the end."""
+        start = 0
+        while (end := self._buf.find(b"\n", start)) < 0:
+            if len(self._buf) > _MAX_LINE:
+                raise ValueError("line too long")
+            start = len(self._buf)
+            if not self._fill():
+                end = len(self._buf) - 1
+                break
+        line = bytes(self._buf[: end + 1])
+        del self._buf[: end + 1]
+        return line
+
+    def _read(self, size: int) -> bytes:
+        if not 0 <= size <= _MAX_BODY:
+            raise ValueError("bad body size")
+        while len(self._buf) < size:
+            if not self._fill():
+                raise ValueError("body cut short")
+        data = bytes(self._buf[:size])
+        del self._buf[:size]
+        return data
+
+    def _read_to_end(self) -> bytes:
+        while self._fill():
+            if len(self._buf) > _MAX_BODY:
+                raise ValueError("body too large")
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+    def _chunked(self) -> bytes:
+        chunks: list[bytes] = []
+        total = 0
+        while size := int(self._readline().split(b";")[0], 16):
+            total += size
+            if total > _MAX_BODY:
+                raise ValueError("body too large")
+            chunks.append(self._read(size))
+            if self._readline() not in (b"\r\n", b"\n"):
+                raise ValueError("bad chunk end")
+        while self._readline() not in (b"\r\n", b"\n", b""):
+            pass  # trailers
+        return b"".join(chunks)
 
 
 class SugardClient:
-    """One kept-alive connection to the daemon; a lock makes it safe to share between threads."""
+    """A client of one daemon, safe to share between threads.
 
-    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 330.0):
+    It keeps its connection open between calls. A thread that finds it in use opens one of
+    its own rather than wait, so a long `token(wait=...)` in one thread never holds up the
+    others; up to MAX_IDLE such connections are kept for reuse, so N threads settle on N
+    connections. `timeout` bounds how long the daemon may take to answer beyond the wait a
+    request asks for; past it the call raises DaemonUnreachable.
+    """
+
+    MAX_IDLE = 8
+
+    def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 30.0):
         self.socket_path = resolve_socket(socket)
-        self._timeout = timeout
-        self._conn: _UnixConnection | None = None
-        self._lock = threading.Lock()
+        self.timeout = timeout
+        self.connections_opened = 0  # for tests and benchmarks: are connections reused?
+        self._idle: list[_Connection] = []  # last in, first out: the warmest one first
+        self._lock = allocate_lock()
+
+    def __repr__(self) -> str:
+        return f"SugardClient({self.socket_path!r})"
 
     def close(self) -> None:
+        """Close the kept connections; the client stays usable (it connects again)."""
         with self._lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def __enter__(self) -> SugardClient:
         return self
@@ -155,80 +375,155 @@ class SugardClient:
     # The API
 
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/v1/health")
+        """`{"status": "ok", "version": ..., "instances": N}`."""
+        return self._call("GET", "/v1/health")  # type: ignore[no-any-return]
 
     def token(self, name: str, min_ttl: float = 0, wait: float | None = None) -> dict[str, Any]:
-        """The TOKEN object: access_token, expires_at, expires_in, download_token, url..."""
-        query: dict[str, str] = {}
+        """The TOKEN object (`access_token`, `url`, `expires_at`, `expires_in`,
+        `download_token`...), valid for at least `min_ttl` more seconds. Waits up to `wait`
+        seconds (the daemon's default: 10) while the daemon logs in or refreshes."""
+        query = []
         if min_ttl:
-            query["min_ttl"] = f"{min_ttl:g}"
+            query.append(f"min_ttl={_seconds('min_ttl', min_ttl)}")
         if wait is not None:
-            query["wait"] = f"{wait:g}"
-        suffix = "?" + urlencode(query) if query else ""
-        return self._request("GET", f"/v1/instances/{quote(name, safe='')}/token{suffix}")
+            query.append(f"wait={_seconds('wait', wait)}")
+        target = _instance(name, "token") + ("?" + "&".join(query) if query else "")
+        return self._call("GET", target, wait=wait)  # type: ignore[no-any-return]
 
     def status(self, name: str | None = None) -> Any:
+        """The STATUS object of one instance, or the list of every instance's."""
         if name is None:
-            return self._request("GET", "/v1/instances")["instances"]
-        return self._request("GET", f"/v1/instances/{quote(name, safe='')}")
+            return self._call("GET", "/v1/instances")["instances"]
+        return self._call("GET", _instance(name))
 
     def invalidate(self, name: str, access_token: str) -> dict[str, Any]:
-        """Report that Sugar refused `access_token`; returns the token to use now."""
-        return self._request(
-            "POST",
-            f"/v1/instances/{quote(name, safe='')}/invalidate",
-            {"access_token": access_token},
-        )
+        """Report that Sugar refused `access_token` (a 401); returns the TOKEN to use now.
+
+        The daemon renews the session only if the reported token is its current one, and
+        only once however many scripts report it; an older token gets the current one."""
+        if not access_token:
+            raise BadRequest("invalidate needs the access token that Sugar refused")
+        body = _json_object({"access_token": access_token})
+        return self._call("POST", _instance(name, "invalidate"), body)  # type: ignore[no-any-return]
 
     def refresh(self, name: str) -> dict[str, Any]:
-        return self._request("POST", f"/v1/instances/{quote(name, safe='')}/refresh")
+        """Make the daemon renew the session now; returns the new TOKEN."""
+        return self._call("POST", _instance(name, "refresh"))  # type: ignore[no-any-return]
 
-    def reload(self) -> dict[str, Any]:
-        return self._request("POST", "/v1/reload")
+    def reload(self) -> dict[str, list[str]]:
+        """Make the daemon re-read its config: `{"added", "removed", "changed", "unchanged"}`.
+        A config with errors raises NeedsAttention (`.errors`); the old config keeps running."""
+        return self._call("POST", "/v1/reload")  # type: ignore[no-any-return]
 
     # Transport
 
-    def _request(self, method: str, path: str, body: Any = None) -> Any:
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        with self._lock:
-            for attempt in (1, 2):
-                conn = self._conn or _UnixConnection(self.socket_path, self._timeout)
-                self._conn = conn
-                try:
-                    conn.request(method, path, body=payload, headers=headers)
-                    response = conn.getresponse()
-                    status, raw = response.status, response.read()
-                    break
-                except (FileNotFoundError, ConnectionRefusedError) as exc:
-                    conn.close()
-                    self._conn = None
-                    raise DaemonUnreachable(self._unreachable(exc)) from None
-                except PermissionError:
-                    conn.close()
-                    self._conn = None
-                    raise PermissionDenied(
-                        f"no permission to use the socket {self.socket_path}"
-                    ) from None
-                except (http.client.HTTPException, OSError) as exc:
-                    # A kept-alive connection the daemon closed: reconnect once.
-                    conn.close()
-                    self._conn = None
-                    if attempt == 2:
-                        raise DaemonUnreachable(self._unreachable(exc)) from None
+    def _call(
+        self, method: str, target: str, body: bytes | None = None, wait: float | None = None
+    ) -> Any:
+        timeout = self.timeout + (DEFAULT_WAIT if wait is None else wait)
+        status, raw = self._exchange(method, target, body, timeout)
         try:
-            data = json.loads(raw)
+            data = _json_loads(raw)
         except ValueError:
-            raise SugardError(f"the daemon sent a non-JSON answer (HTTP {status})") from None
-        if status >= 400:
-            code = data.get("error", "") if isinstance(data, dict) else ""
-            message = data.get("message", f"HTTP {status}") if isinstance(data, dict) else ""
-            raise ERRORS.get(code, SugardError)(message, data if isinstance(data, dict) else None)
-        return data
+            raise SugardError(
+                f"sugard on {self.socket_path} sent an answer that is not JSON (HTTP {status})"
+            ) from None
+        if status < 400:
+            return data
+        if not isinstance(data, dict):
+            data = {}
+        message = data.get("message") or f"sugard answered HTTP {status}"
+        raise _ERRORS.get(data.get("error", ""), SugardError)(str(message), data)
 
-    def _unreachable(self, exc: BaseException) -> str:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        return (
-            f"sugard is not running on {self.socket_path} ({why}); start it with "
-            "`systemctl --user start sugard` or `sugard run`, or set --socket / $SUGARD_SOCKET"
-        )
+    def _exchange(
+        self, method: str, target: str, body: bytes | None, timeout: float
+    ) -> tuple[int, bytes]:
+        with self._lock:
+            conn = self._idle.pop() if self._idle else None
+        if conn is not None:
+            # The daemon may have closed the kept connection meanwhile (idle timeout,
+            # restart); that shows before the request reaches it, so then, and only then,
+            # the request is sent again on a new connection.
+            try:
+                status, raw, keep = conn.exchange(method, target, body, timeout)
+            except (_Closed, BrokenPipeError, ConnectionResetError):
+                conn.close()
+            except BaseException as exc:
+                conn.close()
+                raise self._translate(exc) from None
+            else:
+                self._keep(conn, keep)
+                return status, raw
+        conn = self._connect()
+        try:
+            status, raw, keep = conn.exchange(method, target, body, timeout)
+        except BaseException as exc:
+            conn.close()
+            raise self._translate(exc) from None
+        self._keep(conn, keep)
+        return status, raw
+
+    def _keep(self, conn: _Connection, keep: bool) -> None:
+        """Keep `conn` for the next call if it can be reused and the pool has room."""
+        if keep:
+            with self._lock:
+                if len(self._idle) < self.MAX_IDLE:
+                    self._idle.append(conn)
+                    return
+        conn.close()
+
+    def _connect(self) -> _Connection:
+        path = self.socket_path
+        if len(os.fsencode(path)) > SOCKET_PATH_MAX:
+            raise BadRequest(
+                f"socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow at "
+                f"most {SOCKET_PATH_MAX}: use a shorter --socket"
+            )
+        try:
+            conn = _Connection(path, self.timeout)
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            raise DaemonUnreachable(
+                f"sugard is not running on {path} ({exc.strerror}); start it with "
+                "`systemctl --user start sugard` or `sugard run`, or point --socket or "
+                "$SUGARD_SOCKET at the socket it listens on"
+            ) from None
+        except PermissionError:
+            raise PermissionDenied(
+                f"no permission to connect to {path}: its directory or socket belongs to "
+                "another user; run as that user, or use your own sugard"
+            ) from None
+        except BaseException as exc:
+            raise self._translate(exc) from None
+        self.connections_opened += 1
+        return conn
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """Transport failures as SugardError; anything else (KeyboardInterrupt) unchanged."""
+        if isinstance(exc, TimeoutError):
+            return DaemonUnreachable(
+                f"sugard on {self.socket_path} did not answer in time; see its log "
+                "(journalctl --user -u sugard)"
+            )
+        if isinstance(exc, _Closed | OSError):
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else "closed"
+            return DaemonUnreachable(
+                f"sugard on {self.socket_path} dropped the connection without an answer "
+                f"({why}); see its log (journalctl --user -u sugard)"
+            )
+        if isinstance(exc, ValueError):
+            return SugardError(f"sugard on {self.socket_path} sent a malformed HTTP answer")
+        return exc
+
+
+def _instance(name: str, action: str = "") -> str:
+    if not name:
+        raise BadRequest("the instance name is empty")
+    # Percent-encoded by hand: urllib.parse would cost an import of `re`.
+    quoted = "".join(c if c in _UNRESERVED else f"%{b:02X}" for c in name for b in c.encode())
+    return f"/v1/instances/{quoted}" + (f"/{action}" if action else "")
+
+
+def _seconds(what: str, value: float) -> str:
+    if not 0 <= value < float("inf"):  # also refuses NaN
+        raise BadRequest(f"{what} must be a number of seconds, 0 or more, not {value!r}")
+    return f"{value:g}"

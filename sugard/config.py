@@ -6,15 +6,18 @@ so one `sugard check` run shows everything there is to fix.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import shlex
+import ssl
 import stat
 import subprocess
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .secret import Secret
 
@@ -28,7 +31,9 @@ __all__ = [
     "InstanceConfig",
     "Problem",
     "SecretRef",
+    "audit_config",
     "diff_configs",
+    "effective_config",
     "load_config",
     "parse_config",
     "resolve_secrets",
@@ -51,7 +56,11 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}: {self.key}: {self.message}" if self.key else f"{self.file}: {self.message}"
+        return (
+            f"{self.file}: {self.key}: {self.message}"
+            if self.key
+            else f"{self.file}: {self.message}"
+        )
 
 
 class ConfigError(Exception):
@@ -78,7 +87,7 @@ class SecretRef:
         """Where the secret comes from, for humans (never the secret itself)."""
         if self.kind == "inline":
             return "inline"
-        ref = " ".join(self.ref) if isinstance(self.ref, tuple) else self.ref
+        ref = shlex.join(self.ref) if isinstance(self.ref, tuple) else self.ref
         return f"{self.kind}: {ref}"
 
     def reveal(self) -> str:
@@ -107,7 +116,7 @@ class InstanceConfig:
     allowed_gids: tuple[int, ...] | None = None
 
     def auth_key(self) -> tuple[object, ...]:
-        """What identifies the upstream session: if this is unchanged, the live token stays valid."""
+        """What identifies the upstream session: while it is unchanged, the live token stays."""
         return (
             self.url,
             self.username,
@@ -154,16 +163,30 @@ def _nonempty(v: Any) -> str:
     return s
 
 
+def _unquote_hint(v: Any) -> str:
+    """TOML's commonest slip: a number or boolean written in quotes."""
+    if isinstance(v, str):
+        text = v.strip()
+        if text in ("true", "false"):
+            return f"; write {text} without quotes"
+        try:
+            float(text)
+        except ValueError:
+            return ""
+        return f"; write {text} without quotes"
+    return ""
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise ValueError(f"must be true or false, not {_tname(v)}")
+        raise ValueError(f"must be true or false, not {_tname(v)}{_unquote_hint(v)}")
     return v
 
 
 def _number(low: float, high: float) -> Callable[[Any], float]:
     def check(v: Any) -> float:
         if isinstance(v, bool) or not isinstance(v, int | float):
-            raise ValueError(f"must be a number, not {_tname(v)}")
+            raise ValueError(f"must be a number, not {_tname(v)}{_unquote_hint(v)}")
         if not low <= v <= high:
             raise ValueError(f"must be between {low:g} and {high:g}, not {v:g}")
         return float(v)
@@ -174,7 +197,7 @@ def _number(low: float, high: float) -> Callable[[Any], float]:
 def _int(low: int, high: int) -> Callable[[Any], int]:
     def check(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"must be an integer, not {_tname(v)}")
+            raise ValueError(f"must be an integer, not {_tname(v)}{_unquote_hint(v)}")
         if not low <= v <= high:
             raise ValueError(f"must be between {low} and {high}, not {v}")
         return v
@@ -202,8 +225,10 @@ def _url(v: Any) -> str:
 def _platform(v: Any) -> str:
     s = _str(v)
     if not PLATFORM_NAME.match(s):
+        like = re.sub(r"[^a-z0-9_-]+", "_", s.lower()).strip("_")[:127] or "sugard"
         raise ValueError(
-            f"{s!r} is not a valid platform name: use 1-127 of a-z, 0-9, '_' and '-'"
+            f"{s!r} is not a valid platform name: use 1-127 of a-z, 0-9, '_' and '-', "
+            f"like {like!r} (and register it in Sugar: Admin > Configure API Platforms)"
         )
     return s
 
@@ -249,7 +274,9 @@ DAEMON_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "allowed_gids": _ids,
 }
 DAEMON_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in fields(DaemonConfig) if f.name not in ("allowed_uids", "allowed_gids")
+    f.name: f.default
+    for f in fields(DaemonConfig)
+    if f.name not in ("allowed_uids", "allowed_gids")
 }
 SECRET_KEYS = {base + kind for base in SECRET_FIELDS for kind in SECRET_KINDS}
 
@@ -332,14 +359,23 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
 
     for key in data:
         if key not in ("daemon", "defaults", "instances"):
-            problem(key, "unknown table or key; expected [daemon], [defaults] and [instances.NAME]")
+            problem(
+                key,
+                "unknown table or key"
+                + _did_you_mean(key, ("daemon", "defaults", "instances"))
+                + "; expected [daemon], [defaults] and [instances.NAME]",
+            )
 
     daemon_raw = _table(data, "daemon", problem)
     daemon_values: dict[str, Any] = {}
     for key, value in daemon_raw.items():
         checker = DAEMON_SCHEMA.get(key)
         if checker is None:
-            problem(f"daemon.{key}", f"unknown key; known keys: {', '.join(DAEMON_SCHEMA)}")
+            problem(
+                f"daemon.{key}",
+                f"unknown key{_did_you_mean(key, DAEMON_SCHEMA)}; "
+                f"[daemon] keys are {', '.join(DAEMON_SCHEMA)}",
+            )
             continue
         try:
             daemon_values[key] = checker(value)
@@ -348,7 +384,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     daemon = DaemonConfig(**daemon_values)
 
     defaults = _table(data, "defaults", problem)
-    _check_instance_keys(defaults, "defaults", problem)
+    defaults_ok = _check_instance_keys(defaults, "defaults", problem)
 
     instances_raw = _table(data, "instances", problem)
     instances: dict[str, InstanceConfig] = {}
@@ -364,17 +400,34 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
             )
             continue
         if not isinstance(table, dict):
-            problem(where, f"must be a table, not {_tname(table)}")
+            problem(
+                where,
+                f"must be a table, not {_tname(table)}; "
+                f"each instance is a table of its own: [instances.NAME]",
+            )
             continue
-        if not _check_instance_keys(table, where, problem):
+        if not _check_instance_keys(table, where, problem) or not defaults_ok:
             continue
         instance = _build_instance(name, defaults, table, where, problem)
         if instance is not None:
             instances[name] = instance
 
     if problems:
-        raise ConfigError(problems)
+        # A bad secret in [defaults] is met once per instance; say it once.
+        raise ConfigError(list(dict.fromkeys(problems)))
     return Config(path=path, daemon=daemon, instances=instances)
+
+
+INSTANCE_KEYS_HELP = (
+    "instance keys are url, username, password (or password_file, _env, _command, "
+    "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
+    "ca_file, refresh_before, backoff_max, allowed_uids and allowed_gids"
+)
+
+
+def _did_you_mean(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key.lower(), list(known), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _table(
@@ -396,8 +449,10 @@ def _check_instance_keys(
             continue
         checker = INSTANCE_SCHEMA.get(key)
         if checker is None:
-            hint = " (did you mean password_file?)" if key.startswith("password") else ""
-            problem(f"{where}.{key}", f"unknown key{hint}")
+            hint = _did_you_mean(key, [*INSTANCE_SCHEMA, *sorted(SECRET_KEYS)])
+            if not hint and key.startswith("password"):
+                hint = " (did you mean password_file?)"
+            problem(f"{where}.{key}", f"unknown key{hint or '; ' + INSTANCE_KEYS_HELP}")
             ok = False
             continue
         try:
@@ -425,14 +480,14 @@ def _build_instance(
         if required not in values:
             problem(f"{where}.{required}", "missing; every instance needs url and username")
             ok = False
-    secrets: dict[str, SecretRef] = {}
+    secrets: dict[str, Any] = {}
     for base in SECRET_FIELDS:
         ref = _secret_ref(base, table, where, problem)
+        if ref is None:
+            ref = _secret_ref(base, defaults, "defaults", problem)
         if ref is False:
             ok = False
             continue
-        if ref is None:
-            ref = _secret_ref(base, defaults, "defaults", problem) or None
         if ref is None:
             if base == "password":
                 problem(
@@ -453,7 +508,7 @@ def _build_instance(
 
 def _secret_ref(
     base: str, table: Mapping[str, Any], where: str, problem: Callable[[str, str], None]
-) -> SecretRef | bool | None:
+) -> SecretRef | Literal[False] | None:
     """The one source of secret `base` in `table`; None if there is none, False if it is wrong."""
     given = [base + kind for kind in SECRET_KINDS if base + kind in table]
     if not given:
@@ -480,7 +535,9 @@ def _secret_ref(
         problem(f"{where}.{key}", "must not be empty")
         return False
     if kind == "credential" and "/" in value:
-        problem(f"{where}.{key}", "is a credential name (as in LoadCredential=NAME:...), not a path")
+        problem(
+            f"{where}.{key}", "is a credential name (as in LoadCredential=NAME:...), not a path"
+        )
         return False
     return SecretRef(kind, value)
 
@@ -492,7 +549,7 @@ def resolve_secrets(config: Config, environ: Mapping[str, str] | None = None) ->
     problems: list[Problem] = []
     instances: dict[str, InstanceConfig] = {}
     for name, instance in config.instances.items():
-        resolved: dict[str, SecretRef] = {}
+        resolved: dict[str, Any] = {}
         for base in SECRET_FIELDS:
             ref: SecretRef = getattr(instance, base)
             key = f"instances.{name}.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
@@ -513,6 +570,8 @@ def _read_secret(ref: SecretRef, env: Mapping[str, str], base_dir: Path) -> str:
         assert isinstance(ref.ref, str)
         if ref.ref not in env:
             raise ValueError(f"environment variable {ref.ref} is not set")
+        if not env[ref.ref]:
+            raise ValueError(f"environment variable {ref.ref} is empty")
         return env[ref.ref]
     if ref.kind == "file":
         assert isinstance(ref.ref, str)
@@ -540,7 +599,15 @@ def _read_secret_file(path: Path, *, check_mode: bool) -> str:
         st = path.stat()
         text = path.read_text("utf-8")
     except FileNotFoundError:
-        raise ValueError(f"file {path} does not exist") from None
+        if not check_mode:
+            raise ValueError(
+                f"credential {path.name} is not in $CREDENTIALS_DIRECTORY ({path.parent}); "
+                "check LoadCredential= in the systemd unit"
+            ) from None
+        raise ValueError(
+            f"file {path} does not exist; create it with the secret on one line "
+            f"(chmod 600 {path}), or fix the path"
+        ) from None
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -572,7 +639,11 @@ def _run_secret_command(command: str | tuple[str, ...], env: Mapping[str, str]) 
     except OSError as exc:
         raise ValueError(f"command cannot run: {exc.strerror}") from None
     if done.returncode != 0:
-        raise ValueError(f"command exited with status {done.returncode}")
+        why = {
+            126: " (not executable)",
+            127: " (command not found: check its name, and the daemon's PATH under systemd)",
+        }.get(done.returncode, "")
+        raise ValueError(f"command exited with status {done.returncode}{why}")
     secret = done.stdout.decode("utf-8", "replace").rstrip("\r\n")
     if not secret:
         raise ValueError("command printed nothing")
@@ -615,6 +686,7 @@ def effective_config(config: Config) -> dict[str, Any]:
         for k, v in vars(config.daemon).items()
         if v is not None and v != ()
     }
+    base_dir = Path(config.path).parent
     instances: dict[str, Any] = {}
     for name, instance in config.instances.items():
         table: dict[str, Any] = {}
@@ -623,6 +695,9 @@ def effective_config(config: Config) -> dict[str, Any]:
             if f.name == "name" or value is None:
                 continue
             if isinstance(value, SecretRef):
+                if value.kind == "file" and isinstance(value.ref, str):
+                    # The path sugard reads, not the one written: relative ones confuse.
+                    value = replace(value, ref=str(_resolve_path(value.ref, base_dir)))
                 value = "(empty)" if _is_empty_inline(value) else f"*** ({value.describe()})"
             elif isinstance(value, tuple):
                 value = list(value)
@@ -633,3 +708,92 @@ def effective_config(config: Config) -> dict[str, Any]:
 
 def _is_empty_inline(ref: SecretRef) -> bool:
     return ref.kind == "inline" and ref.value is not None and not ref.value
+
+
+BUILTIN_PLATFORMS = ("base", "mobile", "portal")
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def audit_config(config: Config) -> tuple[list[Problem], list[Problem]]:
+    """What `sugard check` reports beyond what `load_config` refuses: (problems, warnings).
+
+    The daemon starts despite these, so that a stricter check never breaks a running setup;
+    `sugard check` makes them visible so they get fixed. Secrets are looked at, never shown.
+    """
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    path = Path(config.path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0
+    if mode & 0o022:
+        problems.append(
+            Problem(
+                config.path,
+                "",
+                f"is writable by others (mode {mode:04o}): whoever can edit it can make sugard "
+                f"run a password_command or send the password elsewhere; run: chmod 600 {path}",
+            )
+        )
+    for name, instance in config.instances.items():
+        where = f"instances.{name}"
+        if instance.ca_file:
+            message = _ca_file_problem(instance.ca_file)
+            if message:
+                problems.append(Problem(config.path, f"{where}.ca_file", message))
+        secret = instance.client_secret
+        if instance.client_id == "sugar" and secret.value and not _is_empty_inline(secret):
+            suffix = "" if secret.kind == "inline" else f"_{secret.kind}"
+            problems.append(
+                Problem(
+                    config.path,
+                    f"{where}.client_secret{suffix}",
+                    "the built-in client 'sugar' has an empty secret and Sugar refuses any "
+                    "other; remove the client secret, or set client_id to your own OAuth key",
+                )
+            )
+        if instance.platform in BUILTIN_PLATFORMS:
+            warnings.append(
+                Problem(
+                    config.path,
+                    f"{where}.platform",
+                    f"warning: {instance.platform!r} is one of Sugar's own platforms: each login "
+                    f"of sugard logs {instance.username} out of it everywhere else (one session "
+                    "per user and platform); register a platform for sugard, like sugard",
+                )
+            )
+        host = instance.url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if instance.url.startswith("http://") and host not in LOOPBACK_HOSTS:
+            warnings.append(
+                Problem(
+                    config.path,
+                    f"{where}.url",
+                    "warning: http:// sends the password unencrypted; use https://",
+                )
+            )
+        if not instance.verify_tls:
+            warnings.append(
+                Problem(
+                    config.path,
+                    f"{where}.verify_tls",
+                    "warning: TLS verification is off, so anyone on the way can pose as the "
+                    "site and read the password; set ca_file for a private CA instead",
+                )
+            )
+    return problems, warnings
+
+
+def _ca_file_problem(ca_file: str) -> str:
+    try:
+        ssl.create_default_context(cafile=ca_file)
+    except FileNotFoundError:
+        return (
+            f"file {ca_file} does not exist; give the PEM file of the CA that signed the "
+            "site's certificate"
+        )
+    except ssl.SSLError:
+        return f"{ca_file} holds no usable PEM certificate; give the CA certificate in PEM form"
+    except OSError as exc:
+        return f"cannot read {ca_file}: {exc.strerror}"
+    return ""

@@ -2,6 +2,16 @@
 
 `Daemon.serve()` reads as the program's table of contents: start, wait for a stop signal
 (reloading on SIGHUP meanwhile), stop.
+
+Lifecycle, as systemd and scripts see it:
+
+- start: take the socket (one systemd passed in, or our own: lock file, stale-socket probe,
+  bind 0600), start every keeper, serve, then `READY=1`.
+- reload (SIGHUP, `POST /v1/reload`): `RELOADING=1`, load and validate all of the new config
+  off the event loop, then swap it in as one step; `READY=1` with what happened in `STATUS=`.
+- stop (SIGTERM, SIGINT): `STOPPING=1`, stop accepting, let requests in flight finish within
+  `[daemon].shutdown_grace`, stop the keepers, remove our socket (never one systemd passed
+  in). A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -9,28 +19,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import signal
 import socket
 import stat
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import Peer, ReloadFailed, make_app
+from .api import ApiRunner, Peer, ReloadFailed, make_app
 from .config import Config, ConfigError, InstanceConfig, diff_configs, load_config
 from .keeper import MAX_SLEEP, Keeper
 from .paths import SOCKET_PATH_MAX
 from .sugar import SugarClient, new_http_session
+from .systemd import ListenFd, Notifier
 
-__all__ = ["Daemon", "SocketError", "prepare_socket"]
+__all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socket"]
 
 log = logging.getLogger("sugard.daemon")
+
+FORCED_EXIT = 1  # exit status when a second signal cuts the graceful stop short
+# Daemon settings that only take effect at start: a reload says so instead of ignoring them.
+RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace")
+
+
+def _grace(config: Config) -> float:
+    """`shutdown_grace` for aiohttp, which reads 0 as "wait forever", not "do not wait"."""
+    return max(config.daemon.shutdown_grace, 0.001)
 
 
 class SocketError(Exception):
@@ -60,22 +82,101 @@ def check_socket_dir(directory: Path) -> None:
         )
 
 
-def prepare_socket(path: Path) -> socket.socket:
-    """A listening Unix socket at `path`, mode 0600 from birth, in a private directory.
+class SocketLock:
+    """`<socket>.lock`, held with flock(2) for the daemon's life.
+
+    The stale-socket probe alone cannot tell a crashed daemon's socket from one that a daemon
+    starting at the same moment has bound but not yet listens on; whoever holds the lock is
+    the only one allowed to probe, remove and bind. The kernel drops the lock when the process
+    dies, however it dies, so a crash never leaves a stale lock behind.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, socket_path: Path) -> None:
+        while True:
+            try:
+                fd = os.open(
+                    self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+                )
+            except OSError as exc:
+                raise SocketError(f"cannot open lock file {self.path}: {exc.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                who = f"sugard (pid {holder})" if holder else "sugard"
+                raise SocketError(
+                    f"another {who} is already running on {socket_path}; stop it first, "
+                    "or choose another --socket"
+                ) from None
+            # The previous holder unlinks the file as it exits: a lock on that unlinked file
+            # would exclude nobody, so make sure ours is the one at the path.
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        os.close(self._fd)
+        self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def check_socket_path(path: Path) -> None:
+    size = len(os.fsencode(path))
+    if size > SOCKET_PATH_MAX:
+        raise SocketError(
+            f"socket path {path} is {size} bytes; Unix sockets allow at most "
+            f"{SOCKET_PATH_MAX}: choose a shorter --socket"
+        )
+
+
+def prepare_socket(path: Path) -> tuple[socket.socket, SocketLock]:
+    """A listening Unix socket at `path`, mode 0600 from birth, in a private directory, and
+    the lock that makes it ours.
 
     A socket file left by a crashed daemon is removed; a live daemon there is not disturbed.
     """
-    if len(os.fsencode(path)) > SOCKET_PATH_MAX:
-        raise SocketError(
-            f"socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow "
-            f"at most {SOCKET_PATH_MAX}: choose a shorter --socket"
-        )
+    check_socket_path(path)
     check_socket_dir(path.parent)
+    lock = SocketLock(path.with_name(path.name + ".lock"))
+    lock.acquire(path)
+    try:
+        return _bind(path), lock
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _bind(path: Path) -> socket.socket:
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(path.lstat().st_mode):
             raise SocketError(f"{path} exists and is not a socket; remove it or choose another")
         if _answers(path):
-            raise SocketError(f"another sugard is already running on {path}")
+            raise SocketError(
+                f"something already answers on {path} (a sugard without a lock file?); "
+                "stop it first, or choose another --socket"
+            )
         log.info("removing stale socket %s", path)
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -104,6 +205,33 @@ def _answers(path: Path) -> bool:
     return True
 
 
+def adopt_socket(passed: Sequence[ListenFd]) -> socket.socket:
+    """The one listening Unix stream socket that socket activation passed in.
+
+    Only a Unix socket will do: the API decides who may ask from the peer's credentials,
+    which other families do not carry.
+    """
+    described = ", ".join(f"fd {p.sock.fileno()} ({p.name})" for p in passed)
+    if len(passed) != 1:
+        raise SocketError(
+            f"systemd passed {len(passed)} sockets ({described}); sugard listens on exactly "
+            "one: keep a single ListenStream= in sugard.socket"
+        )
+    sock = passed[0].sock
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise SocketError(
+            f"systemd passed {described}, which is not a Unix stream socket; sugard needs "
+            "ListenStream=%t/sugard/sugard.sock (a path) in sugard.socket"
+        )
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise SocketError(
+            f"systemd passed {described}, which is not listening; sugard.socket must not "
+            "set Accept=yes"
+        )
+    sock.setblocking(False)
+    return sock
+
+
 class Daemon:
     """Holds the keepers and the socket; `reload()` applies a new config as a diff."""
 
@@ -116,6 +244,8 @@ class Daemon:
         clock: Callable[[], float] = time.time,
         listen_socket: socket.socket | None = None,
         max_sleep: float = MAX_SLEEP,
+        notifier: Notifier | None = None,
+        apply_log_level: bool = False,
     ) -> None:
         self.config = config
         self.socket_path = socket_path
@@ -128,101 +258,185 @@ class Daemon:
         self._login_slots = asyncio.Semaphore(config.daemon.max_parallel_logins)
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._stopping = False
         self._owns_socket = listen_socket is None
+        self._lock: SocketLock | None = None
         self._max_sleep = max_sleep
+        self._notifier = notifier or Notifier()
+        self._apply_log_level = apply_log_level
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def keepers(self) -> Mapping[str, Keeper]:
         return self._keepers
 
     def allowed(self, peer: Peer, instance: str | None) -> bool:
-        """Own uid and root by default; `allowed_uids`/`allowed_gids` widen (daemon) or
-        narrow (instance) that."""
-        me = os.getuid()
+        """The daemon's own uid and root always; others only if `[daemon]` allowed_uids /
+        allowed_gids list them (widen), and, for an instance with lists of its own, those
+        too (narrow). A gid matches the peer's primary or supplementary groups."""
+        if peer.uid in (os.getuid(), 0):
+            return True
+
+        def listed(uids: tuple[int, ...], gids: tuple[int, ...]) -> bool:
+            return peer.uid in uids or any(g in gids for g in (peer.gid, *peer.groups))
+
         daemon = self.config.daemon
-        ok = (
-            peer.uid in (me, 0)
-            or peer.uid in daemon.allowed_uids
-            or peer.gid in daemon.allowed_gids
-        )
+        if not listed(daemon.allowed_uids, daemon.allowed_gids):
+            return False
         keeper = self._keepers.get(instance) if instance else None
-        if ok and keeper is not None:
-            cfg = keeper.config
-            if cfg.allowed_uids is not None or cfg.allowed_gids is not None:
-                ok = peer.uid in (me, 0) or peer.uid in (cfg.allowed_uids or ()) or (
-                    peer.gid in (cfg.allowed_gids or ())
-                )
-        return ok
+        if keeper is None:
+            return True
+        cfg = keeper.config
+        if cfg.allowed_uids is None and cfg.allowed_gids is None:
+            return True
+        return listed(cfg.allowed_uids or (), cfg.allowed_gids or ())
 
     async def start(self) -> None:
-        """Open the socket first (so a second daemon fails fast), then start every keeper."""
-        sock = self._inherited_socket or prepare_socket(self.socket_path)
+        """Open the socket first (so a second daemon fails fast), then start every keeper;
+        tell systemd READY=1 once the socket is served."""
+        if self._inherited_socket is not None:
+            sock = self._inherited_socket
+        else:
+            sock, self._lock = prepare_socket(self.socket_path)
         self._http = new_http_session()
         for instance in self.config.instances.values():
-            self._add(instance)
-        self._runner = web.AppRunner(
-            make_app(self, self._clock),
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=self.config.daemon.shutdown_grace,
-        )
-        await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+            self._add(instance).start()
+        runner = ApiRunner(make_app(self, self._clock), shutdown_timeout=_grace(self.config))
+        self._runner = runner
+        await runner.setup()
+        await web.SockSite(runner, sock, backlog=runner.backlog).start()
         log.info(
-            "sugard %s listening on %s with %d instance(s)",
+            "sugard %s listening on %s%s with %d instance(s)",
             __version__,
             self.socket_path,
+            "" if self._owns_socket else " (socket passed in by systemd)",
             len(self._keepers),
         )
+        self._spawn(self._notifier.watchdog())
+        self._notifier.ready(self._summary())
 
-    def _add(self, instance: InstanceConfig) -> None:
+    def _summary(self) -> str:
+        return f"serving {len(self._keepers)} instance(s) on {self.socket_path}"
+
+    def _add(self, instance: InstanceConfig) -> Keeper:
+        """A keeper for `instance`, registered but not started."""
         assert self._http is not None
         if not instance.verify_tls:
             log.warning("%s: TLS verification is OFF (verify_tls = false)", instance.name)
-        keeper = Keeper(
+        keeper = self._new_keeper(instance)
+        self._keepers[instance.name] = keeper
+        return keeper
+
+    def _new_keeper(self, instance: InstanceConfig) -> Keeper:
+        assert self._http is not None
+        return Keeper(
             instance,
             SugarClient(instance, self._http, clock=self._clock),
             login_slots=self._login_slots,
             clock=self._clock,
             max_sleep=self._max_sleep,
         )
-        self._keepers[instance.name] = keeper
-        keeper.start()
 
     async def reload(self) -> dict[str, list[str]]:
-        """Load the config again; apply it only if all of it is valid."""
+        """Load the config again; apply it only if all of it is valid (else ReloadFailed, and
+        the old config keeps running untouched)."""
         async with self._reload_lock:
+            if self._stopping:
+                raise ReloadFailed(["sugard is stopping; nothing was reloaded"])
+            self._notifier.reloading()
             try:
-                new = await asyncio.to_thread(load_config, self.config.path, self._environ)
-            except ConfigError as exc:
-                for problem in exc.problems:
-                    log.error("reload refused: %s", problem)
-                raise ReloadFailed([str(p) for p in exc.problems]) from None
-            diff = diff_configs(self.config, new)
+                diff = await self._reload()
+            except ReloadFailed as exc:
+                more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
+                self._notifier.ready(
+                    f"reload failed, still running the old config: {exc.problems[0]}{more}; "
+                    f"{self._summary()}"
+                )
+                raise
+            changes = ", ".join(f"{len(v)} {k}" for k, v in diff.items())
+            self._notifier.ready(f"reloaded ({changes}); {self._summary()}")
+            return diff
+
+    async def _reload(self) -> dict[str, list[str]]:
+        try:
+            new = await asyncio.to_thread(load_config, self.config.path, self._environ)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("reload refused, old config kept: %s", problem)
+            raise ReloadFailed([str(p) for p in exc.problems]) from None
+        diff = diff_configs(self.config, new)
+
+        # Build the new set of keepers aside; nothing live is touched until the swap, so a
+        # failure here leaves the old config running as it was.
+        keepers = dict(self._keepers)
+        retired: list[Keeper] = []
+        fresh: list[Keeper] = []
+        adopted: list[Keeper] = []
+        try:
             for name in diff.removed:
-                await self._keepers.pop(name).stop()
+                retired.append(keepers.pop(name))
             for name in diff.changed:
-                keeper = self._keepers[name]
-                if keeper.config.auth_key() == new.instances[name].auth_key():
-                    keeper.adopt(new.instances[name])
+                cfg = new.instances[name]
+                if keepers[name].config.auth_key() == cfg.auth_key():
+                    adopted.append(keepers[name])
                 else:
-                    await self._keepers.pop(name).stop()
-                    self._add(new.instances[name])
+                    retired.append(keepers[name])
+                    keepers[name] = self._new_keeper(cfg)
+                    fresh.append(keepers[name])
             for name in diff.added:
-                self._add(new.instances[name])
-            self.config = new
-            log.info(
-                "reloaded: %d added, %d removed, %d changed, %d unchanged",
-                len(diff.added),
-                len(diff.removed),
-                len(diff.changed),
-                len(diff.unchanged),
+                keepers[name] = self._new_keeper(new.instances[name])
+                fresh.append(keepers[name])
+        except Exception as exc:  # whatever it is, the old config must survive it
+            log.exception("reload refused, old config kept: cannot set up the new instances")
+            raise ReloadFailed([f"cannot set up the new instances: {exc}"]) from None
+
+        # The swap: no await in here, so every request sees the old config or the new one,
+        # never a mix (allowed() reads self.config, the routes read self._keepers).
+        for keeper in adopted:
+            keeper.adopt(new.instances[keeper.name])
+        for keeper in fresh:
+            if not keeper.config.verify_tls:
+                log.warning("%s: TLS verification is OFF (verify_tls = false)", keeper.name)
+        old, self.config, self._keepers = self.config, new, keepers
+        self._apply_daemon_settings(old, new)
+
+        # Retired keepers stop (their waiting requests get InstanceStopped) before any
+        # replacement starts: a refresh still in flight for a replaced instance is cancelled
+        # and awaited, so it can never land after, or on top of, the new session.
+        await asyncio.gather(*(keeper.stop() for keeper in retired))
+        for keeper in fresh:
+            if not self._stopping:
+                keeper.start()
+        log.info(
+            "reloaded: %d added, %d removed, %d changed (%d logging in again), %d unchanged",
+            len(diff.added),
+            len(diff.removed),
+            len(diff.changed),
+            len(diff.changed) - len(adopted),
+            len(diff.unchanged),
+        )
+        return diff.as_dict()
+
+    def _apply_daemon_settings(self, old: Config, new: Config) -> None:
+        if self._apply_log_level and old.daemon.log_level != new.daemon.log_level:
+            logging.getLogger().setLevel(new.daemon.log_level.upper())
+            log.info("log level is now %s", new.daemon.log_level)
+        pending = [
+            key for key in RESTART_ONLY if getattr(old.daemon, key) != getattr(new.daemon, key)
+        ]
+        if pending:
+            log.warning(
+                "[daemon] %s changed: takes effect when sugard restarts "
+                "(systemctl --user restart sugard)",
+                ", ".join(pending),
             )
-            return diff.as_dict()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (shutdown_grace), stop keepers."""
+        self._stopping = True
+        self._notifier.stopping()
         if self._runner is not None:
+            log.info("waiting up to %g s for requests in flight", self.config.daemon.shutdown_grace)
             await self._runner.cleanup()
             self._runner = None
         for keeper in self._keepers.values():
@@ -230,36 +444,65 @@ class Daemon:
         if self._http is not None:
             await self._http.close()
             self._http = None
-        if self._owns_socket:
+        self._remove_socket()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._notifier.close()
+        log.info("sugard stopped")
+
+    def _remove_socket(self) -> None:
+        """Remove our socket, then give up the lock (in that order: whoever takes the lock
+        next must not find our socket). A socket systemd passed in stays: it is systemd's."""
+        if self._owns_socket and self._lock is not None:
             with contextlib.suppress(FileNotFoundError):
                 self.socket_path.unlink()
-        log.info("sugard stopped")
+            self._lock.release()
+            self._lock = None
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT; SIGHUP reloads."""
+        """Run until SIGTERM or SIGINT; SIGHUP reloads. A second SIGTERM or SIGINT exits at once."""
         loop = asyncio.get_running_loop()
-        await self.start()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        # Handlers first: a SIGTERM while starting then stops cleanly once started, and a
+        # SIGHUP never meets Python's default action (which is to die).
+        loop.add_signal_handler(signal.SIGTERM, self._on_stop_signal, signal.SIGTERM)
+        loop.add_signal_handler(signal.SIGINT, self._on_stop_signal, signal.SIGINT)
         loop.add_signal_handler(signal.SIGHUP, self._reload_from_signal)
         try:
+            await self.start()
             await self._stop.wait()
-            log.info("stopping")
-            # A second signal during the grace period stops at once.
-            loop.add_signal_handler(signal.SIGTERM, os._exit, 1)
-            loop.add_signal_handler(signal.SIGINT, os._exit, 1)
             await self.stop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
 
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        if not self._stop.is_set():
+            log.info("%s: stopping; send it again to exit at once", sig.name)
+            self._stop.set()
+            return
+        log.warning("%s again: exiting now, cutting off requests in flight", sig.name)
+        self._remove_socket()
+        logging.shutdown()
+        os._exit(FORCED_EXIT)
+
     def _reload_from_signal(self) -> None:
-        task = asyncio.create_task(self._reload_quietly())
-        self._background = task
+        if self._stopping or self._runner is None:
+            log.info("SIGHUP ignored: sugard is %s", "stopping" if self._stopping else "starting")
+            return
+        log.info("SIGHUP: reloading %s", self.config.path)
+        self._spawn(self._reload_quietly())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        # The loop keeps only weak references to tasks: hold them until they are done.
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _reload_quietly(self) -> None:
+        # A failed reload is already logged and reported to systemd; a signal has no caller.
         with contextlib.suppress(ReloadFailed):
             await self.reload()

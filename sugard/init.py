@@ -1,38 +1,93 @@
-"""`sugard init`: write a starter config with tomli-w, private from birth (0600 in a 0700 dir)."""
+"""`sugard init`: write a config with tomli-w, private from birth (0600 in a 0700 directory).
+
+Interactive on a terminal, scriptable with flags. The password never goes into the config: it
+gets a file of its own (`NAME.password`, 0600) next to it, or stays where the user keeps it
+(`--password-file`, `--password-env`, `--password-command`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import os
 import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from .config import INSTANCE_NAME, PLATFORM_NAME
+from .config import INSTANCE_DEFAULTS, INSTANCE_NAME, INSTANCE_SCHEMA
+from .paths import default_config_path
 
 __all__ = ["add_init_arguments", "run_init", "write_private"]
 
+PLATFORM_REMINDER = (
+    "The platform must be registered in Sugar first: Admin > Configure API Platforms "
+    "(Sugar keeps one session per user and platform)."
+)
+HEADER = (
+    "# sugard configuration, written by `sugard init`.\n"
+    "# Check it with `sugard check`; see every effective value with `sugard show-config`.\n\n"
+)
+
+
+class InitError(Exception):
+    """Bad input or a file in the way; the message says what to do. `code` is the exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--instance", metavar="NAME", help="instance name, like prod")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--instance", metavar="NAME", help="instance name for a new config, like prod"
+    )
+    which.add_argument(
+        "--add",
+        metavar="NAME",
+        help="add instance NAME to an existing config, keeping the others "
+        "(the old file is kept as a .bak copy, since its comments are not carried over)",
+    )
     p.add_argument("--url", help="site root, like https://crm.example.com")
-    p.add_argument("--username")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--password-file", metavar="F", help="file holding the password")
-    source.add_argument("--password-env", metavar="VAR", help="variable holding the password")
-    source.add_argument("--password-command", metavar="CMD", help="command printing the password")
-    p.add_argument("--platform", default="sugard",
-                   help="API platform; must be registered in Sugar (Admin > Configure API "
-                   "Platforms)")
-    p.add_argument("--client-id", default="sugar")
-    p.add_argument("--force", action="store_true", help="overwrite an existing config")
+    p.add_argument("--username", help="the Sugar user sugard logs in as")
+    password = p.add_mutually_exclusive_group()
+    password.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from the first line of stdin and store it in NAME.password "
+        "(mode 0600) next to the config",
+    )
+    password.add_argument("--password-file", metavar="F", help="use the password in file F as is")
+    password.add_argument("--password-env", metavar="VAR", help="take the password from $VAR")
+    password.add_argument(
+        "--password-command", metavar="CMD", help="run CMD (with sh -c) to get the password"
+    )
+    p.add_argument(
+        "--platform",
+        help="API platform (default: sugard); register it in Sugar first: Admin > Configure "
+        "API Platforms (Sugar keeps one session per user and platform)",
+    )
+    p.add_argument("--client-id", help="OAuth2 client id (default: sugar, the built-in one)")
+    secret = p.add_mutually_exclusive_group()
+    secret.add_argument("--client-secret-file", metavar="F", help="file holding the client secret")
+    secret.add_argument("--client-secret-env", metavar="VAR", help="variable holding it")
+    secret.add_argument("--client-secret-command", metavar="CMD", help="command printing it")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing config or password file, or replace an instance with --add "
+        "(the old config is kept as a .bak copy)",
+    )
 
 
 def write_private(path: Path, text: str, *, force: bool) -> None:
     """Write `text` to `path`, mode 0600, its directory 0700; never loosened afterwards."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private_dir(path.parent)
     flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
     fd = os.open(path, flags, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -40,43 +95,301 @@ def write_private(path: Path, text: str, *, force: bool) -> None:
         handle.write(text)
 
 
-def run_init(args: argparse.Namespace, path: Path) -> int:
-    if path.exists() and not args.force:
-        print(f"sugard: {path} exists; use --force to overwrite it", file=sys.stderr)
-        return 1
-    missing = [flag for flag in ("instance", "url", "username") if not getattr(args, flag)]
-    if missing:
-        print(
-            "sugard: init needs " + ", ".join(f"--{m}" for m in missing),
-            file=sys.stderr,
-        )
-        return 2
-    if not INSTANCE_NAME.match(args.instance):
-        print(f"sugard: bad instance name {args.instance!r}", file=sys.stderr)
-        return 2
-    if not PLATFORM_NAME.match(args.platform):
-        print(f"sugard: bad platform {args.platform!r}: use a-z, 0-9, '_' and '-'", file=sys.stderr)
-        return 2
-    instance: dict[str, Any] = {"url": args.url.rstrip("/"), "username": args.username}
-    if args.password_file:
-        instance["password_file"] = str(Path(args.password_file).expanduser().resolve())
-    elif args.password_env:
-        instance["password_env"] = args.password_env
-    elif args.password_command:
-        instance["password_command"] = args.password_command
-    else:
-        print("sugard: init needs --password-file, --password-env or --password-command",
-              file=sys.stderr)
-        return 2
-    document = {
-        "daemon": {"log_level": "info", "max_parallel_logins": 4},
-        "defaults": {"client_id": args.client_id, "platform": args.platform},
-        "instances": {args.instance: instance},
-    }
+def _private_dir(directory: Path) -> None:
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        directory.chmod(0o700)  # mkdir's mode is filtered through the umask
+
+
+def _replace_private(path: Path, text: str) -> None:
+    """Replace `path` all at once: a reader (a reloading daemon) sees the old file or the new."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write_private(path, tomli_w.dumps(document), force=args.force)
-    except FileExistsError:
-        print(f"sugard: {path} exists; use --force to overwrite it", file=sys.stderr)
-        return 1
-    print(f"wrote {path}; check it with: sugard check -c {path}")
+        write_private(tmp, text, force=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _backup(path: Path) -> Path:
+    """Copy `path` to the first free `PATH.bak`, `PATH.bak.1`, ...: an older backup may be the
+    only copy of the user's comments, so none is ever overwritten."""
+    candidates = [path.with_name(path.name + ".bak")]
+    candidates += [path.with_name(f"{path.name}.bak.{n}") for n in range(1, 1000)]
+    data = path.read_bytes()
+    for candidate in candidates:
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        return candidate
+    raise InitError(f"too many backups of {path}; remove old {path.name}.bak.* files")
+
+
+@dataclass
+class Answers:
+    """What goes into the new instance table, and the secrets to write next to the config."""
+
+    name: str
+    table: dict[str, Any] = field(default_factory=dict)
+    platform: str = ""
+    secret_files: dict[Path, str] = field(default_factory=dict, repr=False)
+
+
+class Prompter:
+    """Asks on the terminal; every answer is checked at once and asked again if wrong."""
+
+    def __init__(self) -> None:
+        self.out = sys.stderr
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def ask(self, label: str, check: Callable[[str], str], default: str | None = None) -> str:
+        shown = f"{label} [{default}]: " if default else f"{label}: "
+        while True:
+            self.out.write(shown)
+            self.out.flush()
+            line = sys.stdin.readline()
+            if not line:
+                raise InitError("cancelled; nothing was written")
+            value = line.strip() or (default or "")
+            try:
+                return check(value)
+            except ValueError as exc:
+                self.say(f"  {exc}")
+
+    def secret(self, label: str, *, allow_empty: bool = False) -> str:
+        while True:
+            try:
+                value = getpass.getpass(f"{label} (not shown): ", stream=self.out)
+            except EOFError:
+                raise InitError("cancelled; nothing was written") from None
+            if value or allow_empty:
+                return value
+            self.say("  must not be empty")
+
+
+def _checker(key: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if key == "name":
+            if not INSTANCE_NAME.match(value):
+                raise ValueError(
+                    f"{value!r} is not a valid instance name: use up to 64 of A-Z, a-z, 0-9, "
+                    "'_', '.' and '-', starting with a letter or digit"
+                )
+            return value
+        result: str = INSTANCE_SCHEMA[key](value)
+        return result
+
+    return check
+
+
+def _flag_value(args: argparse.Namespace, attr: str, flag: str, key: str) -> str | None:
+    value = getattr(args, attr)
+    if value is None:
+        return None
+    try:
+        return _checker(key)(value)
+    except ValueError as exc:
+        raise InitError(f"{flag}: {exc}", code=2) from None
+
+
+def _gather(args: argparse.Namespace, path: Path, inherited: dict[str, Any]) -> Answers:
+    """The new instance from flags; on a terminal, ask for what they leave out."""
+    name_flag = "--add" if args.add else "--instance"
+    name = _flag_value(args, "add" if args.add else "instance", name_flag, "name")
+    url = _flag_value(args, "url", "--url", "url")
+    username = _flag_value(args, "username", "--username", "username")
+    platform = _flag_value(args, "platform", "--platform", "platform")
+    client_id = _flag_value(args, "client_id", "--client-id", "client_id")
+    has_password = bool(
+        args.password_stdin or args.password_file or args.password_env or args.password_command
+    )
+    missing = [
+        flag
+        for flag, value in ((name_flag, name), ("--url", url), ("--username", username))
+        if not value
+    ]
+    if not has_password:
+        missing.append(
+            "the password (--password-stdin, --password-file, --password-env or --password-command)"
+        )
+    # Flags that say everything mean a script, even on a terminal: ask nothing then.
+    prompter = Prompter() if missing and sys.stdin.isatty() else None
+    if prompter is None and missing:
+        raise InitError("needs " + ", ".join(missing) + " when stdin is not a terminal", code=2)
+    if prompter is not None:
+        prompter.say(f"Writing {path}; Ctrl-C to stop.")
+        if not name:
+            name = prompter.ask("Instance name", _checker("name"), "prod")
+        if not url:
+            url = prompter.ask("Site URL (like https://crm.example.com)", _checker("url"))
+        if not username:
+            username = prompter.ask("Username", _checker("username"))
+    assert name and url and username
+    answers = Answers(name, {"url": url, "username": username})
+
+    secret_path = path.parent / f"{name}.password"
+    if args.password_file:
+        answers.table["password_file"] = str(Path(args.password_file).expanduser().absolute())
+    elif args.password_env:
+        answers.table["password_env"] = args.password_env
+    elif args.password_command:
+        answers.table["password_command"] = args.password_command
+    else:
+        if sys.stdin.isatty():  # never echo a password, even one meant for --password-stdin
+            password = (prompter or Prompter()).secret(f"Password for {username}")
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+            if not password:
+                raise InitError("--password-stdin: stdin held no password", code=2)
+        answers.secret_files[secret_path] = password
+        answers.table["password_file"] = str(secret_path)
+
+    if prompter is not None and not platform:
+        prompter.say(PLATFORM_REMINDER)
+        platform = prompter.ask("Platform", _checker("platform"), inherited["platform"])
+    if prompter is not None and not client_id:
+        client_id = prompter.ask("OAuth2 client id", _checker("client_id"), inherited["client_id"])
+    platform = platform or inherited["platform"]
+    client_id = client_id or inherited["client_id"]
+    answers.platform = platform
+    if platform != inherited["platform"]:
+        answers.table["platform"] = platform
+    if client_id != inherited["client_id"]:
+        answers.table["client_id"] = client_id
+
+    if args.client_secret_file:
+        answers.table["client_secret_file"] = str(
+            Path(args.client_secret_file).expanduser().absolute()
+        )
+    elif args.client_secret_env:
+        answers.table["client_secret_env"] = args.client_secret_env
+    elif args.client_secret_command:
+        answers.table["client_secret_command"] = args.client_secret_command
+    elif prompter is not None and client_id != "sugar":
+        # The built-in client "sugar" has an empty secret, and Sugar refuses a non-empty one.
+        secret = prompter.secret(
+            f"Client secret of {client_id}, empty if it has none", allow_empty=True
+        )
+        if secret:
+            secret_file = path.parent / f"{name}.client_secret"
+            answers.secret_files[secret_file] = secret
+            answers.table["client_secret_file"] = str(secret_file)
+    return answers
+
+
+def _read_existing(path: Path) -> dict[str, Any]:
+    try:
+        document = tomllib.loads(path.read_text("utf-8"))
+    except FileNotFoundError:
+        raise InitError(
+            f"{path} does not exist; create it with `sugard init` (without --add), "
+            "or give the right file with -c"
+        ) from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise InitError(f"cannot add to {path}: {exc}; fix it first (sugard check)") from None
+    if not isinstance(document.get("instances", {}), dict) or not isinstance(
+        document.get("defaults", {}), dict
+    ):
+        raise InitError(
+            f"cannot add to {path}: [instances] or [defaults] is not a table; "
+            "fix it first (sugard check)"
+        )
+    return document
+
+
+def run_init(args: argparse.Namespace, path: Path) -> int:
+    try:
+        return _init(args, path)
+    except InitError as exc:
+        print(f"sugard init: {exc}", file=sys.stderr)
+        return exc.code
+
+
+def _init(args: argparse.Namespace, path: Path) -> int:
+    path = path.absolute()
+    adding = args.add is not None
+    if adding:
+        document = _read_existing(path)
+    elif path.exists() and not args.force:
+        raise InitError(
+            f"{path} exists; use --force to overwrite it, or --add NAME to add an instance to it"
+        )
+    else:
+        document = {}
+    defaults = document.get("defaults", {})
+    inherited = {
+        key: defaults.get(key, INSTANCE_DEFAULTS[key]) for key in ("platform", "client_id")
+    }
+    if adding and args.add in document.get("instances", {}) and not args.force:
+        # Checked before asking anything, so nobody types a password for nothing.
+        raise InitError(f"{path} already has instance {args.add!r}; use --force to replace it")
+
+    answers = _gather(args, path, inherited)
+    instances = document.setdefault("instances", {})
+    if answers.name in instances and not args.force:
+        raise InitError(f"{path} already has instance {answers.name!r}; use --force to replace it")
+    for secret_path in answers.secret_files:
+        if secret_path.exists() and not args.force:
+            raise InitError(
+                f"{secret_path} exists; use --force to overwrite it, or --password-file "
+                f"{secret_path} to use it as is"
+            )
+    if not adding:
+        document = {"defaults": dict(inherited), "instances": {}}
+        instances = document["instances"]
+    instances[answers.name] = answers.table
+
+    created: list[Path] = []
+    try:
+        _private_dir(path.parent)
+        for secret_path, secret in answers.secret_files.items():
+            existed = secret_path.exists()
+            write_private(secret_path, secret + "\n", force=args.force)
+            if not existed:
+                created.append(secret_path)
+        backup = _backup(path) if path.exists() else None
+        _replace_private(path, HEADER + tomli_w.dumps(document))
+    except OSError as exc:
+        for done in created:
+            done.unlink(missing_ok=True)
+        raise InitError(f"cannot write {exc.filename or path}: {exc.strerror}") from None
+
+    _report(path, answers, instances, backup, adding)
     return 0
+
+
+def _report(
+    path: Path,
+    answers: Answers,
+    instances: dict[str, Any],
+    backup: Path | None,
+    adding: bool,
+) -> None:
+    verb = "added instance" if adding else "wrote instance"
+    print(f"{verb} {answers.name} to {path} (mode 0600; instances: {', '.join(instances)})")
+    for secret_path in answers.secret_files:
+        print(f"wrote {secret_path} (mode 0600)")
+    if backup is not None:
+        print(
+            f"kept the previous file as {backup}: comments are not carried over, copy back "
+            "any you want to keep"
+        )
+    mode = path.parent.stat().st_mode & 0o777
+    if mode & 0o077:
+        print(
+            f"note: {path.parent} is open to others (mode {mode:04o}); "
+            f"consider: chmod 700 {path.parent}"
+        )
+    config_flag = "" if path == default_config_path().absolute() else f" -c {path}"
+    print(
+        "next:\n"
+        f"  register the platform {answers.platform} in Sugar if it is not yet: "
+        "Admin > Configure API Platforms\n"
+        f"  sugard check{config_flag}\n"
+        f"  sugard run{config_flag}    (or reload a running daemon: sugarctl reload)"
+    )

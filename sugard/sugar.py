@@ -139,10 +139,22 @@ def new_http_session() -> aiohttp.ClientSession:
 
 
 def _ssl_for(instance: InstanceConfig) -> ssl.SSLContext | bool:
+    """Verified TLS (the system's CAs, or `ca_file`'s); raises RejectedError for a bad ca_file."""
     if not instance.verify_tls:
         return False
     if instance.ca_file:
-        return ssl.create_default_context(cafile=instance.ca_file)
+        try:
+            return ssl.create_default_context(cafile=instance.ca_file)
+        except FileNotFoundError:
+            why = "does not exist"
+        except ssl.SSLError:
+            why = "holds no usable PEM certificate"
+        except OSError as exc:
+            why = f"cannot be read ({exc.strerror})"
+        raise RejectedError(
+            f"ca_file {instance.ca_file} {why}; give the PEM file of the CA that signed "
+            f"{instance.url}'s certificate, then run `sugarctl reload`"
+        )
     return True
 
 
@@ -159,7 +171,13 @@ class SugarClient:
         self.instance = instance
         self._session = session
         self._clock = clock
-        self._ssl = _ssl_for(instance)
+        # A bad ca_file fails this instance (every attempt says why), not the whole daemon.
+        self._tls_problem: RejectedError | None = None
+        self._ssl: ssl.SSLContext | bool = True
+        try:
+            self._ssl = _ssl_for(instance)
+        except RejectedError as exc:
+            self._tls_problem = exc
 
     async def login(self) -> Grant:
         """Password grant."""
@@ -196,6 +214,8 @@ class SugarClient:
 
     async def _token_request(self, fields: dict[str, str], *, grant: str) -> Grant:
         i = self.instance
+        if self._tls_problem is not None:
+            raise RejectedError(self._tls_problem.message)
         body = {
             **fields,
             "client_id": i.client_id,

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
-
 from conftest import SUGARD
-from sugard.config import ConfigError, diff_configs, load_config
+
+from sugard.config import INSTANCE_KEYS_HELP, ConfigError, diff_configs, load_config
 from sugard.secret import Secret
 
 
@@ -36,8 +39,8 @@ def test_every_problem_names_file_table_and_key(tmp_path: Path) -> None:
     found = problems(path)
     assert [
         f"{path}: daemon.log_level: must be one of debug, info, warning, error, not 'loud'",
-        f"{path}: instances.prod.timeout: must be a number, not a string",
-        f"{path}: instances.prod.colour: unknown key",
+        f"{path}: instances.prod.timeout: must be a number, not a string; write 10 without quotes",
+        f"{path}: instances.prod.colour: unknown key; {INSTANCE_KEYS_HELP}",
     ] == found
 
 
@@ -146,12 +149,198 @@ def test_diff_sees_secret_changes(tmp_path: Path) -> None:
 
 def test_sugard_check_exit_codes(tmp_path: Path) -> None:
     """`sugard check` exits 0 on a good config and 1 with the problems on stderr."""
-    good = write(tmp_path, '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\npassword = "p"\n')
-    ok = subprocess.run([SUGARD, "check", "-c", str(good)], capture_output=True, text=True, check=False)
+    good = write(
+        tmp_path, '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\npassword = "p"\n'
+    )
+    ok = subprocess.run(
+        [SUGARD, "check", "-c", str(good)], capture_output=True, text=True, check=False
+    )
     assert 0 == ok.returncode
     assert "ok (1 instance(s): a)" in ok.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[instances.a]\nurl = 3\n")
-    result = subprocess.run([SUGARD, "check", "-c", str(bad)], capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [SUGARD, "check", "-c", str(bad)], capture_output=True, text=True, check=False
+    )
     assert 1 == result.returncode
     assert f"{bad}: instances.a.url: must be a string, not an integer\n" == result.stderr
+
+
+def test_misspelt_keys_and_tables_get_a_suggestion(tmp_path: Path) -> None:
+    """A near miss of a known key or table names the one that was meant."""
+    path = write(
+        tmp_path,
+        '[daemon]\nlog_levl = "info"\n[instance.x]\nurl = "https://a.example.com"\n'
+        '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\npassword = "p"\n'
+        'verify_tsl = true\npasword_file = "x"\n',
+    )
+    assert [
+        f"{path}: instance: unknown table or key (did you mean instances?); "
+        "expected [daemon], [defaults] and [instances.NAME]",
+        f"{path}: daemon.log_levl: unknown key (did you mean log_level?); [daemon] keys are "
+        "socket, log_level, max_parallel_logins, shutdown_grace, allowed_uids, allowed_gids",
+        f"{path}: instances.a.verify_tsl: unknown key (did you mean verify_tls?)",
+        f"{path}: instances.a.pasword_file: unknown key (did you mean password_file?)",
+    ] == problems(path)
+
+
+def test_quoted_booleans_and_integers_say_to_drop_the_quotes(tmp_path: Path) -> None:
+    """`"true"` and `"4"` are strings in TOML; the message shows the unquoted spelling."""
+    path = write(
+        tmp_path,
+        '[daemon]\nmax_parallel_logins = "4"\n[defaults]\nverify_tls = "true"\n'
+        '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\npassword = "p"\n',
+    )
+    assert [
+        f"{path}: daemon.max_parallel_logins: must be an integer, not a string; "
+        "write 4 without quotes",
+        f"{path}: defaults.verify_tls: must be true or false, not a string; "
+        "write true without quotes",
+    ] == problems(path)
+
+
+def test_instance_keys_at_the_instances_level_are_explained(tmp_path: Path) -> None:
+    """`url` right under [instances] is not an instance; the message shows the table form."""
+    path = write(tmp_path, '[instances]\nurl = "https://a.example.com"\n')
+    assert [
+        f"{path}: instances.url: must be a table, not a string; each instance is a table of "
+        "its own: [instances.NAME]"
+    ] == problems(path)
+
+
+def test_a_bad_secret_in_defaults_is_reported_once(tmp_path: Path) -> None:
+    """A broken [defaults] secret is one problem, not one per instance nor a `missing` one."""
+    path = write(
+        tmp_path,
+        '[defaults]\npassword_env = 3\nusername = "u"\n'
+        '[instances.a]\nurl = "https://a.example.com"\n'
+        '[instances.b]\nurl = "https://b.example.com"\n',
+    )
+    assert [f"{path}: defaults.password_env: must be a string, not an integer"] == problems(path)
+
+
+def test_missing_credential_names_the_unit_setting(tmp_path: Path) -> None:
+    """A password_credential not in $CREDENTIALS_DIRECTORY points at LoadCredential=."""
+    path = write(
+        tmp_path,
+        '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\n'
+        'password_credential = "a.pw"\n',
+    )
+    assert [
+        f"{path}: instances.a.password_credential: credential a.pw is not in "
+        f"$CREDENTIALS_DIRECTORY ({tmp_path}); check LoadCredential= in the systemd unit"
+    ] == problems(path, {"CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+SECRETS = {
+    "inline": "s3cret-inline-pw",
+    "client": "s3cret-inline-client",
+    "file": "s3cret-in-file",
+    "env": "s3cret-in-env",
+    "cred": "s3cret-in-credential",
+}
+
+
+def every_source_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    secret = tmp_path / "f.pw"
+    secret.write_text(SECRETS["file"])
+    secret.chmod(0o600)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "c.pw").write_text(SECRETS["cred"])
+    marker = tmp_path / "command-ran"
+    path = write(
+        tmp_path,
+        '[defaults]\nurl = "https://x.example.com"\nusername = "u"\nplatform = "scripts"\n'
+        f'[instances.inline]\npassword = "{SECRETS["inline"]}"\nclient_id = "etl"\n'
+        f'client_secret = "{SECRETS["client"]}"\n'
+        '[instances.file]\npassword_file = "f.pw"\nclient_secret_env = "CS"\n'
+        '[instances.env]\npassword_env = "PW"\ntimeout = 3\n'
+        f'[instances.cmd]\npassword_command = ["sh", "-c", "touch {marker}; echo x"]\n'
+        '[instances.cred]\npassword_credential = "c.pw"\n',
+    )
+    env = {
+        **os.environ,
+        "PW": SECRETS["env"],
+        "CS": SECRETS["client"],
+        "CREDENTIALS_DIRECTORY": str(creds),
+    }
+    return path, env
+
+
+def show_config(path: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SUGARD, "show-config", "-c", str(path), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+
+
+def test_show_config_never_prints_a_secret(tmp_path: Path) -> None:
+    """TOML and JSON output carry `***` and each secret's source, never a value; no command runs."""
+    path, env = every_source_config(tmp_path)
+    for args in ((), ("--json",)):
+        result = show_config(path, env, *args)
+        assert 0 == result.returncode, result.stderr
+        for value in SECRETS.values():
+            assert value not in result.stdout + result.stderr
+        assert "s3cret" not in result.stdout + result.stderr
+    assert not (tmp_path / "command-ran").exists()
+
+
+def test_show_config_merges_defaults_and_names_secret_sources(tmp_path: Path) -> None:
+    """Each instance shows the merged values; each secret shows where it comes from."""
+    path, env = every_source_config(tmp_path)
+    result = show_config(path, env)
+    assert result.stdout.startswith(f"# {path} as sugard uses it")
+    data = tomllib.loads(result.stdout)
+    assert data == json.loads(show_config(path, env, "--json").stdout)
+    instances = data["instances"]
+    assert {
+        "inline": "*** (inline)",
+        "file": f"*** (file: {tmp_path / 'f.pw'})",
+        "env": "*** (env: PW)",
+        "cmd": f"*** (command: sh -c 'touch {tmp_path / 'command-ran'}; echo x')",
+        "cred": "*** (credential: c.pw)",
+    } == {name: table["password"] for name, table in instances.items()}
+    assert "*** (inline)" == instances["inline"]["client_secret"]
+    assert "*** (env: CS)" == instances["file"]["client_secret"]
+    assert "(empty)" == instances["env"]["client_secret"]
+    assert {"scripts"} == {table["platform"] for table in instances.values()}
+    assert {"u"} == {table["username"] for table in instances.values()}
+    assert 3.0 == instances["env"]["timeout"]
+    assert 10.0 == instances["cmd"]["timeout"]
+    assert "etl" == instances["inline"]["client_id"]
+    assert "sugar" == instances["env"]["client_id"]
+    assert {"log_level": "info", "max_parallel_logins": 4, "shutdown_grace": 10.0} == {
+        k: v for k, v in data["daemon"].items() if k != "socket"
+    }
+
+
+def test_show_config_reports_the_socket_sugard_run_would_use(tmp_path: Path) -> None:
+    """With no [daemon].socket, the effective socket is the runtime default."""
+    path = write(
+        tmp_path,
+        '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\npassword_env = "PW"\n',
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SUGARD_SOCKET"}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path / "run")
+    result = show_config(path, env, "--json")
+    assert (
+        str(tmp_path / "run" / "sugard" / "sugard.sock")
+        == json.loads(result.stdout)["daemon"]["socket"]
+    )
+
+
+def test_show_config_of_a_broken_file_prints_the_problems(tmp_path: Path) -> None:
+    """A config with problems prints them as check does, exit 1, nothing on stdout."""
+    path = write(tmp_path, "[instances.a]\nurl = 3\n")
+    result = show_config(path, dict(os.environ))
+    assert (1, "", f"{path}: instances.a.url: must be a string, not an integer\n") == (
+        result.returncode,
+        result.stdout,
+        result.stderr,
+    )

@@ -8,6 +8,8 @@ of Sugar produces (HTML 502 pages, 429, resets, garbage) are built here too.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import socket
 import struct
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 from urllib.parse import parse_qsl
 
-from aiohttp import BasicAuth, hdrs, web
+from aiohttp import hdrs, web
 
 FaultKind = Literal["html502", "503", "429", "reset", "garbage"]
 FAULT_KINDS: Final = frozenset(get_args(FaultKind))
@@ -118,17 +120,22 @@ async def read_args(request: web.Request) -> Args:
             body = dict(parse_qsl(text, keep_blank_values=True))
     # Sugar merges $_GET over the body, so a query-string argument always wins.
     values = body | dict(request.query)
-    basic = None
-    header = request.headers.get(hdrs.AUTHORIZATION, "")
-    if header[:6].lower() == "basic ":
-        try:
-            auth = BasicAuth.decode(header)
-        except ValueError:
-            # A mangled header still counts as "a method was used"; the client check refuses it.
-            basic = ("", "")
-        else:
-            basic = (auth.login, auth.password)
-    return Args(values, basic)
+    return Args(values, _basic_credentials(request.headers.get(hdrs.AUTHORIZATION, "")))
+
+
+def _basic_credentials(header: str) -> tuple[str, str] | None:
+    """(client_id, client_secret) from an `Authorization: Basic` header, if there is one."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    # Decoded by hand: aiohttp's BasicAuth is deprecated in 3.14 and warns on construction.
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        # A mangled header still counts as "a method was used"; the client check refuses it.
+        return ("", "")
+    client_id, _, secret = decoded.partition(":")
+    return (client_id, secret)
 
 
 def _scalar(value: object) -> str | None:

@@ -29,28 +29,10 @@ from typing import Final, Literal, Self, get_args
 
 from aiohttp import web
 
+from sugard.testing import _wire as wire
 from sugard.testing._store import AccessState, AccessToken, Session, TokenStore
 from sugard.testing._wire import (
     FAULT_KINDS,
-    MSG_BAD_CLIENT,
-    MSG_BAD_GRANT_TYPE,
-    MSG_BAD_LOGIN,
-    MSG_BAD_PLATFORM,
-    MSG_BAD_REFRESH,
-    MSG_CLIENT_OUTDATED,
-    MSG_EXPIRED_ACCESS,
-    MSG_EXPIRED_REFRESH,
-    MSG_INVALID_ACCESS,
-    MSG_LICENSE_EXPIRED,
-    MSG_LICENSE_SEATS,
-    MSG_LOCKED,
-    MSG_MAINTENANCE,
-    MSG_NO_CLIENT_ID,
-    MSG_NO_REFRESH,
-    MSG_NO_TOKEN,
-    MSG_NO_USER_PASS,
-    MSG_NOT_AUTHORIZED,
-    MSG_TWO_CLIENT_METHODS,
     ApiError,
     Args,
     FaultKind,
@@ -194,7 +176,10 @@ class FakeSugar:
     # ----------------------------------------------------------------- switches for tests
 
     def fail_next(self, n: int, kind: FaultKind, *, retry_after: float | str | None = None) -> None:
-        """Make the next `n` token-endpoint requests fail with `kind`, before any other check."""
+        """Make the next `n` token-endpoint requests fail with `kind`, before any other check.
+
+        `retry_after` adds a `Retry-After` header to the HTML faults (429, 503, html502).
+        """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {sorted(FAULT_KINDS)}")
         if n < 0:
@@ -266,7 +251,7 @@ class FakeSugar:
             return list(self._secrets)
 
     def valid(self, access_token: str) -> bool:
-        """Whether an API call with this access token would be accepted right now."""
+        """Whether Sugar still knows this access token and it has not expired (by `clock`)."""
         with self._lock:
             return self._store.access_state(access_token, self.clock()) is AccessState.VALID
 
@@ -358,18 +343,18 @@ class FakeSugar:
         if grant_type in ("password", "refresh_token"):
             self._calls[grant_type] += 1
         if self.client_outdated:
-            raise ApiError(433, "client_outdated", MSG_CLIENT_OUTDATED)
+            raise ApiError(433, "client_outdated", wire.MSG_CLIENT_OUTDATED)
         platform = args.get("platform") or "base"
         self._check_platform(platform)
         if grant_type is None or not _GRANT_TYPE_RE.fullmatch(grant_type):
-            raise ApiError(400, "invalid_request", MSG_BAD_GRANT_TYPE)
+            raise ApiError(400, "invalid_request", wire.MSG_BAD_GRANT_TYPE)
         client_id = self._check_client(args)
         if grant_type == "password":
             session, refresh_expires_in = self._password_grant(args, platform, client_id)
         elif grant_type == "refresh_token":
             session, refresh_expires_in = self._refresh_grant(args, platform, client_id)
         elif grant_type == "token":
-            raise ApiError(400, "invalid_request", MSG_BAD_GRANT_TYPE)
+            raise ApiError(400, "invalid_request", wire.MSG_BAD_GRANT_TYPE)
         else:
             # Sugar's storage implements neither grant, and the library sends no description.
             raise ApiError(400, "unsupported_grant_type", None)
@@ -378,30 +363,30 @@ class FakeSugar:
     def _check_client(self, args: Args) -> str:
         in_args = args.get("client_id")
         if args.basic is not None and in_args is not None:
-            raise ApiError(400, "invalid_client", MSG_TWO_CLIENT_METHODS)
+            raise ApiError(400, "invalid_client", wire.MSG_TWO_CLIENT_METHODS)
         if args.basic is not None:
             client_id, secret = args.basic
         else:
             client_id, secret = in_args or "", args.get("client_secret") or ""
         if not client_id:
-            raise ApiError(400, "invalid_client", MSG_NO_CLIENT_ID)
+            raise ApiError(400, "invalid_client", wire.MSG_NO_CLIENT_ID)
         expected = self.clients.get(client_id)
         if expected is None or not _same(expected, secret):
-            raise ApiError(400, "invalid_client", MSG_BAD_CLIENT)
+            raise ApiError(400, "invalid_client", wire.MSG_BAD_CLIENT)
         return client_id
 
     def _password_grant(self, args: Args, platform: str, client_id: str) -> tuple[Session, float]:
         username, password = args.get("username"), args.get("password")
         if username is None or password is None:
-            raise ApiError(400, "invalid_request", MSG_NO_USER_PASS)
+            raise ApiError(400, "invalid_request", wire.MSG_NO_USER_PASS)
         # The lock is checked before the password, so even the right password fails.
         if self.lockout_after is not None and self._failures[username] >= self.lockout_after:
-            raise ApiError(401, "need_login", MSG_LOCKED)
+            raise ApiError(401, "need_login", wire.MSG_LOCKED)
         stored = self.users.get(username)
         if stored is None or not _same(stored, password):
             if stored is not None:
                 self._failures[username] += 1
-            raise ApiError(401, "need_login", MSG_BAD_LOGIN)
+            raise ApiError(401, "need_login", wire.MSG_BAD_LOGIN)
         self._check_status_at_login()
         self._failures.pop(username, None)
         now = self.clock()
@@ -414,16 +399,16 @@ class FakeSugar:
     def _refresh_grant(self, args: Args, platform: str, client_id: str) -> tuple[Session, float]:
         token = args.get("refresh_token")
         if token is None:
-            raise ApiError(400, "invalid_request", MSG_NO_REFRESH)
+            raise ApiError(400, "invalid_request", wire.MSG_NO_REFRESH)
         # IdM mode answers every failed refresh with invalid_request (a Sugar quirk).
         label = "invalid_request" if self.idm_mode else "invalid_grant"
         record = self._store.refresh.get(token)
         if record is None or record.client_id != client_id:
-            raise ApiError(400, label, MSG_BAD_REFRESH)
+            raise ApiError(400, label, wire.MSG_BAD_REFRESH)
         now = self.clock()
         if record.expires_at < now:
             ended = datetime.fromtimestamp(record.expires_at, UTC).isoformat(timespec="seconds")
-            raise ApiError(400, label, f"{MSG_EXPIRED_REFRESH}{ended}")
+            raise ApiError(400, label, f"{wire.MSG_EXPIRED_REFRESH}{ended}")
         # Rotation happens before the site status is checked: during maintenance or a license
         # lock the old tokens are gone and no new ones are handed out (the maintenance trap).
         self._store.drop_refresh(token, dies_at=self._grace_deadline())
@@ -501,7 +486,7 @@ class FakeSugar:
             self._remember_secrets(args)
             caller = self._authenticate(request, "sudo")
             if caller.user != ADMIN_USER:
-                raise ApiError(403, "not_authorized", MSG_NOT_AUTHORIZED)
+                raise ApiError(403, "not_authorized", wire.MSG_NOT_AUTHORIZED)
             if user_name not in self.users:
                 raise ApiError(404, "not_found", f"Could not find a user named {user_name}.")
             platform = args.get("platform") or "base"
@@ -521,33 +506,33 @@ class FakeSugar:
         # Only OAuth-Token counts: Sugar ignores `Authorization: Bearer` on older versions.
         token = request.headers.get("OAuth-Token")
         if not token:
-            raise ApiError(401, "need_login", MSG_NO_TOKEN)
+            raise ApiError(401, "need_login", wire.MSG_NO_TOKEN)
         record = self._store.access.get(token)
         state = AccessState.INVALID if record is None else record.state(self.clock())
         if record is None or state is AccessState.INVALID:
-            raise ApiError(401, "invalid_grant", MSG_INVALID_ACCESS)
+            raise ApiError(401, "invalid_grant", wire.MSG_INVALID_ACCESS)
         if state is AccessState.EXPIRED:
-            raise ApiError(401, "invalid_grant", MSG_EXPIRED_ACCESS)
+            raise ApiError(401, "invalid_grant", wire.MSG_EXPIRED_ACCESS)
         self._check_platform(record.platform)
         if route not in self.status_exempt:
             site = str(request.url.origin())
             if self.maintenance:
-                raise ApiError(503, "maintenance", MSG_MAINTENANCE, url=site)
+                raise ApiError(503, "maintenance", wire.MSG_MAINTENANCE, url=site)
             if self.license_error == "expired":
-                raise ApiError(503, "admin_only", MSG_LICENSE_EXPIRED, url=site)
+                raise ApiError(503, "admin_only", wire.MSG_LICENSE_EXPIRED, url=site)
         return record
 
     def _check_platform(self, platform: str) -> None:
         if platform not in self.platforms:
-            raise ApiError(422, "invalid_parameter", MSG_BAD_PLATFORM)
+            raise ApiError(422, "invalid_parameter", wire.MSG_BAD_PLATFORM)
 
     def _check_status_at_login(self) -> None:
         if self.maintenance:
-            raise ApiError(401, "need_login", MSG_MAINTENANCE)
+            raise ApiError(401, "need_login", wire.MSG_MAINTENANCE)
         if self.license_error == "expired":
-            raise ApiError(401, "need_login", MSG_LICENSE_EXPIRED)
+            raise ApiError(401, "need_login", wire.MSG_LICENSE_EXPIRED)
         if self.license_error == "seats":
-            raise ApiError(403, "license_seats_needed", MSG_LICENSE_SEATS)
+            raise ApiError(403, "license_seats_needed", wire.MSG_LICENSE_SEATS)
 
     def _grace_deadline(self) -> float:
         """When tokens pushed out now really die: at once (13.x) or after the grace period."""

@@ -53,7 +53,11 @@ def running_fake(
     # asyncio.run() owns the loop, so shutdown (async generators, executor) happens in one place.
     thread = threading.Thread(target=asyncio.run, args=(serve(),), name="fake-sugar", daemon=True)
     thread.start()
-    loop, stop = ready.result(timeout=_START_TIMEOUT)
+    try:
+        loop, stop = ready.result(timeout=_START_TIMEOUT)
+    except BaseException:
+        thread.join(timeout=_START_TIMEOUT)
+        raise
     try:
         yield server
     finally:

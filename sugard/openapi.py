@@ -1,0 +1,395 @@
+"""The OpenAPI 3 description of the socket API, served at `GET /v1/openapi.json`.
+
+Kept exact rather than loose: every status an operation can answer, every key of every body
+(`additionalProperties: false`), and the headers clients rely on. The test suite runs
+schemathesis against a live daemon with this document, so a drift either way fails a test.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from . import __version__
+
+__all__ = ["ERROR_CODES", "spec"]
+
+ERROR_CODES = (
+    "bad_request",
+    "busy",
+    "forbidden",
+    "internal",
+    "invalid_config",
+    "method_not_allowed",
+    "not_found",
+    "token_unavailable",
+    "unknown_instance",
+    "upstream_rejected",
+)
+INSTANCE_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+STATES = ("starting", "logging_in", "ready", "refreshing", "backing_off", "failed")
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str, **headers: dict[str, Any]) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if headers:
+        answer["headers"] = headers
+    return answer
+
+
+def _error(description: str, *codes: str, retry_after: bool = False) -> dict[str, Any]:
+    schema = {
+        "allOf": [
+            _ref("RetryableError" if retry_after else "Error"),
+            {"properties": {"error": {"type": "string", "enum": list(codes)}}},
+        ]
+    }
+    if retry_after:
+        return _json(schema, description, **{"Retry-After": _RETRY_AFTER})
+    return _json(schema, description)
+
+
+_RETRY_AFTER = {
+    "description": "whole seconds to wait before asking again",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+}
+_NO_STORE = {
+    "description": "tokens are never to be cached",
+    "required": True,
+    "schema": {"type": "string", "enum": ["no-store"]},
+}
+
+# Answers any operation can give: before routing (malformed HTTP, too many connections) or from
+# the peer-credential check.
+_COMMON = {
+    "400": _error("malformed request", "bad_request"),
+    "403": _error(
+        "the peer's uid/gid is not allowed (SO_PEERCRED); see allowed_uids / allowed_gids",
+        "forbidden",
+    ),
+    "503": _error("the daemon is at its connection limit", "busy", retry_after=True),
+}
+
+
+def _with_instance(**answers: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **_COMMON,
+        "400": _error("bad instance name, bad query value, or malformed request", "bad_request"),
+        "404": _error(
+            "no such instance in the config (`not_found`: an empty name, so no such route)",
+            "unknown_instance",
+            "not_found",
+        ),
+        **answers,
+    }
+
+
+def _token_answers(**extra: dict[str, Any]) -> dict[str, Any]:
+    return _with_instance(
+        **{
+            "200": _json(
+                _ref("Token"), "the access token to use now", **{"Cache-Control": _NO_STORE}
+            ),
+            "502": _error(
+                "Sugar refused the credentials, client or platform; a person must fix the config",
+                "upstream_rejected",
+            ),
+            "503": _error(
+                "no valid token within `wait` (upstream down, still logging in), or the daemon "
+                "is at its connection limit",
+                "token_unavailable",
+                "busy",
+                retry_after=True,
+            ),
+            **extra,
+        }
+    )
+
+
+_NAME = {
+    "name": "name",
+    "in": "path",
+    "required": True,
+    "description": "instance name, as in [instances.NAME]",
+    "schema": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+    "example": "prod",
+}
+
+
+def _seconds(name: str, high: float, example: float, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": {"type": "number", "minimum": 0, "maximum": high},
+        "example": example,
+    }
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "nullable": True}
+
+
+_TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
+_COUNT = {"type": "integer", "minimum": 0}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error", "message"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {"type": "string", "enum": list(ERROR_CODES)},
+            "message": {"type": "string", "description": "one line for a human"},
+        },
+    },
+    "RetryableError": {
+        "type": "object",
+        "required": ["error", "message", "retry_after"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {"type": "string", "enum": list(ERROR_CODES)},
+            "message": {"type": "string", "description": "one line for a human"},
+            "retry_after": {"type": "number", "minimum": 0},
+        },
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "version", "instances"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"type": "string", "enum": ["ok"]},
+            "version": {"type": "string"},
+            "instances": _COUNT,
+        },
+    },
+    "Status": {
+        "type": "object",
+        "required": [
+            "name",
+            "url",
+            "username",
+            "platform",
+            "state",
+            "expires_at",
+            "refresh_at",
+            "last_refresh",
+            "last_error",
+            "logins",
+            "refreshes",
+            "failures",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+            "url": {"type": "string"},
+            "username": {"type": "string"},
+            "platform": {"type": "string"},
+            "state": {"type": "string", "enum": list(STATES)},
+            "expires_at": _nullable(_TIME),
+            "refresh_at": _nullable(_TIME),
+            "last_refresh": _nullable(_TIME),
+            "last_error": {
+                "type": "object",
+                "nullable": True,
+                "required": ["at", "kind", "message"],
+                "additionalProperties": False,
+                "properties": {
+                    "at": _TIME,
+                    "kind": {"type": "string"},
+                    "message": {"type": "string"},
+                },
+            },
+            "logins": _COUNT,
+            "refreshes": _COUNT,
+            "failures": _COUNT,
+        },
+    },
+    "StatusList": {
+        "type": "object",
+        "required": ["instances"],
+        "additionalProperties": False,
+        "properties": {"instances": {"type": "array", "items": _ref("Status")}},
+    },
+    "Token": {
+        "type": "object",
+        "required": [
+            "instance",
+            "url",
+            "access_token",
+            "token_type",
+            "expires_at",
+            "expires_in",
+            "download_token",
+        ],
+        "additionalProperties": False,
+        "properties": {
+            "instance": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+            "url": {"type": "string", "description": "the site root; call {url}/rest/v10/..."},
+            "access_token": {"type": "string", "minLength": 1, "description": "OAuth-Token"},
+            "token_type": {"type": "string"},
+            "expires_at": _TIME,
+            "expires_in": _COUNT,
+            "download_token": {"type": "string"},
+        },
+    },
+    "InvalidateRequest": {
+        "type": "object",
+        "required": ["access_token"],
+        "properties": {
+            "access_token": {
+                "type": "string",
+                "minLength": 1,
+                "description": "the token Sugar refused",
+            }
+        },
+        "example": {"access_token": "4c0f5cb8-6bb0-4c6b-9d2e-2f4a8f9e1d7a"},
+    },
+    "ReloadResult": {
+        "type": "object",
+        "required": ["added", "removed", "changed", "unchanged"],
+        "additionalProperties": False,
+        "properties": {
+            key: {"type": "array", "items": {"type": "string"}}
+            for key in ("added", "removed", "changed", "unchanged")
+        },
+    },
+    "ReloadError": {
+        "type": "object",
+        "required": ["error", "message", "errors"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {"type": "string", "enum": ["invalid_config"]},
+            "message": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {"type": "string", "description": "file: key: message"},
+            },
+        },
+    },
+}
+
+
+def spec() -> dict[str, Any]:
+    """The OpenAPI document (a fresh copy each call: callers may change it)."""
+    return copy.deepcopy(_document())
+
+
+def _document() -> dict[str, Any]:
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "sugard socket API",
+            "version": __version__,
+            "description": (
+                "HTTP/1.1 over the daemon's Unix socket, e.g. "
+                "`curl --unix-socket $SOCK http://sugard/v1/instances/prod/token`. "
+                "Who may call is decided by the peer's credentials (SO_PEERCRED): the daemon's "
+                "own uid and root, widened by [daemon] allowed_uids / allowed_gids and narrowed "
+                "per instance. Unknown routes answer 404 `not_found`, other methods 405 "
+                "`method_not_allowed` with an Allow header."
+            ),
+        },
+        "servers": [{"url": "http://sugard", "description": "any host name; the socket decides"}],
+        "paths": {
+            "/v1/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "the daemon is up",
+                    "responses": {**_COMMON, "200": _json(_ref("Health"), "the daemon is up")},
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "this document",
+                    "responses": {
+                        **_COMMON,
+                        "200": _json({"type": "object"}, "the OpenAPI description of this API"),
+                    },
+                }
+            },
+            "/v1/instances": {
+                "get": {
+                    "operationId": "listInstances",
+                    "summary": "status of every instance the caller may use",
+                    "responses": {**_COMMON, "200": _json(_ref("StatusList"), "the instances")},
+                }
+            },
+            "/v1/instances/{name}": {
+                "parameters": [_NAME],
+                "get": {
+                    "operationId": "instanceStatus",
+                    "summary": "status of one instance",
+                    "responses": _with_instance(**{"200": _json(_ref("Status"), "its status")}),
+                },
+            },
+            "/v1/instances/{name}/token": {
+                "parameters": [_NAME],
+                "get": {
+                    "operationId": "token",
+                    "summary": "the current access token",
+                    "parameters": [
+                        _seconds(
+                            "min_ttl",
+                            86400,
+                            60,
+                            "the token must stay valid this long (capped at 90% of Sugar's "
+                            "token lifetime); a fresher one is fetched if needed",
+                        ),
+                        _seconds("wait", 300, 5, "how long to wait for a token (default 10)"),
+                    ],
+                    "responses": _token_answers(),
+                },
+            },
+            "/v1/instances/{name}/invalidate": {
+                "parameters": [_NAME],
+                "post": {
+                    "operationId": "invalidate",
+                    "summary": "report a token Sugar refused; answers the token to use now",
+                    "description": "Only a report of the current token starts a refresh.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("InvalidateRequest")}},
+                    },
+                    "responses": _token_answers(
+                        **{
+                            "408": _error("the body did not arrive in time", "bad_request"),
+                            "413": _error("the body is larger than 64 KiB", "bad_request"),
+                        }
+                    ),
+                },
+            },
+            "/v1/instances/{name}/refresh": {
+                "parameters": [_NAME],
+                "post": {
+                    "operationId": "refresh",
+                    "summary": "renew the token now, even from `failed` or during backoff",
+                    "responses": _token_answers(),
+                },
+            },
+            "/v1/reload": {
+                "post": {
+                    "operationId": "reload",
+                    "summary": "reload the config (the daemon's owner and root only)",
+                    "responses": {
+                        **_COMMON,
+                        "200": _json(_ref("ReloadResult"), "what the reload changed"),
+                        "422": _json(
+                            _ref("ReloadError"), "the new config is invalid; the old one runs on"
+                        ),
+                    },
+                }
+            },
+        },
+        "components": {"schemas": SCHEMAS},
+    }

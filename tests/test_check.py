@@ -1,0 +1,357 @@
+"""`sugard check`: every problem as `file: table.key: message` with its fix; `--online` asks the
+running daemon, never Sugar."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from conftest import PASSWORD, SUGARD, instance, write_config
+
+from sugard.testing import FakeSugar
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD = '[instances.prod]\nurl = "https://crm.example.com"\nusername = "api"\n'
+
+
+def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [SUGARD, "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def config_file(directory: Path, text: str, mode: int = 0o600) -> Path:
+    path = directory / "config.toml"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def secret_file(directory: Path, name: str = "pw", mode: int = 0o600) -> Path:
+    path = directory / name
+    path.write_text("s3cret-in-a-file\n")
+    path.chmod(mode)
+    return path
+
+
+def test_a_good_config_is_ok(tmp_path: Path) -> None:
+    """A valid config with a readable secret exits 0 and names its instances."""
+    secret_file(tmp_path)
+    path = config_file(tmp_path, GOOD + 'password_file = "pw"\n')
+    result = check("-c", str(path))
+    assert (0, f"{path}: ok (1 instance(s): prod)\n", "") == (
+        result.returncode,
+        result.stdout,
+        result.stderr,
+    )
+
+
+def test_wrong_type(tmp_path: Path) -> None:
+    """A number in quotes is a wrong type, and the message says to drop the quotes."""
+    path = config_file(tmp_path, GOOD + 'password_env = "PW"\ntimeout = "10"\n')
+    result = check("-c", str(path), env={"PW": "x"})
+    assert 1 == result.returncode
+    assert (
+        f"{path}: instances.prod.timeout: must be a number, not a string; write 10 without quotes\n"
+    ) == result.stderr
+
+
+def test_unknown_key(tmp_path: Path) -> None:
+    """A misspelt key is unknown, with the key that was probably meant."""
+    path = config_file(tmp_path, GOOD + 'password_env = "PW"\nrefresh_befor = 60\n')
+    result = check("-c", str(path), env={"PW": "x"})
+    assert 1 == result.returncode
+    assert (
+        f"{path}: instances.prod.refresh_befor: unknown key (did you mean refresh_before?)\n"
+    ) == result.stderr
+
+
+def test_unknown_key_without_a_close_match_lists_the_keys(tmp_path: Path) -> None:
+    """A key like nothing known gets the list of instance keys."""
+    path = config_file(tmp_path, GOOD + 'password_env = "PW"\ncolour = "blue"\n')
+    result = check("-c", str(path))
+    assert result.stderr.startswith(
+        f"{path}: instances.prod.colour: unknown key; instance keys are url, username, password"
+    )
+
+
+def test_missing_secret_file(tmp_path: Path) -> None:
+    """A password_file that is not there is named, with how to create it."""
+    path = config_file(tmp_path, GOOD + 'password_file = "prod.password"\n')
+    result = check("-c", str(path))
+    missing = tmp_path / "prod.password"
+    assert 1 == result.returncode
+    assert (
+        f"{path}: instances.prod.password_file: file {missing} does not exist; create it with "
+        f"the secret on one line (chmod 600 {missing}), or fix the path\n"
+    ) == result.stderr
+
+
+def test_loose_secret_file_mode(tmp_path: Path) -> None:
+    """A secret file others can read is refused with the chmod that fixes it."""
+    loose = secret_file(tmp_path, mode=0o644)
+    path = config_file(tmp_path, GOOD + 'password_file = "pw"\n')
+    result = check("-c", str(path))
+    assert 1 == result.returncode
+    assert (
+        f"{path}: instances.prod.password_file: {loose} is readable by others (mode 0644); "
+        f"run: chmod 600 {loose}\n"
+    ) == result.stderr
+
+
+def test_loose_config_mode_with_an_inline_secret(tmp_path: Path) -> None:
+    """A config holding an inline password must not be readable by others."""
+    path = config_file(tmp_path, GOOD + 'password = "inline-pw"\n', mode=0o644)
+    result = check("-c", str(path))
+    assert 1 == result.returncode
+    assert (
+        f"{path}: instances.prod.password: holds an inline secret but the file is readable by "
+        f"others (mode 0644); run: chmod 600 {path}\n"
+    ) == result.stderr
+
+
+def test_config_writable_by_others(tmp_path: Path) -> None:
+    """Anyone who can edit the config can run commands as its owner: check says so."""
+    path = config_file(tmp_path, GOOD + 'password_env = "PW"\n', mode=0o664)
+    result = check("-c", str(path), env={"PW": "x"})
+    assert 1 == result.returncode
+    assert (
+        f"{path}: is writable by others (mode 0664): whoever can edit it can make sugard run a "
+        f"password_command or send the password elsewhere; run: chmod 600 {path}\n"
+    ) == result.stderr
+
+
+def test_invalid_platform_name(tmp_path: Path) -> None:
+    """A platform outside Sugar's pattern is refused with a valid spelling to use instead."""
+    path = config_file(tmp_path, GOOD + 'password_env = "PW"\nplatform = "Sugard Scripts"\n')
+    result = check("-c", str(path), env={"PW": "x"})
+    assert 1 == result.returncode
+    assert (
+        f"{path}: instances.prod.platform: 'Sugard Scripts' is not a valid platform name: use "
+        "1-127 of a-z, 0-9, '_' and '-', like 'sugard_scripts' (and register it in Sugar: "
+        "Admin > Configure API Platforms)\n"
+    ) == result.stderr
+
+
+def test_all_problems_at_once_and_secrets_checked_despite_them(tmp_path: Path) -> None:
+    """Shape problems and the checks that need the file's shape are all in one run."""
+    path = config_file(
+        tmp_path,
+        GOOD + 'password_env = "PW"\nclient_secret = "x"\nca_file = "nope.pem"\n',
+        mode=0o666,
+    )
+    result = check("-c", str(path))
+    assert [
+        f"{path}: instances.prod.client_secret: holds an inline secret but the file is "
+        f"readable by others (mode 0666); run: chmod 600 {path}",
+        f"{path}: instances.prod.password_env: environment variable PW is not set",
+        f"{path}: is writable by others (mode 0666): whoever can edit it can make sugard run a "
+        f"password_command or send the password elsewhere; run: chmod 600 {path}",
+        f"{path}: instances.prod.ca_file: file nope.pem does not exist; give the PEM file of "
+        "the CA that signed the site's certificate",
+        f"{path}: instances.prod.client_secret: the built-in client 'sugar' has an empty "
+        "secret and Sugar refuses any other; remove the client secret, or set client_id to "
+        "your own OAuth key",
+    ] == result.stderr.splitlines()
+    assert "" == result.stdout
+
+
+def test_warnings_do_not_fail_the_check(tmp_path: Path) -> None:
+    """Risky but working settings are warned about; the exit status stays 0."""
+    path = config_file(
+        tmp_path,
+        '[instances.prod]\nurl = "http://crm.example.com"\nusername = "api"\n'
+        'password_env = "PW"\nplatform = "base"\nverify_tls = false\n',
+    )
+    result = check("-c", str(path), env={"PW": "x"})
+    assert 0 == result.returncode, result.stderr
+    warnings = result.stderr.splitlines()
+    assert [
+        f"{path}: instances.prod.platform: warning: 'base' is one of Sugar's own platforms: "
+        "each login of sugard logs api out of it everywhere else (one session per user and "
+        "platform); register a platform for sugard, like sugard",
+        f"{path}: instances.prod.url: warning: http:// sends the password unencrypted; "
+        "use https://",
+        f"{path}: instances.prod.verify_tls: warning: TLS verification is off, so anyone on "
+        "the way can pose as the site and read the password; set ca_file for a private CA "
+        "instead",
+    ] == warnings
+
+
+def test_check_resolves_every_secret_without_printing_one(tmp_path: Path) -> None:
+    """Every source is read (a failing one is named) and no secret value reaches the output."""
+    secret_file(tmp_path)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "c.pw").write_text("s3cret-from-credential")
+    path = config_file(
+        tmp_path,
+        '[defaults]\nurl = "https://x.example.com"\nusername = "u"\n'
+        '[instances.inline]\npassword = "s3cret-inline"\n'
+        '[instances.file]\npassword_file = "pw"\n'
+        '[instances.env]\npassword_env = "PW"\n'
+        '[instances.cmd]\npassword_command = ["printf", "s3cret-from-command"]\n'
+        '[instances.cred]\npassword_credential = "c.pw"\n'
+        '[instances.broken]\npassword_command = "echo s3cret-on-stderr >&2; exit 7"\n',
+    )
+    result = check(
+        "-c", str(path), env={"PW": "s3cret-from-env", "CREDENTIALS_DIRECTORY": str(creds)}
+    )
+    assert 1 == result.returncode
+    assert f"{path}: instances.broken.password_command: command exited with status 7\n" == (
+        result.stderr
+    )
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_config_example_is_valid(tmp_path: Path) -> None:
+    """config.example.toml passes `sugard check` once its placeholder secrets are supplied."""
+    example = tmp_path / "config.toml"
+    shutil.copy(REPO / "config.example.toml", example)
+    example.chmod(0o600)  # as the file says to install it; a checkout's mode depends on umask
+    env = {"SUGAR_PROD_PASSWORD": "p1", "SUGAR_STAGING_PASSWORD": "p2"}
+    result = check("-c", str(example), env=env)
+    assert (0, f"{example}: ok (2 instance(s): prod, staging)\n", "") == (
+        result.returncode,
+        result.stdout,
+        result.stderr,
+    )
+    without = check("-c", str(example), env={**env, "SUGAR_PROD_PASSWORD": ""})
+    assert 1 == without.returncode
+    assert (
+        f"{example}: instances.prod.password_env: environment variable SUGAR_PROD_PASSWORD "
+        "is empty\n"
+    ) == without.stderr
+
+
+def test_online_asks_the_running_daemon_and_never_logs_in(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """--online reports each instance's state from the daemon; Sugar sees no login from check."""
+    config = write_config(
+        short_dir,
+        {"prod": instance(fake), "bad": instance(fake, password="wrong-password")},
+    )
+    daemon = start_daemon(config)
+    result = check("-c", str(config), "--online", "--socket", str(daemon.socket))
+    logins = fake.calls["password"]
+    assert 1 == result.returncode
+    lines = result.stdout.splitlines()
+    assert lines[:2] == [
+        f"{config}: ok (2 instance(s): prod, bad)",
+        f"the running daemon on {daemon.socket}:",
+    ]
+    assert lines[2].startswith("  prod: ready (token expires 20")
+    (problem,) = result.stderr.splitlines()
+    assert problem.startswith(
+        f"{config}: instances.bad: the daemon needs you to fix something (failed): "
+    )
+    assert "rejected the credentials" in problem
+    assert "wrong-password" not in result.stdout + result.stderr
+    assert PASSWORD not in result.stdout + result.stderr
+    again = check("-c", str(config), "--online", "--socket", str(daemon.socket))
+    assert result.stdout == again.stdout
+    assert logins == fake.calls["password"]
+    assert 2 == logins  # one per instance, both by the daemon
+
+
+def test_online_names_instances_the_daemon_does_not_serve(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """An instance added to the file but not loaded says to run `sugarctl reload`."""
+    running = write_config(short_dir, {"prod": instance(fake)})
+    daemon = start_daemon(running)
+    edited = write_config(
+        short_dir,
+        {"prod": instance(fake, platform="scripts"), "new": instance(fake)},
+        name="edited.toml",
+    )
+    result = check("-c", str(edited), "--online", "--socket", str(daemon.socket))
+    assert 1 == result.returncode
+    assert [
+        f"{edited}: instances.prod: the daemon uses platform 'sugard': it runs another config, "
+        "or this one is not loaded yet (sugarctl reload)",
+        f"{edited}: instances.new: the daemon does not serve it; load this config with: "
+        "sugarctl reload",
+    ] == result.stderr.splitlines()
+
+
+def test_online_without_a_daemon_exits_4(tmp_path: Path) -> None:
+    """No daemon on the socket: exit 4, saying how to start one."""
+    path = config_file(tmp_path, GOOD + 'password_env = "PW"\n')
+    result = check(
+        "-c", str(path), "--online", "--socket", str(tmp_path / "none.sock"), env={"PW": "x"}
+    )
+    assert 4 == result.returncode
+    assert result.stderr.startswith(f"sugard check: sugard is not running on {tmp_path}")
+    assert "sugard run" in result.stderr
+
+
+def test_online_help_says_why_check_does_not_log_in() -> None:
+    """The help of --online explains that a login of its own would log the daemon out."""
+    result = subprocess.run(
+        [SUGARD, "check", "--help"], capture_output=True, text=True, check=True, timeout=30
+    )
+    assert "would log the daemon out" in " ".join(result.stdout.split())
+
+
+DOCS = REPO / "docs" / "configuration.md"
+DOC_DIR = "/home/you/.config/sugard"
+
+
+def doc_examples() -> list[tuple[str | None, list[str]]]:
+    """(config, console lines) of every example under "Common mistakes" in the docs."""
+    text = DOCS.read_text()
+    section = text.split("\n## Common mistakes\n", 1)[1].split("\n## ", 1)[0]
+    examples: list[tuple[str | None, list[str]]] = []
+    config: str | None = None
+    for block in section.split("```")[1::2]:
+        kind, _, body = block.partition("\n")
+        if kind == "toml":
+            config = body
+        elif kind == "console":
+            examples.append((config, body.splitlines()))
+            config = None
+    return examples
+
+
+def test_common_mistakes_in_the_docs_print_what_the_docs_say(tmp_path: Path) -> None:
+    """Every "common mistake" in docs/configuration.md makes `sugard check` print those lines."""
+    examples = doc_examples()
+    assert len(examples) >= 15
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("SUGARD_CONFIG", "SUGAR_PROD_PASSWORD", "CREDENTIALS_DIRECTORY")
+    }
+    for number, (config, console) in enumerate(examples):
+        directory = tmp_path / str(number)
+        directory.mkdir()
+        secret_file(directory, "prod.password")
+        if config is not None:
+            config_file(directory, config)
+        expected: list[str] = []
+        for line in (line.replace(DOC_DIR, str(directory)) for line in console):
+            if line.startswith("$ chmod "):
+                _, _, mode, target = line.split()
+                Path(target).chmod(int(mode, 8))
+            elif line.startswith("$ "):
+                assert "$ sugard check" == line
+            else:
+                expected.append(line)
+        result = subprocess.run(
+            [SUGARD, "check", "-c", str(directory / "config.toml")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=30,
+            check=False,
+        )
+        assert expected == result.stderr.splitlines() + result.stdout.splitlines(), console

@@ -1,0 +1,181 @@
+"""Upstream TLS: the fake SugarCRM served over HTTPS with a private CA made by the openssl CLI.
+
+Verification is on by default, `ca_file` trusts a private CA, and `verify_tls = false` works only
+with a warning at every start.
+"""
+# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from conftest import PASSWORD, USER, instance, sugarctl, write_config
+
+from sugard.testing import FakeSugar
+
+WARNING = "TLS verification is OFF (verify_tls = false)"
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A private CA and a server certificate for 127.0.0.1 it signed (openssl CLI)."""
+    d = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
+
+    openssl(
+        "req",
+        "-x509",
+        *ec,
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sugard test CA",
+    )
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext").write_text(
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+    )
+    openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+    )
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+
+
+@contextmanager
+def running_tls_fake(cert: Path, key: Path) -> Iterator[FakeSugar]:
+    """The fake's aiohttp app served over HTTPS on 127.0.0.1, in a thread of its own."""
+    fake = FakeSugar(users={USER: PASSWORD})
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    ready: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]]
+    ready = concurrent.futures.Future()
+
+    async def serve() -> None:
+        runner = web.AppRunner(fake.app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
+        stop = asyncio.Event()
+        ready.set_result((asyncio.get_running_loop(), stop, runner.addresses[0][1]))
+        await stop.wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    loop, stop, port = ready.result(timeout=10)
+    fake.url = f"https://127.0.0.1:{port}"
+    try:
+        yield fake
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def tls_fake(certs: dict[str, Path]) -> Iterator[FakeSugar]:
+    with running_tls_fake(certs["cert"], certs["key"]) as fake:
+        yield fake
+
+
+def test_a_private_ca_is_refused_by_default_with_an_error_naming_ca_file(
+    tls_fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """Without ca_file the site's certificate is not trusted: exit 6, a message naming ca_file,
+    and the password never sent (no request reached the token endpoint)."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(tls_fake)}))
+    result = sugarctl(daemon.socket, "token", "prod")
+    assert 6 == result.returncode, result.stderr
+    assert "not trusted" in result.stderr
+    assert "set ca_file" in result.stderr
+    assert 0 == tls_fake.calls["token"]
+    status = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
+    assert "failed" == status["state"]
+
+
+def test_ca_file_trusts_a_private_ca(
+    tls_fake: FakeSugar, certs: dict[str, Path], short_dir: Path, start_daemon
+) -> None:
+    """With ca_file set to the private CA, the daemon logs in over verified TLS."""
+    config = write_config(short_dir, {"prod": instance(tls_fake, ca_file=str(certs["ca"]))})
+    daemon = start_daemon(config)
+    result = sugarctl(daemon.socket, "token", "prod")
+    assert 0 == result.returncode, result.stderr
+    assert tls_fake.valid(result.stdout.strip())
+    assert WARNING not in daemon.log()
+
+
+def test_a_bad_ca_file_fails_the_instance_not_the_daemon(
+    tls_fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """A ca_file that does not exist fails that instance with a message naming it; the daemon
+    runs on and serves the other instances."""
+    missing = short_dir / "no-such-ca.pem"
+    tls_fake.set_password("bob", "bob-secret-pw")
+    config = write_config(
+        short_dir,
+        {
+            "prod": instance(tls_fake, ca_file=str(missing)),
+            "lab": instance(tls_fake, username="bob", password="bob-secret-pw", verify_tls=False),
+        },
+    )
+    daemon = start_daemon(config)
+    result = sugarctl(daemon.socket, "token", "prod")
+    assert 6 == result.returncode, result.stderr
+    assert f"ca_file {missing} does not exist" in result.stderr
+    assert 0 == sugarctl(daemon.socket, "token", "lab").returncode
+    assert "Traceback" not in daemon.log()
+
+
+def test_verify_tls_false_works_with_a_warning_at_every_start(
+    tls_fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """verify_tls = false gets a token, and each start (and a reload that adds such an
+    instance) logs the warning again."""
+    config = write_config(short_dir, {"prod": instance(tls_fake, verify_tls=False)})
+    for _ in range(2):
+        daemon = start_daemon(config)
+        result = sugarctl(daemon.socket, "token", "prod")
+        assert 0 == result.returncode, result.stderr
+        assert 1 == daemon.log().count(f"prod: {WARNING}")
+        daemon.stop()
+    daemon = start_daemon(config)
+    tls_fake.set_password("bob", "bob-secret-pw")
+    write_config(
+        short_dir,
+        {
+            "prod": instance(tls_fake, verify_tls=False),
+            "lab": instance(tls_fake, username="bob", password="bob-secret-pw", verify_tls=False),
+        },
+    )
+    assert 0 == sugarctl(daemon.socket, "reload").returncode
+    assert 1 == daemon.log().count(f"lab: {WARNING}")
