@@ -10,6 +10,7 @@ monotonic clock stops while a laptop is suspended, the wall clock does not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import random
@@ -115,7 +116,9 @@ class Keeper:
         self._dead_token: Secret | None = None  # reported by a script as refused by Sugar
         self._want_new = False  # a request needs a newer token than the current one
         self._forced = False  # `sugarctl refresh`: act now, even during backoff
-        self._generation = 0
+        self._generation = 0  # bumped by every new grant (and by failing)
+        self._attempts = 0  # upstream attempts finished, successful or not
+        self._last_attempt_failed = False
         self._changed = asyncio.Event()
         self._wake = asyncio.Event()  # ends an idle wait
         self._interrupt = asyncio.Event()  # ends a backoff wait too
@@ -141,10 +144,8 @@ class Keeper:
         self._notify()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
             self._task = None
 
     def adopt(self, config: InstanceConfig) -> None:
@@ -196,38 +197,38 @@ class Keeper:
         scripts report it; an older token gets the current one back, with no upstream call.
         """
         grant = self._grant
-        if grant is not None and grant.access_token == Secret(access_token):
-            if self._dead_token != grant.access_token:
-                log.info(
-                    "%s: token %s reported as refused by Sugar; renewing",
-                    self.name,
-                    grant.access_token.fingerprint,
-                )
-                self._dead_token = grant.access_token
-                self._wake.set()
+        reported = Secret(access_token)
+        if grant is not None and grant.access_token == reported != self._dead_token:
+            log.info(
+                "%s: token %s reported as refused by Sugar; renewing",
+                self.name,
+                grant.access_token.fingerprint,
+            )
+            self._dead_token = grant.access_token
+            self._wake.set()
         return await self.token(wait=wait)
 
     async def refresh_now(self, wait: float = 10.0) -> Grant:
-        """Renew now, even from `failed` or during backoff (`sugarctl refresh`)."""
+        """Renew now, even from `failed` or during backoff (`sugarctl refresh`), and answer
+        with the outcome of that one attempt: the new token, or why there is none."""
         if self._stopped:
             raise InstanceStopped(f"instance {self.name!r} is no longer configured")
-        generation = self._generation
+        attempts = self._attempts
         self._forced = True
         self._wake.set()
         self._interrupt.set()
-        changed = self._changed
         try:
             async with asyncio.timeout(wait):
-                while self._generation == generation and not self._stopped:
-                    await changed.wait()
-                    changed = self._changed
+                while self._attempts == attempts and not self._stopped:
+                    await self._changed.wait()
         except TimeoutError:
             raise TokenUnavailable(self._unavailable_message(), self._retry_after()) from None
         if self._stopped:
             raise InstanceStopped(f"instance {self.name!r} is no longer configured")
         if self.state is State.FAILED:
             raise NeedsAttention(self._failure_message())
-        assert self._grant is not None
+        if self._last_attempt_failed or self._grant is None:
+            raise TokenUnavailable(self._unavailable_message(), self._retry_after())
         return self._grant
 
     def status(self) -> dict[str, Any]:
@@ -242,8 +243,11 @@ class Keeper:
             "refresh_at": self.refresh_at,
             "last_refresh": self.last_refresh,
             "last_error": (
-                {"at": self.last_error.at, "kind": self.last_error.kind,
-                 "message": self.last_error.message}
+                {
+                    "at": self.last_error.at,
+                    "kind": self.last_error.kind,
+                    "message": self.last_error.message,
+                }
                 if self.last_error
                 else None
             ),
@@ -315,8 +319,10 @@ class Keeper:
         except SugarError as exc:
             self.failures += 1
             self.last_error = LastError(self._clock(), exc.kind, exc.message)
+            self._attempt_done(failed=True)
             raise
         self._install(grant)
+        self._attempt_done(failed=False)
 
     async def _refresh(self, refresh_token: Secret) -> Grant | None:
         """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
@@ -356,6 +362,7 @@ class Keeper:
         self._grant = grant
         self._refresh_token = grant.refresh_token
         self._dead_token = None
+        self._forced = False  # a `sugarctl refresh` during this attempt is answered by it
         self.refresh_at = self._refresh_time(grant)
         self.last_refresh = self._clock()
         self.next_attempt_at = None
@@ -375,11 +382,10 @@ class Keeper:
         but never in the first half of a short-lived token's life."""
         lead = min(self.config.refresh_before, grant.lifetime / 2)
         lead *= 1 + JITTER * self._rng()
-        at = grant.expires_at - min(lead, 0.6 * grant.lifetime)
-        if grant.refresh_expires_at is not None:
-            # Refresh while the refresh token still works (max_session_lifetime shrinks it).
-            at = min(at, max(grant.issued_at, grant.refresh_expires_at - 10.0))
-        return at
+        # No earlier refresh when the session ends first (max_session_lifetime): renewing
+        # then would only shorten the session further, and once the refresh token has
+        # expired `_refresh_usable` turns the renewal into a password login.
+        return grant.expires_at - min(lead, 0.6 * grant.lifetime)
 
     def _servable(self, grant: Grant) -> bool:
         """Valid for long enough to be used: outside the mandatory window, not reported dead."""
@@ -426,7 +432,16 @@ class Keeper:
     # Waking waiters
 
     def _notify(self) -> None:
+        """A new grant, or a final failure: wake every waiting request."""
         self._generation += 1
+        self._wake_waiters()
+
+    def _attempt_done(self, *, failed: bool) -> None:
+        self._attempts += 1
+        self._last_attempt_failed = failed
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 

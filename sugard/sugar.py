@@ -47,7 +47,7 @@ __all__ = [
     "new_http_session",
 ]
 
-TOKEN_PATH = "/rest/v10/oauth2/token"
+TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
 LOGOUT_PATH = "/rest/v10/oauth2/logout"
 TRANSIENT_STATUSES = {408, 425, 429}
 # A refresh_expires_in above this is an absolute epoch time (a bug of Sugar's IdM mode),
@@ -274,7 +274,7 @@ def _interpret(
     label = data.get("error") if data is not None else None
     text = data.get("error_message") if data is not None else None
     label = label if isinstance(label, str) else None
-    sugar_says = _one_line(text) if isinstance(text, str) else ""
+    sugar_says = _redact(_one_line(text), i) if isinstance(text, str) else ""
     where = f"{label} ({status})" if label else f"HTTP {status}"
 
     if status in TRANSIENT_STATUSES or status >= 500:
@@ -432,6 +432,15 @@ def _parse_retry_after(value: str | None) -> float | None:
 def _one_line(text: str) -> str:
     line = " ".join(text.split())
     return line if len(line) <= 200 else line[:197] + "..."
+
+
+def _redact(text: str, i: InstanceConfig) -> str:
+    """Sugar's text is quoted to the user and the log: a proxy or plugin echoing the request
+    must not carry our secrets there."""
+    for secret in (i.password.reveal(), i.client_secret.reveal()):
+        if len(secret) >= 4:  # an empty or tiny secret would garble the text instead
+            text = text.replace(secret, "[redacted]")
+    return text
 
 
 def _quote(text: str) -> str:

@@ -188,6 +188,11 @@ class FakeSugar:
         with self._lock:
             self._faults.extend(_Fault(kind, header) for _ in range(n))
 
+    def clear_faults(self) -> None:
+        """Drop the faults queued by fail_next that have not struck yet (the outage is over)."""
+        with self._lock:
+            self._faults.clear()
+
     def evict(self, username: str, platform: str) -> int:
         """Act as a login of the same user and platform elsewhere; returns sessions evicted."""
         with self._lock:

@@ -1,0 +1,664 @@
+"""The token lifecycle against every case of section 7 of the SugarCRM reference.
+
+Each test goes through a real Unix socket, and counts what reached the fake SugarCRM: the
+promise of sugard is as much "never makes things worse upstream" as "always has a token".
+Tests that need time to pass (outages, suspend, session lifetimes) run the daemon in-process
+with a virtual wall clock shared with the fake, so minutes pass in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import subprocess
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+
+from sugard.config import load_config
+from sugard.daemon import Daemon
+from sugard.keeper import MAX_SLEEP
+from sugard.testing import FakeSugar, running_fake
+
+NAME = "crm"
+
+
+@pytest.fixture
+def sugar() -> Iterator[Callable[..., FakeSugar]]:
+    """Start fake SugarCRMs with chosen switches (alice's password is PASSWORD)."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**switches: Any) -> FakeSugar:
+            switches.setdefault("users", {USER: PASSWORD})
+            return stack.enter_context(running_fake(**switches))
+
+        yield start
+
+
+def status(daemon: DaemonProcess) -> dict[str, Any]:
+    with daemon.client() as client:
+        result: dict[str, Any] = client.status(NAME)
+        return result
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or condition}")
+        time.sleep(0.02)
+
+
+async def get_json(
+    http: aiohttp.ClientSession, path: str, method: str = "GET", **kwargs: Any
+) -> tuple[int, dict[str, Any]]:
+    async with http.request(method, "http://sugard" + path, **kwargs) as response:
+        return response.status, await response.json()
+
+
+def unix_session(socket: Path, connections: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.UnixConnector(path=str(socket), limit=connections),
+        timeout=aiohttp.ClientTimeout(total=30),
+    )
+
+
+# --------------------------------------------------------------- the real daemon process
+
+
+def test_wrong_password_makes_one_attempt_however_many_requests(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A rejected password is tried once, never again by itself: no lockout, however asked."""
+    fake = sugar(lockout_after=3)
+    config = write_config(short_dir, {NAME: instance(fake, password="wrong-password")})
+    daemon = start_daemon(config)
+    wait_for(lambda: status(daemon)["state"] == "failed", what="state failed")
+
+    for _ in range(20):
+        result = sugarctl(daemon.socket, "token", NAME)
+        assert 6 == result.returncode, result.stderr
+        assert "" == result.stdout
+    with daemon.client() as client:
+        for _ in range(30):
+            with pytest.raises(Exception, match="Not retrying"):
+                client.token(NAME)
+
+    time.sleep(0.5)  # several backoff_max (0.2 s) periods: a retry would show by now
+    assert 1 == fake.calls["password"]
+    current = status(daemon)
+    assert "failed" == current["state"]
+    assert "credentials" == current["last_error"]["kind"]
+    assert "fix the password" in current["last_error"]["message"]
+    assert "wrong-password" not in daemon.log()
+
+    # An admin sets the password sugard has: one forced retry logs in; still far from lockout.
+    fake.set_password(USER, "wrong-password")
+    forced = sugarctl(daemon.socket, "refresh", NAME)
+    assert 0 == forced.returncode, forced.stderr
+    assert fake.valid(forced.stdout.strip())
+    assert 2 == fake.calls["password"]
+    assert "ready" == status(daemon)["state"]
+
+
+@pytest.mark.timeout(120)
+def test_a_thousand_concurrent_requests_on_a_cold_instance_make_one_login(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Requests that arrive while the first login is in flight all wait for that one login."""
+    fake = sugar(delay=1.0)  # a slow Sugar: the whole crowd arrives during the login
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    assert "logging_in" == status(daemon)["state"]
+
+    async def crowd() -> list[tuple[int, dict[str, Any]]]:
+        async with unix_session(daemon.socket, 1000) as http:
+            return await asyncio.gather(
+                *(get_json(http, f"/v1/instances/{NAME}/token") for _ in range(1000))
+            )
+
+    answers = asyncio.run(crowd())
+    assert [200] * 1000 == [code for code, _ in answers]
+    tokens = {body["access_token"] for _, body in answers}
+    assert 1 == len(tokens)
+    assert fake.valid(tokens.pop())
+    assert {"token": 1, "password": 1} == dict(fake.calls)
+
+
+@pytest.mark.parametrize("grace", [0.0, 120.0], ids=["sugar13-immediate", "sugar8-12-grace"])
+def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
+    grace: float,
+    sugar: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """Another login of the same user and platform kills our refresh token: one login fixes it."""
+    fake = sugar(eviction_grace=grace)
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    dead = sugarctl(daemon.socket, "token", NAME).stdout.strip()
+    assert 1 == fake.evict(USER, "sugard")
+    fake.reset_counters()
+
+    async def reports() -> list[tuple[int, dict[str, Any]]]:
+        async with unix_session(daemon.socket, 100) as http:
+            return await asyncio.gather(
+                *(
+                    get_json(
+                        http,
+                        f"/v1/instances/{NAME}/invalidate",
+                        method="POST",
+                        json={"access_token": dead},
+                    )
+                    for _ in range(100)
+                )
+            )
+
+    answers = asyncio.run(reports())
+    assert [200] * 100 == [code for code, _ in answers]
+    fresh = {body["access_token"] for _, body in answers}
+    assert 1 == len(fresh)
+    new = fresh.pop()
+    assert dead != new
+    assert fake.valid(new)
+    # The refresh token died with the session: one refresh refused, then one password login.
+    assert {"token": 2, "refresh_token": 1, "password": 1} == dict(fake.calls)
+    assert [("refresh_token", "invalid_grant"), ("password", None)] == [
+        (r.grant_type, r.error) for r in fake.requests
+    ]
+
+    # A script that reports the old token late gets the current one, with no upstream call.
+    late = sugarctl(daemon.socket, "invalidate", NAME, dead)
+    assert 0 == late.returncode, late.stderr
+    assert new == late.stdout.strip()
+    assert 2 == fake.calls["token"]
+
+
+def test_a_hundred_reports_of_one_dead_token_make_one_refresh(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """An access token that died early (its refresh token alive) costs one refresh, no login."""
+    fake = sugar()
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    dead = sugarctl(daemon.socket, "token", NAME).stdout.strip()
+    assert fake.revoke(dead)
+    fake.reset_counters()
+
+    def report(_: int) -> subprocess.CompletedProcess[str]:
+        return sugarctl(daemon.socket, "invalidate", NAME, input=dead + "\n")
+
+    async def reports() -> list[subprocess.CompletedProcess[str]]:
+        # Real sugarctl processes, 100 at once, the token on stdin as scripts pipe it.
+        return await asyncio.gather(*(asyncio.to_thread(report, i) for i in range(100)))
+
+    results = asyncio.run(reports())
+    assert [0] * 100 == [r.returncode for r in results], results[0].stderr
+    assert 1 == len({r.stdout for r in results})
+    assert dead != results[0].stdout.strip()
+    assert fake.valid(results[0].stdout.strip())
+    assert {"token": 1, "refresh_token": 1} == dict(fake.calls)
+
+
+def test_maintenance_burns_the_refresh_token_then_one_login_once_the_site_is_back(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Maintenance is not a bad password: long backoff, the old token served, then one login."""
+    fake = sugar()
+    config = write_config(short_dir, {NAME: instance(fake, backoff_max=300)})
+    daemon = start_daemon(config)
+    before = sugarctl(daemon.socket, "token", NAME).stdout.strip()
+    fake.maintenance = True
+    fake.reset_counters()
+
+    # The forced refresh meets maintenance: Sugar deletes the refresh token, then says 401.
+    forced = sugarctl(daemon.socket, "refresh", NAME)
+    assert 5 == forced.returncode, forced.stderr
+    assert "maintenance" in forced.stderr
+    current = status(daemon)
+    assert "backing_off" == current["state"]
+    assert "maintenance" == current["last_error"]["kind"]
+    assert "backing_off" == status(daemon)["state"]
+    next_try = float(daemon.log().rsplit("next try in ", 1)[1].split(" s", 1)[0])
+    assert 60.0 <= next_try <= 66.0  # the long backoff, not 1 s
+    # Meanwhile scripts keep getting the still-valid token, without waiting.
+    assert before == sugarctl(daemon.socket, "token", NAME).stdout.strip()
+    assert {"token": 1, "refresh_token": 1} == dict(fake.calls)
+
+    fake.maintenance = False
+    fake.reset_counters()
+    back = sugarctl(daemon.socket, "refresh", NAME)  # an admin does not wait a minute
+    assert 0 == back.returncode, back.stderr
+    assert fake.valid(back.stdout.strip())
+    assert {"token": 1, "password": 1} == dict(fake.calls)  # the burned refresh token not sent
+    assert "ready" == status(daemon)["state"]
+
+
+def test_maintenance_during_login_is_retried_not_reported_as_bad_password(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A 401 whose text is Sugar's maintenance message keeps retrying; the instance never fails."""
+    fake = sugar(maintenance=True)
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    wait_for(lambda: fake.calls["password"] >= 3, what="three login attempts")
+    assert "backing_off" == status(daemon)["state"]
+    waited = sugarctl(daemon.socket, "token", NAME, "--wait", "0.2")
+    assert 5 == waited.returncode
+    assert "maintenance" in waited.stderr
+    fake.maintenance = False
+    got = sugarctl(daemon.socket, "token", NAME, "--wait", "5")
+    assert 0 == got.returncode, got.stderr
+    assert fake.valid(got.stdout.strip())
+
+
+@pytest.mark.parametrize("lock", ["seats", "expired"])
+def test_license_lock_backs_off_long_and_recovers(
+    lock: str,
+    sugar: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """A license lock is an admin's problem that passes: patient backoff, never `failed`."""
+    fake = sugar(license_error=lock)
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, backoff_max=300)}))
+    wait_for(lambda: status(daemon)["state"] == "backing_off", what="backing_off")
+    current = status(daemon)
+    assert "license" == current["last_error"]["kind"]
+    assert "administrator" in current["last_error"]["message"]
+    assert 1 == fake.calls["password"]
+    fake.license_error = None
+    back = sugarctl(daemon.socket, "refresh", NAME)
+    assert 0 == back.returncode, back.stderr
+    assert 2 == fake.calls["password"]
+
+
+def test_unregistered_platform_fails_with_how_to_register_it(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A platform removed from Sugar's registry is a configuration error, said so, not retried."""
+    fake = sugar()
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    fake.remove_platform("sugard")
+    fake.reset_counters()
+
+    forced = sugarctl(daemon.socket, "refresh", NAME)
+    assert 6 == forced.returncode
+    assert "Admin > Configure API Platforms" in forced.stderr
+    assert 1 == len(forced.stderr.strip().splitlines())
+    time.sleep(0.5)
+    assert {"token": 1, "refresh_token": 1} == dict(fake.calls)
+    assert "failed" == status(daemon)["state"]
+
+    fake.add_platform("sugard")
+    again = sugarctl(daemon.socket, "refresh", NAME)
+    assert 0 == again.returncode, again.stderr
+    assert "ready" == status(daemon)["state"]
+
+
+def test_unknown_client_fails_without_retrying(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """400 invalid_client names the OAuth key to check; one attempt only."""
+    fake = sugar()
+    config = write_config(short_dir, {NAME: instance(fake, client_id="no-such-key")})
+    daemon = start_daemon(config)
+    wait_for(lambda: status(daemon)["state"] == "failed", what="state failed")
+    result = sugarctl(daemon.socket, "token", NAME)
+    assert 6 == result.returncode
+    assert "Admin > OAuth Keys" in result.stderr
+    time.sleep(0.5)
+    assert 1 == fake.calls["token"]
+
+
+@pytest.mark.parametrize("kind", ["html502", "503", "429", "reset", "garbage"])
+def test_transient_answers_are_retried_until_a_token_comes(
+    kind: str,
+    sugar: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
+) -> None:
+    """A proxy's HTML 502, a 503, a 429, a dropped connection or junk: retried, then served."""
+    fake = sugar()
+    fake.fail_next(2, kind)
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    got = sugarctl(daemon.socket, "token", NAME, "--wait", "10")
+    assert 0 == got.returncode, got.stderr
+    assert fake.valid(got.stdout.strip())
+    assert [kind, kind, None] == [r.fault for r in fake.requests]
+    current = status(daemon)
+    # `logins` counts login attempts: what the login endpoint saw from sugard.
+    assert (2, 3, "ready") == (current["failures"], current["logins"], current["state"])
+
+
+def test_retry_after_is_honoured(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A 429 with Retry-After: 2 is not asked again before 2 s, though the backoff says 1 s."""
+    fake = sugar()
+    fake.fail_next(1, "429", retry_after=2)
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, backoff_max=10)}))
+    got = sugarctl(daemon.socket, "token", NAME, "--wait", "10")
+    assert 0 == got.returncode, got.stderr
+    first, second = fake.requests
+    assert 2.0 <= second.time - first.time < 4.0
+
+
+def test_every_upstream_call_names_the_platform(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Logins and refreshes all send platform and client_id, so the session never lands on base."""
+    fake = sugar()
+    fake.add_platform("scripts")
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, platform="scripts")}))
+    for _ in range(3):
+        assert 0 == sugarctl(daemon.socket, "refresh", NAME).returncode
+    fake.evict(USER, "scripts")
+    assert 0 == sugarctl(daemon.socket, "refresh", NAME).returncode
+    sent = [(r.grant_type, r.platform, r.client_id) for r in fake.requests]
+    assert 6 == len(sent)
+    assert {("scripts", "sugar")} == {(platform, client) for _, platform, client in sent}
+
+
+def test_min_ttl_forces_a_renewal_that_leaves_enough_time(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A script about to run long asks for min_ttl; sugard renews first if the token is short."""
+    fake = sugar(access_lifetime=10)
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, refresh_before=1)}))
+    first = sugarctl(daemon.socket, "token", NAME)
+    time.sleep(1.5)
+    same = sugarctl(daemon.socket, "token", NAME, "--min-ttl", "5")
+    assert first.stdout == same.stdout  # 8.5 s left is enough: no upstream call
+    assert 1 == fake.calls["token"]
+    # 9 s is what a fresh 10 s token can promise (90 %): more is capped there, not refused.
+    longer = sugarctl(daemon.socket, "token", NAME, "--min-ttl", "9", "--format", "json")
+    assert 0 == longer.returncode, longer.stderr
+    assert 9 <= json.loads(longer.stdout)["expires_in"]
+    assert {"token": 2, "password": 1, "refresh_token": 1} == dict(fake.calls)
+
+
+def test_refresh_ahead_happens_in_the_background_before_expiry(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """With 3 s tokens, scripts asking all the time never wait and never get an expired token."""
+    fake = sugar(access_lifetime=3)
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    seen: list[tuple[float, str, float]] = []
+    slowest = 0.0
+    with daemon.client() as client:
+        end = time.monotonic() + 4.5
+        while time.monotonic() < end:
+            asked = time.monotonic()
+            answer = client.token(NAME)
+            slowest = max(slowest, time.monotonic() - asked)
+            seen.append((time.time(), answer["access_token"], answer["expires_in"]))
+            time.sleep(0.01)
+    tokens = list(dict.fromkeys(token for _, token, _ in seen))
+    assert len(tokens) >= 2  # refreshed at least once, ahead of expiry
+    assert all(expires_in >= 0 for _, _, expires_in in seen)
+    refreshes = [r for r in fake.requests if r.grant_type == "refresh_token"]
+    assert 1 <= len(refreshes) <= 3  # the schedule's refreshes, no more
+    assert 1 == fake.calls["password"]
+    assert slowest < 0.5  # no script waited for a refresh
+
+
+def test_restart_after_a_crash_logs_in_with_the_password(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A daemon killed after a rotation has no refresh token: one password login, no refresh."""
+    fake = sugar()
+    config = write_config(short_dir, {NAME: instance(fake)})
+    daemon = start_daemon(config)
+    assert 0 == sugarctl(daemon.socket, "refresh", NAME).returncode
+    daemon.proc.kill()
+    daemon.stop()
+    fake.reset_counters()
+    again = start_daemon(config)
+    got = sugarctl(again.socket, "token", NAME)
+    assert 0 == got.returncode, got.stderr
+    assert fake.valid(got.stdout.strip())
+    assert {"token": 1, "password": 1} == dict(fake.calls)
+
+
+# --------------------------------------------------------------- in-process, virtual time
+
+
+class VirtualClock:
+    """A wall clock for the fake and the daemon: runs `speed` times real time and can jump."""
+
+    def __init__(self, speed: float = 1.0) -> None:
+        self.speed = speed
+        self._start = time.time()
+        self._offset = 0.0
+
+    def __call__(self) -> float:
+        return self._start + (time.time() - self._start) * self.speed + self._offset
+
+    def jump(self, seconds: float) -> None:
+        """As after a suspend: the wall clock moves on, asyncio's monotonic clock did not."""
+        self._offset += seconds
+
+    async def sleep(self, virtual_seconds: float) -> None:
+        await asyncio.sleep(virtual_seconds / self.speed)
+
+
+@dataclass
+class Rig:
+    fake: FakeSugar
+    daemon: Daemon
+    clock: VirtualClock
+    http: aiohttp.ClientSession
+
+    @property
+    def keeper(self) -> Any:
+        return self.daemon.keepers[NAME]
+
+    async def token(self, **query: float) -> tuple[int, dict[str, Any]]:
+        params = {key: str(value) for key, value in query.items()}
+        return await get_json(self.http, f"/v1/instances/{NAME}/token", params=params)
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    directory: Path,
+    *,
+    speed: float = 1.0,
+    max_sleep: float = 0.02,
+    rng: Callable[[], float] = lambda: 0.5,
+    sugar: dict[str, Any] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Rig]:
+    clock = VirtualClock(speed)
+    fake = FakeSugar(users={USER: PASSWORD}, clock=clock, **(sugar or {}))
+    await fake.start()
+    daemon: Daemon | None = None
+    try:
+        table = instance(fake, **settings)
+        config = load_config(write_config(directory, {NAME: table}))
+        daemon = Daemon(config, directory / "s.sock", clock=clock, max_sleep=max_sleep, rng=rng)
+        await daemon.start()
+        async with unix_session(directory / "s.sock", 64) as http:
+            yield Rig(fake, daemon, clock, http)
+    finally:
+        if daemon is not None:
+            await daemon.stop()
+        await fake.close()
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            await asyncio.sleep(0.005)
+
+
+def test_no_sleep_is_longer_than_thirty_seconds() -> None:
+    """The cap that makes a resumed laptop refresh within 30 s is the daemon's default."""
+    assert 30.0 == MAX_SLEEP
+    assert MAX_SLEEP == Daemon.__init__.__kwdefaults__["max_sleep"]
+
+
+def backoff_schedule(attempts: int, cap: float, jitter: float) -> list[float]:
+    """The waits after each failed attempt, as the docs promise: full jitter, 1 s to `cap`."""
+    return [max(1.0, min(cap, 2.0**n) * jitter) for n in range(attempts)]
+
+
+async def test_a_sixty_second_outage_serves_the_valid_token_and_keeps_to_the_schedule(
+    short_dir: Path,
+) -> None:
+    """503s and dropped connections for 60 s: scripts get the current token at once, sugard's
+    attempts are spaced by its backoff, and the refresh goes through when Sugar is back."""
+    async with rig(short_dir, speed=40.0, backoff_max=300, refresh_before=300) as r:
+        status, first = await r.token()
+        assert 200 == status
+        for _ in range(100):
+            r.fake.fail_next(1, "503")
+            r.fake.fail_next(1, "reset")
+        r.fake.reset_counters()
+        assert r.keeper.refresh_at is not None
+        r.clock.jump(r.keeper.refresh_at - r.clock())  # straight to the advisory window
+        outage_start = r.clock()
+
+        served: list[tuple[str, float]] = []
+        while r.clock() < outage_start + 60:
+            status, body = await r.token(wait=0)
+            assert 200 == status, body
+            served.append((body["access_token"], body["expires_in"]))
+            await asyncio.sleep(0.01)
+        attempts = [q for q in r.fake.requests if q.time < outage_start + 60]
+        r.fake.clear_faults()
+
+        assert {first["access_token"]} == {token for token, _ in served}
+        assert min(expires_in for _, expires_in in served) > 200
+        # rng 0.5: waits 1, 1, 2, 4, 8, 16, 32 s, so attempts at 0, 1, 2, 4, 8, 16, 32.
+        waits = backoff_schedule(len(attempts), 300, 0.5)
+        gaps = [b.time - a.time for a, b in itertools.pairwise(attempts)]
+        assert all(gap >= wait for gap, wait in zip(gaps, waits, strict=False)), (gaps, waits)
+        assert 5 <= len(attempts) <= 7, [a.time - outage_start for a in attempts]
+        assert {"refresh_token"} == {a.grant_type for a in attempts}
+        assert {"503", "reset"} == {a.fault for a in attempts}
+
+        # Sugar is back: the next attempt in the schedule refreshes, the refresh token intact.
+        await until(lambda: r.keeper.state.value == "ready" and r.keeper.refreshes > 0)
+        status, after = await r.token()
+        assert first["access_token"] != after["access_token"]
+        assert 0 == r.fake.calls["password"]
+
+
+async def test_a_suspend_past_expiry_gets_a_fresh_token_within_the_sleep_cap(
+    short_dir: Path,
+) -> None:
+    """After a jump of the wall clock past expiry, no script gets the dead token, and sugard
+    renews by itself within one sleep cap (30 s in production, 0.2 s here)."""
+    async with rig(short_dir, max_sleep=0.2, sugar={"access_lifetime": 3600}) as r:
+        _, before = await r.token()
+        r.fake.reset_counters()
+        r.clock.jump(2 * 3600)  # the lid was closed for two hours
+        resumed = time.monotonic()
+        await until(lambda: r.fake.calls["token"] >= 1, timeout=5)
+        assert time.monotonic() - resumed < 0.2 + 0.8  # the cap, plus room for a busy machine
+        status, after = await r.token()
+        assert 200 == status
+        assert before["access_token"] != after["access_token"]
+        assert r.fake.valid(after["access_token"])
+        assert after["expires_in"] > 3000
+        assert {"token": 1, "refresh_token": 1} == dict(r.fake.calls)
+
+
+async def test_a_request_right_after_resume_waits_for_the_fresh_token(short_dir: Path) -> None:
+    """Expiry is checked when a token is served: the dead token is never handed out."""
+    async with rig(short_dir, max_sleep=30.0) as r:  # the supervisor sleeps through the jump
+        _, before = await r.token()
+        r.clock.jump(2 * 3600)
+        status, after = await r.token(wait=5)
+        assert 200 == status
+        assert before["access_token"] != after["access_token"]
+        assert r.fake.valid(after["access_token"])
+
+
+async def test_downtime_longer_than_the_refresh_lifetime_ends_with_a_password_login(
+    short_dir: Path,
+) -> None:
+    """Once the refresh token has expired, sugard logs in instead of sending a dead refresh."""
+    lifetimes = {"access_lifetime": 300, "refresh_lifetime": 600}
+    async with rig(short_dir, sugar=lifetimes) as r:
+        _, _before = await r.token()
+        r.fake.reset_counters()
+        r.clock.jump(1000)
+        status, after = await r.token(wait=5)
+        assert 200 == status
+        assert r.fake.valid(after["access_token"])
+        assert {"token": 1, "password": 1} == dict(r.fake.calls)
+
+
+async def test_a_shrinking_session_is_renewed_by_login_without_a_storm(short_dir: Path) -> None:
+    """Under max_session_lifetime each refresh leaves less session; sugard refreshes on its
+    schedule and logs in once the session ends, never refreshing in a loop."""
+    fake_settings = {"access_lifetime": 600, "max_session_lifetime": 1500}
+    async with rig(short_dir, speed=1000.0, sugar=fake_settings, refresh_before=300) as r:
+        _, _before = await r.token()
+        await r.clock.sleep(3000)  # two session lifetimes
+        grants = [q.grant_type for q in r.fake.requests]
+        assert 2 <= grants.count("password") <= 3
+        assert 5 <= grants.count("refresh_token") <= 10
+        assert [] == [q.error for q in r.fake.requests if q.error]
+        status, after = await r.token()
+        assert 200 == status
+        assert r.fake.valid(after["access_token"])
+
+
+async def test_idm_epoch_refresh_expiry_is_read_as_a_time_not_a_duration(short_dir: Path) -> None:
+    """IdM answers refresh_expires_in as an epoch: refreshes keep working, no needless logins."""
+    async with rig(short_dir, speed=1000.0, sugar={"idm_mode": True, "access_lifetime": 600}) as r:
+        await r.token()
+        await r.clock.sleep(2400)  # four access lifetimes: a refresh every ~290 s
+        grants = [q.grant_type for q in r.fake.requests]
+        assert 1 == grants.count("password")
+        assert 6 <= grants.count("refresh_token") <= 9
+        assert [] == [q.error for q in r.fake.requests if q.error]
+
+
+async def test_sugar_text_that_echoes_our_secrets_is_redacted(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy or plugin that echoes the request in its error text cannot leak the password."""
+    client_secret = "client-secret-value"
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await request.json()
+        text = f"bad login {body['password']} with {body['client_secret']}"
+        return web.json_response({"error": "need_login", "error_message": text}, status=401)
+
+    app = web.Application()
+    app.router.add_post("/rest/v10/oauth2/token", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    table = {
+        "url": f"http://127.0.0.1:{port}",
+        "username": USER,
+        "password": PASSWORD,
+        "client_secret": client_secret,
+    }
+    config = load_config(write_config(short_dir, {NAME: table}))
+    daemon = Daemon(config, short_dir / "s.sock")
+    await daemon.start()
+    try:
+        async with unix_session(short_dir / "s.sock", 4) as http:
+            code, body = await get_json(http, f"/v1/instances/{NAME}/token")
+            _, shown = await get_json(http, f"/v1/instances/{NAME}")
+    finally:
+        await daemon.stop()
+        await runner.cleanup()
+    assert 502 == code
+    said = json.dumps([body, shown]) + caplog.text
+    assert "bad login [redacted] with [redacted]" in said
+    assert PASSWORD not in said
+    assert client_secret not in said
