@@ -662,3 +662,61 @@ async def test_sugar_text_that_echoes_our_secrets_is_redacted(
     assert "bad login [redacted] with [redacted]" in said
     assert PASSWORD not in said
     assert client_secret not in said
+
+
+async def test_sugar_cookies_are_never_sent_back(short_dir: Path) -> None:
+    """Sugar sets a download_token cookie on every grant; sugard keeps none (dummy jar)."""
+    cookies_seen: list[str | None] = []
+
+    async def grant(request: web.Request) -> web.Response:
+        cookies_seen.append(request.headers.get("Cookie"))
+        n = len(cookies_seen)
+        body = {"access_token": f"a{n}", "refresh_token": f"r{n}", "expires_in": 3600}
+        response = web.json_response(body)
+        response.set_cookie("download_token_sugard", f"d{n}", path="/")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/rest/v10/oauth2/token", grant)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    config = load_config(write_config(short_dir, {NAME: {"url": url, **_alice}}))
+    daemon = Daemon(config, short_dir / "s.sock")
+    await daemon.start()
+    try:
+        async with unix_session(short_dir / "s.sock", 4) as http:
+            assert 200 == (await get_json(http, f"/v1/instances/{NAME}/token"))[0]
+            for _ in range(3):
+                code, _ = await get_json(http, f"/v1/instances/{NAME}/refresh", method="POST")
+                assert 200 == code
+    finally:
+        await daemon.stop()
+        await runner.cleanup()
+    assert [None] * 4 == cookies_seen
+
+
+_alice = {"username": USER, "password": PASSWORD}
+
+
+async def test_a_request_in_the_mandatory_window_waits_then_gets_retry_after(
+    short_dir: Path,
+) -> None:
+    """With the token about to expire and Sugar down, a request waits `wait`, then gets 503
+    token_unavailable with when to come back, and the daemon's own attempts go on."""
+    async with rig(short_dir, backoff_max=300) as r:
+        r.fake.fail_next(1000, "503")
+        r.clock.jump(3600 - 5)  # 5 s left: inside the mandatory window
+        asked = time.monotonic()
+        code, body = await r.token(wait=0.3)
+        waited = time.monotonic() - asked
+        assert 503 == code
+        assert "token_unavailable" == body["error"]
+        assert body["retry_after"] >= 1
+        assert "503" in body["message"]
+        assert 0.3 <= waited < 2.0
+        r.fake.clear_faults()
+        code, body = await get_json(r.http, f"/v1/instances/{NAME}/refresh", method="POST")
+        assert 200 == code  # `sugarctl refresh` cuts the backoff short once Sugar is back
+        assert r.fake.valid(body["access_token"])
