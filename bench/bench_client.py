@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from sugard.client import DaemonUnreachable, SugardClient
@@ -36,6 +37,38 @@ from sugard.testing import running_fake
 NAME = "bench"
 USER, PASSWORD = "bench", "bench-password"
 TARGET = 2.5
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one run measured: each command's times, and the in-process client's rate."""
+
+    times: dict[str, list[float]]
+    python: str
+    sugarctl: Path
+    runs: int
+    calls: int
+    seconds: float
+    connections: int
+
+    def median(self, index: int) -> float:
+        return statistics.median(list(self.times.values())[index])
+
+    @property
+    def median_bare(self) -> float:
+        return self.median(0)
+
+    @property
+    def median_sugarctl(self) -> float:
+        return self.median(2)
+
+    @property
+    def median_curl(self) -> float:
+        return self.median(3)
+
+    @property
+    def calls_per_second(self) -> float:
+        return self.calls / self.seconds if self.seconds > 0 else float("inf")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,13 +82,29 @@ def main(argv: list[str] | None = None) -> int:
         "sugarctl works too, e.g. a regular `pip install .` in another venv)",
     )
     args = parser.parse_args(argv)
-    sugarctl = Path(args.sugarctl)
-    python = interpreter_of(sugarctl)
-    sugard = Path(sys.executable).parent / "sugard"  # the daemon of this environment
     if not shutil.which("curl"):
         print("bench: curl is needed (apt-get install curl)", file=sys.stderr)
         return 2
+    figures = measure(args.runs, args.calls, Path(args.sugarctl))
+    print(
+        report(
+            figures.times,
+            figures.python,
+            figures.sugarctl,
+            figures.runs,
+            figures.calls,
+            figures.seconds,
+            figures.connections,
+        )
+    )
+    return 0
 
+
+def measure(runs: int, calls: int, sugarctl: Path | None = None) -> Figures:
+    """Start a fake and a daemon, time each command `runs` times and the client `calls` times."""
+    sugarctl = sugarctl or Path(sys.executable).parent / "sugarctl"
+    python = interpreter_of(sugarctl)
+    sugard = Path(sys.executable).parent / "sugard"  # the daemon of this environment
     workdir = Path(tempfile.mkdtemp(prefix="sdb-"))
     try:
         with running_fake(users={USER: PASSWORD}) as fake:
@@ -87,16 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 env = bench_env(sock)
                 check_outputs(commands, env, token)
-                times = time_commands(commands, env, args.runs)
-                calls, seconds, connections = in_process(sock, args.calls)
+                times = time_commands(commands, env, runs)
+                done, seconds, connections = in_process(sock, calls)
             finally:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(15)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-
-    print(report(times, python, sugarctl, args.runs, calls, seconds, connections))
-    return 0
+    return Figures(times, python, sugarctl, runs, done, seconds, connections)
 
 
 def interpreter_of(script: Path) -> str:

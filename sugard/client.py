@@ -12,7 +12,8 @@ Errors mirror `sugarctl`'s exit codes:
     +-- BadRequest            2  the request itself was wrong (a bad wait, an empty name)
     +-- UnknownInstance       3  no such instance in the daemon's config
     +-- DaemonUnreachable     4  no daemon on the socket, or it did not answer in time
-    +-- TokenUnavailable      5  no token now (Sugar down, still logging in); `.retry_after`
+    +-- TokenUnavailable      5  no token now (Sugar down, still logging in), or the daemon is
+    |                            at its connection limit (`busy`); `.retry_after`
     +-- NeedsAttention        6  Sugar refused credentials, client or platform, or a reload
     |                            found errors in the config (`.errors`): fix the config
     +-- PermissionDenied      7  the daemon does not serve this user, or the socket is not ours

@@ -7,6 +7,7 @@ so one `sugard check` run shows everything there is to fix.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import shlex
@@ -39,8 +40,10 @@ __all__ = [
     "resolve_secrets",
 ]
 
-INSTANCE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-PLATFORM_NAME = re.compile(r"^[a-z0-9_-]{1,127}$")
+# Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+PLATFORM_NAME = re.compile(r"[a-z0-9_-]{1,127}")
+PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECRET_KINDS = ("", "_file", "_env", "_command", "_credential")
 SECRET_FIELDS = ("password", "client_secret")
@@ -217,6 +220,8 @@ def _url(v: Any) -> str:
     s = _nonempty(v).rstrip("/")
     if not re.match(r"^https?://[^/\s]+", s):
         raise ValueError(f"must start with https:// (or http://), not {s!r}")
+    if any(c.isspace() or not c.isprintable() for c in s):
+        raise ValueError(f"must not contain spaces or control characters, not {s!r}")
     if "/rest/v" in s:
         raise ValueError("give the site root (like https://crm.example.com), without /rest/v10")
     return s
@@ -224,7 +229,7 @@ def _url(v: Any) -> str:
 
 def _platform(v: Any) -> str:
     s = _str(v)
-    if not PLATFORM_NAME.match(s):
+    if not PLATFORM_NAME.fullmatch(s):
         like = re.sub(r"[^a-z0-9_-]+", "_", s.lower()).strip("_")[:127] or "sugard"
         raise ValueError(
             f"{s!r} is not a valid platform name: use 1-127 of a-z, 0-9, '_' and '-', "
@@ -360,7 +365,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     for key in data:
         if key not in ("daemon", "defaults", "instances"):
             problem(
-                key,
+                _key(key),
                 "unknown table or key"
                 + _did_you_mean(key, ("daemon", "defaults", "instances"))
                 + "; expected [daemon], [defaults] and [instances.NAME]",
@@ -372,7 +377,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         checker = DAEMON_SCHEMA.get(key)
         if checker is None:
             problem(
-                f"daemon.{key}",
+                f"daemon.{_key(key)}",
                 f"unknown key{_did_you_mean(key, DAEMON_SCHEMA)}; "
                 f"[daemon] keys are {', '.join(DAEMON_SCHEMA)}",
             )
@@ -391,8 +396,8 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     if not instances_raw and not problems:
         problem("instances", "no instances configured; add an [instances.NAME] table")
     for name, table in instances_raw.items():
-        where = f"instances.{name}"
-        if not INSTANCE_NAME.match(name):
+        where = f"instances.{_key(name)}"
+        if not INSTANCE_NAME.fullmatch(name):
             problem(
                 where,
                 "bad instance name: use up to 64 of A-Z, a-z, 0-9, '_', '.' and '-', "
@@ -408,7 +413,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
             continue
         if not _check_instance_keys(table, where, problem) or not defaults_ok:
             continue
-        instance = _build_instance(name, defaults, table, where, problem)
+        instance = _build_instance(name, defaults, table, where, problem, Path(path).parent)
         if instance is not None:
             instances[name] = instance
 
@@ -423,6 +428,12 @@ INSTANCE_KEYS_HELP = (
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
     "ca_file, refresh_before, backoff_max, allowed_uids and allowed_gids"
 )
+
+
+def _key(name: str) -> str:
+    """A key as written in a problem: bare if it is plain, else quoted and escaped as TOML
+    writes it, so a newline or a space in a key cannot break or blur the one-line message."""
+    return name if PLAIN_KEY.fullmatch(name) else json.dumps(name)
 
 
 def _did_you_mean(key: str, known: Iterable[str]) -> str:
@@ -452,7 +463,11 @@ def _check_instance_keys(
             hint = _did_you_mean(key, [*INSTANCE_SCHEMA, *sorted(SECRET_KEYS)])
             if not hint and key.startswith("password"):
                 hint = " (did you mean password_file?)"
-            problem(f"{where}.{key}", f"unknown key{hint or '; ' + INSTANCE_KEYS_HELP}")
+            if not hint and isinstance(value, dict) and where.startswith("instances."):
+                # TOML reads [instances.crm.eu] as table eu inside instance crm.
+                dotted = json.dumps(f"{where.removeprefix('instances.')}.{key}")
+                hint = f"; a name with a dot must be quoted: [instances.{dotted}]"
+            problem(f"{where}.{_key(key)}", f"unknown key{hint or '; ' + INSTANCE_KEYS_HELP}")
             ok = False
             continue
         try:
@@ -469,6 +484,7 @@ def _build_instance(
     table: Mapping[str, Any],
     where: str,
     problem: Callable[[str, str], None],
+    base_dir: Path,
 ) -> InstanceConfig | None:
     values: dict[str, Any] = dict(INSTANCE_DEFAULTS)
     for source in (defaults, table):
@@ -502,7 +518,8 @@ def _build_instance(
     if not ok:
         return None
     if "ca_file" in values:
-        values["ca_file"] = str(Path(values["ca_file"]).expanduser())
+        # Like password_file: relative to the config, not to wherever the daemon was started.
+        values["ca_file"] = str(_resolve_path(values["ca_file"], base_dir))
     return InstanceConfig(name=name, **values, **secrets)
 
 

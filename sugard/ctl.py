@@ -1,7 +1,8 @@
 """sugarctl: the tiny client of sugard. Standard library only; never imports the daemon.
 
-stdout carries only the result, errors are one line on stderr, and the exit code says what
-happened (see HELP), so scripts can branch on it.
+stdout carries only the result, errors are one line on stderr (a refused reload adds the
+config's problems, one per line), and the exit code says what happened (see HELP), so
+scripts can branch on it.
 
 Scripts run sugarctl once per call, so its start-up is most of its cost. It therefore parses
 its few arguments itself rather than with argparse (which imports `re`, about as costly here
@@ -15,7 +16,7 @@ import os
 import sys
 
 from . import __version__
-from .client import BadRequest, SugardClient, SugardError, TokenUnavailable
+from .client import BadRequest, NeedsAttention, SugardClient, SugardError, TokenUnavailable
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
@@ -42,7 +43,8 @@ commands:
                  report TOKEN (default, or -: read from stdin) as refused by Sugar (a 401);
                  print the token to use now
   refresh NAME   make sugard renew the session now; print the new token
-  reload         make sugard re-read its config; print what changed
+  reload         make sugard re-read its config; print what changed, or (exit 6) each
+                 problem of the new config on a line of its own (the old config keeps running)
   ping           print 'ok' and the daemon's version
 
 options:
@@ -60,7 +62,8 @@ exit codes:
   2    usage error (the message says which argument)
   3    unknown instance (the message lists the configured ones)
   4    daemon not reachable (start it: systemctl --user start sugard, or sugard run)
-  5    token not available now (Sugar down, or still logging in past --wait): retry later
+  5    token not available now (Sugar down, or still logging in past --wait), or sugard
+       is at its connection limit: retry later
   6    instance needs attention (Sugar rejected the credentials, client or platform, or a
        reload found errors in the config): fix the config, then sugarctl reload
   7    permission denied by the daemon, or no access to its socket
@@ -204,6 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, client)
     except SugardError as exc:
         print(f"sugarctl: {_one_line(exc)}", file=sys.stderr)
+        if isinstance(exc, NeedsAttention):
+            # A refused reload: every problem on a line of its own, as `sugard check` prints
+            # them, so a long list stays readable and each line can be grepped.
+            for problem in exc.errors:
+                print(problem, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
@@ -218,11 +226,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _one_line(exc: SugardError) -> str:
     message = exc.message
-    if isinstance(exc, TokenUnavailable) and exc.retry_after:
+    # `busy` says "try again in a moment" itself.
+    busy = exc.body.get("error") == "busy"
+    if isinstance(exc, TokenUnavailable) and exc.retry_after and not busy:
         message += f" (try again in {exc.retry_after:g} s)"
-    errors: list[str] = getattr(exc, "errors", [])
-    if errors:
-        message += ": " + "; ".join(errors)
+    if isinstance(exc, NeedsAttention) and exc.errors:
+        message += ":"  # the problems follow, one per line
     return message
 
 

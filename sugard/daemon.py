@@ -22,6 +22,7 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import signal
 import socket
 import stat
@@ -242,6 +243,7 @@ class Daemon:
         *,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
         listen_socket: socket.socket | None = None,
         max_sleep: float = MAX_SLEEP,
         notifier: Notifier | None = None,
@@ -251,6 +253,7 @@ class Daemon:
         self.socket_path = socket_path
         self._environ = environ
         self._clock = clock
+        self._rng = rng  # injectable so tests can pin the backoff schedule
         self._inherited_socket = listen_socket
         self._keepers: dict[str, Keeper] = {}
         self._http: aiohttp.ClientSession | None = None
@@ -334,6 +337,7 @@ class Daemon:
             SugarClient(instance, self._http, clock=self._clock),
             login_slots=self._login_slots,
             clock=self._clock,
+            rng=self._rng,
             max_sleep=self._max_sleep,
         )
 
@@ -394,9 +398,11 @@ class Daemon:
         # never a mix (allowed() reads self.config, the routes read self._keepers).
         for keeper in adopted:
             keeper.adopt(new.instances[keeper.name])
-        for keeper in fresh:
-            if not keeper.config.verify_tls:
-                log.warning("%s: TLS verification is OFF (verify_tls = false)", keeper.name)
+        # Said again for every instance a reload adds or changes, not only at start: whoever
+        # edits the file sees it in the log of the reload, whatever else they changed.
+        for name in (*diff.added, *diff.changed):
+            if not new.instances[name].verify_tls:
+                log.warning("%s: TLS verification is OFF (verify_tls = false)", name)
         old, self.config, self._keepers = self.config, new, keepers
         self._apply_daemon_settings(old, new)
 
@@ -407,6 +413,8 @@ class Daemon:
         for keeper in fresh:
             if not self._stopping:
                 keeper.start()
+        for name in (*diff.unchanged, *(k.name for k in adopted)):
+            keepers[name].retry_if_failed()
         log.info(
             "reloaded: %d added, %d removed, %d changed (%d logging in again), %d unchanged",
             len(diff.added),

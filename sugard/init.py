@@ -175,7 +175,7 @@ class Prompter:
 def _checker(key: str) -> Callable[[str], str]:
     def check(value: str) -> str:
         if key == "name":
-            if not INSTANCE_NAME.match(value):
+            if not INSTANCE_NAME.fullmatch(value):
                 raise ValueError(
                     f"{value!r} is not a valid instance name: use up to 64 of A-Z, a-z, 0-9, "
                     "'_', '.' and '-', starting with a letter or digit"

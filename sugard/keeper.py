@@ -231,6 +231,13 @@ class Keeper:
             raise TokenUnavailable(self._unavailable_message(), self._retry_after())
         return self._grant
 
+    def retry_if_failed(self) -> None:
+        """A reload asks a failed instance to try once more: the person who reloaded may have
+        fixed what Sugar refused (unlocked the user, registered the platform)."""
+        if self.state is State.FAILED:
+            self._forced = True
+            self._wake.set()
+
     def status(self) -> dict[str, Any]:
         grant = self._grant
         return {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import NoReturn
 
 __all__ = ["Secret", "fingerprint"]
 
@@ -52,6 +53,6 @@ class Secret:
     def __hash__(self) -> int:
         return hash(("Secret", self._value))
 
-    def __reduce__(self) -> object:
+    def __reduce__(self) -> NoReturn:
         # Pickling would write the value somewhere we do not control.
         raise TypeError("Secret values cannot be pickled")

@@ -133,7 +133,9 @@ def start_daemon(short_dir: Path) -> Iterator[Callable[..., DaemonProcess]]:
     """Start `sugard run` on a config; stopped (SIGTERM) at the end of the test."""
     started: list[DaemonProcess] = []
 
-    def start(config: Path, *, wait: bool = True, env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(
+        config: Path, *, wait: bool = True, env: dict[str, str] | None = None
+    ) -> DaemonProcess:
         daemon = DaemonProcess(config, short_dir / "s.sock", env)
         started.append(daemon)
         if wait:
@@ -145,7 +147,9 @@ def start_daemon(short_dir: Path) -> Iterator[Callable[..., DaemonProcess]]:
         daemon.stop()
 
 
-def sugarctl(socket: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+def sugarctl(
+    socket: Path, *args: str, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the real `sugarctl` console script."""
     return subprocess.run(
         [SUGARCTL, "--socket", str(socket), *args],

@@ -154,13 +154,39 @@ def test_all_problems_at_once_and_secrets_checked_despite_them(tmp_path: Path) -
         f"{path}: instances.prod.password_env: environment variable PW is not set",
         f"{path}: is writable by others (mode 0666): whoever can edit it can make sugard run a "
         f"password_command or send the password elsewhere; run: chmod 600 {path}",
-        f"{path}: instances.prod.ca_file: file nope.pem does not exist; give the PEM file of "
-        "the CA that signed the site's certificate",
+        f"{path}: instances.prod.ca_file: file {tmp_path / 'nope.pem'} does not exist; give "
+        "the PEM file of the CA that signed the site's certificate",
         f"{path}: instances.prod.client_secret: the built-in client 'sugar' has an empty "
         "secret and Sugar refuses any other; remove the client secret, or set client_id to "
         "your own OAuth key",
     ] == result.stderr.splitlines()
     assert "" == result.stdout
+
+
+def test_a_relative_ca_file_is_found_next_to_the_config(tmp_path: Path) -> None:
+    """`ca_file = "ca.pem"` means the ca.pem next to the config (as for password_file),
+    wherever sugard is started from; show-config prints the path sugard reads."""
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", tmp_path / "ca.pem")
+    path = config_file(tmp_path, GOOD + 'password_env = "PW"\nca_file = "ca.pem"\n')
+    result = subprocess.run(
+        [SUGARD, "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PW": "x"},
+        cwd="/",
+        check=False,
+    )
+    assert (0, "") == (result.returncode, result.stderr)
+    shown = subprocess.run(
+        [SUGARD, "show-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd="/",
+        check=True,
+    )
+    assert f'ca_file = "{tmp_path / "ca.pem"}"' in shown.stdout.splitlines()
 
 
 def test_warnings_do_not_fail_the_check(tmp_path: Path) -> None:

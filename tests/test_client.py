@@ -1,7 +1,6 @@
 """sugard.client and sugard.auth against the real daemon and the fake SugarCRM: the API, typed
 errors, one kept connection shared by threads, the 401 rule in the requests auth and in the
 documented aiohttp recipe, and a smoke run of the benchmark."""
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 
 from __future__ import annotations
 

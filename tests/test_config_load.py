@@ -344,3 +344,42 @@ def test_show_config_of_a_broken_file_prints_the_problems(tmp_path: Path) -> Non
         result.stdout,
         result.stderr,
     )
+
+
+def test_a_name_with_a_trailing_newline_is_refused_on_one_line(tmp_path: Path) -> None:
+    """`[instances."prod\\n"]` (which `$` alone would let through) is a bad instance name,
+    shown quoted on one line; a platform or url with a newline is refused the same way."""
+    path = write(
+        tmp_path,
+        '[instances."prod\\n"]\nurl = "https://a.example.com"\nusername = "u"\npassword = "p"\n'
+        '[instances.ok]\nurl = "https://a.example.com\\n"\nusername = "u"\npassword = "p"\n'
+        'platform = "sugard\\n"\n"bad\\tkey" = 1\n',
+    )
+    assert [
+        f'{path}: instances."prod\\n": bad instance name: use up to 64 of A-Z, a-z, 0-9, '
+        "'_', '.' and '-', starting with a letter or digit",
+        f"{path}: instances.ok.url: must not contain spaces or control characters, "
+        "not 'https://a.example.com\\n'",
+        f"{path}: instances.ok.platform: 'sugard\\n' is not a valid platform name: use 1-127 "
+        "of a-z, 0-9, '_' and '-', like 'sugard' (and register it in Sugar: Admin > "
+        "Configure API Platforms)",
+        f'{path}: instances.ok."bad\\tkey": unknown key; {INSTANCE_KEYS_HELP}',
+    ] == problems(path)
+    result = subprocess.run(
+        [SUGARD, "check", "-c", str(path)], capture_output=True, text=True, check=False
+    )
+    assert 1 == result.returncode
+    assert 4 == len(result.stderr.splitlines())
+    init = subprocess.run(
+        [
+            *(SUGARD, "init", "-c", str(tmp_path / "new.toml"), "--instance", "prod\n"),
+            *("--url", "https://a.example.com", "--username", "u", "--password-env", "PW"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (2, "") == (init.returncode, init.stdout)
+    assert 1 == len(init.stderr.splitlines())
+    assert "'prod\\n' is not a valid instance name" in init.stderr
+    assert not (tmp_path / "new.toml").exists()

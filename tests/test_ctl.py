@@ -1,12 +1,12 @@
 """sugarctl through the real console script and a real `sugard run`: every command, every exit
 code, scriptable output, and the lean start-up (what it imports)."""
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 
 from __future__ import annotations
 
 import json
 import os
 import pty
+import select
 import socket
 import subprocess
 import sys
@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SUGARCTL, USER, instance, sugarctl, write_config
+from conftest import SUGARCTL, SUGARD, USER, instance, sugarctl, write_config
 
 import sugard
 from sugard import __version__
+from sugard.client import SugardClient, TokenUnavailable
+from sugard.config import INSTANCE_KEYS_HELP
 from sugard.testing import FakeSugar
 
 NOBODY = 65534
@@ -275,11 +277,12 @@ def test_refresh_prints_a_new_token(fake: FakeSugar, daemon) -> None:
     assert 1 == fake.calls["refresh_token"]
 
 
-def test_reload_prints_the_changes_or_the_errors(
+def test_reload_prints_the_changes_or_each_problem_on_its_own_line(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
-    """`reload` prints what changed; a broken config exits 6 naming the problem, and the old
-    config keeps serving."""
+    """`reload` prints what changed; a broken config exits 6 with one `sugarctl:` line, then
+    each problem on a line of its own exactly as `sugard check` prints it (file, table, key),
+    and the old config keeps serving the same tokens."""
     config = write_config(short_dir, {"prod": instance(fake)})
     daemon = start_daemon(config)
     same = sugarctl(daemon.socket, "reload")
@@ -287,13 +290,25 @@ def test_reload_prints_the_changes_or_the_errors(
     write_config(short_dir, {"prod": instance(fake), "staging": instance(fake)})
     added = sugarctl(daemon.socket, "reload")
     assert (0, "added: staging (1 unchanged)\n") == (added.returncode, added.stdout)
-    config.write_text(config.read_text() + '\n[instances.bad]\nurl = "ftp://x"\n')
+    before = sugarctl(daemon.socket, "token", "staging", "--wait", "20").stdout
+    config.write_text(config.read_text() + '\n[instances.bad]\nurl = "ftp://x"\ncolour = "red"\n')
+
     broken = sugarctl(daemon.socket, "reload")
-    assert 6 == broken.returncode
-    line = one_error_line(broken)
-    assert "the old one is still running" in line
-    assert "instances.bad" in line
-    assert 0 == sugarctl(daemon.socket, "token", "staging", "--wait", "20").returncode
+    check = subprocess.run(
+        [SUGARD, "check", "-c", str(config)], capture_output=True, text=True, check=False
+    )
+
+    assert (6, "") == (broken.returncode, broken.stdout)
+    first, *problems = broken.stderr.splitlines()
+    assert "sugarctl: the new config has errors; the old one is still running:" == first
+    assert [
+        f"{config}: instances.bad.url: must start with https:// (or http://), not 'ftp://x'",
+        f"{config}: instances.bad.colour: unknown key; {INSTANCE_KEYS_HELP}",
+    ] == problems
+    assert check.stderr.splitlines() == problems
+    after = sugarctl(daemon.socket, "token", "staging")
+    assert (0, before) == (after.returncode, after.stdout)
+    assert "prod, staging" in sugarctl(daemon.socket, "token", "bad").stderr
 
 
 def test_ping(daemon) -> None:
@@ -399,6 +414,63 @@ def test_token_unavailable_exits_5_while_still_logging_in(
     late = sugarctl(daemon.socket, "token", "prod", "--wait", "20")
     assert 0 == late.returncode, late.stderr
     assert fake.valid(late.stdout.strip())
+
+
+def test_a_daemon_at_its_connection_limit_exits_5_for_every_command(
+    fake: FakeSugar, short_dir: Path
+) -> None:
+    """A daemon holding its maximum of connections answers `busy`: sugarctl exits 5 (the
+    client raises TokenUnavailable with retry_after 1) with one line, for token and for
+    ping alike; once the connections go, the token flows again."""
+    config = write_config(short_dir, {"prod": instance(fake)})
+    sock = short_dir / "s.sock"
+    # An open files limit of 64 makes the daemon hold at most 32 connections.
+    argv = ["prlimit", "--nofile=64:64", SUGARD, "run", "-c", str(config), "--socket", str(sock)]
+    with (short_dir / "sugard.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    held: list[socket.socket] = []
+    try:
+        deadline = time.monotonic() + 15
+        while sugarctl(sock, "token", "prod").returncode != 0:
+            assert time.monotonic() < deadline, (short_dir / "sugard.log").read_text()
+            time.sleep(0.05)
+        while True:
+            while len(held) < 32:
+                conn = socket.socket(socket.AF_UNIX)
+                conn.connect(os.fspath(sock))
+                held.append(conn)
+            time.sleep(0.2)
+            # Turned away (readable: the `busy` answer) while a closing connection of the
+            # readiness check still counted: replace those, until the daemon holds all 32.
+            turned_away, _, _ = select.select(held, [], [], 0)
+            if not turned_away:
+                break
+            for conn in turned_away:
+                conn.close()
+                held.remove(conn)
+        # The daemon accepts in arrival order: sugarctl's connection comes after all of ours.
+        for args in (["token", "prod"], ["ping"]):
+            busy = sugarctl(sock, *args)
+            assert 5 == busy.returncode, (args, busy.stderr)
+            assert (
+                "sugarctl: sugard is serving its maximum of 32 connections; try again in a moment"
+                == one_error_line(busy)
+            )
+        with SugardClient(sock) as client, pytest.raises(TokenUnavailable) as caught:
+            client.token("prod")
+        assert (5, 1.0, "busy") == (
+            caught.value.exit_code,
+            caught.value.retry_after,
+            caught.value.body["error"],
+        )
+        for conn in held:
+            conn.close()
+        assert 0 == sugarctl(sock, "token", "prod").returncode
+    finally:
+        for conn in held:
+            conn.close()
+        proc.terminate()
+        proc.wait(15)
 
 
 def test_wrong_password_exits_6_and_exec_runs_nothing(

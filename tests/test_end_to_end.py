@@ -26,7 +26,9 @@ TOKEN_KEYS = {
 }
 
 
-def test_sugarctl_token_prints_a_token_sugar_accepts(fake: FakeSugar, short_dir: Path, start_daemon) -> None:
+def test_sugarctl_token_prints_a_token_sugar_accepts(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
     """`sugarctl token NAME` prints exactly the live access token, nothing else."""
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
     result = sugarctl(daemon.socket, "token", "prod")
@@ -40,9 +42,18 @@ def test_curl_gets_the_token_json(fake: FakeSugar, short_dir: Path, start_daemon
     """`curl --unix-socket` gets the design's TOKEN object."""
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
     out = subprocess.run(
-        ["curl", "-sS", "--fail", "--unix-socket", str(daemon.socket),
-         "http://sugard/v1/instances/prod/token"],
-        capture_output=True, text=True, check=True, timeout=30,
+        [
+            "curl",
+            "-sS",
+            "--fail",
+            "--unix-socket",
+            str(daemon.socket),
+            "http://sugard/v1/instances/prod/token",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
     ).stdout
     body = json.loads(out)
     assert TOKEN_KEYS == set(body)
@@ -112,7 +123,7 @@ def test_status_and_ping(fake: FakeSugar, short_dir: Path, start_daemon) -> None
 def test_unknown_instance_and_no_daemon_exit_codes(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
-    """Unknown instance exits 3 naming the configured ones; no daemon exits 4 saying how to start."""
+    """Unknown instance exits 3 naming the configured ones; no daemon exits 4 saying how."""
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
     result = sugarctl(daemon.socket, "token", "nope")
     assert 3 == result.returncode
@@ -128,7 +139,9 @@ def test_socket_is_private_and_removed_on_sigterm(
     """The socket is 0600 in a 0700 directory; SIGTERM exits 0 and removes it."""
     sock_dir = short_dir / "run"
     sock_dir.mkdir(mode=0o700)
-    config = write_config(short_dir, {"prod": instance(fake)}, daemon={"socket": str(sock_dir / "x.sock")})
+    config = write_config(
+        short_dir, {"prod": instance(fake)}, daemon={"socket": str(sock_dir / "x.sock")}
+    )
     daemon = start_daemon(config)
     assert 0o600 == stat.S_IMODE(os.stat(daemon.socket).st_mode)
     assert 0o700 == stat.S_IMODE(os.stat(daemon.socket.parent).st_mode)
@@ -145,7 +158,10 @@ def test_open_socket_directory_is_refused(fake: FakeSugar, short_dir: Path) -> N
     config = write_config(short_dir, {"prod": instance(fake)})
     result = subprocess.run(
         [SUGARD, "run", "-c", str(config), "--socket", str(open_dir / "s.sock")],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert 1 == result.returncode
     assert f"chmod 700 {open_dir}" in result.stderr

@@ -1,5 +1,4 @@
 # Expected value first in asserts (docs/style.md), which ruff's SIM300 calls a Yoda condition.
-# ruff: noqa: SIM300
 """The fake SugarCRM itself: it must answer exactly as docs/sugarcrm-oauth2.md says Sugar does.
 
 Every other test trusts this fake, so these tests talk to it over real HTTP on 127.0.0.1 with

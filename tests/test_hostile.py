@@ -1,7 +1,6 @@
 """Hostile input: malformed HTTP, unknown routes, bad names and values, oversized requests, idle
 and stalled connections, and more connections than the daemon will hold. Every answer is JSON,
 never a traceback and never a 5xx, and the daemon keeps handing out tokens throughout."""
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 
 from __future__ import annotations
 

@@ -110,6 +110,25 @@ def test_wrong_password_makes_one_attempt_however_many_requests(
     assert "ready" == status(daemon)["state"]
 
 
+def test_a_reload_retries_a_failed_instance_once(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """An admin unlocks the account in Sugar, config unchanged: `sugarctl reload` tries again."""
+    fake = sugar(lockout_after=1)
+    fake.set_password(USER, "old")  # the config still has PASSWORD: the first login fails...
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    wait_for(lambda: status(daemon)["state"] == "failed", what="state failed")
+    fake.set_password(USER, PASSWORD)  # ...and the account is now locked: no retry helps
+    time.sleep(0.5)
+    assert 1 == fake.calls["password"]
+
+    fake.unlock(USER)
+    reloaded = sugarctl(daemon.socket, "reload")
+    assert 0 == reloaded.returncode, reloaded.stderr
+    wait_for(lambda: status(daemon)["state"] == "ready", what="state ready")
+    assert 2 == fake.calls["password"]
+
+
 @pytest.mark.timeout(120)
 def test_a_thousand_concurrent_requests_on_a_cold_instance_make_one_login(
     sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]

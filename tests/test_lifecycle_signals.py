@@ -1,4 +1,3 @@
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 """Start and stop with real signals: graceful SIGTERM within the grace period, a second signal
 forcing the exit, stale sockets, the lock against two daemons at once, over-long paths."""
 

@@ -5,7 +5,6 @@ schemathesis talks through `requests`; a transport adapter mounted on the sessio
 the daemon's Unix socket, so the real daemon is tested on its real socket, with the peer
 credential check in place (this process is the daemon's own uid).
 """
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """Who may ask: SO_PEERCRED checks with real clients run as another uid (setpriv), against the
 real daemon. Each test loosens the socket's directory and the socket on purpose, so that only the
 daemon's credential check stands between the other uid and the tokens."""
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 
 from __future__ import annotations
 

@@ -1,4 +1,3 @@
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 """Reload (SIGHUP, `sugarctl reload`, `POST /v1/reload`): all of the new config or none of it,
 applied as a diff that makes upstream calls only for instances whose session changed."""
 
@@ -14,10 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, SUGARD, DaemonProcess, instance, sugarctl, write_config
+from conftest import (
+    PASSWORD,
+    SUGARCTL,
+    SUGARD,
+    DaemonProcess,
+    instance,
+    sugarctl,
+    write_config,
+)
 
 from sugard.client import SugardClient
 from sugard.testing import FakeSugar, running_fake
+
+NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -276,3 +286,107 @@ def test_reload_applies_log_level_and_names_restart_only_settings(
     finally:
         proc.terminate()
         assert 0 == proc.wait(15)
+
+
+def test_a_request_waiting_on_a_replaced_session_gets_the_new_one(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A `sugarctl token` waiting on prod's login while a reload changes prod's user (a new
+    session for the same name) is answered from the new session, not with "unknown instance"."""
+    fake.maintenance = True  # prod's login fails and backs off: the request waits
+    config = write_config(short_dir, {"prod": instance(fake)})
+    daemon = start_daemon(config)
+    waiting = InFlight(daemon.socket, "token", "prod", "--wait", "10")
+    wait_for(lambda: fake.calls["token"] >= 2)
+    time.sleep(0.3)  # the request has reached the daemon and waits on the login
+
+    write_config(short_dir, {"prod": instance(fake, username="admin", password="admin-pw")})
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "1 changed (1 logging in again)" in daemon.log())
+    fake.maintenance = False
+    result = waiting.join()
+
+    assert (0, "") == (result.returncode, result.stderr)
+    token = result.stdout.strip()
+    assert fake.valid(token)
+    assert token == tokens(daemon, "prod")["prod"]
+    assert ["admin"] == [r.username for r in fake.requests if r.status == 200]
+
+
+def test_a_waiting_request_gets_no_new_session_the_reload_took_away_from_its_uid(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A request of another uid waiting on prod when a reload replaces prod's session and
+    narrows prod to its owner gets 403 (exit 7), not the new session's token."""
+    fake.maintenance = True
+    daemon = start_daemon(
+        write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
+    )
+    short_dir.chmod(0o755)  # let nobody reach the socket; the daemon's own check decides
+    daemon.socket.chmod(0o666)
+    argv = [*AS_NOBODY, SUGARCTL, "--socket", str(daemon.socket), "token", "prod", "--wait", "10"]
+    result: list[subprocess.CompletedProcess[str]] = []
+    waiting = threading.Thread(
+        target=lambda: result.append(
+            subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        )
+    )
+    waiting.start()
+    wait_for(lambda: fake.calls["token"] >= 2)
+    time.sleep(0.3)  # the request has reached the daemon and waits on the login
+
+    write_config(
+        short_dir,
+        {"prod": instance(fake, username="admin", password="admin-pw", allowed_uids=[])},
+        daemon={"allowed_uids": [NOBODY]},
+    )
+    daemon.signal(signal.SIGHUP)
+    wait_for(lambda: "1 changed (1 logging in again)" in daemon.log())
+    fake.maintenance = False
+    waiting.join(30)
+
+    assert 7 == result[0].returncode, result[0].stderr
+    assert (
+        f"sugarctl: uid {NOBODY} may not use instance 'prod'; its allowed_uids / allowed_gids "
+        "in the config decide who may\n"
+    ) == result[0].stderr
+    assert "" == result[0].stdout
+    assert f"refused uid {NOBODY} the new session of prod after a reload" in daemon.log()
+
+
+def test_verify_tls_off_is_logged_for_each_instance_a_reload_adds_or_changes(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """The verify_tls = false warning comes at start, again when a reload adds such an
+    instance or changes one (even a setting that keeps its session), never for one a reload
+    leaves alone."""
+    warning = "TLS verification is OFF (verify_tls = false)"
+    insecure = instance(fake, verify_tls=False)
+    config = write_config(short_dir, {"prod": insecure, "safe": instance(fake)})
+    daemon = start_daemon(config)
+    assert 1 == daemon.log().count(f"prod: {warning}")
+
+    def reload(instances: dict[str, dict[str, Any]], expected: dict[str, list[str]]) -> None:
+        write_config(short_dir, instances)
+        with SugardClient(daemon.socket) as client:
+            assert expected == {k: v for k, v in client.reload().items() if v}
+
+    reload(
+        {"prod": insecure, "safe": instance(fake, refresh_before=100)},
+        {"changed": ["safe"], "unchanged": ["prod"]},
+    )
+    assert (1, 0) == (daemon.log().count(f"prod: {warning}"), daemon.log().count("safe: TLS"))
+    reload(
+        {"prod": {**insecure, "refresh_before": 100}, "safe": instance(fake, refresh_before=100)},
+        {"changed": ["prod"], "unchanged": ["safe"]},
+    )
+    assert 2 == daemon.log().count(f"prod: {warning}")
+    reload(
+        {
+            "prod": {**insecure, "refresh_before": 100},
+            "safe": instance(fake, refresh_before=100),
+            "lab": instance(fake, verify_tls=False),
+        },
+        {"added": ["lab"], "unchanged": ["prod", "safe"]},
+    )
+    assert (2, 1) == (daemon.log().count(f"prod: {warning}"), daemon.log().count(f"lab: {warning}"))

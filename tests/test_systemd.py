@@ -1,4 +1,3 @@
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 """systemd, with its own tools: sd_notify read from a real datagram socket, socket activation by
 `systemd-socket-activate`, the units checked by `systemd-analyze`, and journald-style logs."""
 

@@ -3,7 +3,6 @@
 Verification is on by default, `ca_file` trusts a private CA, and `verify_tls = false` works only
 with a warning at every start.
 """
-# ruff: noqa: SIM300 (the team's style puts the expected value first in asserts)
 
 from __future__ import annotations
 
