@@ -149,6 +149,9 @@ def _peer_groups(sock: Any) -> tuple[int, ...]:
 
 def peer_of(request: web.Request) -> Peer | None:
     """Who is asking, as the kernel says."""
+    handler = request.protocol
+    if isinstance(handler, _RequestHandler):
+        return handler.peer
     transport = request.transport
     return peer_of_socket(transport.get_extra_info("socket") if transport else None)
 
@@ -279,7 +282,7 @@ class _Server(web.Server):
     def __call__(self) -> web.RequestHandler:
         return _RequestHandler(self, loop=self._loop, **self._kwargs)
 
-    def refusal(self, transport: asyncio.BaseTransport) -> dict[str, Any] | None:
+    def refusal(self, peer: Peer | None) -> dict[str, Any] | None:
         """Why a new connection is not admitted (an error body), or None to serve it."""
         if len(self._connections) >= self.max_connections:
             self._report_busy()
@@ -289,7 +292,6 @@ class _Server(web.Server):
                 "connections; try again in a moment",
                 "retry_after": 1,
             }
-        peer = peer_of_socket(transport.get_extra_info("socket"))
         if peer is None:
             return {"error": "forbidden", "message": "sugard serves only local peers"}
         if not self._registry.allowed(peer, None) and self._refused[peer.uid] >= REFUSED_PER_UID:
@@ -311,7 +313,7 @@ class _Server(web.Server):
 
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        peer = peer_of_socket(transport.get_extra_info("socket"))
+        peer = handler.peer if isinstance(handler, _RequestHandler) else None
         if peer is not None and not self._registry.allowed(peer, None):
             # Let a few requests in, to answer them with the reason (and log who asked).
             self._refused[peer.uid] += 1
@@ -333,9 +335,14 @@ class _RequestHandler(web.RequestHandler):
     parsed with a JSON error, logging no traceback for them (aiohttp would log one per
     malformed request: a flood, and the bytes may hold a token)."""
 
+    # Read once per connection: the kernel fixes a Unix socket's peer credentials at connect(),
+    # and two getsockopt calls per request were ~10% of a token request's CPU (bench/).
+    peer: Peer | None = None
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(self._manager, _Server)
-        refusal = self._manager.refusal(transport)
+        self.peer = peer_of_socket(transport.get_extra_info("socket"))
+        refusal = self._manager.refusal(self.peer)
         if refusal is None:
             super().connection_made(transport)
             return

@@ -4,8 +4,11 @@ daemon's credential check stands between the other uid and the tokens."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import re
+import socket
 import stat
 import subprocess
 import time
@@ -124,6 +127,56 @@ def test_daemon_allowed_uids_widen_after_a_reload(
     status, body, _ = curl(daemon.socket, "/v1/instances/prod/token")
     assert 200 == status
     assert fake.valid(body["access_token"])
+
+
+def connect_as_nobody(path: Path) -> socket.socket:
+    """A connection to `path` made by a child running as uid 65534, handed back over
+    SCM_RIGHTS: the kernel fixes a Unix socket's peer credentials at connect(), so the daemon
+    sees uid 65534 on it for as long as it lives, whoever writes to it afterwards."""
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            conn = socket.socket(socket.AF_UNIX)
+            conn.connect(str(path))
+            socket.send_fds(child, [b"fd"], [conn.fileno()])
+            status = 0
+        finally:
+            os._exit(status)
+    child.close()
+    _, fds, _, _ = socket.recv_fds(parent, 16, 1)
+    parent.close()
+    assert 0 == os.waitpid(pid, 0)[1]
+    return socket.socket(fileno=fds[0])
+
+
+def test_a_reload_withdraws_access_on_an_open_keep_alive_connection(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """Credentials are read once per connection, but who may ask is judged per request: a
+    keep-alive connection opened while the uid was allowed is refused once a reload drops it."""
+    config = write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
+    daemon = start_daemon(config)
+    loosen(daemon.socket)
+    conn = http.client.HTTPConnection("sugard", timeout=30)
+    conn.sock = connect_as_nobody(daemon.socket)
+    try:
+        conn.request("GET", "/v1/instances/prod/token")
+        answer = conn.getresponse()
+        assert 200 == answer.status
+        assert fake.valid(json.loads(answer.read())["access_token"])
+        write_config(short_dir, {"prod": instance(fake)})
+        assert 0 == sugarctl(daemon.socket, "reload").returncode
+        conn.request("GET", "/v1/instances/prod/token")
+        answer = conn.getresponse()
+        assert 403 == answer.status
+        assert f"uid {NOBODY} may not use this sugard" in json.loads(answer.read())["message"]
+    finally:
+        conn.close()
 
 
 def test_allowed_gids_match_supplementary_groups(
