@@ -826,20 +826,17 @@ def client_cost(sizes: Sizes, workdir: Path, report: Report) -> None:
         verdict(ctl / bare <= bench_client.TARGET),
     )
     site = figures.median(1)
-    report.add(
-        "6",
-        "... `python -c pass`: the start-up with `site` every console script pays",
-        num(site * 1000, "ms", 1),
-        num(bare * 1000, "ms", 1),
-        ratio(site, bare),
-    )
-    report.add(
-        "6",
-        "... `curl --unix-socket` for the same token",
-        num(curl * 1000, "ms", 1),
-        num(bare * 1000, "ms", 1),
-        ratio(curl, bare),
-    )
+    for label, seconds in (
+        ("... `python -c pass`: the start-up with `site` every console script pays", site),
+        ("... `curl --unix-socket` for the same token", curl),
+    ):
+        report.add(
+            "6",
+            label,
+            num(seconds * 1000, "ms", 1),
+            num(bare * 1000, "ms", 1),
+            ratio(seconds, bare),
+        )
     report.add(
         "6",
         "`SugardClient.token()` in process, one kept connection",
