@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +23,15 @@ from .testing import FakeSugar
 
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo-password"  # noqa: S105 - the fake's own account, printed nowhere
+
+
+def _sugarctl_command() -> str:
+    """`sugarctl` if the shell finds this installation's, else its path (a venv not activated)."""
+    ours = Path(sys.executable).parent / "sugarctl"
+    if not ours.exists():
+        return "sugarctl"
+    found = shutil.which("sugarctl")
+    return "sugarctl" if found and Path(found).resolve() == ours.resolve() else str(ours)
 
 
 def run_demo(*, once: bool) -> int:
@@ -56,12 +66,17 @@ async def _demo(once: bool) -> int:
         print(f"token for demo: {token['access_token']} (expires in {token['expires_in']} s)")
         print(f"password logins the fake saw: {fake.calls['password']}\n")
         print(_table(status))
+        ctl = _sugarctl_command()
         print(
-            "\nTry, in another terminal:\n"
+            "\nRun `sugard demo` (no --once) to keep it running; then, in another terminal:"
+            if once
+            else "\nTry, in another terminal:"
+        )
+        print(
             f"  export SUGARD_SOCKET={socket_path}\n"
-            "  sugarctl token demo\n"
-            "  sugarctl status\n"
-            "  sugarctl exec demo -- env | grep SUGAR_\n"
+            f"  {ctl} token demo\n"
+            f"  {ctl} status\n"
+            f"  {ctl} exec demo -- env | grep SUGAR_\n"
             f"  curl --unix-socket {socket_path} http://sugard/v1/instances/demo/token"
         )
         if not once:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -176,3 +177,41 @@ def test_demo_once_prints_a_token_through_the_daemon() -> None:
     assert "token for demo: " in result.stdout
     assert "password logins the fake saw: 1" in result.stdout
     assert "sugarctl token demo" in result.stdout
+
+
+def test_the_commands_the_demo_suggests_work_while_it_runs(tmp_path: Path) -> None:
+    """Without --once the demo keeps running: the commands it prints, run as printed (PATH
+    without the venv), get its token; Ctrl-C stops it and removes its files."""
+    env = {**os.environ, "PATH": "/usr/bin:/bin"}
+    with (
+        (tmp_path / "demo.log").open("w") as log,
+        subprocess.Popen(
+            [SUGARD, "demo"], stdout=subprocess.PIPE, stderr=log, text=True, env=env
+        ) as demo,
+    ):
+        assert demo.stdout is not None
+        try:
+            lines = []
+            for line in demo.stdout:
+                lines.append(line)
+                if "press Ctrl-C" in line:
+                    break
+            printed = "".join(lines)
+            token = re.search(r"token for demo: (\S+)", printed)
+            socket = re.search(r"export SUGARD_SOCKET=(\S+)", printed)
+            command = re.search(r"^  (\S+) token demo$", printed, re.MULTILINE)
+            assert token and socket and command, printed
+            got = subprocess.run(
+                [command[1], "token", "demo"],
+                env={**env, "SUGARD_SOCKET": socket[1]},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert 0 == got.returncode, got.stderr
+            assert token[1] == got.stdout.strip()
+        finally:
+            demo.send_signal(signal.SIGINT)
+            assert 0 == demo.wait(timeout=30), (tmp_path / "demo.log").read_text()
+    assert not Path(socket[1]).parent.exists()
