@@ -273,6 +273,9 @@ def test_no_secret_leaks_through_the_token_lifecycle(
         for label, text in t.texts
         if needle in text
     ]
+    print(
+        f"\nleak scan: {len(secrets)} secrets (and their heads and tails) in {len(t.texts)} outputs"
+    )
     assert [] == leaks
 
 
