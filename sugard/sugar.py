@@ -50,6 +50,8 @@ __all__ = [
 TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
 LOGOUT_PATH = "/rest/v10/oauth2/logout"
 TRANSIENT_STATUSES = {408, 425, 429}
+# The token request's fields that hold secrets (redacted from any text Sugar sends back).
+SECRET_FIELDS = ("password", "client_secret", "refresh_token")
 # A refresh_expires_in above this is an absolute epoch time (a bug of Sugar's IdM mode),
 # not a duration: no site keeps refresh tokens for ten years.
 EPOCH_THRESHOLD = 10 * 365 * 86400
@@ -249,7 +251,9 @@ class SugarClient:
             raise TransientError(
                 f"cannot reach {i.url}: {_describe_network_error(exc)}", kind="unreachable"
             ) from exc
-        return _interpret(i, grant, status, raw, retry_after, sent_at)
+        # Whatever secret this request carried may come back quoted in Sugar's error text.
+        sent_secrets = tuple(body[key] for key in SECRET_FIELDS if key in body)
+        return _interpret(i, grant, status, raw, retry_after, sent_at, sent_secrets)
 
 
 def _interpret(
@@ -259,6 +263,7 @@ def _interpret(
     raw: bytes,
     retry_after: float | None,
     sent_at: float,
+    sent_secrets: tuple[str, ...],
 ) -> Grant:
     data = _json_object(raw)
     if status == 200:
@@ -274,7 +279,7 @@ def _interpret(
     label = data.get("error") if data is not None else None
     text = data.get("error_message") if data is not None else None
     label = label if isinstance(label, str) else None
-    sugar_says = _redact(_one_line(text), i) if isinstance(text, str) else ""
+    sugar_says = _redact(_one_line(text), sent_secrets) if isinstance(text, str) else ""
     where = f"{label} ({status})" if label else f"HTTP {status}"
 
     if status in TRANSIENT_STATUSES or status >= 500:
@@ -434,10 +439,10 @@ def _one_line(text: str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def _redact(text: str, i: InstanceConfig) -> str:
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
     """Sugar's text is quoted to the user and the log: a proxy or plugin echoing the request
     must not carry our secrets there."""
-    for secret in (i.password.reveal(), i.client_secret.reveal()):
+    for secret in secrets:
         if len(secret) >= 4:  # an empty or tiny secret would garble the text instead
             text = text.replace(secret, "[redacted]")
     return text

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -681,6 +682,56 @@ async def test_sugar_text_that_echoes_our_secrets_is_redacted(
     assert "bad login [redacted] with [redacted]" in said
     assert PASSWORD not in said
     assert client_secret not in said
+
+
+async def test_an_echoed_refresh_token_is_redacted(short_dir: Path) -> None:
+    """A refresh answered with an error text quoting the refresh token that was sent: the
+    status, the error answer and the log show it as [redacted]."""
+    refresh_token = "rt-0123456789abcdef"
+
+    async def grant(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["grant_type"] == "password":
+            return web.json_response(
+                {
+                    "access_token": "at-0123456789abcdef",
+                    "expires_in": 3600,
+                    "token_type": "bearer",
+                    "refresh_token": refresh_token,
+                    "refresh_expires_in": 1209600,
+                }
+            )
+        text = f"cannot refresh {body['refresh_token']} now"
+        return web.json_response({"error": "server_error", "error_message": text}, status=503)
+
+    app = web.Application()
+    app.router.add_post("/rest/v10/oauth2/token", grant)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    table = {"url": f"http://127.0.0.1:{port}", "username": USER, "password": PASSWORD}
+    config = load_config(write_config(short_dir, {NAME: table}))
+    log = short_dir / "log"
+    handler = logging.FileHandler(log)
+    logging.getLogger("sugard").addHandler(handler)
+    daemon = Daemon(config, short_dir / "s.sock")
+    await daemon.start()
+    try:
+        async with unix_session(short_dir / "s.sock", 4) as http:
+            assert 200 == (await get_json(http, f"/v1/instances/{NAME}/token"))[0]
+            async with http.post(f"http://sugard/v1/instances/{NAME}/refresh") as answer:
+                code, body = answer.status, await answer.json()
+            _, shown = await get_json(http, f"/v1/instances/{NAME}")
+    finally:
+        await daemon.stop()
+        await runner.cleanup()
+        logging.getLogger("sugard").removeHandler(handler)
+        handler.close()
+    assert 503 == code
+    said = json.dumps([body, shown]) + log.read_text()
+    assert "cannot refresh [redacted] now" in shown["last_error"]["message"]
+    assert refresh_token not in said
 
 
 async def test_sugar_cookies_are_never_sent_back(short_dir: Path) -> None:
