@@ -444,7 +444,14 @@ class Daemon:
         self._stopping = True
         self._notifier.stopping()
         if self._runner is not None:
-            log.info("waiting up to %g s for requests in flight", self.config.daemon.shutdown_grace)
+            server = self._runner.server
+            open_connections = len(server.connections) if server is not None else 0
+            if open_connections:
+                log.info(
+                    "waiting up to %g s for %d open connection(s) to finish",
+                    self.config.daemon.shutdown_grace,
+                    open_connections,
+                )
             await self._runner.cleanup()
             self._runner = None
         for keeper in self._keepers.values():

@@ -84,6 +84,7 @@ def test_stop_signal_lets_a_slow_request_finish(
     assert 0 == daemon.proc.wait(15)
     assert time.monotonic() - signalled < 10  # it did not sit out the whole grace period
     assert [] == sorted(p.name for p in short_dir.glob("s.sock*"))
+    assert "waiting up to 10 s for 1 open connection(s) to finish" in daemon.log()
 
 
 @pytest.mark.parametrize("grace", [0.5, 0])
