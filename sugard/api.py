@@ -43,9 +43,8 @@ from aiohttp.http_exceptions import (
 
 from . import __version__
 from .config import INSTANCE_NAME
-from .keeper import InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
 from .openapi import spec
-from .sugar import Grant
 
 __all__ = [
     "ApiRunner",

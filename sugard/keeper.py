@@ -34,6 +34,7 @@ from .sugar import (
 
 __all__ = [
     "MAX_SLEEP",
+    "Grant",  # what a keeper hands out: the api serves it without knowing the sugar module
     "InstanceStopped",
     "Keeper",
     "LastError",

@@ -1,0 +1,86 @@
+"""The module layout of the design (one module, one job): who may import whom. A module that
+reaches past its neighbours (sugarctl pulling in aiohttp, the api talking to Sugar) fails here,
+before it shows up as a slow start or a tangled change."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
+
+# sugard's modules each may import, beyond the standard library, after the design's table.
+# Small shared helpers every layer may use: the version, the secret type, default paths.
+SHARED = {"sugard", "secret", "paths"}
+ALLOWED: dict[str, tuple[set[str], set[str]]] = {
+    # module: (sugard modules, third-party packages)
+    "config": (SHARED, set()),
+    "sugar": (SHARED | {"config"}, {"aiohttp"}),
+    "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
+    "api": (SHARED | {"config", "keeper", "openapi"}, {"aiohttp"}),
+    "openapi": (SHARED, set()),
+    "systemd": (set(), set()),
+    "logs": ({"systemd"}, set()),
+    "client": (set(), set()),
+    "ctl": ({"sugard", "client"}, set()),
+    "auth": ({"client"}, set()),
+    "testing": ({"testing"}, {"aiohttp"}),
+}
+
+
+def imports_of(path: Path) -> tuple[set[str], set[str]]:
+    """(sugard modules, third-party top-level packages) that `path` imports, lazily or not."""
+    ours: set[str] = set()
+    theirs: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            module = node.module or ""
+            if module:
+                ours.add(module.split(".")[0])
+            else:  # `from . import x`: the package itself, or its submodule x
+                ours.update(
+                    a.name if (path.parent / f"{a.name}.py").exists() else "sugard"
+                    for a in node.names
+                )
+            continue
+        names = (
+            [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else []
+        )
+        for name in names:
+            top, _, rest = name.partition(".")
+            if top == "sugard":
+                ours.add(rest.split(".")[0] if rest else "sugard")
+            elif top not in sys.stdlib_module_names and top != "__future__":
+                theirs.add(top)
+    return ours, theirs
+
+
+def test_each_module_imports_only_what_the_design_allows() -> None:
+    broken = []
+    for module, (our_allowed, their_allowed) in ALLOWED.items():
+        files = (
+            [PACKAGE / f"{module}.py"]
+            if (PACKAGE / f"{module}.py").exists()
+            else sorted((PACKAGE / module).glob("*.py"))
+        )
+        assert files, module
+        for path in files:
+            ours, theirs = imports_of(path)
+            ours.discard(module)
+            if ours - our_allowed or theirs - their_allowed:
+                broken.append(
+                    f"{path.name}: {sorted(ours - our_allowed)} {sorted(theirs - their_allowed)}"
+                )
+    assert [] == broken
+
+
+def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
+    """The check above can fail: a client module importing aiohttp and the daemon is caught."""
+    bad = tmp_path / "client.py"
+    bad.write_text("import aiohttp\nfrom .daemon import Daemon\nfrom . import __version__\n")
+    assert ({"daemon", "sugard"}, {"aiohttp"}) == imports_of(bad)
