@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -159,3 +160,41 @@ def sugarctl(
         timeout=60,
         check=False,
     )
+
+
+# The TOKEN object of the design's socket API.
+TOKEN_KEYS = {
+    "instance",
+    "url",
+    "access_token",
+    "token_type",
+    "expires_at",
+    "expires_in",
+    "download_token",
+}
+
+
+@pytest.fixture
+def daemon(fake: FakeSugar, short_dir: Path, start_daemon) -> DaemonProcess:
+    """A daemon with one instance, `prod`, ready with a token."""
+    started: DaemonProcess = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    with started.client() as client:
+        client.token("prod", wait=20)
+    return started
+
+
+class InFlight:
+    """`sugarctl ARGS` in a thread, so the test can signal or reload the daemon while it waits."""
+
+    def __init__(self, socket_path: Path, *args: str) -> None:
+        self.result: subprocess.CompletedProcess[str] | None = None
+        self._thread = threading.Thread(target=self._run, args=(socket_path, args))
+        self._thread.start()
+
+    def _run(self, socket_path: Path, args: tuple[str, ...]) -> None:
+        self.result = sugarctl(socket_path, *args)
+
+    def join(self, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        self._thread.join(timeout)
+        assert self.result is not None
+        return self.result

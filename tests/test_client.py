@@ -40,15 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REPORTED = "reported as refused by Sugar"  # the daemon's log line for each accepted report
 
 
-@pytest.fixture
-def daemon(fake: FakeSugar, short_dir: Path, start_daemon):
-    """A daemon with one instance, `prod`, ready with a token."""
-    started = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
-    with started.client() as client:
-        client.token("prod", wait=20)
-    return started
-
-
 # The API and its errors
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SUGARCTL, SUGARD, USER, instance, sugarctl, write_config
+from conftest import SUGARCTL, SUGARD, TOKEN_KEYS, USER, instance, sugarctl, write_config
 
 import sugard
 from sugard import __version__
@@ -24,15 +24,6 @@ from sugard.testing import FakeSugar
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-TOKEN_KEYS = {
-    "instance",
-    "url",
-    "access_token",
-    "token_type",
-    "expires_at",
-    "expires_in",
-    "download_token",
-}
 
 
 def run(*argv: str, env: dict[str, str] | None = None, input: str | None = None, **kw):
@@ -56,15 +47,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     assert 1 == len(lines), result.stderr
     assert lines[0].startswith("sugarctl: ")
     return lines[0]
-
-
-@pytest.fixture
-def daemon(fake: FakeSugar, short_dir: Path, start_daemon):
-    """A daemon with one instance, `prod`, ready with a token."""
-    started = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
-    with started.client() as client:
-        client.token("prod", wait=20)
-    return started
 
 
 # token, header, exec

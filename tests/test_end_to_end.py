@@ -11,20 +11,10 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import SUGARD, USER, instance, sugarctl, write_config
+from conftest import SUGARD, TOKEN_KEYS, USER, instance, sugarctl, write_config
 
 from sugard.client import SugardClient
 from sugard.testing import FakeSugar
-
-TOKEN_KEYS = {
-    "instance",
-    "url",
-    "access_token",
-    "token_type",
-    "expires_at",
-    "expires_in",
-    "download_token",
-}
 
 
 def test_sugarctl_token_prints_a_token_sugar_accepts(

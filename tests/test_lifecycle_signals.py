@@ -7,13 +7,12 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from conftest import SUGARD, DaemonProcess, InFlight, instance, sugarctl, write_config
 
 from sugard.client import DaemonUnreachable, SugardClient
 from sugard.testing import FakeSugar
@@ -25,23 +24,6 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("timed out")
         time.sleep(0.02)
-
-
-class InFlight:
-    """`sugarctl token` in a thread, so the test can signal the daemon while it waits."""
-
-    def __init__(self, socket_path: Path, *args: str) -> None:
-        self.result: subprocess.CompletedProcess[str] | None = None
-        self._thread = threading.Thread(target=self._run, args=(socket_path, args))
-        self._thread.start()
-
-    def _run(self, socket_path: Path, args: tuple[str, ...]) -> None:
-        self.result = sugarctl(socket_path, *args)
-
-    def join(self, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        self._thread.join(timeout)
-        assert self.result is not None
-        return self.result
 
 
 def slow_login_daemon(

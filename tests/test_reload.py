@@ -18,6 +18,7 @@ from conftest import (
     SUGARCTL,
     SUGARD,
     DaemonProcess,
+    InFlight,
     instance,
     sugarctl,
     write_config,
@@ -47,23 +48,6 @@ def status(daemon: DaemonProcess, name: str) -> dict[str, Any]:
     with SugardClient(daemon.socket) as client:
         result: dict[str, Any] = client.status(name)
         return result
-
-
-class InFlight:
-    """`sugarctl ARGS` in a thread, so the test can reload while it waits."""
-
-    def __init__(self, socket_path: Path, *args: str) -> None:
-        self.result: subprocess.CompletedProcess[str] | None = None
-        self._thread = threading.Thread(target=self._run, args=(socket_path, args))
-        self._thread.start()
-
-    def _run(self, socket_path: Path, args: tuple[str, ...]) -> None:
-        self.result = sugarctl(socket_path, *args)
-
-    def join(self, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-        self._thread.join(timeout)
-        assert self.result is not None
-        return self.result
 
 
 @pytest.fixture
