@@ -424,21 +424,27 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 @web.middleware
 async def _check_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    registry = request.app[KEY_REGISTRY]
     peer = peer_of(request)
     instance = request.match_info.get("name")
-    if peer is None:
-        resp = error(403, "forbidden", "sugard serves only local Unix-socket peers")
-    elif not request.app[KEY_REGISTRY].allowed(peer, instance):
+    if peer is not None and registry.allowed(peer, instance):
+        return await handler(request)
+    if peer is not None:
         # Path quoted (%r): a decoded path could carry newlines into the log.
         log.warning(
             "refused %s %r from %s", request.method, request.raw_path[:200], peer.describe()
         )
-        daemon_wide = request.app[KEY_REGISTRY].allowed(peer, None)
-        resp = error(403, "forbidden", _refusal(peer, instance if daemon_wide else None))
-    else:
-        return await handler(request)
+    resp = _forbidden(registry, peer, instance)
     resp.force_close()
     return resp
+
+
+def _forbidden(registry: Registry, peer: Peer | None, instance: str | None) -> web.Response:
+    """The 403 for a peer `registry` does not admit to `instance` (None: the daemon)."""
+    if peer is None:
+        return error(403, "forbidden", "sugard serves only local Unix-socket peers")
+    daemon_wide = registry.allowed(peer, None)
+    return error(403, "forbidden", _refusal(peer, instance if daemon_wide else None))
 
 
 def _refusal(peer: Peer, instance: str | None) -> str:
@@ -559,10 +565,7 @@ def _successor(request: web.Request, keeper: Keeper) -> Keeper | web.Response | 
     if peer is None or not registry.allowed(peer, keeper.name):
         uid = peer.uid if peer else "?"
         log.warning("refused uid %s the new session of %s after a reload", uid, keeper.name)
-        if peer is None:
-            return error(403, "forbidden", "sugard serves only local Unix-socket peers")
-        daemon_wide = registry.allowed(peer, None)
-        return error(403, "forbidden", _refusal(peer, keeper.name if daemon_wide else None))
+        return _forbidden(registry, peer, keeper.name)
     return successor
 
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import logging
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -643,6 +642,33 @@ async def test_idm_epoch_refresh_expiry_is_read_as_a_time_not_a_duration(short_d
         assert [] == [q.error for q in r.fake.requests if q.error]
 
 
+@contextlib.asynccontextmanager
+async def daemon_on_stub(
+    directory: Path, grant: Callable[[web.Request], Any], **table: Any
+) -> AsyncIterator[aiohttp.ClientSession]:
+    """An in-process daemon whose one instance talks to `grant`, a stand-in for Sugar's token
+    endpoint (for answers the fake does not give); yields a session on the daemon's socket."""
+    app = web.Application()
+    app.router.add_post("/rest/v10/oauth2/token", grant)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        settings = {"url": url, "username": USER, "password": PASSWORD, **table}
+        daemon = Daemon(
+            load_config(write_config(directory, {NAME: settings})), directory / "s.sock"
+        )
+        await daemon.start()
+        try:
+            async with unix_session(directory / "s.sock", 4) as http:
+                yield http
+        finally:
+            await daemon.stop()
+    finally:
+        await runner.cleanup()
+
+
 async def test_sugar_text_that_echoes_our_secrets_is_redacted(
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -654,29 +680,9 @@ async def test_sugar_text_that_echoes_our_secrets_is_redacted(
         text = f"bad login {body['password']} with {body['client_secret']}"
         return web.json_response({"error": "need_login", "error_message": text}, status=401)
 
-    app = web.Application()
-    app.router.add_post("/rest/v10/oauth2/token", echo)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    table = {
-        "url": f"http://127.0.0.1:{port}",
-        "username": USER,
-        "password": PASSWORD,
-        "client_secret": client_secret,
-    }
-    config = load_config(write_config(short_dir, {NAME: table}))
-    daemon = Daemon(config, short_dir / "s.sock")
-    await daemon.start()
-    try:
-        async with unix_session(short_dir / "s.sock", 4) as http:
-            code, body = await get_json(http, f"/v1/instances/{NAME}/token")
-            _, shown = await get_json(http, f"/v1/instances/{NAME}")
-    finally:
-        await daemon.stop()
-        await runner.cleanup()
+    async with daemon_on_stub(short_dir, echo, client_secret=client_secret) as http:
+        code, body = await get_json(http, f"/v1/instances/{NAME}/token")
+        _, shown = await get_json(http, f"/v1/instances/{NAME}")
     assert 502 == code
     said = json.dumps([body, shown]) + caplog.text
     assert "bad login [redacted] with [redacted]" in said
@@ -684,7 +690,9 @@ async def test_sugar_text_that_echoes_our_secrets_is_redacted(
     assert client_secret not in said
 
 
-async def test_an_echoed_refresh_token_is_redacted(short_dir: Path) -> None:
+async def test_an_echoed_refresh_token_is_redacted(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A refresh answered with an error text quoting the refresh token that was sent: the
     status, the error answer and the log show it as [redacted]."""
     refresh_token = "rt-0123456789abcdef"
@@ -704,32 +712,12 @@ async def test_an_echoed_refresh_token_is_redacted(short_dir: Path) -> None:
         text = f"cannot refresh {body['refresh_token']} now"
         return web.json_response({"error": "server_error", "error_message": text}, status=503)
 
-    app = web.Application()
-    app.router.add_post("/rest/v10/oauth2/token", grant)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    table = {"url": f"http://127.0.0.1:{port}", "username": USER, "password": PASSWORD}
-    config = load_config(write_config(short_dir, {NAME: table}))
-    log = short_dir / "log"
-    handler = logging.FileHandler(log)
-    logging.getLogger("sugard").addHandler(handler)
-    daemon = Daemon(config, short_dir / "s.sock")
-    await daemon.start()
-    try:
-        async with unix_session(short_dir / "s.sock", 4) as http:
-            assert 200 == (await get_json(http, f"/v1/instances/{NAME}/token"))[0]
-            async with http.post(f"http://sugard/v1/instances/{NAME}/refresh") as answer:
-                code, body = answer.status, await answer.json()
-            _, shown = await get_json(http, f"/v1/instances/{NAME}")
-    finally:
-        await daemon.stop()
-        await runner.cleanup()
-        logging.getLogger("sugard").removeHandler(handler)
-        handler.close()
+    async with daemon_on_stub(short_dir, grant) as http:
+        assert 200 == (await get_json(http, f"/v1/instances/{NAME}/token"))[0]
+        code, body = await get_json(http, f"/v1/instances/{NAME}/refresh", method="POST")
+        _, shown = await get_json(http, f"/v1/instances/{NAME}")
     assert 503 == code
-    said = json.dumps([body, shown]) + log.read_text()
+    said = json.dumps([body, shown]) + caplog.text
     assert "cannot refresh [redacted] now" in shown["last_error"]["message"]
     assert refresh_token not in said
 
@@ -746,28 +734,12 @@ async def test_sugar_cookies_are_never_sent_back(short_dir: Path) -> None:
         response.set_cookie("download_token_sugard", f"d{n}", path="/")
         return response
 
-    app = web.Application()
-    app.router.add_post("/rest/v10/oauth2/token", grant)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    config = load_config(write_config(short_dir, {NAME: {"url": url, **_alice}}))
-    daemon = Daemon(config, short_dir / "s.sock")
-    await daemon.start()
-    try:
-        async with unix_session(short_dir / "s.sock", 4) as http:
-            assert 200 == (await get_json(http, f"/v1/instances/{NAME}/token"))[0]
-            for _ in range(3):
-                code, _ = await get_json(http, f"/v1/instances/{NAME}/refresh", method="POST")
-                assert 200 == code
-    finally:
-        await daemon.stop()
-        await runner.cleanup()
+    async with daemon_on_stub(short_dir, grant) as http:
+        assert 200 == (await get_json(http, f"/v1/instances/{NAME}/token"))[0]
+        for _ in range(3):
+            code, _ = await get_json(http, f"/v1/instances/{NAME}/refresh", method="POST")
+            assert 200 == code
     assert [None] * 4 == cookies_seen
-
-
-_alice = {"username": USER, "password": PASSWORD}
 
 
 async def test_a_request_in_the_mandatory_window_waits_then_gets_retry_after(
