@@ -279,7 +279,8 @@ def _interpret(
     label = data.get("error") if data is not None else None
     text = data.get("error_message") if data is not None else None
     label = label if isinstance(label, str) else None
-    sugar_says = _redact(_one_line(text), sent_secrets) if isinstance(text, str) else ""
+    # Redacted before it is cut to one short line: a cut through a secret would leave its head.
+    sugar_says = _one_line(_redact(text, sent_secrets)) if isinstance(text, str) else ""
     where = f"{label} ({status})" if label else f"HTTP {status}"
 
     if status in TRANSIENT_STATUSES or status >= 500:

@@ -690,6 +690,26 @@ async def test_sugar_text_that_echoes_our_secrets_is_redacted(
     assert client_secret not in said
 
 
+async def test_a_secret_echoed_where_the_text_is_cut_leaves_no_part_of_it(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sugar's text is cut to one short line; a password echoed across the cut is redacted
+    whole first, not cut into a head that no longer matches."""
+    password = "p4ssw0rd-that-is-long-enough"
+
+    async def echo(request: web.Request) -> web.Response:
+        text = "x" * 190 + " " + (await request.json())["password"]
+        return web.json_response({"error": "need_login", "error_message": text}, status=401)
+
+    async with daemon_on_stub(short_dir, echo, password=password) as http:
+        code, body = await get_json(http, f"/v1/instances/{NAME}/token")
+        _, shown = await get_json(http, f"/v1/instances/{NAME}")
+    assert 502 == code
+    said = json.dumps([body, shown]) + caplog.text
+    assert "[redac" in said  # the marker may itself be cut
+    assert password[:6] not in said
+
+
 async def test_an_echoed_refresh_token_is_redacted(
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
