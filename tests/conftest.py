@@ -162,6 +162,38 @@ def sugarctl(
     )
 
 
+@pytest.fixture(scope="session")
+def foreign_sugarctl() -> Iterator[str]:
+    """The real `sugarctl` code, launchable by another uid (65534) wherever the checkout lives.
+
+    Why a copy: a checkout inside a 0700 home directory is unreadable to uid 65534, so the
+    venv's console script (and its interpreter symlink) cannot be run by it. sugarctl is
+    standard-library only, so the package's files and the base interpreter are all it needs.
+    """
+    import sugard
+
+    home = Path(tempfile.mkdtemp(prefix="sd-foreign-"))
+    home.chmod(0o755)
+    shutil.copytree(
+        Path(sugard.__file__).parent,
+        home / "sugard",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    python = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    script = home / "sugarctl"
+    script.write_text(
+        f"#!{python} -I\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(home)!r})\n"
+        "from sugard.ctl import main\n"
+        "sys.exit(main())\n"
+    )
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() or path == script else 0o644)
+    yield str(script)
+    shutil.rmtree(home, ignore_errors=True)
+
+
 # The TOKEN object of the design's socket API.
 TOKEN_KEYS = {
     "instance",

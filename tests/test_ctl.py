@@ -473,10 +473,10 @@ def test_wrong_password_exits_6_and_exec_runs_nothing(
     assert 1 == fake.calls["password"]
 
 
-def test_permission_denied_exits_7(fake: FakeSugar, daemon) -> None:
+def test_permission_denied_exits_7(fake: FakeSugar, daemon, foreign_sugarctl: str) -> None:
     """Another uid exits 7: when the socket refuses it (EACCES) and when the daemon does (403)."""
     daemon.socket.parent.chmod(0o755)  # the socket itself stays 0600
-    argv = [*AS_NOBODY, SUGARCTL, "--socket", str(daemon.socket), "token", "prod"]
+    argv = [*AS_NOBODY, foreign_sugarctl, "--socket", str(daemon.socket), "token", "prod"]
     denied = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
     assert 7 == denied.returncode, denied.stderr
     assert "no permission to connect" in one_error_line(denied)

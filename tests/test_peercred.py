@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from conftest import SUGARCTL, instance, sugarctl, write_config
+from conftest import instance, sugarctl, write_config
 
 from sugard.api import REFUSED_PER_UID
 from sugard.testing import FakeSugar
@@ -97,12 +97,14 @@ def test_another_uid_gets_403_and_the_log_names_pid_uid_and_program(
     ), log
 
 
-def test_sugarctl_as_another_uid_exits_7(fake: FakeSugar, short_dir: Path, start_daemon) -> None:
+def test_sugarctl_as_another_uid_exits_7(
+    fake: FakeSugar, short_dir: Path, start_daemon, foreign_sugarctl: str
+) -> None:
     """The real sugarctl run by a refused uid exits 7 (permission denied) with one line."""
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
     loosen(daemon.socket)
     result = subprocess.run(
-        as_nobody(SUGARCTL, "--socket", str(daemon.socket), "token", "prod"),
+        as_nobody(foreign_sugarctl, "--socket", str(daemon.socket), "token", "prod"),
         capture_output=True,
         text=True,
         timeout=30,

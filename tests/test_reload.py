@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from conftest import (
     PASSWORD,
-    SUGARCTL,
     SUGARD,
     DaemonProcess,
     InFlight,
@@ -298,7 +297,10 @@ def test_a_request_waiting_on_a_replaced_session_gets_the_new_one(
 
 
 def test_a_waiting_request_gets_no_new_session_the_reload_took_away_from_its_uid(
-    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    fake: FakeSugar,
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
+    foreign_sugarctl: str,
 ) -> None:
     """A request of another uid waiting on prod when a reload replaces prod's session and
     narrows prod to its owner gets 403 (exit 7), not the new session's token."""
@@ -308,7 +310,8 @@ def test_a_waiting_request_gets_no_new_session_the_reload_took_away_from_its_uid
     )
     short_dir.chmod(0o755)  # let nobody reach the socket; the daemon's own check decides
     daemon.socket.chmod(0o666)
-    argv = [*AS_NOBODY, SUGARCTL, "--socket", str(daemon.socket), "token", "prod", "--wait", "10"]
+    argv = [*AS_NOBODY, foreign_sugarctl, "--socket", str(daemon.socket), "token", "prod"]
+    argv += ["--wait", "10"]
     result: list[subprocess.CompletedProcess[str]] = []
     waiting = threading.Thread(
         target=lambda: result.append(
