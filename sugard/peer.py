@@ -159,7 +159,9 @@ def _owner_via_netlink(
     if kind == NLMSG_ERROR:
         (error,) = NLMSGERR.unpack_from(reply, NLMSGHDR.size)
         if -error == errno.ENOENT:
-            return None  # no socket with that 4-tuple: the peer is gone
+            # No socket with that 4-tuple: the peer is gone. (A kernel without the tcp_diag
+            # module says the same; that refuses every peer, which fails closed.)
+            return None
         raise OSError(-error, os.strerror(-error))
     if kind != SOCK_DIAG_BY_FAMILY:
         raise OSError(errno.EPROTO, f"unexpected sock_diag reply type {kind}")
