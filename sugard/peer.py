@@ -68,7 +68,9 @@ class TcpPeerOwner:
 def tcp_peer_owner(local: Address, remote: Address) -> TcpPeerOwner | None:
     """The owner of the socket that connected from `remote` to our `local` (an accepted
     connection's sockname and peername). None if `remote` is not a loopback address or the
-    kernel names no live owner: the caller must then refuse the connection."""
+    kernel names no live owner: the caller must then refuse the connection. It blocks for
+    tens of microseconds via netlink; via /proc, milliseconds once thousands of sockets are
+    open."""
     ends = _loopback_ends(local, remote)
     if ends is None:
         log.debug("no owner looked up for non-loopback peer %r", remote[:2])
@@ -116,6 +118,8 @@ def _loopback_ends(local: Address, remote: Address) -> tuple[IP, int, IP, int] |
     except (ValueError, TypeError, IndexError):
         return None
     if not peer_ip.is_loopback or peer_ip.version != our_ip.version:
+        return None
+    if not (0 < peer_port < 65536 and 0 < our_port < 65536):
         return None
     return peer_ip, peer_port, our_ip, our_port
 

@@ -235,10 +235,17 @@ def test_a_peer_on_a_non_loopback_address_has_no_owner(sockets: list[socket.sock
 
 @pytest.mark.parametrize(
     "remote",
-    [("192.0.2.7", 40000), ("::ffff:10.0.0.1", 40000, 0, 0), ("2001:db8::1", 1, 0, 0), ("x", 1)],
+    [
+        ("192.0.2.7", 40000),
+        ("::ffff:10.0.0.1", 40000, 0, 0),
+        ("2001:db8::1", 1, 0, 0),
+        ("x", 1),
+        ("127.0.0.1", 70000),
+    ],
 )
 def test_an_address_that_is_not_loopback_is_not_looked_up(remote: tuple[object, ...]) -> None:
-    """Documentation, mapped private, global IPv6 and garbage addresses: no owner."""
+    """Documentation, mapped private, global IPv6, garbage addresses, a port out of range:
+    no owner."""
     assert tcp_peer_owner(("127.0.0.1", 8401), remote) is None
 
 
