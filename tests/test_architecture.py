@@ -20,6 +20,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
     "api": (SHARED | {"config", "keeper", "openapi"}, {"aiohttp"}),
     "openapi": (SHARED, set()),
+    "peer": (set(), set()),
     "systemd": (set(), set()),
     "logs": ({"systemd"}, set()),
     "client": (set(), set()),
