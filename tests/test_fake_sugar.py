@@ -312,7 +312,7 @@ async def test_refresh_rotates_everything(http: Http, sugar: FakeSugar) -> None:
 async def test_rotation_grace_keeps_old_access_token_alive(
     start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
 ) -> None:
-    """With a grace period (Sugar 8-12) the old access token lives on for that long only."""
+    """With a check interval (as up to 13.0.x) the old access token lives on that long only."""
     fake = await start(eviction_grace=120)
     now = time.time()
     freeze(fake, now)
@@ -393,7 +393,7 @@ async def test_idm_mode_quirks(
 
 
 async def test_second_login_evicts_the_first_at_once(http: Http, sugar: FakeSugar) -> None:
-    """Sugar 13: another login of the same user and platform kills the first session at once."""
+    """13.3+: another login of the same user and platform kills the first session at once."""
     first = (await http.login()).body
     other_platform = (await http.login(platform="base")).body
     second = (await http.login()).body
@@ -406,7 +406,7 @@ async def test_second_login_evicts_the_first_at_once(http: Http, sugar: FakeSuga
 async def test_eviction_grace_period(
     start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
 ) -> None:
-    """Sugar 8-12: an evicted access token lives for the grace period; its refresh token is gone."""
+    """Up to 13.0.x an evicted access token lives until the next check; its refresh token dies."""
     fake = await start(eviction_grace=120)
     now = time.time()
     freeze(fake, now)

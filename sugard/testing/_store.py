@@ -1,7 +1,8 @@
 """Token bookkeeping of the fake SugarCRM: sessions, rotation, eviction and session checks.
 
-Kept apart from the HTTP layer so that the rules which make a token daemon's life hard read as
-plain code. Time is always passed in (never read here) so that tests can move the fake's clock.
+Kept apart from the HTTP layer so that the rules which make a token daemon's life hard (told in
+docs/sugarcrm.md) read as plain code. Time is always passed in (never read here) so that tests
+can move the fake's clock.
 Not thread-safe on purpose: `FakeSugar` holds its one lock around every call.
 """
 

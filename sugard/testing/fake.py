@@ -108,7 +108,7 @@ class _Granted:
 
 
 # What SugarIdentity grants a password login through Sugar: never null, unlike Sugar's own.
-IDM_SCOPE: Final = "offline https://apis.sugarcrm.com/auth/crm profile email address phone"
+_IDM_SCOPE: Final = "offline https://apis.sugarcrm.com/auth/crm profile email address phone"
 
 
 @dataclass(eq=False)
@@ -124,7 +124,8 @@ class FakeSugar:
     access_lifetime: float = 3600
     refresh_lifetime: float = 1209600
     # How often, at most, a session is re-checked, so how long a rotated or evicted access
-    # token may live on. None: the version's (120 s up to 13.0.x, 0 from 13.3).
+    # token may live on. None: the version's (120 s up to 13.0.x, 0 from 13.3). IdM mode uses
+    # revocation_cache instead.
     eviction_grace: float | None = None
     max_session_lifetime: float | None = None
     idm_mode: bool = False
@@ -535,7 +536,7 @@ class FakeSugar:
             "access_token": session.access_token,
             "expires_in": _wire_seconds(self.access_lifetime),
             "token_type": "bearer",
-            "scope": IDM_SCOPE if self.idm_mode else None,
+            "scope": _IDM_SCOPE if self.idm_mode else None,
             "refresh_token": session.refresh_token,
             "refresh_expires_in": remaining,
             "download_token": session.download_token,
