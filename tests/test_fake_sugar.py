@@ -800,6 +800,20 @@ async def test_session_checks_run_at_most_every_120_s_from_the_last_one(
     assert not fake.valid(token)
 
 
+async def test_grace_after_a_refresh_is_zero_when_a_check_is_due(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """12.0: a refresh 130 s after a login whose token was never checked since leaves the old
+    token no grace at all: its first call after the refresh runs the check."""
+    fake = await start(sugar_version="12.0")
+    freeze(fake, T0)
+    http = Http(session, fake)
+    first = (await http.login()).body
+    freeze(fake, T0 + 130)
+    assert 200 == (await http.refresh(first["refresh_token"])).status
+    assert_error(await http.get("me", first["access_token"]), 401, "invalid_grant")
+
+
 async def test_an_unused_evicted_token_dies_at_its_first_call_after_the_interval(
     start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
 ) -> None:
