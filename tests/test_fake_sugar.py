@@ -1,5 +1,6 @@
 # Expected value first in asserts (docs/style.md), which ruff's SIM300 calls a Yoda condition.
-"""The fake SugarCRM itself: it must answer exactly as docs/sugarcrm-oauth2.md says Sugar does.
+"""The fake SugarCRM itself: it must answer exactly as docs/sugarcrm.md says Sugar does, on
+each supported Sugar version and in IdM mode.
 
 Every other test trusts this fake, so these tests talk to it over real HTTP on 127.0.0.1 with
 aiohttp (and urllib from synchronous code), never by poking at its internals.
@@ -26,7 +27,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from sugard.testing import FakeSugar, TokenRequest, running_fake
+from sugard.testing import LATEST_VERSION, SUGAR_VERSIONS, FakeSugar, TokenRequest, running_fake
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN_KEYS = [
@@ -179,7 +180,6 @@ async def test_login_answers_the_seven_keys_in_sugars_order(http: Http, sugar: F
     for key in ("access_token", "refresh_token", "download_token"):
         assert 4 == uuid.UUID(reply.body[key]).version
     assert {"download_token_sugard": reply.body["download_token"]} == reply.cookies
-    assert "no-store" == reply.headers["Cache-Control"]
     assert sugar.valid(reply.body["access_token"])
 
 
@@ -265,7 +265,7 @@ async def test_query_string_overrides_body(http: Http) -> None:
 async def test_http_basic_carries_the_client(
     start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
 ) -> None:
-    """HTTP Basic is accepted for client_id/secret; a wrong secret or two methods fail."""
+    """HTTP Basic is accepted for client_id/secret, and wins over a client_id in the body."""
     fake = await start(clients={"sugar": "", "app": "app-secret"})
     http = Http(session, fake)
     no_client = creds(client_id=None, client_secret=None)
@@ -274,8 +274,11 @@ async def test_http_basic_carries_the_client(
     assert "app" == fake.requests[-1].client_id
     wrong = await http.token(no_client, headers=basic("app", "other"))
     assert_error(wrong, 400, "invalid_client")
-    both = await http.token(creds(client_id="app"), headers=basic("app", "app-secret"))
-    assert_error(both, 400, "invalid_client")
+    both = await http.token(creds(client_id="nobody"), headers=basic("app", "app-secret"))
+    assert 200 == both.status
+    assert "app" == fake.requests[-1].client_id
+    # The session belongs to the Basic client: only it may refresh it.
+    assert_error(await http.refresh(both.body["refresh_token"]), 400, "invalid_grant")
 
 
 async def test_custom_client_needs_its_secret(
@@ -309,7 +312,7 @@ async def test_refresh_rotates_everything(http: Http, sugar: FakeSugar) -> None:
 async def test_rotation_grace_keeps_old_access_token_alive(
     start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
 ) -> None:
-    """With a grace period (Sugar 8-12) the old access token lives on for that long only."""
+    """With a check interval (as up to 13.0.x) the old access token lives on that long only."""
     fake = await start(eviction_grace=120)
     now = time.time()
     freeze(fake, now)
@@ -390,7 +393,7 @@ async def test_idm_mode_quirks(
 
 
 async def test_second_login_evicts_the_first_at_once(http: Http, sugar: FakeSugar) -> None:
-    """Sugar 13: another login of the same user and platform kills the first session at once."""
+    """13.3+: another login of the same user and platform kills the first session at once."""
     first = (await http.login()).body
     other_platform = (await http.login(platform="base")).body
     second = (await http.login()).body
@@ -403,7 +406,7 @@ async def test_second_login_evicts_the_first_at_once(http: Http, sugar: FakeSuga
 async def test_eviction_grace_period(
     start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
 ) -> None:
-    """Sugar 8-12: an evicted access token lives for the grace period; its refresh token is gone."""
+    """Up to 13.0.x an evicted access token lives until the next check; its refresh token dies."""
     fake = await start(eviction_grace=120)
     now = time.time()
     freeze(fake, now)
@@ -446,12 +449,10 @@ async def test_me_and_ping_with_a_valid_token(http: Http) -> None:
     assert (200, "pong") == (ping.status, ping.body)
 
 
-async def test_api_call_without_token_or_with_bearer(http: Http) -> None:
-    """No OAuth-Token header is need_login, and `Authorization: Bearer` does not count."""
-    token = (await http.login()).body["access_token"]
+async def test_api_call_without_token_is_need_login(http: Http) -> None:
+    """No token anywhere in the request is 401 need_login."""
+    await http.login()
     assert_error(await http.get("me"), 401, "need_login")
-    bearer = await http.call("GET", "me", headers={"Authorization": f"Bearer {token}"})
-    assert_error(bearer, 401, "need_login")
 
 
 async def test_unknown_revoked_and_expired_access_tokens(http: Http, sugar: FakeSugar) -> None:
@@ -489,12 +490,21 @@ async def test_logout_kills_the_session(http: Http, sugar: FakeSugar) -> None:
     assert 1 == sugar.calls["logout"]
 
 
-async def test_logout_without_refresh_token_leaves_it(http: Http, sugar: FakeSugar) -> None:
-    """As in Sugar, logout deletes only the refresh token it is given."""
+@pytest.mark.parametrize("version", SUGAR_VERSIONS)
+async def test_logout_without_refresh_token(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
+) -> None:
+    """8.0 keeps the session's refresh token; from 12.0 a bare logout ends the whole session."""
+    fake = await start(sugar_version=version)
+    http = Http(session, fake)
     first = (await http.login()).body
-    await http.post("oauth2/logout", first["access_token"])
-    assert not sugar.valid(first["access_token"])
-    assert 200 == (await http.refresh(first["refresh_token"])).status
+    assert 200 == (await http.post("oauth2/logout", first["access_token"])).status
+    assert not fake.valid(first["access_token"])
+    refresh = await http.refresh(first["refresh_token"])
+    if version == "8.0":
+        assert 200 == refresh.status
+    else:
+        assert_error(refresh, 400, "invalid_grant")
 
 
 async def test_sudo(http: Http, sugar: FakeSugar) -> None:
@@ -700,6 +710,480 @@ async def test_fail_next_rejects_unknown_kinds(sugar: FakeSugar) -> None:
         sugar.fail_next(1, "html500")  # type: ignore[arg-type]
 
 
+# ---------------------------------------------------------------- Sugar versions
+
+GRACE_VERSIONS = ["8.0", "12.0", "13.0"]  # a rotated token lives until the next session check
+AT_ONCE_VERSIONS = ["13.3", "14.0", "25.1", "26.1"]  # a rotated token dies at once
+T0 = 1_800_000_000.0  # a whole second, so that lifetimes read plainly
+
+
+def test_versions_cover_eight_to_the_newest() -> None:
+    """The supported versions, oldest first; the default is the newest."""
+    assert ("8.0", "12.0", "13.0", "13.3", "14.0", "25.1", "26.1") == SUGAR_VERSIONS
+    assert "26.1" == LATEST_VERSION == FakeSugar().sugar_version
+
+
+def test_unknown_version_is_refused_with_the_supported_ones() -> None:
+    """A version the fake cannot play fails at construction, naming the ones it can."""
+    with pytest.raises(ValueError, match=r"unsupported sugar_version '13\.1'.*8\.0, 12\.0"):
+        FakeSugar(sugar_version="13.1")
+
+
+@pytest.mark.parametrize("version", SUGAR_VERSIONS)
+async def test_server_info_publishes_the_version(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
+) -> None:
+    """GET /ServerInfo needs a token and answers ServerInfoApi's fields, version "V.0"."""
+    fake = await start(sugar_version=version)
+    http = Http(session, fake)
+    assert_error(await http.get("ServerInfo"), 401, "need_login")
+    token = (await http.login()).body["access_token"]
+    info = await http.get("ServerInfo", token, version="v11_4")
+    assert 200 == info.status
+    assert ["flavor", "version", "build", "marketing_version", "gmt_time", "server_time"] == list(
+        info.body
+    )
+    assert ("ENT", f"{version}.0") == (info.body["flavor"], info.body["version"])
+    assert info.body["gmt_time"].endswith("+0000")
+    assert all(isinstance(value, str) for value in info.body.values())
+    assert 2 == fake.calls["serverinfo"]  # the refused call counts too
+
+
+async def test_server_info_is_closed_during_maintenance(http: Http, sugar: FakeSugar) -> None:
+    """ServerInfo is an ordinary route: maintenance answers it 503."""
+    token = (await http.login()).body["access_token"]
+    sugar.maintenance = True
+    assert_error(await http.get("ServerInfo", token), 503, "maintenance")
+
+
+@pytest.mark.parametrize("version", SUGAR_VERSIONS)
+async def test_old_access_token_after_a_refresh(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
+) -> None:
+    """Up to 13.0.x the rotated token works until its session's check 120 s after login;
+    from 13.3 it dies the moment the refresh answers."""
+    fake = await start(sugar_version=version)
+    freeze(fake, T0)
+    http = Http(session, fake)
+    first = (await http.login()).body
+    freeze(fake, T0 + 100)
+    assert 200 == (await http.refresh(first["refresh_token"])).status
+    old = await http.get("me", first["access_token"])
+    if version in GRACE_VERSIONS:
+        assert 200 == old.status
+        freeze(fake, T0 + 119.9)
+        assert 200 == (await http.get("me", first["access_token"])).status
+        freeze(fake, T0 + 120)
+    assert_error(await http.get("me", first["access_token"]), 401, "invalid_grant")
+
+
+async def test_session_checks_run_at_most_every_120_s_from_the_last_one(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """12.0: a call 130 s after login runs a check, so a token evicted at +140 s lives to +250 s
+    (not 120 s after the eviction, nor 120 s after login)."""
+    fake = await start(sugar_version="12.0")
+    freeze(fake, T0)
+    http = Http(session, fake)
+    token = (await http.login()).body["access_token"]
+    for at in (50, 130, 200):  # checks at 0 (login) and 130; the call at 50 and 200 runs none
+        freeze(fake, T0 + at)
+        assert 200 == (await http.get("ping", token)).status
+    freeze(fake, T0 + 240)
+    assert 1 == fake.evict("admin", "sugard")
+    for at in (240, 249.9):
+        freeze(fake, T0 + at)
+        assert 200 == (await http.get("ping", token)).status
+    freeze(fake, T0 + 250)
+    assert_error(await http.get("ping", token), 401, "invalid_grant")
+    freeze(fake, T0 + 260)
+    assert not fake.valid(token)
+
+
+async def test_grace_after_a_refresh_is_zero_when_a_check_is_due(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """12.0: a refresh 130 s after a login whose token was never checked since leaves the old
+    token no grace at all: its first call after the refresh runs the check."""
+    fake = await start(sugar_version="12.0")
+    freeze(fake, T0)
+    http = Http(session, fake)
+    first = (await http.login()).body
+    freeze(fake, T0 + 130)
+    assert 200 == (await http.refresh(first["refresh_token"])).status
+    assert_error(await http.get("me", first["access_token"]), 401, "invalid_grant")
+
+
+async def test_an_unused_evicted_token_dies_at_its_first_call_after_the_interval(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """12.0: evicted at +100 s, still working at +119 s, dead at +122 s (as observed)."""
+    fake = await start(sugar_version="12.0")
+    freeze(fake, T0)
+    http = Http(session, fake)
+    first = (await http.login()).body
+    freeze(fake, T0 + 100)
+    second = (await http.login()).body
+    freeze(fake, T0 + 119)
+    assert 200 == (await http.get("me", first["access_token"])).status
+    freeze(fake, T0 + 122)
+    assert_error(await http.get("me", first["access_token"]), 401, "invalid_grant")
+    assert 200 == (await http.get("me", second["access_token"])).status
+
+
+@pytest.mark.parametrize("version", GRACE_VERSIONS)
+async def test_eviction_grace_overrides_the_versions_check_interval(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
+) -> None:
+    """eviction_grace=0 makes even an old version kill rotated tokens at once."""
+    fake = await start(sugar_version=version, eviction_grace=0)
+    http = Http(session, fake)
+    first = (await http.login()).body
+    await http.refresh(first["refresh_token"])
+    assert_error(await http.get("me", first["access_token"]), 401, "invalid_grant")
+
+
+@pytest.mark.parametrize("version", SUGAR_VERSIONS)
+async def test_license_seats_exceeded(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
+) -> None:
+    """Seats exceeded at login: 403 license_seats_needed from 9.0, 401 need_login on 8.0."""
+    fake = await start(sugar_version=version, license_error="seats")
+    reply = await Http(session, fake).login()
+    if version == "8.0":
+        assert_error(reply, 401, "need_login")
+    else:
+        assert_error(reply, 403, "license_seats_needed")
+
+
+@pytest.mark.parametrize("version", SUGAR_VERSIONS)
+async def test_authorization_bearer(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
+) -> None:
+    """`Authorization: Bearer` works from 9.0 (8.0: need_login), and only without OAuth-Token."""
+    fake = await start(sugar_version=version)
+    http = Http(session, fake)
+    token = (await http.login()).body["access_token"]
+    bearer = {"Authorization": f"Bearer {token}"}
+    reply = await http.call("GET", "me", headers=bearer)
+    if version == "8.0":
+        assert_error(reply, 401, "need_login")
+    else:
+        assert 200 == reply.status
+    both = await http.call("GET", "me", headers={**bearer, "OAuth-Token": "not-a-token"})
+    assert_error(both, 401, "invalid_grant")
+
+
+async def test_bearer_on_8_0_only_for_idm_opi_tokens(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """8.0 in IdM mode reads a Bearer token of the opi platform, and no other."""
+    fake = await start(sugar_version="8.0", idm_mode=True, platforms={"base", "sugard", "opi"})
+    http = Http(session, fake)
+    opi = (await http.login(platform="opi")).body["access_token"]
+    other = (await http.login()).body["access_token"]
+    assert 200 == (await http.call("GET", "me", headers={"Authorization": f"Bearer {opi}"})).status
+    reply = await http.call("GET", "me", headers={"Authorization": f"Bearer {other}"})
+    assert_error(reply, 401, "need_login")
+
+
+async def test_oauth_token_as_a_post_field_or_in_the_query(http: Http, sugar: FakeSugar) -> None:
+    """`oauth_token` in a form POST or in the query string stands for the OAuth-Token header."""
+    token = (await http.login()).body["access_token"]
+    ping = await http.call("GET", "ping", params={"oauth_token": token})
+    assert (200, "pong") == (ping.status, ping.body)
+    logout = await http.call("POST", "oauth2/logout", data={"oauth_token": token})
+    assert (200, {"success": True}) == (logout.status, logout.body)
+    assert not sugar.valid(token)
+
+
+async def test_maintenance_trap_a_refused_login_evicts_the_live_session(
+    http: Http, sugar: FakeSugar
+) -> None:
+    """A login refused for maintenance still opens a session, which evicts the live one."""
+    live = (await http.login()).body
+    other_platform = (await http.login(platform="base")).body
+    sugar.maintenance = True
+    assert_error(await http.login(), 401, "need_login")
+    sugar.maintenance = False
+    assert not sugar.valid(live["access_token"])
+    assert_error(await http.refresh(live["refresh_token"]), 400, "invalid_grant")
+    assert sugar.valid(other_platform["access_token"])
+
+
+async def test_license_lock_at_login_evicts_the_live_session_too(
+    http: Http, sugar: FakeSugar
+) -> None:
+    """A login refused for license seats evicts the user's live session on that platform."""
+    live = (await http.login()).body
+    sugar.license_error = "seats"
+    assert_error(await http.login(), 403, "license_seats_needed")
+    sugar.license_error = None
+    assert_error(await http.refresh(live["refresh_token"]), 400, "invalid_grant")
+
+
+@pytest.mark.parametrize("version", ["12.0", "13.3"])
+async def test_maintenance_trap_on_refresh_kills_the_old_token_as_a_refresh_does(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
+) -> None:
+    """A refresh refused for maintenance rotated anyway: the old token lives on only on 12.0."""
+    fake = await start(sugar_version=version)
+    http = Http(session, fake)
+    first = (await http.login()).body
+    fake.maintenance = True
+    assert_error(await http.refresh(first["refresh_token"]), 401, "need_login")
+    assert ("12.0" == version) == fake.valid(first["access_token"])
+
+
+# ---------------------------------------------------------------- token endpoint details
+
+
+@pytest.mark.parametrize("grant", ["password", "refresh_token"])
+async def test_any_scope_is_invalid_scope(http: Http, grant: str) -> None:
+    """A non-empty scope is 400 invalid_scope, after the grant is checked, before rotation."""
+    first = (await http.login()).body
+    if grant == "password":
+        reply = await http.login(scope="api")
+    else:
+        reply = await http.refresh(first["refresh_token"], scope="api")
+    assert_error(reply, 400, "invalid_scope")
+    assert_error(await http.login(password="wrong", scope="api"), 401, "need_login")
+    assert 200 == (await http.refresh(first["refresh_token"])).status
+
+
+@pytest.mark.parametrize("route", ["oauth2/token", "oauth2/logout"])
+async def test_a_body_that_is_not_json_is_422(http: Http, sugar: FakeSugar, route: str) -> None:
+    """A JSON body that does not parse is 422 invalid_parameter, and counted at the token route."""
+    reply = await http.call(
+        "POST",
+        route,
+        data=b'{"grant_type": "password",',
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(reply, 422, "invalid_parameter")
+    if route == "oauth2/token":
+        assert (1, 422, "invalid_parameter") == (
+            sugar.calls["token"],
+            sugar.requests[-1].status,
+            sugar.requests[-1].error,
+        )
+
+
+async def test_implicit_grant_is_501_after_the_client_check(http: Http) -> None:
+    """grant_type=token: 501 with the library's text as the label; a bad client comes first."""
+    reply = await http.login(grant_type="token")
+    assert 501 == reply.status
+    assert {"error": "This OAuth2 library does not yet support implicit grant types."} == reply.body
+    assert_error(await http.login(grant_type="token", client_id="nobody"), 400, "invalid_client")
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "label"),
+    [
+        ({"grant_type": "magic", "client_id": "nobody"}, 400, "invalid_request"),
+        ({"grant_type": "client_credentials", "client_id": "nobody"}, 400, "invalid_client"),
+        ({"password": "wrong", "client_id": "nobody"}, 400, "invalid_client"),
+        ({"grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer"}, 400, "invalid_grant"),
+        ({"grant_type": "http://example.com/grant"}, 400, "invalid_grant"),
+    ],
+)
+async def test_checks_run_grant_type_then_client_then_grant(
+    http: Http, fields: dict[str, str], status: int, label: str
+) -> None:
+    """The first failing check answers: grant_type, then client, then the grant itself."""
+    assert_error(await http.login(**fields), status, label)
+
+
+async def test_extension_grants_have_no_message(http: Http) -> None:
+    """An unknown urn: grant is invalid_grant with no error_message."""
+    reply = await http.login(grant_type="urn:example:grant")
+    assert {"error": "invalid_grant"} == reply.body
+
+
+async def test_accept_any_platform(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """With the registry check off any well-formed platform works; a malformed one still 422s."""
+    strict = Http(session, await start())
+    assert_error(await strict.login(platform="unregistered"), 422, "invalid_parameter")
+    http = Http(session, await start(accept_any_platform=True))
+    reply = await http.login(platform="unregistered")
+    assert 200 == reply.status
+    assert 200 == (await http.get("me", reply.body["access_token"])).status
+    assert_error(await http.login(platform="no spaces!"), 422, "invalid_parameter")
+
+
+# ---------------------------------------------------------------- wire details
+
+
+async def test_json_is_php_json_without_charset(http: Http) -> None:
+    """application/json with no charset, and PHP's escapes for " ' & < > and /."""
+    url = f"{http.fake.url}/rest/v10/x%3Cy%3E%26%27"
+    async with http.session.get(url) as resp:
+        raw = await resp.text()
+        assert "application/json" == resp.headers["Content-Type"]
+    assert r'"Could not find a route for GET \/x\u003Cy\u003E\u0026\u0027."' in raw
+    reply = await http.login(password=None)
+    assert "application/json" == reply.headers["Content-Type"]
+    async with http.session.post(
+        f"{http.fake.url}/rest/v10/oauth2/token", json=creds(password=None)
+    ) as resp:
+        assert r"\u0022username\u0022" in await resp.text()
+
+
+async def test_cache_headers(http: Http) -> None:
+    """Token answers carry PHP's session cache headers; errors only `no-store`."""
+    reply = await http.login()
+    assert "no-store, no-cache, must-revalidate" == reply.headers["Cache-Control"]
+    assert "no-cache" == reply.headers["Pragma"]
+    assert "Thu, 19 Nov 1981 08:52:00 GMT" == reply.headers["Expires"]
+    error = await http.login(password="wrong")
+    assert "no-store" == error.headers["Cache-Control"]
+    assert "Pragma" not in error.headers
+
+
+async def test_download_cookie_attributes(http: Http, sugar: FakeSugar) -> None:
+    """The cookie: expires and Max-Age of the refresh lifetime, path=/, no HttpOnly; logout
+    deletes the cookie of the logout request's platform."""
+    freeze(sugar, T0)
+    reply = await http.login()
+    cookie = reply.headers["Set-Cookie"]
+    download = reply.body["download_token"]
+    assert (
+        f"download_token_sugard={download}; expires=Fri, 29-Jan-2027 08:00:00 GMT; "
+        "Max-Age=1209600; path=/"
+    ) == cookie
+    logout = await http.post("oauth2/logout", reply.body["access_token"], {"platform": "sugard"})
+    assert (
+        "download_token_sugard=deleted; expires=Thu, 01-Jan-1970 00:00:01 GMT; Max-Age=0; path=/"
+    ) == logout.headers["Set-Cookie"]
+
+
+async def test_refresh_expires_in_is_a_whole_number(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """Under max_session_lifetime with a fractional clock, refresh_expires_in stays an int."""
+    fake = await start(max_session_lifetime=1000)
+    freeze(fake, T0 + 0.75)
+    http = Http(session, fake)
+    first = (await http.login()).body
+    freeze(fake, T0 + 301.25)
+    second = (await http.refresh(first["refresh_token"])).body
+    assert 699 == second["refresh_expires_in"]
+    assert isinstance(second["refresh_expires_in"], int)
+
+
+async def test_expired_refresh_message_names_both_times(http: Http, sugar: FakeSugar) -> None:
+    """ "Refresh token has expired: <its end> vs <now>", both epoch seconds."""
+    freeze(sugar, T0 + 0.5)
+    first = (await http.login()).body
+    freeze(sugar, T0 + 1209601.5)
+    reply = await http.refresh(first["refresh_token"])
+    expected = f"Refresh token has expired: {int(T0) + 1209600} vs {int(T0) + 1209601}"
+    assert expected == reply.body["error_message"]
+
+
+async def test_tokens_live_to_the_end_of_their_last_whole_second(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """A 4 s token issued at .05 answers 200 at 4.9 s and "has expired" at 5.1 s."""
+    fake = await start(access_lifetime=4)
+    freeze(fake, T0 + 0.05)
+    http = Http(session, fake)
+    token = (await http.login()).body["access_token"]
+    freeze(fake, T0 + 4.95)
+    assert 200 == (await http.get("me", token)).status
+    freeze(fake, T0 + 5.15)
+    expired = await http.get("me", token)
+    assert "The access token provided has expired." == expired.body["error_message"]
+
+
+# ---------------------------------------------------------------- IdM mode
+
+
+@pytest.fixture
+async def idm(start: Callable[..., Awaitable[FakeSugar]]) -> FakeSugar:
+    """A fake in IdM mode (SugarCloud with SugarIdentity), its clock stopped at T0."""
+    fake = await start(idm_mode=True)
+    freeze(fake, T0)
+    return fake
+
+
+async def test_idm_tokens_are_opaque_and_scoped(
+    idm: FakeSugar, session: aiohttp.ClientSession
+) -> None:
+    """IdM tokens are not UUIDs and `scope` is not null."""
+    reply = (await Http(session, idm).login()).body
+    assert TOKEN_KEYS == list(reply)
+    with pytest.raises(ValueError, match="badly formed"):
+        uuid.UUID(reply["access_token"])
+    assert isinstance(reply["scope"], str) and reply["scope"]
+
+
+async def test_idm_refresh_answer_order_and_download_token(
+    idm: FakeSugar, session: aiohttp.ClientSession
+) -> None:
+    """An IdM refresh puts download_token (the access token itself) before an absolute
+    refresh_expires_in."""
+    http = Http(session, idm)
+    first = (await http.login()).body
+    assert first["download_token"] != first["access_token"]
+    second = (await http.refresh(first["refresh_token"])).body
+    assert [*TOKEN_KEYS[:5], "download_token", "refresh_expires_in"] == list(second)
+    assert second["access_token"] == second["download_token"]
+    assert int(T0) + 1209600 == second["refresh_expires_in"]
+
+
+async def test_idm_has_no_one_session_eviction(
+    idm: FakeSugar, session: aiohttp.ClientSession
+) -> None:
+    """Two IdM logins of one user on one platform both stay alive."""
+    http = Http(session, idm)
+    first, second = [(await http.login()).body for _ in range(2)]
+    assert idm.valid(first["access_token"]) and idm.valid(second["access_token"])
+    assert 200 == (await http.refresh(first["refresh_token"])).status
+
+
+async def test_idm_refresh_token_reuse_kills_the_chain(
+    idm: FakeSugar, session: aiohttp.ClientSession
+) -> None:
+    """Reusing a spent IdM refresh token is invalid_request and ends the session it led to."""
+    http = Http(session, idm)
+    bystander = (await http.login()).body
+    first = (await http.login()).body
+    second = (await http.refresh(first["refresh_token"])).body
+    assert_error(await http.refresh(first["refresh_token"]), 400, "invalid_request")
+    assert_error(await http.refresh(second["refresh_token"]), 400, "invalid_request")
+    assert not idm.valid(second["access_token"])
+    assert 200 == (await http.refresh(bystander["refresh_token"])).status
+
+
+async def test_idm_revocation_cache(idm: FakeSugar, session: aiohttp.ClientSession) -> None:
+    """A revoked IdM token works until Sugar's ~10 s cached answer about it runs out; one
+    never checked before dies at once."""
+    http = Http(session, idm)
+    used = (await http.login()).body["access_token"]
+    unused = (await http.login()).body["access_token"]
+    assert 200 == (await http.get("me", used)).status
+    freeze(idm, T0 + 3)
+    assert idm.revoke(used) and idm.revoke(unused)
+    assert_error(await http.get("me", unused), 401, "invalid_grant")
+    freeze(idm, T0 + 9.9)
+    assert 200 == (await http.get("me", used)).status
+    freeze(idm, T0 + 10)
+    assert_error(await http.get("me", used), 401, "invalid_grant")
+
+
+async def test_idm_nonrecoverable_error(idm: FakeSugar, session: aiohttp.ClientSession) -> None:
+    """The idm_nonrecoverable switch answers token checks 401 idm_nonrecoverable_error."""
+    http = Http(session, idm)
+    token = (await http.login()).body["access_token"]
+    idm.idm_nonrecoverable = True
+    assert_error(await http.get("ping", token), 401, "idm_nonrecoverable_error")
+    idm.idm_nonrecoverable = False
+    assert 200 == (await http.get("ping", token)).status
+
+
 # ---------------------------------------------------------------- records, secrets, counters
 
 
@@ -781,3 +1265,65 @@ def test_module_runs_as_a_subprocess() -> None:
         proc.send_signal(signal.SIGTERM)
         assert 0 == proc.wait(timeout=10)
         assert ("", "") == (proc.stdout.read(), proc.stderr.read())
+
+
+def get_json(url: str, token: str) -> tuple[int, Any]:
+    """A GET with urllib and an OAuth-Token header; returns status and parsed JSON."""
+    request = urllib.request.Request(url, headers={"OAuth-Token": token})  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310
+        return resp.status, json.load(resp)
+
+
+def test_running_fake_plays_the_version_asked_for() -> None:
+    """running_fake(sugar_version=...) serves that version's ServerInfo and behaviour."""
+    with running_fake(sugar_version="8.0", license_error="seats") as fake:
+        status, body = post_form(f"{fake.url}/rest/v10/oauth2/token", creds())
+        assert (401, "need_login") == (status, body["error"])
+        fake.license_error = None
+        status, body = post_form(f"{fake.url}/rest/v10/oauth2/token", creds())
+        info = get_json(f"{fake.url}/rest/v10/ServerInfo", body["access_token"])
+        assert (200, "8.0.0") == (info[0], info[1]["version"])
+
+
+def test_module_takes_version_idm_and_platform_switches() -> None:
+    """`--sugar-version 12.0 --idm --accept-any-platform` plays IdM on 12.0, any platform."""
+    command = [
+        sys.executable,
+        "-m",
+        "sugard.testing",
+        "--sugar-version",
+        "12.0",
+        "--idm",
+        "--accept-any-platform",
+        "--user",
+        "carol:carol-pw",
+    ]
+    with subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        url = proc.stdout.readline().strip()
+        fields = creds(username="carol", password="carol-pw", platform="not-registered")
+        status, body = post_form(f"{url}/rest/v10/oauth2/token", fields)
+        assert 200 == status
+        assert body["scope"]  # IdM: never null
+        info = get_json(f"{url}/rest/v10/ServerInfo", body["access_token"])
+        assert "12.0.0" == info[1]["version"]
+        proc.send_signal(signal.SIGTERM)
+        assert 0 == proc.wait(timeout=10)
+        assert ("", "") == (proc.stdout.read(), proc.stderr.read())
+
+
+def test_module_refuses_an_unsupported_version() -> None:
+    """An unknown --sugar-version exits 2 naming the supported ones."""
+    result = subprocess.run(
+        [sys.executable, "-m", "sugard.testing", "--sugar-version", "9.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert 2 == result.returncode
+    assert "8.0" in result.stderr and "26.1" in result.stderr
+    assert "" == result.stdout

@@ -12,6 +12,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from sugard.testing._versions import LATEST_VERSION, SUGAR_VERSIONS
 from sugard.testing.fake import DEFAULT_PLATFORMS, FakeSugar
 
 # Sugar always accepts its built-in platforms; --platform adds custom ones next to them.
@@ -29,7 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; kept separate so tests and --help agree."""
     parser = argparse.ArgumentParser(
         prog="python -m sugard.testing",
-        description="Run a fake SugarCRM (OAuth2 token endpoint, /me, /ping) until interrupted.",
+        description="Run a fake SugarCRM (OAuth2 token endpoint, /me, /ping, /ServerInfo) "
+        "until interrupted. What each Sugar version does differently: docs/sugarcrm.md.",
+    )
+    parser.add_argument(
+        "--sugar-version",
+        choices=SUGAR_VERSIONS,
+        default=LATEST_VERSION,
+        metavar="V",
+        help=f"the Sugar version to behave as: {', '.join(SUGAR_VERSIONS)} "
+        f"(default {LATEST_VERSION})",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: any free port)")
@@ -59,13 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--eviction-grace",
         type=float,
-        default=0.0,
+        default=None,
         metavar="S",
-        help="how long evicted access tokens live on: 0 as Sugar 13, 120 as Sugar 8-12",
+        help="re-check sessions at most every S seconds, so rotated or evicted access tokens "
+        "live on until then (default: the version's, 120 up to 13.0, 0 from 13.3)",
     )
     parser.add_argument("--max-session-lifetime", type=float, default=None, metavar="S")
     parser.add_argument("--lockout-after", type=int, default=None, metavar="N")
-    parser.add_argument("--idm-mode", action="store_true", help="mimic SugarCloud IdM quirks")
+    parser.add_argument(
+        "--idm",
+        "--idm-mode",
+        dest="idm_mode",
+        action="store_true",
+        help="IdM mode: SugarCloud with SugarIdentity (opaque single-use tokens, no eviction)",
+    )
+    parser.add_argument(
+        "--accept-any-platform",
+        action="store_true",
+        help="accept unregistered platforms, as a site with the registry check off",
+    )
     return parser
 
 
@@ -80,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             users=dict(args.user) if args.user else {"admin": "admin-password"},
             clients={"sugar": ""} | dict(args.client or []),
             platforms=platforms,
+            sugar_version=args.sugar_version,
+            accept_any_platform=args.accept_any_platform,
             access_lifetime=args.access_lifetime,
             refresh_lifetime=args.refresh_lifetime,
             eviction_grace=args.eviction_grace,

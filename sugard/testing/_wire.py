@@ -1,9 +1,10 @@
 """What the fake SugarCRM puts on the wire: Sugar's error envelope, its texts, and broken answers.
 
 Everything a client could branch on lives here in one place, copied from how Sugar answers
-(see docs/sugarcrm-oauth2.md): HTTP status, the `error` label, `Cache-Control: no-store`, and
-no `WWW-Authenticate` or `Retry-After` on Sugar's own errors. Faults that only a proxy in front
-of Sugar produces (HTML 502 pages, 429, resets, garbage) are built here too.
+(see docs/sugarcrm.md): HTTP status, the `error` label, `application/json` without a charset,
+PHP's escapes, the cache headers and the download-token cookie, and no `WWW-Authenticate` or
+`Retry-After` on Sugar's own errors. Faults that only a proxy in front of Sugar produces (HTML
+502 pages, 429, resets, garbage) are built here too.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import socket
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
+from email.utils import formatdate
 from typing import Any, Final, Literal, get_args
 from urllib.parse import parse_qsl
 
@@ -25,9 +29,6 @@ FAULT_KINDS: Final = frozenset(get_args(FaultKind))
 # English texts of Sugar's en_us language pack; real sites localise them, clients must not match.
 MSG_BAD_GRANT_TYPE: Final = "Invalid grant_type parameter or parameter missing"
 MSG_NO_CLIENT_ID: Final = "Client id was not found in the headers or body"
-MSG_TWO_CLIENT_METHODS: Final = (
-    "Only one method may be used to authenticate at a time (Auth header, GET or POST)."
-)
 MSG_BAD_CLIENT: Final = "The client credentials are invalid"
 MSG_NO_USER_PASS: Final = 'Missing parameters. "username" and "password" required'  # noqa: S105
 MSG_BAD_LOGIN: Final = "You must specify a valid username and password."
@@ -48,6 +49,9 @@ MSG_LICENSE_EXPIRED: Final = (
 MSG_LICENSE_SEATS: Final = (
     "The number of active users exceeds the number of licensed seats. Contact your administrator."
 )
+MSG_BAD_JSON: Final = "Could not parse the request body as JSON."
+MSG_IMPLICIT_GRANT: Final = "This OAuth2 library does not yet support implicit grant types."
+MSG_IDM_NONRECOVERABLE: Final = "The identity server cannot confirm this session; log in again."
 MSG_CLIENT_OUTDATED: Final = "This client is too old for this server. Please update it."
 MSG_NOT_AUTHORIZED: Final = "You are not authorized to perform this action."
 
@@ -78,14 +82,71 @@ class ApiError(Exception):
         return json_response(body, status=self.status)
 
 
-def json_response(body: object, *, status: int = 200) -> web.Response:
-    """A JSON answer as Sugar sends it: compact, UTF-8, and `Cache-Control: no-store`."""
-    return web.Response(
-        status=status,
-        text=json.dumps(body, separators=(",", ":")),
-        content_type="application/json",
-        headers={hdrs.CACHE_CONTROL: "no-store"},
+# What PHP's json_encode() with JSON_HEX_TAG|APOS|QUOT|AMP writes instead of these characters,
+# and "/" escaped as PHP does by default; Python's json module has no such options.
+_PHP_ESCAPES: Final = {"<": "\\u003C", ">": "\\u003E", "'": "\\u0027", "&": "\\u0026", "/": "\\/"}
+# In Python's output a backslash is always the first of a two-character escape, so scanning the
+# pairs left to right tells an escaped quote from an escaped backslash before a closing quote.
+_PAIR_OR_SPECIAL: Final = re.compile(r"""\\.|[<>'&/]""")
+
+# The headers PHP's session code adds to a successful token answer, besides the JSON type.
+TOKEN_CACHE_HEADERS: Final[Mapping[str, str]] = {
+    hdrs.CACHE_CONTROL: "no-store, no-cache, must-revalidate",
+    hdrs.PRAGMA: "no-cache",
+    hdrs.EXPIRES: "Thu, 19 Nov 1981 08:52:00 GMT",
+}
+
+
+def php_json(body: object) -> str:
+    """JSON as Sugar writes it: compact, ASCII only, with PHP's hex escapes."""
+    text = json.dumps(body, separators=(",", ":"))
+
+    def escape(match: re.Match[str]) -> str:
+        found = match.group()
+        if found == '\\"':
+            return "\\u0022"
+        return _PHP_ESCAPES.get(found, found)
+
+    return _PAIR_OR_SPECIAL.sub(escape, text)
+
+
+def json_response(
+    body: object, *, status: int = 200, cache: Mapping[str, str] | None = None
+) -> web.Response:
+    """A JSON answer as Sugar sends it: `application/json` with no charset, never cached."""
+    headers: dict[str, str] = {hdrs.CONTENT_TYPE: "application/json"}
+    headers.update(cache or {hdrs.CACHE_CONTROL: "no-store"})
+    return web.Response(status=status, body=php_json(body).encode("ascii"), headers=headers)
+
+
+def set_download_cookie(
+    response: web.Response, platform: str, value: str, max_age: int, now: float
+) -> None:
+    """The download-token cookie as PHP's setcookie() writes it: no HttpOnly, path=/.
+
+    Written by hand because aiohttp's cookie morsels use their own attribute order and date
+    format, and the point here is to look like PHP.
+    """
+    expires = _cookie_date(now + max_age)
+    response.headers.add(
+        hdrs.SET_COOKIE,
+        f"download_token_{platform}={value}; expires={expires}; Max-Age={max_age}; path=/",
     )
+
+
+def delete_download_cookie(response: web.Response, platform: str) -> None:
+    """What PHP sends for setcookie() with an empty value: the cookie "deleted" in 1970."""
+    response.headers.add(
+        hdrs.SET_COOKIE,
+        f"download_token_{platform}=deleted; expires={_cookie_date(1)}; Max-Age=0; path=/",
+    )
+
+
+def _cookie_date(epoch: float) -> str:
+    """PHP's cookie date: `Thu, 01-Jan-1970 00:00:01 GMT`, with dashes."""
+    day, rest = formatdate(epoch, usegmt=True).split(", ", 1)
+    dd, month, year, clock, zone = rest.split(" ")
+    return f"{day}, {dd}-{month}-{year} {clock} {zone}"
 
 
 @dataclass(frozen=True)
@@ -101,26 +162,57 @@ class Args:
         return value or None
 
 
+FORM: Final = "application/x-www-form-urlencoded"
+
+
 async def read_args(request: web.Request) -> Args:
-    """Body (JSON, else form-encoded) overlaid by the query string, plus HTTP Basic credentials."""
+    """Body (form-encoded, else JSON) overlaid by the query string, plus HTTP Basic credentials.
+
+    A body that is neither form-encoded nor valid JSON is Sugar's 422 `invalid_parameter`.
+    """
     raw = await request.read()
     body: dict[str, str] = {}
     if raw:
         text = raw.decode("utf-8", "replace")
-        parsed: object = None
-        if request.content_type != "application/x-www-form-urlencoded":
-            try:
-                parsed = json.loads(text)
-            except ValueError:
-                parsed = None
-        if isinstance(parsed, dict):
-            scalars = ((str(k), _scalar(v)) for k, v in parsed.items())
-            body = {k: v for k, v in scalars if v is not None}
-        else:
+        if request.content_type == FORM:
             body = dict(parse_qsl(text, keep_blank_values=True))
+        else:
+            try:
+                parsed: object = json.loads(text)
+            except ValueError:
+                raise ApiError(422, "invalid_parameter", MSG_BAD_JSON) from None
+            if isinstance(parsed, dict):
+                scalars = ((str(k), _scalar(v)) for k, v in parsed.items())
+                body = {k: v for k, v in scalars if v is not None}
     # Sugar merges $_GET over the body, so a query-string argument always wins.
     values = body | dict(request.query)
     return Args(values, _basic_credentials(request.headers.get(hdrs.AUTHORIZATION, "")))
+
+
+@dataclass(frozen=True)
+class PresentedToken:
+    """The access token a request carries, and whether it came as `Authorization: Bearer`."""
+
+    token: str | None
+    via_bearer: bool = False
+
+
+async def presented_token(request: web.Request) -> PresentedToken:
+    """Where Sugar looks for the access token: OAuth-Token, then `oauth_token` in a form POST,
+    then in the query string, then (9.0+, decided by the caller) `Authorization: Bearer`."""
+    header = request.headers.get("OAuth-Token")
+    if header:
+        return PresentedToken(header)
+    if request.method == "POST" and request.content_type == FORM:
+        form = dict(parse_qsl((await request.read()).decode("utf-8", "replace")))
+        if form.get("oauth_token"):
+            return PresentedToken(form["oauth_token"])
+    if request.query.get("oauth_token"):
+        return PresentedToken(request.query["oauth_token"])
+    scheme, _, bearer = request.headers.get(hdrs.AUTHORIZATION, "").partition(" ")
+    if scheme.lower() == "bearer" and bearer.strip():
+        return PresentedToken(bearer.strip(), via_bearer=True)
+    return PresentedToken(None)
 
 
 def _basic_credentials(header: str) -> tuple[str, str] | None:

@@ -1,10 +1,12 @@
 """A fake SugarCRM: Sugar's OAuth2 behaviour on 127.0.0.1, with switches to make it misbehave.
 
 Why a stateful fake rather than mocks: what a token daemon must survive (total rotation, one
-session per user and platform, eviction with or without a grace period, the maintenance trap that
-burns the refresh token, lockouts, unregistered platforms) happens across several HTTP requests,
-so the tests need a real server that keeps state the way Sugar does. Status codes, error labels,
-texts and key order follow docs/sugarcrm-oauth2.md.
+session per user and platform, old tokens that live until the next session check or die at once,
+the maintenance trap that burns the refresh token, lockouts, unregistered platforms) happens
+across several HTTP requests, so the tests need a real server that keeps state the way Sugar
+does. It plays one Sugar version at a time (`sugar_version`, see _versions.py), optionally in IdM
+mode (SugarCloud with SugarIdentity). Status codes, error labels, texts, key order and the
+per-version differences follow docs/sugarcrm.md.
 
 Thread-safety: the handlers run on the server's event loop, while tests flip switches and read
 counters from any thread (see `running_fake`). One lock guards every piece of mutable state, and
@@ -17,6 +19,7 @@ import asyncio
 import hmac
 import math
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -30,15 +33,28 @@ from typing import Final, Literal, Self, get_args
 from aiohttp import web
 
 from sugard.testing import _wire as wire
-from sugard.testing._store import AccessState, AccessToken, Session, TokenStore
+from sugard.testing._store import (
+    AccessState,
+    AccessToken,
+    Session,
+    TokenStore,
+    uuid_token,
+    whole_second,
+)
+from sugard.testing._versions import LATEST_VERSION, VersionProfile, profile
 from sugard.testing._wire import (
     FAULT_KINDS,
+    TOKEN_CACHE_HEADERS,
     ApiError,
     Args,
     FaultKind,
+    PresentedToken,
+    delete_download_cookie,
     fault_response,
     json_response,
+    presented_token,
     read_args,
+    set_download_cookie,
 )
 
 LicenseError = Literal["seats", "expired"]
@@ -50,12 +66,15 @@ DEFAULT_STATUS_EXEMPT: Final = frozenset({"me", "ping", "logout"})
 ADMIN_USER: Final = "admin"
 
 _PLATFORM_RE: Final = re.compile(r"[a-z0-9_-]{1,127}")
+# What a request's platform must look like even where the registry check is off.
+_PLATFORM_FORMAT: Final = re.compile(r"[a-z0-9_-]{1,127}", re.IGNORECASE)
 _VERSION_RE: Final = re.compile(r"v10|v11(?:_\d+)?")
 _MODULE_RE: Final = re.compile(r"[A-Z][A-Za-z0-9_]*")
 # What passes the OAuth2 library's grant_type filter; anything else is a malformed request.
 _GRANT_TYPE_RE: Final = re.compile(
     r"authorization_code|token|password|client_credentials|refresh_token|http://.*|urn:.*"
 )
+_SERVER_TIME: Final = "%Y-%m-%dT%H:%M:%S%z"
 
 
 @dataclass(frozen=True)
@@ -78,6 +97,20 @@ class _Fault:
     retry_after: str | None
 
 
+@dataclass(frozen=True)
+class _Granted:
+    """What a password or refresh grant found valid, before any token is created."""
+
+    user: str
+    refresh_expires_at: float
+    used_up: str | None = None  # the refresh token this refresh consumes
+    chain: int | None = None  # the login this refresh descends from
+
+
+# What SugarIdentity grants a password login through Sugar: never null, unlike Sugar's own.
+_IDM_SCOPE: Final = "offline https://apis.sugarcrm.com/auth/crm profile email address phone"
+
+
 @dataclass(eq=False)
 class FakeSugar:
     """One fake Sugar site: users, OAuth2 clients, registered platforms and every token issued."""
@@ -87,23 +120,32 @@ class FakeSugar:
     )
     clients: dict[str, str] = field(default_factory=lambda: {"sugar": ""}, repr=False)
     platforms: set[str] = field(default_factory=lambda: set(DEFAULT_PLATFORMS))
+    sugar_version: str = LATEST_VERSION  # one of _versions.SUGAR_VERSIONS; set at construction
     access_lifetime: float = 3600
     refresh_lifetime: float = 1209600
-    eviction_grace: float = 0.0  # 0: Sugar 13.x; 120: Sugar 8.0 to 12.x
+    # How often, at most, a session is re-checked, so how long a rotated or evicted access
+    # token may live on. None: the version's (120 s up to 13.0.x, 0 from 13.3). IdM mode uses
+    # revocation_cache instead.
+    eviction_grace: float | None = None
     max_session_lifetime: float | None = None
     idm_mode: bool = False
+    # IdM mode: how long Sugar trusts the identity server's last word on an access token.
+    revocation_cache: float = 10.0
+    accept_any_platform: bool = False  # the site turned the platform registry check off
     lockout_after: int | None = None
     # Runtime switches, also settable between requests from any thread.
     maintenance: bool = False
     license_error: LicenseError | None = None
     client_outdated: bool = False
+    idm_nonrecoverable: bool = False  # IdM mode: every token check fails for good
     delay: float = 0.0
     status_exempt: frozenset[str] = DEFAULT_STATUS_EXEMPT
     clock: Callable[[], float] = field(default=time.time, repr=False)
     url: str = field(default="", init=False)
     app: web.Application = field(init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
-    _store: TokenStore = field(default_factory=TokenStore, init=False, repr=False)
+    _profile: VersionProfile = field(init=False, repr=False)
+    _store: TokenStore = field(init=False, repr=False)
     _faults: deque[_Fault] = field(default_factory=deque, init=False, repr=False)
     _calls: Counter[str] = field(default_factory=Counter, init=False, repr=False)
     _requests: list[TokenRequest] = field(default_factory=list, init=False, repr=False)
@@ -123,8 +165,12 @@ class FakeSugar:
             raise ValueError("token lifetimes must be positive")
         if self.max_session_lifetime is not None and self.max_session_lifetime <= 0:
             raise ValueError("max_session_lifetime must be positive or None")
-        if self.eviction_grace < 0:
-            raise ValueError("eviction_grace must not be negative")
+        if self.eviction_grace is not None and self.eviction_grace < 0:
+            raise ValueError("eviction_grace must not be negative or None")
+        if self.revocation_cache < 0:
+            raise ValueError("revocation_cache must not be negative")
+        self._profile = profile(self.sugar_version)
+        self._store = TokenStore(mint=_idm_token if self.idm_mode else uuid_token)
         if self.lockout_after is not None and self.lockout_after < 1:
             raise ValueError("lockout_after must be at least 1 or None")
         if self.license_error not in (None, *get_args(LicenseError)):
@@ -194,9 +240,12 @@ class FakeSugar:
             self._faults.clear()
 
     def evict(self, username: str, platform: str) -> int:
-        """Act as a login of the same user and platform elsewhere; returns sessions evicted."""
+        """Act as a login of the same user and platform elsewhere; returns sessions evicted.
+
+        Their access tokens die at their session's next check, as after a real eviction.
+        """
         with self._lock:
-            return self._store.evict(username, platform, dies_at=self._grace_deadline())
+            return self._store.evict(username, platform, self.clock())
 
     def expire_access_tokens(self) -> None:
         """Make every access token issued so far answer "has expired" from now on."""
@@ -204,9 +253,13 @@ class FakeSugar:
             self._store.expire_all_access()
 
     def revoke(self, access_token: str) -> bool:
-        """Kill one access token at once (its refresh token survives); False if unknown."""
+        """Kill one access token (its refresh token survives); False if unknown.
+
+        At once, as Sugar's IP check or session cleanup does; in IdM mode a revocation at the
+        identity server, which Sugar notices only when its cached answer runs out.
+        """
         with self._lock:
-            return self._store.kill_access(access_token, dies_at=-math.inf)
+            return self._store.kill_access(access_token, self.clock(), at_once=not self.idm_mode)
 
     def unlock(self, username: str) -> None:
         """Clear a lockout and its failed-login count, as an administrator would."""
@@ -256,9 +309,10 @@ class FakeSugar:
             return list(self._secrets)
 
     def valid(self, access_token: str) -> bool:
-        """Whether Sugar still knows this access token and it has not expired (by `clock`)."""
+        """Whether an API call with this token would pass now (by `clock`); runs no check."""
         with self._lock:
-            return self._store.access_state(access_token, self.clock()) is AccessState.VALID
+            state = self._store.access_state(access_token, self.clock(), self._recheck())
+            return state is AccessState.VALID
 
     def reset_counters(self) -> None:
         """Forget `calls` and `requests`; `issued` and the secrets stay, for leak scans."""
@@ -285,17 +339,16 @@ class FakeSugar:
             if method == "POST" and len(parts) == 3 and parts[:2] == ["oauth2", "sudo"]:
                 return await self._sudo(request, parts[2])
             if method == "GET" and path == "me":
-                return self._me(request)
+                return await self._me(request)
             if method == "GET" and path == "ping":
-                with self._lock:
-                    self._calls["ping"] += 1
-                    self._authenticate(request, "ping")
+                await self._caller(request, "ping")
                 return json_response("pong")
+            if method == "GET" and path == "ServerInfo":
+                await self._caller(request, "serverinfo")
+                return self._server_info()
             if method == "GET" and _MODULE_RE.fullmatch(path):
                 # Stands for every ordinary API route: the ones that maintenance does block.
-                with self._lock:
-                    self._calls["api"] += 1
-                    self._authenticate(request, "api")
+                await self._caller(request, "api")
                 return json_response({"next_offset": -1, "records": []})
         except ApiError as err:
             return err.response()
@@ -306,7 +359,11 @@ class FakeSugar:
     # ----------------------------------------------------------------- token endpoint
 
     async def _token(self, request: web.Request) -> web.StreamResponse:
-        args = await read_args(request)
+        unreadable: ApiError | None = None
+        try:
+            args = await read_args(request)
+        except ApiError as err:
+            args, unreadable = Args({}, None), err
         with self._lock:
             arrived = self.clock()
             self._calls["token"] += 1
@@ -321,6 +378,8 @@ class FakeSugar:
                 status = 0 if fault.kind == "reset" else response.status
                 return response
             try:
+                if unreadable is not None:
+                    raise unreadable
                 with self._lock:
                     response = self._grant(args)
             except ApiError as err:
@@ -334,7 +393,7 @@ class FakeSugar:
                 grant_type=args.get("grant_type"),
                 username=args.get("username"),
                 platform=args.get("platform"),
-                client_id=args.get("client_id") or (args.basic[0] if args.basic else None),
+                client_id=args.basic[0] if args.basic else args.get("client_id"),
                 status=status,
                 error=label,
                 fault=fault.kind if fault else None,
@@ -354,25 +413,45 @@ class FakeSugar:
         if grant_type is None or not _GRANT_TYPE_RE.fullmatch(grant_type):
             raise ApiError(400, "invalid_request", wire.MSG_BAD_GRANT_TYPE)
         client_id = self._check_client(args)
+        now = self.clock()
         if grant_type == "password":
-            session, refresh_expires_in = self._password_grant(args, platform, client_id)
+            granted = self._password_grant(args, now)
         elif grant_type == "refresh_token":
-            session, refresh_expires_in = self._refresh_grant(args, platform, client_id)
+            granted = self._refresh_grant(args, client_id, now)
         elif grant_type == "token":
-            raise ApiError(400, "invalid_request", wire.MSG_BAD_GRANT_TYPE)
+            # The OAuth2 library's text stands where the label should be.
+            raise ApiError(501, wire.MSG_IMPLICIT_GRANT, None)
+        elif grant_type.startswith(("urn:", "http://")):
+            raise ApiError(400, "invalid_grant", None)
         else:
             # Sugar's storage implements neither grant, and the library sends no description.
             raise ApiError(400, "unsupported_grant_type", None)
-        return self._token_response(session, platform, refresh_expires_in)
+        if args.get("scope"):
+            raise ApiError(400, "invalid_scope", None)
+        if granted.used_up is not None:
+            self._store.drop_refresh(granted.used_up, now)
+        refreshed = granted.used_up is not None
+        session = self._open(
+            granted.user,
+            platform,
+            client_id,
+            now,
+            granted.refresh_expires_at,
+            chain=granted.chain,
+            download_is_access=self.idm_mode and refreshed,
+        )
+        # Only now is the site's status checked: during maintenance or a license lock the new
+        # session exists, the old refresh token and the user's other sessions there are gone,
+        # and nothing is handed out (the maintenance trap).
+        self._check_status_at_login()
+        return self._token_response(session, platform, now, refreshed=refreshed)
 
     def _check_client(self, args: Args) -> str:
-        in_args = args.get("client_id")
-        if args.basic is not None and in_args is not None:
-            raise ApiError(400, "invalid_client", wire.MSG_TWO_CLIENT_METHODS)
+        # HTTP Basic wins over a client_id in the body, where PHP fills PHP_AUTH_USER.
         if args.basic is not None:
             client_id, secret = args.basic
         else:
-            client_id, secret = in_args or "", args.get("client_secret") or ""
+            client_id, secret = args.get("client_id") or "", args.get("client_secret") or ""
         if not client_id:
             raise ApiError(400, "invalid_client", wire.MSG_NO_CLIENT_ID)
         expected = self.clients.get(client_id)
@@ -380,7 +459,7 @@ class FakeSugar:
             raise ApiError(400, "invalid_client", wire.MSG_BAD_CLIENT)
         return client_id
 
-    def _password_grant(self, args: Args, platform: str, client_id: str) -> tuple[Session, float]:
+    def _password_grant(self, args: Args, now: float) -> _Granted:
         username, password = args.get("username"), args.get("password")
         if username is None or password is None:
             raise ApiError(400, "invalid_request", wire.MSG_NO_USER_PASS)
@@ -392,104 +471,138 @@ class FakeSugar:
             if stored is not None:
                 self._failures[username] += 1
             raise ApiError(401, "need_login", wire.MSG_BAD_LOGIN)
-        self._check_status_at_login()
         self._failures.pop(username, None)
-        now = self.clock()
-        lifetime = self.refresh_lifetime
-        if self.max_session_lifetime is not None:
-            lifetime = min(lifetime, self.max_session_lifetime)
-        session = self._open(username, platform, client_id, now, now + lifetime)
-        return session, lifetime
+        return _Granted(username, now + self._session_lifetime())
 
-    def _refresh_grant(self, args: Args, platform: str, client_id: str) -> tuple[Session, float]:
+    def _refresh_grant(self, args: Args, client_id: str, now: float) -> _Granted:
         token = args.get("refresh_token")
         if token is None:
             raise ApiError(400, "invalid_request", wire.MSG_NO_REFRESH)
         # IdM mode answers every failed refresh with invalid_request (a Sugar quirk).
         label = "invalid_request" if self.idm_mode else "invalid_grant"
         record = self._store.refresh.get(token)
+        if record is None and self.idm_mode and token in self._store.spent:
+            # The identity server's refresh tokens are single-use: a reuse ends the whole chain.
+            self._store.kill_chain(self._store.spent[token], now)
         if record is None or record.client_id != client_id:
             raise ApiError(400, label, wire.MSG_BAD_REFRESH)
-        now = self.clock()
-        if record.expires_at < now:
-            ended = datetime.fromtimestamp(record.expires_at, UTC).isoformat(timespec="seconds")
-            raise ApiError(400, label, f"{wire.MSG_EXPIRED_REFRESH}{ended}")
-        # Rotation happens before the site status is checked: during maintenance or a license
-        # lock the old tokens are gone and no new ones are handed out (the maintenance trap).
-        self._store.drop_refresh(token, dies_at=self._grace_deadline())
-        self._check_status_at_login()
+        if whole_second(now) > whole_second(record.expires_at):
+            ended, at = whole_second(record.expires_at), whole_second(now)
+            raise ApiError(400, label, f"{wire.MSG_EXPIRED_REFRESH}{ended:.0f} vs {at:.0f}")
         if self.max_session_lifetime is not None:
             expires_at = record.expires_at
         else:
             expires_at = now + self.refresh_lifetime
-        session = self._open(record.user, platform, client_id, now, expires_at)
-        # A Sugar bug in IdM mode: an absolute epoch time instead of a duration.
-        return session, math.floor(expires_at) if self.idm_mode else expires_at - now
+        return _Granted(record.user, expires_at, used_up=token, chain=record.chain)
+
+    def _session_lifetime(self) -> float:
+        if self.max_session_lifetime is None:
+            return self.refresh_lifetime
+        return min(self.refresh_lifetime, self.max_session_lifetime)
 
     def _open(
-        self, user: str, platform: str, client_id: str, now: float, refresh_expires_at: float
+        self,
+        user: str,
+        platform: str,
+        client_id: str,
+        now: float,
+        refresh_expires_at: float,
+        *,
+        chain: int | None = None,
+        download_is_access: bool = False,
     ) -> Session:
         return self._store.open_session(
             user=user,
             platform=platform,
             client_id=client_id,
+            now=now,
             access_expires_at=now + self.access_lifetime,
             refresh_expires_at=refresh_expires_at,
-            dies_at=self._grace_deadline(),
+            # Sugar's session check first runs a full interval after the login; the identity
+            # server's cache is empty until the token's first use.
+            first_check=-math.inf if self.idm_mode else now,
+            chain=chain,
+            # SugarIdentity keeps no one-session-per-platform rule.
+            evict_others=not self.idm_mode,
+            download_is_access=download_is_access,
         )
 
     def _token_response(
-        self, session: Session, platform: str, refresh_expires_in: float
+        self, session: Session, platform: str, now: float, *, refreshed: bool = False
     ) -> web.Response:
-        body = {
+        # Sugar counts in whole seconds, so this is always an integer.
+        remaining = int(whole_second(session.refresh.expires_at) - whole_second(now))
+        body: dict[str, object] = {
             "access_token": session.access_token,
             "expires_in": _wire_seconds(self.access_lifetime),
             "token_type": "bearer",
-            "scope": None,
+            "scope": _IDM_SCOPE if self.idm_mode else None,
             "refresh_token": session.refresh_token,
-            "refresh_expires_in": _wire_seconds(refresh_expires_in),
+            "refresh_expires_in": remaining,
             "download_token": session.download_token,
         }
-        response = json_response(body)
-        response.set_cookie(
-            f"download_token_{platform}", session.download_token, path="/", httponly=True
-        )
+        if self.idm_mode and refreshed:
+            # A Sugar bug in IdM mode: an absolute epoch time instead of a duration, and the
+            # download token (the access token itself there) comes before it.
+            del body["refresh_expires_in"]
+            body["refresh_expires_in"] = int(whole_second(session.refresh.expires_at))
+        response = json_response(body, cache=TOKEN_CACHE_HEADERS)
+        set_download_cookie(response, platform, session.download_token, remaining, now)
         return response
 
     # ----------------------------------------------------------------- other routes
 
-    def _me(self, request: web.Request) -> web.Response:
-        with self._lock:
-            self._calls["me"] += 1
-            token = self._authenticate(request, "me")
+    async def _me(self, request: web.Request) -> web.Response:
+        _, record = await self._caller(request, "me")
         user = {
-            "id": _user_id(token.user),
-            "user_name": token.user,
-            "type": "admin" if token.user == ADMIN_USER else "user",
+            "id": _user_id(record.user),
+            "user_name": record.user,
+            "type": "admin" if record.user == ADMIN_USER else "user",
         }
         return json_response({"current_user": user})
 
+    def _server_info(self) -> web.Response:
+        """What Sugar's ServerInfoApi answers; a client learns the version from it."""
+        now = self.clock()
+        return json_response(
+            {
+                "flavor": "ENT",
+                "version": f"{self.sugar_version}.0",
+                "build": self._profile.build,
+                "marketing_version": self._profile.marketing_version,
+                "gmt_time": datetime.fromtimestamp(now, UTC).strftime(_SERVER_TIME),
+                "server_time": datetime.fromtimestamp(now).astimezone().strftime(_SERVER_TIME),
+            }
+        )
+
     async def _logout(self, request: web.Request) -> web.Response:
         args = await read_args(request)
+        presented = await presented_token(request)
         with self._lock:
             self._calls["logout"] += 1
             self._remember_secrets(args)
-            token = self._authenticate(request, "logout")
-            self._store.kill_access(request.headers["OAuth-Token"], dies_at=-math.inf)
-            refresh = args.get("refresh_token")
-            if refresh is not None:
+            token, _ = self._authenticate(presented, request, "logout")
+            now = self.clock()
+            own_refresh = self._store.refresh_of(token)
+            self._store.kill_access(token, now, at_once=True)
+            sent = args.get("refresh_token")
+            if sent is not None:
                 # Sugar deletes the refresh token sent, without checking whose it is.
-                self._store.drop_refresh(refresh, dies_at=math.inf)
+                self._store.drop_refresh(sent, now)
+            elif self._profile.logout_drops_refresh and own_refresh is not None:
+                # 12.0+: a logout without refresh_token ends the session it was made with.
+                self._store.drop_refresh(own_refresh, now)
         response = json_response({"success": True})
-        response.del_cookie(f"download_token_{token.platform}", path="/")
+        delete_download_cookie(response, args.get("platform") or "base")
         return response
 
     async def _sudo(self, request: web.Request, user_name: str) -> web.Response:
         args = await read_args(request)
+        presented = await presented_token(request)
         with self._lock:
             self._calls["sudo"] += 1
             self._remember_secrets(args)
-            caller = self._authenticate(request, "sudo")
+            _, caller = self._authenticate(presented, request, "sudo")
             if caller.user != ADMIN_USER:
                 raise ApiError(403, "not_authorized", wire.MSG_NOT_AUTHORIZED)
             if user_name not in self.users:
@@ -497,27 +610,41 @@ class FakeSugar:
             platform = args.get("platform") or "base"
             self._check_platform(platform)
             now = self.clock()
-            lifetime = self.refresh_lifetime
-            if self.max_session_lifetime is not None:
-                lifetime = min(lifetime, self.max_session_lifetime)
             client_id = args.get("client_id") or "sugar"
-            session = self._open(user_name, platform, client_id, now, now + lifetime)
-            return self._token_response(session, platform, lifetime)
+            session = self._open(
+                user_name, platform, client_id, now, now + self._session_lifetime()
+            )
+            return self._token_response(session, platform, now)
 
     # ----------------------------------------------------------------- shared checks
 
-    def _authenticate(self, request: web.Request, route: str) -> AccessToken:
+    async def _caller(self, request: web.Request, route: str) -> tuple[str, AccessToken]:
+        """Count one call to `route` and authenticate it: (its access token, that token)."""
+        presented = await presented_token(request)
+        with self._lock:
+            self._calls[route] += 1
+            return self._authenticate(presented, request, route)
+
+    def _authenticate(
+        self, presented: PresentedToken, request: web.Request, route: str
+    ) -> tuple[str, AccessToken]:
         """Sugar's checks on an API call, in its order. Runs under the lock."""
-        # Only OAuth-Token counts: Sugar ignores `Authorization: Bearer` on older versions.
-        token = request.headers.get("OAuth-Token")
+        token = presented.token
+        record = self._store.access.get(token) if token else None
+        if presented.via_bearer and not self._reads_bearer(record):
+            token = None
         if not token:
             raise ApiError(401, "need_login", wire.MSG_NO_TOKEN)
-        record = self._store.access.get(token)
-        state = AccessState.INVALID if record is None else record.state(self.clock())
+        if self.idm_mode and self.idm_nonrecoverable:
+            raise ApiError(401, "idm_nonrecoverable_error", wire.MSG_IDM_NONRECOVERABLE)
+        now, recheck = self.clock(), self._recheck()
+        state = AccessState.INVALID if record is None else record.state(now, recheck)
         if record is None or state is AccessState.INVALID:
             raise ApiError(401, "invalid_grant", wire.MSG_INVALID_ACCESS)
         if state is AccessState.EXPIRED:
             raise ApiError(401, "invalid_grant", wire.MSG_EXPIRED_ACCESS)
+        if record.check_due(now, recheck):
+            self._store.checked(token, now)
         self._check_platform(record.platform)
         if route not in self.status_exempt:
             site = str(request.url.origin())
@@ -525,10 +652,26 @@ class FakeSugar:
                 raise ApiError(503, "maintenance", wire.MSG_MAINTENANCE, url=site)
             if self.license_error == "expired":
                 raise ApiError(503, "admin_only", wire.MSG_LICENSE_EXPIRED, url=site)
-        return record
+        return token, record
+
+    def _reads_bearer(self, record: AccessToken | None) -> bool:
+        """9.0+ reads `Authorization: Bearer`; 8.0 only for IdM tokens of the opi platform."""
+        if self._profile.reads_bearer:
+            return True
+        return self.idm_mode and record is not None and record.platform == "opi"
+
+    def _recheck(self) -> float:
+        """How long an access token whose session is gone may still pass an API call."""
+        if self.idm_mode:
+            return self.revocation_cache
+        if self.eviction_grace is not None:
+            return self.eviction_grace
+        return self._profile.session_check_interval
 
     def _check_platform(self, platform: str) -> None:
-        if platform not in self.platforms:
+        if not _PLATFORM_FORMAT.fullmatch(platform):
+            raise ApiError(422, "invalid_parameter", wire.MSG_BAD_PLATFORM)
+        if not self.accept_any_platform and platform not in self.platforms:
             raise ApiError(422, "invalid_parameter", wire.MSG_BAD_PLATFORM)
 
     def _check_status_at_login(self) -> None:
@@ -537,11 +680,8 @@ class FakeSugar:
         if self.license_error == "expired":
             raise ApiError(401, "need_login", wire.MSG_LICENSE_EXPIRED)
         if self.license_error == "seats":
-            raise ApiError(403, "license_seats_needed", wire.MSG_LICENSE_SEATS)
-
-    def _grace_deadline(self) -> float:
-        """When tokens pushed out now really die: at once (13.x) or after the grace period."""
-        return self.clock() + self.eviction_grace if self.eviction_grace > 0 else -math.inf
+            seats = self._profile
+            raise ApiError(seats.seats_status, seats.seats_label, wire.MSG_LICENSE_SEATS)
 
     def _remember_secrets(self, args: Args) -> None:
         for key in ("password", "client_secret", "refresh_token"):
@@ -555,6 +695,11 @@ class FakeSugar:
 def _same(expected: str, given: str) -> bool:
     """Constant-time comparison, as any credential check should be, even a fake one."""
     return hmac.compare_digest(expected.encode(), given.encode())
+
+
+def _idm_token() -> str:
+    """An opaque token as SugarIdentity mints it: two base64url parts, not a UUID."""
+    return f"{secrets.token_urlsafe(32)}.{secrets.token_urlsafe(32)}"
 
 
 def _user_id(user_name: str) -> str:
