@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from sugard.testing.fake import DEFAULT_PLATFORMS, FakeSugar
 
@@ -66,6 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-session-lifetime", type=float, default=None, metavar="S")
     parser.add_argument("--lockout-after", type=int, default=None, metavar="N")
     parser.add_argument("--idm-mode", action="store_true", help="mimic SugarCloud IdM quirks")
+    parser.add_argument(
+        "--seed",
+        type=Path,
+        metavar="FILE",
+        help='records to start with: a JSON object such as {"Accounts": [{"name": "Acme"}]}',
+    )
     return parser
 
 
@@ -76,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.platform:
         platforms = set(_BUILTIN_PLATFORMS) | set(args.platform)
     try:
+        records = _load_seed(args.seed) if args.seed else None
         fake = FakeSugar(
             users=dict(args.user) if args.user else {"admin": "admin-password"},
             clients={"sugar": ""} | dict(args.client or []),
@@ -86,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_session_lifetime=args.max_session_lifetime,
             idm_mode=args.idm_mode,
             lockout_after=args.lockout_after,
+            records=records,
         )
     except ValueError as exc:
         print(f"sugard.testing: {exc}", file=sys.stderr)
@@ -96,6 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sugard.testing: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _load_seed(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read --seed {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"--seed {path} is not valid JSON: {exc}") from None
 
 
 async def _serve(fake: FakeSugar, host: str, port: int) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from email.utils import formatdate
 from pathlib import Path
@@ -70,32 +70,26 @@ async def handle(site: FakeSugar, request: web.Request, path: str) -> web.Stream
 
 
 async def _list(site: FakeSugar, request: web.Request, module: str, route: str) -> web.Response:
+    await _arrive(site, request, route)
     args = await _filter_args(request)
-    await _arrive(site, route)
-    with site._lock:
-        site._authenticate(request, route)
-        with _as_422():
-            records, next_offset = site._data.query(module, args)
+    with site._lock, _as_422():
+        records, next_offset = site._data.query(module, args)
     return json_response({"next_offset": next_offset, "records": records})
 
 
 async def _count(site: FakeSugar, request: web.Request, module: str) -> web.Response:
+    await _arrive(site, request, "count")
     args = await _filter_args(request)
-    await _arrive(site, "count")
-    with site._lock:
-        site._authenticate(request, "count")
-        with _as_422():
-            count = site._data.count(module, args)
+    with site._lock, _as_422():
+        count = site._data.count(module, args)
     return json_response({"record_count": count})
 
 
 async def _create(site: FakeSugar, request: web.Request, module: str) -> web.Response:
+    await _arrive(site, request, "create")
     values = await _json_object(request)
-    await _arrive(site, "create")
-    with site._lock:
-        site._authenticate(request, "create")
-        with _as_422():
-            record = site._data.create(module, values)
+    with site._lock, _as_422():
+        record = site._data.create(module, values)
     return json_response(record)
 
 
@@ -104,10 +98,9 @@ async def _record(
 ) -> web.Response:
     method = request.method
     route = {"GET": "read", "PUT": "update", "DELETE": "delete"}[method]
+    await _arrive(site, request, route)
     values = await _json_object(request) if method == "PUT" else {}
-    await _arrive(site, route)
     with site._lock:
-        site._authenticate(request, route)
         if method == "GET":
             record = site._data.get(module, record_id)
         elif method == "PUT":
@@ -127,9 +120,8 @@ async def _record(
 
 async def _metadata(site: FakeSugar, request: web.Request) -> web.Response:
     """The sections asked for in `type_filter` (all of them without it), and `_hash`."""
-    await _arrive(site, "metadata")
+    await _arrive(site, request, "metadata")
     with site._lock:
-        site._authenticate(request, "metadata")
         modules = site._data.modules()
         version = site.sugar_version
     wanted = request.query.get("type_filter") or ",".join(METADATA_SECTIONS)
@@ -167,9 +159,8 @@ def _hashed(section: dict[str, Any]) -> dict[str, Any]:
 async def _download(
     site: FakeSugar, request: web.Request, module: str, record_id: str, field: str
 ) -> web.StreamResponse:
-    await _arrive(site, "file_download")
+    await _arrive(site, request, "file_download", check=_authenticate_download)
     with site._lock:
-        _authenticate_download(site, request)
         if site._data.get(module, record_id) is None:
             raise _not_found(module, record_id)
         stored = site._files.get((module, record_id, field))
@@ -200,9 +191,8 @@ async def _upload(
     site: FakeSugar, request: web.Request, module: str, record_id: str, field: str
 ) -> web.Response:
     """POST takes a multipart form (the file in the part named after the field), PUT a raw body."""
-    await _arrive(site, "file_upload")
+    await _arrive(site, request, "file_upload")
     with site._lock:
-        site._authenticate(request, "file_upload")
         # Sugar loads the record before it reads the upload.
         if site._data.get(module, record_id) is None:
             raise _not_found(module, record_id)
@@ -296,12 +286,23 @@ def _authenticate_download(site: FakeSugar, request: web.Request) -> AccessToken
 # ---------------------------------------------------------------- shared
 
 
-async def _arrive(site: FakeSugar, route: str) -> None:
+async def _arrive(
+    site: FakeSugar,
+    request: web.Request,
+    route: str,
+    check: Callable[[FakeSugar, web.Request], object] | None = None,
+) -> None:
+    """Count the call, wait out its latency, then check the token, before the body is read."""
     with site._lock:
         site._calls[route] += 1
         pause = site.latency.get(route, 0.0)
     if pause > 0:
         await asyncio.sleep(pause)
+    with site._lock:
+        if check is None:
+            site._authenticate(request, route)
+        else:
+            check(site, request)
 
 
 async def _filter_args(request: web.Request) -> dict[str, Any]:
@@ -309,8 +310,9 @@ async def _filter_args(request: web.Request) -> dict[str, Any]:
     args: dict[str, Any] = {}
     if request.method == "POST":
         args = await _json_object(request)
-    args |= php_query(request.query.items())
-    raw = args.get("filter")
+    query = php_query(request.query.items())
+    args |= query
+    raw = query.get("filter")
     if isinstance(raw, str) and raw:
         # `filter` is one of FilterApi's jsonParams: a GET may send it as JSON text.
         try:
