@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; kept separate so tests and --help agree."""
     parser = argparse.ArgumentParser(
         prog="python -m sugard.testing",
-        description="Run a fake SugarCRM (OAuth2 token endpoint, /me, /ping) until interrupted.",
+        description="Run a fake SugarCRM (OAuth2, /me, /ping, records, filters, metadata, "
+        "files) until interrupted.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=0, help="port (default: any free port)")

@@ -1,9 +1,10 @@
 """The fake SugarCRM's module routes: records, filters, counts, metadata and file fields.
 
 `FakeSugar._dispatch` hands every path it does not serve itself to `handle`, after the API
-version check. Each route counts itself in `calls`, sleeps `latency[route]`, then passes the
-same token check as /me (under the fake's lock, never awaiting while holding it). Shapes and
-error texts follow Sugar's ModuleApi, FilterApi, MetadataApi and FileApi.
+version check. Each route counts itself in `calls`, sleeps `latency[route]`, reads its
+arguments, then passes the same token check as /me and does its work under the fake's lock
+(never awaiting while holding it). Shapes and error texts follow Sugar's ModuleApi, FilterApi,
+MetadataApi and FileApi.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from email.utils import formatdate
 from pathlib import Path
@@ -70,25 +71,28 @@ async def handle(site: FakeSugar, request: web.Request, path: str) -> web.Stream
 
 
 async def _list(site: FakeSugar, request: web.Request, module: str, route: str) -> web.Response:
-    await _arrive(site, request, route)
+    await _arrive(site, route)
     args = await _filter_args(request)
     with site._lock, _as_422():
+        site._authenticate(request, route)
         records, next_offset = site._data.query(module, args)
     return json_response({"next_offset": next_offset, "records": records})
 
 
 async def _count(site: FakeSugar, request: web.Request, module: str) -> web.Response:
-    await _arrive(site, request, "count")
+    await _arrive(site, "count")
     args = await _filter_args(request)
     with site._lock, _as_422():
+        site._authenticate(request, "count")
         count = site._data.count(module, args)
     return json_response({"record_count": count})
 
 
 async def _create(site: FakeSugar, request: web.Request, module: str) -> web.Response:
-    await _arrive(site, request, "create")
+    await _arrive(site, "create")
     values = await _json_object(request)
     with site._lock, _as_422():
+        site._authenticate(request, "create")
         record = site._data.create(module, values)
     return json_response(record)
 
@@ -98,9 +102,10 @@ async def _record(
 ) -> web.Response:
     method = request.method
     route = {"GET": "read", "PUT": "update", "DELETE": "delete"}[method]
-    await _arrive(site, request, route)
+    await _arrive(site, route)
     values = await _json_object(request) if method == "PUT" else {}
     with site._lock:
+        site._authenticate(request, route)
         if method == "GET":
             record = site._data.get(module, record_id)
         elif method == "PUT":
@@ -120,8 +125,9 @@ async def _record(
 
 async def _metadata(site: FakeSugar, request: web.Request) -> web.Response:
     """The sections asked for in `type_filter` (all of them without it), and `_hash`."""
-    await _arrive(site, request, "metadata")
+    await _arrive(site, "metadata")
     with site._lock:
+        site._authenticate(request, "metadata")
         modules = site._data.modules()
         version = site.sugar_version
     wanted = request.query.get("type_filter") or ",".join(METADATA_SECTIONS)
@@ -159,8 +165,9 @@ def _hashed(section: dict[str, Any]) -> dict[str, Any]:
 async def _download(
     site: FakeSugar, request: web.Request, module: str, record_id: str, field: str
 ) -> web.StreamResponse:
-    await _arrive(site, request, "file_download", check=_authenticate_download)
+    await _arrive(site, "file_download")
     with site._lock:
+        _authenticate_download(site, request)
         if site._data.get(module, record_id) is None:
             raise _not_found(module, record_id)
         stored = site._files.get((module, record_id, field))
@@ -191,8 +198,11 @@ async def _upload(
     site: FakeSugar, request: web.Request, module: str, record_id: str, field: str
 ) -> web.Response:
     """POST takes a multipart form (the file in the part named after the field), PUT a raw body."""
-    await _arrive(site, request, "file_upload")
+    await _arrive(site, "file_upload")
     with site._lock:
+        # Unlike PHP, which takes in a whole upload before Sugar runs, the fake checks the
+        # token first: it streams the body to disk only for a caller it knows.
+        site._authenticate(request, "file_upload")
         # Sugar loads the record before it reads the upload.
         if site._data.get(module, record_id) is None:
             raise _not_found(module, record_id)
@@ -286,23 +296,14 @@ def _authenticate_download(site: FakeSugar, request: web.Request) -> AccessToken
 # ---------------------------------------------------------------- shared
 
 
-async def _arrive(
-    site: FakeSugar,
-    request: web.Request,
-    route: str,
-    check: Callable[[FakeSugar, web.Request], object] | None = None,
-) -> None:
-    """Count the call, wait out its latency, then check the token, before the body is read."""
+async def _arrive(site: FakeSugar, route: str) -> None:
+    """Count the call and wait out its latency. Callers then read the body and only then
+    check the token, in Sugar's order (RestService parses the arguments before the login)."""
     with site._lock:
         site._calls[route] += 1
         pause = site.latency.get(route, 0.0)
     if pause > 0:
         await asyncio.sleep(pause)
-    with site._lock:
-        if check is None:
-            site._authenticate(request, route)
-        else:
-            check(site, request)
 
 
 async def _filter_args(request: web.Request) -> dict[str, Any]:
