@@ -678,3 +678,20 @@ async def transfer(url: str, size: int) -> tuple[str, str]:
             async for chunk in r.content.iter_chunked(256 * 1024):
                 received.update(chunk)
     return sent.hexdigest(), received.hexdigest()
+
+
+def test_the_fixture_example_in_docs_testing_passes(tmp_path: Path) -> None:
+    """docs/testing.md's pytest example runs green, as a user would run it."""
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    example = docs.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "test_example.py").write_text(example)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_example.py"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == run.returncode, run.stdout + run.stderr
+    assert "1 passed" in run.stdout
