@@ -309,6 +309,7 @@ def test_counts(api: Api) -> None:
         ([{"$or": "name"}], "Did not recognize the definition: name"),
         ([{"$owner": ""}], "Unknown field $owner"),
         ("name", "Unexpected filter type string."),
+        ([{"name": ["Acme", "Beta"]}], "Did not recognize the operand: 0"),
     ],
 )
 def test_bad_filters_are_422(api: Api, filter_value: Any, message: str) -> None:

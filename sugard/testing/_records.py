@@ -243,6 +243,8 @@ def _clause(clause: object) -> list[Filter]:
 
 
 def _field_tests(name: str, spec: object) -> list[Filter]:
+    if isinstance(spec, list):  # a PHP array with keys 0, 1, ...: read as operators, refused
+        spec = {str(i): item for i, item in enumerate(spec)}
     operands = spec if isinstance(spec, Mapping) else {"$equals": spec}
     return [_on_field(name, _operator(op, operand)) for op, operand in operands.items()]
 
