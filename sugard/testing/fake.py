@@ -138,6 +138,7 @@ class FakeSugar:
         self.users = dict(self.users)
         self.clients = dict(self.clients)
         self.platforms = set(self.platforms)
+        self.latency = dict(self.latency)
         for name in self.platforms:
             if not _PLATFORM_RE.fullmatch(name):
                 raise ValueError(f"platform {name!r} does not match ^[a-z0-9_-]{{1,127}}$")
