@@ -421,10 +421,11 @@ def test_metadata_version_follows_sugar_version() -> None:
 
 
 def test_seeded_records_are_served_and_read_back() -> None:
-    """records= seeds any module; given ids and dates are kept, missing ones filled in."""
+    """records= seeds any module; given ids and dates are kept, missing ones filled in; the
+    fake keeps its own copies, apart from the seed and from what records() returns."""
     seed = {
         "Accounts": [{"id": "a-1", "name": "Acme", "date_modified": "2020-01-01T00:00:00+00:00"}],
-        "Cases": [{"subject": "Broken"}],
+        "Cases": [{"subject": "Broken", "tags": ["urgent"]}],
     }
     pristine = copy.deepcopy(seed)
     with running_fake(users={"admin": PASSWORD}, records=seed) as fake:
@@ -435,7 +436,10 @@ def test_seeded_records_are_served_and_read_back() -> None:
         assert ("Broken", "Cases") == (case["subject"], case["_module"])
         assert case == api.ok("GET", f"Cases/{case['id']}")
         assert [] == fake.records("Leads")
-    assert pristine == seed  # the caller's objects are not edited
+        assert pristine == seed  # the fake edits no object of the caller's
+        fake.records("Cases")[0]["tags"].append("edited by the test")
+        seed["Cases"][0]["tags"].append("edited after seeding")
+        assert ["urgent"] == api.ok("GET", f"Cases/{case['id']}")["tags"]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ lacks reads as null. Not thread-safe on purpose: `FakeSugar` holds its one lock 
 
 from __future__ import annotations
 
+import copy
 import itertools
 import re
 import uuid
@@ -70,7 +71,7 @@ class RecordStore:
                 if not isinstance(row, Mapping):
                     raise ValueError(f"each record for {module} must be an object, got {row!r}")
                 stamp = sugar_time(self.clock())
-                data = {"date_entered": stamp, "date_modified": stamp} | dict(row)
+                data = {"date_entered": stamp, "date_modified": stamp} | copy.deepcopy(dict(row))
                 self._insert(module, data)
 
     def create(self, module: str, values: Mapping[str, Any]) -> JsonRecord:
@@ -157,14 +158,15 @@ def _settable(values: Mapping[str, Any]) -> JsonRecord:
 
 
 def _shown(module: str, data: JsonRecord, fields: list[str] | None = None) -> JsonRecord:
-    """A record as the API returns it: `_module` added, trimmed to `fields` when asked."""
+    """A copy of a record as the API returns it: `_module` added, trimmed to `fields`."""
     if fields is None:
         shown = dict(data)
     else:
         wanted = [*fields, *(f for f in _ALWAYS_RETURNED if f not in fields)]
         shown = {name: data[name] for name in wanted if name in data}
     shown["_module"] = module
-    return shown
+    # Deep, so that a test editing what records() returned never edits the store.
+    return copy.deepcopy(shown)
 
 
 def _fields(value: object) -> list[str] | None:
