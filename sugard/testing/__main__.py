@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from sugard.testing._versions import LATEST_VERSION, SUGAR_VERSIONS
 from sugard.testing.fake import DEFAULT_PLATFORMS, FakeSugar
@@ -30,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; kept separate so tests and --help agree."""
     parser = argparse.ArgumentParser(
         prog="python -m sugard.testing",
-        description="Run a fake SugarCRM (OAuth2 token endpoint, /me, /ping, /ServerInfo) "
-        "until interrupted. What each Sugar version does differently: docs/sugarcrm.md.",
+        description="Run a fake SugarCRM (OAuth2, /me, /ping, /ServerInfo, records, filters, "
+        "metadata, files) until interrupted. What each Sugar version does differently: "
+        "docs/sugarcrm.md; how to test a script against it: docs/testing.md.",
     )
     parser.add_argument(
         "--sugar-version",
@@ -88,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept unregistered platforms, as a site with the registry check off",
     )
+    parser.add_argument(
+        "--seed",
+        type=Path,
+        metavar="FILE",
+        help='records to start with: a JSON object such as {"Accounts": [{"name": "Acme"}]}',
+    )
     return parser
 
 
@@ -98,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.platform:
         platforms = set(_BUILTIN_PLATFORMS) | set(args.platform)
     try:
+        records = _load_seed(args.seed) if args.seed else None
         fake = FakeSugar(
             users=dict(args.user) if args.user else {"admin": "admin-password"},
             clients={"sugar": ""} | dict(args.client or []),
@@ -110,6 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_session_lifetime=args.max_session_lifetime,
             idm_mode=args.idm_mode,
             lockout_after=args.lockout_after,
+            records=records,
         )
     except ValueError as exc:
         print(f"sugard.testing: {exc}", file=sys.stderr)
@@ -120,6 +132,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sugard.testing: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _load_seed(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read --seed {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ValueError(f"--seed {path} is not valid JSON: {exc}") from None
 
 
 async def _serve(fake: FakeSugar, host: str, port: int) -> None:
