@@ -415,3 +415,17 @@ def test_an_unreachable_proxy_is_named_in_the_error(
         f"cannot reach proxy {url} (for {fake.url}): "
     )
     assert 0 == fake.calls["token"]
+
+
+def test_a_reload_that_changes_only_the_proxy_keeps_the_session(
+    proxy: ForwardProxy, fake: FakeSugar, short_dir: Path, start_daemon: StartDaemon
+) -> None:
+    """Setting proxy on a running instance: the reload logs the new way out, and the next
+    refresh takes it, with no new password login."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    assert 0 == token(daemon).returncode
+    write_config(short_dir, {"prod": instance(fake, proxy=proxy.url)})
+    assert 0 == sugarctl(daemon.socket, "reload").returncode
+    assert f"prod: outbound via proxy {proxy.url} (proxy in the config)" in daemon.log()
+    assert 0 == sugarctl(daemon.socket, "refresh", "prod").returncode
+    assert (1, 1, 1) == (fake.calls["password"], fake.calls["refresh_token"], len(proxy.requests))
