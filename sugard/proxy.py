@@ -89,14 +89,15 @@ def route_for(instance: InstanceConfig) -> Route:
     except LookupError:
         if site.host is not None and urllib.request.proxy_bypass(site.host):
             return Route(source=f"{site.host} is in NO_PROXY")
+        if site.scheme in urllib.request.getproxies():  # one aiohttp skipped: https://
+            return _unusable(variable, "")
         return Route(source="no proxy in the config or the environment")
-    except ValueError:
-        # Not echoed: an unparsable value may still hold a password.
-        return Route(problem=f"{variable} is not a URL; {_env_fix(variable)}")
+    except ValueError:  # not a URL at all
+        return _unusable(variable, "")
     if _in_no_proxy_network(site.host):
         return Route(source=f"{site.host} is in NO_PROXY")
     if proxy.scheme != "http" or not proxy.host:
-        return Route(problem=f"{variable} ({proxy}) is not an http:// URL; {_env_fix(variable)}")
+        return _unusable(variable, str(proxy))
     route = Route(proxy=str(proxy), source=f"from {variable}", variable=variable)
     if instance.proxy_username is None and auth is not None:
         return Route(
@@ -108,10 +109,14 @@ def route_for(instance: InstanceConfig) -> Route:
     return _with_config_credentials(instance, route)
 
 
-def _env_fix(variable: str) -> str:
-    return (
-        f"write {variable} as http://HOST:PORT in the daemon's environment and restart "
-        "sugard, or set proxy in the config"
+def _unusable(variable: str, value: str) -> Route:
+    # The value is shown only if it cannot hold a password (user:password@ in a value that
+    # is not a URL stays in it).
+    shown = f" ({value})" if value and "@" not in value else ""
+    return Route(
+        problem=f"{variable}{shown} is not an http:// proxy URL; write {variable} as "
+        "http://HOST:PORT in the daemon's environment and restart sugard, or set proxy in "
+        "the config"
     )
 
 

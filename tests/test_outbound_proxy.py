@@ -381,24 +381,6 @@ def test_credentials_in_the_environments_proxy_url_are_used_never_shown(
         assert PROXY_PASSWORD not in text
 
 
-def test_credentials_in_the_proxy_key_are_refused_without_echoing_them(
-    fake: FakeSugar, short_dir: Path
-) -> None:
-    """proxy = "http://user:password@host" is refused by check with a line saying to use the
-    secret keys, and the password is not repeated."""
-    config = write_config(
-        short_dir,
-        {"prod": instance(fake, proxy=f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:3128")},
-    )
-    done = subprocess.run(
-        [SUGARD, "check", "-c", str(config)], capture_output=True, text=True, timeout=60
-    )
-    assert 1 == done.returncode
-    assert f"{config}: instances.prod.proxy: must not hold credentials" in done.stderr
-    assert "proxy_password_file" in done.stderr
-    assert PROXY_PASSWORD not in done.stderr + done.stdout
-
-
 def test_an_unreachable_proxy_is_named_in_the_error(
     fake: FakeSugar, short_dir: Path, start_daemon: StartDaemon
 ) -> None:
@@ -429,3 +411,66 @@ def test_a_reload_that_changes_only_the_proxy_keeps_the_session(
     assert f"prod: outbound via proxy {proxy.url} (proxy in the config)" in daemon.log()
     assert 0 == sugarctl(daemon.socket, "refresh", "prod").returncode
     assert (1, 1, 1) == (fake.calls["password"], fake.calls["refresh_token"], len(proxy.requests))
+
+
+def test_an_environment_proxy_that_is_not_an_http_url_fails_the_instance_quietly(
+    fake: FakeSugar, short_dir: Path, start_daemon: StartDaemon
+) -> None:
+    """HTTP_PROXY=user:password@host:port (no scheme) is not guessed at: the instance fails,
+    saying which variable to fix, and the value, which holds a password, is not repeated."""
+    daemon = start_daemon(
+        write_config(short_dir, {"prod": instance(fake)}),
+        env={"HTTP_PROXY": f"{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:3128"},
+    )
+    result = token(daemon)
+    assert 6 == result.returncode, result.stderr
+    assert "sugarctl: HTTP_PROXY is not an http:// proxy URL; write HTTP_PROXY as " in (
+        result.stderr
+    )
+    assert 0 == fake.calls["token"]
+    for text in (result.stderr, daemon.log()):
+        assert PROXY_PASSWORD not in text
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        (
+            {"proxy": f"http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:3128"},
+            "instances.prod.proxy: must not hold credentials: give the user as proxy_username "
+            "and the password as proxy_password_file",
+        ),
+        (
+            {"proxy": "https://proxy.example:3128"},
+            "instances.prod.proxy: must be an http:// proxy URL like",
+        ),
+        (
+            {"proxy": "socks5://proxy.example:1080"},
+            "instances.prod.proxy: must be an http:// proxy URL like",
+        ),
+        (
+            {"proxy_password_file": "proxy.password"},
+            "instances.prod.proxy_username: missing; proxy_password needs it",
+        ),
+        (
+            {"proxy_username": PROXY_USER},
+            "instances.prod.proxy_password_file: missing; proxy_username needs it",
+        ),
+        (
+            {"proxy_username": "carol:x", "proxy_password": "pw"},
+            "instances.prod.proxy_username: must not contain ':'",
+        ),
+    ],
+)
+def test_proxy_settings_sugard_cannot_use_are_refused_by_check(
+    table: dict[str, Any], expected: str, fake: FakeSugar, short_dir: Path
+) -> None:
+    """What cannot work is refused by `sugard check`, as `file: table.key: message`; a proxy
+    URL with credentials is refused without repeating them."""
+    config = write_config(short_dir, {"prod": instance(fake, **table)})
+    done = subprocess.run(
+        [SUGARD, "check", "-c", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert 1 == done.returncode
+    assert f"{config}: {expected}" in done.stderr
+    assert PROXY_PASSWORD not in done.stderr + done.stdout
