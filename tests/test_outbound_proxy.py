@@ -197,6 +197,20 @@ def token(daemon: DaemonProcess, name: str = "prod") -> subprocess.CompletedProc
     return sugarctl(daemon.socket, "token", name, "--wait", "20")
 
 
+def config_behind(proxy: ForwardProxy, site: Site, secret: Path, password: str) -> Path:
+    """A config for `site` through `proxy` as carol, her password in the 0600 file `secret`."""
+    secret.write_text(password + "\n")
+    secret.chmod(0o600)
+    table = instance(
+        site.fake,
+        proxy=proxy.url,
+        proxy_username=PROXY_USER,
+        proxy_password_file=str(secret),
+        **site.settings,
+    )
+    return write_config(secret.parent, {"prod": table})
+
+
 def test_the_environments_proxy_carries_the_login(
     site: Site, proxy: ForwardProxy, short_dir: Path, start_daemon: StartDaemon
 ) -> None:
@@ -292,16 +306,7 @@ def test_proxy_credentials_come_from_a_secret_source(
     """proxy_username with proxy_password_file gets through a proxy that wants credentials;
     the password is in no log, no show-config and no status."""
     secret = short_dir / "proxy.password"
-    secret.write_text(PROXY_PASSWORD + "\n")
-    secret.chmod(0o600)
-    table = instance(
-        site.fake,
-        proxy=auth_proxy.url,
-        proxy_username=PROXY_USER,
-        proxy_password_file=str(secret),
-        **site.settings,
-    )
-    config = write_config(short_dir, {"prod": table})
+    config = config_behind(auth_proxy, site, secret, PROXY_PASSWORD)
     daemon = start_daemon(config)
     result = token(daemon)
     assert 0 == result.returncode, result.stderr
@@ -322,16 +327,7 @@ def test_wrong_proxy_credentials_fail_once_with_one_clear_line(
     without reaching Sugar; the error is one line naming what to fix, with no password in it
     or in the log, status or show-config; fixing the file and reloading gets a token."""
     secret = short_dir / "proxy.password"
-    secret.write_text(WRONG_PROXY_PASSWORD + "\n")
-    secret.chmod(0o600)
-    table = instance(
-        site.fake,
-        proxy=auth_proxy.url,
-        proxy_username=PROXY_USER,
-        proxy_password_file=str(secret),
-        **site.settings,
-    )
-    config = write_config(short_dir, {"prod": table})
+    config = config_behind(auth_proxy, site, secret, WRONG_PROXY_PASSWORD)
     daemon = start_daemon(config)
     result = token(daemon)
     assert 6 == result.returncode, result.stderr
