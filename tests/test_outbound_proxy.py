@@ -303,11 +303,12 @@ def test_the_proxy_key_wins_over_the_environment(
 def test_proxy_credentials_come_from_a_secret_source(
     site: Site, auth_proxy: ForwardProxy, short_dir: Path, start_daemon: StartDaemon
 ) -> None:
-    """proxy_username with proxy_password_file gets through a proxy that wants credentials;
-    the password is in no log, no show-config and no status."""
+    """proxy_username with proxy_password_file gets through a proxy that wants credentials,
+    without aiohttp's deprecated proxy_auth; the password is in no log, no show-config and no
+    status."""
     secret = short_dir / "proxy.password"
     config = config_behind(auth_proxy, site, secret, PROXY_PASSWORD)
-    daemon = start_daemon(config)
+    daemon = start_daemon(config, env={"PYTHONWARNINGS": "default::DeprecationWarning"})
     result = token(daemon)
     assert 0 == result.returncode, result.stderr
     assert site.went_through(auth_proxy)
@@ -318,6 +319,7 @@ def test_proxy_credentials_come_from_a_secret_source(
     status = sugarctl(daemon.socket, "status", "prod", "--json").stdout
     for text in (daemon.log(), shown, status):
         assert PROXY_PASSWORD not in text
+    assert "DeprecationWarning" not in daemon.log()
 
 
 def test_wrong_proxy_credentials_fail_once_with_one_clear_line(
