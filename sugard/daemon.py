@@ -404,7 +404,7 @@ class Daemon:
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
-        routes_before = {name: k.upstream.route for name, k in self._keepers.items()}
+        routes_before = {name: k.upstream.route.describe() for name, k in self._keepers.items()}
         for keeper in adopted:
             keeper.adopt(new.instances[keeper.name])
         # Said again for every instance a reload adds or changes, not only at start: whoever
@@ -416,7 +416,7 @@ class Daemon:
             {
                 name: keepers[name]
                 for name in (*diff.added, *diff.changed)
-                if routes_before.get(name) != keepers[name].upstream.route
+                if routes_before.get(name) != keepers[name].upstream.route.describe()
             }
         )
         old, self.config, self._keepers = self.config, new, keepers

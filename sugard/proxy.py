@@ -15,7 +15,7 @@ import ipaddress
 import os
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
@@ -100,12 +100,7 @@ def route_for(instance: InstanceConfig) -> Route:
         return _unusable(variable, str(proxy))
     route = Route(proxy=str(proxy), source=f"from {variable}", variable=variable)
     if instance.proxy_username is None and auth is not None:
-        return Route(
-            proxy=route.proxy,
-            source=route.source,
-            authorization=Secret(auth.encode()),
-            variable=variable,
-        )
+        return replace(route, authorization=Secret(auth.encode()))
     return _with_config_credentials(instance, route)
 
 
@@ -130,13 +125,7 @@ def _with_config_credentials(instance: InstanceConfig, route: Route) -> Route:
         if password.value is not None
         else None
     )
-    return Route(
-        proxy=route.proxy,
-        source=route.source,
-        authorization=authorization,
-        user=user,
-        variable=route.variable,
-    )
+    return replace(route, authorization=authorization, user=user)
 
 
 def _variable(scheme: str) -> str:
