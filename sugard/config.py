@@ -46,8 +46,9 @@ PLATFORM_NAME = re.compile(r"[a-z0-9_-]{1,127}")
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 SECRET_KINDS = ("", "_file", "_env", "_command", "_credential")
-SECRET_FIELDS = ("password", "client_secret")
+SECRET_FIELDS = ("password", "client_secret", "proxy_password")
 SECRET_COMMAND_TIMEOUT = 15.0
+DIRECT = "none"  # the `proxy` value that means: no proxy, whatever the environment says
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,10 @@ class InstanceConfig:
     timeout: float = 10.0
     verify_tls: bool = True
     ca_file: str | None = None
+    # None: the daemon's environment decides (HTTPS_PROXY, ...); DIRECT: no proxy.
+    proxy: str | None = None
+    proxy_username: str | None = None
+    proxy_password: SecretRef | None = None
     refresh_before: float = 300.0
     backoff_max: float = 300.0
     allowed_uids: tuple[int, ...] | None = None
@@ -249,6 +254,30 @@ def _optional_path(v: Any) -> str:
     return _nonempty(v)
 
 
+def _proxy(v: Any) -> str:
+    s = _str(v).strip()
+    if s.lower() in ("", DIRECT):
+        return DIRECT
+    if "@" in s:  # never echoed: it may hold the proxy's password
+        raise ValueError(
+            "must not hold credentials: give the user as proxy_username and the password as "
+            "proxy_password_file (or proxy_password_env, _command, _credential)"
+        )
+    if not re.fullmatch(r"http://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?/?", s):
+        raise ValueError(
+            f'must be an http:// proxy URL like "http://proxy.example:3128" (https sites are '
+            f'tunnelled through it), or "none" to connect directly; not {s!r}'
+        )
+    return s.rstrip("/")
+
+
+def _proxy_username(v: Any) -> str:
+    s = _nonempty(v)
+    if ":" in s:
+        raise ValueError("must not contain ':' (HTTP Basic authentication cannot carry it)")
+    return s
+
+
 INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "username": _nonempty,
@@ -257,6 +286,8 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "timeout": _number(0.1, 300),
     "verify_tls": _bool,
     "ca_file": _optional_path,
+    "proxy": _proxy,
+    "proxy_username": _proxy_username,
     "refresh_before": _number(0, 86400),
     "backoff_max": _number(0.01, 86400),
     "allowed_uids": _ids,
@@ -337,7 +368,7 @@ def _check_file_mode(path: Path, config: Config) -> list[Problem]:
         f"instances.{i.name}.{name}"
         for i in config.instances.values()
         for name in SECRET_FIELDS
-        if getattr(i, name).kind == "inline" and getattr(i, name).value
+        if (ref := getattr(i, name)) is not None and ref.kind == "inline" and ref.value
     ]
     try:
         mode = path.stat().st_mode
@@ -426,7 +457,8 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
 INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
-    "ca_file, refresh_before, backoff_max, allowed_uids and allowed_gids"
+    "ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
+    "backoff_max, allowed_uids and allowed_gids"
 )
 
 
@@ -505,6 +537,8 @@ def _build_instance(
             ok = False
             continue
         if ref is None:
+            if base == "proxy_password":
+                continue  # no proxy credentials
             if base == "password":
                 problem(
                     f"{where}.password_file",
@@ -515,6 +549,18 @@ def _build_instance(
                 continue
             ref = SecretRef("inline", "", Secret(""))
         secrets[base] = ref
+    if ("proxy_password" in secrets) != ("proxy_username" in values):
+        given, missing = (
+            ("proxy_password", "proxy_username")
+            if "proxy_password" in secrets
+            else ("proxy_username", "proxy_password_file")
+        )
+        problem(
+            f"{where}.{missing}",
+            f"missing; {given} needs it: the proxy's credentials are proxy_username and "
+            "proxy_password (or proxy_password_file, _env, _command, _credential)",
+        )
+        ok = False
     if not ok:
         return None
     if "ca_file" in values:
@@ -568,7 +614,9 @@ def resolve_secrets(config: Config, environ: Mapping[str, str] | None = None) ->
     for name, instance in config.instances.items():
         resolved: dict[str, Any] = {}
         for base in SECRET_FIELDS:
-            ref: SecretRef = getattr(instance, base)
+            ref: SecretRef | None = getattr(instance, base)
+            if ref is None:
+                continue
             key = f"instances.{name}.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
             try:
                 resolved[base] = replace(ref, value=Secret(_read_secret(ref, env, base_dir)))

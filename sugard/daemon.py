@@ -39,6 +39,7 @@ from .api import ApiRunner, Peer, ReloadFailed, make_app
 from .config import Config, ConfigError, InstanceConfig, diff_configs, load_config
 from .keeper import MAX_SLEEP, Keeper
 from .paths import SOCKET_PATH_MAX
+from .proxy import route_lines
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier
 
@@ -304,6 +305,7 @@ class Daemon:
         self._http = new_http_session()
         for instance in self.config.instances.values():
             self._add(instance).start()
+        self._log_routes(self._keepers, together=True)
         runner = ApiRunner(make_app(self, self._clock), shutdown_timeout=_grace(self.config))
         self._runner = runner
         await runner.setup()
@@ -329,6 +331,12 @@ class Daemon:
         keeper = self._new_keeper(instance)
         self._keepers[instance.name] = keeper
         return keeper
+
+    def _log_routes(self, keepers: Mapping[str, Keeper], *, together: bool = False) -> None:
+        """Which way each instance goes out (proxy or direct), never with the credentials."""
+        routes = {name: keeper.upstream.route for name, keeper in keepers.items()}
+        for line in route_lines(routes, together=together):
+            log.info("%s", line)
 
     def _new_keeper(self, instance: InstanceConfig) -> Keeper:
         assert self._http is not None
@@ -396,6 +404,7 @@ class Daemon:
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
+        routes_before = {name: k.upstream.route.describe() for name, k in self._keepers.items()}
         for keeper in adopted:
             keeper.adopt(new.instances[keeper.name])
         # Said again for every instance a reload adds or changes, not only at start: whoever
@@ -403,6 +412,13 @@ class Daemon:
         for name in (*diff.added, *diff.changed):
             if not new.instances[name].verify_tls:
                 log.warning("%s: TLS verification is OFF (verify_tls = false)", name)
+        self._log_routes(
+            {
+                name: keepers[name]
+                for name in (*diff.added, *diff.changed)
+                if routes_before.get(name) != keepers[name].upstream.route.describe()
+            }
+        )
         old, self.config, self._keepers = self.config, new, keepers
         self._apply_daemon_settings(old, new)
 

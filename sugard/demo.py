@@ -49,7 +49,9 @@ async def _demo(once: bool) -> int:
         write_private(
             config_path,
             f'[instances.demo]\nurl = "{fake.url}"\nusername = "{DEMO_USER}"\n'
-            'password_file = "demo.password"\nplatform = "sugard"\n',
+            'password_file = "demo.password"\nplatform = "sugard"\n'
+            # The fake is on 127.0.0.1: no proxy of the environment could reach it.
+            'proxy = "none"\n',
             force=True,
         )
         socket_path = workdir / "sugard.sock"

@@ -11,6 +11,7 @@ once, into a `Grant` or one of the errors below; nothing above this module sees 
         +-- ClientRejected        400 invalid_client
         +-- PlatformRejected      422 invalid_parameter: platform not registered in Sugar
         +-- RefreshRejected       the refresh token is gone (evicted, rotated, expired)
+        +-- ProxyRejected         407 from the proxy: its credentials are missing or wrong
 
 Branching uses the HTTP status and the `error` label only, since `error_message` is localised;
 the one exception is telling maintenance and license locks from a bad password, which Sugar
@@ -27,11 +28,13 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import aiohttp
 
 from .config import InstanceConfig
+from .proxy import Route, route_for
 from .secret import Secret
 
 __all__ = [
@@ -39,6 +42,7 @@ __all__ = [
     "CredentialsRejected",
     "Grant",
     "PlatformRejected",
+    "ProxyRejected",
     "RefreshRejected",
     "RejectedError",
     "SugarClient",
@@ -131,6 +135,12 @@ class RefreshRejected(RejectedError):
     kind = "refresh_token"
 
 
+class ProxyRejected(RejectedError):
+    """Never retried by itself: a proxy that checks a directory may lock the account too."""
+
+    kind = "proxy"
+
+
 def new_http_session() -> aiohttp.ClientSession:
     """The one HTTP session of the daemon. Sugar's cookies are never kept (dummy jar)."""
     return aiohttp.ClientSession(
@@ -170,7 +180,7 @@ class SugarClient:
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.instance = instance
+        self.instance = instance  # also chooses the route
         self._session = session
         self._clock = clock
         # A bad ca_file fails this instance (every attempt says why), not the whole daemon.
@@ -180,6 +190,16 @@ class SugarClient:
             self._ssl = _ssl_for(instance)
         except RejectedError as exc:
             self._tls_problem = exc
+
+    @property
+    def instance(self) -> InstanceConfig:
+        return self._instance
+
+    @instance.setter
+    def instance(self, instance: InstanceConfig) -> None:
+        # A reload may change the proxy and keep the session: the route follows the config.
+        self._instance = instance
+        self.route: Route = route_for(instance)
 
     async def login(self) -> Grant:
         """Password grant."""
@@ -203,12 +223,13 @@ class SugarClient:
     async def logout(self, grant: Grant) -> None:
         """Ends the session upstream; failures are ignored (the session expires anyway)."""
         try:
+            url = self.instance.url + LOGOUT_PATH
             async with self._session.post(
-                self.instance.url + LOGOUT_PATH,
+                url,
                 json={"refresh_token": grant.refresh_token.reveal()},
-                headers={"OAuth-Token": grant.access_token.reveal()},
                 timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
                 ssl=self._ssl,
+                **self.route.request_options(url, {"OAuth-Token": grant.access_token.reveal()}),
             ) as response:
                 await response.read()
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -218,6 +239,9 @@ class SugarClient:
         i = self.instance
         if self._tls_problem is not None:
             raise RejectedError(self._tls_problem.message)
+        route = self.route
+        if route.problem is not None:
+            raise RejectedError(route.problem)
         body = {
             **fields,
             "client_id": i.client_id,
@@ -226,14 +250,18 @@ class SugarClient:
         }
         # Expiry counts from when we asked, not when the answer came: never overestimate it.
         sent_at = self._clock()
+        url = i.url + TOKEN_PATH
+        via = f" through proxy {route.proxy}" if route.proxy else ""
         try:
             async with self._session.post(
-                i.url + TOKEN_PATH,
+                url,
                 json=body,
-                headers={"Accept": "application/json", "Cache-Control": "no-cache"},
                 timeout=aiohttp.ClientTimeout(total=i.timeout),
                 ssl=self._ssl,
                 allow_redirects=False,
+                **route.request_options(
+                    url, {"Accept": "application/json", "Cache-Control": "no-cache"}
+                ),
             ) as response:
                 status = response.status
                 raw = await response.read()
@@ -243,14 +271,23 @@ class SugarClient:
                 f"TLS certificate of {i.url} not trusted ({exc.certificate_error}); "
                 "set ca_file to your CA bundle"
             ) from exc
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the CONNECT
+            raise _proxy_refused(i, route, exc.status) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise TransientError(
+                f"cannot reach proxy {route.proxy} (for {i.url}): {_describe_network_error(exc)}",
+                kind="unreachable",
+            ) from exc
         except TimeoutError as exc:
             raise TransientError(
-                f"no answer from {i.url} within {i.timeout:g} s", kind="timeout"
+                f"no answer from {i.url}{via} within {i.timeout:g} s", kind="timeout"
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise TransientError(
-                f"cannot reach {i.url}: {_describe_network_error(exc)}", kind="unreachable"
+                f"cannot reach {i.url}{via}: {_describe_network_error(exc)}", kind="unreachable"
             ) from exc
+        if status == 407 and route.proxy:  # a plain-HTTP request the proxy did not forward
+            raise _proxy_refused(i, route, status)
         # Whatever secret this request carried may come back quoted in Sugar's error text.
         sent_secrets = tuple(body[key] for key in SECRET_FIELDS if key in body)
         return _interpret(i, grant, status, raw, retry_after, sent_at, sent_secrets)
@@ -380,6 +417,32 @@ def _interpret(
         status=status,
         label=label,
     )
+
+
+def _proxy_refused(i: InstanceConfig, route: Route, status: int) -> SugarError:
+    """The proxy's own answer, never its text (which may echo the request)."""
+    try:
+        reason = f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        reason = f"HTTP {status}"
+    if status != 407:
+        return TransientError(
+            f"proxy {route.proxy} refused to pass on the request to {i.url} ({reason})",
+            kind="proxy",
+            status=status,
+        )
+    in_config = "proxy_password (or its _file, _env, _command, _credential) in the config"
+    if route.user is not None:
+        fix = f"fix proxy_username or {in_config}, then run `sugarctl reload`"
+    elif route.credentials:
+        fix = (
+            f"fix the user and password in {route.variable} and restart sugard, or set "
+            f"proxy_username and {in_config}"
+        )
+    else:
+        fix = f"set proxy_username and {in_config}, then run `sugarctl reload`"
+    said = f"refused {route.credentials}" if route.credentials else "asks for credentials"
+    return ProxyRejected(f"proxy {route.proxy} {said} ({reason}); {fix}", status=status)
 
 
 def _raise(exc: SugarError) -> Grant:

@@ -16,7 +16,9 @@ SHARED = {"sugard", "secret", "paths"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
     "config": (SHARED, set()),
-    "sugar": (SHARED | {"config"}, {"aiohttp"}),
+    "sugar": (SHARED | {"config", "proxy"}, {"aiohttp"}),
+    # The way out to each site (proxy or not): aiohttp's environment helper and its URL type.
+    "proxy": (SHARED | {"config"}, {"aiohttp", "yarl"}),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
     "api": (SHARED | {"config", "keeper", "openapi"}, {"aiohttp"}),
     "openapi": (SHARED, set()),
