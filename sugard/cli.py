@@ -226,7 +226,7 @@ def _show_config(args: argparse.Namespace) -> int:
         return 1
     data = effective_config(config)
     data["daemon"].setdefault("socket", str(socket_path_for(config, None)))
-    from .proxy import route_for
+    from .outbound import route_for
 
     for name, instance in config.instances.items():
         # The way out as sugard would take it from here (this shell's HTTPS_PROXY, ...).

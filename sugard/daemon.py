@@ -38,8 +38,8 @@ from . import __version__
 from .api import ApiRunner, Peer, ReloadFailed, make_app
 from .config import Config, ConfigError, InstanceConfig, diff_configs, load_config
 from .keeper import MAX_SLEEP, Keeper
+from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
-from .proxy import route_lines
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier
 

@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from .config import InstanceConfig
-from .proxy import Route, route_for
+from .outbound import Route, route_for
 from .secret import Secret
 
 __all__ = [
