@@ -464,6 +464,7 @@ def cold_and_reports(sizes: Sizes, workdir: Path, report: Report) -> None:
             # Reports of one dead token: one refresh, whoever reports it.
             k = sizes.reporters
             dead = d.token()
+            fake.revoke(dead)  # dead indeed: sugard checks a report before it renews
             fake.reset_counters()
             body = json.dumps({"access_token": dead})
             reports = load(

@@ -18,12 +18,13 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from .secret import Secret
 
 __all__ = [
     "DAEMON_DEFAULTS",
+    "GRACE_AUTO",
     "INSTANCE_DEFAULTS",
     "Config",
     "ConfigDiff",
@@ -99,6 +100,9 @@ class SecretRef:
         return self.value.reveal()
 
 
+GRACE_AUTO: Final = "auto"  # old_token_grace: learn it from Sugar's version
+
+
 @dataclass(frozen=True)
 class InstanceConfig:
     """One SugarCRM instance, with `[defaults]` merged in."""
@@ -115,6 +119,8 @@ class InstanceConfig:
     ca_file: str | None = None
     refresh_before: float = 300.0
     backoff_max: float = 300.0
+    old_token_grace: float | Literal["auto"] = GRACE_AUTO  # seconds an old token outlives a refresh
+    probe_interval: float = 60.0  # seconds between checks that the token still works; 0: never
     allowed_uids: tuple[int, ...] | None = None
     allowed_gids: tuple[int, ...] | None = None
 
@@ -249,6 +255,15 @@ def _optional_path(v: Any) -> str:
     return _nonempty(v)
 
 
+def _grace(v: Any) -> float | Literal["auto"]:
+    if v == GRACE_AUTO:
+        return GRACE_AUTO
+    try:
+        return _number(0, 86400)(v)
+    except ValueError as exc:
+        raise ValueError(f'must be "auto" or seconds; {exc}') from None
+
+
 INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "username": _nonempty,
@@ -259,6 +274,8 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "ca_file": _optional_path,
     "refresh_before": _number(0, 86400),
     "backoff_max": _number(0.01, 86400),
+    "old_token_grace": _grace,
+    "probe_interval": _number(0, 86400),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
 }
@@ -269,6 +286,8 @@ INSTANCE_DEFAULTS: dict[str, Any] = {
     "verify_tls": True,
     "refresh_before": 300.0,
     "backoff_max": 300.0,
+    "old_token_grace": GRACE_AUTO,
+    "probe_interval": 60.0,
 }
 DAEMON_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "socket": _optional_path,
@@ -426,7 +445,8 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
 INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
-    "ca_file, refresh_before, backoff_max, allowed_uids and allowed_gids"
+    "ca_file, refresh_before, backoff_max, old_token_grace, probe_interval, allowed_uids and "
+    "allowed_gids"
 )
 
 

@@ -198,3 +198,14 @@ class InFlight:
         self._thread.join(timeout)
         assert self.result is not None
         return self.result
+
+
+# How the fake stands in for each Sugar version where the keeper's outcome differs: the seconds
+# a rotated or evicted access token lives on (docs/sugarcrm.md). One place, so that the fake's
+# own version profiles (`sugar_version=` alone) can take over here.
+OLD_TOKEN_GRACE = {"12.0": 120.0, "13.3": 0.0, "26.1": 0.0}
+
+
+def fake_profile(version: str) -> dict[str, Any]:
+    """FakeSugar keyword arguments that make it behave like Sugar `version`."""
+    return {"sugar_version": version, "eviction_grace": OLD_TOKEN_GRACE[version]}

@@ -99,6 +99,7 @@ class FakeSugar:
     client_outdated: bool = False
     delay: float = 0.0
     status_exempt: frozenset[str] = DEFAULT_STATUS_EXEMPT
+    sugar_version: str = "26.1"  # what ServerInfo publishes; the daemon reads it after a login
     clock: Callable[[], float] = field(default=time.time, repr=False)
     url: str = field(default="", init=False)
     app: web.Application = field(init=False, repr=False)
@@ -291,6 +292,13 @@ class FakeSugar:
                     self._calls["ping"] += 1
                     self._authenticate(request, "ping")
                 return json_response("pong")
+            if method == "GET" and path == "ServerInfo":
+                with self._lock:
+                    self._calls["serverinfo"] += 1
+                    self._authenticate(request, "serverinfo")
+                return json_response(
+                    {"flavor": "ENT", "version": self.sugar_version + ".0", "build": "1"}
+                )
             if method == "GET" and _MODULE_RE.fullmatch(path):
                 # Stands for every ordinary API route: the ones that maintenance does block.
                 with self._lock:
