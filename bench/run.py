@@ -34,6 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from bench import bench_refresh_versions
 from sugard import __version__
 from sugard.client import DaemonUnreachable, SugardClient
 from sugard.testing import FakeSugar, running_fake
@@ -44,7 +45,11 @@ PASSWORD = "bench-password"  # noqa: S105 (the fake's users', nobody else's)
 NAME = "bench"
 MIB = 1024 * 1024
 
-SECTIONS = ("throughput", "upstream", "refresh", "memory", "reload", "client")
+SECTIONS = ("throughput", "upstream", "refresh", "memory", "reload", "client", "versions")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # versions takes minutes of its own: --section versions
+# Sugar 12.0, where the old token outlives a refresh, for the sections that time refreshes
+# (13.3+, where it does not: bench/bench_refresh_versions.py, section 7).
+GRACE = bench_refresh_versions.PROFILES["12.0"]
 
 
 @dataclass(frozen=True)
@@ -464,6 +469,7 @@ def cold_and_reports(sizes: Sizes, workdir: Path, report: Report) -> None:
             # Reports of one dead token: one refresh, whoever reports it.
             k = sizes.reporters
             dead = d.token()
+            fake.revoke(dead)  # dead indeed: sugard checks a report before it renews
             fake.reset_counters()
             body = json.dumps({"access_token": dead})
             reports = load(
@@ -514,7 +520,7 @@ def cold_and_reports(sizes: Sizes, workdir: Path, report: Report) -> None:
 
 def steady(sizes: Sizes, workdir: Path, report: Report) -> None:
     life, rate, secs = sizes.steady_lifetime, sizes.steady_rate, sizes.steady_seconds
-    with running_fake(users={"u0": PASSWORD}, access_lifetime=life) as fake:
+    with running_fake(users={"u0": PASSWORD}, access_lifetime=life, **GRACE) as fake:
         config = write_config(workdir, fake.url, {NAME: "u0"}, name="steady.toml")
         with daemon(workdir, config, "steady") as d:
             d.wait_serving()
@@ -565,7 +571,7 @@ def schedule(lifetime: float, seconds: float) -> tuple[int, int]:
 
 def refresh_invisibility(sizes: Sizes, workdir: Path, report: Report) -> None:
     delay, life = sizes.refresh_delay, sizes.refresh_lifetime
-    with running_fake(users={"u0": PASSWORD}, access_lifetime=life) as fake:
+    with running_fake(users={"u0": PASSWORD}, access_lifetime=life, **GRACE) as fake:
         config = write_config(workdir, fake.url, {NAME: "u0"}, name="refresh.toml")
         with daemon(workdir, config, "refresh") as d:
             d.wait_serving()
@@ -866,6 +872,7 @@ def run(sections: list[str], sizes: Sizes) -> Report:
         ("memory", lambda: memory_idle(sizes, workdir, report)),
         ("many", lambda: many_instances(sizes, workdir, report, set(sections))),
         ("client", lambda: client_cost(sizes, workdir, report)),
+        ("versions", lambda: bench_refresh_versions.add_rows(report, quick=sizes == QUICK)),
     ]
     try:
         for name, step in steps:
@@ -901,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else Sizes()
-    sections = args.section or list(SECTIONS)
+    sections = args.section or list(DEFAULT_SECTIONS)
     try:
         report = run(sections, sizes)
     except BenchError as exc:

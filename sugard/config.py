@@ -18,12 +18,13 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from .secret import Secret
 
 __all__ = [
     "DAEMON_DEFAULTS",
+    "GRACE_AUTO",
     "INSTANCE_DEFAULTS",
     "Config",
     "ConfigDiff",
@@ -100,6 +101,9 @@ class SecretRef:
         return self.value.reveal()
 
 
+GRACE_AUTO: Final = "auto"  # old_token_grace: learn it from Sugar's version
+
+
 @dataclass(frozen=True)
 class InstanceConfig:
     """One SugarCRM instance, with `[defaults]` merged in."""
@@ -120,6 +124,8 @@ class InstanceConfig:
     proxy_password: SecretRef | None = None
     refresh_before: float = 300.0
     backoff_max: float = 300.0
+    old_token_grace: float | Literal["auto"] = GRACE_AUTO  # seconds an old token outlives a refresh
+    probe_interval: float = 60.0  # seconds between checks that the token still works; 0: never
     allowed_uids: tuple[int, ...] | None = None
     allowed_gids: tuple[int, ...] | None = None
 
@@ -278,6 +284,15 @@ def _proxy_username(v: Any) -> str:
     return s
 
 
+def _grace(v: Any) -> float | Literal["auto"]:
+    if v == GRACE_AUTO:
+        return GRACE_AUTO
+    try:
+        return _number(0, 86400)(v)
+    except ValueError as exc:
+        raise ValueError(f'must be "auto" or seconds; {exc}') from None
+
+
 INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "username": _nonempty,
@@ -290,6 +305,8 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "proxy_username": _proxy_username,
     "refresh_before": _number(0, 86400),
     "backoff_max": _number(0.01, 86400),
+    "old_token_grace": _grace,
+    "probe_interval": _number(0, 86400),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
 }
@@ -300,6 +317,8 @@ INSTANCE_DEFAULTS: dict[str, Any] = {
     "verify_tls": True,
     "refresh_before": 300.0,
     "backoff_max": 300.0,
+    "old_token_grace": GRACE_AUTO,
+    "probe_interval": 60.0,
 }
 DAEMON_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "socket": _optional_path,
@@ -458,7 +477,7 @@ INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
     "ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
-    "backoff_max, allowed_uids and allowed_gids"
+    "backoff_max, old_token_grace, probe_interval, allowed_uids and allowed_gids"
 )
 
 

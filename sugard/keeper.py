@@ -1,10 +1,19 @@
-"""One instance's token life: log in, refresh ahead of expiry, recover, back off, serve.
+"""One instance's token life: log in, refresh ahead of expiry, probe, recover, back off, serve.
 
 One supervisor task per instance makes every upstream call, so there is never more than one
-in flight per instance (single flight): requests only read the current grant, or ask the
-supervisor for a new one and wait for it. Times that matter (expiry, refresh-at) are wall
-clock, re-read at every decision, and no sleep lasts longer than `MAX_SLEEP`: asyncio's
-monotonic clock stops while a laptop is suspended, the wall clock does not.
+in flight per instance (single flight). Requests read the current grant, or join the one
+`Demand` the supervisor owes (a renewal, or a check of a reported token) and wait for it:
+however many ask while it is pending or in flight, it is made once and answers them all.
+Every change of the demand, the grant or the state sets the one condition (`_changed`); each
+waiter then re-reads what it needs.
+
+Times that matter (expiry, refresh-at, probes) are wall clock, re-read at every decision, and
+no sleep lasts longer than `MAX_SLEEP`: asyncio's monotonic clock stops while a laptop is
+suspended, the wall clock does not.
+
+How a refresh treats the token scripts hold depends on the Sugar version (docs/sugarcrm.md):
+up to 13.0 the old access token lives on for a while (a grace period), from 13.3 it dies the
+moment the refresh answers. docs/lifecycle.md explains the timing chosen for each.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import contextlib
 import enum
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +31,11 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
-from .config import InstanceConfig
+from .config import GRACE_AUTO, InstanceConfig
 from .secret import Secret
 from .sugar import (
     Grant,
+    Probe,
     RefreshRejected,
     RejectedError,
     SugarClient,
@@ -41,6 +52,7 @@ __all__ = [
     "NeedsAttention",
     "State",
     "TokenUnavailable",
+    "grace_for_version",
 ]
 
 log = logging.getLogger("sugard.keeper")
@@ -49,6 +61,14 @@ MAX_SLEEP = 30.0
 JITTER = 0.10  # spread of the advisory window, so many instances do not refresh together
 LONG_BACKOFF = 60.0  # floor for maintenance and license locks: they last minutes, not seconds
 MIN_TTL_CAP = 0.9  # a min_ttl above this share of Sugar's token lifetime cannot be met
+# Up to Sugar 13.0 a rotated or evicted access token lives until its session's next check,
+# at most this long after the rotation; from 13.3 on it dies at once (docs/sugarcrm.md).
+SESSION_CHECK_INTERVAL = 120.0
+FIRST_VERSION_WITHOUT_GRACE = (13, 3)
+# Without a grace period a scheduled refresh waits, inside its window, for a moment when no
+# script has just taken the token: a handout is taken to be in use this long (or its min_ttl).
+QUIET = 2.0
+SESSION_END_SLACK = 2.0  # a refresh that moves refresh_expires_at less than this: a capped session
 
 
 class State(enum.StrEnum):
@@ -83,6 +103,38 @@ class LastError:
     message: str
 
 
+class Need(enum.Enum):
+    RENEW = "renew"  # a new grant: a refresh, or a password login when that is the way
+    CHECK = "check"  # ask Sugar whether the current token still works (a probe)
+
+
+@dataclass(eq=False)
+class Demand:
+    """What the supervisor must do next, and what those waiting on it can read of its course.
+
+    There is at most one (`Keeper._demand`). A CHECK that someone needs a renewal for becomes a
+    RENEW; a renewal that fails for a passing reason stays the demand through the backoff.
+    """
+
+    need: Need
+    reason: str
+    forced: bool = False  # a person asked: act now, even during a backoff or when `failed`
+    in_flight: bool = False  # its upstream call is under way
+    attempts: int = 0  # upstream attempts finished for it
+    failed: bool = False  # the latest attempt failed
+    done: bool = False  # settled: a new grant, a verdict, or a refusal (the state says which)
+
+
+def grace_for_version(version: str | None) -> float:
+    """Seconds the old access token lives after a refresh on this Sugar version; an unknown
+    version counts as the newest (no grace), the safe side."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    if match is None:
+        return 0.0
+    major_minor = (int(match[1]), int(match[2]))
+    return 0.0 if major_minor >= FIRST_VERSION_WITHOUT_GRACE else SESSION_CHECK_INTERVAL
+
+
 class Keeper:
     """Keeps one live session for one instance."""
 
@@ -111,18 +163,17 @@ class Keeper:
         self.last_error: LastError | None = None
         self.refresh_at: float | None = None
         self.next_attempt_at: float | None = None
+        self.sugar_version: str | None = None  # as ServerInfo published it, once per session
 
         self._grant: Grant | None = None
         self._refresh_token: Secret | None = None  # None once burned or rejected
-        self._dead_token: Secret | None = None  # reported by a script as refused by Sugar
-        self._want_new = False  # a request needs a newer token than the current one
-        self._forced = False  # `sugarctl refresh`: act now, even during backoff
-        self._generation = 0  # bumped by every new grant (and by failing)
-        self._attempts = 0  # upstream attempts finished, successful or not
-        self._last_attempt_failed = False
-        self._changed = asyncio.Event()
-        self._wake = asyncio.Event()  # ends an idle wait
-        self._interrupt = asyncio.Event()  # ends a backoff wait too
+        self._dead_token: Secret | None = None  # refused by Sugar (a report, or a probe)
+        self._demand: Demand | None = None
+        self._changed = asyncio.Event()  # the one condition: replaced each time it is set
+        self._observed_grace: float | None = None  # learned this session: version or watching
+        self._quiet_until = 0.0  # no-grace servers: until then a handed-out token is in use
+        self._session_ends_at: float | None = None  # a capped session's end (max lifetime)
+        self._probe_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
 
@@ -156,31 +207,40 @@ class Keeper:
         self.upstream.instance = config
         if self._grant is not None:
             self.refresh_at = self._refresh_time(self._grant)
-        self._wake.set()
+            self._probe_at = self._next_probe()
+        self._notify()
 
     # Requests
 
     async def token(self, min_ttl: float = 0.0, wait: float = 10.0) -> Grant:
-        """The current token, if it has `min_ttl` seconds left; else wait up to `wait` for one."""
+        """The current token, if it has `min_ttl` seconds left; else wait up to `wait` for one.
+
+        On a server where a refresh kills the old token, a request that arrives while a renewal
+        is in flight waits for the new token rather than take one about to die.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        asked_at_generation: int | None = None
+        joined: Demand | None = None
+        held = False  # the token met the request, but a renewal in flight is about to kill it
         while True:
             if self._stopped:
                 raise InstanceStopped(f"instance {self.name!r} is no longer configured")
             grant = self._grant
-            if grant is not None and self._servable(grant):
-                remaining = grant.expires_at - self._clock()
+            servable = grant is not None and self._servable(grant)
+            if grant is not None and servable:
+                # A renewal this request waited for answers it, even if Sugar's lifetime is
+                # shorter than min_ttl (the cap); else the token must have min_ttl left.
+                renewed = joined is not None and joined.done
                 wanted = min(min_ttl, MIN_TTL_CAP * grant.lifetime)
-                renewed = asked_at_generation is not None and self._generation > asked_at_generation
-                if remaining >= wanted or renewed:
+                enough = grant.expires_at - self._clock() >= wanted
+                held = enough and self._doomed()
+                if renewed or (enough and not held):
+                    self._handed_out(grant, wanted)
                     return grant
-                self._want_new = True
             if self.state is State.FAILED:
                 raise NeedsAttention(self._failure_message())
-            if asked_at_generation is None:
-                asked_at_generation = self._generation
-            self._wake.set()
+            if joined is None or joined.done:
+                joined = self._join(Need.RENEW, "a token request")
             changed = self._changed
             left = deadline - loop.time()
             try:
@@ -189,46 +249,56 @@ class Keeper:
                 async with asyncio.timeout(left):
                     await changed.wait()
             except TimeoutError:
+                if held and grant is not None and grant is self._grant:
+                    # Held for a renewal that has not answered within the wait: the token is
+                    # still valid now, and a renewal this slow is likely failing. Better than
+                    # no token at all; the script was told how long it may wait.
+                    self._handed_out(grant, 0.0)
+                    return grant
                 raise TokenUnavailable(self._unavailable_message(), self._retry_after()) from None
 
     async def invalidate(self, access_token: str, wait: float = 10.0) -> Grant:
         """A script reports that Sugar refused `access_token`.
 
-        Only a report of the current token starts a refresh, and only once however many
-        scripts report it; an older token gets the current one back, with no upstream call.
+        A report of the current token is checked first with one probe, however many scripts
+        report it: a token that still works (a 401 for another reason) is not renewed for
+        everyone. An older token gets the current one back, with no upstream call.
         """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
         grant = self._grant
         reported = Secret(access_token)
-        if grant is not None and grant.access_token == reported != self._dead_token:
-            log.info(
-                "%s: token %s reported as refused by Sugar; renewing",
-                self.name,
-                grant.access_token.fingerprint,
-            )
-            self._dead_token = grant.access_token
-            self._wake.set()
-        return await self.token(wait=wait)
+        if (
+            grant is not None
+            and grant.access_token == reported != self._dead_token
+            and self.state is not State.FAILED
+        ):
+            # Logged by the report that starts the check: the others only join it.
+            starts_check = self._demand is None or self._demand.done
+            check = self._join(Need.CHECK, "a script's report")
+            if starts_check:
+                log.info(
+                    "%s: token %s reported as refused by Sugar; checking it",
+                    self.name,
+                    grant.access_token.fingerprint,
+                )
+            await self._wait_for(lambda: check.done, deadline)
+        elif grant is not None and grant.access_token == reported:
+            self._dead_token = reported  # `failed`: nothing to check with; never serve it again
+        return await self.token(wait=max(0.0, deadline - loop.time()))
 
     async def refresh_now(self, wait: float = 10.0) -> Grant:
         """Renew now, even from `failed` or during backoff (`sugarctl refresh`), and answer
         with the outcome of that one attempt: the new token, or why there is none."""
         if self._stopped:
             raise InstanceStopped(f"instance {self.name!r} is no longer configured")
-        attempts = self._attempts
-        self._forced = True
-        self._wake.set()
-        self._interrupt.set()
-        try:
-            async with asyncio.timeout(wait):
-                while self._attempts == attempts and not self._stopped:
-                    await self._changed.wait()
-        except TimeoutError:
-            raise TokenUnavailable(self._unavailable_message(), self._retry_after()) from None
-        if self._stopped:
-            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+        demand = self._join(Need.RENEW, "sugarctl refresh", forced=True)
+        attempts = demand.attempts
+        loop = asyncio.get_running_loop()
+        await self._wait_for(lambda: demand.attempts > attempts, loop.time() + wait)
         if self.state is State.FAILED:
             raise NeedsAttention(self._failure_message())
-        if self._last_attempt_failed or self._grant is None:
+        if demand.failed or self._grant is None:
             raise TokenUnavailable(self._unavailable_message(), self._retry_after())
         return self._grant
 
@@ -236,11 +306,11 @@ class Keeper:
         """A reload asks a failed instance to try once more: the person who reloaded may have
         fixed what Sugar refused (unlocked the user, registered the platform)."""
         if self.state is State.FAILED:
-            self._forced = True
-            self._wake.set()
+            self._join(Need.RENEW, "a reload", forced=True)
 
     def status(self) -> dict[str, Any]:
         grant = self._grant
+        error = self.last_error
         return {
             "name": self.name,
             "url": self.config.url,
@@ -252,11 +322,12 @@ class Keeper:
             "last_refresh": self.last_refresh,
             "last_error": (
                 {
-                    "at": self.last_error.at,
-                    "kind": self.last_error.kind,
-                    "message": self.last_error.message,
+                    "at": error.at,
+                    "kind": error.kind,
+                    "message": error.message,
+                    "current": self._error_is_current(error),
                 }
-                if self.last_error
+                if error
                 else None
             ),
             "logins": self.logins,
@@ -264,73 +335,172 @@ class Keeper:
             "failures": self.failures,
         }
 
+    # Waiting on the supervisor
+
+    def _join(self, need: Need, reason: str, *, forced: bool = False) -> Demand:
+        """The demand that will bring what is needed: the one pending or in flight, or a new one."""
+        demand = self._demand
+        if demand is None or demand.done:
+            demand = self._demand = Demand(need, reason)
+        elif need is Need.RENEW and demand.need is Need.CHECK:
+            demand.need, demand.reason = Need.RENEW, reason
+        elif not (forced and not demand.in_flight and not demand.forced):
+            return demand  # nothing changed: a thousand joiners wake nobody
+        if forced and not demand.in_flight:
+            demand.forced = True  # an attempt already under way answers the person as it is
+        self._notify()
+        return demand
+
+    async def _wait_for(self, condition: Callable[[], bool], deadline: float) -> None:
+        """Wait until `condition()` holds or the loop's clock reaches `deadline`."""
+        loop = asyncio.get_running_loop()
+        while not condition():
+            if self._stopped:
+                raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+            changed = self._changed
+            left = deadline - loop.time()
+            if left <= 0:
+                raise TokenUnavailable(self._unavailable_message(), self._retry_after())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await changed.wait()
+
+    def _notify(self) -> None:
+        """Something changed (demand, grant, state): wake everyone waiting, who re-check."""
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
     # The supervisor
 
     async def _supervise(self) -> None:
         while not self._stopped:
-            if self.state is State.FAILED and not self._forced:
-                await self._idle(self._max_sleep)
-                continue
-            delay = self._time_to_act()
-            if delay > 0:
-                await self._idle(min(delay, self._max_sleep))
-                continue
-            self._forced = self._want_new = False
-            self._interrupt.clear()
-            await self._renew()
+            demand = self._next_demand()
+            if demand is None:
+                await self._idle(self._seconds_to_next_action())
+            elif demand.need is Need.CHECK:
+                await self._check(demand)
+            else:
+                await self._renew(demand)
 
-    def _time_to_act(self) -> float:
-        """Seconds until the supervisor must call Sugar; 0 means now."""
+    def _next_demand(self) -> Demand | None:
+        """The demand to act on now, making one when the schedule says so; None: nothing yet."""
+        demand = self._demand
+        if self.state is State.FAILED:
+            return demand if demand is not None and demand.forced else None
+        if demand is not None and not demand.done:
+            return demand
+        grant, now = self._grant, self._clock()
+        if grant is None or grant.access_token == self._dead_token:
+            return self._join(Need.RENEW, "no usable token")
+        if now >= self._renewal_time(grant):
+            return self._join(Need.RENEW, "the schedule")
+        if self._probe_at is not None and now >= self._probe_at:
+            return self._join(Need.CHECK, "the probe interval")
+        return None
+
+    def _seconds_to_next_action(self) -> float:
         grant = self._grant
-        if self._forced or self._want_new or grant is None:
-            return 0.0
-        if self._dead_token is not None and self._dead_token == grant.access_token:
-            return 0.0
-        assert self.refresh_at is not None
-        return max(0.0, self.refresh_at - self._clock())
+        if self.state is State.FAILED or grant is None:
+            return self._max_sleep
+        due = self._renewal_time(grant)
+        if self._probe_at is not None:
+            due = min(due, self._probe_at)
+        return min(self._max_sleep, max(0.0, due - self._clock()))
 
     async def _idle(self, seconds: float) -> None:
-        self._wake.clear()
-        try:
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
-                await self._wake.wait()
-        except TimeoutError:
-            pass
+                await changed.wait()
 
-    async def _renew(self) -> None:
+    async def _check(self, demand: Demand) -> None:
+        """Probe the current token; if Sugar refuses it, the demand becomes its renewal."""
+        grant = self._grant
+        assert grant is not None
+        demand.in_flight = True
+        verdict = await self.upstream.probe(grant.access_token)
+        demand.in_flight = False
+        self._probe_at = self._next_probe()
+        if demand.need is Need.RENEW:  # someone needed a new token meanwhile
+            await self._renew(demand)
+            return
+        reported = demand.reason == "a script's report"
+        if verdict is Probe.ALIVE:
+            if reported:
+                log.info(
+                    "%s: token %s still works (the script's 401 had another cause); not renewing",
+                    self.name,
+                    grant.access_token.fingerprint,
+                )
+            self._settle(demand, failed=False)
+            return
+        if verdict is Probe.UNKNOWN and not reported:
+            log.debug("%s: probe gave no verdict; trying again later", self.name)
+            self._settle(demand, failed=False)
+            return
+        # Refused (or, for a report, no verdict: the script did see a 401, so act on it).
+        log.warning(
+            "%s: Sugar refused token %s (%s); renewing",
+            self.name,
+            grant.access_token.fingerprint,
+            "reported by a script" if reported else "evicted, found by the probe",
+        )
+        self._dead_token = grant.access_token
+        demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
+        self._notify()
+        await self._renew(demand)
+
+    async def _renew(self, demand: Demand) -> None:
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             wait=self._backoff,
             stop=stop_never,
-            sleep=self._backoff_sleep,
+            sleep=lambda seconds: self._backoff_sleep(seconds, demand),
             before_sleep=self._before_backoff,
             reraise=True,
         )
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._attempt()
+                    await self._attempt(demand)
         except RejectedError as exc:
             self.state = State.FAILED
             self.next_attempt_at = None
             log.error("%s: %s", self.name, exc.message)
+            demand.done = True
+            if self._demand is demand:
+                self._demand = None
             self._notify()
 
-    async def _attempt(self) -> None:
+    async def _attempt(self, demand: Demand) -> None:
+        demand.forced = False  # this attempt is the one a person asked for
+        demand.in_flight = True
+        self._notify()  # requests that must not take the doomed token see it is in flight
+        old = self._grant
         try:
-            if self._refresh_token is not None and self._refresh_usable():
-                grant = await self._refresh(self._refresh_token)
+            refresh_token = self._refresh_token
+            if refresh_token is not None and self._refresh_usable():
+                grant = await self._refresh(refresh_token)
                 if grant is None:
                     grant = await self._login()
             else:
+                if refresh_token is not None:
+                    log.info("%s: %s; logging in with the password", self.name, self._why_login())
                 grant = await self._login()
         except SugarError as exc:
             self.failures += 1
             self.last_error = LastError(self._clock(), exc.kind, exc.message)
-            self._attempt_done(failed=True)
+            demand.in_flight = False
+            self._settle(demand, failed=True, done=False)
             raise
+        logged_in = self.state is State.LOGGING_IN
         self._install(grant)
-        self._attempt_done(failed=False)
+        demand.in_flight = False
+        self._settle(demand, failed=False)
+        if logged_in:
+            await self._learn_version(grant)
+        elif old is not None:
+            await self._watch_old_token(old)
 
     async def _refresh(self, refresh_token: Secret) -> Grant | None:
         """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
@@ -365,15 +535,31 @@ class Keeper:
             return True
         return grant.refresh_expires_at - self._clock() > 5.0
 
+    def _why_login(self) -> str:
+        """Why a password login is needed although sugard holds a refresh token."""
+        grant = self._grant
+        ends = grant.refresh_expires_at if grant is not None else None
+        when = time.strftime("%H:%M:%S", time.localtime(ends)) if ends is not None else "?"
+        if self._session_ends_at is not None:
+            return f"session reached the site's max_session_lifetime at {when}"
+        return f"refresh token expired at {when}"
+
     def _install(self, grant: Grant) -> None:
         old = self._grant
         self._grant = grant
         self._refresh_token = grant.refresh_token
         self._dead_token = None
-        self._forced = False  # a `sugarctl refresh` during this attempt is answered by it
+        if self.state is State.LOGGING_IN:
+            self._session_ends_at = None
+            self._observed_grace = None  # a new session: learn the version again
+        elif _session_capped(old, grant):
+            # The refresh token inherited the old one's expiry: max_session_lifetime caps
+            # this session, and refreshing earlier would not keep it past that end.
+            self._session_ends_at = grant.refresh_expires_at
         self.refresh_at = self._refresh_time(grant)
         self.last_refresh = self._clock()
         self.next_attempt_at = None
+        self._probe_at = self._next_probe()
         self.state = State.READY
         log.info(
             "%s: token %s%s, valid %.0f s, refresh at %s",
@@ -383,24 +569,111 @@ class Keeper:
             grant.lifetime,
             time.strftime("%H:%M:%S", time.localtime(self.refresh_at)),
         )
+
+    def _settle(self, demand: Demand, *, failed: bool, done: bool = True) -> None:
+        """An attempt (or a check) of `demand` has finished: tell its waiters."""
+        demand.attempts += 1
+        demand.failed = failed
+        demand.done = done
+        if done and self._demand is demand:
+            self._demand = None
         self._notify()
+
+    # Timing
 
     def _refresh_time(self, grant: Grant) -> float:
         """Start of the advisory window: `refresh_before` ahead of expiry, with jitter,
-        but never in the first half of a short-lived token's life."""
+        but never in the first half of a short-lived token's life. When the refresh token
+        ends first (a short refresh lifetime), the window is set by its end instead: a
+        refresh before it keeps the session, where waiting would need a password login."""
         lead = min(self.config.refresh_before, grant.lifetime / 2)
-        lead *= 1 + JITTER * self._rng()
-        # No earlier refresh when the session ends first (max_session_lifetime): renewing
-        # then would only shorten the session further, and once the refresh token has
-        # expired `_refresh_usable` turns the renewal into a password login.
-        return grant.expires_at - min(lead, 0.6 * grant.lifetime)
+        spread = 1 + JITTER * self._rng()
+        at = grant.expires_at - min(lead * spread, 0.6 * grant.lifetime)
+        ends = grant.refresh_expires_at
+        if ends is not None and self._session_ends_at is None:
+            # Unless the session is known to be capped (max_session_lifetime): then renewing
+            # sooner would only add refreshes, and the login at the end cannot be avoided.
+            life = ends - grant.issued_at
+            at = min(at, ends - min(min(self.config.refresh_before, life / 2) * spread, life))
+        return at
+
+    def _renewal_time(self, grant: Grant) -> float:
+        """When the scheduled renewal starts. With a grace period, at the advisory window's
+        start: scripts keep the old token a while. Without, the refresh kills the token every
+        script holds, so it waits for a quiet moment (no token just handed out, no min_ttl
+        promise open) until halfway to expiry, keeping half the window for retries."""
+        start = self.refresh_at if self.refresh_at is not None else grant.expires_at
+        if self._old_token_grace() > 0:
+            return start
+        latest = start + (grant.expires_at - start) / 2
+        return max(start, min(self._quiet_until, latest))
+
+    def _handed_out(self, grant: Grant, promised: float) -> None:
+        self._quiet_until = max(
+            self._quiet_until, self._clock() + max(min(QUIET, grant.lifetime / 20), promised)
+        )
+
+    def _next_probe(self) -> float | None:
+        interval = self.config.probe_interval
+        return self._clock() + interval if interval > 0 else None
 
     def _servable(self, grant: Grant) -> bool:
-        """Valid for long enough to be used: outside the mandatory window, not reported dead."""
+        """Valid for long enough to be used: outside the mandatory window, not refused."""
         if self._dead_token is not None and self._dead_token == grant.access_token:
             return False
         margin = min(10.0, grant.lifetime / 10)
         return grant.expires_at - self._clock() > margin
+
+    def _doomed(self) -> bool:
+        """The current token dies when the renewal now in flight answers (no grace)."""
+        demand = self._demand
+        return (
+            demand is not None
+            and demand.in_flight
+            and demand.need is Need.RENEW
+            and self._old_token_grace() <= 0
+        )
+
+    # What the server does to the old token on a refresh
+
+    def _old_token_grace(self) -> float:
+        configured = self.config.old_token_grace
+        if configured != "auto":
+            return configured
+        return self._observed_grace if self._observed_grace is not None else 0.0
+
+    async def _learn_version(self, grant: Grant) -> None:
+        """Once per session: read the server's version (a failure only leaves it unknown)."""
+        if self.config.old_token_grace != GRACE_AUTO:
+            return
+        version = await self.upstream.server_version(grant.access_token)
+        self.sugar_version = version
+        if version is not None:
+            self._observed_grace = grace_for_version(version)
+            log.info(
+                "%s: Sugar %s: a refresh %s",
+                self.name,
+                version,
+                "kills the old token at once"
+                if self._observed_grace == 0
+                else f"leaves the old token up to {self._observed_grace:.0f} s",
+            )
+
+    async def _watch_old_token(self, old: Grant) -> None:
+        """Version unknown: see whether the token a refresh replaced still works (one ping,
+        once per session). Either way, until then it behaves as if the token died."""
+        if self.config.old_token_grace != GRACE_AUTO or self._observed_grace is not None:
+            return
+        verdict = await self.upstream.probe(old.access_token)
+        if verdict is not Probe.UNKNOWN:
+            self._observed_grace = SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
+            log.info(
+                "%s: the token a refresh replaced %s",
+                self.name,
+                "still works: Sugar keeps old tokens a while"
+                if verdict is Probe.ALIVE
+                else "died at once",
+            )
 
     # Backoff (tenacity hooks)
 
@@ -424,34 +697,20 @@ class Keeper:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         log.warning("%s: %s; next try in %.1f s", self.name, exc, seconds)
 
-    async def _backoff_sleep(self, seconds: float) -> None:
+    async def _backoff_sleep(self, seconds: float, demand: Demand) -> None:
         """Sleep until a wall-clock deadline, in steps of at most MAX_SLEEP (suspend-proof);
-        `refresh_now` cuts it short."""
+        a forced demand (`sugarctl refresh`) cuts it short."""
         deadline = self._clock() + seconds
-        while (left := deadline - self._clock()) > 0 and not self._interrupt.is_set():
-            try:
-                async with asyncio.timeout(min(left, self._max_sleep)):
-                    await self._interrupt.wait()
-            except TimeoutError:
-                pass
-        self._interrupt.clear()
-        self._forced = False
+        while (left := deadline - self._clock()) > 0 and not demand.forced and not self._stopped:
+            await self._idle(min(left, self._max_sleep))
 
-    # Waking waiters
+    # Words for humans
 
-    def _notify(self) -> None:
-        """A new grant, or a final failure: wake every waiting request."""
-        self._generation += 1
-        self._wake_waiters()
-
-    def _attempt_done(self, *, failed: bool) -> None:
-        self._attempts += 1
-        self._last_attempt_failed = failed
-        self._wake_waiters()
-
-    def _wake_waiters(self) -> None:
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _error_is_current(self, error: LastError) -> bool:
+        """Whether the instance's state is caused by this error (else it is history)."""
+        if self.state is State.READY:
+            return False
+        return self.last_refresh is None or error.at >= self.last_refresh
 
     def _retry_after(self) -> float:
         if self.next_attempt_at is not None:
@@ -464,3 +723,12 @@ class Keeper:
 
     def _failure_message(self) -> str:
         return self.last_error.message if self.last_error else f"instance {self.name!r} failed"
+
+
+def _session_capped(old: Grant | None, new: Grant) -> bool:
+    """A refresh that left the refresh token's expiry where it was: the session has a fixed end."""
+    if old is None or old.refresh_expires_at is None or new.refresh_expires_at is None:
+        return False
+    # Two refreshes close together leave the expiry in place too; they say nothing.
+    apart = new.issued_at - old.issued_at > SESSION_END_SLACK
+    return apart and abs(new.refresh_expires_at - old.refresh_expires_at) < SESSION_END_SLACK

@@ -201,12 +201,14 @@ SCHEMAS: dict[str, Any] = {
             "last_error": {
                 "type": "object",
                 "nullable": True,
-                "required": ["at", "kind", "message"],
+                "required": ["at", "kind", "message", "current"],
                 "additionalProperties": False,
                 "properties": {
                     "at": _TIME,
                     "kind": {"type": "string"},
                     "message": {"type": "string"},
+                    # True only while the state is caused by it; else it is history.
+                    "current": {"type": "boolean"},
                 },
             },
             "logins": _COUNT,

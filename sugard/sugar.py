@@ -1,4 +1,6 @@
-"""SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, logout.
+"""SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, and two cheap authenticated
+calls (the token probe, the server's version). Never a logout: that would end the session every
+script shares (docs/sugarcrm.md).
 
 Everything Sugar (or the network, or a proxy in front of Sugar) can answer is translated here,
 once, into a `Grant` or one of the errors below; nothing above this module sees aiohttp.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import enum
 import json
 import re
 import ssl
@@ -42,6 +45,7 @@ __all__ = [
     "CredentialsRejected",
     "Grant",
     "PlatformRejected",
+    "Probe",
     "ProxyRejected",
     "RefreshRejected",
     "RejectedError",
@@ -52,7 +56,8 @@ __all__ = [
 ]
 
 TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
-LOGOUT_PATH = "/rest/v10/oauth2/logout"
+PING_PATH = "/rest/v10/ping"
+SERVER_INFO_PATH = "/rest/v10/ServerInfo"
 TRANSIENT_STATUSES = {408, 425, 429}
 # The token request's fields that hold secrets (redacted from any text Sugar sends back).
 SECRET_FIELDS = ("password", "client_secret", "refresh_token")
@@ -61,6 +66,7 @@ SECRET_FIELDS = ("password", "client_secret", "refresh_token")
 EPOCH_THRESHOLD = 10 * 365 * 86400
 MAINTENANCE_TEXT = re.compile(r"maintenance", re.IGNORECASE)
 LICENSE_TEXT = re.compile(r"licen[cs]e|seats", re.IGNORECASE)
+VERSION_TEXT = re.compile(r"\d+\.\d+")
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,14 @@ class Grant:
     @property
     def lifetime(self) -> float:
         return self.expires_at - self.issued_at
+
+
+class Probe(enum.Enum):
+    """What a cheap authenticated call with a token says about that token."""
+
+    ALIVE = "alive"
+    DEAD = "dead"  # Sugar answered 401: evicted, rotated away, logged out or expired
+    UNKNOWN = "unknown"  # no verdict: network trouble, a proxy's page, maintenance
 
 
 class SugarError(Exception):
@@ -220,20 +234,41 @@ class SugarClient:
             grant="refresh_token",
         )
 
-    async def logout(self, grant: Grant) -> None:
-        """Ends the session upstream; failures are ignored (the session expires anyway)."""
+    async def probe(self, access_token: Secret) -> Probe:
+        """`GET /rest/v10/ping` with the token: does Sugar still take it? Any 401 means no
+        (evicted, rotated, logged out); anything but 200 or 401 is no verdict."""
+        status, _ = await self._authenticated_get(PING_PATH, access_token)
+        if status == 200:
+            return Probe.ALIVE
+        return Probe.DEAD if status == 401 else Probe.UNKNOWN
+
+    async def server_version(self, access_token: Secret) -> str | None:
+        """The `version` that Sugar's ServerInfo publishes ("13.3.0"), or None if it did not
+        answer one: the caller treats an unknown version as the newest (docs/sugarcrm.md)."""
+        status, data = await self._authenticated_get(SERVER_INFO_PATH, access_token)
+        version = data.get("version") if status == 200 and data is not None else None
+        return version if isinstance(version, str) and VERSION_TEXT.match(version) else None
+
+    async def _authenticated_get(
+        self, path: str, access_token: Secret
+    ) -> tuple[int | None, dict[str, Any] | None]:
+        """One GET with the token; (None, None) when there was no answer at all."""
+        if self._tls_problem is not None:
+            return None, None
         try:
-            url = self.instance.url + LOGOUT_PATH
-            async with self._session.post(
+            url = self.instance.url + path
+            async with self._session.get(
                 url,
-                json={"refresh_token": grant.refresh_token.reveal()},
                 timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
                 ssl=self._ssl,
-                **self.route.request_options(url, {"OAuth-Token": grant.access_token.reveal()}),
+                allow_redirects=False,
+                **self.route.request_options(
+                    url, {"OAuth-Token": access_token.reveal(), "Accept": "application/json"}
+                ),
             ) as response:
-                await response.read()
+                return response.status, _json_object(await response.read())
         except (aiohttp.ClientError, TimeoutError, OSError):
-            pass
+            return None, None
 
     async def _token_request(self, fields: dict[str, str], *, grant: str) -> Grant:
         i = self.instance

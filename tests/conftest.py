@@ -230,3 +230,9 @@ class InFlight:
         self._thread.join(timeout)
         assert self.result is not None
         return self.result
+
+
+def fake_profile(version: str) -> dict[str, Any]:
+    """FakeSugar keyword arguments that make it behave like Sugar `version`: the fake's own
+    version profile (how long a rotated or evicted token lives on, docs/sugarcrm.md)."""
+    return {"sugar_version": version}

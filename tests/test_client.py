@@ -51,6 +51,7 @@ def test_every_call_through_the_daemon(fake: FakeSugar, daemon) -> None:
         assert (fake.url, "prod") == (token["url"], token["instance"])
         assert ["prod"] == [s["name"] for s in client.status()]
         assert "ready" == client.status("prod")["state"]
+        assert fake.revoke(token["access_token"])  # sugard checks a report before renewing
         renewed = client.invalidate("prod", token["access_token"])["access_token"]
         assert renewed != token["access_token"]
         assert renewed == client.invalidate("prod", token["access_token"])["access_token"]

@@ -229,9 +229,10 @@ def _read_pty(fd: int) -> bytes:
 
 
 def test_invalidate_renews_once_from_argument_or_stdin(fake: FakeSugar, daemon) -> None:
-    """Reporting the current token prints a new one (one refresh); reporting it again, from
+    """Reporting the current token, dead, prints a new one (one refresh); reporting it again, from
     stdin, prints the current token without another upstream call."""
     old = sugarctl(daemon.socket, "token", "prod").stdout.strip()
+    assert fake.revoke(old)  # Sugar refused it: sugard checks a report before renewing
     fake.reset_counters()
     result = sugarctl(daemon.socket, "invalidate", "prod", old)
     assert 0 == result.returncode, result.stderr

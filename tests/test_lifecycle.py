@@ -22,7 +22,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from conftest import (
+    PASSWORD,
+    USER,
+    DaemonProcess,
+    fake_profile,
+    instance,
+    sugarctl,
+    write_config,
+)
 
 from sugard.config import load_config
 from sugard.daemon import Daemon
@@ -48,6 +56,11 @@ def status(daemon: DaemonProcess) -> dict[str, Any]:
     with daemon.client() as client:
         result: dict[str, Any] = client.status(NAME)
         return result
+
+
+def token_calls(fake: FakeSugar) -> dict[str, int]:
+    """What reached Sugar's token endpoint (the version read and the probes are pinned apart)."""
+    return {k: v for k, v in fake.calls.items() if k in ("token", "password", "refresh_token")}
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
@@ -149,21 +162,27 @@ def test_a_thousand_concurrent_requests_on_a_cold_instance_make_one_login(
     tokens = {body["access_token"] for _, body in answers}
     assert 1 == len(tokens)
     assert fake.valid(tokens.pop())
-    assert {"token": 1, "password": 1} == dict(fake.calls)
+    assert {"token": 1, "password": 1} == token_calls(fake)
 
 
-@pytest.mark.parametrize("grace", [0.0, 120.0], ids=["sugar13-immediate", "sugar8-12-grace"])
+@pytest.mark.parametrize("version", ["13.3", "12.0"])
 def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
-    grace: float,
+    version: str,
     sugar: Callable[..., FakeSugar],
     short_dir: Path,
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
-    """Another login of the same user and platform kills our refresh token: one login fixes it."""
-    fake = sugar(eviction_grace=grace)
+    """Another login of the same user and platform kills our refresh token: one login fixes it.
+    On 12.0 the evicted token works on for a while: a report then is checked and answered
+    with the same token, and the recovery comes once Sugar refuses it."""
+    fake = sugar(**fake_profile(version))
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     dead = sugarctl(daemon.socket, "token", NAME).stdout.strip()
     assert 1 == fake.evict(USER, "sugard")
+    if version == "12.0":
+        early = sugarctl(daemon.socket, "invalidate", NAME, dead)
+        assert (0, dead) == (early.returncode, early.stdout.strip())
+        assert fake.revoke(dead)  # the session check has come: the grace is over
     fake.reset_counters()
 
     async def reports() -> list[tuple[int, dict[str, Any]]]:
@@ -187,8 +206,10 @@ def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
     new = fresh.pop()
     assert dead != new
     assert fake.valid(new)
-    # The refresh token died with the session: one refresh refused, then one password login.
-    assert {"token": 2, "refresh_token": 1, "password": 1} == dict(fake.calls)
+    # One probe confirms the report; the refresh token died with the session: one refresh
+    # refused, then one password login.
+    assert {"token": 2, "refresh_token": 1, "password": 1} == token_calls(fake)
+    assert 1 == fake.calls["ping"]
     assert [("refresh_token", "invalid_grant"), ("password", None)] == [
         (r.grant_type, r.error) for r in fake.requests
     ]
@@ -222,7 +243,8 @@ def test_a_hundred_reports_of_one_dead_token_make_one_refresh(
     assert 1 == len({r.stdout for r in results})
     assert dead != results[0].stdout.strip()
     assert fake.valid(results[0].stdout.strip())
-    assert {"token": 1, "refresh_token": 1} == dict(fake.calls)
+    assert {"token": 1, "refresh_token": 1} == token_calls(fake)
+    assert 1 == fake.calls["ping"]  # one check of the report, however many scripts made it
 
 
 def test_maintenance_burns_the_refresh_token_then_one_login_once_the_site_is_back(
@@ -248,14 +270,14 @@ def test_maintenance_burns_the_refresh_token_then_one_login_once_the_site_is_bac
     assert 60.0 <= next_try <= 66.0  # the long backoff, not 1 s
     # Meanwhile scripts keep getting the still-valid token, without waiting.
     assert before == sugarctl(daemon.socket, "token", NAME).stdout.strip()
-    assert {"token": 1, "refresh_token": 1} == dict(fake.calls)
+    assert {"token": 1, "refresh_token": 1} == token_calls(fake)
 
     fake.maintenance = False
     fake.reset_counters()
     back = sugarctl(daemon.socket, "refresh", NAME)  # an admin does not wait a minute
     assert 0 == back.returncode, back.stderr
     assert fake.valid(back.stdout.strip())
-    assert {"token": 1, "password": 1} == dict(fake.calls)  # the burned refresh token not sent
+    assert {"token": 1, "password": 1} == token_calls(fake)  # the burned refresh token not sent
     assert "ready" == status(daemon)["state"]
 
 
@@ -311,7 +333,7 @@ def test_unregistered_platform_fails_with_how_to_register_it(
     assert "Admin > Configure API Platforms" in forced.stderr
     assert 1 == len(forced.stderr.strip().splitlines())
     time.sleep(0.5)
-    assert {"token": 1, "refresh_token": 1} == dict(fake.calls)
+    assert {"token": 1, "refresh_token": 1} == token_calls(fake)
     assert "failed" == status(daemon)["state"]
 
     fake.add_platform("sugard")
@@ -399,7 +421,7 @@ def test_min_ttl_forces_a_renewal_that_leaves_enough_time(
     longer = sugarctl(daemon.socket, "token", NAME, "--min-ttl", "9", "--format", "json")
     assert 0 == longer.returncode, longer.stderr
     assert 9 <= json.loads(longer.stdout)["expires_in"]
-    assert {"token": 2, "password": 1, "refresh_token": 1} == dict(fake.calls)
+    assert {"token": 2, "password": 1, "refresh_token": 1} == token_calls(fake)
 
 
 def test_refresh_ahead_happens_in_the_background_before_expiry(
@@ -442,7 +464,7 @@ def test_restart_after_a_crash_logs_in_with_the_password(
     got = sugarctl(again.socket, "token", NAME)
     assert 0 == got.returncode, got.stderr
     assert fake.valid(got.stdout.strip())
-    assert {"token": 1, "password": 1} == dict(fake.calls)
+    assert {"token": 1, "password": 1} == token_calls(fake)
 
 
 # --------------------------------------------------------------- in-process, virtual time
@@ -491,10 +513,13 @@ async def rig(
     max_sleep: float = 0.02,
     rng: Callable[[], float] = lambda: 0.5,
     sugar: dict[str, Any] | None = None,
+    watch: Any = None,
     **settings: Any,
 ) -> AsyncIterator[Rig]:
     clock = VirtualClock(speed)
     fake = FakeSugar(users={USER: PASSWORD}, clock=clock, **(sugar or {}))
+    if watch is not None:
+        fake.app.middlewares.append(watch)  # sees every request the fake gets
     await fake.start()
     daemon: Daemon | None = None
     try:
@@ -586,7 +611,7 @@ async def test_a_suspend_past_expiry_gets_a_fresh_token_within_the_sleep_cap(
         assert before["access_token"] != after["access_token"]
         assert r.fake.valid(after["access_token"])
         assert after["expires_in"] > 3000
-        assert {"token": 1, "refresh_token": 1} == dict(r.fake.calls)
+        assert {"token": 1, "refresh_token": 1} == token_calls(r.fake)
 
 
 async def test_a_request_right_after_resume_waits_for_the_fresh_token(short_dir: Path) -> None:
@@ -612,7 +637,7 @@ async def test_downtime_longer_than_the_refresh_lifetime_ends_with_a_password_lo
         status, after = await r.token(wait=5)
         assert 200 == status
         assert r.fake.valid(after["access_token"])
-        assert {"token": 1, "password": 1} == dict(r.fake.calls)
+        assert {"token": 1, "password": 1} == token_calls(r.fake)
 
 
 async def test_a_shrinking_session_is_renewed_by_login_without_a_storm(short_dir: Path) -> None:
@@ -782,3 +807,281 @@ async def test_a_request_in_the_mandatory_window_waits_then_gets_retry_after(
         code, body = await get_json(r.http, f"/v1/instances/{NAME}/refresh", method="POST")
         assert 200 == code  # `sugarctl refresh` cuts the backoff short once Sugar is back
         assert r.fake.valid(body["access_token"])
+
+
+# --------------------------------------------------------------- renewal per Sugar version
+
+
+async def first_token(r: Rig, version: str | None = None) -> dict[str, Any]:
+    """The first token, once the keeper has read the server's version (after its login)."""
+    code, body = await r.token()
+    assert 200 == code, body
+    if version is not None:
+        await until(lambda: r.keeper.sugar_version == version + ".0")
+    return body
+
+
+async def test_min_ttl_requests_during_a_refresh_all_get_its_token(short_dir: Path) -> None:
+    """40 requests with a min_ttl the current token cannot meet, arriving while a slow refresh
+    is in flight, wait for that refresh and get its token: one refresh, no second one that
+    would kill the tokens just handed out (Sugar 13.3+)."""
+    async with rig(short_dir, sugar=fake_profile("13.3")) as r:
+        old = await first_token(r, "13.3")
+        r.fake.reset_counters()
+        r.fake.delay = 1.0
+        r.clock.jump(3600 - 20)  # 20 s left: the advisory window, and short of min_ttl 25
+        await until(lambda: r.keeper.state.value == "refreshing")
+        answers = await asyncio.gather(*(r.token(min_ttl=25, wait=10) for _ in range(40)))
+        r.fake.delay = 0.0
+        assert [200] * 40 == [code for code, _ in answers]
+        tokens = {body["access_token"] for _, body in answers}
+        assert 1 == len(tokens)
+        assert old["access_token"] not in tokens
+        await until(lambda: r.keeper.state.value == "ready")
+        assert 1 == r.keeper.refreshes
+        assert {"token": 1, "refresh_token": 1} == token_calls(r.fake)
+        assert r.fake.valid(tokens.pop())
+
+
+@pytest.mark.parametrize("version", ["13.3", "12.0"])
+async def test_requests_during_a_refresh_wait_only_where_it_kills_the_old_token(
+    version: str, short_dir: Path
+) -> None:
+    """On 13.3 a request that arrives while a refresh is in flight waits for the new token
+    (the old one dies when the refresh answers); on 12.0 it gets the old token at once."""
+    async with rig(short_dir, sugar=fake_profile(version)) as r:
+        old = (await first_token(r, version))["access_token"]
+        r.fake.delay = 1.0
+        forced = asyncio.create_task(
+            get_json(r.http, f"/v1/instances/{NAME}/refresh", method="POST")
+        )
+        await until(lambda: r.keeper.state.value == "refreshing")
+        asked = time.monotonic()
+        answers = await asyncio.gather(*(r.token() for _ in range(20)))
+        took = time.monotonic() - asked
+        code, refreshed = await forced
+        assert 200 == code
+        given = {body["access_token"] for _, body in answers}
+        if version == "13.3":
+            assert {refreshed["access_token"]} == given  # held, then the new token
+            assert not r.fake.valid(old)
+        else:
+            assert {old} == given  # at once: the old token lives on for a while
+            assert took < 1.0
+            assert r.fake.valid(old)
+        assert all(r.fake.valid(token) for token in given)
+
+
+async def test_old_token_grace_in_the_config_overrides_the_version(short_dir: Path) -> None:
+    """`old_token_grace = 120` on a server that says 13.3: requests during a refresh never wait."""
+    async with rig(short_dir, sugar=fake_profile("13.3"), old_token_grace=120) as r:
+        old = (await first_token(r))["access_token"]
+        r.fake.delay = 1.0
+        forced = asyncio.create_task(
+            get_json(r.http, f"/v1/instances/{NAME}/refresh", method="POST")
+        )
+        await until(lambda: r.keeper.state.value == "refreshing")
+        code, body = await r.token()
+        assert (200, old) == (code, body["access_token"])
+        assert "refreshing" == r.keeper.state.value  # answered while the refresh was in flight
+        await forced
+        assert 0 == r.fake.calls["serverinfo"]  # a set grace needs no version
+
+
+async def test_a_server_without_server_info_is_served_as_the_newest(short_dir: Path) -> None:
+    """A Sugar (or a proxy) that does not answer ServerInfo: the instance works as usual and
+    renews as on 13.3+, where a refresh kills the old token."""
+    served = itertools.count(1)
+
+    async def grant(request: web.Request) -> web.Response:
+        n = next(served)
+        return web.json_response(
+            {"access_token": f"a{n}", "refresh_token": f"r{n}", "expires_in": 3600}
+        )
+
+    async with daemon_on_stub(short_dir, grant) as http:
+        code, _ = await get_json(http, f"/v1/instances/{NAME}/token")
+        assert 200 == code
+        code, renewed = await get_json(http, f"/v1/instances/{NAME}/refresh", method="POST")
+        assert (200, "a2") == (code, renewed["access_token"])
+        _, shown = await get_json(http, f"/v1/instances/{NAME}")
+        assert ("ready", None) == (shown["state"], shown["last_error"])
+
+
+async def test_a_quiet_moment_is_chosen_for_a_refresh_that_kills_the_old_token(
+    short_dir: Path,
+) -> None:
+    """On 13.3 the scheduled refresh waits, inside its window, while scripts keep taking the
+    token, and goes as soon as they pause, at the latest halfway to expiry."""
+    lifetimes = {"access_lifetime": 600, **fake_profile("13.3")}
+    async with rig(short_dir, speed=100.0, sugar=lifetimes, refresh_before=300) as r:
+        await first_token(r, "13.3")
+        window = r.keeper.refresh_at
+        expires = r.keeper.grant.expires_at
+        r.fake.reset_counters()
+        while r.fake.calls["refresh_token"] == 0:  # a script asking all the time
+            await r.token()
+            await asyncio.sleep(0.005)
+        (busy,) = r.fake.requests
+        assert window + 10 < busy.time <= window + (expires - window) / 2 + 5
+        # Nobody asks: the next refresh goes at the start of its window.
+        await until(lambda: r.keeper.refresh_at != window)
+        window = r.keeper.refresh_at
+        await until(lambda: r.fake.calls["refresh_token"] == 2, timeout=20)
+        assert r.fake.requests[-1].time < window + 3
+
+
+async def test_an_unreported_eviction_is_recovered_within_one_probe_interval(
+    short_dir: Path,
+) -> None:
+    """Another login evicts sugard's session and no script reports it: the probe (every 60 s)
+    finds the dead token, and one refused refresh + one login bring a working one."""
+    async with rig(short_dir, speed=100.0, sugar=fake_profile("13.3"), probe_interval=60) as r:
+        dead = (await first_token(r, "13.3"))["access_token"]
+        r.fake.reset_counters()
+        assert 1 == r.fake.evict(USER, "sugard")
+        evicted = r.clock()
+        await until(lambda: r.keeper.grant.access_token.reveal() != dead, timeout=10)
+        assert r.clock() - evicted <= 60 + 5
+        _, now = await r.token()
+        assert r.fake.valid(now["access_token"])
+        assert {"token": 2, "refresh_token": 1, "password": 1} == token_calls(r.fake)
+        assert 1 <= r.fake.calls["ping"] <= 2  # the one that found it (and maybe the next)
+
+
+async def test_probe_interval_zero_turns_the_probe_off(short_dir: Path) -> None:
+    """`probe_interval = 0`: no ping in ten minutes."""
+    async with rig(short_dir, speed=1000.0, probe_interval=0) as r:
+        await first_token(r)
+        await r.clock.sleep(600)
+        assert 0 == r.fake.calls["ping"]
+
+
+async def test_the_probe_checks_the_token_once_a_minute(short_dir: Path) -> None:
+    """The default interval: about ten pings in ten minutes of a live token, and no renewal."""
+    async with rig(short_dir, speed=200.0) as r:
+        await first_token(r)
+        await r.clock.sleep(600)
+        assert 6 <= r.fake.calls["ping"] <= 10  # fewer if a busy machine wakes the keeper late
+        assert {"token": 1, "password": 1} == token_calls(r.fake)
+
+
+def test_a_report_of_a_token_that_still_works_keeps_the_session(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A script's 401 had another cause (a Bearer header, a wrong route): the probe finds the
+    token alive, so sugarctl invalidate answers with the same token and nobody loses it."""
+    fake = sugar()
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    alive = sugarctl(daemon.socket, "token", NAME).stdout.strip()
+    fake.reset_counters()
+    results = [sugarctl(daemon.socket, "invalidate", NAME, alive) for _ in range(3)]
+    assert [(0, alive)] * 3 == [(r.returncode, r.stdout.strip()) for r in results]
+    assert fake.valid(alive)
+    assert {} == token_calls(fake)
+    assert 3 == fake.calls["ping"]  # one check per report that came after the last answer
+
+
+async def test_a_refresh_token_that_ends_first_is_used_before_it_ends(short_dir: Path) -> None:
+    """Refresh tokens shorter-lived than access tokens: sugard refreshes while the refresh
+    token still works, keeping the session, instead of a password login every time."""
+    lifetimes = {"access_lifetime": 600, "refresh_lifetime": 200}
+    async with rig(short_dir, speed=1000.0, sugar=lifetimes, probe_interval=0) as r:
+        await first_token(r)
+        await r.clock.sleep(2000)
+        grants = [q.grant_type for q in r.fake.requests]
+        assert 1 == grants.count("password")
+        assert 15 <= grants.count("refresh_token") <= 25
+        assert [] == [q.error for q in r.fake.requests if q.error]
+
+
+async def test_a_password_login_after_the_session_ends_says_why(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Under max_session_lifetime the login at the session's end is logged with its reason;
+    after a downtime past the refresh lifetime, with the refresh token's expiry."""
+    caplog.set_level("INFO", "sugard.keeper")
+    capped = {"access_lifetime": 600, "max_session_lifetime": 1500}
+    async with rig(short_dir, speed=1000.0, sugar=capped, refresh_before=300) as r:
+        await first_token(r)
+        await until(lambda: r.fake.calls["password"] == 2, timeout=10)
+    assert "session reached the site's max_session_lifetime at" in caplog.text
+    caplog.clear()
+    async with rig(short_dir, sugar={"access_lifetime": 300, "refresh_lifetime": 600}) as r:
+        await first_token(r)
+        r.clock.jump(1000)
+        code, _ = await r.token(wait=5)
+        assert 200 == code
+    assert "refresh token expired at" in caplog.text
+
+
+def test_a_past_error_is_kept_but_not_shown_as_current(
+    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """After two 503s and a recovery, status keeps the last error, marked as past; while
+    sugard backs off, the error is current."""
+    fake = sugar()
+    fake.fail_next(2, "503")
+    daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, backoff_max=300)}))
+    assert 0 == sugarctl(daemon.socket, "token", NAME, "--wait", "10").returncode
+    shown = json.loads(sugarctl(daemon.socket, "status", NAME, "--json").stdout)
+    assert "ready" == shown["state"]
+    assert ("server_error", False) == (shown["last_error"]["kind"], shown["last_error"]["current"])
+
+    fake.fail_next(1, "503")
+    assert 5 == sugarctl(daemon.socket, "refresh", NAME).returncode
+    shown = json.loads(sugarctl(daemon.socket, "status", NAME, "--json").stdout)
+    assert "backing_off" == shown["state"]
+    assert shown["last_error"]["current"]
+
+
+async def test_sugard_never_sends_scope_and_never_logs_out(short_dir: Path) -> None:
+    """Across logins, refreshes, a report, an eviction, probes and the daemon's stop: no
+    request carries `scope` (Sugar answers 400 invalid_scope), none goes to oauth2/logout."""
+    seen: list[tuple[str, set[str]]] = []
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        fields: set[str] = set(request.query)
+        if request.can_read_body:
+            raw = await request.read()
+            with contextlib.suppress(ValueError):
+                body = json.loads(raw)
+                fields |= set(body) if isinstance(body, dict) else set()
+        seen.append((request.path, fields))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    profile = fake_profile("13.3")
+    async with rig(short_dir, speed=100.0, sugar=profile, watch=record, probe_interval=60) as r:
+        dead = (await first_token(r))["access_token"]
+        await get_json(r.http, f"/v1/instances/{NAME}/refresh", method="POST")
+        r.fake.evict(USER, "sugard")
+        await get_json(
+            r.http, f"/v1/instances/{NAME}/invalidate", method="POST", json={"access_token": dead}
+        )
+        await r.clock.sleep(120)
+    paths = {path for path, _ in seen}
+    assert "/rest/v10/oauth2/token" in paths
+    assert "/rest/v10/ping" in paths
+    assert not any("logout" in path for path in paths)
+    assert [] == [path for path, fields in seen if "scope" in fields]
+
+
+def test_old_token_grace_and_probe_interval_are_read_and_checked(short_dir: Path) -> None:
+    """Both keys work in [defaults] and per instance; a wrong value names the key and the fix."""
+    table = {"url": "https://crm.example.com", "username": USER, "password": PASSWORD}
+    config = load_config(
+        write_config(
+            short_dir,
+            {"a": table, "b": {**table, "old_token_grace": 0, "probe_interval": 0}},
+            defaults={"probe_interval": 30},
+        )
+    )
+    a, b = config.instances["a"], config.instances["b"]
+    assert ("auto", 30.0) == (a.old_token_grace, a.probe_interval)
+    assert (0.0, 0.0) == (b.old_token_grace, b.probe_interval)
+    with pytest.raises(Exception, match='old_token_grace: must be "auto" or seconds'):
+        load_config(write_config(short_dir, {"a": {**table, "old_token_grace": "never"}}))
+    with pytest.raises(Exception, match="probe_interval: must be between 0 and 86400"):
+        load_config(write_config(short_dir, {"a": {**table, "probe_interval": -1}}))

@@ -56,6 +56,11 @@ class ForwardProxy:
     requests: list[str] = field(default_factory=list)  # "METHOD absolute-URI" forwarded
     refused: int = 0  # 407s answered
 
+    @property
+    def logins(self) -> list[str]:
+        """The token-endpoint requests among those forwarded (ServerInfo and probes follow)."""
+        return [r for r in self.requests if r.startswith("POST ") and "/oauth2/token" in r]
+
     def expected_authorization(self) -> str | None:
         if self.credentials is None:
             return None
@@ -162,13 +167,18 @@ class Site:
     variable: str  # the proxy variable for its scheme
 
     def went_through(self, proxy: ForwardProxy) -> bool:
-        """The token requests passed this proxy: forwarded (http) or tunnelled (https)."""
+        """The daemon's calls to Sugar (the login, then ServerInfo and probes) passed this
+        proxy: forwarded (http) or tunnelled (https)."""
         if self.fake.url.startswith("https://"):
             return [self.fake.url.removeprefix("https://")] == sorted(set(proxy.connects)) and (
                 [] == proxy.requests
             )
         token_url = f"POST {self.fake.url}/rest/v10/oauth2/token"
-        return bool(proxy.requests) and {token_url} == set(proxy.requests) and [] == proxy.connects
+        to_the_site = all(
+            request.partition(" ")[2].startswith(f"{self.fake.url}/rest/v10/")
+            for request in proxy.requests
+        )
+        return token_url in proxy.requests and to_the_site and [] == proxy.connects
 
 
 @pytest.fixture(params=["http", "https"])
@@ -233,7 +243,7 @@ def test_the_lower_case_variable_wins_as_in_curl(
         config = write_config(short_dir, {"prod": instance(fake)})
         daemon = start_daemon(config, env={"http_proxy": lower.url, "HTTP_PROXY": upper.url})
         assert 0 == token(daemon).returncode
-        assert (1, 0) == (len(lower.requests), len(upper.requests))
+        assert (1, 0) == (len(lower.logins), len(upper.requests))
         assert f"prod: outbound via proxy {lower.url} (from http_proxy)" in daemon.log()
         daemon.stop()
 
@@ -289,7 +299,7 @@ def test_the_proxy_key_wins_over_the_environment(
         daemon = start_daemon(config, env=env)
         assert 0 == token(daemon, "prod").returncode
         assert 0 == token(daemon, "lab").returncode
-        assert (1, 2) == (len(proxy.requests), fake.calls["token"])
+        assert (1, 2) == (len(proxy.logins), fake.calls["token"])
         assert [] == env_proxy.requests
         log = daemon.log()
         assert f"prod: outbound via proxy {proxy.url} (proxy in the config)" in log
@@ -371,7 +381,7 @@ def test_credentials_in_the_environments_proxy_url_are_used_never_shown(
     daemon = start_daemon(config, env=env)
     assert 0 == token(daemon, "prod").returncode
     assert 0 == token(daemon, "lab").returncode
-    assert (0, 2) == (auth_proxy.refused, len(auth_proxy.requests))
+    assert (0, 2) == (auth_proxy.refused, len(auth_proxy.logins))
     line = f"outbound via proxy {auth_proxy.url} (from HTTP_PROXY, with its credentials)"
     assert 1 == daemon.log().count(f"all 2 instances: {line}")
     shown = show_config(config, env)
