@@ -37,6 +37,7 @@ __all__ = [
     "effective_config",
     "load_config",
     "parse_config",
+    "resolve_instance_secrets",
     "resolve_secrets",
 ]
 
@@ -118,14 +119,16 @@ class InstanceConfig:
     allowed_uids: tuple[int, ...] | None = None
     allowed_gids: tuple[int, ...] | None = None
 
-    def auth_key(self) -> tuple[object, ...]:
-        """What identifies the upstream session: while it is unchanged, the live token stays."""
+    def session_key(self) -> tuple[object, ...]:
+        """What identifies the upstream session: while it is unchanged, the live token stays.
+
+        The secrets are not part of it: a new password or client secret (a rotation, or a
+        typo) is used at the next password login, and a working session is never thrown
+        away for one that may not work."""
         return (
             self.url,
             self.username,
-            self.password.value,
             self.client_id,
-            self.client_secret.value,
             self.platform,
             self.verify_tls,
             self.ca_file,
@@ -561,23 +564,37 @@ def _secret_ref(
 
 def resolve_secrets(config: Config, environ: Mapping[str, str] | None = None) -> Config:
     """Read every secret from its source; raise ConfigError naming each one that fails."""
-    env = os.environ if environ is None else environ
-    base_dir = Path(config.path).parent
     problems: list[Problem] = []
     instances: dict[str, InstanceConfig] = {}
     for name, instance in config.instances.items():
-        resolved: dict[str, Any] = {}
-        for base in SECRET_FIELDS:
-            ref: SecretRef = getattr(instance, base)
-            key = f"instances.{name}.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
-            try:
-                resolved[base] = replace(ref, value=Secret(_read_secret(ref, env, base_dir)))
-            except ValueError as exc:
-                problems.append(Problem(config.path, key, str(exc)))
-        instances[name] = replace(instance, **resolved)
+        try:
+            instances[name] = resolve_instance_secrets(instance, config.path, environ)
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         raise ConfigError(problems)
     return replace(config, instances=instances)
+
+
+def resolve_instance_secrets(
+    instance: InstanceConfig, config_path: str, environ: Mapping[str, str] | None = None
+) -> InstanceConfig:
+    """`instance` with its secrets read (again) from their sources; ConfigError if one fails.
+    Relative paths are relative to the config at `config_path`."""
+    env = os.environ if environ is None else environ
+    base_dir = Path(config_path).parent
+    problems: list[Problem] = []
+    resolved: dict[str, Any] = {}
+    for base in SECRET_FIELDS:
+        ref: SecretRef = getattr(instance, base)
+        key = f"instances.{instance.name}.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
+        try:
+            resolved[base] = replace(ref, value=Secret(_read_secret(ref, env, base_dir)))
+        except ValueError as exc:
+            problems.append(Problem(config_path, key, str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    return replace(instance, **resolved)
 
 
 def _read_secret(ref: SecretRef, env: Mapping[str, str], base_dir: Path) -> str:

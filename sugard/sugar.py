@@ -332,9 +332,10 @@ def _interpret(
         if grant == "password":
             raise CredentialsRejected(
                 f"Sugar rejected the credentials of user {i.username!r} (need_login)"
-                f"{_quote(sugar_says)}. Not retrying, so the account is not locked: fix the "
-                "password (or ask an admin to unlock the user), then run `sugarctl reload` "
-                f"or `sugarctl refresh {i.name}`",
+                f"{_quote(sugar_says)}. Not sent again, so the account is not locked: fix the "
+                f"password ({i.password.describe()}), then run `sugarctl refresh {i.name}`; "
+                f"if an admin unlocked the user instead: `sugarctl refresh {i.name} "
+                "--retry-rejected` (may count as a failed login)",
                 status=status,
                 label=label,
             )
@@ -355,7 +356,8 @@ def _interpret(
     if label == "invalid_client":
         raise ClientRejected(
             f"Sugar rejected client_id {i.client_id!r} or its client_secret (invalid_client); "
-            "check them against Admin > OAuth Keys (the built-in 'sugar' key has an empty secret)",
+            "check them against Admin > OAuth Keys (the built-in 'sugar' key has an empty "
+            f"secret), then run `sugarctl refresh {i.name}`",
             status=status,
             label=label,
         )
