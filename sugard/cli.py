@@ -9,7 +9,6 @@ import logging
 import os
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 from . import __version__
@@ -126,19 +125,9 @@ def _load(args: argparse.Namespace, *, resolve: bool = True) -> Config | None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .config import audit_config, parse_config
+    from .config import audit_config, read_config
 
-    path = _config_path(args)
-    problems: list[Problem] = []
-    config: Config | None = None
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        problems += exc.problems
-        try:  # for the checks below, which need the file's shape but not its secrets
-            config = parse_config(tomllib.loads(path.read_text("utf-8")), str(path))
-        except (OSError, ValueError, ConfigError):
-            config = None
+    config, problems = read_config(_config_path(args))
     warnings: list[Problem] = []
     if config is not None:
         more, warnings = audit_config(config)

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from conftest import PASSWORD, SUGARD, instance, write_config
+from conftest import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
 
 from sugard.testing import FakeSugar
 
@@ -219,13 +219,14 @@ def test_check_resolves_every_secret_without_printing_one(tmp_path: Path) -> Non
     (creds / "c.pw").write_text("s3cret-from-credential")
     path = config_file(
         tmp_path,
-        '[defaults]\nurl = "https://x.example.com"\nusername = "u"\n'
-        '[instances.inline]\npassword = "s3cret-inline"\n'
-        '[instances.file]\npassword_file = "pw"\n'
-        '[instances.env]\npassword_env = "PW"\n'
-        '[instances.cmd]\npassword_command = ["printf", "s3cret-from-command"]\n'
-        '[instances.cred]\npassword_credential = "c.pw"\n'
-        '[instances.broken]\npassword_command = "echo s3cret-on-stderr >&2; exit 7"\n',
+        '[defaults]\nurl = "https://x.example.com"\n'
+        '[instances.inline]\nusername = "u1"\npassword = "s3cret-inline"\n'
+        '[instances.file]\nusername = "u2"\npassword_file = "pw"\n'
+        '[instances.env]\nusername = "u3"\npassword_env = "PW"\n'
+        '[instances.cmd]\nusername = "u4"\npassword_command = ["printf", "s3cret-from-command"]\n'
+        '[instances.cred]\nusername = "u5"\npassword_credential = "c.pw"\n'
+        '[instances.broken]\nusername = "u6"\n'
+        'password_command = "echo s3cret-on-stderr >&2; exit 7"\n',
     )
     result = check(
         "-c", str(path), env={"PW": "s3cret-from-env", "CREDENTIALS_DIRECTORY": str(creds)}
@@ -263,7 +264,10 @@ def test_online_asks_the_running_daemon_and_never_logs_in(
     """--online reports each instance's state from the daemon; Sugar sees no login from check."""
     config = write_config(
         short_dir,
-        {"prod": instance(fake), "bad": instance(fake, password="wrong-password")},
+        {
+            "prod": instance(fake),
+            "bad": instance(fake, username="admin", password="wrong-password"),
+        },
     )
     daemon = start_daemon(config)
     result = check("-c", str(config), "--online", "--socket", str(daemon.socket))
@@ -381,3 +385,74 @@ def test_common_mistakes_in_the_docs_print_what_the_docs_say(tmp_path: Path) -> 
             check=False,
         )
         assert expected == result.stderr.splitlines() + result.stdout.splitlines(), console
+
+
+def test_every_problem_in_one_pass(tmp_path: Path) -> None:
+    """Types, unknown keys, secrets, file modes and duplicates in one run: a wrong type does
+    not hide a missing or loose secret file, nor a key's problem in another instance."""
+    loose = secret_file(tmp_path, "loose.pw", mode=0o644)
+    path = config_file(
+        tmp_path,
+        '[defaults]\nurl = "https://crm.example.com"\ntimeout = "10"\n'
+        '[instances.a]\nusername = "a"\npassword_file = "missing.pw"\nrefresh_befor = 60\n'
+        '[instances.b]\nusername = "b"\npassword_file = "loose.pw"\nverify_tls = "yes"\n'
+        '[instances.c]\nusername = "b"\npassword = "inline-pw"\n',
+        mode=0o640,
+    )
+    result = check("-c", str(path))
+    assert 1 == result.returncode
+    assert [
+        f"{path}: defaults.timeout: must be a number, not a string; write 10 without quotes",
+        f"{path}: instances.a.refresh_befor: unknown key (did you mean refresh_before?)",
+        f"{path}: instances.b.verify_tls: must be true or false, not a string",
+        f"{path}: instances.c.platform: instances b and c log in as b at "
+        "https://crm.example.com on the same platform 'sugard': Sugar keeps one session per "
+        "user and platform, so each would log the other out, forever; give one a platform of "
+        'its own, like platform = "sugard_c" (register it in Sugar: Admin > Configure API '
+        "Platforms)",
+        f"{path}: instances.c.password: holds an inline secret but the file is readable by "
+        f"others (mode 0640); run: chmod 600 {path}",
+        f"{path}: instances.a.password_file: file {tmp_path / 'missing.pw'} does not exist; "
+        f"create it with the secret on one line (chmod 600 {tmp_path / 'missing.pw'}), or fix "
+        "the path",
+        f"{path}: instances.b.password_file: {loose} is readable by others (mode 0644); "
+        f"run: chmod 600 {loose}",
+    ] == result.stderr.splitlines()
+
+
+def test_two_instances_of_one_session_are_refused_everywhere(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """Same site, user (in any case) and platform twice: check and run refuse, naming both
+    instances; a reload to such a config is refused and the old config keeps serving."""
+    twin = instance(fake, username=USER.upper(), url=fake.url + "/")
+    config = write_config(short_dir, {"prod": instance(fake), "twin": twin}, name="twins.toml")
+    expected = (
+        f"{config}: instances.twin.platform: instances prod and twin log in as ALICE at "
+        f"{fake.url} on the same platform 'sugard': Sugar keeps one session per user and "
+        "platform, so each would log the other out, forever; give one a platform of its own, "
+        'like platform = "sugard_twin" (register it in Sugar: Admin > Configure API Platforms)'
+    )
+    checked = check("-c", str(config))
+    assert (1, [expected]) == (checked.returncode, checked.stderr.splitlines())
+    run = subprocess.run(
+        [SUGARD, "run", "-c", str(config), "--socket", str(short_dir / "t.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (1, [expected]) == (run.returncode, run.stderr.splitlines())
+    assert 0 == fake.calls["token"]
+
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    with daemon.client() as client:
+        before = client.token("prod", wait=20)["access_token"]
+    write_config(short_dir, {"prod": instance(fake), "twin": twin})
+    reloaded = sugarctl(daemon.socket, "reload")
+    assert 6 == reloaded.returncode
+    assert expected.replace("twins.toml", "config.toml") in reloaded.stderr.splitlines()
+    with daemon.client() as client:
+        assert before == client.token("prod")["access_token"]
+        assert ["prod"] == [s["name"] for s in client.status()]
+    assert 1 == fake.calls["token"]
