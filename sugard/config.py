@@ -42,6 +42,7 @@ __all__ = [
     "resolve_instance_secrets",
     "resolve_secrets",
     "same_session",
+    "secret_file_problem",
 ]
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
@@ -686,6 +687,16 @@ def _read_secret(ref: SecretRef, env: Mapping[str, str], base_dir: Path) -> str:
     if ref.kind == "command":
         return _run_secret_command(ref.ref, env)
     raise ValueError(f"unknown secret source {ref.kind}")
+
+
+def secret_file_problem(value: str, base_dir: Path) -> str | None:
+    """What is wrong with `value` as a password_file (relative to `base_dir`, the config's
+    directory, as the daemon reads it), or None if the daemon could use it."""
+    try:
+        _read_secret_file(_resolve_path(value, base_dir), check_mode=True)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _resolve_path(value: str, base_dir: Path) -> Path:
