@@ -16,6 +16,9 @@ SHARED = {"sugard", "secret", "paths"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
     "config": (SHARED, set()),
+    "sandbox": (SHARED | {"config"}, set()),
+    # check: its test login goes through the one Sugar boundary; the daemon, through client.
+    "check": (SHARED | {"config", "client", "sandbox", "sugar"}, set()),
     "sugar": (SHARED | {"config"}, {"aiohttp"}),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
     "api": (SHARED | {"config", "keeper", "openapi"}, {"aiohttp"}),

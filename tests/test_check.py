@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 from conftest import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
 
@@ -17,8 +19,10 @@ GOOD = '[instances.prod]\nurl = "https://crm.example.com"\nusername = "api"\n'
 
 
 def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`sugard check ARGS`; the tests' files are under /tmp, which the shipped unit's sandbox
+    hides (PrivateTmp=yes), so only the tests of that warning leave out `--unit none`."""
     return subprocess.run(
-        [SUGARD, "check", *args],
+        [SUGARD, "check", *(args if "--unit" in args else ("--unit", "none", *args))],
         capture_output=True,
         text=True,
         timeout=30,
@@ -169,7 +173,7 @@ def test_a_relative_ca_file_is_found_next_to_the_config(tmp_path: Path) -> None:
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", tmp_path / "ca.pem")
     path = config_file(tmp_path, GOOD + 'password_env = "PW"\nca_file = "ca.pem"\n')
     result = subprocess.run(
-        [SUGARD, "check", "-c", str(path)],
+        [SUGARD, "check", "--unit", "none", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -377,7 +381,7 @@ def test_common_mistakes_in_the_docs_print_what_the_docs_say(tmp_path: Path) -> 
             else:
                 expected.append(line)
         result = subprocess.run(
-            [SUGARD, "check", "-c", str(directory / "config.toml")],
+            [SUGARD, "check", "--unit", "none", "-c", str(directory / "config.toml")],
             capture_output=True,
             text=True,
             env=env,
@@ -456,3 +460,141 @@ def test_two_instances_of_one_session_are_refused_everywhere(
         assert before == client.token("prod")["access_token"]
         assert ["prod"] == [s["name"] for s in client.status()]
     assert 1 == fake.calls["token"]
+
+
+def test_paths_the_units_sandbox_hides_are_warned_about(tmp_path: Path) -> None:
+    """With the shipped unit (none installed): a secret and a ca_file under /tmp (PrivateTmp)
+    and a socket in a read-only tree (ProtectSystem=strict) are warned about, exit 0; an
+    installed unit's drop-in that lifts them silences them; `--unit none` too."""
+    assert str(tmp_path).startswith("/tmp/")
+    secret_file(tmp_path)
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", tmp_path / "ca.pem")
+    path = config_file(
+        tmp_path,
+        '[daemon]\nsocket = "/srv/sugard/s.sock"\n'
+        + GOOD
+        + 'password_file = "pw"\nca_file = "ca.pem"\n',
+    )
+    xdg = tmp_path / "xdg"
+    shipped = "the shipped unit (systemd/sugard.service)"
+    result = check("--unit", "", "-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)})
+    assert 0 == result.returncode, result.stderr
+    assert [
+        f"{path}: daemon.socket: warning: ProtectSystem=strict make /srv/sugard read-only for "
+        "sugard under systemd, so it cannot create its socket there; leave socket unset "
+        "(%t/sugard/sugard.sock, sugard.socket's), or add the directory to ReadWritePaths= "
+        f"({shipped})",
+        f"{path}: instances.prod.password_file: warning: PrivateTmp=yes gives sugard a /tmp of "
+        f"its own: under systemd it cannot see {tmp_path / 'pw'}; keep it under "
+        f"~/.config/sugard (or use password_credential with LoadCredential=) ({shipped})",
+        f"{path}: instances.prod.ca_file: warning: PrivateTmp=yes gives sugard a /tmp of its "
+        f"own: under systemd it cannot see {tmp_path / 'ca.pem'}; keep it under "
+        f"~/.config/sugard (or use password_credential with LoadCredential=) ({shipped})",
+    ] == result.stderr.splitlines()
+
+    units = xdg / "systemd" / "user"
+    (units / "sugard.service.d").mkdir(parents=True)
+    shutil.copy(REPO / "systemd" / "sugard.service", units / "sugard.service")
+    (units / "sugard.service.d" / "paths.conf").write_text(
+        "[Service]\nPrivateTmp=no\nReadWritePaths=-/srv/sugard\n"
+    )
+    lifted = check("--unit", "", "-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)})
+    assert (0, "") == (lifted.returncode, lifted.stderr)
+    (units / "sugard.service.d" / "paths.conf").write_text("[Service]\nProtectHome=yes\n")
+    home = check(
+        "--unit",
+        "",
+        "-c",
+        str(path),
+        env={"XDG_CONFIG_HOME": str(xdg), "HOME": str(tmp_path)},
+    )
+    assert 3 == len(home.stderr.splitlines())
+    assert f"({units / 'sugard.service'})" in home.stderr
+    assert (0, "") == (check("--unit", "none", "-c", str(path)).returncode, "")
+    assert "" == check("--unit", "none", "-c", str(path)).stderr
+
+
+def test_the_built_in_sandbox_is_the_shipped_units() -> None:
+    """The sandbox check falls back to a copy of systemd/sugard.service's settings: the same."""
+    from dataclasses import replace
+
+    from sugard.sandbox import SHIPPED, parse_unit
+
+    parsed = parse_unit([(REPO / "systemd" / "sugard.service").read_text()], "x")
+    assert SHIPPED == replace(parsed, unit=SHIPPED.unit)
+
+
+def test_login_tests_a_secret_only_where_no_daemon_holds_the_session(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """--login logs in (and out) for an instance the daemon does not serve, never for one whose
+    session it holds (which keeps its token) nor one it failed (no rejected password resent)."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    with daemon.client() as client:
+        held = client.token("prod", wait=20)["access_token"]
+    edited = write_config(
+        short_dir,
+        {"prod": instance(fake), "ops": instance(fake, username="admin", password="admin-pw")},
+        name="edited.toml",
+    )
+    result = check("-c", str(edited), "--login", "--socket", str(daemon.socket))
+    assert "  ops: logged in as admin on 'sugard' and out again: the password works" in (
+        result.stdout.splitlines()
+    )
+    assert (
+        f"{edited}: instances.prod.password_file: warning: not tested: the daemon's instance "
+        "prod holds the session of alice on platform 'sugard', and a test login would log it "
+        "out; the daemon uses this password at its next password login"
+    ) in result.stderr.splitlines()
+    assert [("alice", 200), ("admin", 200)] == [
+        (r.username, r.status) for r in fake.requests if r.grant_type == "password"
+    ]
+    assert 1 == fake.calls["logout"]
+    assert not fake.valid(fake.issued[-1])  # the test session is gone again
+    assert fake.valid(held)
+
+
+def test_login_leaves_a_session_the_daemon_failed_on_to_sugarctl_refresh(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """The daemon's login was rejected: check does not send that password again itself."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake, password="wrong")}))
+    with daemon.client() as client:
+        assert "failed" == wait_state(client, "prod", "failed")
+    result = check("-c", str(daemon.config), "--login", "--socket", str(daemon.socket))
+    assert (
+        f"{daemon.config}: instances.prod.password_file: warning: not tested: the daemon's "
+        "instance prod failed on this session; `sugarctl refresh prod` reads the password "
+        "again and tries it once if it changed (a rejected one is not sent again)"
+    ) in result.stderr.splitlines()
+    assert 1 == fake.calls["password"]
+
+
+def wait_state(client: Any, name: str, state: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while client.status(name)["state"] != state and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return str(client.status(name)["state"])
+
+
+def test_login_without_a_daemon_tests_every_instance(fake: FakeSugar, tmp_path: Path) -> None:
+    """No daemon on the socket: each instance gets one login and a logout; a rejected
+    password is a problem (exit 1), naming the secret's key."""
+    good = write_config(tmp_path, {"prod": instance(fake)})
+    none = tmp_path / "none.sock"
+    ok = check("-c", str(good), "--login", "--socket", str(none))
+    assert (0, "") == (ok.returncode, ok.stderr)
+    assert [
+        f"{good}: ok (1 instance(s): prod)",
+        f"no daemon answers on {none}: each instance is tested with a login of its own",
+        "  prod: logged in as alice on 'sugard' and out again: the password works",
+    ] == ok.stdout.splitlines()
+    bad = write_config(tmp_path, {"prod": instance(fake, password="wrong")}, name="bad.toml")
+    refused = check("-c", str(bad), "--login", "--socket", str(none))
+    assert 1 == refused.returncode
+    assert refused.stderr.startswith(
+        f"{bad}: instances.prod.password_file: test login: Sugar rejected the credentials of "
+        "user 'alice' (need_login)"
+    )
+    assert "wrong" not in refused.stdout + refused.stderr
+    assert (2, 1) == (fake.calls["password"], fake.calls["logout"])

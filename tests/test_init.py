@@ -548,7 +548,7 @@ def test_password_files_are_written_as_given_and_checked_first(short_dir: Path) 
         assert 0 == result.returncode, result.stderr
         assert given == tomllib.loads(config.read_text())["instances"]["p"]["password_file"]
         checked = subprocess.run(
-            [SUGARD, "check", "-c", str(config)],
+            [SUGARD, "check", "--unit", "none", "-c", str(config)],
             capture_output=True,
             text=True,
             env=env_with(HOME=str(home)),
