@@ -47,7 +47,7 @@ class Sandbox:
 
 
 SHIPPED = Sandbox(
-    unit="the shipped unit (systemd/sugard.service)",
+    unit="the shipped sugard.service",
     private_tmp=True,
     protect_home="read-only",
     protect_system="strict",

@@ -476,7 +476,7 @@ def test_paths_the_units_sandbox_hides_are_warned_about(tmp_path: Path) -> None:
         + 'password_file = "pw"\nca_file = "ca.pem"\n',
     )
     xdg = tmp_path / "xdg"
-    shipped = "the shipped unit (systemd/sugard.service)"
+    shipped = "the shipped sugard.service"
     result = check("--unit", "", "-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)})
     assert 0 == result.returncode, result.stderr
     assert [
