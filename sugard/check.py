@@ -24,7 +24,7 @@ from .config import (
     SecretRef,
     audit_config,
     read_config,
-    same_session,
+    session_identity,
 )
 from .sandbox import Sandbox, sandbox_warnings
 
@@ -145,15 +145,10 @@ def _holder(
     instance: InstanceConfig, states: Mapping[str, dict[str, Any]]
 ) -> dict[str, Any] | None:
     """The daemon's instance (by whatever name) on the Sugar session of `instance`."""
+    ours = session_identity(instance.url, instance.username, instance.platform)
     for status in states.values():
-        theirs = InstanceConfig(
-            str(status.get("name")),
-            str(status.get("url")),
-            str(status.get("username")),
-            SecretRef("inline"),
-            platform=str(status.get("platform")),
-        )
-        if same_session(theirs, instance):
+        theirs = (status.get(key) for key in ("url", "username", "platform"))
+        if ours is not None and ours == session_identity(*theirs):
             return status
     return None
 

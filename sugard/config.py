@@ -41,8 +41,8 @@ __all__ = [
     "read_config",
     "resolve_instance_secrets",
     "resolve_secrets",
-    "same_session",
     "secret_file_problem",
+    "session_identity",
 ]
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
@@ -460,29 +460,25 @@ def distinct_platform(name: str) -> str:
     return ("sugard_" + re.sub(r"[^a-z0-9_-]", "_", name.lower()))[:127]
 
 
-def same_session(a: InstanceConfig, b: InstanceConfig) -> bool:
-    """Whether `a` and `b` log in to one Sugar session: Sugar keeps one per user and
-    platform (whatever the client), and its user names and host names ignore case."""
-
-    def site(url: str) -> str:
-        scheme, _, rest = url.partition("://")
-        host, slash, tail = rest.partition("/")
-        return f"{scheme.lower()}://{host.lower()}{slash}{tail}"
-
-    return bool(a.url and a.username) and (site(a.url), a.username.casefold(), a.platform) == (
-        site(b.url),
-        b.username.casefold(),
-        b.platform,
-    )
+def session_identity(url: object, username: object, platform: object) -> tuple[str, ...] | None:
+    """What Sugar keeps one session per: the site, the user (whatever the client) and the
+    platform; user and host names ignore case. None unless all three are known strings."""
+    if not (isinstance(url, str) and isinstance(username, str) and isinstance(platform, str)):
+        return None
+    if not url or not username:
+        return None
+    scheme, _, rest = url.rstrip("/").partition("://")
+    host, slash, tail = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{tail}", username.casefold(), platform
 
 
 def _duplicate_sessions(path: str, instances: Mapping[str, InstanceConfig]) -> list[Problem]:
     problems: list[Problem] = []
-    seen: list[InstanceConfig] = []
+    seen: dict[tuple[str, ...], InstanceConfig] = {}
     for instance in instances.values():
-        first = next((other for other in seen if same_session(other, instance)), None)
-        if first is None:
-            seen.append(instance)
+        identity = session_identity(instance.url, instance.username, instance.platform)
+        first = seen.setdefault(identity, instance) if identity else instance
+        if first is instance:
             continue
         suggestion = distinct_platform(instance.name)
         problems.append(

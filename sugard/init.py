@@ -23,11 +23,9 @@ from .config import (
     INSTANCE_DEFAULTS,
     INSTANCE_NAME,
     INSTANCE_SCHEMA,
-    InstanceConfig,
-    SecretRef,
     distinct_platform,
-    same_session,
     secret_file_problem,
+    session_identity,
 )
 from .paths import default_config_path
 
@@ -249,30 +247,25 @@ def _given_secret_file(value: str | None, flag: str, path: Path) -> str | None:
 
 def _taken(
     document: dict[str, Any], name: str, url: str, username: str, platform: str
-) -> InstanceConfig | None:
+) -> str | None:
     """The instance of `document` (other than `name`) that already holds the Sugar session
     of `username` at `url` on `platform`: one more would log it out, and be logged out."""
     defaults = document.get("defaults", {})
-    new = InstanceConfig(name, url, username, SecretRef("inline"), platform=platform)
+    new = session_identity(url, username, platform)
     for other, table in document.get("instances", {}).items():
         merged = {**defaults, **table} if isinstance(table, dict) else {}
-        site, user = merged.get("url"), merged.get("username")
-        on = merged.get("platform", INSTANCE_DEFAULTS["platform"])
-        if other == name or not (
-            isinstance(site, str) and isinstance(user, str) and isinstance(on, str)
-        ):
-            continue
-        known = InstanceConfig(other, site.rstrip("/"), user, SecretRef("inline"), platform=on)
-        if same_session(known, new):
-            return known
+        platform_there = merged.get("platform", INSTANCE_DEFAULTS["platform"])
+        theirs = session_identity(merged.get("url"), merged.get("username"), platform_there)
+        if other != name and theirs == new:
+            return str(other)
     return None
 
 
-def _session_clash(known: InstanceConfig, name: str) -> str:
+def _session_clash(known: str, name: str, username: str, url: str, platform: str) -> str:
     return (
-        f"instance {known.name} already logs in as {known.username} at {known.url} on "
-        f"platform {known.platform!r}, and Sugar keeps one session per user and platform: "
-        f"{name} needs a platform of its own, like {distinct_platform(name)}"
+        f"instance {known} already logs in as {username} at {url} on platform {platform!r}, "
+        f"and Sugar keeps one session per user and platform: {name} needs a platform of its "
+        f"own, like {distinct_platform(name)}"
     )
 
 
@@ -353,15 +346,17 @@ def _gather(
     default_platform = inherited["platform"]
     known = _taken(document, name, url, username, default_platform)
     if known is not None and not platform:
+        clash = _session_clash(known, name, username, url, default_platform)
         if prompter is None:
-            raise InitError(f"{_session_clash(known, name)}: add --platform", code=2)
-        prompter.say(_session_clash(known, name) + ".")
+            raise InitError(f"{clash}: add --platform", code=2)
+        prompter.say(clash + ".")
         default_platform = distinct_platform(name)
 
     def own_platform(value: str) -> str:
-        known = _taken(document, name, url, username, _checker("platform")(value))
+        value = _checker("platform")(value)
+        known = _taken(document, name, url, username, value)
         if known is not None:
-            raise ValueError(_session_clash(known, name))
+            raise ValueError(_session_clash(known, name, username, url, value))
         return value
 
     if prompter is not None and not platform:
