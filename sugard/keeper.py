@@ -198,9 +198,11 @@ class Keeper:
         """Take settings that do not touch the session (timeouts, windows, the secrets)
         without a new login; new secrets are sent at the next password login."""
         assert config.session_key() == self.config.session_key()
-        for secret in ("password", "client_secret"):
+        for secret, when in (("password", "password login"), ("client_secret", "renewal")):
             if getattr(config, secret).value != getattr(self.config, secret).value:
-                log.info("%s: new %s; the session stays, the next login uses it", self.name, secret)
+                log.info(
+                    "%s: new %s; the session stays, the next %s uses it", self.name, secret, when
+                )
         self._take(config)
         if self._grant is not None:
             self.refresh_at = self._refresh_time(self._grant)

@@ -223,7 +223,7 @@ def test_a_reload_that_only_changes_the_password_keeps_the_session(
     with daemon.client() as client:
         assert before == client.token(NAME)["access_token"]
     assert 0 == fake.calls["token"]
-    assert "prod: new password; the session stays, the next login uses it" in daemon.log()
+    assert "prod: new password; the session stays, the next password login uses it" in daemon.log()
 
     # Another login takes the session away: the way back is a password login, with the new one.
     fake.evict(USER, "sugard")
