@@ -18,11 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 GOOD = '[instances.prod]\nurl = "https://crm.example.com"\nusername = "api"\n'
 
 
-def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`sugard check ARGS`; the tests' files are under /tmp, which the shipped unit's sandbox
-    hides (PrivateTmp=yes), so only the tests of that warning leave out `--unit none`."""
+def check(
+    *args: str, env: dict[str, str] | None = None, unit: str | None = "none"
+) -> subprocess.CompletedProcess[str]:
+    """`sugard check --unit UNIT ARGS`; the tests' files are under /tmp, which the shipped
+    unit's sandbox hides (PrivateTmp=yes), so only the tests of that warning pass unit=None
+    (the default: the installed unit, else the shipped one)."""
     return subprocess.run(
-        [SUGARD, "check", *(args if "--unit" in args else ("--unit", "none", *args))],
+        [SUGARD, "check", *(("--unit", unit) if unit else ()), *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -477,7 +480,7 @@ def test_paths_the_units_sandbox_hides_are_warned_about(tmp_path: Path) -> None:
     )
     xdg = tmp_path / "xdg"
     shipped = "the shipped sugard.service"
-    result = check("--unit", "", "-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)})
+    result = check("-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)}, unit=None)
     assert 0 == result.returncode, result.stderr
     assert [
         f"{path}: daemon.socket: warning: ProtectSystem=strict make /srv/sugard read-only for "
@@ -498,20 +501,22 @@ def test_paths_the_units_sandbox_hides_are_warned_about(tmp_path: Path) -> None:
     (units / "sugard.service.d" / "paths.conf").write_text(
         "[Service]\nPrivateTmp=no\nReadWritePaths=-/srv/sugard\n"
     )
-    lifted = check("--unit", "", "-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)})
+    lifted = check("-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)}, unit=None)
     assert (0, "") == (lifted.returncode, lifted.stderr)
-    (units / "sugard.service.d" / "paths.conf").write_text("[Service]\nProtectHome=yes\n")
-    home = check(
-        "--unit",
-        "",
-        "-c",
-        str(path),
-        env={"XDG_CONFIG_HOME": str(xdg), "HOME": str(tmp_path)},
+    (units / "sugard.service.d" / "paths.conf").write_text(
+        "[Service]\nPrivateTmp=no\nProtectHome=yes\n"
     )
-    assert 3 == len(home.stderr.splitlines())
-    assert f"({units / 'sugard.service'})" in home.stderr
-    assert (0, "") == (check("--unit", "none", "-c", str(path)).returncode, "")
-    assert "" == check("--unit", "none", "-c", str(path)).stderr
+    env = {"XDG_CONFIG_HOME": str(xdg), "HOME": str(tmp_path)}  # the secrets are in "home"
+    hidden = check("-c", str(path), env=env, unit=None).stderr.splitlines()
+    assert 3 == len(hidden)
+    assert (
+        f"{path}: instances.prod.password_file: warning: ProtectHome=yes hides home "
+        f"directories: under systemd sugard cannot see {tmp_path / 'pw'}; use "
+        "password_credential with LoadCredential=, or ProtectHome=read-only "
+        f"({units / 'sugard.service'})"
+    ) == hidden[1]
+    silenced = check("-c", str(path))  # --unit none
+    assert (0, "") == (silenced.returncode, silenced.stderr)
 
 
 def test_the_built_in_sandbox_is_the_shipped_units() -> None:
