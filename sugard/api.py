@@ -94,7 +94,7 @@ class Registry(Protocol):
 
     def allowed(self, peer: Peer, instance: str | None) -> bool: ...
 
-    async def reload(self) -> dict[str, list[str]]: ...
+    async def reload(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -614,29 +614,40 @@ async def token(request: web.Request) -> web.Response:
 
 
 INVALIDATE_BODY = 'body must be JSON: {"access_token": "<the token Sugar refused>"}'
+REFRESH_BODY = 'body must be empty or JSON: {"retry_rejected": true}'
+
+
+async def _read_body(request: web.Request) -> bytes | web.Response:
+    """The request body, or the error answer when it does not arrive whole."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            return await request.read()
+    except TimeoutError:
+        resp = error(408, "bad_request", f"request body not received within {BODY_TIMEOUT:g} s")
+    except (web.RequestPayloadError, ConnectionError):
+        # A broken chunked body, or a client gone mid-body: nothing to parse.
+        resp = error(400, "bad_request", "request body incomplete or malformed")
+    resp.force_close()
+    return resp
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return body if isinstance(body, dict) else None
 
 
 async def invalidate(request: web.Request) -> web.Response:
     keeper = _keeper(request)
     if isinstance(keeper, web.Response):
         return keeper
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            raw = await request.read()
-    except TimeoutError:
-        resp = error(408, "bad_request", f"request body not received within {BODY_TIMEOUT:g} s")
-        resp.force_close()
-        return resp
-    except (web.RequestPayloadError, ConnectionError):
-        # A broken chunked body, or a client gone mid-body: nothing to parse.
-        resp = error(400, "bad_request", "request body incomplete or malformed")
-        resp.force_close()
-        return resp
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        return error(400, "bad_request", INVALIDATE_BODY)
-    reported = body.get("access_token") if isinstance(body, dict) else None
+    raw = await _read_body(request)
+    if isinstance(raw, web.Response):
+        return raw
+    body = _json_object(raw)
+    reported = body.get("access_token") if body is not None else None
     if not isinstance(reported, str) or not reported:
         return error(400, "bad_request", INVALIDATE_BODY)
     return await _answer_token(request, keeper, lambda: keeper.invalidate(reported))
@@ -646,7 +657,14 @@ async def refresh(request: web.Request) -> web.Response:
     keeper = _keeper(request)
     if isinstance(keeper, web.Response):
         return keeper
-    return await _answer_token(request, keeper, lambda: keeper.refresh_now())
+    raw = await _read_body(request)
+    if isinstance(raw, web.Response):
+        return raw
+    body = _json_object(raw) if raw.strip() else {}
+    insist = body.get("retry_rejected", False) if body is not None else None
+    if not isinstance(insist, bool) or set(body or {}) - {"retry_rejected"}:
+        return error(400, "bad_request", REFRESH_BODY)
+    return await _answer_token(request, keeper, lambda: keeper.refresh_now(retry_rejected=insist))
 
 
 async def reload(request: web.Request) -> web.Response:

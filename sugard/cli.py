@@ -8,12 +8,10 @@ import json
 import logging
 import os
 import sys
-import time
-import tomllib
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, Problem, load_config
+from .config import Config, ConfigError, load_config
 from .paths import default_config_path, default_socket_path
 
 log = logging.getLogger("sugard")
@@ -55,6 +53,20 @@ def _parser() -> argparse.ArgumentParser:
         help="also ask the RUNNING daemon for each instance's state. check never logs in to "
         "Sugar by itself: Sugar keeps one session per user and platform, so a login of its own "
         "would log the daemon out",
+    )
+    p.add_argument(
+        "--login",
+        action="store_true",
+        help="test each secret with one password login (then a logout), but only for "
+        "instances whose session no daemon on the socket holds: a login on that user and "
+        "platform would log the daemon out. A wrong password may count as a failed login",
+    )
+    p.add_argument(
+        "--unit",
+        metavar="FILE",
+        help="warn about paths the sandbox of this systemd unit hides or makes read-only "
+        "(default: ~/.config/systemd/user/sugard.service with its drop-ins if installed, "
+        "else the unit sugard ships; none: sugard does not run under systemd)",
     )
     p.add_argument("--socket", metavar="PATH", help="the daemon's socket, for --online")
     p.add_argument(
@@ -126,96 +138,27 @@ def _load(args: argparse.Namespace, *, resolve: bool = True) -> Config | None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .config import audit_config, parse_config
+    from .check import run_check
+    from .sandbox import installed_unit, parse_unit
 
-    path = _config_path(args)
-    problems: list[Problem] = []
-    config: Config | None = None
-    try:
-        config = load_config(path)
-    except ConfigError as exc:
-        problems += exc.problems
-        try:  # for the checks below, which need the file's shape but not its secrets
-            config = parse_config(tomllib.loads(path.read_text("utf-8")), str(path))
-        except (OSError, ValueError, ConfigError):
-            config = None
-    warnings: list[Problem] = []
-    if config is not None:
-        more, warnings = audit_config(config)
-        problems += [p for p in more if p not in problems]
-    for problem in problems + warnings:
-        print(problem, file=sys.stderr)
-    if config is not None and not problems:
-        names = ", ".join(config.instances)
-        print(f"{config.path}: ok ({len(config.instances)} instance(s): {names})")
-    code = 1 if problems else 0
-    if args.online and config is not None:
-        online = _check_online(config, args.socket, args.wait)
-        code = code or online
-    return code
-
-
-_SETTLING = ("starting", "logging_in")
-
-
-def _check_online(config: Config, socket: str | None, wait: float) -> int:
-    """Ask the running daemon how each instance is doing; never talk to Sugar from here."""
-    from .client import SugardClient, SugardError
-
-    path = socket_path_for(config, socket)
-    deadline = time.monotonic() + wait
-    try:
-        with SugardClient(path, timeout=10) as client:
-            while True:
-                states = {s["name"]: s for s in client.status()}
-                settling = [
-                    n for n in config.instances if states.get(n, {}).get("state") in _SETTLING
-                ]
-                if not settling or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.2)
-    except SugardError as exc:
-        print(f"sugard check: {exc.message}", file=sys.stderr)
-        return exc.exit_code
-    print(f"the running daemon on {path}:")
-    problems: list[Problem] = []
-    for name, instance in config.instances.items():
-        where = f"instances.{name}"
-        status = states.get(name)
-        if status is None:
-            message = "the daemon does not serve it; load this config with: sugarctl reload"
-            problems.append(Problem(config.path, where, message))
-            continue
-        differs = [
-            f"{key} {status[key]!r}"
-            for key in ("url", "username", "platform")
-            if status.get(key) != getattr(instance, key)
-        ]
-        if differs:
-            message = (
-                f"the daemon uses {', '.join(differs)}: it runs another config, "
-                "or this one is not loaded yet (sugarctl reload)"
-            )
-            problems.append(Problem(config.path, where, message))
-        state = status.get("state")
-        error = status.get("last_error") or {}
-        why = f": {error['message']}" if error.get("message") else ""
-        if state in ("ready", "refreshing"):
-            print(f"  {name}: {state} (token expires {status.get('expires_at')})")
-            continue
-        if state in _SETTLING:
-            message = f"still {state} after {wait:g} s{why}; see: sugarctl status"
-        elif state == "failed":
-            message = f"the daemon needs you to fix something (failed){why}"
-        else:
-            message = f"the daemon has no token now ({state}){why}"
-        problems.append(Problem(config.path, where, message))
-    others = sorted(set(states) - set(config.instances))
-    if others:
-        print(f"  also served, not in {config.path}: {', '.join(others)}")
-    for problem in problems:
-        print(problem, file=sys.stderr)
-    return 1 if problems else 0
+    if args.unit == "none":
+        unit = None
+    elif args.unit:
+        try:
+            unit = parse_unit([Path(args.unit).read_text("utf-8", "replace")], args.unit)
+        except OSError as exc:
+            print(f"sugard check: --unit {args.unit}: {exc.strerror}", file=sys.stderr)
+            return 2
+    else:
+        unit = installed_unit()
+    return run_check(
+        _config_path(args),
+        lambda config: socket_path_for(config, args.socket),
+        unit=unit,
+        online=args.online,
+        login=args.login,
+        wait=args.wait,
+    )
 
 
 def _show_config(args: argparse.Namespace) -> int:

@@ -411,8 +411,9 @@ class SugardClient:
         """Make the daemon renew the session now; returns the new TOKEN."""
         return self._call("POST", _instance(name, "refresh"))  # type: ignore[no-any-return]
 
-    def reload(self) -> dict[str, list[str]]:
-        """Make the daemon re-read its config: `{"added", "removed", "changed", "unchanged"}`.
+    def reload(self) -> dict[str, Any]:
+        """Make the daemon re-read its config: `{"added", "removed", "changed", "unchanged"}`,
+        and `"needs_attention"` (instance -> message) for instances it leaves failed.
         A config with errors raises NeedsAttention (`.errors`); the old config keeps running."""
         return self._call("POST", "/v1/reload")  # type: ignore[no-any-return]
 

@@ -35,10 +35,15 @@ __all__ = [
     "SecretRef",
     "audit_config",
     "diff_configs",
+    "distinct_platform",
     "effective_config",
     "load_config",
     "parse_config",
+    "read_config",
+    "resolve_instance_secrets",
     "resolve_secrets",
+    "secret_file_problem",
+    "session_identity",
 ]
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
@@ -129,14 +134,16 @@ class InstanceConfig:
     allowed_uids: tuple[int, ...] | None = None
     allowed_gids: tuple[int, ...] | None = None
 
-    def auth_key(self) -> tuple[object, ...]:
-        """What identifies the upstream session: while it is unchanged, the live token stays."""
+    def session_key(self) -> tuple[object, ...]:
+        """What identifies the upstream session: while it is unchanged, the live token stays.
+
+        The secrets are not part of it: a new password or client secret (a rotation, or a
+        typo) is used at the next password login, and a working session is never thrown
+        away for one that may not work."""
         return (
             self.url,
             self.username,
-            self.password.value,
             self.client_id,
-            self.client_secret.value,
             self.platform,
             self.verify_tls,
             self.ca_file,
@@ -354,31 +361,47 @@ def load_config(
     resolve: bool = True,
 ) -> Config:
     """Read, validate and (by default) resolve the secrets of the config at `path`."""
+    config, problems = read_config(path, environ, resolve=resolve)
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def read_config(
+    path: str | os.PathLike[str],
+    environ: Mapping[str, str] | None = None,
+    *,
+    resolve: bool = True,
+) -> tuple[Config | None, list[Problem]]:
+    """The config at `path` as far as it can be made out, and every problem it has, in one
+    pass: a wrong type does not hide a missing secret file. The config (None if the file
+    cannot be read as TOML) is for `sugard check` to look at further, never to run while
+    there are problems: a bad value is left out of it, a missing url or username is empty."""
     path = Path(path).expanduser()
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(
-            [Problem(str(path), "", "no such file; create one with `sugard init`")]
-        ) from None
+        return None, [Problem(str(path), "", "no such file; create one with `sugard init`")]
     except OSError as exc:
-        raise ConfigError([Problem(str(path), "", f"cannot read: {exc.strerror}")]) from None
+        return None, [Problem(str(path), "", f"cannot read: {exc.strerror}")]
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError([Problem(str(path), "", "is not UTF-8 text")]) from None
+        return None, [Problem(str(path), "", "is not UTF-8 text")]
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem(str(path), "", f"invalid TOML: {exc}")]) from None
-    config = parse_config(data, str(path))
-    problems = _check_file_mode(path, config)
+        return None, [Problem(str(path), "", f"invalid TOML: {exc}")]
+    config, problems = _parse(data, str(path))
+    problems += _check_file_mode(path, config)
     if resolve:
-        try:
-            config = resolve_secrets(config, environ)
-        except ConfigError as exc:
-            problems += exc.problems
-    if problems:
-        raise ConfigError(problems)
-    return config
+        env = os.environ if environ is None else environ
+        instances = dict(config.instances)
+        for name, instance in instances.items():
+            try:
+                instances[name] = resolve_instance_secrets(instance, config.path, env)
+            except ConfigError as exc:
+                problems += exc.problems
+        config = replace(config, instances=instances)
+    return config, list(dict.fromkeys(problems))
 
 
 def _check_file_mode(path: Path, config: Config) -> list[Problem]:
@@ -407,6 +430,14 @@ def _check_file_mode(path: Path, config: Config) -> list[Problem]:
 
 def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     """Validate a parsed TOML document; secrets are located but not resolved."""
+    config, problems = _parse(data, path)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _parse(data: Mapping[str, Any], path: str) -> tuple[Config, list[Problem]]:
+    """The config with what is valid in `data`, and a problem for everything that is not."""
     problems: list[Problem] = []
 
     def problem(key: str, message: str) -> None:
@@ -438,8 +469,9 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
             problem(f"daemon.{key}", str(exc))
     daemon = DaemonConfig(**daemon_values)
 
-    defaults = _table(data, "defaults", problem)
-    defaults_ok = _check_instance_keys(defaults, "defaults", problem)
+    defaults_raw = _table(data, "defaults", problem)
+    defaults = _valid_instance_keys(defaults_raw, "defaults", problem)
+    base_dir = Path(path).parent
 
     instances_raw = _table(data, "instances", problem)
     instances: dict[str, InstanceConfig] = {}
@@ -461,16 +493,56 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
                 f"each instance is a table of its own: [instances.NAME]",
             )
             continue
-        if not _check_instance_keys(table, where, problem) or not defaults_ok:
+        if any(isinstance(v, dict) and k not in INSTANCE_SCHEMA for k, v in table.items()):
+            # [instances.crm.eu]: one slip, said once, not again as a missing url and password.
+            _valid_instance_keys(table, where, problem)
             continue
-        instance = _build_instance(name, defaults, table, where, problem, Path(path).parent)
-        if instance is not None:
-            instances[name] = instance
+        given = {*defaults_raw, *table}  # a required key given but wrong is not also missing
+        table = _valid_instance_keys(table, where, problem)
+        instances[name] = _build_instance(name, defaults, table, given, where, problem, base_dir)
+    problems += _duplicate_sessions(path, instances)
+    # A bad secret in [defaults] is met once per instance; say it once.
+    return Config(path=path, daemon=daemon, instances=instances), list(dict.fromkeys(problems))
 
-    if problems:
-        # A bad secret in [defaults] is met once per instance; say it once.
-        raise ConfigError(list(dict.fromkeys(problems)))
-    return Config(path=path, daemon=daemon, instances=instances)
+
+def distinct_platform(name: str) -> str:
+    """A platform of its own for instance `name`, like sugard_prod (Sugar's platform rule)."""
+    return ("sugard_" + re.sub(r"[^a-z0-9_-]", "_", name.lower()))[:127]
+
+
+def session_identity(url: object, username: object, platform: object) -> tuple[str, ...] | None:
+    """What Sugar keeps one session per: the site, the user (whatever the client) and the
+    platform; user and host names ignore case. None unless all three are known strings."""
+    if not (isinstance(url, str) and isinstance(username, str) and isinstance(platform, str)):
+        return None
+    if not url or not username:
+        return None
+    scheme, _, rest = url.rstrip("/").partition("://")
+    host, slash, tail = rest.partition("/")
+    return f"{scheme.lower()}://{host.lower()}{slash}{tail}", username.casefold(), platform
+
+
+def _duplicate_sessions(path: str, instances: Mapping[str, InstanceConfig]) -> list[Problem]:
+    problems: list[Problem] = []
+    seen: dict[tuple[str, ...], InstanceConfig] = {}
+    for instance in instances.values():
+        identity = session_identity(instance.url, instance.username, instance.platform)
+        first = seen.setdefault(identity, instance) if identity else instance
+        if first is instance:
+            continue
+        suggestion = distinct_platform(instance.name)
+        problems.append(
+            Problem(
+                path,
+                f"instances.{instance.name}.platform",
+                f"instances {first.name} and {instance.name} log in as {instance.username} "
+                f"at {instance.url} on the same platform {instance.platform!r}: Sugar keeps "
+                "one session per user and platform, so each would log the other out, forever; "
+                f'give one a platform of its own, like platform = "{suggestion}" '
+                "(register it in Sugar: Admin > Configure API Platforms)",
+            )
+        )
+    return problems
 
 
 INSTANCE_KEYS_HELP = (
@@ -502,12 +574,15 @@ def _table(
     return value
 
 
-def _check_instance_keys(
+def _valid_instance_keys(
     table: Mapping[str, Any], where: str, problem: Callable[[str, str], None]
-) -> bool:
-    ok = True
+) -> dict[str, Any]:
+    """`table` without its unknown keys and bad values (each one a problem); the secret keys
+    are kept as they are, for `_secret_ref` to judge."""
+    valid: dict[str, Any] = {}
     for key, value in table.items():
         if key in SECRET_KEYS:
+            valid[key] = value
             continue
         checker = INSTANCE_SCHEMA.get(key)
         if checker is None:
@@ -519,69 +594,58 @@ def _check_instance_keys(
                 dotted = json.dumps(f"{where.removeprefix('instances.')}.{key}")
                 hint = f"; a name with a dot must be quoted: [instances.{dotted}]"
             problem(f"{where}.{_key(key)}", f"unknown key{hint or '; ' + INSTANCE_KEYS_HELP}")
-            ok = False
             continue
         try:
-            checker(value)
+            valid[key] = checker(value)
         except ValueError as exc:
             problem(f"{where}.{key}", str(exc))
-            ok = False
-    return ok
+    return valid
 
 
 def _build_instance(
     name: str,
     defaults: Mapping[str, Any],
     table: Mapping[str, Any],
+    given: set[str],
     where: str,
     problem: Callable[[str, str], None],
     base_dir: Path,
-) -> InstanceConfig | None:
+) -> InstanceConfig:
+    """The instance from valid keys; what is missing is a problem, and empty in the result."""
     values: dict[str, Any] = dict(INSTANCE_DEFAULTS)
     for source in (defaults, table):
-        for key, value in source.items():
-            if key not in SECRET_KEYS:
-                values[key] = INSTANCE_SCHEMA[key](value)
-    ok = True
+        values.update((k, v) for k, v in source.items() if k not in SECRET_KEYS)
     for required in ("url", "username"):
-        if required not in values:
+        if required not in given:
             problem(f"{where}.{required}", "missing; every instance needs url and username")
-            ok = False
+        values.setdefault(required, "")
     secrets: dict[str, Any] = {}
     for base in SECRET_FIELDS:
         ref = _secret_ref(base, table, where, problem)
         if ref is None:
             ref = _secret_ref(base, defaults, "defaults", problem)
-        if ref is False:
-            ok = False
-            continue
-        if ref is None:
-            if base == "proxy_password":
-                continue  # no proxy credentials
-            if base == "password":
-                problem(
-                    f"{where}.password_file",
-                    "missing; give the password as one of password_file, password_env, "
-                    "password_command, password_credential or password",
-                )
-                ok = False
-                continue
+        if ref is None and base == "proxy_password":
+            continue  # no proxy credentials
+        if ref is None and base == "password":
+            problem(
+                f"{where}.password_file",
+                "missing; give the password as one of password_file, password_env, "
+                "password_command, password_credential or password",
+            )
+        if not ref:
             ref = SecretRef("inline", "", Secret(""))
         secrets[base] = ref
     if ("proxy_password" in secrets) != ("proxy_username" in values):
-        given, missing = (
+        present, missing = (
             ("proxy_password", "proxy_username")
             if "proxy_password" in secrets
             else ("proxy_username", "proxy_password_file")
         )
         problem(
             f"{where}.{missing}",
-            f"missing; {given} needs it: the proxy's credentials are proxy_username and "
+            f"missing; {present} needs it: the proxy's credentials are proxy_username and "
             "proxy_password (or proxy_password_file, _env, _command, _credential)",
         )
-        ok = False
-    if not ok:
-        return None
     if "ca_file" in values:
         # Like password_file: relative to the config, not to wherever the daemon was started.
         values["ca_file"] = str(_resolve_path(values["ca_file"], base_dir))
@@ -626,25 +690,39 @@ def _secret_ref(
 
 def resolve_secrets(config: Config, environ: Mapping[str, str] | None = None) -> Config:
     """Read every secret from its source; raise ConfigError naming each one that fails."""
-    env = os.environ if environ is None else environ
-    base_dir = Path(config.path).parent
     problems: list[Problem] = []
     instances: dict[str, InstanceConfig] = {}
     for name, instance in config.instances.items():
-        resolved: dict[str, Any] = {}
-        for base in SECRET_FIELDS:
-            ref: SecretRef | None = getattr(instance, base)
-            if ref is None:
-                continue
-            key = f"instances.{name}.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
-            try:
-                resolved[base] = replace(ref, value=Secret(_read_secret(ref, env, base_dir)))
-            except ValueError as exc:
-                problems.append(Problem(config.path, key, str(exc)))
-        instances[name] = replace(instance, **resolved)
+        try:
+            instances[name] = resolve_instance_secrets(instance, config.path, environ)
+        except ConfigError as exc:
+            problems += exc.problems
     if problems:
         raise ConfigError(problems)
     return replace(config, instances=instances)
+
+
+def resolve_instance_secrets(
+    instance: InstanceConfig, config_path: str, environ: Mapping[str, str] | None = None
+) -> InstanceConfig:
+    """`instance` with its secrets read (again) from their sources; ConfigError if one fails.
+    Relative paths are relative to the config at `config_path`."""
+    env = os.environ if environ is None else environ
+    base_dir = Path(config_path).parent
+    problems: list[Problem] = []
+    resolved: dict[str, Any] = {}
+    for base in SECRET_FIELDS:
+        ref: SecretRef | None = getattr(instance, base)
+        if ref is None:  # an optional secret not configured (proxy_password)
+            continue
+        key = f"instances.{instance.name}.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
+        try:
+            resolved[base] = replace(ref, value=Secret(_read_secret(ref, env, base_dir)))
+        except ValueError as exc:
+            problems.append(Problem(config_path, key, str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    return replace(instance, **resolved)
 
 
 def _read_secret(ref: SecretRef, env: Mapping[str, str], base_dir: Path) -> str:
@@ -671,6 +749,16 @@ def _read_secret(ref: SecretRef, env: Mapping[str, str], base_dir: Path) -> str:
     if ref.kind == "command":
         return _run_secret_command(ref.ref, env)
     raise ValueError(f"unknown secret source {ref.kind}")
+
+
+def secret_file_problem(value: str, base_dir: Path) -> str | None:
+    """What is wrong with `value` as a password_file (relative to `base_dir`, the config's
+    directory, as the daemon reads it), or None if the daemon could use it."""
+    try:
+        _read_secret_file(_resolve_path(value, base_dir), check_mode=True)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _resolve_path(value: str, base_dir: Path) -> Path:

@@ -259,7 +259,12 @@ def _run(args: _Args, client: SugardClient) -> int:
     elif command == "refresh":
         _print_token(client.refresh(name or ""), "bare")
     elif command == "reload":
-        print(_reload_summary(client.reload()))
+        diff = client.reload()
+        print(_reload_summary(diff))
+        # Applied, but these instances stay failed until a person acts (exit 6).
+        for message in (diff.get("needs_attention") or {}).values():
+            print(f"sugarctl: {message}", file=sys.stderr)
+        return 6 if diff.get("needs_attention") else 0
     elif command == "ping":
         health = client.health()
         count = health.get("instances", 0)
@@ -326,7 +331,7 @@ def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
-def _reload_summary(diff: dict[str, list[str]]) -> str:
+def _reload_summary(diff: dict[str, Any]) -> str:
     parts = [
         f"{key}: {', '.join(diff[key])}" for key in ("added", "removed", "changed") if diff.get(key)
     ]

@@ -36,7 +36,14 @@ from aiohttp import web
 
 from . import __version__
 from .api import ApiRunner, Peer, ReloadFailed, make_app
-from .config import Config, ConfigError, InstanceConfig, diff_configs, load_config
+from .config import (
+    Config,
+    ConfigError,
+    InstanceConfig,
+    diff_configs,
+    load_config,
+    resolve_instance_secrets,
+)
 from .keeper import MAX_SLEEP, Keeper
 from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
@@ -347,9 +354,13 @@ class Daemon:
             clock=self._clock,
             rng=self._rng,
             max_sleep=self._max_sleep,
+            reread=self._reread_secrets,
         )
 
-    async def reload(self) -> dict[str, list[str]]:
+    def _reread_secrets(self, instance: InstanceConfig) -> InstanceConfig:
+        return resolve_instance_secrets(instance, self.config.path, self._environ)
+
+    async def reload(self) -> dict[str, Any]:
         """Load the config again; apply it only if all of it is valid (else ReloadFailed, and
         the old config keeps running untouched)."""
         async with self._reload_lock:
@@ -365,11 +376,15 @@ class Daemon:
                     f"{self._summary()}"
                 )
                 raise
-            changes = ", ".join(f"{len(v)} {k}" for k, v in diff.items())
+            changes = ", ".join(
+                f"{len(diff[k])} {k}" for k in ("added", "removed", "changed", "unchanged")
+            )
+            if diff.get("needs_attention"):
+                changes += f", {len(diff['needs_attention'])} needing attention"
             self._notifier.ready(f"reloaded ({changes}); {self._summary()}")
             return diff
 
-    async def _reload(self) -> dict[str, list[str]]:
+    async def _reload(self) -> dict[str, Any]:
         try:
             new = await asyncio.to_thread(load_config, self.config.path, self._environ)
         except ConfigError as exc:
@@ -389,11 +404,15 @@ class Daemon:
                 retired.append(keepers.pop(name))
             for name in diff.changed:
                 cfg = new.instances[name]
-                if keepers[name].config.auth_key() == cfg.auth_key():
-                    adopted.append(keepers[name])
+                old_keeper = keepers[name]
+                if old_keeper.config.session_key() == cfg.session_key():
+                    adopted.append(old_keeper)
                 else:
-                    retired.append(keepers[name])
+                    retired.append(old_keeper)
                     keepers[name] = self._new_keeper(cfg)
+                    # Another platform or client is no reason to send a rejected secret again.
+                    if old_keeper.rejection and old_keeper.rejection.applies_to(cfg):
+                        keepers[name].rejection = old_keeper.rejection
                     fresh.append(keepers[name])
             for name in diff.added:
                 keepers[name] = self._new_keeper(new.instances[name])
@@ -431,6 +450,14 @@ class Daemon:
                 keeper.start()
         for name in (*diff.unchanged, *(k.name for k in adopted)):
             keepers[name].retry_if_failed()
+        # Said to whoever reloaded: these stay failed, and why.
+        refused = {
+            name: keeper.rejection.refusal(keeper.config)
+            for name, keeper in keepers.items()
+            if keeper.rejection is not None and keeper.refuses_rejected()
+        }
+        for message in refused.values():
+            log.error("%s", message)
         log.info(
             "reloaded: %d added, %d removed, %d changed (%d logging in again), %d unchanged",
             len(diff.added),
@@ -439,7 +466,10 @@ class Daemon:
             len(diff.changed) - len(adopted),
             len(diff.unchanged),
         )
-        return diff.as_dict()
+        answer: dict[str, Any] = diff.as_dict()
+        if refused:
+            answer["needs_attention"] = refused
+        return answer
 
     def _apply_daemon_settings(self, old: Config, new: Config) -> None:
         if self._apply_log_level and old.daemon.log_level != new.daemon.log_level:

@@ -19,7 +19,14 @@ from typing import Any
 
 import tomli_w
 
-from .config import INSTANCE_DEFAULTS, INSTANCE_NAME, INSTANCE_SCHEMA
+from .config import (
+    INSTANCE_DEFAULTS,
+    INSTANCE_NAME,
+    INSTANCE_SCHEMA,
+    distinct_platform,
+    secret_file_problem,
+    session_identity,
+)
 from .paths import default_config_path
 
 __all__ = ["add_init_arguments", "run_init", "write_private"]
@@ -62,7 +69,12 @@ def add_init_arguments(p: argparse.ArgumentParser) -> None:
         help="read the password from the first line of stdin and store it in NAME.password "
         "(mode 0600) next to the config",
     )
-    password.add_argument("--password-file", metavar="F", help="use the password in file F as is")
+    password.add_argument(
+        "--password-file",
+        metavar="F",
+        help="use the password in file F as is (written as given; a relative F is relative "
+        "to the config's directory, as sugard reads it)",
+    )
     password.add_argument("--password-env", metavar="VAR", help="take the password from $VAR")
     password.add_argument(
         "--password-command", metavar="CMD", help="run CMD (with sh -c) to get the password"
@@ -74,7 +86,9 @@ def add_init_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--client-id", help="OAuth2 client id (default: sugar, the built-in one)")
     secret = p.add_mutually_exclusive_group()
-    secret.add_argument("--client-secret-file", metavar="F", help="file holding the client secret")
+    secret.add_argument(
+        "--client-secret-file", metavar="F", help="file holding the client secret (as F above)"
+    )
     secret.add_argument("--client-secret-env", metavar="VAR", help="variable holding it")
     secret.add_argument("--client-secret-command", metavar="CMD", help="command printing it")
     p.add_argument(
@@ -162,14 +176,32 @@ class Prompter:
                 self.say(f"  {exc}")
 
     def secret(self, label: str, *, allow_empty: bool = False) -> str:
+        """Asked twice, unseen: a typo here would only show as a rejected login later."""
         while True:
-            try:
-                value = getpass.getpass(f"{label} (not shown): ", stream=self.out)
-            except EOFError:
-                raise InitError("cancelled; nothing was written") from None
-            if value or allow_empty:
+            value = self._unseen(f"{label} (not shown): ")
+            if not value and not allow_empty:
+                self.say("  must not be empty")
+            elif not value or self._unseen("Again, to be sure (not shown): ") == value:
                 return value
-            self.say("  must not be empty")
+            else:
+                self.say("  the two differ; once more")
+
+    def _unseen(self, prompt: str) -> str:
+        try:
+            return getpass.getpass(prompt, stream=self.out)
+        except EOFError:
+            raise InitError("cancelled; nothing was written") from None
+
+    def confirm(self, question: str) -> bool:
+        answer = self.ask(f"{question} [Y/n]", _yes_no, "y")
+        return answer == "y"
+
+
+def _yes_no(value: str) -> str:
+    answer = value.strip().lower()[:1]
+    if answer not in ("y", "n"):
+        raise ValueError("answer y or n")
+    return answer
 
 
 def _checker(key: str) -> Callable[[str], str]:
@@ -197,8 +229,52 @@ def _flag_value(args: argparse.Namespace, attr: str, flag: str, key: str) -> str
         raise InitError(f"{flag}: {exc}", code=2) from None
 
 
-def _gather(args: argparse.Namespace, path: Path, inherited: dict[str, Any]) -> Answers:
+def _given_secret_file(value: str | None, flag: str, path: Path) -> str | None:
+    """`value` as given, once the daemon could read it: checked before any question."""
+    if value is None:
+        return None
+    problem = secret_file_problem(value, path.parent)
+    if problem is not None:
+        hint = ""
+        if not Path(value).expanduser().is_absolute() and Path(value).exists():
+            hint = (
+                f"; a relative path is relative to the config's directory ({path.parent}), "
+                f"as sugard reads it: give {Path(value).absolute()}"
+            )
+        raise InitError(f"{flag} {value}: {problem}{hint}", code=2)
+    return value
+
+
+def _taken(
+    document: dict[str, Any], name: str, url: str, username: str, platform: str
+) -> str | None:
+    """The instance of `document` (other than `name`) that already holds the Sugar session
+    of `username` at `url` on `platform`: one more would log it out, and be logged out."""
+    defaults = document.get("defaults", {})
+    new = session_identity(url, username, platform)
+    for other, table in document.get("instances", {}).items():
+        merged = {**defaults, **table} if isinstance(table, dict) else {}
+        platform_there = merged.get("platform", INSTANCE_DEFAULTS["platform"])
+        theirs = session_identity(merged.get("url"), merged.get("username"), platform_there)
+        if other != name and theirs == new:
+            return str(other)
+    return None
+
+
+def _session_clash(known: str, name: str, username: str, url: str, platform: str) -> str:
+    return (
+        f"instance {known} already logs in as {username} at {url} on platform {platform!r}, "
+        f"and Sugar keeps one session per user and platform: {name} needs a platform of its "
+        f"own, like {distinct_platform(name)}"
+    )
+
+
+def _gather(
+    args: argparse.Namespace, path: Path, inherited: dict[str, Any], document: dict[str, Any]
+) -> Answers:
     """The new instance from flags; on a terminal, ask for what they leave out."""
+    password_file = _given_secret_file(args.password_file, "--password-file", path)
+    client_secret_file = _given_secret_file(args.client_secret_file, "--client-secret-file", path)
     name_flag = "--add" if args.add else "--instance"
     name = _flag_value(args, "add" if args.add else "instance", name_flag, "name")
     url = _flag_value(args, "url", "--url", "url")
@@ -225,16 +301,34 @@ def _gather(args: argparse.Namespace, path: Path, inherited: dict[str, Any]) -> 
         prompter.say(f"Writing {path}; Ctrl-C to stop.")
         if not name:
             name = prompter.ask("Instance name", _checker("name"), "prod")
+    assert name
+    secret_path = path.parent / f"{name}.password"
+    use_existing = False
+    if has_password or not secret_path.exists() or args.force:
+        pass
+    elif prompter is None or not prompter.confirm(f"{secret_path} exists: use the password in it?"):
+        # Said before the password is typed, not after.
+        raise InitError(
+            f"{secret_path} exists; use --force to overwrite it, or --password-file "
+            f"{secret_path} to use it as is"
+        )
+    else:
+        problem = secret_file_problem(str(secret_path), path.parent)
+        if problem is not None:
+            raise InitError(f"{secret_path}: {problem}")
+        use_existing = True
+    if prompter is not None:
         if not url:
             url = prompter.ask("Site URL (like https://crm.example.com)", _checker("url"))
         if not username:
             username = prompter.ask("Username", _checker("username"))
-    assert name and url and username
+    assert url and username
     answers = Answers(name, {"url": url, "username": username})
 
-    secret_path = path.parent / f"{name}.password"
-    if args.password_file:
-        answers.table["password_file"] = str(Path(args.password_file).expanduser().absolute())
+    if password_file:
+        answers.table["password_file"] = password_file
+    elif use_existing:
+        answers.table["password_file"] = str(secret_path)
     elif args.password_env:
         answers.table["password_env"] = args.password_env
     elif args.password_command:
@@ -249,9 +343,30 @@ def _gather(args: argparse.Namespace, path: Path, inherited: dict[str, Any]) -> 
         answers.secret_files[secret_path] = password
         answers.table["password_file"] = str(secret_path)
 
+    default_platform = inherited["platform"]
+    known = _taken(document, name, url, username, default_platform)
+    if known is not None and not platform:
+        clash = _session_clash(known, name, username, url, default_platform)
+        if prompter is None:
+            raise InitError(f"{clash}: add --platform", code=2)
+        prompter.say(clash + ".")
+        default_platform = distinct_platform(name)
+
+    def own_platform(value: str) -> str:
+        value = _checker("platform")(value)
+        known = _taken(document, name, url, username, value)
+        if known is not None:
+            raise ValueError(_session_clash(known, name, username, url, value))
+        return value
+
     if prompter is not None and not platform:
         prompter.say(PLATFORM_REMINDER)
-        platform = prompter.ask("Platform", _checker("platform"), inherited["platform"])
+        platform = prompter.ask("Platform", own_platform, default_platform)
+    elif platform:
+        try:
+            own_platform(platform)
+        except ValueError as exc:
+            raise InitError(f"--platform: {exc}", code=2) from None
     if prompter is not None and not client_id:
         client_id = prompter.ask("OAuth2 client id", _checker("client_id"), inherited["client_id"])
     platform = platform or inherited["platform"]
@@ -262,10 +377,8 @@ def _gather(args: argparse.Namespace, path: Path, inherited: dict[str, Any]) -> 
     if client_id != inherited["client_id"]:
         answers.table["client_id"] = client_id
 
-    if args.client_secret_file:
-        answers.table["client_secret_file"] = str(
-            Path(args.client_secret_file).expanduser().absolute()
-        )
+    if client_secret_file:
+        answers.table["client_secret_file"] = client_secret_file
     elif args.client_secret_env:
         answers.table["client_secret_env"] = args.client_secret_env
     elif args.client_secret_command:
@@ -329,7 +442,7 @@ def _init(args: argparse.Namespace, path: Path) -> int:
         # Checked before asking anything, so nobody types a password for nothing.
         raise InitError(f"{path} already has instance {args.add!r}; use --force to replace it")
 
-    answers = _gather(args, path, inherited)
+    answers = _gather(args, path, inherited, document)
     instances = document.setdefault("instances", {})
     if answers.name in instances and not args.force:
         raise InitError(f"{path} already has instance {answers.name!r}; use --force to replace it")

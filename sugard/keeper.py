@@ -31,9 +31,11 @@ from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
-from .config import GRACE_AUTO, InstanceConfig
+from .config import GRACE_AUTO, ConfigError, InstanceConfig
 from .secret import Secret
 from .sugar import (
+    ClientRejected,
+    CredentialsRejected,
     Grant,
     Probe,
     RefreshRejected,
@@ -50,6 +52,7 @@ __all__ = [
     "Keeper",
     "LastError",
     "NeedsAttention",
+    "Rejection",
     "State",
     "TokenUnavailable",
     "grace_for_version",
@@ -135,6 +138,44 @@ def grace_for_version(version: str | None) -> float:
     return 0.0 if major_minor >= FIRST_VERSION_WITHOUT_GRACE else SESSION_CHECK_INTERVAL
 
 
+@dataclass(frozen=True)
+class Rejection:
+    """A password or client secret that Sugar rejected: never sent again while it is the same
+    (each try may count towards a lockout), unless a person insists (`--retry-rejected`)."""
+
+    field: str  # which InstanceConfig field was refused: "password" or "client_secret"
+    sent: tuple[object, ...]  # the site, the account or client, and the secret refused
+
+    @classmethod
+    def of(cls, exc: SugarError, config: InstanceConfig) -> Rejection | None:
+        if isinstance(exc, CredentialsRejected):
+            return cls("password", _sent("password", config))
+        if isinstance(exc, ClientRejected):
+            return cls("client_secret", _sent("client_secret", config))
+        return None
+
+    def applies_to(self, config: InstanceConfig) -> bool:
+        """Whether `config` would send the very secret that was rejected."""
+        return self.sent == _sent(self.field, config)
+
+    def refusal(self, config: InstanceConfig) -> str:
+        what = self.field.replace("_", " ")
+        source = getattr(config, self.field).describe()
+        return (
+            f"Sugar rejected the {what} of {config.name!r} and it has not changed since "
+            f"({source}): not sending it again, so the account is not locked. Fix the {what}, "
+            f"then run `sugarctl refresh {config.name}`; if an admin unlocked the account "
+            f"instead: `sugarctl refresh {config.name} --retry-rejected` (may count as a "
+            "failed login)"
+        )
+
+
+def _sent(field: str, config: InstanceConfig) -> tuple[object, ...]:
+    if field == "password":
+        return (config.url, config.username, config.password.value)
+    return (config.url, config.client_id, config.client_secret.value)
+
+
 class Keeper:
     """Keeps one live session for one instance."""
 
@@ -147,6 +188,7 @@ class Keeper:
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         max_sleep: float = MAX_SLEEP,
+        reread: Callable[[InstanceConfig], InstanceConfig] | None = None,
     ) -> None:
         self.config = config
         self.upstream = upstream
@@ -154,6 +196,9 @@ class Keeper:
         self._clock = clock
         self._rng = rng
         self._max_sleep = max_sleep
+        # Reads the secrets from their sources again (blocking: a file, a command).
+        self._reread = reread
+        self.rejection: Rejection | None = None
 
         self.state = State.STARTING
         self.logins = 0
@@ -201,10 +246,15 @@ class Keeper:
             self._task = None
 
     def adopt(self, config: InstanceConfig) -> None:
-        """Take settings that do not touch the session (timeouts, windows) without a new login."""
-        assert config.auth_key() == self.config.auth_key()
-        self.config = config
-        self.upstream.instance = config
+        """Take settings that do not touch the session (timeouts, windows, the secrets)
+        without a new login; new secrets are sent at the next password login."""
+        assert config.session_key() == self.config.session_key()
+        for secret, when in (("password", "password login"), ("client_secret", "renewal")):
+            if getattr(config, secret).value != getattr(self.config, secret).value:
+                log.info(
+                    "%s: new %s; the session stays, the next %s uses it", self.name, secret, when
+                )
+        self._take(config)
         if self._grant is not None:
             self.refresh_at = self._refresh_time(self._grant)
             self._probe_at = self._next_probe()
@@ -287,11 +337,16 @@ class Keeper:
             self._dead_token = reported  # `failed`: nothing to check with; never serve it again
         return await self.token(wait=max(0.0, deadline - loop.time()))
 
-    async def refresh_now(self, wait: float = 10.0) -> Grant:
+    async def refresh_now(self, wait: float = 10.0, *, retry_rejected: bool = False) -> Grant:
         """Renew now, even from `failed` or during backoff (`sugarctl refresh`), and answer
-        with the outcome of that one attempt: the new token, or why there is none."""
+        with the outcome of that one attempt: the new token, or why there is none.
+
+        After Sugar rejected a secret, the secrets are read again first, and the attempt is
+        made only if the rejected one changed, or `retry_rejected` insists."""
         if self._stopped:
             raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+        if self.rejection is not None:
+            await self._recheck_rejected(retry_rejected)
         demand = self._join(Need.RENEW, "sugarctl refresh", forced=True)
         attempts = demand.attempts
         loop = asyncio.get_running_loop()
@@ -302,10 +357,39 @@ class Keeper:
             raise TokenUnavailable(self._unavailable_message(), self._retry_after())
         return self._grant
 
+    async def _recheck_rejected(self, insist: bool) -> None:
+        rejection = self.rejection
+        assert rejection is not None
+        if self._reread is not None:
+            try:
+                self._take(await asyncio.to_thread(self._reread, self.config))
+            except ConfigError as exc:
+                raise NeedsAttention(
+                    f"cannot read the secrets of {self.name!r} again: {exc.problems[0]}"
+                ) from None
+        if not self.refuses_rejected():
+            log.info("%s: the rejected %s changed; trying it once", self.name, rejection.field)
+        elif insist:
+            log.warning("%s: sending the rejected %s again, as asked", self.name, rejection.field)
+        else:
+            raise NeedsAttention(rejection.refusal(self.config))
+        self.rejection = None
+
+    def _take(self, config: InstanceConfig) -> None:
+        self.config = config
+        self.upstream.instance = config
+        if self.rejection is not None and not self.rejection.applies_to(config):
+            self.rejection = None  # a new secret: it gets its one try
+
+    def refuses_rejected(self) -> bool:
+        """Whether the configured secret is one Sugar rejected (so no login will send it)."""
+        return self.rejection is not None and self.rejection.applies_to(self.config)
+
     def retry_if_failed(self) -> None:
         """A reload asks a failed instance to try once more: the person who reloaded may have
-        fixed what Sugar refused (unlocked the user, registered the platform)."""
-        if self.state is State.FAILED:
+        fixed what Sugar refused (unlocked the user, registered the platform). Never with a
+        secret Sugar rejected that has not changed since."""
+        if self.state is State.FAILED and not self.refuses_rejected():
             self._join(Need.RENEW, "a reload", forced=True)
 
     def status(self) -> dict[str, Any]:
@@ -466,6 +550,7 @@ class Keeper:
         except RejectedError as exc:
             self.state = State.FAILED
             self.next_attempt_at = None
+            self.rejection = Rejection.of(exc, self.config) or self.rejection
             log.error("%s: %s", self.name, exc.message)
             demand.done = True
             if self._demand is demand:
@@ -523,6 +608,11 @@ class Keeper:
             raise
 
     async def _login(self) -> Grant:
+        rejection = self.rejection
+        if rejection is not None and rejection.applies_to(self.config):
+            # The one gate every password login passes: a rejected secret is never sent.
+            refused = CredentialsRejected if rejection.field == "password" else ClientRejected
+            raise refused(rejection.refusal(self.config))
         self.state = State.LOGGING_IN
         async with self._login_slots:
             self.logins += 1

@@ -261,8 +261,16 @@ SCHEMAS: dict[str, Any] = {
         "required": ["added", "removed", "changed", "unchanged"],
         "additionalProperties": False,
         "properties": {
-            key: {"type": "array", "items": {"type": "string"}}
-            for key in ("added", "removed", "changed", "unchanged")
+            **{
+                key: {"type": "array", "items": {"type": "string"}}
+                for key in ("added", "removed", "changed", "unchanged")
+            },
+            "needs_attention": {
+                "type": "object",
+                "description": "instances left failed, each with what to do: Sugar rejected "
+                "their secret and it has not changed, so it is not sent again",
+                "additionalProperties": {"type": "string"},
+            },
         },
     },
     "ReloadError": {

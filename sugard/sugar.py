@@ -1,6 +1,7 @@
 """SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, and two cheap authenticated
-calls (the token probe, the server's version). Never a logout: that would end the session every
-script shares (docs/sugarcrm.md).
+calls (the token probe, the server's version). The daemon never logs out: that would end the
+session every script shares (docs/sugarcrm.md); `logout` serves only `sugard check --login`,
+which ends the throwaway session it opened to test a password.
 
 Everything Sugar (or the network, or a proxy in front of Sugar) can answer is translated here,
 once, into a `Grant` or one of the errors below; nothing above this module sees aiohttp.
@@ -58,6 +59,7 @@ __all__ = [
 TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
 PING_PATH = "/rest/v10/ping"
 SERVER_INFO_PATH = "/rest/v10/ServerInfo"
+LOGOUT_PATH = "/rest/v10/oauth2/logout"
 TRANSIENT_STATUSES = {408, 425, 429}
 # The token request's fields that hold secrets (redacted from any text Sugar sends back).
 SECRET_FIELDS = ("password", "client_secret", "refresh_token")
@@ -249,6 +251,22 @@ class SugarClient:
         version = data.get("version") if status == 200 and data is not None else None
         return version if isinstance(version, str) and VERSION_TEXT.match(version) else None
 
+    async def logout(self, grant: Grant) -> None:
+        """End the session of `grant` upstream (only `sugard check --login`'s own test login);
+        failures are ignored: that session expires anyway."""
+        try:
+            url = self.instance.url + LOGOUT_PATH
+            async with self._session.post(
+                url,
+                json={"refresh_token": grant.refresh_token.reveal()},
+                timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
+                ssl=self._ssl,
+                **self.route.request_options(url, {"OAuth-Token": grant.access_token.reveal()}),
+            ) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+
     async def _authenticated_get(
         self, path: str, access_token: Secret
     ) -> tuple[int | None, dict[str, Any] | None]:
@@ -404,9 +422,10 @@ def _interpret(
         if grant == "password":
             raise CredentialsRejected(
                 f"Sugar rejected the credentials of user {i.username!r} (need_login)"
-                f"{_quote(sugar_says)}. Not retrying, so the account is not locked: fix the "
-                "password (or ask an admin to unlock the user), then run `sugarctl reload` "
-                f"or `sugarctl refresh {i.name}`",
+                f"{_quote(sugar_says)}. Not sent again, so the account is not locked: fix the "
+                f"password ({i.password.describe()}), then run `sugarctl refresh {i.name}`; "
+                f"if an admin unlocked the user instead: `sugarctl refresh {i.name} "
+                "--retry-rejected` (may count as a failed login)",
                 status=status,
                 label=label,
             )
@@ -427,7 +446,8 @@ def _interpret(
     if label == "invalid_client":
         raise ClientRejected(
             f"Sugar rejected client_id {i.client_id!r} or its client_secret (invalid_client); "
-            "check them against Admin > OAuth Keys (the built-in 'sugar' key has an empty secret)",
+            "check them against Admin > OAuth Keys (the built-in 'sugar' key has an empty "
+            f"secret), then run `sugarctl refresh {i.name}`",
             status=status,
             label=label,
         )

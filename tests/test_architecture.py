@@ -21,6 +21,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # URL type. Not in the design's table: split from `sugar` so the choice is made (and shown
     # by show-config and the start log) once per instance; `proxy` is the authenticating proxy.
     "outbound": (SHARED | {"config"}, {"aiohttp", "yarl"}),
+    "sandbox": (SHARED | {"config"}, set()),
+    # check: its test login goes through the one Sugar boundary; the daemon, through client.
+    "check": (SHARED | {"config", "client", "sandbox", "sugar"}, set()),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
     "api": (SHARED | {"config", "keeper", "openapi"}, {"aiohttp"}),
     "openapi": (SHARED, set()),

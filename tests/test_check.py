@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
-from conftest import PASSWORD, SUGARD, instance, write_config
+from conftest import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
 
 from sugard.testing import FakeSugar
 
@@ -16,9 +18,14 @@ REPO = Path(__file__).resolve().parent.parent
 GOOD = '[instances.prod]\nurl = "https://crm.example.com"\nusername = "api"\n'
 
 
-def check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def check(
+    *args: str, env: dict[str, str] | None = None, unit: str | None = "none"
+) -> subprocess.CompletedProcess[str]:
+    """`sugard check --unit UNIT ARGS`; the tests' files are under /tmp, which the shipped
+    unit's sandbox hides (PrivateTmp=yes), so only the tests of that warning pass unit=None
+    (the default: the installed unit, else the shipped one)."""
     return subprocess.run(
-        [SUGARD, "check", *args],
+        [SUGARD, "check", *(("--unit", unit) if unit else ()), *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -169,7 +176,7 @@ def test_a_relative_ca_file_is_found_next_to_the_config(tmp_path: Path) -> None:
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", tmp_path / "ca.pem")
     path = config_file(tmp_path, GOOD + 'password_env = "PW"\nca_file = "ca.pem"\n')
     result = subprocess.run(
-        [SUGARD, "check", "-c", str(path)],
+        [SUGARD, "check", "--unit", "none", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=30,
@@ -219,13 +226,14 @@ def test_check_resolves_every_secret_without_printing_one(tmp_path: Path) -> Non
     (creds / "c.pw").write_text("s3cret-from-credential")
     path = config_file(
         tmp_path,
-        '[defaults]\nurl = "https://x.example.com"\nusername = "u"\n'
-        '[instances.inline]\npassword = "s3cret-inline"\n'
-        '[instances.file]\npassword_file = "pw"\n'
-        '[instances.env]\npassword_env = "PW"\n'
-        '[instances.cmd]\npassword_command = ["printf", "s3cret-from-command"]\n'
-        '[instances.cred]\npassword_credential = "c.pw"\n'
-        '[instances.broken]\npassword_command = "echo s3cret-on-stderr >&2; exit 7"\n',
+        '[defaults]\nurl = "https://x.example.com"\n'
+        '[instances.inline]\nusername = "u1"\npassword = "s3cret-inline"\n'
+        '[instances.file]\nusername = "u2"\npassword_file = "pw"\n'
+        '[instances.env]\nusername = "u3"\npassword_env = "PW"\n'
+        '[instances.cmd]\nusername = "u4"\npassword_command = ["printf", "s3cret-from-command"]\n'
+        '[instances.cred]\nusername = "u5"\npassword_credential = "c.pw"\n'
+        '[instances.broken]\nusername = "u6"\n'
+        'password_command = "echo s3cret-on-stderr >&2; exit 7"\n',
     )
     result = check(
         "-c", str(path), env={"PW": "s3cret-from-env", "CREDENTIALS_DIRECTORY": str(creds)}
@@ -263,7 +271,10 @@ def test_online_asks_the_running_daemon_and_never_logs_in(
     """--online reports each instance's state from the daemon; Sugar sees no login from check."""
     config = write_config(
         short_dir,
-        {"prod": instance(fake), "bad": instance(fake, password="wrong-password")},
+        {
+            "prod": instance(fake),
+            "bad": instance(fake, username="admin", password="wrong-password"),
+        },
     )
     daemon = start_daemon(config)
     result = check("-c", str(config), "--online", "--socket", str(daemon.socket))
@@ -373,7 +384,7 @@ def test_common_mistakes_in_the_docs_print_what_the_docs_say(tmp_path: Path) -> 
             else:
                 expected.append(line)
         result = subprocess.run(
-            [SUGARD, "check", "-c", str(directory / "config.toml")],
+            [SUGARD, "check", "--unit", "none", "-c", str(directory / "config.toml")],
             capture_output=True,
             text=True,
             env=env,
@@ -381,3 +392,214 @@ def test_common_mistakes_in_the_docs_print_what_the_docs_say(tmp_path: Path) -> 
             check=False,
         )
         assert expected == result.stderr.splitlines() + result.stdout.splitlines(), console
+
+
+def test_every_problem_in_one_pass(tmp_path: Path) -> None:
+    """Types, unknown keys, secrets, file modes and duplicates in one run: a wrong type does
+    not hide a missing or loose secret file, nor a key's problem in another instance."""
+    loose = secret_file(tmp_path, "loose.pw", mode=0o644)
+    path = config_file(
+        tmp_path,
+        '[defaults]\nurl = "https://crm.example.com"\ntimeout = "10"\n'
+        '[instances.a]\nusername = "a"\npassword_file = "missing.pw"\nrefresh_befor = 60\n'
+        '[instances.b]\nusername = "b"\npassword_file = "loose.pw"\nverify_tls = "yes"\n'
+        '[instances.c]\nusername = "b"\npassword = "inline-pw"\n',
+        mode=0o640,
+    )
+    result = check("-c", str(path))
+    assert 1 == result.returncode
+    assert [
+        f"{path}: defaults.timeout: must be a number, not a string; write 10 without quotes",
+        f"{path}: instances.a.refresh_befor: unknown key (did you mean refresh_before?)",
+        f"{path}: instances.b.verify_tls: must be true or false, not a string",
+        f"{path}: instances.c.platform: instances b and c log in as b at "
+        "https://crm.example.com on the same platform 'sugard': Sugar keeps one session per "
+        "user and platform, so each would log the other out, forever; give one a platform of "
+        'its own, like platform = "sugard_c" (register it in Sugar: Admin > Configure API '
+        "Platforms)",
+        f"{path}: instances.c.password: holds an inline secret but the file is readable by "
+        f"others (mode 0640); run: chmod 600 {path}",
+        f"{path}: instances.a.password_file: file {tmp_path / 'missing.pw'} does not exist; "
+        f"create it with the secret on one line (chmod 600 {tmp_path / 'missing.pw'}), or fix "
+        "the path",
+        f"{path}: instances.b.password_file: {loose} is readable by others (mode 0644); "
+        f"run: chmod 600 {loose}",
+    ] == result.stderr.splitlines()
+
+
+def test_two_instances_of_one_session_are_refused_everywhere(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """Same site, user (in any case) and platform twice: check and run refuse, naming both
+    instances; a reload to such a config is refused and the old config keeps serving."""
+    twin = instance(fake, username=USER.upper(), url=fake.url + "/")
+    config = write_config(short_dir, {"prod": instance(fake), "twin": twin}, name="twins.toml")
+    expected = (
+        f"{config}: instances.twin.platform: instances prod and twin log in as ALICE at "
+        f"{fake.url} on the same platform 'sugard': Sugar keeps one session per user and "
+        "platform, so each would log the other out, forever; give one a platform of its own, "
+        'like platform = "sugard_twin" (register it in Sugar: Admin > Configure API Platforms)'
+    )
+    checked = check("-c", str(config))
+    assert (1, [expected]) == (checked.returncode, checked.stderr.splitlines())
+    run = subprocess.run(
+        [SUGARD, "run", "-c", str(config), "--socket", str(short_dir / "t.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert (1, [expected]) == (run.returncode, run.stderr.splitlines())
+    assert 0 == fake.calls["token"]
+
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    with daemon.client() as client:
+        before = client.token("prod", wait=20)["access_token"]
+    write_config(short_dir, {"prod": instance(fake), "twin": twin})
+    reloaded = sugarctl(daemon.socket, "reload")
+    assert 6 == reloaded.returncode
+    assert expected.replace("twins.toml", "config.toml") in reloaded.stderr.splitlines()
+    with daemon.client() as client:
+        assert before == client.token("prod")["access_token"]
+        assert ["prod"] == [s["name"] for s in client.status()]
+    assert 1 == fake.calls["token"]
+
+
+def test_paths_the_units_sandbox_hides_are_warned_about(tmp_path: Path) -> None:
+    """With the shipped unit (none installed): a secret and a ca_file under /tmp (PrivateTmp)
+    and a socket in a read-only tree (ProtectSystem=strict) are warned about, exit 0; an
+    installed unit's drop-in that lifts them silences them; `--unit none` too."""
+    assert str(tmp_path).startswith("/tmp/")
+    secret_file(tmp_path)
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", tmp_path / "ca.pem")
+    path = config_file(
+        tmp_path,
+        '[daemon]\nsocket = "/srv/sugard/s.sock"\n'
+        + GOOD
+        + 'password_file = "pw"\nca_file = "ca.pem"\n',
+    )
+    xdg = tmp_path / "xdg"
+    shipped = "the shipped sugard.service"
+    result = check("-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)}, unit=None)
+    assert 0 == result.returncode, result.stderr
+    assert [
+        f"{path}: daemon.socket: warning: ProtectSystem=strict make /srv/sugard read-only for "
+        "sugard under systemd, so it cannot create its socket there; leave socket unset "
+        "(%t/sugard/sugard.sock, sugard.socket's), or add the directory to ReadWritePaths= "
+        f"({shipped})",
+        f"{path}: instances.prod.password_file: warning: PrivateTmp=yes gives sugard a /tmp of "
+        f"its own: under systemd it cannot see {tmp_path / 'pw'}; keep it under "
+        f"~/.config/sugard (or use password_credential with LoadCredential=) ({shipped})",
+        f"{path}: instances.prod.ca_file: warning: PrivateTmp=yes gives sugard a /tmp of its "
+        f"own: under systemd it cannot see {tmp_path / 'ca.pem'}; keep it under "
+        f"~/.config/sugard (or use password_credential with LoadCredential=) ({shipped})",
+    ] == result.stderr.splitlines()
+
+    units = xdg / "systemd" / "user"
+    (units / "sugard.service.d").mkdir(parents=True)
+    shutil.copy(REPO / "systemd" / "sugard.service", units / "sugard.service")
+    (units / "sugard.service.d" / "paths.conf").write_text(
+        "[Service]\nPrivateTmp=no\nReadWritePaths=-/srv/sugard\n"
+    )
+    lifted = check("-c", str(path), env={"XDG_CONFIG_HOME": str(xdg)}, unit=None)
+    assert (0, "") == (lifted.returncode, lifted.stderr)
+    (units / "sugard.service.d" / "paths.conf").write_text(
+        "[Service]\nPrivateTmp=no\nProtectHome=yes\n"
+    )
+    env = {"XDG_CONFIG_HOME": str(xdg), "HOME": str(tmp_path)}  # the secrets are in "home"
+    hidden = check("-c", str(path), env=env, unit=None).stderr.splitlines()
+    assert 3 == len(hidden)
+    assert (
+        f"{path}: instances.prod.password_file: warning: ProtectHome=yes hides home "
+        f"directories: under systemd sugard cannot see {tmp_path / 'pw'}; use "
+        "password_credential with LoadCredential=, or ProtectHome=read-only "
+        f"({units / 'sugard.service'})"
+    ) == hidden[1]
+    silenced = check("-c", str(path))  # --unit none
+    assert (0, "") == (silenced.returncode, silenced.stderr)
+
+
+def test_the_built_in_sandbox_is_the_shipped_units() -> None:
+    """The sandbox check falls back to a copy of systemd/sugard.service's settings: the same."""
+    from dataclasses import replace
+
+    from sugard.sandbox import SHIPPED, parse_unit
+
+    parsed = parse_unit([(REPO / "systemd" / "sugard.service").read_text()], "x")
+    assert SHIPPED == replace(parsed, unit=SHIPPED.unit)
+
+
+def test_login_tests_a_secret_only_where_no_daemon_holds_the_session(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """--login logs in (and out) for an instance the daemon does not serve, never for one whose
+    session it holds (which keeps its token) nor one it failed (no rejected password resent)."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    with daemon.client() as client:
+        held = client.token("prod", wait=20)["access_token"]
+    edited = write_config(
+        short_dir,
+        {"prod": instance(fake), "ops": instance(fake, username="admin", password="admin-pw")},
+        name="edited.toml",
+    )
+    result = check("-c", str(edited), "--login", "--socket", str(daemon.socket))
+    assert "  ops: logged in as admin on 'sugard' and out again: the password works" in (
+        result.stdout.splitlines()
+    )
+    assert (
+        f"{edited}: instances.prod.password_file: warning: not tested: the daemon's instance "
+        "prod holds the session of alice on platform 'sugard', and a test login would log it "
+        "out; the daemon uses this password at its next password login"
+    ) in result.stderr.splitlines()
+    assert [("alice", 200), ("admin", 200)] == [
+        (r.username, r.status) for r in fake.requests if r.grant_type == "password"
+    ]
+    assert 1 == fake.calls["logout"]
+    assert not fake.valid(fake.issued[-1])  # the test session is gone again
+    assert fake.valid(held)
+
+
+def test_login_leaves_a_session_the_daemon_failed_on_to_sugarctl_refresh(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """The daemon's login was rejected: check does not send that password again itself."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake, password="wrong")}))
+    with daemon.client() as client:
+        assert "failed" == wait_state(client, "prod", "failed")
+    result = check("-c", str(daemon.config), "--login", "--socket", str(daemon.socket))
+    assert (
+        f"{daemon.config}: instances.prod.password_file: warning: not tested: the daemon's "
+        "instance prod failed on this session; `sugarctl refresh prod` reads the password "
+        "again and tries it once if it changed (a rejected one is not sent again)"
+    ) in result.stderr.splitlines()
+    assert 1 == fake.calls["password"]
+
+
+def wait_state(client: Any, name: str, state: str, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while client.status(name)["state"] != state and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return str(client.status(name)["state"])
+
+
+def test_login_without_a_daemon_tests_every_instance(fake: FakeSugar, tmp_path: Path) -> None:
+    """No daemon on the socket: each instance gets one login and a logout; a rejected
+    password is a problem (exit 1), naming the secret's key."""
+    good = write_config(tmp_path, {"prod": instance(fake)})
+    none = tmp_path / "none.sock"
+    ok = check("-c", str(good), "--login", "--socket", str(none))
+    assert (0, "") == (ok.returncode, ok.stderr)
+    assert [
+        f"{good}: ok (1 instance(s): prod)",
+        f"no daemon answers on {none}: each instance is tested with a login of its own",
+        "  prod: logged in as alice on 'sugard' and out again: the password works",
+    ] == ok.stdout.splitlines()
+    bad = write_config(tmp_path, {"prod": instance(fake, password="wrong")}, name="bad.toml")
+    refused = check("-c", str(bad), "--login", "--socket", str(none))
+    assert 1 == refused.returncode
+    assert refused.stderr.startswith(
+        f"{bad}: instances.prod.password_file: test login: Sugar rejected the credentials of "
+        "user 'alice' (need_login)"
+    )
+    assert "wrong" not in refused.stdout + refused.stderr
+    assert (2, 1) == (fake.calls["password"], fake.calls["logout"])

@@ -69,7 +69,8 @@ def test_errors_are_typed_with_the_exit_codes(
     """Each failure raises its own SugardError subclass carrying sugarctl's exit code and a
     one-line message."""
     config = write_config(
-        short_dir, {"prod": instance(fake), "broken": instance(fake, password="nope")}
+        short_dir,
+        {"prod": instance(fake), "broken": instance(fake, username="admin", password="nope")},
     )
     daemon = start_daemon(config)
     with SugardClient(daemon.socket) as client:
@@ -92,7 +93,9 @@ def test_errors_are_typed_with_the_exit_codes(
     with pytest.raises(DaemonUnreachable) as caught:
         SugardClient(short_dir / "none.sock").health()
     assert 4 == caught.value.exit_code
-    config.write_text(config.read_text() + "\n[instances.bad]\nurl = 1\n")
+    config.write_text(
+        config.read_text() + '\n[instances.bad]\nurl = 1\nusername = "u"\npassword = "p"\n'
+    )
     with pytest.raises(NeedsAttention) as refused:
         SugardClient(daemon.socket).reload()
     assert 1 == len(refused.value.errors)

@@ -70,11 +70,11 @@ def test_secret_sources_resolve(tmp_path: Path) -> None:
     (creds / "prod.pw").write_text("from-credential")
     path = write(
         tmp_path,
-        '[defaults]\nurl = "https://x.example.com"\nusername = "u"\n'
-        '[instances.f]\npassword_file = "p.txt"\n'
-        '[instances.e]\npassword_env = "PW"\n'
-        '[instances.c]\npassword_command = "echo from-command"\n'
-        '[instances.l]\npassword_credential = "prod.pw"\n',
+        '[defaults]\nurl = "https://x.example.com"\n'
+        '[instances.f]\nusername = "f"\npassword_file = "p.txt"\n'
+        '[instances.e]\nusername = "e"\npassword_env = "PW"\n'
+        '[instances.c]\nusername = "c"\npassword_command = "echo from-command"\n'
+        '[instances.l]\nusername = "l"\npassword_credential = "prod.pw"\n',
     )
     config = load_config(path, {"PW": "from-env", "CREDENTIALS_DIRECTORY": str(creds)})
     got = {name: i.password.reveal() for name, i in config.instances.items()}
@@ -163,7 +163,12 @@ def test_sugard_check_exit_codes(tmp_path: Path) -> None:
         [SUGARD, "check", "-c", str(bad)], capture_output=True, text=True, check=False
     )
     assert 1 == result.returncode
-    assert f"{bad}: instances.a.url: must be a string, not an integer\n" == result.stderr
+    assert [
+        f"{bad}: instances.a.url: must be a string, not an integer",
+        f"{bad}: instances.a.username: missing; every instance needs url and username",
+        f"{bad}: instances.a.password_file: missing; give the password as one of "
+        "password_file, password_env, password_command, password_credential or password",
+    ] == result.stderr.splitlines()
 
 
 def test_misspelt_keys_and_tables_get_a_suggestion(tmp_path: Path) -> None:
@@ -254,10 +259,11 @@ def every_source_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         '[defaults]\nurl = "https://x.example.com"\nusername = "u"\nplatform = "scripts"\n'
         f'[instances.inline]\npassword = "{SECRETS["inline"]}"\nclient_id = "etl"\n'
         f'client_secret = "{SECRETS["client"]}"\n'
-        '[instances.file]\npassword_file = "f.pw"\nclient_secret_env = "CS"\n'
-        '[instances.env]\npassword_env = "PW"\ntimeout = 3\n'
-        f'[instances.cmd]\npassword_command = ["sh", "-c", "touch {marker}; echo x"]\n'
-        '[instances.cred]\npassword_credential = "c.pw"\n',
+        '[instances.file]\nusername = "u-file"\npassword_file = "f.pw"\nclient_secret_env = "CS"\n'
+        '[instances.env]\nusername = "u-env"\npassword_env = "PW"\ntimeout = 3\n'
+        '[instances.cmd]\nusername = "u-cmd"\n'
+        f'password_command = ["sh", "-c", "touch {marker}; echo x"]\n'
+        '[instances.cred]\nusername = "u-cred"\npassword_credential = "c.pw"\n',
     )
     env = {
         **os.environ,
@@ -310,7 +316,8 @@ def test_show_config_merges_defaults_and_names_secret_sources(tmp_path: Path) ->
     assert "*** (env: CS)" == instances["file"]["client_secret"]
     assert "(empty)" == instances["env"]["client_secret"]
     assert {"scripts"} == {table["platform"] for table in instances.values()}
-    assert {"u"} == {table["username"] for table in instances.values()}
+    assert "u" == instances["inline"]["username"]
+    assert "u-env" == instances["env"]["username"]
     assert 3.0 == instances["env"]["timeout"]
     assert 10.0 == instances["cmd"]["timeout"]
     assert "etl" == instances["inline"]["client_id"]
@@ -337,7 +344,7 @@ def test_show_config_reports_the_socket_sugard_run_would_use(tmp_path: Path) -> 
 
 def test_show_config_of_a_broken_file_prints_the_problems(tmp_path: Path) -> None:
     """A config with problems prints them as check does, exit 1, nothing on stdout."""
-    path = write(tmp_path, "[instances.a]\nurl = 3\n")
+    path = write(tmp_path, '[instances.a]\nurl = 3\nusername = "u"\npassword_env = "PW"\n')
     result = show_config(path, dict(os.environ))
     assert (1, "", f"{path}: instances.a.url: must be a string, not an integer\n") == (
         result.returncode,

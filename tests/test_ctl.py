@@ -171,7 +171,8 @@ def test_status_table_on_a_terminal_and_json(
     """`status` prints a table (on a terminal too) with the failing instance's last error;
     `--json` prints the STATUS list, or one object for a NAME."""
     config = write_config(
-        short_dir, {"prod": instance(fake), "broken": instance(fake, password="wrong")}
+        short_dir,
+        {"prod": instance(fake), "broken": instance(fake, username="admin", password="wrong")},
     )
     daemon = start_daemon(config)
     assert 0 == sugarctl(daemon.socket, "token", "prod", "--wait", "20").returncode
@@ -270,7 +271,10 @@ def test_reload_prints_the_changes_or_each_problem_on_its_own_line(
     daemon = start_daemon(config)
     same = sugarctl(daemon.socket, "reload")
     assert (0, "no changes (1 unchanged)\n") == (same.returncode, same.stdout)
-    write_config(short_dir, {"prod": instance(fake), "staging": instance(fake)})
+    write_config(
+        short_dir,
+        {"prod": instance(fake), "staging": instance(fake, username="admin", password="admin-pw")},
+    )
     added = sugarctl(daemon.socket, "reload")
     assert (0, "added: staging (1 unchanged)\n") == (added.returncode, added.stdout)
     before = sugarctl(daemon.socket, "token", "staging", "--wait", "20").stdout
@@ -278,7 +282,10 @@ def test_reload_prints_the_changes_or_each_problem_on_its_own_line(
 
     broken = sugarctl(daemon.socket, "reload")
     check = subprocess.run(
-        [SUGARD, "check", "-c", str(config)], capture_output=True, text=True, check=False
+        [SUGARD, "check", "--unit", "none", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
     assert (6, "") == (broken.returncode, broken.stdout)
@@ -287,6 +294,9 @@ def test_reload_prints_the_changes_or_each_problem_on_its_own_line(
     assert [
         f"{config}: instances.bad.url: must start with https:// (or http://), not 'ftp://x'",
         f"{config}: instances.bad.colour: unknown key; {INSTANCE_KEYS_HELP}",
+        f"{config}: instances.bad.username: missing; every instance needs url and username",
+        f"{config}: instances.bad.password_file: missing; give the password as one of "
+        "password_file, password_env, password_command, password_credential or password",
     ] == problems
     assert check.stderr.splitlines() == problems
     after = sugarctl(daemon.socket, "token", "staging")
@@ -341,7 +351,10 @@ def test_unknown_instance_exits_3_listing_the_configured_ones(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
     """Every command about an unknown instance exits 3 and names the configured instances."""
-    config = write_config(short_dir, {"prod": instance(fake), "staging": instance(fake)})
+    config = write_config(
+        short_dir,
+        {"prod": instance(fake), "staging": instance(fake, username="admin", password="admin-pw")},
+    )
     daemon = start_daemon(config)
     for argv in (
         ["token", "prdo"],

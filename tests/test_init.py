@@ -104,6 +104,8 @@ def test_interactive_init_on_a_terminal_writes_a_config_the_daemon_runs(
     term.send(USER)
     term.expect(f"Password for {USER} (not shown): ")
     term.send(PASSWORD)
+    term.expect("Again, to be sure (not shown): ")
+    term.send(PASSWORD)
     term.expect("must be registered in Sugar first: Admin > Configure API Platforms")
     term.expect("Platform [sugard]: ")
     term.send("")
@@ -150,6 +152,8 @@ def test_interactive_init_asks_the_client_secret_only_for_a_client_of_ones_own(
     term.send("api")
     term.expect("Password for api (not shown): ")
     term.send("pw-typed-here")
+    term.expect("Again, to be sure (not shown): ")
+    term.send("pw-typed-here")
     term.expect("Platform [sugard]: ")
     term.send("Bad Name")
     term.expect("like 'bad_name'")
@@ -158,6 +162,8 @@ def test_interactive_init_asks_the_client_secret_only_for_a_client_of_ones_own(
     term.expect("OAuth2 client id [sugar]: ")
     term.send("etl")
     term.expect("Client secret of etl, empty if it has none (not shown): ")
+    term.send("client-secret-typed")
+    term.expect("Again, to be sure (not shown): ")
     term.send("client-secret-typed")
     assert 0 == term.finish(), term.output
     assert "client-secret-typed" not in term.output
@@ -214,7 +220,10 @@ def test_scripted_init_with_password_on_stdin_runs_the_daemon(
 
 
 def test_scripted_init_with_the_other_password_sources(short_dir: Path) -> None:
-    """--password-file/-env/-command are written as references; no password file is created."""
+    """--password-file/-env/-command are written as references, as given; no password file
+    is created."""
+    (short_dir / "pw.txt").write_text("pw\n")
+    (short_dir / "pw.txt").chmod(0o600)
     for flag, value, key in (
         ("--password-file", "pw.txt", "password_file"),
         ("--password-env", "SUGAR_PW", "password_env"),
@@ -234,8 +243,7 @@ def test_scripted_init_with_the_other_password_sources(short_dir: Path) -> None:
             value,
         )
         assert 0 == result.returncode, result.stderr
-        expected = str(Path.cwd() / value) if key == "password_file" else value
-        assert {"url": "https://a.example.com", "username": "u", key: expected} == (
+        assert {"url": "https://a.example.com", "username": "u", key: value} == (
             tomllib.loads(config.read_text())["instances"]["p"]
         )
     assert not (short_dir / "p.password").exists()
@@ -370,11 +378,11 @@ def test_add_keeps_the_other_instances_and_a_backup(
 def test_second_add_keeps_the_first_backup(short_dir: Path) -> None:
     """A backup is never overwritten: it may be the only copy of the user's comments."""
     config = short_dir / "config.toml"
-    base = ["--url", "https://a.example.com", "--username", "u", "--password-env", "PW"]
-    assert 0 == init("-c", str(config), "--instance", "a", *base).returncode
+    base = ["--url", "https://a.example.com", "--password-env", "PW"]
+    assert 0 == init("-c", str(config), "--instance", "a", "--username", "a", *base).returncode
     config.write_text("# the original comments\n" + config.read_text())
-    assert 0 == init("-c", str(config), "--add", "b", *base).returncode
-    assert 0 == init("-c", str(config), "--add", "c", *base).returncode
+    assert 0 == init("-c", str(config), "--add", "b", "--username", "b", *base).returncode
+    assert 0 == init("-c", str(config), "--add", "c", "--username", "c", *base).returncode
     assert (short_dir / "config.toml.bak").read_text().startswith("# the original comments")
     assert ["a", "b"] == list(
         tomllib.loads((short_dir / "config.toml.bak.1").read_text())["instances"]
@@ -449,3 +457,168 @@ def test_scripted_init_names_what_is_missing_or_wrong(short_dir: Path) -> None:
     assert 2 == empty.returncode
     assert "sugard init: --password-stdin: stdin held no password\n" == empty.stderr
     assert [] == list(short_dir.iterdir())
+
+
+def test_interactive_init_asks_the_password_twice(short_dir: Path) -> None:
+    """Two different entries are asked again: a typo would only show as a rejected login."""
+    config = short_dir / "config.toml"
+    term = Terminal(
+        [SUGARD, "init", "-c", str(config), "--instance", "p", "--url", "https://a.example.com"],
+        env_with(),
+    )
+    term.expect("Username: ")
+    term.send("api")
+    term.expect("Password for api (not shown): ")
+    term.send("first-try")
+    term.expect("Again, to be sure (not shown): ")
+    term.send("first-tyr")
+    term.expect("the two differ; once more")
+    term.expect("Password for api (not shown): ")
+    term.send("second-try")
+    term.expect("Again, to be sure (not shown): ")
+    term.send("second-try")
+    term.expect("Platform [sugard]: ")
+    term.send("")
+    term.expect("OAuth2 client id [sugar]: ")
+    term.send("")
+    assert 0 == term.finish(), term.output
+    assert "second-try\n" == (short_dir / "p.password").read_text()
+
+
+def test_interactive_init_offers_an_existing_password_file_before_any_question(
+    short_dir: Path,
+) -> None:
+    """An existing NAME.password is raised before the questions: used as is if wanted (and
+    usable), else nothing is asked and nothing written."""
+    config = short_dir / "config.toml"
+    secret = short_dir / "p.password"
+    secret.write_text("kept-pw\n")
+    secret.chmod(0o600)
+    argv = [SUGARD, "init", "-c", str(config), "--instance", "p"]
+
+    declined = Terminal(argv, env_with())
+    declined.expect(f"{secret} exists: use the password in it? [Y/n] [y]: ")
+    declined.send("n")
+    assert 1 == declined.finish()
+    assert "Site URL" not in declined.output
+    assert f"{secret} exists; use --force to overwrite it" in declined.output
+    assert not config.exists()
+
+    used = Terminal(argv, env_with())
+    used.expect(f"{secret} exists: use the password in it? [Y/n] [y]: ")
+    used.send("")
+    used.expect("Site URL (like https://crm.example.com): ")
+    used.send("https://a.example.com")
+    used.expect("Username: ")
+    used.send("api")
+    used.expect("Platform [sugard]: ")
+    used.send("")
+    used.expect("OAuth2 client id [sugar]: ")
+    used.send("")
+    assert 0 == used.finish(), used.output
+    assert "Password for" not in used.output
+    assert str(secret) == tomllib.loads(config.read_text())["instances"]["p"]["password_file"]
+    assert "kept-pw\n" == secret.read_text()
+
+    config.unlink()
+    secret.chmod(0o644)
+    loose = Terminal(argv, env_with())
+    loose.expect("[Y/n] [y]: ")
+    loose.send("y")
+    assert 1 == loose.finish()
+    assert f"is readable by others (mode 0644); run: chmod 600 {secret}" in loose.output
+    assert "Site URL" not in loose.output
+    assert not config.exists()
+
+
+def test_password_files_are_written_as_given_and_checked_first(short_dir: Path) -> None:
+    """`~/x` stays `~/x`, a path relative to the config stays relative; a file that is not
+    there (or only relative to the current directory) is refused before anything is read."""
+    home = short_dir / "home"
+    home.mkdir()
+    (home / "pw").write_text("pw\n")
+    (home / "pw").chmod(0o600)
+    sub = short_dir / "cfg"
+    sub.mkdir()
+    (sub / "rel.pw").write_text("pw\n")
+    (sub / "rel.pw").chmod(0o600)
+    base = ["--instance", "p", "--url", "https://a.example.com", "--username", "u"]
+    for given, config in (("~/pw", sub / "a.toml"), ("rel.pw", sub / "b.toml")):
+        result = init("-c", str(config), *base, "--password-file", given, HOME=str(home))
+        assert 0 == result.returncode, result.stderr
+        assert given == tomllib.loads(config.read_text())["instances"]["p"]["password_file"]
+        checked = subprocess.run(
+            [SUGARD, "check", "--unit", "none", "-c", str(config)],
+            capture_output=True,
+            text=True,
+            env=env_with(HOME=str(home)),
+            timeout=30,
+            check=False,
+        )
+        assert (0, "") == (checked.returncode, checked.stderr)
+
+    missing = init("-c", str(sub / "c.toml"), *base, "--password-file", "nope.pw")
+    assert 2 == missing.returncode
+    assert missing.stderr.startswith(
+        f"sugard init: --password-file nope.pw: file {sub / 'nope.pw'} does not exist"
+    )
+    cwd_only = subprocess.run(
+        [SUGARD, "init", "-c", str(short_dir / "d.toml"), *base, "--password-file", "pw"],
+        capture_output=True,
+        text=True,
+        cwd=home,
+        env=env_with(),
+        timeout=30,
+        check=False,
+    )
+    assert 2 == cwd_only.returncode
+    assert (
+        f"a relative path is relative to the config's directory ({short_dir}), as sugard "
+        f"reads it: give {home / 'pw'}\n"
+    ) in cwd_only.stderr
+    assert not (short_dir / "c.toml").exists()
+    assert not (short_dir / "d.toml").exists()
+
+
+def test_add_proposes_a_platform_of_its_own_when_the_session_is_taken(short_dir: Path) -> None:
+    """--add for a user and site another instance already logs in to on that platform: the
+    flags are refused, naming it; on a terminal sugard_<name> is proposed and taken."""
+    config = short_dir / "config.toml"
+    base = ["--url", "https://a.example.com", "--username", "api", "--password-env", "PW"]
+    assert 0 == init("-c", str(config), "--instance", "prod", *base).returncode
+    clash = (
+        "instance prod already logs in as api at https://a.example.com on platform 'sugard', "
+        "and Sugar keeps one session per user and platform: Ops.1 needs a platform of its "
+        "own, like sugard_ops_1"
+    )
+    scripted = init("-c", str(config), "--add", "Ops.1", *base)
+    assert (2, f"sugard init: {clash}: add --platform\n") == (
+        scripted.returncode,
+        scripted.stderr,
+    )
+    explicit = init("-c", str(config), "--add", "Ops.1", *base, "--platform", "sugard")
+    assert (2, f"sugard init: --platform: {clash}\n") == (explicit.returncode, explicit.stderr)
+
+    term = Terminal(
+        [SUGARD, "init", "-c", str(config), "--add", "Ops.1", "--url", "https://a.example.com"],
+        env_with(),
+    )
+    term.expect("Username: ")
+    term.send("api")
+    term.expect("Password for api (not shown): ")
+    term.send("pw")
+    term.expect("Again, to be sure (not shown): ")
+    term.send("pw")
+    term.expect(clash + ".")
+    term.expect("Platform [sugard_ops_1]: ")
+    term.send("sugard")
+    term.expect(clash)
+    term.expect("Platform [sugard_ops_1]: ")
+    term.send("")
+    term.expect("OAuth2 client id [sugar]: ")
+    term.send("")
+    assert 0 == term.finish(), term.output
+    document = tomllib.loads(config.read_text())
+    assert "sugard_ops_1" == document["instances"]["Ops.1"]["platform"]
+    assert ["Ops.1", "prod"] == sorted(load_config(config, {"PW": "x"}).instances)
+    assert "pw\n" == (short_dir / "Ops.1.password").read_text()

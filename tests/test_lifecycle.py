@@ -103,7 +103,7 @@ def test_wrong_password_makes_one_attempt_however_many_requests(
         assert "" == result.stdout
     with daemon.client() as client:
         for _ in range(30):
-            with pytest.raises(Exception, match="Not retrying"):
+            with pytest.raises(Exception, match="Not sent again"):
                 client.token(NAME)
 
     time.sleep(0.5)  # several backoff_max (0.2 s) periods: a retry would show by now
@@ -114,28 +114,28 @@ def test_wrong_password_makes_one_attempt_however_many_requests(
     assert "fix the password" in current["last_error"]["message"]
     assert "wrong-password" not in daemon.log()
 
-    # An admin sets the password sugard has: one forced retry logs in; still far from lockout.
+    # An admin sets the password sugard has: sugard still never sends it by itself (see
+    # test_rejected_secret for the override); the count stays far from the lockout.
     fake.set_password(USER, "wrong-password")
-    forced = sugarctl(daemon.socket, "refresh", NAME)
-    assert 0 == forced.returncode, forced.stderr
-    assert fake.valid(forced.stdout.strip())
-    assert 2 == fake.calls["password"]
-    assert "ready" == status(daemon)["state"]
+    refused = sugarctl(daemon.socket, "refresh", NAME)
+    assert 6 == refused.returncode
+    assert "--retry-rejected" in refused.stderr
+    assert 1 == fake.calls["password"]
 
 
 def test_a_reload_retries_a_failed_instance_once(
     sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
-    """An admin unlocks the account in Sugar, config unchanged: `sugarctl reload` tries again."""
-    fake = sugar(lockout_after=1)
-    fake.set_password(USER, "old")  # the config still has PASSWORD: the first login fails...
+    """An admin registers the platform in Sugar, config unchanged: `sugarctl reload` tries
+    again (no secret was rejected, so it may)."""
+    fake = sugar()
+    fake.remove_platform("sugard")
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     wait_for(lambda: status(daemon)["state"] == "failed", what="state failed")
-    fake.set_password(USER, PASSWORD)  # ...and the account is now locked: no retry helps
     time.sleep(0.5)
     assert 1 == fake.calls["password"]
 
-    fake.unlock(USER)
+    fake.add_platform("sugard")
     reloaded = sugarctl(daemon.socket, "reload")
     assert 0 == reloaded.returncode, reloaded.stderr
     wait_for(lambda: status(daemon)["state"] == "ready", what="state ready")
@@ -1074,7 +1074,10 @@ def test_old_token_grace_and_probe_interval_are_read_and_checked(short_dir: Path
     config = load_config(
         write_config(
             short_dir,
-            {"a": table, "b": {**table, "old_token_grace": 0, "probe_interval": 0}},
+            {
+                "a": table,
+                "b": {**table, "platform": "sugard_b", "old_token_grace": 0, "probe_interval": 0},
+            },
             defaults={"probe_interval": 30},
         )
     )

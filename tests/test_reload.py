@@ -69,7 +69,7 @@ def test_bad_config_keeps_serving_the_old_tokens(
 
     table = instance(fake, password_file=str(short_dir / "missing.password"))
     del table["password"]
-    write_config(short_dir, {"prod": table, "new": instance(fake)})
+    write_config(short_dir, {"prod": table, "new": instance(fake, platform="mobile")})
     daemon.signal(signal.SIGHUP)
     wait_for(lambda: "reload refused" in daemon.log())
     assert "missing.password" in daemon.log()
@@ -80,7 +80,9 @@ def test_bad_config_keeps_serving_the_old_tokens(
     assert "" == ctl.stdout
     assert "old one is still running" in ctl.stderr
 
-    write_config(short_dir, {"prod": instance(fake, colour="red"), "new": instance(fake)})
+    write_config(
+        short_dir, {"prod": instance(fake, colour="red"), "new": instance(fake, platform="mobile")}
+    )
     curl = subprocess.run(
         [
             "curl",
@@ -349,7 +351,7 @@ def test_verify_tls_off_is_logged_for_each_instance_a_reload_adds_or_changes(
     leaves alone."""
     warning = "TLS verification is OFF (verify_tls = false)"
     insecure = instance(fake, verify_tls=False)
-    config = write_config(short_dir, {"prod": insecure, "safe": instance(fake)})
+    config = write_config(short_dir, {"prod": insecure, "safe": instance(fake, platform="mobile")})
     daemon = start_daemon(config)
     assert 1 == daemon.log().count(f"prod: {warning}")
 
@@ -359,20 +361,23 @@ def test_verify_tls_off_is_logged_for_each_instance_a_reload_adds_or_changes(
             assert expected == {k: v for k, v in client.reload().items() if v}
 
     reload(
-        {"prod": insecure, "safe": instance(fake, refresh_before=100)},
+        {"prod": insecure, "safe": instance(fake, platform="mobile", refresh_before=100)},
         {"changed": ["safe"], "unchanged": ["prod"]},
     )
     assert (1, 0) == (daemon.log().count(f"prod: {warning}"), daemon.log().count("safe: TLS"))
     reload(
-        {"prod": {**insecure, "refresh_before": 100}, "safe": instance(fake, refresh_before=100)},
+        {
+            "prod": {**insecure, "refresh_before": 100},
+            "safe": instance(fake, platform="mobile", refresh_before=100),
+        },
         {"changed": ["prod"], "unchanged": ["safe"]},
     )
     assert 2 == daemon.log().count(f"prod: {warning}")
     reload(
         {
             "prod": {**insecure, "refresh_before": 100},
-            "safe": instance(fake, refresh_before=100),
-            "lab": instance(fake, verify_tls=False),
+            "safe": instance(fake, platform="mobile", refresh_before=100),
+            "lab": instance(fake, platform="portal", verify_tls=False),
         },
         {"added": ["lab"], "unchanged": ["prod", "safe"]},
     )
