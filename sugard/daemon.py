@@ -40,7 +40,7 @@ from .config import Config, ConfigError, InstanceConfig, diff_configs, load_conf
 from .keeper import MAX_SLEEP, Keeper
 from .paths import SOCKET_PATH_MAX
 from .sugar import SugarClient, new_http_session
-from .systemd import ListenFd, Notifier
+from .systemd import ListenFd, Notifier, started_by_systemd
 
 __all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socket"]
 
@@ -266,6 +266,10 @@ class Daemon:
         self._lock: SocketLock | None = None
         self._max_sleep = max_sleep
         self._notifier = notifier or Notifier()
+        # Then `sugarctl shutdown` is refused: stopping is systemctl's job.
+        self.under_systemd = (
+            self._notifier.enabled or listen_socket is not None or started_by_systemd()
+        )
         self._apply_log_level = apply_log_level
         self._background: set[asyncio.Task[None]] = set()
 
