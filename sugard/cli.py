@@ -131,7 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Print the help of COMMAND, or of sugard.",
         epilog=f"Exit status: 0 ok; {EXIT_USAGE}.",
     )
-    p.add_argument("topic", nargs="?", metavar="COMMAND", choices=sorted(sub.choices))
+    p.add_argument(
+        "topic",
+        nargs="?",
+        metavar="COMMAND",
+        choices=sorted(sub.choices),
+        help="the command to describe (default: sugard itself)",
+    )
     return parser
 
 

@@ -223,7 +223,8 @@ function __sugarctl_args --description 'sugarctl: the command, then how many wor
                 end
         end
     end
-    echo $command $count
+    echo "$command"  # a line each: (__sugarctl_args) splits on lines
+    echo $count
 end
 
 # Is the word being completed argument POSITION (0: the first) of a command in WANTED?

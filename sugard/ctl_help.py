@@ -188,8 +188,8 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         "print a shell completion script",
         "Print a script that completes sugarctl's commands, options and instance names (asked "
         "from the running sugard at each TAB). Install it with one of:\n"
-        "  sugarctl completion bash > ~/.local/share/bash-completion/completions/sugarctl\n"
-        '  sugarctl completion zsh > "${fpath[1]}/_sugarctl"   (or any directory in $fpath)\n'
+        '  eval "$(sugarctl completion bash)"         # in ~/.bashrc\n'
+        '  sugarctl completion zsh > "${fpath[1]}/_sugarctl"    # or: any dir in $fpath\n'
         "  sugarctl completion fish > ~/.config/fish/completions/sugarctl.fish",
         [],
         "2",
@@ -211,7 +211,7 @@ def general_help(commands: tuple[str, ...]) -> str:
         lines += _wrapped(f"  {usage}", summary, 17)
     lines += [
         "",
-        "`sugarctl help COMMAND` (or `sugarctl COMMAND --help`) describes a command's options.",
+        "sugarctl help COMMAND (or sugarctl COMMAND --help): a command and its options.",
         "",
         "options:",
         *_options([_SOCKET, _HELP, ("--version", "print sugarctl's version")]),
@@ -237,7 +237,14 @@ def general_help(commands: tuple[str, ...]) -> str:
 def command_help(name: str) -> str:
     """The help of one command: usage, what it does, every option it takes, its exit codes."""
     usage, _, what, options, codes = _COMMANDS[name]
-    lines = [f"usage: sugarctl [--socket PATH] {usage}", "", *_paragraph(what), ""]
+    lines = [
+        *textwrap.wrap(
+            f"usage: sugarctl [--socket PATH] {usage}", WIDTH, subsequent_indent=" " * 7
+        ),
+        "",
+        *_paragraph(what),
+        "",
+    ]
     lines += ["options:", *_options([*options, _SOCKET, _HELP]), ""]
     lines += textwrap.wrap(
         f"exit codes: 0 ok; {codes}; 130 interrupted (see: sugarctl help)",
@@ -274,6 +281,6 @@ def _options(options: list[tuple[str, str]]) -> list[str]:
 
 def _wrapped(head: str, text: str, indent: int) -> list[str]:
     """`head`, then `text` from column `indent` (on a line of its own if `head` reaches it)."""
-    lines = [head] if len(head) > indent - 2 else []
+    lines = textwrap.wrap(head, WIDTH, subsequent_indent="    ") if len(head) > indent - 2 else []
     first = " " * indent if lines else head.ljust(indent)
     return lines + textwrap.wrap(text, WIDTH, initial_indent=first, subsequent_indent=" " * indent)
