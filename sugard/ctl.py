@@ -225,7 +225,7 @@ def _one_line(exc: SugardError, args: _Args) -> str:
         hints = []
         wait = args.options.get("--wait")
         if args.command in ("token", "header", "exec") and exc.body:
-            hints.append(f"waited --wait {wait or '10'} s")
+            hints.append(f"waited --wait {wait} s" if wait else "waited 10 s, --wait's default")
         if exc.retry_after:
             hints.append(f"try again in {exc.retry_after:g} s")
         message += f" ({'; '.join(hints)})" if hints else ""

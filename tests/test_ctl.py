@@ -895,6 +895,40 @@ def test_shutdown_under_systemd_says_to_use_systemctl(
         notify.close()
 
 
+def test_shutdown_works_where_systemd_variables_were_only_inherited(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """A daemon started by hand from a shell that a service started (some terminals are
+    services) inherits INVOCATION_ID with another pid in SYSTEMD_EXEC_PID: not systemd's."""
+    env = {"INVOCATION_ID": "0123456789abcdef", "SYSTEMD_EXEC_PID": str(os.getpid())}
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}), env=env)
+    result = sugarctl(daemon.socket, "shutdown")
+    assert 0 == result.returncode, result.stderr
+    assert 0 == daemon.proc.wait(15)
+
+
+def test_the_table_takes_the_daemons_word_on_whether_an_error_is_current() -> None:
+    """With `last_error.current` in STATUS, the table follows it whatever the state; without
+    it, an instance that is ready or refreshing has recovered."""
+    from sugard.ctl_status import table
+
+    def row(state: str, **error: object) -> dict[str, object]:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 125))
+        return {
+            "name": "prod",
+            "state": state,
+            "last_error": {"at": at, "kind": "timeout", **error},
+        }
+
+    def error_cell(status: dict[str, object]) -> str:
+        return table([status]).splitlines()[1].split("  ")[-1].strip()
+
+    assert re.fullmatch(r"timeout, 2m0[5-9]s ago", error_cell(row("backing_off")))
+    assert error_cell(row("ready")).startswith("was timeout, 2m")
+    assert error_cell(row("backing_off", current=False)).startswith("was timeout")
+    assert error_cell(row("ready", current=True)).startswith("timeout, 2m")
+
+
 def test_shutdown_is_for_the_owner_only(fake: FakeSugar, short_dir: Path, start_daemon) -> None:
     """A uid allowed to use the tokens (allowed_uids) may not shut the daemon down: exit 7."""
     config = write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
