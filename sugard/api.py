@@ -685,7 +685,8 @@ async def refresh(request: web.Request) -> web.Response:
     if not isinstance(retry_rejected, bool):
         return error(400, "bad_request", REFRESH_BODY)
     # `retry_rejected` (sugarctl refresh --retry-rejected) is the one override of the rule
-    # that a secret Sugar rejected is never sent again; the keeper decides with it.
+    # that a secret Sugar rejected is never sent again: that rule, and so its override,
+    # belong to the keeper's refresh_now.
     return await _answer_token(request, keeper, lambda: keeper.refresh_now())
 
 

@@ -895,6 +895,35 @@ def test_shutdown_under_systemd_says_to_use_systemctl(
         notify.close()
 
 
+def test_shutdown_of_a_socket_activated_daemon_says_to_use_systemctl(
+    fake: FakeSugar, short_dir: Path
+) -> None:
+    """A daemon on a socket that socket activation passed in refuses `shutdown` too: the
+    socket outlives it, and the next connection would start it again."""
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate is not installed (Debian's systemd package)")
+    config = write_config(short_dir, {"prod": instance(fake)})
+    path = short_dir / "act.sock"
+    with (short_dir / "activate.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(path), SUGARD, "run", "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = sugarctl(path, "shutdown")
+        assert 2 == result.returncode, (short_dir / "activate.log").read_text()
+        assert "systemctl --user stop sugard" in one_error_line(result)
+        assert 0 == sugarctl(path, "ping").returncode
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
 def test_shutdown_works_where_systemd_variables_were_only_inherited(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
