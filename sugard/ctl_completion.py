@@ -9,7 +9,7 @@ Imported by sugard.ctl only for `completion`.
 from __future__ import annotations
 
 from .ctl import CHOICES, COMMANDS, VALUED
-from .ctl_help import summary
+from .ctl_help import option_summary, summary
 
 __all__ = ["script"]
 
@@ -266,9 +266,10 @@ def _fish() -> str:
             values = (
                 f" -x -a '{' '.join(choices)}'" if choices else (" -x" if option in VALUED else "")
             )
+            what = f"one of {', '.join(choices)}" if choices else option_summary(command, option)
             lines.append(
                 f"complete -c sugarctl -n '__fish_seen_subcommand_from {command}' "
-                f"-l {option[2:]}{values}"
+                f"-l {option[2:]}{values} -d {_fish_quote(what)}"
             )
     return _fill(
         _FISH,

@@ -16,6 +16,7 @@ __all__ = [
     "command_help",
     "described_options",
     "general_help",
+    "option_summary",
     "summary",
 ]
 
@@ -257,6 +258,14 @@ def command_help(name: str) -> str:
 def described_options(name: str) -> list[str]:
     """The options the help of `name` describes (for tests/test_help.py)."""
     return [option.split()[0] for option, _ in _COMMANDS[name][3]]
+
+
+def option_summary(name: str, option: str) -> str:
+    """The first words of what `option` of command `name` does (for shell completion)."""
+    for described, text in _COMMANDS[name][3]:
+        if described.split()[0] == option:
+            return text.split(";")[0].split(" (")[0].split(":")[0].split(", e.g.")[0]
+    return ""
 
 
 def summary(name: str) -> str:
