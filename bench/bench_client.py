@@ -14,13 +14,17 @@ alike):
 then the in-process `SugardClient.token()` calls per second on one kept connection. Prints a
 markdown table. Target: sugarctl at most 2.5x the bare interpreter.
 
-    .venv/bin/python bench/bench_client.py [--runs 100] [--calls 5000]
+`--baseline PATH` times another install's sugarctl in the same interleaved runs, e.g. one
+of the previous version, so that a change's effect on start-up is measured side by side:
+
+    .venv/bin/python bench/bench_client.py [--runs 100] [--calls 5000] [--baseline PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -28,7 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sugard.client import DaemonUnreachable, SugardClient
@@ -50,6 +54,8 @@ class Figures:
     calls: int
     seconds: float
     connections: int
+    baseline: Path | None = None
+    cpu: dict[str, list[float]] = field(default_factory=dict)  # CPU time of each run
 
     def median(self, index: int) -> float:
         return statistics.median(list(self.times.values())[index])
@@ -81,11 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         help="the console script to time (default: next to this Python; another install's "
         "sugarctl works too, e.g. a regular `pip install .` in another venv)",
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another sugarctl to time in the same runs (e.g. the previous version's)",
+    )
     args = parser.parse_args(argv)
     if not shutil.which("curl"):
         print("bench: curl is needed (apt-get install curl)", file=sys.stderr)
         return 2
-    figures = measure(args.runs, args.calls, Path(args.sugarctl))
+    figures = measure(args.runs, args.calls, Path(args.sugarctl), args.baseline)
     print(
         report(
             figures.times,
@@ -95,13 +106,17 @@ def main(argv: list[str] | None = None) -> int:
             figures.calls,
             figures.seconds,
             figures.connections,
+            figures.cpu,
         )
     )
     return 0
 
 
-def measure(runs: int, calls: int, sugarctl: Path | None = None) -> Figures:
-    """Start a fake and a daemon, time each command `runs` times and the client `calls` times."""
+def measure(
+    runs: int, calls: int, sugarctl: Path | None = None, baseline: Path | None = None
+) -> Figures:
+    """Start a fake and a daemon, time each command `runs` times (and `baseline`'s sugarctl,
+    last, if given) and the client `calls` times."""
     sugarctl = sugarctl or Path(sys.executable).parent / "sugarctl"
     python = interpreter_of(sugarctl)
     sugard = Path(sys.executable).parent / "sugard"  # the daemon of this environment
@@ -134,16 +149,23 @@ def measure(runs: int, calls: int, sugarctl: Path | None = None) -> Figures:
                         f"http://sugard/v1/instances/{NAME}/token",
                     ],
                 }
+                if baseline is not None:
+                    commands[f"`sugarctl token {NAME}`, baseline {baseline}"] = [
+                        str(baseline),
+                        "token",
+                        NAME,
+                    ]
                 env = bench_env(sock)
                 check_outputs(commands, env, token)
-                times = time_commands(commands, env, runs)
+                cpu: dict[str, list[float]] = {}
+                times = time_commands(commands, env, runs, cpu)
                 done, seconds, connections = in_process(sock, calls)
             finally:
                 daemon.send_signal(signal.SIGTERM)
                 daemon.wait(15)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return Figures(times, python, sugarctl, runs, done, seconds, connections)
+    return Figures(times, python, sugarctl, runs, done, seconds, connections, baseline, cpu)
 
 
 def interpreter_of(script: Path) -> str:
@@ -202,14 +224,24 @@ def check_outputs(commands: dict[str, list[str]], env: dict[str, str], token: st
 
 
 def time_commands(
-    commands: dict[str, list[str]], env: dict[str, str], runs: int
+    commands: dict[str, list[str]],
+    env: dict[str, str],
+    runs: int,
+    cpu: dict[str, list[float]] | None = None,
 ) -> dict[str, list[float]]:
+    """Wall time of each run; also its CPU time (user + system) into `cpu`, if given: on a
+    busy machine, CPU time moves less with the load than wall time does."""
     times: dict[str, list[float]] = {label: [] for label in commands}
     for _ in range(runs):
         for label, argv in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             started = time.perf_counter()
             subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, check=True)
             times[label].append(time.perf_counter() - started)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            if cpu is not None:
+                used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                cpu.setdefault(label, []).append(used)
     return times
 
 
@@ -231,23 +263,26 @@ def report(
     calls: int,
     seconds: float,
     connections: int,
+    cpu: dict[str, list[float]] | None = None,
 ) -> str:
     medians = {label: statistics.median(values) for label, values in times.items()}
+    cpu_medians = {label: statistics.median(values) for label, values in (cpu or {}).items()}
     labels = list(medians)
-    bare, site, ctl, curl = (medians[label] for label in labels)
+    bare, site, ctl, curl = (medians[label] for label in labels[:4])
     lines = [
         f"sugarctl: {sugarctl}; interpreter: {python} (Python {sys.version.split()[0]}); "
         f"{runs} runs each, interleaved",
         "",
-        "| command | median | p90 | x bare python | x curl |",
-        "|---|---:|---:|---:|---:|",
+        "| command | median | p90 | x bare python | x curl | CPU, median |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for label in labels:
         values = sorted(times[label])
         p90 = values[min(len(values) - 1, int(0.9 * len(values)))]
+        used = f"{cpu_medians[label] * 1000:.1f} ms" if label in cpu_medians else "-"
         lines.append(
             f"| {label} | {medians[label] * 1000:.1f} ms | {p90 * 1000:.1f} ms "
-            f"| {medians[label] / bare:.2f} | {medians[label] / curl:.2f} |"
+            f"| {medians[label] / bare:.2f} | {medians[label] / curl:.2f} | {used} |"
         )
     rate = calls / seconds if seconds > 0 else float("inf")
     lines += [
@@ -259,6 +294,18 @@ def report(
         f"{'met' if ctl / bare <= TARGET else 'missed'}); sugarctl / curl: {ctl / curl:.2f}; "
         f"sugarctl's own share after site: {(ctl - site) * 1000:.1f} ms.",
     ]
+    if len(labels) > 4:
+        base = medians[labels[4]]
+        line = (
+            f"sugarctl / baseline sugarctl: {ctl / base:.3f} "
+            f"({(ctl - base) * 1000:+.2f} ms at the median)"
+        )
+        if cpu_medians:
+            ctl_cpu, base_cpu = cpu_medians[labels[2]], cpu_medians[labels[4]]
+            line += (
+                f"; in CPU time {ctl_cpu / base_cpu:.3f} ({(ctl_cpu - base_cpu) * 1000:+.2f} ms)"
+            )
+        lines.append(line + ".")
     if site / bare > 1.6:
         lines.append(
             f"Note: site alone costs {site / bare:.2f}x the bare interpreter here. An editable "

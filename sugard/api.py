@@ -63,6 +63,7 @@ log = logging.getLogger("sugard.api")
 DEFAULT_WAIT = 10.0
 MAX_WAIT = 300.0
 MAX_MIN_TTL = 86400.0
+TOKEN_LIFETIME_HEADER = "Sugard-Token-Lifetime"  # noqa: S105 - a header name
 MAX_BODY = 64 * 1024
 MAX_LINE = 8190  # the request line, and each header line
 MAX_HEADERS = 64
@@ -87,14 +88,20 @@ class ReloadFailed(Exception):
 
 
 class Registry(Protocol):
-    """What the API needs from the daemon: the keepers, who may ask, and a way to reload."""
+    """What the API needs from the daemon: the keepers, who may ask, a way to reload, and a
+    way to stop (unless systemd runs it: then stopping is systemd's job)."""
 
     @property
     def keepers(self) -> Mapping[str, Keeper]: ...
 
+    @property
+    def under_systemd(self) -> bool: ...
+
     def allowed(self, peer: Peer, instance: str | None) -> bool: ...
 
     async def reload(self) -> dict[str, Any]: ...
+
+    def request_stop(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -195,6 +202,7 @@ def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
     app.router.add_post("/v1/instances/{name}/invalidate", invalidate)
     app.router.add_post("/v1/instances/{name}/refresh", refresh)
     app.router.add_post("/v1/reload", reload)
+    app.router.add_post("/v1/shutdown", shutdown)
     return app
 
 
@@ -498,6 +506,9 @@ def _seconds(request: web.Request, key: str, default: float, high: float) -> flo
 
 def _status(keeper: Keeper) -> dict[str, Any]:
     status = keeper.status()
+    grant = keeper.grant
+    # The name the log gives the current token, so a log line can be matched to it.
+    status["token_fingerprint"] = grant.access_token.fingerprint if grant else None
     for key in ("expires_at", "refresh_at", "last_refresh"):
         status[key] = rfc3339(status[key])
     if status["last_error"]:
@@ -550,8 +561,13 @@ async def _answer_token(
         return error(502, "upstream_rejected", str(exc))
     except InstanceStopped as exc:
         return error(404, "unknown_instance", str(exc))
-    body = _token_body(keeper, grant, request.app[KEY_CLOCK]())
-    return web.json_response(body, headers={"Cache-Control": "no-store"})
+    now = request.app[KEY_CLOCK]()
+    headers = {"Cache-Control": "no-store"}
+    if grant.expires_at - now < min_ttl:
+        # No token of this instance can have min_ttl left: say what they get, so the
+        # client can tell its user rather than hand over a shorter token in silence.
+        headers[TOKEN_LIFETIME_HEADER] = f"{max(0, int(grant.lifetime))}"
+    return web.json_response(_token_body(keeper, grant, now), headers=headers)
 
 
 def _successor(request: web.Request, keeper: Keeper) -> Keeper | web.Response | None:
@@ -614,67 +630,83 @@ async def token(request: web.Request) -> web.Response:
 
 
 INVALIDATE_BODY = 'body must be JSON: {"access_token": "<the token Sugar refused>"}'
-REFRESH_BODY = 'body must be empty or JSON: {"retry_rejected": true}'
-
-
-async def _read_body(request: web.Request) -> bytes | web.Response:
-    """The request body, or the error answer when it does not arrive whole."""
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            return await request.read()
-    except TimeoutError:
-        resp = error(408, "bad_request", f"request body not received within {BODY_TIMEOUT:g} s")
-    except (web.RequestPayloadError, ConnectionError):
-        # A broken chunked body, or a client gone mid-body: nothing to parse.
-        resp = error(400, "bad_request", "request body incomplete or malformed")
-    resp.force_close()
-    return resp
-
-
-def _json_object(raw: bytes) -> dict[str, Any] | None:
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-    return body if isinstance(body, dict) else None
 
 
 async def invalidate(request: web.Request) -> web.Response:
     keeper = _keeper(request)
     if isinstance(keeper, web.Response):
         return keeper
-    raw = await _read_body(request)
-    if isinstance(raw, web.Response):
-        return raw
-    body = _json_object(raw)
-    reported = body.get("access_token") if body is not None else None
+    body = await _json_body(request, INVALIDATE_BODY)
+    if isinstance(body, web.Response):
+        return body
+    reported = body.get("access_token")
     if not isinstance(reported, str) or not reported:
         return error(400, "bad_request", INVALIDATE_BODY)
     return await _answer_token(request, keeper, lambda: keeper.invalidate(reported))
+
+
+async def _json_body(
+    request: web.Request, shape: str, *, empty_ok: bool = False
+) -> dict[str, Any] | web.Response:
+    """The request's body as a JSON object ({} for none, if `empty_ok`), or the 4xx answer;
+    `shape` says what the body must be."""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
+    except TimeoutError:
+        resp = error(408, "bad_request", f"request body not received within {BODY_TIMEOUT:g} s")
+        resp.force_close()
+        return resp
+    except (web.RequestPayloadError, ConnectionError):
+        # A broken chunked body, or a client gone mid-body: nothing to parse.
+        resp = error(400, "bad_request", "request body incomplete or malformed")
+        resp.force_close()
+        return resp
+    if empty_ok and not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        return error(400, "bad_request", shape)
+    return body if isinstance(body, dict) else error(400, "bad_request", shape)
+
+
+REFRESH_BODY = 'body must be empty, or JSON: {"retry_rejected": true|false}'
 
 
 async def refresh(request: web.Request) -> web.Response:
     keeper = _keeper(request)
     if isinstance(keeper, web.Response):
         return keeper
-    raw = await _read_body(request)
-    if isinstance(raw, web.Response):
-        return raw
-    body = _json_object(raw) if raw.strip() else {}
-    insist = body.get("retry_rejected", False) if body is not None else None
-    if not isinstance(insist, bool) or set(body or {}) - {"retry_rejected"}:
+    options = await _json_body(request, REFRESH_BODY, empty_ok=True)
+    if isinstance(options, web.Response):
+        return options
+    retry_rejected = options.get("retry_rejected", False)
+    if not isinstance(retry_rejected, bool) or set(options) - {"retry_rejected"}:
         return error(400, "bad_request", REFRESH_BODY)
-    return await _answer_token(request, keeper, lambda: keeper.refresh_now(retry_rejected=insist))
+    # `retry_rejected` (sugarctl refresh --retry-rejected) is the one override of the rule
+    # that a secret Sugar rejected is never sent again; the keeper applies both.
+    return await _answer_token(
+        request, keeper, lambda: keeper.refresh_now(retry_rejected=retry_rejected)
+    )
+
+
+def _not_owner(request: web.Request, action: str) -> web.Response | None:
+    """The 403 for a peer other than the daemon's owner and root, who alone may `action`."""
+    peer = peer_of(request)
+    if peer is not None and peer.uid in (os.getuid(), 0):
+        return None
+    # allowed_uids/allowed_gids share tokens, not the running of the daemon.
+    uid = peer.uid if peer else "?"
+    return error(
+        403, "forbidden", f"uid {uid} may not {action} sugard; only its owner and root may"
+    )
 
 
 async def reload(request: web.Request) -> web.Response:
-    peer = peer_of(request)
-    if peer is None or peer.uid not in (os.getuid(), 0):
-        # allowed_uids/allowed_gids share tokens, not the running of the daemon.
-        uid = peer.uid if peer else "?"
-        return error(
-            403, "forbidden", f"uid {uid} may not reload sugard; only its owner and root may"
-        )
+    refused = _not_owner(request, "reload")
+    if refused is not None:
+        return refused
     try:
         diff = await request.app[KEY_REGISTRY].reload()
     except ReloadFailed as exc:
@@ -687,3 +719,23 @@ async def reload(request: web.Request) -> web.Response:
             status=422,
         )
     return web.json_response(diff)
+
+
+async def shutdown(request: web.Request) -> web.Response:
+    refused = _not_owner(request, "shut down")
+    if refused is not None:
+        return refused
+    registry = request.app[KEY_REGISTRY]
+    if registry.under_systemd:
+        # systemd would see a clean exit as the end of the service, and sugard.socket would
+        # start it again at the next connection: stopping is systemctl's job.
+        return error(
+            409,
+            "under_systemd",
+            "sugard runs under systemd; stop it with `systemctl --user stop sugard` (and "
+            "sugard.socket too, or the next connection starts it again)",
+        )
+    peer = peer_of(request)
+    log.info("stopping: asked by %s", peer.describe() if peer else "?")
+    registry.request_stop()
+    return web.json_response({"status": "stopping", "pid": os.getpid()}, status=202)

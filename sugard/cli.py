@@ -17,11 +17,20 @@ from .paths import default_config_path, default_socket_path
 log = logging.getLogger("sugard")
 
 
+SOCKET_ORDER = (
+    "--socket, else $SUGARD_SOCKET, else [daemon].socket of the config, else "
+    "$XDG_RUNTIME_DIR/sugard/sugard.sock, else /tmp/sugard-$UID/sugard.sock"
+)
+EXIT_USAGE = "2 usage error (the message names the argument); 130 interrupted (Ctrl-C)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sugard",
         description="Keep one live SugarCRM session per instance and serve its token to local "
         "scripts over a Unix socket.",
+        epilog="`sugard help COMMAND` (or `sugard COMMAND --help`) describes a command and its "
+        f"options. Exit status: 0 ok; 1 failed (the message says why); {EXIT_USAGE}.",
     )
     parser.add_argument("--version", action="version", version=f"sugard {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -34,17 +43,32 @@ def _parser() -> argparse.ArgumentParser:
             help="config file (default: $SUGARD_CONFIG, else $XDG_CONFIG_HOME/sugard/config.toml)",
         )
 
-    p = sub.add_parser("run", help="run the daemon in the foreground")
+    p = sub.add_parser(
+        "run",
+        help="run the daemon in the foreground",
+        description="Run the daemon in the foreground (no forking: systemd, or you, supervise "
+        "it). Logs go to stderr. SIGTERM, SIGINT and `sugarctl shutdown` stop it (requests in "
+        "flight finish first; a second signal exits at once); SIGHUP and `sugarctl reload` "
+        "reload the config.",
+        epilog="Exit status: 0 stopped; 1 the config has errors (`sugard check` lists them), "
+        f"the socket cannot be set up, or a second signal cut the stop short; {EXIT_USAGE}.",
+    )
     with_config(p)
-    p.add_argument("--socket", metavar="PATH", help="socket to listen on")
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--socket", metavar="PATH", help=f"socket to listen on: {SOCKET_ORDER}")
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="log level (default: [daemon].log_level of the config, else info; with this "
+        "option, a reload does not change it)",
+    )
 
     p = sub.add_parser(
         "check",
         help="validate the config, resolve every secret, check file modes",
         description="Validate the config, resolve every secret (never printing one) and check "
-        "file modes. Each problem is printed as `file: table.key: message` with its fix. "
-        "Exit status: 0 ok, 1 something to fix, 4 (--online) no daemon on the socket.",
+        "file modes. Each problem is printed as `file: table.key: message` with its fix.",
+        epilog="Exit status: 0 ok; 1 something to fix; 4 (--online) no daemon on the socket; "
+        f"7 (--online) no access to it; {EXIT_USAGE}.",
     )
     with_config(p)
     p.add_argument(
@@ -68,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
         "(default: ~/.config/systemd/user/sugard.service with its drop-ins if installed, "
         "else the unit sugard ships; none: sugard does not run under systemd)",
     )
-    p.add_argument("--socket", metavar="PATH", help="the daemon's socket, for --online")
+    p.add_argument(
+        "--socket", metavar="PATH", help=f"the daemon's socket, for --online: {SOCKET_ORDER}"
+    )
     p.add_argument(
         "--wait",
         type=float,
@@ -82,6 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         help="print the effective config, secrets redacted",
         description="Print the config as sugard uses it: [defaults] merged into each instance, "
         "defaults filled in, every secret shown as *** with where it comes from.",
+        epilog=f"Exit status: 0 ok; 1 the config has errors; {EXIT_USAGE}.",
     )
     with_config(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of TOML")
@@ -91,19 +118,49 @@ def _parser() -> argparse.ArgumentParser:
         help="write a config (mode 0600), or --add an instance to one",
         description="Write a config: asks on a terminal, or takes everything from flags. The "
         "password goes to NAME.password (mode 0600) next to the config, never into it.",
+        epilog="Exit status: 0 written; 1 nothing written (a file in the way, cancelled, or "
+        f"cannot write: the message says which); {EXIT_USAGE}, nothing written.",
     )
     with_config(p)
     from .init import add_init_arguments
 
     add_init_arguments(p)
 
-    p = sub.add_parser("demo", help="run a fake SugarCRM and a daemon, and fetch a token")
-    p.add_argument("--once", action="store_true", help="exit after the first token")
+    p = sub.add_parser(
+        "demo",
+        help="run a fake SugarCRM and a daemon, and fetch a token",
+        description="Start the bundled fake SugarCRM on 127.0.0.1 and a daemon on a temporary "
+        "socket, fetch a token through the client, and print the status and commands to try.",
+        epilog=f"Exit status: 0 ok; 1 the demo failed; {EXIT_USAGE}.",
+    )
+    p.add_argument(
+        "--once", action="store_true", help="exit after the first token (default: run until Ctrl-C)"
+    )
+
+    p = sub.add_parser(
+        "help",
+        help="describe a command",
+        description="Print the help of COMMAND, or of sugard.",
+        epilog=f"Exit status: 0 ok; {EXIT_USAGE}.",
+    )
+    p.add_argument(
+        "topic",
+        nargs="?",
+        metavar="COMMAND",
+        choices=sorted(sub.choices),
+        help="the command to describe (default: sugard itself)",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "help":
+        try:
+            parser.parse_args([args.topic, "--help"] if args.topic else ["--help"])
+        except SystemExit as exc:  # argparse's way to end after printing the help
+            return exc.code if isinstance(exc.code, int) else 0
     try:
         if args.command == "run":
             return _run(args)
@@ -129,12 +186,26 @@ def _config_path(args: argparse.Namespace) -> Path:
 
 
 def _load(args: argparse.Namespace, *, resolve: bool = True) -> Config | None:
+    path = _config_path(args)
+    if args.config and not path.exists():
+        # The same -c for init, or it would write the default path instead.
+        print(
+            f"{path}: no such file; create one with `sugard init -c {_quoted(path)}`",
+            file=sys.stderr,
+        )
+        return None
     try:
-        return load_config(_config_path(args), resolve=resolve)
+        return load_config(path, resolve=resolve)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return None
+
+
+def _quoted(path: Path) -> str:
+    import shlex
+
+    return shlex.quote(str(path))
 
 
 def _check(args: argparse.Namespace) -> int:

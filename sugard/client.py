@@ -9,7 +9,8 @@ Errors mirror `sugarctl`'s exit codes:
 
     SugardError               base; `.exit_code` (1: an answer sugarctl does not know),
     |                         `.message` (one line), `.body` (the daemon's JSON error, if any)
-    +-- BadRequest            2  the request itself was wrong (a bad wait, an empty name)
+    +-- BadRequest            2  the request itself was wrong (a bad wait, an empty name), or
+    |                            asked a daemon systemd runs to shut down (`under_systemd`)
     +-- UnknownInstance       3  no such instance in the daemon's config
     +-- DaemonUnreachable     4  no daemon on the socket, or it did not answer in time
     +-- TokenUnavailable      5  no token now (Sugar down, still logging in), or the daemon is
@@ -52,6 +53,11 @@ __all__ = [
 ]
 
 DEFAULT_WAIT = 10.0  # how long the daemon waits for a token when a request names no wait
+# The daemon's bounds (sugard.api; tests/test_client.py checks that both agree), so that a
+# request it would refuse is refused here, in words the caller used.
+MAX_WAIT = 300.0
+MAX_MIN_TTL = 86400.0
+LIFETIME_HEADER = b"sugard-token-lifetime"  # sent when a token has less than min_ttl left
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
 _MAX_LINE = 65536
 _MAX_BODY = 64 * 1024 * 1024
@@ -114,6 +120,7 @@ _ERRORS: dict[str, type[SugardError]] = {
     "upstream_rejected": NeedsAttention,
     "invalid_config": NeedsAttention,
     "forbidden": PermissionDenied,
+    "under_systemd": BadRequest,  # shutdown is systemctl's job there
 }
 
 
@@ -250,8 +257,9 @@ class _Connection:
 
     def exchange(
         self, method: str, target: str, body: bytes | None, timeout: float
-    ) -> tuple[int, bytes, bool]:
-        """Send one request; return (status, body, whether the connection can be used again)."""
+    ) -> tuple[int, bytes, dict[bytes, bytes], bool]:
+        """Send one request; return (status, body, headers with lower-case names, whether the
+        connection can be used again)."""
         head = f"{method} {target} HTTP/1.1\r\nHost: sugard\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
@@ -284,7 +292,7 @@ class _Connection:
             data = self._read(int(headers[b"content-length"]))
         else:
             data, keep = self._read_to_end(), False
-        return status, data, keep
+        return status, data, headers, keep
 
     def _fill(self) -> bool:
         data = self.sock.recv(65536)
@@ -381,15 +389,28 @@ class SugardClient:
 
     def token(self, name: str, min_ttl: float = 0, wait: float | None = None) -> dict[str, Any]:
         """The TOKEN object (`access_token`, `url`, `expires_at`, `expires_in`,
-        `download_token`...), valid for at least `min_ttl` more seconds. Waits up to `wait`
+        `download_token`...), valid for at least `min_ttl` more seconds if a token of this
+        instance can be (else the freshest there is: see `token_answer`). Waits up to `wait`
         seconds (the daemon's default: 10) while the daemon logs in or refreshes."""
+        return self.token_answer(name, min_ttl, wait)[0]
+
+    def token_answer(
+        self, name: str, min_ttl: float = 0, wait: float | None = None
+    ) -> tuple[dict[str, Any], float | None]:
+        """`token()`, and the lifetime Sugar gives this instance's tokens when the token has
+        less than `min_ttl` left (a min_ttl that cannot be met); None when it has enough."""
         query = []
         if min_ttl:
-            query.append(f"min_ttl={_seconds('min_ttl', min_ttl)}")
+            query.append(f"min_ttl={_seconds('min_ttl', min_ttl, MAX_MIN_TTL)}")
         if wait is not None:
-            query.append(f"wait={_seconds('wait', wait)}")
+            query.append(f"wait={_seconds('wait', wait, MAX_WAIT)}")
         target = _instance(name, "token") + ("?" + "&".join(query) if query else "")
-        return self._call("GET", target, wait=wait)  # type: ignore[no-any-return]
+        data, headers = self._answer("GET", target, wait=wait)
+        lifetime = headers.get(LIFETIME_HEADER)
+        try:
+            return data, float(lifetime) if lifetime is not None else None
+        except ValueError:
+            return data, None
 
     def status(self, name: str | None = None) -> Any:
         """The STATUS object of one instance, or the list of every instance's."""
@@ -407,9 +428,15 @@ class SugardClient:
         body = _json_object({"access_token": access_token})
         return self._call("POST", _instance(name, "invalidate"), body)  # type: ignore[no-any-return]
 
-    def refresh(self, name: str) -> dict[str, Any]:
-        """Make the daemon renew the session now; returns the new TOKEN."""
-        return self._call("POST", _instance(name, "refresh"))  # type: ignore[no-any-return]
+    def refresh(self, name: str, retry_rejected: bool = False) -> dict[str, Any]:
+        """Make the daemon renew the session now; returns the new TOKEN.
+
+        After Sugar rejected the password (or client secret), the daemon refuses
+        (NeedsAttention) unless the secret changed since; `retry_rejected=True` sends it
+        once more anyway, for after an administrator unlocked the account. Sugar may count
+        that as one more failed login."""
+        body = b'{"retry_rejected": true}' if retry_rejected else None
+        return self._call("POST", _instance(name, "refresh"), body)  # type: ignore[no-any-return]
 
     def reload(self) -> dict[str, Any]:
         """Make the daemon re-read its config: `{"added", "removed", "changed", "unchanged"}`,
@@ -417,13 +444,25 @@ class SugardClient:
         A config with errors raises NeedsAttention (`.errors`); the old config keeps running."""
         return self._call("POST", "/v1/reload")  # type: ignore[no-any-return]
 
+    def shutdown(self) -> dict[str, Any]:
+        """Make the daemon stop as SIGTERM does (it finishes the requests in flight):
+        `{"status": "stopping", "pid": N}`. The daemon's owner and root only; a daemon that
+        systemd runs refuses (BadRequest, `under_systemd`): use `systemctl --user stop`."""
+        return self._call("POST", "/v1/shutdown")  # type: ignore[no-any-return]
+
     # Transport
 
     def _call(
         self, method: str, target: str, body: bytes | None = None, wait: float | None = None
     ) -> Any:
+        return self._answer(method, target, body, wait)[0]
+
+    def _answer(
+        self, method: str, target: str, body: bytes | None = None, wait: float | None = None
+    ) -> tuple[Any, dict[bytes, bytes]]:
+        """The JSON of a successful answer, and its headers; an error answer raises."""
         timeout = self.timeout + (DEFAULT_WAIT if wait is None else wait)
-        status, raw = self._exchange(method, target, body, timeout)
+        status, raw, headers = self._exchange(method, target, body, timeout)
         try:
             data = _json_loads(raw)
         except ValueError:
@@ -431,7 +470,7 @@ class SugardClient:
                 f"sugard on {self.socket_path} sent an answer that is not JSON (HTTP {status})"
             ) from None
         if status < 400:
-            return data
+            return data, headers
         if not isinstance(data, dict):
             data = {}
         message = data.get("message") or f"sugard answered HTTP {status}"
@@ -439,7 +478,7 @@ class SugardClient:
 
     def _exchange(
         self, method: str, target: str, body: bytes | None, timeout: float
-    ) -> tuple[int, bytes]:
+    ) -> tuple[int, bytes, dict[bytes, bytes]]:
         with self._lock:
             conn = self._idle.pop() if self._idle else None
         if conn is not None:
@@ -447,7 +486,7 @@ class SugardClient:
             # restart); that shows before the request reaches it, so then, and only then,
             # the request is sent again on a new connection.
             try:
-                status, raw, keep = conn.exchange(method, target, body, timeout)
+                status, raw, headers, keep = conn.exchange(method, target, body, timeout)
             except (_Closed, BrokenPipeError, ConnectionResetError):
                 conn.close()
             except BaseException as exc:
@@ -455,15 +494,15 @@ class SugardClient:
                 raise self._translate(exc) from None
             else:
                 self._keep(conn, keep)
-                return status, raw
+                return status, raw, headers
         conn = self._connect()
         try:
-            status, raw, keep = conn.exchange(method, target, body, timeout)
+            status, raw, headers, keep = conn.exchange(method, target, body, timeout)
         except BaseException as exc:
             conn.close()
             raise self._translate(exc) from None
         self._keep(conn, keep)
-        return status, raw
+        return status, raw, headers
 
     def _keep(self, conn: _Connection, keep: bool) -> None:
         """Keep `conn` for the next call if it can be reused and the pool has room."""
@@ -525,7 +564,7 @@ def _instance(name: str, action: str = "") -> str:
     return f"/v1/instances/{quoted}" + (f"/{action}" if action else "")
 
 
-def _seconds(what: str, value: float) -> str:
-    if not 0 <= value < float("inf"):  # also refuses NaN
-        raise BadRequest(f"{what} must be a number of seconds, 0 or more, not {value!r}")
+def _seconds(what: str, value: float, high: float) -> str:
+    if not 0 <= value <= high:  # also refuses NaN
+        raise BadRequest(f"{what} must be between 0 and {high:g} seconds, not {value!r}")
     return f"{value:g}"

@@ -1,13 +1,14 @@
 """sugarctl: the tiny client of sugard. Standard library only; never imports the daemon.
 
 stdout carries only the result, errors are one line on stderr (a refused reload adds the
-config's problems, one per line), and the exit code says what happened (see HELP), so
-scripts can branch on it.
+config's problems, one per line), and the exit code says what happened (see
+sugard.ctl_help), so scripts can branch on it.
 
 Scripts run sugarctl once per call, so its start-up is most of its cost. It therefore parses
 its few arguments itself rather than with argparse (which imports `re`, about as costly here
 as starting the interpreter), and imports json and datetime only for the outputs that need
-them. See sugard.client for the transport.
+them; help texts (sugard.ctl_help), the status table (sugard.ctl_status) and completion
+scripts (sugard.ctl_completion) only when asked for. See sugard.client for the transport.
 """
 
 from __future__ import annotations
@@ -16,85 +17,54 @@ import os
 import sys
 
 from . import __version__
-from .client import BadRequest, NeedsAttention, SugardClient, SugardError, TokenUnavailable
+from .client import (
+    MAX_MIN_TTL,
+    MAX_WAIT,
+    BadRequest,
+    NeedsAttention,
+    SugardClient,
+    SugardError,
+    TokenUnavailable,
+)
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
     from typing import Any
 
-HELP = """\
-usage: sugarctl [--socket PATH] COMMAND [ARGS]
-
-Get SugarCRM tokens from the sugard daemon.
-
-commands:
-  token NAME [--min-ttl S] [--wait S] [--format bare|header|json|env]
-                 print the access token of instance NAME (bare by default); json: the
-                 whole TOKEN object; env: export lines for SUGAR_URL, SUGAR_TOKEN,
-                 SUGAR_DOWNLOAD_TOKEN
-  header NAME [--min-ttl S] [--wait S]
-                 print 'OAuth-Token: <token>'
-  exec NAME [--min-ttl S] [--wait S] -- CMD [ARGS...]
-                 run CMD with SUGAR_URL, SUGAR_TOKEN and SUGAR_DOWNLOAD_TOKEN set;
-                 CMD's exit status becomes sugarctl's
-  status [NAME] [--json]
-                 state, expires in, last refresh and last error of each instance
-  invalidate NAME [TOKEN]
-                 report TOKEN (default, or -: read from stdin) as refused by Sugar (a 401);
-                 print the token to use now
-  refresh NAME   make sugard renew the session now; print the new token
-  reload         make sugard re-read its config; print what changed, or (exit 6) each
-                 problem of the new config on a line of its own (the old config keeps running)
-  ping           print 'ok' and the daemon's version
-
-options:
-  --socket PATH  the daemon's socket; else $SUGARD_SOCKET, else [daemon].socket of the
-                 config ($SUGARD_CONFIG, else $XDG_CONFIG_HOME/sugard/config.toml), else
-                 $XDG_RUNTIME_DIR/sugard/sugard.sock, else /tmp/sugard-$UID/sugard.sock
-  --min-ttl S    the token must stay valid at least S more seconds (else sugard renews it)
-  --wait S       wait at most S seconds for a token while sugard logs in (default 10,
-                 at most 300)
-  -h, --help     print this help;  --version  print sugarctl's version
-
-exit codes:
-  0    ok
-  1    unexpected answer from the daemon (its log says more)
-  2    usage error (the message says which argument)
-  3    unknown instance (the message lists the configured ones)
-  4    daemon not reachable (start it: systemctl --user start sugard, or sugard run)
-  5    token not available now (Sugar down, or still logging in past --wait), or sugard
-       is at its connection limit: retry later
-  6    instance needs attention (Sugar rejected the credentials, client or platform, or a
-       reload found errors in the config): fix the config, then sugarctl reload
-  7    permission denied by the daemon, or no access to its socket
-  exec: CMD's exit status; 126 if CMD cannot be run, 127 if it is not found
-
-When Sugar answers 401 to a token, report it (sugarctl invalidate NAME TOKEN) and retry once
-with the token printed. Never log in, refresh or log out from a script: that ends the shared
-session for every other script.
-"""
-
-# command -> (required positionals, optional positionals, options it takes)
-_COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
-    "token": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--format"})),
+# command -> (required positionals, optional positionals, options it takes); the help of
+# each is in sugard.ctl_help, in this order.
+COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
+    "token": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--format", "--fingerprint"})),
     "header": (("NAME",), (), frozenset({"--min-ttl", "--wait"})),
     "exec": (("NAME",), (), frozenset({"--min-ttl", "--wait"})),
-    "status": ((), ("NAME",), frozenset({"--json"})),
+    "status": ((), ("NAME",), frozenset({"--json", "--names", "--wait"})),
     "invalidate": (("NAME",), ("TOKEN",), frozenset()),
-    "refresh": (("NAME",), (), frozenset()),
+    "refresh": (("NAME",), (), frozenset({"--retry-rejected"})),
     "reload": ((), (), frozenset()),
+    "shutdown": ((), (), frozenset({"--wait"})),
+    "env": ((), (), frozenset({"--shell"})),
     "ping": ((), (), frozenset()),
+    "help": ((), ("COMMAND",), frozenset()),
+    "completion": (("SHELL",), (), frozenset()),
 }
-_VALUED = frozenset({"--socket", "--min-ttl", "--wait", "--format"})
-_FLAGS = frozenset({"--json"})
-_FORMATS = ("bare", "header", "json", "env")
+VALUED = frozenset({"--socket", "--min-ttl", "--wait", "--format", "--shell"})
+FLAGS = frozenset({"--json", "--names", "--fingerprint", "--retry-rejected"})
+# The values an option or positional may take: checked here, offered by shell completion.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "--format": ("bare", "header", "json", "env"),
+    "--shell": ("sh", "bash", "zsh", "fish"),
+    "SHELL": ("bash", "zsh", "fish"),
+    "COMMAND": tuple(COMMANDS),
+}
+SHUTDOWN_WAIT = 30.0
 
 
 class _Usage(BadRequest):
-    """A usage error: exit status 2, with a pointer to --help."""
+    """A usage error: exit status 2, with a pointer to the help."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(f"{message} (see: sugarctl --help)")
+    def __init__(self, message: str, command: str = "") -> None:
+        where = f"sugarctl help {command}" if command else "sugarctl --help"
+        super().__init__(f"{message} (see: {where})")
 
 
 class _Args:
@@ -111,7 +81,7 @@ class _Args:
     def name(self) -> str | None:
         return self.positionals[0] if self.positionals else None
 
-    def seconds(self, option: str) -> float | None:
+    def seconds(self, option: str, high: float = MAX_WAIT) -> float | None:
         text = self.options.get(option)
         if text is None:
             return None
@@ -119,8 +89,11 @@ class _Args:
             value = float(text)
         except ValueError:
             value = -1.0
-        if not 0 <= value < float("inf"):
-            raise _Usage(f"{option} must be a number of seconds, 0 or more, not {text!r}")
+        if not 0 <= value <= high:  # also refuses NaN
+            raise _Usage(
+                f"{option} must be a number of seconds from 0 to {high:g}, not {text!r}",
+                self.command,
+            )
         return value
 
 
@@ -140,8 +113,8 @@ def parse(argv: list[str]) -> _Args:
             break
         if only_positionals or not arg.startswith("-") or arg == "-":
             if not args.command:
-                if arg not in _COMMANDS:
-                    raise _Usage(f"unknown command {arg!r}; commands: {', '.join(_COMMANDS)}")
+                if arg not in COMMANDS:
+                    raise _Usage(f"unknown command {arg!r}; commands: {', '.join(COMMANDS)}")
                 args.command = arg
             else:
                 args.positionals.append(arg)
@@ -153,41 +126,53 @@ def parse(argv: list[str]) -> _Args:
             args.version = True
         else:
             option, eq, value = arg.partition("=")
-            if option in _FLAGS:
+            if option in FLAGS:
                 if eq:
-                    raise _Usage(f"{option} takes no value")
+                    raise _Usage(f"{option} takes no value", args.command)
                 args.options[option] = ""
-            elif option in _VALUED:
+            elif option in VALUED:
                 if not eq:
                     following = next(rest, None)
                     if following is None:
-                        raise _Usage(f"{option} needs a value")
+                        raise _Usage(f"{option} needs a value", args.command)
                     value = following
                 args.options[option] = value
             else:
-                raise _Usage(f"unknown option {option!r}")
+                raise _Usage(f"unknown option {option!r}", args.command)
     if args.help or args.version:
         return args
     if not args.command:
-        raise _Usage(f"missing COMMAND; one of: {', '.join(_COMMANDS)}")
-    required, optional, takes = _COMMANDS[args.command]
+        raise _Usage(f"missing COMMAND; one of: {', '.join(COMMANDS)}")
+    _check(args)
+    return args
+
+
+def _check(args: _Args) -> None:
+    """What parse() cannot see word by word: counts, combinations and values."""
+    command = args.command
+    required, optional, takes = COMMANDS[command]
     for option in args.options:
         if option != "--socket" and option not in takes:
-            raise _Usage(f"{args.command} does not take {option}")
+            raise _Usage(f"{command} does not take {option}", command)
     if len(args.positionals) < len(required):
         missing = " ".join(required[len(args.positionals) :])
-        raise _Usage(f"{args.command} needs {missing}")
+        raise _Usage(f"{command} needs {missing}", command)
     if len(args.positionals) > len(required) + len(optional):
         extra = args.positionals[len(required) + len(optional)]
-        raise _Usage(f"{args.command} got an extra argument {extra!r}")
-    if args.command == "exec" and not args.argv:
-        raise _Usage("exec needs a command: sugarctl exec NAME -- CMD [ARGS...]")
-    fmt = args.options.get("--format", "bare")
-    if fmt not in _FORMATS:
-        raise _Usage(f"--format must be one of {', '.join(_FORMATS)}, not {fmt!r}")
-    args.seconds("--min-ttl")
+        raise _Usage(f"{command} got an extra argument {extra!r}", command)
+    if command == "exec" and not args.argv:
+        raise _Usage("exec needs a command: sugarctl exec NAME -- CMD [ARGS...]", command)
+    given = [*args.options.items(), *zip(required + optional, args.positionals, strict=False)]
+    for key, value in given:
+        allowed = CHOICES.get(key)
+        if allowed is not None and value not in allowed:
+            raise _Usage(f"{key} must be one of {', '.join(allowed)}, not {value!r}", command)
+    if "--fingerprint" in args.options and "--format" in args.options:
+        raise _Usage("--fingerprint prints only the fingerprint: leave out --format", command)
+    if "--names" in args.options and ("--json" in args.options or args.positionals):
+        raise _Usage("--names prints only the names: leave out --json and NAME", command)
+    args.seconds("--min-ttl", MAX_MIN_TTL)
     args.seconds("--wait")
-    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,17 +181,25 @@ def main(argv: list[str] | None = None) -> int:
     except _Usage as exc:
         print(f"sugarctl: {exc.message}", file=sys.stderr)
         return exc.exit_code
-    if args.help:
-        print(HELP, end="")
+    if args.help or args.command == "help":
+        from .ctl_help import command_help, general_help
+
+        topic = args.command if args.help else (args.name or "")
+        print(command_help(topic) if topic else general_help(tuple(COMMANDS)), end="")
         return 0
     if args.version:
         print(f"sugarctl {__version__}")
+        return 0
+    if args.command == "completion":
+        from .ctl_completion import script
+
+        print(script(args.name or ""), end="")
         return 0
     client = SugardClient(args.options.get("--socket"))
     try:
         return _run(args, client)
     except SugardError as exc:
-        print(f"sugarctl: {_one_line(exc)}", file=sys.stderr)
+        print(f"sugarctl: {_one_line(exc, args)}", file=sys.stderr)
         if isinstance(exc, NeedsAttention):
             # A refused reload: every problem on a line of its own, as `sugard check` prints
             # them, so a long list stays readable and each line can be grepped.
@@ -224,12 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         client.close()
 
 
-def _one_line(exc: SugardError) -> str:
+def _one_line(exc: SugardError, args: _Args) -> str:
     message = exc.message
     # `busy` says "try again in a moment" itself.
     busy = exc.body.get("error") == "busy"
-    if isinstance(exc, TokenUnavailable) and exc.retry_after and not busy:
-        message += f" (try again in {exc.retry_after:g} s)"
+    if isinstance(exc, TokenUnavailable) and not busy:
+        hints = []
+        wait = args.options.get("--wait")
+        if args.command in ("token", "header", "exec") and exc.body:
+            hints.append(f"waited --wait {wait} s" if wait else "waited 10 s, --wait's default")
+        if exc.retry_after:
+            hints.append(f"try again in {exc.retry_after:g} s")
+        message += f" ({'; '.join(hints)})" if hints else ""
     if isinstance(exc, NeedsAttention) and exc.errors:
         message += ":"  # the problems follow, one per line
     return message
@@ -237,27 +236,28 @@ def _one_line(exc: SugardError) -> str:
 
 def _run(args: _Args, client: SugardClient) -> int:
     command, name = args.command, args.name
-    min_ttl, wait = args.seconds("--min-ttl") or 0.0, args.seconds("--wait")
-    if command == "token":
-        _print_token(client.token(name or "", min_ttl, wait), args.options.get("--format", "bare"))
-    elif command == "header":
-        _print_token(client.token(name or "", min_ttl, wait), "header")
-    elif command == "exec":
-        return _exec(client.token(name or "", min_ttl, wait), args.argv, client)
-    elif command == "status":
-        data = client.status(name)
-        if "--json" in args.options:
-            import json
-
-            print(json.dumps(data, indent=2))
+    if command in ("token", "header", "exec"):
+        token = _token(client, args)
+        if command == "exec":
+            return _exec(token, args.argv, client)
+        if "--fingerprint" in args.options:
+            _check_token(token)
+            print(_fingerprint(token["access_token"]))
         else:
-            print(_table([data] if name else data))
+            _print_token(
+                token, args.options.get("--format", "bare") if command == "token" else "header"
+            )
+    elif command == "status":
+        from .ctl_status import status
+
+        return status(client, args.name, args.options, args.seconds("--wait"))
     elif command == "invalidate":
         given = args.positionals[1] if len(args.positionals) > 1 else "-"
         reported = _token_from_stdin() if given == "-" else given
         _print_token(client.invalidate(name or "", reported), "bare")
     elif command == "refresh":
-        _print_token(client.refresh(name or ""), "bare")
+        retry = "--retry-rejected" in args.options
+        _print_token(client.refresh(name or "", retry_rejected=retry), "bare")
     elif command == "reload":
         diff = client.reload()
         print(_reload_summary(diff))
@@ -265,12 +265,90 @@ def _run(args: _Args, client: SugardClient) -> int:
         for message in (diff.get("needs_attention") or {}).values():
             print(f"sugarctl: {message}", file=sys.stderr)
         return 6 if diff.get("needs_attention") else 0
+    elif command == "shutdown":
+        wait = args.seconds("--wait")
+        _shutdown(client, SHUTDOWN_WAIT if wait is None else wait)
+    elif command == "env":
+        client.health()  # the socket must answer: a line for a dead socket helps nobody
+        shell = args.options.get("--shell") or _login_shell()
+        print(_env_line(os.path.abspath(client.socket_path), shell))
     elif command == "ping":
         health = client.health()
         count = health.get("instances", 0)
         plural = "" if count == 1 else "s"
         print(f"ok sugard {health.get('version', '?')} ({count} instance{plural})")
     return 0
+
+
+def _token(client: SugardClient, args: _Args) -> dict[str, Any]:
+    """The token the command line asks for; says on stderr when --min-ttl was not met."""
+    min_ttl = args.seconds("--min-ttl", MAX_MIN_TTL) or 0.0
+    token, lifetime = client.token_answer(args.name or "", min_ttl, args.seconds("--wait"))
+    left = token.get("expires_in")
+    if min_ttl and isinstance(left, int | float) and left < min_ttl:
+        print(f"sugarctl: {_min_ttl_unmet(min_ttl, left, lifetime, args.name)}", file=sys.stderr)
+    return token
+
+
+def _min_ttl_unmet(min_ttl: float, left: float, lifetime: float | None, name: str | None) -> str:
+    said = f"--min-ttl {min_ttl:g} not met: this token of {name!r} is valid {left:g} s more"
+    if lifetime is None:
+        return said
+    if min_ttl > lifetime:
+        return (
+            f"--min-ttl {min_ttl:g} is more than a token of {name!r} can have: Sugar makes them "
+            f"last {lifetime:g} s; this one is valid {left:g} s more"
+        )
+    return (
+        f"{said} (Sugar makes its tokens last {lifetime:g} s; sugard renews them early for "
+        "--min-ttl up to 90% of that)"
+    )
+
+
+def _fingerprint(token: str) -> str:
+    """The name sugard's log gives a token: computed as sugard.secret.fingerprint does (the
+    first 8 hex digits of its SHA-256), here, because sugarctl never imports the daemon."""
+    import hashlib
+
+    return hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+class _StillStopping(SugardError):
+    exit_code = 5
+
+
+def _shutdown(client: SugardClient, wait: float) -> None:
+    """Ask the daemon to stop, then wait until its socket is gone (it removes it last)."""
+    import time
+
+    answer = client.shutdown()
+    pid = answer.get("pid", "?")
+    client.close()  # an open connection of ours would hold up its graceful stop
+    path = client.socket_path
+    deadline = time.monotonic() + wait
+    while os.path.lexists(path):
+        if time.monotonic() >= deadline:
+            raise _StillStopping(
+                f"sugard (pid {pid}) is still stopping after --wait {wait:g} s: requests in "
+                "flight may take up to its [daemon].shutdown_grace; it goes by itself"
+            )
+        time.sleep(0.05)
+    print(f"sugard (pid {pid}) on {path} stopped")
+
+
+def _login_shell() -> str:
+    return "fish" if os.path.basename(os.environ.get("SHELL", "")) == "fish" else "sh"
+
+
+def _env_line(path: str, shell: str) -> str:
+    if shell == "fish":
+        return f"set -gx SUGARD_SOCKET {path if _plain(path) else _fish_quote(path)};"
+    return f"SUGARD_SOCKET={path if _plain(path) else _shell_quote(path)}; export SUGARD_SOCKET;"
+
+
+def _plain(word: str) -> bool:
+    """`word` means itself to every shell, unquoted."""
+    return bool(word) and all(c.isalnum() or c in "/._-+,:@%" for c in word)
 
 
 def _token_from_stdin() -> str:
@@ -331,66 +409,17 @@ def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
+def _fish_quote(value: str) -> str:
+    # In fish's single quotes, backslash escapes a backslash or a quote.
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _reload_summary(diff: dict[str, Any]) -> str:
     parts = [
         f"{key}: {', '.join(diff[key])}" for key in ("added", "removed", "changed") if diff.get(key)
     ]
     unchanged = len(diff.get("unchanged", []))
     return "; ".join(parts or ["no changes"]) + f" ({unchanged} unchanged)"
-
-
-# The status table (`sugard demo` prints it too)
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    import time
-
-    now = time.time()
-    header = ("NAME", "STATE", "EXPIRES IN", "LAST REFRESH", "LAST ERROR")
-    lines = [header]
-    for row in rows:
-        error = row.get("last_error") or {}
-        expires = _epoch(row.get("expires_at"))
-        refreshed = _epoch(row.get("last_refresh"))
-        if expires is None:
-            expires_in = "-"
-        else:
-            expires_in = _duration(expires - now) if expires > now else "expired"
-        last_error = f"{error.get('kind', '')}: {error.get('message', '')}" if error else "-"
-        lines.append(
-            (
-                str(row.get("name", "?")),
-                str(row.get("state", "?")),
-                expires_in,
-                "never" if refreshed is None else _duration(now - refreshed) + " ago",
-                " ".join(last_error.split()),
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False)) + "  " + line[-1]
-        for line in lines
-    )
-
-
-def _epoch(stamp: str | None) -> float | None:
-    """An RFC 3339 UTC time from the daemon, as epoch seconds."""
-    if not stamp:
-        return None
-    from datetime import datetime
-
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds >= 86400:
-        return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    if seconds >= 60:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds}s"
 
 
 if __name__ == "__main__":

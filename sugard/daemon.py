@@ -48,7 +48,7 @@ from .keeper import MAX_SLEEP, Keeper
 from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
 from .sugar import SugarClient, new_http_session
-from .systemd import ListenFd, Notifier
+from .systemd import ListenFd, Notifier, started_by_systemd
 
 __all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socket"]
 
@@ -274,6 +274,10 @@ class Daemon:
         self._lock: SocketLock | None = None
         self._max_sleep = max_sleep
         self._notifier = notifier or Notifier()
+        # Then `sugarctl shutdown` is refused: stopping is systemctl's job.
+        self.under_systemd = (
+            self._notifier.enabled or listen_socket is not None or started_by_systemd()
+        )
         self._apply_log_level = apply_log_level
         self._background: set[asyncio.Task[None]] = set()
 

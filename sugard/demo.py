@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .client import SugardClient
 from .config import load_config
-from .ctl import _table
+from .ctl_status import table
 from .daemon import Daemon
 from .init import write_private
 from .testing import FakeSugar
@@ -67,7 +67,7 @@ async def _demo(once: bool) -> int:
         print(f"sugard socket:  {socket_path}")
         print(f"token for demo: {token['access_token']} (expires in {token['expires_in']} s)")
         print(f"password logins the fake saw: {fake.calls['password']}\n")
-        print(_table(status))
+        print(table(status))
         ctl = _sugarctl_command()
         print(
             "\nRun `sugard demo` (no --once) to keep it running; then, in another terminal:"

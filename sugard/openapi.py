@@ -23,6 +23,7 @@ ERROR_CODES = (
     "method_not_allowed",
     "not_found",
     "token_unavailable",
+    "under_systemd",
     "unknown_instance",
     "upstream_rejected",
 )
@@ -92,11 +93,21 @@ def _with_instance(**answers: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+_TOKEN_LIFETIME = {
+    "description": "only when the token has less than `min_ttl` left (no token of this "
+    "instance can have it): the lifetime in seconds Sugar gives its tokens",
+    "required": False,
+    "schema": {"type": "string", "pattern": "^[0-9]+$"},
+}
+
+
 def _token_answers(**extra: dict[str, Any]) -> dict[str, Any]:
     return _with_instance(
         **{
             "200": _json(
-                _ref("Token"), "the access token to use now", **{"Cache-Control": _NO_STORE}
+                _ref("Token"),
+                "the access token to use now",
+                **{"Cache-Control": _NO_STORE, "Sugard-Token-Lifetime": _TOKEN_LIFETIME},
             ),
             "502": _error(
                 "Sugar refused the credentials, client or platform; a person must fix the config",
@@ -184,6 +195,7 @@ SCHEMAS: dict[str, Any] = {
             "refresh_at",
             "last_refresh",
             "last_error",
+            "token_fingerprint",
             "logins",
             "refreshes",
             "failures",
@@ -210,6 +222,13 @@ SCHEMAS: dict[str, Any] = {
                     # True only while the state is caused by it; else it is history.
                     "current": {"type": "boolean"},
                 },
+            },
+            "token_fingerprint": {
+                "type": "string",
+                "nullable": True,
+                "pattern": "^[0-9a-f]{8}$",
+                "description": "the name the log gives the current token (null: no token); "
+                "`sugarctl token NAME --fingerprint` prints the same",
             },
             "logins": _COUNT,
             "refreshes": _COUNT,
@@ -255,6 +274,29 @@ SCHEMAS: dict[str, Any] = {
             }
         },
         "example": {"access_token": "4c0f5cb8-6bb0-4c6b-9d2e-2f4a8f9e1d7a"},
+    },
+    "RefreshRequest": {
+        "type": "object",
+        "properties": {
+            "retry_rejected": {
+                "type": "boolean",
+                "default": False,
+                "description": "send a password (or client secret) Sugar rejected once more, "
+                "although it did not change (after an administrator unlocked the account); "
+                "Sugar may count it as a failed login",
+            }
+        },
+        "additionalProperties": False,
+        "example": {"retry_rejected": True},
+    },
+    "Shutdown": {
+        "type": "object",
+        "required": ["status", "pid"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"type": "string", "enum": ["stopping"]},
+            "pid": {"type": "integer", "minimum": 1},
+        },
     },
     "ReloadResult": {
         "type": "object",
@@ -384,7 +426,18 @@ def _document() -> dict[str, Any]:
                 "post": {
                     "operationId": "refresh",
                     "summary": "renew the token now, even from `failed` or during backoff",
-                    "responses": _token_answers(),
+                    "description": "A password or client secret that Sugar rejected is not "
+                    "sent again unless it changed since, or the body asks for it.",
+                    "requestBody": {
+                        "required": False,
+                        "content": {"application/json": {"schema": _ref("RefreshRequest")}},
+                    },
+                    "responses": _token_answers(
+                        **{
+                            "408": _error("the body did not arrive in time", "bad_request"),
+                            "413": _error("the body is larger than 64 KiB", "bad_request"),
+                        }
+                    ),
                 },
             },
             "/v1/reload": {
@@ -396,6 +449,25 @@ def _document() -> dict[str, Any]:
                         "200": _json(_ref("ReloadResult"), "what the reload changed"),
                         "422": _json(
                             _ref("ReloadError"), "the new config is invalid; the old one runs on"
+                        ),
+                    },
+                }
+            },
+            "/v1/shutdown": {
+                "post": {
+                    "operationId": "shutdown",
+                    "summary": "stop the daemon as SIGTERM does (the daemon's owner and root "
+                    "only); refused when systemd runs it",
+                    "responses": {
+                        **_COMMON,
+                        "202": _json(
+                            _ref("Shutdown"),
+                            "stopping: requests in flight finish (within shutdown_grace), "
+                            "then the socket is removed and the process exits",
+                        ),
+                        "409": _error(
+                            "systemd runs this daemon: `systemctl --user stop sugard`",
+                            "under_systemd",
                         ),
                     },
                 }

@@ -24,7 +24,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "Notifier",
     "listen_fds",
     "setup_logging",
+    "started_by_systemd",
     "stderr_is_journal",
 ]
 
@@ -175,6 +176,17 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[ListenFd
             ) from None
         passed.append(ListenFd(sock, name))
     return passed
+
+
+def started_by_systemd(environ: Mapping[str, str] | None = None) -> bool:
+    """systemd runs this process as a unit: it sets INVOCATION_ID for every unit, and (from
+    systemd 248) SYSTEMD_EXEC_PID to the pid it started. A shell started from a service (some
+    terminals are services) inherits both, with another process's pid: not run by systemd."""
+    env = os.environ if environ is None else environ
+    if not env.get("INVOCATION_ID"):
+        return False
+    exec_pid = env.get("SYSTEMD_EXEC_PID")
+    return exec_pid is None or exec_pid == str(os.getpid())
 
 
 # Logging

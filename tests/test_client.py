@@ -60,7 +60,54 @@ def test_every_call_through_the_daemon(fake: FakeSugar, daemon) -> None:
         assert fake.valid(refreshed)
         assert {"added": [], "removed": [], "changed": [], "unchanged": ["prod"]} == client.reload()
         assert ("ok", 1) == (client.health()["status"], client.health()["instances"])
+        assert fake.valid(client.refresh("prod", retry_rejected=True)["access_token"])
         assert 1 == client.connections_opened
+
+
+def test_token_answer_gives_the_lifetime_when_min_ttl_cannot_be_met(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """token_answer() is token() plus, when the token has less than min_ttl left, the
+    lifetime Sugar gives this instance's tokens; None when min_ttl is met."""
+    fake.access_lifetime = 60
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    with SugardClient(daemon.socket) as client:
+        token, lifetime = client.token_answer("prod", min_ttl=10, wait=20)
+        assert (True, None) == (fake.valid(token["access_token"]), lifetime)
+        token, lifetime = client.token_answer("prod", min_ttl=3600)
+        assert (True, 60.0) == (fake.valid(token["access_token"]), lifetime)
+        assert token["expires_in"] <= 60
+
+
+def test_shutdown_of_a_daemon_systemd_runs_is_a_bad_request(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """shutdown() of a daemon started by systemd raises BadRequest (`under_systemd`) naming
+    systemctl; of one started by hand, it answers and the daemon goes."""
+    config = write_config(short_dir, {"prod": instance(fake)})
+    supervised = start_daemon(config, env={"INVOCATION_ID": "0123456789abcdef"})
+    with SugardClient(supervised.socket) as client, pytest.raises(BadRequest) as caught:
+        client.shutdown()
+    assert ("under_systemd", 2) == (caught.value.body["error"], caught.value.exit_code)
+    assert "systemctl --user stop sugard" in caught.value.message
+    supervised.stop()
+    by_hand = start_daemon(config)
+    with SugardClient(by_hand.socket) as client:
+        answer = client.shutdown()
+    assert {"status": "stopping", "pid": by_hand.proc.pid} == answer
+    assert 0 == by_hand.proc.wait(15)
+
+
+def test_the_clients_limits_are_the_daemons() -> None:
+    """The bounds the client checks before asking are the ones the daemon enforces."""
+    from sugard import api, client
+
+    assert (api.DEFAULT_WAIT, api.MAX_WAIT, api.MAX_MIN_TTL) == (
+        client.DEFAULT_WAIT,
+        client.MAX_WAIT,
+        client.MAX_MIN_TTL,
+    )
+    assert api.TOKEN_LIFETIME_HEADER.lower().encode() == client.LIFETIME_HEADER
 
 
 def test_errors_are_typed_with_the_exit_codes(

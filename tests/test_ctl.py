@@ -3,10 +3,13 @@ code, scriptable output, and the lean start-up (what it imports)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
+import re
 import select
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,8 +21,10 @@ from conftest import SUGARCTL, SUGARD, TOKEN_KEYS, USER, instance, sugarctl, wri
 
 import sugard
 from sugard import __version__
-from sugard.client import SugardClient, TokenUnavailable
+from sugard.client import BadRequest, SugardClient, TokenUnavailable
 from sugard.config import INSTANCE_KEYS_HELP
+from sugard.ctl import COMMANDS
+from sugard.secret import fingerprint
 from sugard.testing import FakeSugar
 
 NOBODY = 65534
@@ -165,11 +170,42 @@ def test_exec_of_a_missing_or_unrunnable_command(daemon, short_dir: Path) -> Non
 # status, invalidate, refresh, reload, ping
 
 
-def test_status_table_on_a_terminal_and_json(
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def on_a_terminal(
+    argv: list[str], env: dict[str, str] | None = None, *, stderr_too: bool = False
+) -> tuple[int, str, str]:
+    """Run `argv` with stdout (and stderr, if asked) on a pty: (status, pty text, stderr)."""
+    main, secondary = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdout=secondary,
+            stderr=secondary if stderr_too else subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
+        os.close(secondary)
+        output = b""
+        while chunk := _read_pty(main):
+            output += chunk
+        stderr = ""
+        if proc.stderr is not None:
+            with proc.stderr:
+                stderr = proc.stderr.read().decode()
+        proc.wait(30)
+    finally:
+        os.close(main)
+    return proc.returncode, output.decode().replace("\r\n", "\n"), stderr
+
+
+def test_status_table_fits_80_columns_with_short_errors_and_colour_on_a_terminal_only(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
-    """`status` prints a table (on a terminal too) with the failing instance's last error;
-    `--json` prints the STATUS list, or one object for a NAME."""
+    """`status` prints NAME, STATE, EXPIRES IN, NEXT REFRESH, LAST REFRESH and the last error
+    as its kind and age, within 80 columns however long Sugar's message; coloured on a
+    terminal, never with NO_COLOR or into a pipe; the full text is in `status NAME` and
+    `--json`."""
     config = write_config(
         short_dir,
         {"prod": instance(fake), "broken": instance(fake, username="admin", password="wrong")},
@@ -177,49 +213,92 @@ def test_status_table_on_a_terminal_and_json(
     daemon = start_daemon(config)
     assert 0 == sugarctl(daemon.socket, "token", "prod", "--wait", "20").returncode
     assert 6 == sugarctl(daemon.socket, "token", "broken", "--wait", "20").returncode
-    main, secondary = pty.openpty()
-    try:
-        proc = subprocess.run(
-            [SUGARCTL, "--socket", str(daemon.socket), "status"],
-            stdout=secondary,
-            stderr=subprocess.PIPE,
-            timeout=30,
-            check=False,
-        )
-        os.close(secondary)
-        output = b""
-        while chunk := _read_pty(main):
-            output += chunk
-    finally:
-        os.close(main)
-    assert 0 == proc.returncode, proc.stderr
-    lines = output.decode().replace("\r\n", "\n").splitlines()
-    assert ["NAME", "STATE", "EXPIRES", "IN", "LAST", "REFRESH", "LAST", "ERROR"] == lines[
-        0
-    ].split()
+    argv = [SUGARCTL, "--socket", str(daemon.socket), "status"]
+
+    code, coloured, _ = on_a_terminal(argv, {"NO_COLOR": ""})
+    _, plain_on_tty, _ = on_a_terminal(argv, {"NO_COLOR": "1"})
+    piped = run(*argv[1:], env={"NO_COLOR": ""})
+
+    assert 0 == code
+    assert "\x1b[" in coloured
+    assert "\x1b[" not in plain_on_tty
+    assert "\x1b[" not in piped.stdout
+    lines = ANSI.sub("", coloured).splitlines()
+    assert [
+        ["NAME", "STATE", "EXPIRES", "IN", "NEXT", "REFRESH", "LAST", "REFRESH", "LAST", "ERROR"]
+    ] == [lines[0].split()]
+    assert all(len(line) <= 80 for line in lines + piped.stdout.splitlines()), lines
     rows = {line.split()[0]: line.split() for line in lines[1:]}
     assert {"broken", "prod"} == set(rows)
-    _, state, expires_in, ago, ago_word, last_error = rows["prod"]
+    _, state, expires_in, next_refresh, ago, ago_word, last_error = rows["prod"]
     assert ("ready", "ago", "-") == (state, ago_word, last_error)
+    assert re.fullmatch(r"[0-9]+s", ago)
     assert expires_in.startswith("59m")
-    assert ago.endswith("s")
-    assert [
-        "broken",
-        "failed",
-        "-",
-        "never",
-        "credentials:",
-        "Sugar",
-        "rejected",
-        "the",
-        "credentials",
-    ] == rows["broken"][:9]
+    assert next_refresh.startswith("5")  # refresh_before 300 s, with jitter: ~55 min
+    assert ["broken", "failed", "-", "-", "never", "credentials,"] == rows["broken"][:6]
+    assert re.fullmatch(r"[0-9]+s", rows["broken"][6])
+    assert "ago" == rows["broken"][7]
+    assert 8 == len(rows["broken"])  # the message is for `status broken`
+
     listed = json.loads(sugarctl(daemon.socket, "status", "--json").stdout)
     assert ["broken", "prod"] == [s["name"] for s in listed]
+    message = listed[0]["last_error"]["message"]
+    assert "Sugar rejected the credentials" in message
     one = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
     assert ("prod", "ready", USER) == (one["name"], one["state"], one["username"])
-    table = sugarctl(daemon.socket, "status", "prod").stdout.splitlines()
-    assert 2 == len(table)
+    detail = sugarctl(daemon.socket, "status", "broken").stdout
+    assert detail.startswith("broken: failed\n")
+    assert " ".join(message.split()) in detail
+    assert re.search(r"last error +credentials, [0-9]+s ago \(.*Z\), now\n", detail)
+
+
+def test_a_past_error_is_shown_with_its_age_never_as_the_current_state(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """After a failure the instance recovered from, status keeps the error as past: the
+    table says `was KIND, AGE ago` in the LAST ERROR column (dim on a terminal, not red), and
+    `status NAME` says it recovered since."""
+    fake.fail_next(1, "503")
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    assert 0 == sugarctl(daemon.socket, "token", "prod", "--wait", "20").returncode
+    status = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
+    assert ("ready", "server_error") == (status["state"], status["last_error"]["kind"])
+
+    table = sugarctl(daemon.socket, "status").stdout.splitlines()
+    _, coloured, _ = on_a_terminal(
+        [SUGARCTL, "--socket", str(daemon.socket), "status"], {"NO_COLOR": ""}
+    )
+    detail = sugarctl(daemon.socket, "status", "prod").stdout
+
+    assert re.search(r"  was server_error, [0-9]+s ago$", table[1]), table
+    assert "\x1b[2mwas server_error" in coloured  # dim: past
+    assert "\x1b[31m" not in coloured  # nothing red: nothing is wrong now
+    assert re.search(r"last error +server_error, [0-9]+s ago \(.*Z\), past: it recovered", detail)
+
+
+def test_status_wait_shows_it_is_waiting_on_a_terminal(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """`status --wait S` waits while an instance logs in, saying so on a terminal's stderr
+    (and nothing on a pipe's), then prints the table once it is ready; a wait that runs out
+    exits 5 naming --wait."""
+    fake.delay = 2.0
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    argv = [SUGARCTL, "--socket", str(daemon.socket), "status", "--wait", "30"]
+
+    short = sugarctl(daemon.socket, "status", "--wait", "0.2")
+    code, screen, _ = on_a_terminal(argv, stderr_too=True)
+
+    assert 5 == short.returncode
+    assert short.stdout.startswith("NAME")  # the table still comes
+    assert "sugarctl: still starting or logging in after --wait 0.2 s: prod\n" == short.stderr
+    assert 0 == code
+    assert "sugarctl: waiting for prod (logging_in)" in screen
+    assert "of --wait 30" in screen
+    table = screen.rpartition("\x1b[K")[2]  # the waiting line is cleared before the table
+    assert " ready " in ANSI.sub("", table)
+    quiet = sugarctl(daemon.socket, "status", "--wait", "30")
+    assert (0, "") == (quiet.returncode, quiet.stderr)
 
 
 def _read_pty(fd: int) -> bytes:
@@ -304,10 +383,15 @@ def test_reload_prints_the_changes_or_each_problem_on_its_own_line(
     assert "prod, staging" in sugarctl(daemon.socket, "token", "bad").stderr
 
 
-def test_ping(daemon) -> None:
-    """`ping` prints ok and the daemon's version."""
+def test_ping_prints_what_the_readme_shows(daemon) -> None:
+    """`ping` prints ok, the daemon's version and `(1 instance)`, as README shows it."""
     result = sugarctl(daemon.socket, "ping")
     assert (0, f"ok sugard {__version__} (1 instance)\n") == (result.returncode, result.stdout)
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    shown = re.findall(r"sugarctl ping +# (ok sugard \S+ \(.*?\))", readme)
+    assert shown, "README shows what ping prints"
+    for line in shown:
+        assert result.stdout.strip() == line.replace(line.split()[2], __version__)
 
 
 # Exit codes
@@ -320,12 +404,21 @@ def test_ping(daemon) -> None:
         (["frobnicate"], "unknown command 'frobnicate'"),
         (["token"], "token needs NAME"),
         (["token", "prod", "extra"], "extra argument 'extra'"),
-        (["token", "prod", "--wait", "-1"], "--wait must be a number of seconds"),
+        (["token", "prod", "--wait", "-1"], "--wait must be a number of seconds from 0 to 300"),
+        (["token", "prod", "--wait", "301"], "--wait must be a number of seconds from 0 to 300"),
         (["token", "prod", "--min-ttl=soon"], "--min-ttl must be a number of seconds"),
+        (["token", "prod", "--min-ttl=86401"], "--min-ttl must be a number of seconds from 0"),
+        (["token", "prod", "--fingerprint", "--format", "json"], "leave out --format"),
+        (["status", "--names", "--json"], "--names prints only the names"),
+        (["env", "--shell", "tcsh"], "--shell must be one of sh, bash, zsh, fish"),
+        (["completion"], "completion needs SHELL"),
+        (["completion", "powershell"], "SHELL must be one of bash, zsh, fish"),
+        (["help", "frobnicate"], "COMMAND must be one of token, header"),
         (["token", "prod", "--wait"], "--wait needs a value"),
         (["token", "prod", "--format", "xml"], "--format must be one of"),
         (["token", "prod", "--verbose"], "unknown option '--verbose'"),
-        (["status", "--wait", "3"], "status does not take --wait"),
+        (["ping", "--wait", "3"], "ping does not take --wait"),
+        (["reload", "--retry-rejected"], "reload does not take --retry-rejected"),
         (["status", "--json=yes"], "--json takes no value"),
         (["exec", "prod"], "exec needs a command"),
         (["exec", "prod", "--"], "exec needs a command"),
@@ -337,14 +430,31 @@ def test_usage_errors_exit_2_with_one_line(short_dir: Path, argv: list[str], say
     assert 2 == result.returncode
     line = one_error_line(result)
     assert says in line
-    assert "sugarctl --help" in line
+    command = next((word for word in argv if not word.startswith("-")), None)
+    pointer = f"(see: sugarctl help {command})" if command in COMMANDS else "(see: sugarctl --help)"
+    assert line.endswith(pointer)
 
 
 def test_a_wait_the_daemon_refuses_exits_2(daemon) -> None:
-    """The daemon's 400 (a wait over 300 s) is a usage error too, with the daemon's reason."""
-    result = sugarctl(daemon.socket, "token", "prod", "--wait", "301")
-    assert 2 == result.returncode
-    assert "wait" in one_error_line(result)
+    """The daemon's 400 (a wait over 300 s) is a usage error too, with the daemon's reason:
+    what the client library says in the API's words, sugarctl says in its flags' (above)."""
+    with daemon.client() as client, pytest.raises(BadRequest) as caught:
+        client.token("prod", wait=301)
+    assert "wait must be between 0 and 300 seconds" in caught.value.message
+    raw = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--unix-socket",
+            str(daemon.socket),
+            "http://sugard/v1/instances/prod/token?wait=301",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "bad_request" == json.loads(raw.stdout)["error"]
 
 
 def test_unknown_instance_exits_3_listing_the_configured_ones(
@@ -531,29 +641,8 @@ def test_socket_from_option_environment_or_config(
     assert 0 == run("token", "prod", env=isolated).returncode
 
 
-def test_help_and_version() -> None:
-    """--help lists every command and exit code; --version prints the version."""
-    help_text = run("--help")
-    assert 0 == help_text.returncode
-    for word in (
-        "token",
-        "header",
-        "exec",
-        "status",
-        "invalidate",
-        "refresh",
-        "reload",
-        "ping",
-        "--socket",
-        "--min-ttl",
-        "--wait",
-        "--format",
-        "SUGARD_SOCKET",
-    ):
-        assert word in help_text.stdout
-    for code in range(8):
-        assert f"\n  {code}  " in help_text.stdout
-    assert help_text.stdout == run("token", "--help").stdout
+def test_version() -> None:
+    """--version prints sugarctl's version (help is tests/test_help.py's)."""
     assert f"sugarctl {__version__}\n" == run("--version").stdout
 
 
@@ -602,7 +691,8 @@ def test_sugarctl_never_imports_aiohttp_asyncio_tenacity_or_the_daemon(daemon) -
             argv = ["token", "prod", "--format", "env"]
         loaded = modules_after([], daemon.socket, *argv)
         ours = {m for m in loaded if m == "sugard" or m.startswith("sugard.")}
-        assert {"sugard", "sugard.client", "sugard.ctl"} == ours, argv
+        status_table = {"sugard.ctl_status"} if argv[0] == "status" else set()
+        assert {"sugard", "sugard.client", "sugard.ctl"} | status_table == ours, argv
         for heavy in ("aiohttp", "asyncio", "tenacity", "tomli_w", "multidict", "yarl"):
             assert heavy not in loaded, (argv, heavy)
 
@@ -635,3 +725,330 @@ def test_sugarctl_token_imports_only_cheap_modules(daemon) -> None:
     ).stdout.split()
     loaded = modules_after(["-I", "-S"], daemon.socket, "token", "prod")
     assert set() == loaded - set(bare) - cheap
+
+
+# --min-ttl, --wait and fingerprints in the flags' own words
+
+
+def test_a_min_ttl_longer_than_tokens_live_is_said_on_stderr(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """`--min-ttl` beyond the lifetime Sugar gives tokens still prints the token (the best
+    there is), and says on stderr, naming --min-ttl and the lifetime, that it is shorter;
+    a min-ttl the token meets says nothing."""
+    fake.access_lifetime = 60
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    met = sugarctl(daemon.socket, "token", "prod", "--min-ttl", "10", "--wait", "20")
+    assert (0, "") == (met.returncode, met.stderr)
+
+    unmet = sugarctl(daemon.socket, "token", "prod", "--min-ttl", "7200")
+    header = sugarctl(daemon.socket, "header", "prod", "--min-ttl", "7200")
+
+    assert 0 == unmet.returncode
+    assert fake.valid(unmet.stdout.strip())
+    assert re.fullmatch(
+        r"sugarctl: --min-ttl 7200 is more than a token of 'prod' can have: Sugar makes them "
+        r"last 60 s; this one is valid [0-9]+ s more\n",
+        unmet.stderr,
+    )
+    assert "min_ttl" not in unmet.stderr
+    assert header.stdout.startswith("OAuth-Token: ")
+    assert "--min-ttl 7200" in header.stderr
+    curl = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-D",
+            "-",
+            "--unix-socket",
+            str(daemon.socket),
+            "http://sugard/v1/instances/prod/token?min_ttl=7200",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "sugard-token-lifetime: 60\n" in curl.stdout.lower()
+
+
+def test_token_unavailable_names_the_wait_flag(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """No token within --wait: the message says how long it waited, as `--wait S`."""
+    fake.fail_next(1000, "503")
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    result = sugarctl(daemon.socket, "token", "prod", "--wait", "0.3")
+    assert 5 == result.returncode
+    line = one_error_line(result)
+    assert "(waited --wait 0.3 s; try again in " in line
+    assert "wait=" not in line
+
+
+def test_token_fingerprint_matches_the_log_and_status(fake: FakeSugar, daemon) -> None:
+    """`token NAME --fingerprint` prints the 8 hex digits sugard's log names the token by
+    (sugard.secret.fingerprint), and `status NAME` shows the same."""
+    token = sugarctl(daemon.socket, "token", "prod").stdout.strip()
+    result = sugarctl(daemon.socket, "token", "prod", "--fingerprint")
+    assert 0 == result.returncode, result.stderr
+    printed = result.stdout.strip()
+    assert fingerprint(token) == printed == hashlib.sha256(token.encode()).hexdigest()[:8]
+    assert f"prod: token {printed}, valid" in daemon.log()
+    assert token not in result.stdout
+    assert (
+        f"token         {printed} (fingerprint), expires in"
+        in sugarctl(daemon.socket, "status", "prod").stdout
+    )
+    status = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
+    assert printed == status["token_fingerprint"]
+
+
+# env
+
+
+def test_env_prints_the_answering_socket_for_sh_and_fish(fake: FakeSugar, short_dir: Path) -> None:
+    """`env` prints the SUGARD_SOCKET line of the socket it found answering (quoted when the
+    path needs it); eval'd in a shell with no XDG_RUNTIME_DIR (cron, su), sugarctl finds the
+    daemon. A socket nobody answers on prints nothing and exits 4."""
+    from conftest import DaemonProcess
+
+    sock = short_dir / "a b" / "s.sock"
+    sock.parent.mkdir(mode=0o700)
+    daemon = DaemonProcess(write_config(short_dir, {"prod": instance(fake)}), sock)
+    try:
+        daemon.wait_ready()
+        sh = sugarctl(sock, "env")
+        fish_line = sugarctl(sock, "env", "--shell", "fish")
+        plain = run("env", env={"SUGARD_SOCKET": str(sock.parent.parent / "x.sock")})
+        cron = {k: v for k, v in os.environ.items() if not k.startswith(("XDG_", "SUGARD_"))}
+        cron["HOME"] = str(short_dir)  # no config there either
+        shell = subprocess.run(
+            [
+                "sh",
+                "-c",
+                f'eval "$({SUGARCTL} --socket "$1" env)"; exec {SUGARCTL} ping',
+                "sh",
+                str(sock),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=cron,
+            check=False,
+        )
+        fish = shutil.which("fish")
+        if fish:
+            in_fish = subprocess.run(
+                [
+                    fish,
+                    "--no-config",
+                    "-c",
+                    f"eval ({SUGARCTL} --socket '{sock}' env --shell fish); {SUGARCTL} ping",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                env=cron,
+                check=False,
+            )
+    finally:
+        daemon.stop()
+
+    assert (0, f"SUGARD_SOCKET='{sock}'; export SUGARD_SOCKET;\n") == (sh.returncode, sh.stdout)
+    assert f"set -gx SUGARD_SOCKET '{sock}';\n" == fish_line.stdout
+    assert 4 == plain.returncode
+    assert "x.sock" in one_error_line(plain)
+    assert (0, "ok") == (shell.returncode, shell.stdout[:2]), shell.stderr
+    if not fish:
+        print("fish is not installed: `eval (sugarctl env --shell fish)` not run in fish")
+    else:
+        assert (0, "ok") == (in_fish.returncode, in_fish.stdout[:2]), in_fish.stderr
+
+
+def test_env_line_without_quotes_for_a_plain_path(daemon) -> None:
+    """The usual socket path comes out exactly as ssh-agent prints its own variable."""
+    result = sugarctl(daemon.socket, "env", "--shell", "bash")
+    assert f"SUGARD_SOCKET={daemon.socket}; export SUGARD_SOCKET;\n" == result.stdout
+
+
+# shutdown
+
+
+def test_shutdown_stops_a_daemon_started_by_hand(daemon) -> None:
+    """`shutdown` makes the daemon stop as SIGTERM does: sugarctl returns once the socket is
+    gone, the daemon exits 0, and its log says who asked."""
+    result = sugarctl(daemon.socket, "shutdown")
+    assert 0 == result.returncode, result.stderr
+    assert f"sugard (pid {daemon.proc.pid}) on {daemon.socket} stopped\n" == result.stdout
+    assert not daemon.socket.exists()
+    assert 0 == daemon.proc.wait(15)
+    assert "stopping: asked by pid" in daemon.log()
+    assert "sugard stopped" in daemon.log()
+    again = sugarctl(daemon.socket, "shutdown")
+    assert 4 == again.returncode
+
+
+@pytest.mark.parametrize("systemd_env", ["INVOCATION_ID", "NOTIFY_SOCKET"])
+def test_shutdown_under_systemd_says_to_use_systemctl(
+    fake: FakeSugar, short_dir: Path, start_daemon, systemd_env: str
+) -> None:
+    """A daemon systemd started (INVOCATION_ID, or a notify socket to report to) refuses
+    `shutdown` with exit 2, pointing at `systemctl --user stop sugard`, and keeps serving."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    env = {"INVOCATION_ID": "0123456789abcdef"}
+    if systemd_env == "NOTIFY_SOCKET":
+        env = {"NOTIFY_SOCKET": str(short_dir / "notify")}
+    try:
+        daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}), env=env)
+        result = sugarctl(daemon.socket, "shutdown")
+        assert 2 == result.returncode
+        assert "systemctl --user stop sugard" in one_error_line(result)
+        assert 0 == sugarctl(daemon.socket, "ping").returncode
+    finally:
+        notify.close()
+
+
+def test_shutdown_of_a_socket_activated_daemon_says_to_use_systemctl(
+    fake: FakeSugar, short_dir: Path
+) -> None:
+    """A daemon on a socket that socket activation passed in refuses `shutdown` too: the
+    socket outlives it, and the next connection would start it again."""
+    if shutil.which("systemd-socket-activate") is None:
+        pytest.skip("systemd-socket-activate is not installed (Debian's systemd package)")
+    config = write_config(short_dir, {"prod": instance(fake)})
+    path = short_dir / "act.sock"
+    with (short_dir / "activate.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["systemd-socket-activate", "-l", str(path), SUGARD, "run", "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while not path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = sugarctl(path, "shutdown")
+        assert 2 == result.returncode, (short_dir / "activate.log").read_text()
+        assert "systemctl --user stop sugard" in one_error_line(result)
+        assert 0 == sugarctl(path, "ping").returncode
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_shutdown_works_where_systemd_variables_were_only_inherited(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """A daemon started by hand from a shell that a service started (some terminals are
+    services) inherits INVOCATION_ID with another pid in SYSTEMD_EXEC_PID: not systemd's."""
+    env = {"INVOCATION_ID": "0123456789abcdef", "SYSTEMD_EXEC_PID": str(os.getpid())}
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}), env=env)
+    result = sugarctl(daemon.socket, "shutdown")
+    assert 0 == result.returncode, result.stderr
+    assert 0 == daemon.proc.wait(15)
+
+
+def test_the_table_takes_the_daemons_word_on_whether_an_error_is_current() -> None:
+    """With `last_error.current` in STATUS, the table follows it whatever the state; without
+    it, an instance that is ready or refreshing has recovered."""
+    from sugard.ctl_status import table
+
+    def row(state: str, **error: object) -> dict[str, object]:
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 125))
+        return {
+            "name": "prod",
+            "state": state,
+            "last_error": {"at": at, "kind": "timeout", **error},
+        }
+
+    def error_cell(status: dict[str, object]) -> str:
+        return table([status]).splitlines()[1].split("  ")[-1].strip()
+
+    assert re.fullmatch(r"timeout, 2m0[5-9]s ago", error_cell(row("backing_off")))
+    assert error_cell(row("ready")).startswith("was timeout, 2m")
+    assert error_cell(row("backing_off", current=False)).startswith("was timeout")
+    assert error_cell(row("ready", current=True)).startswith("timeout, 2m")
+
+
+def test_shutdown_is_for_the_owner_only(fake: FakeSugar, short_dir: Path, start_daemon) -> None:
+    """A uid allowed to use the tokens (allowed_uids) may not shut the daemon down: exit 7."""
+    config = write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
+    daemon = start_daemon(config)
+    daemon.socket.parent.chmod(0o755)
+    daemon.socket.chmod(0o666)
+    argv = [*AS_NOBODY, SUGARCTL, "--socket", str(daemon.socket)]
+    ping = subprocess.run([*argv, "ping"], capture_output=True, text=True, timeout=30, check=False)
+    refused = subprocess.run(
+        [*argv, "shutdown"], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert 0 == ping.returncode, ping.stderr
+    assert 7 == refused.returncode
+    assert f"uid {NOBODY} may not shut down sugard" in one_error_line(refused)
+    assert daemon.proc.poll() is None
+
+
+# refresh --retry-rejected
+
+
+def test_refresh_retry_rejected_sends_the_body_and_the_daemon_takes_it(
+    fake: FakeSugar, daemon, short_dir: Path
+) -> None:
+    """`refresh NAME --retry-rejected` sends {"retry_rejected": true} (seen by a listener
+    standing in for the daemon); the real daemon accepts that body and refuses a malformed
+    one with 400."""
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(short_dir / "spy.sock"))
+    listener.listen(1)
+    seen: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data or not data.endswith(b"}"):
+                data += conn.recv(65536)
+            seen.append(data)
+            body = json.dumps({"error": "bad_request", "message": "seen"}).encode()
+            conn.sendall(
+                b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+
+    import threading
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    try:
+        spied = sugarctl(short_dir / "spy.sock", "refresh", "prod", "--retry-rejected")
+    finally:
+        thread.join(30)
+        listener.close()
+    head, _, body = seen[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/instances/prod/refresh HTTP/1.1\r\n")
+    assert {"retry_rejected": True} == json.loads(body)
+    assert 2 == spied.returncode
+
+    real = sugarctl(daemon.socket, "refresh", "prod", "--retry-rejected")
+    assert 0 == real.returncode, real.stderr
+    assert fake.valid(real.stdout.strip())
+    bad = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--unix-socket",
+            str(daemon.socket),
+            "-X",
+            "POST",
+            "-d",
+            '{"retry_rejected": "yes"}',
+            "http://sugard/v1/instances/prod/refresh",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert "bad_request" == json.loads(bad.stdout)["error"]

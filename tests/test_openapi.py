@@ -128,7 +128,9 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(
     document = live.get("http://sugard/v1/openapi.json").json()
     schema = schemathesis.openapi.from_dict(document)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert 8 == len(operations)
+    assert 9 == len(operations)
+    # A shutdown would end the daemon under the other examples: it has a test of its own.
+    operations = [op for op in operations if op.path != "/v1/shutdown"]
     calls: dict[str, int] = {}
     statuses: set[int] = set()
     for operation in operations:
@@ -160,3 +162,21 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(
     print(f"schemathesis ran {total} examples: {json.dumps(calls, indent=1)}")
     assert total >= 8 * 5 + 4 * 5
     assert {200, 400, 404} <= statuses  # the examples reached real tokens, bad input, unknowns
+
+
+@pytest.mark.parametrize("systemd", [False, True])
+def test_shutdown_answers_as_described(
+    fake: FakeSugar, short_dir: Path, start_daemon, systemd: bool
+) -> None:
+    """POST /v1/shutdown answers 202 (then the daemon goes), or 409 `under_systemd` for a
+    daemon systemd started, each checked by schemathesis against the served document."""
+    env = {"INVOCATION_ID": "0123456789abcdef"} if systemd else {}
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}), env=env)
+    with unix_session(daemon.socket) as session:
+        document = session.get("http://sugard/v1/openapi.json").json()
+        schema = schemathesis.openapi.from_dict(document)
+        case = schema["/v1/shutdown"]["POST"].Case()
+        response = case.call_and_validate(session=session, base_url="http://sugard")
+    assert (409 if systemd else 202) == response.status_code
+    if not systemd:
+        assert 0 == daemon.proc.wait(15)
