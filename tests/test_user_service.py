@@ -231,11 +231,13 @@ def session() -> Iterator[UserSession]:
     missing = missing_tools()
     assert not missing, f"install: {', '.join(missing)} (.ci/run installs them)"
     scratch = Path(tempfile.mkdtemp(prefix="sd-user-"))
-    user = UserSession(scratch)
     try:
-        yield user
+        user = UserSession(scratch)
+        try:
+            yield user
+        finally:
+            user.close()
     finally:
-        user.close()
         shutil.rmtree(scratch, ignore_errors=True)
 
 
@@ -403,3 +405,19 @@ def test_journal_shows_the_service_and_no_secret(installed: UserSession, sugar: 
     leaked = [secret for secret in secrets if secret in everything]
     print(f"\nscanned {len(everything.splitlines())} journal lines for {len(secrets)} secrets")
     assert [] == leaked
+
+
+def test_uninstall_as_the_readme_says_leaves_nothing(installed: UserSession) -> None:
+    """The README's uninstall block (run last: it removes what the other tests use) stops and
+    removes the units, sugard and sugarctl, the config and the socket."""
+    user = installed
+    user.ok(f"set -e; {readme_block('systemctl --user disable --now')}")
+    gone = user.run("systemctl --user status sugard.service sugard.socket")
+    assert 4 == gone.returncode, gone.stdout + gone.stderr  # 4: no such unit
+    left = [
+        path
+        for path in (".local/bin/sugard", ".local/bin/sugarctl", ".config/sugard")
+        if user.path(f"{user.home}/{path}").exists()
+    ]
+    assert [] == left
+    assert not user.path(f"{user.runtime_dir}/sugard").exists()
