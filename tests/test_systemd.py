@@ -28,6 +28,7 @@ UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE = UNITS / "sugard.service"
 SOCKET = UNITS / "sugard.socket"
 PIPX_BIN = "%h/.local/bin"  # where the shipped unit expects sugard and sugarctl
+SYSTEMD_DOC = (UNITS.parent / "docs" / "systemd.md").read_text()
 
 
 class NotifySocket:
@@ -268,22 +269,28 @@ def runtime_dir(tmp_path: Path) -> Path:
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path: Path, runtime_dir: Path) -> None:
-    """`systemd-analyze verify --user` accepts both units without a single warning.
+    """`systemd-analyze verify --user` accepts both units, with the drop-in docs/systemd.md gives
+    for a sugard installed elsewhere, without a single warning.
 
     verify insists that the programs of ExecStart and ExecReload exist, and the shipped unit
-    names the pipx location (`%h/.local/bin`), so a copy with both pointed at this venv's bin is
-    verified; everything else is the shipped text.
+    names the pipx location (`%h/.local/bin`), which a test machine lacks: the documented drop-in,
+    pointed at this venv's bin, must replace both (a drop-in that forgot ExecReload fails here).
     """
     settings = _unit_settings(SERVICE)
     assert ["%h/.local/bin/sugard run"] == [v for k, v in settings if k == "ExecStart"]
     assert [f"{PIPX_BIN}/sugarctl --socket %t/sugard/sugard.sock reload"] == [
         v for k, v in settings if k == "ExecReload"
     ]
-    copy = tmp_path / "sugard.service"
-    copy.write_text(SERVICE.read_text().replace(f"={PIPX_BIN}/", f"={Path(SUGARD).parent}/"))
+    shutil.copy(SERVICE, tmp_path / "sugard.service")
     shutil.copy(SOCKET, tmp_path / "sugard.socket")
+    [drop_in] = re.findall(r"```ini\n(\[Service\]\nExecStart=\n.*?)```", SYSTEMD_DOC, re.DOTALL)
+    (tmp_path / "sugard.service.d").mkdir()
+    (tmp_path / "sugard.service.d" / "override.conf").write_text(
+        drop_in.replace("/opt/sugard/venv/bin/", f"{Path(SUGARD).parent}/")
+    )
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--user", str(copy), str(tmp_path / "sugard.socket")],
+        ["systemd-analyze", "verify", "--user", "sugard.service", "sugard.socket"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
