@@ -45,6 +45,7 @@ pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parent.parent
 USER_NAME = "sugardtest"
+PASSWORDS = {USER: PASSWORD, "bob": "bob-secret-pw"}  # the fake's users and the config's
 CHECKOUT = "sugard"  # the user's clone, in their home
 DEADLINE = 60.0  # for anything the test waits on; a busy 2-core machine is slow, not stuck
 TOOLS = {  # what the test runs, and the Debian package each comes with
@@ -58,12 +59,13 @@ TOOLS = {  # what the test runs, and the Debian package each comes with
 MANAGER = Path("/lib/systemd/systemd")
 JOURNALD = Path("/lib/systemd/systemd-journald")
 
-# Runs as root inside `unshare --mount --pid --fork`; $1 uid, $2 gid, $3 home, $4 a root-only
-# scratch directory. Prints "ready" once the manager runs, then waits for stdin to close and
-# tears everything down (so a killed pytest still cleans up: its end of the pipe closes).
+# Runs as root inside `unshare --mount --pid --fork`; $1 user name, $2 uid (and gid), $3 home,
+# $4 a root-only scratch directory. Prints "ready" once the manager runs, then waits for stdin
+# to close and tears everything down (so a killed pytest still cleans up: its end of the pipe
+# closes).
 NAMESPACE_SETUP = r"""
 set -eu
-uid=$1 gid=$2 home=$3 scratch=$4
+name=$1 uid=$2 gid=$2 home=$3 scratch=$4
 wait_for_socket() {
     tries=1200  # 60 s
     until [ -S "$1" ]; do
@@ -80,9 +82,9 @@ install -d -m 700 -o "$uid" -g "$gid" "/run/user/$uid"
 mount -t tmpfs -o mode=755 tmpfs /home
 install -d -m 700 -o "$uid" -g "$gid" "$home"
 cp /etc/passwd "$scratch/passwd"
-echo "sugardtest:x:$uid:$gid::$home:/bin/sh" >> "$scratch/passwd"
+echo "$name:x:$uid:$gid::$home:/bin/sh" >> "$scratch/passwd"
 cp /etc/group "$scratch/group"
-echo "sugardtest:x:$gid:" >> "$scratch/group"
+echo "$name:x:$gid:" >> "$scratch/group"
 mount --bind "$scratch/passwd" /etc/passwd
 mount --bind "$scratch/group" /etc/group
 # A persistent journal (on a tmpfs) is split per user, which `journalctl --user` needs.
@@ -100,7 +102,7 @@ chown "$uid:$gid" "$cgroup" "$cgroup/cgroup.procs" "$cgroup/cgroup.subtree_contr
     "$cgroup/cgroup.threads"
 sh -c 'echo $$ > "$1/cgroup.procs" && shift && exec "$@"' - "$cgroup" \
     setpriv --reuid "$uid" --regid "$gid" --clear-groups \
-    env -i HOME="$home" USER=sugardtest LOGNAME=sugardtest PATH=/usr/bin:/bin \
+    env -i HOME="$home" USER="$name" LOGNAME="$name" PATH=/usr/bin:/bin \
     XDG_RUNTIME_DIR="/run/user/$uid" /lib/systemd/systemd --user --log-target=journal &
 wait_for_socket "/run/user/$uid/systemd/private"
 echo ready
@@ -146,22 +148,26 @@ class UserSession:
         self.runtime_dir = f"/run/user/{self.uid}"
         script = scratch / "setup.sh"
         script.write_text(NAMESPACE_SETUP)
-        self.proc = subprocess.Popen(
-            [
-                *("unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"),
-                *("sh", str(script), str(self.uid), str(self.uid), self.home, str(scratch)),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        self.errors = scratch / "setup.err"  # a file: a pipe nobody reads could fill and block
+        with self.errors.open("w") as errors:
+            self.proc = subprocess.Popen(
+                [
+                    *("unshare", "--mount", "--pid", "--fork", "--kill-child", "--mount-proc"),
+                    *("sh", str(script), USER_NAME, str(self.uid), self.home, str(scratch)),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                text=True,
+            )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # the script's own waits are short and bounded
+        line = self.proc.stdout.readline()  # the script's own waits are bounded
         if line != "ready\n":
             self.proc.kill()
-            _, errors = self.proc.communicate()
-            raise AssertionError(f"the namespace with a user manager did not start: {errors}")
+            self.proc.communicate()
+            raise AssertionError(
+                f"the namespace with a user manager did not start: {self.errors.read_text()}"
+            )
         children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
         self.init_pid = int(children.split()[0])  # PID 1 of the namespace, as seen from here
 
@@ -207,11 +213,13 @@ class UserSession:
     def close(self) -> None:
         """End the session: the script tears everything down once its stdin closes."""
         try:
-            _, errors = self.proc.communicate(timeout=DEADLINE)
+            self.proc.communicate(timeout=DEADLINE)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            _, errors = self.proc.communicate()
-        assert 0 == self.proc.returncode, f"tearing the namespace down failed: {errors}"
+            self.proc.communicate()
+        assert 0 == self.proc.returncode, (
+            f"tearing the namespace down failed: {self.errors.read_text()}"
+        )
 
 
 def missing_tools() -> list[str]:
@@ -242,7 +250,7 @@ def session() -> Iterator[UserSession]:
 
 @pytest.fixture(scope="module")
 def sugar() -> Iterator[FakeSugar]:
-    with running_fake(users={USER: PASSWORD, "bob": "bob-secret-pw"}) as server:
+    with running_fake(users=PASSWORDS) as server:
         yield server
 
 
@@ -256,7 +264,7 @@ def write_config(
     tables = {}
     for name, username in instances.items():
         secret = config_dir / f"{name}.password"
-        secret.write_text({USER: PASSWORD, "bob": "bob-secret-pw"}[username] + "\n")
+        secret.write_text(PASSWORDS[username] + "\n")
         secret.chmod(0o600)
         tables[name] = {
             "url": sugar.url,
@@ -421,7 +429,7 @@ def test_journal_shows_the_service_and_no_secret(installed: UserSession, sugar: 
     assert "sugard.daemon: reload refused, old config kept: " in lines
     assert "(socket passed in by systemd)" in lines
     everything = user.ok("journalctl --user --no-pager -o verbose")
-    secrets = {PASSWORD, "bob-secret-pw", *sugar.issued, *sugar.received_secrets()}
+    secrets = {*PASSWORDS.values(), *sugar.issued, *sugar.received_secrets()}
     leaked = [secret for secret in secrets if secret in everything]
     print(f"\nscanned {len(everything.splitlines())} journal lines for {len(secrets)} secrets")
     assert [] == leaked
