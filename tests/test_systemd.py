@@ -27,6 +27,8 @@ from sugard.testing import FakeSugar
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 SERVICE = UNITS / "sugard.service"
 SOCKET = UNITS / "sugard.socket"
+PIPX_BIN = "%h/.local/bin"  # where the shipped unit expects sugard and sugarctl
+SYSTEMD_DOC = (UNITS.parent / "docs" / "systemd.md").read_text()
 
 
 class NotifySocket:
@@ -267,21 +269,28 @@ def runtime_dir(tmp_path: Path) -> Path:
 
 
 def test_units_pass_systemd_analyze_verify(tmp_path: Path, runtime_dir: Path) -> None:
-    """`systemd-analyze verify --user` accepts both units without a single warning.
+    """`systemd-analyze verify --user` accepts both units, with the drop-in docs/systemd.md gives
+    for a sugard installed elsewhere, without a single warning.
 
-    verify insists that ExecStart's binary exists, and the shipped unit names the pipx
-    location (`%h/.local/bin/sugard`), so a copy with ExecStart pointed at this venv's sugard
-    is verified; everything else is the shipped text.
+    verify insists that the programs of ExecStart and ExecReload exist, and the shipped unit
+    names the pipx location (`%h/.local/bin`), which a test machine lacks: the documented drop-in,
+    pointed at this venv's bin, must replace both (a drop-in that forgot ExecReload fails here).
     """
-    shipped = [v for k, v in _unit_settings(SERVICE) if k == "ExecStart"]
-    assert ["%h/.local/bin/sugard run"] == shipped
-    copy = tmp_path / "sugard.service"
-    copy.write_text(
-        SERVICE.read_text().replace("ExecStart=%h/.local/bin/sugard run", f"ExecStart={SUGARD} run")
-    )
+    settings = _unit_settings(SERVICE)
+    assert ["%h/.local/bin/sugard run"] == [v for k, v in settings if k == "ExecStart"]
+    assert [f"{PIPX_BIN}/sugarctl --socket %t/sugard/sugard.sock reload"] == [
+        v for k, v in settings if k == "ExecReload"
+    ]
+    shutil.copy(SERVICE, tmp_path / "sugard.service")
     shutil.copy(SOCKET, tmp_path / "sugard.socket")
+    [drop_in] = re.findall(r"```ini\n(\[Service\]\nExecStart=\n.*?)```", SYSTEMD_DOC, re.DOTALL)
+    (tmp_path / "sugard.service.d").mkdir()
+    (tmp_path / "sugard.service.d" / "override.conf").write_text(
+        drop_in.replace("/opt/sugard/venv/bin/", f"{Path(SUGARD).parent}/")
+    )
     result = subprocess.run(
-        ["systemd-analyze", "verify", "--user", str(copy), str(tmp_path / "sugard.socket")],
+        ["systemd-analyze", "verify", "--user", "sugard.service", "sugard.socket"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
@@ -307,13 +316,14 @@ def test_service_exposure_is_at_most_2(runtime_dir: Path) -> None:
 
 
 def test_units_say_what_the_daemon_relies_on() -> None:
-    """The service is Type=notify with a watchdog, reloads by SIGHUP, restarts on failure, and
-    its hardening still leaves the config readable, %t/sugard writable and the network open;
-    the socket is private and at the path sugarctl looks for by default."""
+    """The service is Type=notify with a watchdog, reloads through sugarctl (which waits for the
+    outcome), restarts on failure, and its hardening still leaves the config readable,
+    %t/sugard writable and the network open; the socket is private and at the path sugarctl
+    looks for by default."""
     service = _unit_settings(SERVICE)
     for setting in [
         ("Type", "notify"),
-        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("ExecReload", f"{PIPX_BIN}/sugarctl --socket %t/sugard/sugard.sock reload"),
         ("Restart", "on-failure"),
         ("WatchdogSec", "30s"),
         ("ProtectHome", "read-only"),
