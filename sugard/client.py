@@ -411,6 +411,11 @@ class SugardClient:
         """Make the daemon renew the session now; returns the new TOKEN."""
         return self._call("POST", _instance(name, "refresh"))  # type: ignore[no-any-return]
 
+    def proxy_urls(self, name: str) -> dict[str, Any]:
+        """Where a Sugar client reaches instance `name` through sugard's proxy:
+        `{"instance", "socket_url", "listen_url" (None without a listener)}`."""
+        return self._call("GET", _instance(name, "proxy"))  # type: ignore[no-any-return]
+
     def reload(self) -> dict[str, list[str]]:
         """Make the daemon re-read its config: `{"added", "removed", "changed", "unchanged"}`.
         A config with errors raises NeedsAttention (`.errors`); the old config keeps running."""

@@ -7,6 +7,7 @@ so one `sugard check` run shows everything there is to fix.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -117,6 +118,9 @@ class InstanceConfig:
     backoff_max: float = 300.0
     allowed_uids: tuple[int, ...] | None = None
     allowed_gids: tuple[int, ...] | None = None
+    listen: str | None = None  # the proxy's loopback "HOST:PORT", if any
+    proxy_connections: int = 16
+    proxy_timeout: float = 300.0
 
     def auth_key(self) -> tuple[object, ...]:
         """What identifies the upstream session: while it is unchanged, the live token stays."""
@@ -249,6 +253,25 @@ def _optional_path(v: Any) -> str:
     return _nonempty(v)
 
 
+def _listen(v: Any) -> str:
+    """A loopback "HOST:PORT" for the proxy: other addresses would serve the token beyond
+    this machine's users, whom only loopback lets sugard tell apart."""
+    s = _nonempty(v).strip()
+    host, _, port = s.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'must be HOST:PORT, like "127.0.0.1:8401", not {s!r}')
+    try:
+        loopback = ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or (":" in host and not host.startswith("[")):
+        raise ValueError(
+            f"must be a loopback address (127.0.0.0/8, or [::1]) and a port, like "
+            f'"127.0.0.1:8401", not {s!r}: sugard serves only peers on this machine'
+        )
+    return s
+
+
 INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "username": _nonempty,
@@ -261,6 +284,9 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "backoff_max": _number(0.01, 86400),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
+    "listen": _listen,
+    "proxy_connections": _int(1, 1024),
+    "proxy_timeout": _number(1, 86400),
 }
 INSTANCE_DEFAULTS: dict[str, Any] = {
     "client_id": "sugar",
@@ -417,16 +443,38 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         if instance is not None:
             instances[name] = instance
 
+    problems.extend(_shared_listen_addresses(instances.values(), path))
     if problems:
         # A bad secret in [defaults] is met once per instance; say it once.
         raise ConfigError(list(dict.fromkeys(problems)))
     return Config(path=path, daemon=daemon, instances=instances)
 
 
+def _shared_listen_addresses(instances: Iterable[InstanceConfig], path: str) -> list[Problem]:
+    """Two instances cannot serve one address (port 0 picks a free port for each)."""
+    first: dict[str, str] = {}
+    problems = []
+    for instance in instances:
+        address = instance.listen
+        if address is None or address.endswith(":0"):
+            continue
+        if address in first:
+            problems.append(
+                Problem(
+                    path,
+                    f"instances.{instance.name}.listen",
+                    f"{address} is already the listen address of instance {first[address]}",
+                )
+            )
+        first.setdefault(address, instance.name)
+    return problems
+
+
 INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
-    "ca_file, refresh_before, backoff_max, allowed_uids and allowed_gids"
+    "ca_file, refresh_before, backoff_max, allowed_uids, allowed_gids, listen, "
+    "proxy_connections and proxy_timeout"
 )
 
 
@@ -459,6 +507,10 @@ def _check_instance_keys(
         if key in SECRET_KEYS:
             continue
         checker = INSTANCE_SCHEMA.get(key)
+        if key == "listen" and where == "defaults":
+            problem(f"{where}.listen", "one address per instance: set it in [instances.NAME]")
+            ok = False
+            continue
         if checker is None:
             hint = _did_you_mean(key, [*INSTANCE_SCHEMA, *sorted(SECRET_KEYS)])
             if not hint and key.startswith("password"):

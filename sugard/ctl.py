@@ -43,6 +43,8 @@ commands:
                  report TOKEN (default, or -: read from stdin) as refused by Sugar (a 401);
                  print the token to use now
   refresh NAME   make sugard renew the session now; print the new token
+  proxy-url NAME print the Sugar site URL to give an SDK: the instance's listen address,
+                 else the socket form (how to reach it over the socket goes to stderr)
   reload         make sugard re-read its config; print what changed, or (exit 6) each
                  problem of the new config on a line of its own (the old config keeps running)
   ping           print 'ok' and the daemon's version
@@ -82,6 +84,7 @@ _COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = 
     "status": ((), ("NAME",), frozenset({"--json"})),
     "invalidate": (("NAME",), ("TOKEN",), frozenset()),
     "refresh": (("NAME",), (), frozenset()),
+    "proxy-url": (("NAME",), (), frozenset()),
     "reload": ((), (), frozenset()),
     "ping": ((), (), frozenset()),
 }
@@ -258,6 +261,8 @@ def _run(args: _Args, client: SugardClient) -> int:
         _print_token(client.invalidate(name or "", reported), "bare")
     elif command == "refresh":
         _print_token(client.refresh(name or ""), "bare")
+    elif command == "proxy-url":
+        _print_proxy_url(client.proxy_urls(name or ""), client.socket_path)
     elif command == "reload":
         print(_reload_summary(client.reload()))
     elif command == "ping":
@@ -266,6 +271,18 @@ def _run(args: _Args, client: SugardClient) -> int:
         plural = "" if count == 1 else "s"
         print(f"ok sugard {health.get('version', '?')} ({count} instance{plural})")
     return 0
+
+
+def _print_proxy_url(urls: dict[str, Any], socket_path: str) -> None:
+    if urls.get("listen_url"):
+        print(urls["listen_url"])
+        return
+    print(urls["socket_url"])
+    print(
+        f"sugarctl: over the Unix socket, like: curl --unix-socket {socket_path} "
+        f"{urls['socket_url']}/rest/v10/me",
+        file=sys.stderr,
+    )
 
 
 def _token_from_stdin() -> str:

@@ -181,6 +181,11 @@ class SugarClient:
         except RejectedError as exc:
             self._tls_problem = exc
 
+    @property
+    def tls(self) -> ssl.SSLContext | bool:
+        """What this instance's requests pass as `ssl=`: the proxy forwards with the same."""
+        return self._ssl
+
     async def login(self) -> Grant:
         """Password grant."""
         i = self.instance
