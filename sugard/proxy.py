@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -77,7 +76,6 @@ HOP_BY_HOP = frozenset(
 # The client's credentials and its view of the address go; sugard's token and Sugar's host
 # come instead. `Expect` was answered by our server already (100-continue).
 DROPPED_REQUEST = HOP_BY_HOP | {"host", "oauth-token", "authorization", "cookie", "expect"}
-OAUTH_ROUTE = re.compile(r"(?P<version>[^/]+)/oauth2/(?P<rest>.*)")
 
 
 class ProxyRegistry(Protocol):
@@ -166,10 +164,11 @@ class Forwarder:
 
     # The request
 
-    async def handle(self, request: web.Request, name: str, path: str) -> web.StreamResponse:
-        """Answer one proxied request for instance `name`, `path` being what follows /rest/."""
+    async def handle(self, request: web.Request, name: str, skip: int) -> web.StreamResponse:
+        """Answer one proxied request for instance `name`; Sugar's path is what follows the
+        first `skip` segments of the request's path (those up to and including `rest`)."""
         started = time.perf_counter()
-        response = await self._answer(request, name, path)
+        response = await self._answer(request, name, skip)
         access_log.debug(
             "%s %s %r -> %d (%.1f ms)",
             name,
@@ -180,15 +179,20 @@ class Forwarder:
         )
         return response
 
-    async def _answer(self, request: web.Request, name: str, path: str) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, name: str, skip: int) -> web.StreamResponse:
         keeper = self.registry.keepers.get(name)
         if keeper is None:
             return sugar_error(404, "not_found", f"sugard has no instance {name!r}")
-        local = OAUTH_ROUTE.fullmatch(path)
-        if local is not None:
-            return await self._oauth2(request, keeper, local["rest"].strip("/"))
+        # Which route it is, is decided on the decoded path, as Sugar will see it; what is
+        # sent is the path as the client encoded it (a record id may hold %2F).
+        segments = [part for part in request.path.split("/")[skip + 1 :] if part]
+        if any(part in (".", "..") for part in segments):
+            return sugar_error(400, "bad_request", "sugard forwards no path with . or .. in it")
+        if len(segments) >= 2 and segments[1].lower() == "oauth2":
+            return await self._oauth2(request, keeper, "/".join(segments[2:]).lower())
+        raw_path = request.rel_url.raw_path.split("/", skip + 1)[skip + 1]
         try:
-            return await self._forward(request, keeper, path)
+            return await self._forward(request, keeper, raw_path)
         except TokenUnavailable as exc:
             return sugar_error(503, "token_unavailable", str(exc))
         except NeedsAttention as exc:
@@ -231,9 +235,8 @@ class Forwarder:
 
     async def _forward(self, request: web.Request, keeper: Keeper, path: str) -> web.StreamResponse:
         config = keeper.config
-        url = URL(f"{config.url}/rest/{path}", encoded=True)
-        if request.rel_url.raw_query_string:
-            url = url.with_query(request.rel_url.raw_query_string)
+        query = request.rel_url.raw_query_string
+        url = URL(f"{config.url}/rest/{path}" + (f"?{query}" if query else ""), encoded=True)
         headers = [(k, v) for k, v in request.headers.items() if _forwarded(k, request.headers)]
         body, replayable = await _request_body(request)
         grant = await keeper.token(wait=TOKEN_WAIT)
@@ -286,7 +289,10 @@ class Forwarder:
                                 )
                                 grant = await keeper.invalidate(sent.reveal(), TOKEN_WAIT)
                                 continue
-                            _report_quietly(keeper, sent.reveal())
+                            if attempt == 1:
+                                # Not after a replay: a brand-new token refused at once is
+                                # not a dead session, and renewing again would not help.
+                                _report_quietly(keeper, sent.reveal())
                         if raw is not None:
                             return _copy_head(upstream, web.Response(body=raw))
                     return await _relay(request, upstream)
@@ -388,22 +394,30 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)
-    try:
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+    chunks = upstream.content.iter_chunked(CHUNK)
+    while True:
+        try:
+            chunk = await anext(chunks, b"")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            # The head is out, so no error answer can follow, and ending the body normally
+            # would pass a cut one off as whole: cut the client's connection too.
+            log.warning(
+                "%s %r: Sugar's answer broke off mid-body (%s); cutting the client's too",
+                request.method,
+                request.path[:200],
+                _why(exc),
+            )
+            break
+        if not chunk:
+            await response.write_eof()
+            return response
+        try:
             await response.write(chunk)
-    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-        # The head is out: an error answer is no longer possible, and ending the body
-        # normally would pass a cut one off as whole. Cut the connection instead.
-        log.warning(
-            "%s %r: the answer broke off mid-body (%s)",
-            request.method,
-            request.path[:200],
-            _why(exc),
-        )
-        if request.transport is not None:
-            request.transport.abort()
-        return response
-    await response.write_eof()
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("%s %r: the client went away (%s)", request.method, request.path[:200], exc)
+            break
+    if request.transport is not None:
+        request.transport.abort()
     return response
 
 
@@ -460,7 +474,8 @@ def add_routes(app: web.Application, registry: ProxyRegistry, peer_of: PeerOf) -
         refusal = _refused(request, registry, peer_of(request), name)
         if refusal is not None:
             return refusal
-        return await forwarder.handle(request, name, request.match_info["path"])
+        # /v1/instances/{name}/rest/...
+        return await forwarder.handle(request, name, 4)
 
     async def proxy_urls(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -604,7 +619,7 @@ class ProxyListener:
         return self._peers[transport]
 
     async def _proxied(self, request: web.Request) -> web.StreamResponse:
-        return await self.forwarder.handle(request, self.name, request.match_info["path"])
+        return await self.forwarder.handle(request, self.name, 1)  # /rest/...
 
 
 async def _not_found(request: web.Request) -> web.Response:

@@ -80,7 +80,8 @@ class SugarFront:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=1024**3)
-        app.router.add_route("*", "/rest/v10/Echo", self._echo)
+        app.router.add_route("*", "/rest/v10/Echo{tail:.*}", self._echo)
+        app.router.add_get("/rest/v10/Broken", self._broken)
         app.router.add_get("/rest/v10/Download/{size}", self._download)
         app.router.add_route("*", "/rest/v10/Upload", self._upload)
         app.router.add_get("/rest/v10/Hold", self._hold)
@@ -126,6 +127,7 @@ class SugarFront:
                 "headers": dict(request.headers),
                 "body": body.decode("utf-8", "replace"),
                 "query": request.query_string,
+                "raw_path": request.raw_path,
             },
             headers={"X-Sugar": "1", "Proxy-Authenticate": "Basic", **self.extra_headers},
         )
@@ -156,6 +158,16 @@ class SugarFront:
             size += len(chunk)
         self._record(request, b"", 200)
         return web.json_response({"sha256": digest.hexdigest(), "size": size})
+
+    async def _broken(self, request: web.Request) -> web.StreamResponse:
+        """A chunked answer that breaks off after 1 MiB, as a crashing Sugar's would."""
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await response.prepare(request)
+        await response.write(BLOCK)
+        await asyncio.sleep(0)  # let the block go out before the connection is cut
+        assert request.transport is not None
+        request.transport.abort()
+        return response
 
     async def _hold(self, request: web.Request) -> web.Response:
         assert self._release is not None

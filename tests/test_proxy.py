@@ -217,6 +217,7 @@ def test_a_streamed_body_is_not_replayed_and_its_401_goes_back(
     refused = requests.post(url + "/rest/v10/Upload", data=b"x" * (2 * 1024 * 1024), timeout=60)
     assert 401 == refused.status_code
     assert "invalid_grant" == refused.json()["error"]
+    assert "application/json" == refused.headers["Content-Type"]
     wait_for(lambda: fake.calls["password"] == logins + 1)
     again = requests.post(url + "/rest/v10/Upload", data=b"x" * (2 * 1024 * 1024), timeout=60)
     assert 200 == again.status_code
@@ -387,3 +388,37 @@ def test_the_access_log_holds_no_query_and_no_token(
     assert "s3cret-in-query" not in log
     for secret in [token, *fake.issued]:
         assert secret not in log
+
+
+def test_the_path_goes_as_the_client_encoded_it_and_dot_segments_are_refused(
+    proxied: DaemonProcess, front: SugarFront
+) -> None:
+    """A record id with %2F reaches Sugar still encoded; a path with .. (which could reach
+    oauth2/logout after Sugar's front normalises it) is refused before it is forwarded."""
+    url = base_url(proxied)
+    answer = requests.get(url + "/rest/v10/Echo/a%2Fb%20c?q=%C3%A9", timeout=30)
+    assert 200 == answer.status_code
+    assert "/rest/v10/Echo/a%2Fb%20c?q=%C3%A9" == answer.json()["raw_path"]
+    status, body = curl_socket(
+        proxied, "/rest/v10/Echo/%2e%2e/oauth2/logout", "-X", "POST", "--path-as-is"
+    )
+    assert 400 == status
+    assert {"error", "error_message"} == set(body)
+
+
+def test_a_body_that_breaks_off_upstream_is_cut_for_the_client_too(
+    proxied: DaemonProcess,
+) -> None:
+    """When Sugar's answer breaks off mid-body, the client's transfer fails too rather than
+    ending as if complete; the daemon keeps serving."""
+    host, port = base_url(proxied).removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("GET", "/rest/v10/Broken")
+    answer = conn.getresponse()
+    assert 200 == answer.status
+    with pytest.raises((http.client.IncompleteRead, ConnectionError)):
+        answer.read()
+    conn.close()
+    assert 200 == requests.get(base_url(proxied) + "/rest/v10/me", timeout=30).status_code
+    assert "broke off mid-body" in proxied.log()
+    assert "Traceback" not in proxied.log()
