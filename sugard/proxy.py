@@ -237,7 +237,7 @@ class Forwarder:
         config = keeper.config
         query = request.rel_url.raw_query_string
         url = URL(f"{config.url}/rest/{path}" + (f"?{query}" if query else ""), encoded=True)
-        headers = [(k, v) for k, v in request.headers.items() if _forwarded(k, request.headers)]
+        headers = _forwarded_headers(request.headers)
         body, replayable = await _request_body(request)
         grant = await keeper.token(wait=TOKEN_WAIT)
         pool = self._pool(keeper)
@@ -317,13 +317,14 @@ class Forwarder:
         raise AssertionError("unreachable: the second attempt always answers")
 
 
-def _forwarded(name: str, headers: Mapping[str, str]) -> bool:
-    lower = name.lower()
-    if lower in DROPPED_REQUEST:
-        return False
+def _forwarded_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The client's headers Sugar is to see: not those of this hop, nor its credentials."""
     # Headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    named = headers.get("Connection", "")
-    return not named or lower not in {t.strip().lower() for t in named.split(",")}
+    named = headers.get("Connection")
+    dropped = DROPPED_REQUEST
+    if named:
+        dropped = dropped | {token.strip().lower() for token in named.split(",")}
+    return [(k, v) for k, v in headers.items() if k.lower() not in dropped]
 
 
 async def _request_body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
@@ -389,10 +390,21 @@ def _copy_head(upstream: aiohttp.ClientResponse, response: _R) -> _R:
 
 
 async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    """Stream Sugar's answer to the client, a chunk at a time."""
+    """Stream Sugar's answer to the client, a chunk at a time; a small one of known length in
+    one piece (head and body in one write: most of Sugar's answers are a few KiB of JSON, and
+    each write on loopback costs as much as the rest of the request)."""
+    length = upstream.content_length
+    if length is not None and length <= CHUNK and request.method != "HEAD":
+        try:
+            body = await upstream.content.readexactly(length)
+        except (aiohttp.ClientError, TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
+            return sugar_error(
+                502, "bad_gateway", f"Sugar's answer broke off before its end ({_why(exc)})"
+            )
+        return _copy_head(upstream, web.Response(body=body))
     response = _copy_head(upstream, web.StreamResponse())
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
+    if length is not None:
+        response.content_length = length
     await response.prepare(request)
     chunks = upstream.content.iter_chunked(CHUNK)
     while True:
