@@ -21,6 +21,7 @@ import concurrent.futures
 import hashlib
 import http.client
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -160,6 +161,25 @@ def load(target: list[str], *, pid: int, connections: int, sizes: Sizes) -> dict
     return result
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError("bench/proxy_floor.py did not start") from None
+            time.sleep(0.05)
+
+
 def median_of(runs: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -269,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
                 stream_listen = client.proxy_urls("stream")["listen_url"]
             fake_host = fake.url.removeprefix("http://")
             listen_host = listen.removeprefix("http://")
+            floor_port = free_port()
+            floor = subprocess.Popen(
+                [sys.executable, str(HERE / "proxy_floor.py"), fake.url, token, str(floor_port)]
+            )
+            wait_listening(floor_port)
+            floor_host = f"127.0.0.1:{floor_port}"
             targets = {
                 "direct": [
                     "--tcp",
@@ -288,6 +314,14 @@ def main(argv: list[str] | None = None) -> int:
                     "--path",
                     "/rest/v10/ping",
                 ],
+                "aiohttp floor": [
+                    "--tcp",
+                    floor_host,
+                    "--host",
+                    floor_host,
+                    "--path",
+                    "/rest/v10/ping",
+                ],
                 "socket": [
                     "--unix",
                     str(socket_path),
@@ -299,9 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(sizes.rounds):
                 for connections in (1, sizes.connections):
                     for name, target in targets.items():
+                        pid = floor.pid if name == "aiohttp floor" else proc.pid
                         runs.setdefault((name, connections), []).append(
-                            load(target, pid=proc.pid, connections=connections, sizes=sizes)
+                            load(target, pid=pid, connections=connections, sizes=sizes)
                         )
+            floor.terminate()
+            floor.wait(30)
             streams = stream_through(stream_listen, proc.pid, sizes.stream_mib)
         finally:
             proc.terminate()
@@ -316,34 +353,35 @@ def report(
     n = sizes.connections
     direct1, directn = runs[("direct", 1)], runs[("direct", n)]
     print(f"GET /rest/v10/ping, {sizes.rounds} round(s) of {sizes.seconds:g} s, medians\n")
-    print("| measure | direct | via listener | via socket | goal |")
-    print("|---|---|---|---|---|")
+    proxies = ("listener", "socket", "aiohttp floor")
+    print("| measure | direct | via listener | via socket | aiohttp floor | goal |")
+    print("|---|---|---|---|---|---|")
     for key, label in (
         ("p50_ms", "p50 latency, 1 connection"),
         ("p99_ms", "p99 latency, 1 connection"),
     ):
         base = median_of(direct1, key)
         cells = [f"{base:.2f} ms"]
-        for name in ("listener", "socket"):
+        for name in proxies:
             value = median_of(runs[(name, 1)], key)
-            cells.append(f"{value:.2f} ms (+{value - base:.2f})")
+            cells.append(f"{value:.2f} ms ({value - base:+.2f})")
         goal = "< 1 ms added" if key == "p50_ms" else ""
         print(f"| {label} | {' | '.join(cells)} | {goal} |")
     base = median_of(directn, "rps")
     cells = [f"{base:,.0f}/s"]
-    for name in ("listener", "socket"):
+    for name in proxies:
         value = median_of(runs[(name, n)], "rps")
         cells.append(f"{value:,.0f}/s ({value / base:.2f}x)")
     print(f"| throughput, {n} connections | {' | '.join(cells)} | >= 0.7x direct |")
     cells = ["-"]
-    for name in ("listener", "socket"):
+    for name in proxies:
         per = [r["server_cpu_s"] / r["requests"] * 1e6 for r in runs[(name, n)] if r["requests"]]
         cells.append(f"{statistics.median(per):.0f} us")
-    print(f"| daemon CPU per proxied request | {' | '.join(cells)} | |")
+    print(f"| CPU per proxied request (the proxy's process) | {' | '.join(cells)} | |")
     print(
         f"| daemon RSS growth, {sizes.stream_mib} MiB down + up | - | "
         f"{streams['growth_mib']:.1f} MiB (from {streams['rss_before_mib']:.0f} MiB; "
-        f"{streams['down_mib_s']:.0f} MiB/s down, {streams['up_mib_s']:.0f} MiB/s up) | - | "
+        f"{streams['down_mib_s']:.0f} MiB/s down, {streams['up_mib_s']:.0f} MiB/s up) | - | - | "
         "< 32 MiB |"
     )
 

@@ -8,7 +8,9 @@ import asyncio
 import hashlib
 import http.client
 import json
+import re
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -422,3 +424,34 @@ def test_a_body_that_breaks_off_upstream_is_cut_for_the_client_too(
     assert 200 == requests.get(base_url(proxied) + "/rest/v10/me", timeout=30).status_code
     assert "broke off mid-body" in proxied.log()
     assert "Traceback" not in proxied.log()
+
+
+def test_the_proxy_benchmark_runs_and_measures_every_row() -> None:
+    """`python -m bench.bench_proxy --quick` prints its table, every figure a number; the
+    streams came back byte-exact (it fails otherwise) in bounded memory."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.bench_proxy", "--quick"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stderr
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")[1:]]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| measure")
+    }
+    assert {
+        "p50 latency, 1 connection",
+        "p99 latency, 1 connection",
+        "throughput, 16 connections",
+        "CPU per proxied request (the proxy's process)",
+    } <= set(rows)
+    assert all(
+        re.match(r"^[0-9.,]+ (ms|us|/s)", cell) for cell in rows["p50 latency, 1 connection"][:4]
+    )
+    growth = next(v for k, v in rows.items() if k.startswith("daemon RSS growth"))[1]
+    assert float(growth.split()[0]) < 32
