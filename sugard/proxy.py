@@ -198,6 +198,12 @@ class Forwarder:
         except NeedsAttention as exc:
             return sugar_error(502, "upstream_rejected", str(exc))
         except InstanceStopped as exc:
+            if self.registry.keepers.get(name, keeper) is not keeper:
+                # Replaced by a reload (new credentials) while this request waited, before
+                # anything was sent: the new session is a retry away.
+                return sugar_error(
+                    503, "token_unavailable", f"instance {name!r} was reloaded; try again"
+                )
             return sugar_error(404, "not_found", str(exc))
 
     async def _oauth2(self, request: web.Request, keeper: Keeper, route: str) -> web.Response:

@@ -22,6 +22,7 @@ import pytest
 import requests
 from conftest import USER, DaemonProcess, instance, sugarctl, write_config
 from proxy_upstream import SugarFront, pattern, pattern_sha256, running_front, vm_kib, wait_for
+from test_tls import certs, tls_fake  # noqa: F401 (fixtures)
 
 from sugard.proxy import PLACEHOLDER_REFRESH
 from sugard.testing import FakeSugar
@@ -455,3 +456,20 @@ def test_the_proxy_benchmark_runs_and_measures_every_row() -> None:
     )
     growth = next(v for k, v in rows.items() if k.startswith("daemon RSS growth"))[1]
     assert float(growth.split()[0]) < 32
+
+
+def test_the_proxy_verifies_tls_as_the_instance_does(
+    certs: dict[str, Path],  # noqa: F811 (the fixture imported from test_tls)
+    tls_fake: FakeSugar,  # noqa: F811
+    short_dir: Path,
+    start_daemon,
+) -> None:
+    """Over HTTPS with a private CA, the proxy trusts the instance's ca_file (the system's CAs
+    alone would refuse the site): the client is answered by Sugar."""
+    config = write_config(short_dir, {"prod": instance(tls_fake, ca_file=str(certs["ca"]))})
+    daemon = start_daemon(config)
+    with daemon.client() as client:
+        client.token("prod", wait=20)
+    status, body = curl_socket(daemon, "/rest/v10/me")
+    assert 200 == status, body
+    assert USER == body["current_user"]["user_name"]
