@@ -468,6 +468,8 @@ class Daemon:
         old, self.config, self._keepers = self.config, new, keepers
         self._apply_daemon_settings(old, new)
         await self._close_listeners(listeners)
+        if self._forwarder is not None:
+            self._forwarder.prune(keepers)
 
         # Retired keepers stop (their waiting requests get InstanceStopped) before any
         # replacement starts: a refresh still in flight for a replaced instance is cancelled

@@ -151,6 +151,13 @@ class Forwarder:
         self._pools[keeper.name] = pool
         return pool
 
+    def prune(self, keepers: Mapping[str, Keeper]) -> None:
+        """After a reload: let go of the pools of instances removed or given a new session."""
+        for name, pool in list(self._pools.items()):
+            if keepers.get(name) is not pool.keeper:
+                del self._pools[name]
+                self._retire(pool)
+
     def _retire(self, pool: _Pool) -> None:
         # Requests still streaming through the old pool finish on it; it closes after them.
         pool.retired = True

@@ -65,6 +65,12 @@ class SugarFront:
     _release: asyncio.Semaphore | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _session: aiohttp.ClientSession | None = None
+    _runner: web.AppRunner | None = None
+
+    def open_connections(self) -> int:
+        """Connections open to the front right now (kept-alive ones included)."""
+        server = self._runner.server if self._runner is not None else None
+        return len(server.connections) if server is not None else 0
 
     def requests_to(self, path: str) -> list[Seen]:
         with self._lock:
@@ -223,6 +229,7 @@ def running_front(fake_url: str) -> Iterator[SugarFront]:
         front._session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         runner = web.AppRunner(front.app(), access_log=None, shutdown_timeout=0.5)
         await runner.setup()
+        front._runner = runner
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         host, port = runner.addresses[0][:2]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 from conftest import SUGARD, DaemonProcess, instance, sugarctl, write_config
-from proxy_upstream import SugarFront, running_front
+from proxy_upstream import SugarFront, running_front, wait_for
 
 from sugard.testing import FakeSugar, running_fake
 
@@ -275,3 +275,42 @@ def test_a_reload_onto_a_port_in_use_fails_and_keeps_the_old_listener(
         assert "instances.prod.listen" in result.stderr
     assert old == proxy_url(daemon, "prod")
     assert 200 == _get_once(old)
+
+
+def test_a_reload_that_removes_an_instance_closes_its_upstream_pool(
+    front: SugarFront, fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """The kept-alive connection the proxy holds to an instance's Sugar is closed when a reload
+    removes the instance; the other instance is served on."""
+    config = {
+        "prod": instance(front),
+        "other": instance(fake, username="admin", password="admin-pw"),
+    }
+    daemon = start_daemon(write_config(short_dir, config))
+    with daemon.client() as client:
+        client.token("prod", wait=20)  # logged in: the login's connection is counted below
+    before = front.open_connections()
+    status = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+            str(daemon.socket),
+            "http://sugard/v1/instances/prod/rest/v10/me",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert "200" == status
+    assert before + 1 == front.open_connections()
+    del config["prod"]
+    write_config(short_dir, config)
+    assert 0 == sugarctl(daemon.socket, "reload").returncode
+    wait_for(lambda: front.open_connections() == before)
+    assert proxy_url(daemon, "other").startswith("http://sugard/")
