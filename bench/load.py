@@ -54,9 +54,18 @@ def raise_open_files() -> None:
 class Request:
     """What to send: a method, a path and a body, each may carry `{i}`."""
 
-    def __init__(self, method: str, path: str, body: str, host: str, form: bool) -> None:
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        body: str,
+        host: str,
+        form: bool,
+        headers: tuple[str, ...] = (),
+    ) -> None:
         self.templated = "{i}" in path or "{i}" in body
         self._method, self._path, self._body, self._host = method, path, body, host
+        self._headers = "".join(f"{h}\r\n" for h in headers)
         self._type = "application/x-www-form-urlencoded" if form else "application/json"
         self._fixed = self._render(0)
 
@@ -66,7 +75,7 @@ class Request:
     def _render(self, index: int) -> bytes:
         path = self._path.replace("{i}", str(index))
         body = self._body.replace("{i}", str(index)).encode()
-        head = f"{self._method} {path} HTTP/1.1\r\nHost: {self._host}\r\n"
+        head = f"{self._method} {path} HTTP/1.1\r\nHost: {self._host}\r\n{self._headers}"
         if body or self._method != "GET":
             head += f"Content-Type: {self._type}\r\nContent-Length: {len(body)}\r\n"
         return head.encode() + b"\r\n" + body
@@ -217,7 +226,7 @@ async def connect(args: argparse.Namespace, factory: Callable[[], Connection]) -
 
 async def generate(args: argparse.Namespace) -> dict[str, Any]:
     raise_open_files()
-    request = Request(args.method, args.path, args.body, args.host, args.form)
+    request = Request(args.method, args.path, args.body, args.host, args.form, tuple(args.header))
     run = Run(args, request)
     conns = await asyncio.gather(
         *(connect(args, lambda: Connection(run.answer)) for _ in range(args.connections))
@@ -308,6 +317,7 @@ def parser() -> argparse.ArgumentParser:
     where.add_argument("--unix", metavar="SOCKET", help="connect to this Unix socket")
     where.add_argument("--tcp", metavar="HOST:PORT", help="connect over TCP")
     p.add_argument("--host", default="sugard", help="the Host header")
+    p.add_argument("--header", action="append", default=[], help="'Name: value', repeatable")
     p.add_argument("--method", default="GET")
     p.add_argument("--path", default="/")
     p.add_argument("--body", default="")

@@ -45,6 +45,8 @@ from . import __version__
 from .config import INSTANCE_NAME
 from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
 from .openapi import spec
+from .peer import account_groups, tcp_peer_owner
+from .proxy import PROXY_ROUTE, add_routes
 
 __all__ = [
     "ApiRunner",
@@ -54,6 +56,7 @@ __all__ = [
     "connection_limits",
     "make_app",
     "peer_of",
+    "peer_of_tcp_socket",
     "raise_open_files_limit",
     "rfc3339",
 ]
@@ -141,6 +144,22 @@ def peer_of_socket(sock: Any) -> Peer | None:
     return Peer(pid, uid, gid, _peer_groups(sock))
 
 
+def peer_of_tcp_socket(sock: Any) -> Peer | None:
+    """The owner of a loopback TCP peer, with its account's groups (a TCP socket keeps none);
+    None if the kernel names no owner. Its pid is unknown (0): a socket has no process."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        owner = tcp_peer_owner(sock.getsockname(), sock.getpeername())
+    except OSError:
+        return None
+    if owner is None:
+        return None
+    account = account_groups(owner.uid)
+    gid, groups = account if account is not None else (-1, ())
+    return Peer(0, owner.uid, gid, groups)
+
+
 def _peer_groups(sock: Any) -> tuple[int, ...]:
     try:
         raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
@@ -203,6 +222,7 @@ def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
     app.router.add_post("/v1/instances/{name}/refresh", refresh)
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/shutdown", shutdown)
+    add_routes(app, registry, peer_of)
     return app
 
 
@@ -432,6 +452,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 @web.middleware
 async def _check_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.match_info.route.name == PROXY_ROUTE:
+        return await handler(request)  # the same rules, answered in Sugar's envelope there
     registry = request.app[KEY_REGISTRY]
     peer = peer_of(request)
     instance = request.match_info.get("name")

@@ -438,6 +438,11 @@ class SugardClient:
         body = b'{"retry_rejected": true}' if retry_rejected else None
         return self._call("POST", _instance(name, "refresh"), body)  # type: ignore[no-any-return]
 
+    def proxy_urls(self, name: str) -> dict[str, Any]:
+        """Where a Sugar client reaches instance `name` through sugard's proxy:
+        `{"instance", "socket_url", "listen_url" (None without a listener)}`."""
+        return self._call("GET", _instance(name, "proxy"))  # type: ignore[no-any-return]
+
     def reload(self) -> dict[str, Any]:
         """Make the daemon re-read its config: `{"added", "removed", "changed", "unchanged"}`,
         and `"needs_attention"` (instance -> message) for instances it leaves failed.

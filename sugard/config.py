@@ -7,6 +7,7 @@ so one `sugard check` run shows everything there is to fix.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 import os
 import re
@@ -133,6 +134,9 @@ class InstanceConfig:
     probe_interval: float = 60.0  # seconds between checks that the token still works; 0: never
     allowed_uids: tuple[int, ...] | None = None
     allowed_gids: tuple[int, ...] | None = None
+    listen: str | None = None  # the proxy's loopback "HOST:PORT", if any
+    proxy_connections: int = 16
+    proxy_timeout: float = 300.0
 
     def session_key(self) -> tuple[object, ...]:
         """What identifies the upstream session: while it is unchanged, the live token stays.
@@ -300,6 +304,25 @@ def _grace(v: Any) -> float | Literal["auto"]:
         raise ValueError(f'must be "auto" or seconds; {exc}') from None
 
 
+def _listen(v: Any) -> str:
+    """A loopback "HOST:PORT" for the proxy: other addresses would serve the token beyond
+    this machine's users, whom only loopback lets sugard tell apart."""
+    s = _nonempty(v).strip()
+    host, _, port = s.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f'must be HOST:PORT, like "127.0.0.1:8401", not {s!r}')
+    try:
+        loopback = ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or (":" in host and not host.startswith("[")):
+        raise ValueError(
+            f"must be a loopback address (127.0.0.0/8, or [::1]) and a port, like "
+            f'"127.0.0.1:8401", not {s!r}: sugard serves only peers on this machine'
+        )
+    return s
+
+
 INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "username": _nonempty,
@@ -316,6 +339,9 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "probe_interval": _number(0, 86400),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
+    "listen": _listen,
+    "proxy_connections": _int(1, 1024),
+    "proxy_timeout": _number(1, 86400),
 }
 INSTANCE_DEFAULTS: dict[str, Any] = {
     "client_id": "sugar",
@@ -501,6 +527,7 @@ def _parse(data: Mapping[str, Any], path: str) -> tuple[Config, list[Problem]]:
         table = _valid_instance_keys(table, where, problem)
         instances[name] = _build_instance(name, defaults, table, given, where, problem, base_dir)
     problems += _duplicate_sessions(path, instances)
+    problems += _shared_listen_addresses(instances.values(), path)
     # A bad secret in [defaults] is met once per instance; say it once.
     return Config(path=path, daemon=daemon, instances=instances), list(dict.fromkeys(problems))
 
@@ -545,11 +572,32 @@ def _duplicate_sessions(path: str, instances: Mapping[str, InstanceConfig]) -> l
     return problems
 
 
+def _shared_listen_addresses(instances: Iterable[InstanceConfig], path: str) -> list[Problem]:
+    """Two instances cannot serve one address (port 0 picks a free port for each)."""
+    first: dict[str, str] = {}
+    problems = []
+    for instance in instances:
+        address = instance.listen
+        if address is None or address.endswith(":0"):
+            continue
+        if address in first:
+            problems.append(
+                Problem(
+                    path,
+                    f"instances.{instance.name}.listen",
+                    f"{address} is already the listen address of instance {first[address]}",
+                )
+            )
+        first.setdefault(address, instance.name)
+    return problems
+
+
 INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
     "ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
-    "backoff_max, old_token_grace, probe_interval, allowed_uids and allowed_gids"
+    "backoff_max, old_token_grace, probe_interval, allowed_uids, allowed_gids, listen, "
+    "proxy_connections and proxy_timeout"
 )
 
 
@@ -585,6 +633,9 @@ def _valid_instance_keys(
             valid[key] = value
             continue
         checker = INSTANCE_SCHEMA.get(key)
+        if key == "listen" and where == "defaults":
+            problem(f"{where}.listen", "one address per instance: set it in [instances.NAME]")
+            continue
         if checker is None:
             hint = _did_you_mean(key, [*INSTANCE_SCHEMA, *sorted(SECRET_KEYS)])
             if not hint and key.startswith("password"):

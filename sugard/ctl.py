@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
     "status": ((), ("NAME",), frozenset({"--json", "--names", "--wait"})),
     "invalidate": (("NAME",), ("TOKEN",), frozenset()),
     "refresh": (("NAME",), (), frozenset({"--retry-rejected"})),
+    "proxy-url": (("NAME",), (), frozenset()),
     "reload": ((), (), frozenset()),
     "shutdown": ((), (), frozenset({"--wait"})),
     "env": ((), (), frozenset({"--shell"})),
@@ -258,6 +259,8 @@ def _run(args: _Args, client: SugardClient) -> int:
     elif command == "refresh":
         retry = "--retry-rejected" in args.options
         _print_token(client.refresh(name or "", retry_rejected=retry), "bare")
+    elif command == "proxy-url":
+        _print_proxy_url(client.proxy_urls(name or ""), client.socket_path)
     elif command == "reload":
         diff = client.reload()
         print(_reload_summary(diff))
@@ -349,6 +352,18 @@ def _env_line(path: str, shell: str) -> str:
 def _plain(word: str) -> bool:
     """`word` means itself to every shell, unquoted."""
     return bool(word) and all(c.isalnum() or c in "/._-+,:@%" for c in word)
+
+
+def _print_proxy_url(urls: dict[str, Any], socket_path: str) -> None:
+    if urls.get("listen_url"):
+        print(urls["listen_url"])
+        return
+    print(urls["socket_url"])
+    print(
+        f"sugarctl: over the Unix socket, like: curl --unix-socket {socket_path} "
+        f"{urls['socket_url']}/rest/v10/me",
+        file=sys.stderr,
+    )
 
 
 def _token_from_stdin() -> str:

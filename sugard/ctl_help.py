@@ -137,6 +137,16 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         ],
         "2, 3, 4, 5, 6 (Sugar rejected it, or it was rejected before and did not change), 7",
     ),
+    "proxy-url": (
+        "proxy-url NAME",
+        "print the Sugar site URL to give an SDK",
+        "Print the site URL to give a Sugar client or SDK so that it goes through sugard's "
+        "proxy (sugard adds the token; the client's own logins and logouts are answered "
+        "locally): the instance's `listen` address, else the socket form "
+        "http://sugard/v1/instances/NAME, with how to reach it over the socket on stderr.",
+        [],
+        "3, 4, 7",
+    ),
     "reload": (
         "reload",
         "make sugard re-read its config; print what changed",

@@ -35,7 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import ApiRunner, Peer, ReloadFailed, make_app
+from .api import ApiRunner, Peer, ReloadFailed, make_app, peer_of_tcp_socket
 from .config import (
     Config,
     ConfigError,
@@ -47,6 +47,7 @@ from .config import (
 from .keeper import MAX_SLEEP, Keeper
 from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
+from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier, started_by_systemd
 
@@ -280,6 +281,8 @@ class Daemon:
         )
         self._apply_log_level = apply_log_level
         self._background: set[asyncio.Task[None]] = set()
+        self._listeners: dict[str, ProxyListener] = {}  # instance -> its proxy's TCP listener
+        self._forwarder: Forwarder | None = None
 
     @property
     def keepers(self) -> Mapping[str, Keeper]:
@@ -317,10 +320,16 @@ class Daemon:
         for instance in self.config.instances.values():
             self._add(instance).start()
         self._log_routes(self._keepers, together=True)
-        runner = ApiRunner(make_app(self, self._clock), shutdown_timeout=_grace(self.config))
+        app = make_app(self, self._clock)
+        self._forwarder = app[KEY_FORWARDER]
+        runner = ApiRunner(app, shutdown_timeout=_grace(self.config))
         self._runner = runner
         await runner.setup()
         await web.SockSite(runner, sock, backlog=runner.backlog).start()
+        try:
+            self._listeners = await self._open_listeners(self.config, {})
+        except ReloadFailed as exc:
+            raise SocketError(exc.problems[0]) from None
         log.info(
             "sugard %s listening on %s%s with %d instance(s)",
             __version__,
@@ -330,6 +339,57 @@ class Daemon:
         )
         self._spawn(self._notifier.watchdog())
         self._notifier.ready(self._summary())
+
+    async def _open_listeners(
+        self, config: Config, current: Mapping[str, ProxyListener]
+    ) -> dict[str, ProxyListener]:
+        """The proxy listeners `config` asks for: the current ones where their address stays,
+        new ones bound now. If one cannot be bound, those bound here are closed again and
+        ReloadFailed says why; the current ones are never touched here."""
+        assert self._forwarder is not None
+        wanted: dict[str, ProxyListener] = {}
+        opened: list[ProxyListener] = []
+        try:
+            for name, instance in config.instances.items():
+                if instance.listen is None:
+                    continue
+                kept = current.get(name)
+                if kept is not None and kept.address == instance.listen:
+                    wanted[name] = kept
+                    continue
+                listener = ProxyListener(
+                    self._forwarder,
+                    name,
+                    instance.listen,
+                    peer_of_tcp_socket,
+                    shutdown_timeout=_grace(config),
+                )
+                try:
+                    await listener.start()
+                except OSError as exc:
+                    raise ReloadFailed(
+                        [
+                            f"instances.{name}.listen: cannot listen on {instance.listen}: "
+                            f"{exc.strerror or exc}; choose another port"
+                        ]
+                    ) from None
+                opened.append(listener)
+                wanted[name] = listener
+        except BaseException:
+            await asyncio.gather(*(listener.stop() for listener in opened))
+            raise
+        return wanted
+
+    async def _close_listeners(self, keep: Mapping[str, ProxyListener]) -> None:
+        """Stop the listeners that are not in `keep` (removed, or moved to a new address)."""
+        kept = set(map(id, keep.values()))
+        gone = [lis for lis in self._listeners.values() if id(lis) not in kept]
+        await asyncio.gather(*(listener.stop() for listener in gone))
+        for listener in keep.values():
+            # A moved listener's successor bound first; the old one's stop() dropped the URL.
+            assert self._forwarder is not None
+            self._forwarder.listener_urls[listener.name] = listener.url
+        self._listeners = dict(keep)
 
     def _summary(self) -> str:
         return f"serving {len(self._keepers)} instance(s) on {self.socket_path}"
@@ -424,6 +484,8 @@ class Daemon:
         except Exception as exc:  # whatever it is, the old config must survive it
             log.exception("reload refused, old config kept: cannot set up the new instances")
             raise ReloadFailed([f"cannot set up the new instances: {exc}"]) from None
+        # New proxy addresses are bound before the swap too, so one in use fails the reload.
+        listeners = await self._open_listeners(new, self._listeners)
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
@@ -444,6 +506,9 @@ class Daemon:
         )
         old, self.config, self._keepers = self.config, new, keepers
         self._apply_daemon_settings(old, new)
+        await self._close_listeners(listeners)
+        if self._forwarder is not None:
+            self._forwarder.prune(keepers)
 
         # Retired keepers stop (their waiting requests get InstanceStopped) before any
         # replacement starts: a refresh still in flight for a replaced instance is cancelled
@@ -493,6 +558,7 @@ class Daemon:
         """Stop accepting, let in-flight requests finish (shutdown_grace), stop keepers."""
         self._stopping = True
         self._notifier.stopping()
+        await self._close_listeners({})
         if self._runner is not None:
             server = self._runner.server
             open_connections = len(server.connections) if server is not None else 0

@@ -315,6 +315,32 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "ProxyUrls": {
+        "type": "object",
+        "required": ["instance", "socket_url", "listen_url"],
+        "additionalProperties": False,
+        "properties": {
+            "instance": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+            "socket_url": {
+                "type": "string",
+                "description": "the Sugar site root over this socket",
+                "example": "http://sugard/v1/instances/prod",
+            },
+            "listen_url": {
+                "type": "string",
+                "nullable": True,
+                "description": "the site root on the instance's loopback listener, if any",
+            },
+        },
+    },
+    "SugarError": {
+        "type": "object",
+        "required": ["error", "error_message"],
+        "properties": {
+            "error": {"type": "string", "description": "Sugar's error label"},
+            "error_message": {"type": "string"},
+        },
+    },
     "ReloadError": {
         "type": "object",
         "required": ["error", "message", "errors"],
@@ -329,6 +355,26 @@ SCHEMAS: dict[str, Any] = {
         },
     },
 }
+
+
+# Sugar through sugard: any method is forwarded to {url}/rest/{path}, Sugar's answer comes back.
+PROXIED_PATH = "/v1/instances/{name}/rest/{path}"
+PROXIED_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _proxied(method: str) -> dict[str, Any]:
+    return {
+        "operationId": f"proxy{method.capitalize()}",
+        "summary": "forwarded to the instance's {url}/rest/{path} with sugard's OAuth-Token",
+        "description": (
+            "The client's OAuth-Token, Authorization and Cookie are dropped. POST oauth2/token "
+            "and oauth2/logout are answered by sugard; oauth2/sudo and other oauth2 routes are "
+            "refused (403). Errors sugard makes itself use Sugar's envelope."
+        ),
+        "responses": {
+            "default": _json(_ref("SugarError"), "Sugar's answer, or sugard's in Sugar's envelope")
+        },
+    }
 
 
 def spec() -> dict[str, Any]:
@@ -439,6 +485,29 @@ def _document() -> dict[str, Any]:
                         }
                     ),
                 },
+            },
+            "/v1/instances/{name}/proxy": {
+                "parameters": [_NAME],
+                "get": {
+                    "operationId": "proxyUrls",
+                    "summary": "the Sugar site root to give a client of the proxy",
+                    "responses": _with_instance(
+                        **{"200": _json(_ref("ProxyUrls"), "where the proxy serves the instance")}
+                    ),
+                },
+            },
+            PROXIED_PATH: {
+                "parameters": [
+                    _NAME,
+                    {
+                        "name": "path",
+                        "in": "path",
+                        "required": True,
+                        "description": "Sugar's REST path, like v10/me (query kept)",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                **{method: _proxied(method) for method in PROXIED_METHODS},
             },
             "/v1/reload": {
                 "post": {

@@ -217,6 +217,11 @@ class SugarClient:
         self._instance = instance
         self.route: Route = route_for(instance)
 
+    @property
+    def tls(self) -> ssl.SSLContext | bool:
+        """What this instance's requests pass as `ssl=`: the proxy forwards with the same."""
+        return self._ssl
+
     async def login(self) -> Grant:
         """Password grant."""
         i = self.instance

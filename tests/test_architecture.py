@@ -25,7 +25,10 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # check: its test login goes through the one Sugar boundary; the daemon, through client.
     "check": (SHARED | {"config", "client", "sandbox", "sugar"}, set()),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
-    "api": (SHARED | {"config", "keeper", "openapi"}, {"aiohttp"}),
+    # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
+    "api": (SHARED | {"config", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
+    # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).
+    "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
     "peer": (set(), set()),
     "systemd": (set(), set()),
