@@ -44,6 +44,7 @@ from aiohttp.http_exceptions import (
 from . import __version__
 from .config import INSTANCE_NAME
 from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from .observe import Observer, TokenOutcome
 from .openapi import spec
 
 __all__ = [
@@ -181,12 +182,23 @@ def _shown(value: str, limit: int = 80) -> str:
 
 KEY_REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 KEY_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+KEY_OBSERVER: web.AppKey[Observer] = web.AppKey("observer")
+KEY_METRICS: web.AppKey[Handler | None] = web.AppKey("metrics")
 
 
-def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
+def make_app(
+    registry: Registry,
+    clock: Callable[[], float],
+    *,
+    observer: Observer | None = None,
+    metrics: Handler | None = None,
+) -> web.Application:
+    """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics."""
     app = web.Application(middlewares=[_json_errors, _check_peer], client_max_size=MAX_BODY)
     app[KEY_REGISTRY] = registry
     app[KEY_CLOCK] = clock
+    app[KEY_OBSERVER] = observer or Observer()
+    app[KEY_METRICS] = metrics
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/instances", list_instances)
@@ -195,6 +207,7 @@ def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
     app.router.add_post("/v1/instances/{name}/invalidate", invalidate)
     app.router.add_post("/v1/instances/{name}/refresh", refresh)
     app.router.add_post("/v1/reload", reload)
+    app.router.add_get("/v1/metrics", metrics_text)
     return app
 
 
@@ -429,6 +442,12 @@ async def _check_peer(request: web.Request, handler: Handler) -> web.StreamRespo
     instance = request.match_info.get("name")
     if peer is not None and registry.allowed(peer, instance):
         return await handler(request)
+    if (
+        instance is not None
+        and instance in registry.keepers
+        and request.match_info.handler in _TOKEN_ROUTES
+    ):
+        request.app[KEY_OBSERVER].token_request(instance, "forbidden")
     if peer is not None:
         # Path quoted (%r): a decoded path could carry newlines into the log.
         log.warning(
@@ -545,13 +564,21 @@ async def _answer_token(
             keeper = successor
             grant = await keeper.token(min_ttl, max(0.0, deadline - loop.time()))
     except TokenUnavailable as exc:
+        _count(request, keeper, "unavailable")
         return error(503, "token_unavailable", str(exc), retry_after=exc.retry_after)
     except NeedsAttention as exc:
+        _count(request, keeper, "rejected")
         return error(502, "upstream_rejected", str(exc))
     except InstanceStopped as exc:
+        _count(request, keeper, "gone")
         return error(404, "unknown_instance", str(exc))
+    _count(request, keeper, "served")
     body = _token_body(keeper, grant, request.app[KEY_CLOCK]())
     return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+def _count(request: web.Request, keeper: Keeper, outcome: TokenOutcome) -> None:
+    request.app[KEY_OBSERVER].token_request(keeper.name, outcome)
 
 
 def _successor(request: web.Request, keeper: Keeper) -> Keeper | web.Response | None:
@@ -607,6 +634,7 @@ async def token(request: web.Request) -> web.Response:
         min_ttl = _seconds(request, "min_ttl", 0.0, MAX_MIN_TTL)
         wait = _seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
     except _BadRequest as exc:
+        _count(request, keeper, "bad_request")
         return error(400, "bad_request", str(exc))
     return await _answer_token(
         request, keeper, lambda: keeper.token(min_ttl, wait), min_ttl=min_ttl, wait=wait
@@ -647,6 +675,18 @@ async def refresh(request: web.Request) -> web.Response:
     if isinstance(keeper, web.Response):
         return keeper
     return await _answer_token(request, keeper, lambda: keeper.refresh_now())
+
+
+# The routes that answer a TOKEN: how they end is counted per instance (metrics).
+_TOKEN_ROUTES = frozenset({token, invalidate, refresh})
+
+
+async def metrics_text(request: web.Request) -> web.StreamResponse:
+    """The Prometheus exposition (same access rules as every route: `_check_peer`)."""
+    handler = request.app[KEY_METRICS]
+    if handler is None:
+        return error(404, "not_found", "this sugard serves no metrics")
+    return await handler(request)
 
 
 async def reload(request: web.Request) -> web.Response:

@@ -38,6 +38,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "resolve_secrets",
+    "split_host_port",
 ]
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
@@ -117,6 +118,7 @@ class InstanceConfig:
     backoff_max: float = 300.0
     allowed_uids: tuple[int, ...] | None = None
     allowed_gids: tuple[int, ...] | None = None
+    on_event: tuple[str, ...] | None = None  # argv run on renewed/failed/recovered/evicted
 
     def auth_key(self) -> tuple[object, ...]:
         """What identifies the upstream session: while it is unchanged, the live token stays."""
@@ -140,6 +142,7 @@ class DaemonConfig:
     shutdown_grace: float = 10.0
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
+    metrics_listen: str | None = None  # "HOST:PORT" serving /metrics over TCP
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,33 @@ def _optional_path(v: Any) -> str:
     return _nonempty(v)
 
 
+def _argv(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v) or not v[0]:
+        raise ValueError('must be a list of a command and its arguments, like ["notify", "-u"]')
+    return tuple(v)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:9101` for IPv6; an empty HOST is every address) as (host, port)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(
+            f'must be "HOST:PORT" with a port of 0-65535, like "127.0.0.1:9101", not {text!r}'
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'an IPv6 address needs brackets, like "[::1]:9101", not {text!r}')
+    if any(c.isspace() or c in "[]/" for c in host):
+        raise ValueError(f"must be a host name or address and a port, not {text!r}")
+    return host, int(port)
+
+
+def _host_port(v: Any) -> str:
+    split_host_port(_nonempty(v))
+    return str(v)
+
+
 INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "username": _nonempty,
@@ -261,6 +291,7 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "backoff_max": _number(0.01, 86400),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
+    "on_event": _argv,
 }
 INSTANCE_DEFAULTS: dict[str, Any] = {
     "client_id": "sugar",
@@ -277,6 +308,7 @@ DAEMON_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "shutdown_grace": _number(0, 600),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
+    "metrics_listen": _host_port,
 }
 DAEMON_DEFAULTS: dict[str, Any] = {
     f.name: f.default
@@ -426,7 +458,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
 INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
-    "ca_file, refresh_before, backoff_max, allowed_uids and allowed_gids"
+    "ca_file, refresh_before, backoff_max, allowed_uids, allowed_gids and on_event"
 )
 
 

@@ -36,8 +36,18 @@ from aiohttp import web
 
 from . import __version__
 from .api import ApiRunner, Peer, ReloadFailed, make_app
-from .config import Config, ConfigError, InstanceConfig, diff_configs, load_config
+from .config import (
+    Config,
+    ConfigError,
+    InstanceConfig,
+    diff_configs,
+    load_config,
+    split_host_port,
+)
+from .events import EventHooks
 from .keeper import MAX_SLEEP, Keeper
+from .metrics import Metrics
+from .observe import Fanout
 from .paths import SOCKET_PATH_MAX
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier
@@ -48,7 +58,7 @@ log = logging.getLogger("sugard.daemon")
 
 FORCED_EXIT = 1  # exit status when a second signal cuts the graceful stop short
 # Daemon settings that only take effect at start: a reload says so instead of ignoring them.
-RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace")
+RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace", "metrics_listen")
 
 
 def _grace(config: Config) -> float:
@@ -268,6 +278,15 @@ class Daemon:
         self._notifier = notifier or Notifier()
         self._apply_log_level = apply_log_level
         self._background: set[asyncio.Task[None]] = set()
+        # Metrics and on_event hooks (issue 18): keepers, api and proxy report to `observer`.
+        self.metrics = Metrics(lambda: [k.status() for k in self._keepers.values()], clock=clock)
+        self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
+        self.observer = Fanout(self.metrics, self.hooks)
+        self._metrics_runner: web.AppRunner | None = None
+
+    def _on_event(self, name: str) -> tuple[str, ...] | None:
+        keeper = self._keepers.get(name)
+        return keeper.config.on_event if keeper is not None else None
 
     @property
     def keepers(self) -> Mapping[str, Keeper]:
@@ -301,10 +320,16 @@ class Daemon:
             sock = self._inherited_socket
         else:
             sock, self._lock = prepare_socket(self.socket_path)
+        try:
+            await self._serve_metrics()
+        except SocketError:
+            self._remove_socket()
+            raise
         self._http = new_http_session()
         for instance in self.config.instances.values():
             self._add(instance).start()
-        runner = ApiRunner(make_app(self, self._clock), shutdown_timeout=_grace(self.config))
+        app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.handler)
+        runner = ApiRunner(app, shutdown_timeout=_grace(self.config))
         self._runner = runner
         await runner.setup()
         await web.SockSite(runner, sock, backlog=runner.backlog).start()
@@ -317,6 +342,30 @@ class Daemon:
         )
         self._spawn(self._notifier.watchdog())
         self._notifier.ready(self._summary())
+
+    async def _serve_metrics(self) -> None:
+        """`/metrics` over TCP on `[daemon] metrics_listen`, for a Prometheus scraper: it
+        carries no secret and no username, so any address will do."""
+        listen = self.config.daemon.metrics_listen
+        if listen is None:
+            return
+        host, port = split_host_port(listen)
+        app = web.Application()
+        app.router.add_get("/metrics", self.metrics.handler)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host or None, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise SocketError(
+                f"cannot serve metrics on {listen}: {exc.strerror or exc}; choose another "
+                "[daemon] metrics_listen"
+            ) from None
+        self._metrics_runner = runner
+        for address in runner.addresses:
+            shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+            log.info("metrics on http://%s:%d/metrics", shown, address[1])
 
     def _summary(self) -> str:
         return f"serving {len(self._keepers)} instance(s) on {self.socket_path}"
@@ -404,6 +453,7 @@ class Daemon:
             if not new.instances[name].verify_tls:
                 log.warning("%s: TLS verification is OFF (verify_tls = false)", name)
         old, self.config, self._keepers = self.config, new, keepers
+        self.observer.forget(diff.removed)
         self._apply_daemon_settings(old, new)
 
         # Retired keepers stop (their waiting requests get InstanceStopped) before any
@@ -454,8 +504,12 @@ class Daemon:
                 )
             await self._runner.cleanup()
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         for keeper in self._keepers.values():
             await keeper.stop()
+        await self.hooks.close()
         if self._http is not None:
             await self._http.close()
             self._http = None

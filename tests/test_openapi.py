@@ -29,7 +29,7 @@ from sugard.api import make_app
 from sugard.openapi import spec
 from sugard.testing import FakeSugar
 
-EXAMPLES_PER_OPERATION = 40  # per operation and mode (4 of the 8 operations take input)
+EXAMPLES_PER_OPERATION = 40  # per operation and mode (4 of the 9 operations take input)
 
 
 def unix_session(path: Path) -> requests.Session:
@@ -128,7 +128,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(
     document = live.get("http://sugard/v1/openapi.json").json()
     schema = schemathesis.openapi.from_dict(document)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert 8 == len(operations)
+    assert 9 == len(operations)
     calls: dict[str, int] = {}
     statuses: set[int] = set()
     for operation in operations:

@@ -1,0 +1,270 @@
+"""The Prometheus exposition: `GET /v1/metrics` on the socket, `/metrics` on `metrics_listen`.
+
+Two kinds of numbers, read two ways:
+
+- what an instance *is* (state, seconds to expiry, fleet role) is read at scrape time from the
+  keepers' `status()`, so it can never drift from what `sugarctl status` shows;
+- what *happened* (upstream calls, token requests, renewals, evictions, proxied requests) is
+  counted as it happens, through the `Observer` methods the keeper, api and proxy call.
+
+Each daemon has its own `CollectorRegistry` (never prometheus_client's global one), so tests
+and several daemons in one process do not collide. The only free label value is an instance's
+local name: no username, URL or token is ever a label or a value, which is why the metrics may
+be served beyond loopback.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.aiohttp import make_aiohttp_handler
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .observe import (
+    EVICTION_FOUND_BY,
+    RENEWAL_REASONS,
+    STATES,
+    TOKEN_OUTCOMES,
+    UPSTREAM_GRANTS,
+    UPSTREAM_OUTCOMES,
+    EvictionFoundBy,
+    Observer,
+    RenewalReason,
+    TokenOutcome,
+    UpstreamGrant,
+    UpstreamOutcome,
+)
+
+__all__ = ["PROXY_BUCKETS", "Metrics", "status_class"]
+
+Statuses = Callable[[], Iterable[Mapping[str, Any]]]
+
+# Proxied Sugar calls: a cached record read takes milliseconds, a report or a 2 GB download
+# minutes (the proxy's own timeout is 300 s).
+PROXY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+FLEET_ROLES = ("leader", "follower")
+
+
+def status_class(status: int | None) -> str:
+    """`2xx` ... `5xx` for an HTTP status; `none` when no answer was sent at all."""
+    if status is None or not 100 <= status <= 599:
+        return "none"
+    return f"{status // 100}xx"
+
+
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "none")
+
+
+class Metrics(Observer):
+    """The daemon's metrics: an Observer for the counters, a collector over the keepers'
+    status for the gauges, and the aiohttp handler that serves them all."""
+
+    def __init__(
+        self,
+        statuses: Statuses,
+        *,
+        clock: Callable[[], float] = time.time,
+        process: bool = True,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self._statuses = statuses
+        self._known: set[str] = set()
+        self._upstream = Counter(
+            "sugard_upstream_calls",
+            "Calls to Sugar by grant (password, refresh, probe, serverinfo) and outcome.",
+            ["instance", "grant", "outcome"],
+            registry=registry,
+        )
+        self._token_requests = Counter(
+            "sugard_token_requests",
+            "Token requests (token, invalidate, refresh) answered, by outcome.",
+            ["instance", "outcome"],
+            registry=registry,
+        )
+        self._renewals = Counter(
+            "sugard_renewals",
+            "Renewals of the session started, by reason.",
+            ["instance", "reason"],
+            registry=registry,
+        )
+        self._evictions = Counter(
+            "sugard_evictions",
+            "Times Sugar no longer accepted the session, by how it was found.",
+            ["instance", "found_by"],
+            registry=registry,
+        )
+        self._proxied = Counter(
+            "sugard_proxy_requests",
+            "Requests proxied to Sugar, by the class of the status answered.",
+            ["instance", "status_class"],
+            registry=registry,
+        )
+        self._proxy_seconds = Histogram(
+            "sugard_proxy_request_duration_seconds",
+            "Time from a proxied request's arrival to the end of its answer.",
+            ["instance"],
+            buckets=PROXY_BUCKETS,
+            registry=registry,
+        )
+        registry.register(_InstanceCollector(statuses, clock))
+        if process:
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+        self.handler = make_aiohttp_handler(_Synced(self), disable_compression=True)
+
+    # Observer
+
+    def upstream_call(self, instance: str, grant: UpstreamGrant, outcome: UpstreamOutcome) -> None:
+        self._upstream.labels(instance, grant, outcome).inc()
+
+    def token_request(self, instance: str, outcome: TokenOutcome) -> None:
+        self._token_requests.labels(instance, outcome).inc()
+
+    def renewal(self, instance: str, reason: RenewalReason) -> None:
+        self._renewals.labels(instance, reason).inc()
+
+    def evicted(
+        self,
+        instance: str,
+        found_by: EvictionFoundBy,
+        *,
+        expires_at: float | None,
+        error_kind: str | None,
+    ) -> None:
+        self._evictions.labels(instance, found_by).inc()
+
+    def proxied(self, instance: str, status: int | None, seconds: float) -> None:
+        self._proxied.labels(instance, status_class(status)).inc()
+        self._proxy_seconds.labels(instance).observe(seconds)
+
+    def forget(self, instances: Iterable[str]) -> None:
+        for name in instances:
+            for counter in self._labelled():
+                counter.remove_by_labels({"instance": name})
+            self._known.discard(name)
+
+    # Exposition
+
+    def sync(self) -> None:
+        """Give every configured instance all its series, at 0 until something happens (so
+        `rate()` and `increase()` see the first event), and drop those of instances gone."""
+        names = {str(status["name"]) for status in self._statuses()}
+        self.forget(self._known - names)
+        for name in names - self._known:
+            for grant, outcome in itertools.product(UPSTREAM_GRANTS, UPSTREAM_OUTCOMES):
+                self._upstream.labels(name, grant, outcome)
+            for token_outcome in TOKEN_OUTCOMES:
+                self._token_requests.labels(name, token_outcome)
+            for reason in RENEWAL_REASONS:
+                self._renewals.labels(name, reason)
+            for found_by in EVICTION_FOUND_BY:
+                self._evictions.labels(name, found_by)
+            for klass in STATUS_CLASSES:
+                self._proxied.labels(name, klass)
+            self._proxy_seconds.labels(name)
+        self._known |= names
+
+    def _labelled(self) -> tuple[Counter | Histogram, ...]:
+        return (
+            self._upstream,
+            self._token_requests,
+            self._renewals,
+            self._evictions,
+            self._proxied,
+            self._proxy_seconds,
+        )
+
+
+class _Synced(Collector):
+    """The registry as the handler serves it: synced with the configured instances first."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        self._metrics.sync()
+        return self._metrics.registry.collect()
+
+    def restricted_registry(self, names: Iterable[str]) -> Collector:
+        # `?name[]=...` in a scrape: prometheus_client filters the registry itself.
+        self._metrics.sync()
+        return self._metrics.registry.restricted_registry(names)
+
+
+class _InstanceCollector(Collector):
+    """State, expiry and fleet role of every instance, read from `status()` at each scrape."""
+
+    def __init__(self, statuses: Statuses, clock: Callable[[], float]) -> None:
+        self._statuses = statuses
+        self._clock = clock
+
+    def describe(self) -> Iterable[Metric]:
+        # Names only (restricted_registry uses them); no status is read to describe.
+        return list(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        state, expires_in, expires_at, renewed, role, build = self._families()
+        now = self._clock()
+        for status in self._statuses():
+            name = str(status["name"])
+            for candidate in STATES:
+                state.add_metric([name, candidate], 1.0 if status["state"] == candidate else 0.0)
+            if status.get("expires_at") is not None:
+                expires_in.add_metric([name], status["expires_at"] - now)
+                expires_at.add_metric([name], status["expires_at"])
+            if status.get("last_refresh") is not None:
+                renewed.add_metric([name], status["last_refresh"])
+            fleet = status.get("fleet")
+            if isinstance(fleet, Mapping):
+                for candidate in FLEET_ROLES:
+                    role.add_metric(
+                        [name, candidate], 1.0 if fleet.get("role") == candidate else 0.0
+                    )
+        build.add_metric([__version__], 1.0)
+        yield from (state, expires_in, expires_at, renewed, role, build)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "sugard_instance_state",
+                "1 for the instance's current state, 0 for the others.",
+                labels=["instance", "state"],
+            ),
+            GaugeMetricFamily(
+                "sugard_token_expires_in_seconds",
+                "Seconds until the current access token expires (negative: expired); "
+                "absent while there is none.",
+                labels=["instance"],
+            ),
+            GaugeMetricFamily(
+                "sugard_token_expiry_timestamp_seconds",
+                "When the current access token expires, in Unix time.",
+                labels=["instance"],
+            ),
+            GaugeMetricFamily(
+                "sugard_last_renewal_timestamp_seconds",
+                "When the last new token (login or refresh) arrived, in Unix time.",
+                labels=["instance"],
+            ),
+            GaugeMetricFamily(
+                "sugard_fleet_role",
+                "1 for the instance's role in fleet mode (leader or follower); absent for "
+                "instances kept locally.",
+                labels=["instance", "role"],
+            ),
+            GaugeMetricFamily("sugard_build_info", "The running sugard.", labels=["version"]),
+        )
