@@ -358,9 +358,10 @@ class Daemon:
             await web.TCPSite(runner, host or None, port).start()
         except OSError as exc:
             await runner.cleanup()
+            # asyncio's text repeats the address; the errno's says it all.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
             raise SocketError(
-                f"cannot serve metrics on {listen}: {exc.strerror or exc}; choose another "
-                "[daemon] metrics_listen"
+                f"cannot serve metrics on {listen}: {why}; choose another [daemon] metrics_listen"
             ) from None
         self._metrics_runner = runner
         for address in runner.addresses:
