@@ -10,7 +10,7 @@ Two kinds of numbers, read two ways:
 Each daemon has its own `CollectorRegistry` (never prometheus_client's global one), so tests
 and several daemons in one process do not collide. The only free label value is an instance's
 local name: no username, URL or token is ever a label or a value, which is why the metrics may
-be served beyond loopback.
+be served beyond loopback. That name is the label `sugar_instance` (see LABEL).
 """
 
 from __future__ import annotations
@@ -55,6 +55,9 @@ Statuses = Callable[[], Iterable[Mapping[str, Any]]]
 # minutes (the proxy's own timeout is 300 s).
 PROXY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 FLEET_ROLES = ("leader", "follower")
+# The instance's local name. Not `instance`: Prometheus sets that label on every scraped
+# series itself (the target's host:port) and would rename ours to `exported_instance`.
+LABEL = "sugar_instance"
 
 
 def status_class(status: int | None) -> str:
@@ -85,37 +88,37 @@ class Metrics(Observer):
         self._upstream = Counter(
             "sugard_upstream_calls",
             "Calls to Sugar by grant (password, refresh, probe, serverinfo) and outcome.",
-            ["instance", "grant", "outcome"],
+            [LABEL, "grant", "outcome"],
             registry=registry,
         )
         self._token_requests = Counter(
             "sugard_token_requests",
             "Token requests (token, invalidate, refresh) answered, by outcome.",
-            ["instance", "outcome"],
+            [LABEL, "outcome"],
             registry=registry,
         )
         self._renewals = Counter(
             "sugard_renewals",
             "Renewals of the session started, by reason.",
-            ["instance", "reason"],
+            [LABEL, "reason"],
             registry=registry,
         )
         self._evictions = Counter(
             "sugard_evictions",
             "Times Sugar no longer accepted the session, by how it was found.",
-            ["instance", "found_by"],
+            [LABEL, "found_by"],
             registry=registry,
         )
         self._proxied = Counter(
             "sugard_proxy_requests",
             "Requests proxied to Sugar, by the class of the status answered.",
-            ["instance", "status_class"],
+            [LABEL, "status_class"],
             registry=registry,
         )
         self._proxy_seconds = Histogram(
             "sugard_proxy_request_duration_seconds",
             "Time from a proxied request's arrival to the end of its answer.",
-            ["instance"],
+            [LABEL],
             buckets=PROXY_BUCKETS,
             registry=registry,
         )
@@ -153,7 +156,7 @@ class Metrics(Observer):
     def forget(self, instances: Iterable[str]) -> None:
         for name in instances:
             for counter in self._labelled():
-                counter.remove_by_labels({"instance": name})
+                counter.remove_by_labels({LABEL: name})
             self._known.discard(name)
 
     # Exposition
@@ -242,29 +245,29 @@ class _InstanceCollector(Collector):
             GaugeMetricFamily(
                 "sugard_instance_state",
                 "1 for the instance's current state, 0 for the others.",
-                labels=["instance", "state"],
+                labels=[LABEL, "state"],
             ),
             GaugeMetricFamily(
                 "sugard_token_expires_in_seconds",
                 "Seconds until the current access token expires (negative: expired); "
                 "absent while there is none.",
-                labels=["instance"],
+                labels=[LABEL],
             ),
             GaugeMetricFamily(
                 "sugard_token_expiry_timestamp_seconds",
                 "When the current access token expires, in Unix time.",
-                labels=["instance"],
+                labels=[LABEL],
             ),
             GaugeMetricFamily(
                 "sugard_last_renewal_timestamp_seconds",
                 "When the last new token (login or refresh) arrived, in Unix time.",
-                labels=["instance"],
+                labels=[LABEL],
             ),
             GaugeMetricFamily(
                 "sugard_fleet_role",
                 "1 for the instance's role in fleet mode (leader or follower); absent for "
                 "instances kept locally.",
-                labels=["instance", "role"],
+                labels=[LABEL, "role"],
             ),
             GaugeMetricFamily("sugard_build_info", "The running sugard.", labels=["version"]),
         )

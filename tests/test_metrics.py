@@ -139,12 +139,12 @@ def test_scrape_agrees_with_the_fake_over_a_login_and_refreshes(
     assert {s: float(s == "ready") for s in STATES} == {
         dict(labels)["state"]: v for labels, v in with_name(found, "sugard_instance_state").items()
     }
-    expiry = value(found, "sugard_token_expiry_timestamp_seconds", instance="prod")
+    expiry = value(found, "sugard_token_expiry_timestamp_seconds", sugar_instance="prod")
     assert epoch(last["expires_at"]) == int(expiry)
     assert fake.requests[-1].time + 3600 == pytest.approx(expiry, abs=2)
-    expires_in = value(found, "sugard_token_expires_in_seconds", instance="prod")
+    expires_in = value(found, "sugard_token_expires_in_seconds", sugar_instance="prod")
     assert before - 1 <= expiry - expires_in <= after + 1
-    renewed = value(found, "sugard_last_renewal_timestamp_seconds", instance="prod")
+    renewed = value(found, "sugard_last_renewal_timestamp_seconds", sugar_instance="prod")
     assert fake.requests[-1].time == pytest.approx(renewed, abs=2)
 
     requests = {
@@ -177,6 +177,9 @@ def test_scrape_agrees_with_the_fake_over_a_login_and_refreshes(
     labels = {v for key in found for _, v in key[1]}
     assert USER not in labels
     assert "nope" not in labels  # an unknown name in a URL makes no series
+    # Prometheus owns `instance` (the target) and `job`: a series of ours with either would
+    # have it renamed to exported_instance at every scrape.
+    assert not {"instance", "job"} & {k for key in found for k, _ in key[1]}
 
 
 def _rfc(t: float) -> str:
@@ -227,7 +230,9 @@ def test_metrics_on_the_socket_follow_the_socket_rules(
         assert done.stdout.endswith("\n403"), done.stdout + done.stderr
         assert '"forbidden"' in done.stdout
     found = samples(scrape(daemon.socket)[1])
-    assert 1 == value(found, "sugard_token_requests_total", instance="prod", outcome="forbidden")
+    assert 1 == value(
+        found, "sugard_token_requests_total", sugar_instance="prod", outcome="forbidden"
+    )
 
 
 def test_metrics_listen_serves_the_same_over_tcp(
@@ -247,7 +252,9 @@ def test_metrics_listen_serves_the_same_over_tcp(
     body, _, content_type = done.stdout.rpartition("\n")
     assert content_type.startswith("text/plain; version=")
     over_tcp = samples(body)
-    assert 1 == value(over_tcp, "sugard_token_requests_total", instance="prod", outcome="served")
+    assert 1 == value(
+        over_tcp, "sugard_token_requests_total", sugar_instance="prod", outcome="served"
+    )
     on_socket = samples(scrape(daemon.socket)[1])
     assert {k[0] for k in on_socket} == {k[0] for k in over_tcp}
     assert "404" == curl("-o", "/dev/null", "-w", "%{http_code}", f"{match.group(1)}/").stdout
@@ -331,21 +338,27 @@ def test_counters_count_what_the_observer_hears() -> None:
     observer.token_request("test", "unavailable")
     found = render(metrics)
     assert 1 == value(
-        found, "sugard_upstream_calls_total", instance="prod", grant="password", outcome="ok"
+        found, "sugard_upstream_calls_total", sugar_instance="prod", grant="password", outcome="ok"
     )
     assert 2 == value(
-        found, "sugard_upstream_calls_total", instance="prod", grant="refresh", outcome="rejected"
+        found,
+        "sugard_upstream_calls_total",
+        sugar_instance="prod",
+        grant="refresh",
+        outcome="rejected",
     )
     assert 0 == value(
-        found, "sugard_upstream_calls_total", instance="test", grant="password", outcome="ok"
+        found, "sugard_upstream_calls_total", sugar_instance="test", grant="password", outcome="ok"
     )
-    assert 1 == value(found, "sugard_renewals_total", instance="prod", reason="reported")
-    assert 1 == value(found, "sugard_evictions_total", instance="prod", found_by="report")
-    assert 1 == value(found, "sugard_token_requests_total", instance="test", outcome="unavailable")
+    assert 1 == value(found, "sugard_renewals_total", sugar_instance="prod", reason="reported")
+    assert 1 == value(found, "sugard_evictions_total", sugar_instance="prod", found_by="report")
+    assert 1 == value(
+        found, "sugard_token_requests_total", sugar_instance="test", outcome="unavailable"
+    )
     assert 0 == value(
         render(other),
         "sugard_upstream_calls_total",
-        instance="prod",
+        sugar_instance="prod",
         grant="password",
         outcome="ok",
     )
@@ -362,12 +375,12 @@ def test_proxied_requests_by_status_class_with_latency() -> None:
         for labels, v in with_name(found, "sugard_proxy_requests_total").items()
     }
     assert {"1xx": 0, "2xx": 2, "3xx": 0, "4xx": 1, "5xx": 1, "none": 1} == by_class
-    assert 5 == value(found, "sugard_proxy_request_duration_seconds_count", instance="prod")
+    assert 5 == value(found, "sugard_proxy_request_duration_seconds_count", sugar_instance="prod")
     assert 3 == value(
-        found, "sugard_proxy_request_duration_seconds_bucket", instance="prod", le="0.05"
+        found, "sugard_proxy_request_duration_seconds_bucket", sugar_instance="prod", le="0.05"
     )
     assert 4 == value(
-        found, "sugard_proxy_request_duration_seconds_bucket", instance="prod", le="1.0"
+        found, "sugard_proxy_request_duration_seconds_bucket", sugar_instance="prod", le="1.0"
     )
     assert ["none", "2xx", "5xx"] == [status_class(s) for s in (99, 299, 599)]
 
@@ -382,11 +395,11 @@ def test_an_instance_removed_loses_its_series() -> None:
     names.remove("test")
     found = render(metrics)
     assert {"prod"} == _instances(found)
-    assert 1 == value(found, "sugard_token_requests_total", instance="prod", outcome="served")
+    assert 1 == value(found, "sugard_token_requests_total", sugar_instance="prod", outcome="served")
 
 
 def _instances(found: Samples) -> set[str]:
-    return {v for key in found for k, v in key[1] if k == "instance"}
+    return {v for key in found for k, v in key[1] if k == "sugar_instance"}
 
 
 def test_fleet_role_only_in_fleet_mode() -> None:
@@ -411,5 +424,7 @@ def test_an_observer_that_raises_does_not_reach_the_caller(
 
     metrics = Metrics(statuses("prod"), process=False)
     Fanout(Broken(), metrics).renewal("prod", "forced")
-    assert 1 == value(render(metrics), "sugard_renewals_total", instance="prod", reason="forced")
+    assert 1 == value(
+        render(metrics), "sugard_renewals_total", sugar_instance="prod", reason="forced"
+    )
     assert "Broken.renewal failed" in caplog.text
