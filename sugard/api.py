@@ -26,7 +26,7 @@ import resource
 import socket
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -183,7 +183,9 @@ def _shown(value: str, limit: int = 80) -> str:
 KEY_REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 KEY_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 KEY_OBSERVER: web.AppKey[Observer] = web.AppKey("observer")
-KEY_METRICS: web.AppKey[Handler | None] = web.AppKey("metrics")
+# (Accept header, metric names) -> (body, Content-Type): Metrics.render
+RenderMetrics = Callable[[str, Sequence[str]], Awaitable[tuple[bytes, str]]]
+KEY_METRICS: web.AppKey[RenderMetrics | None] = web.AppKey("metrics")
 
 
 def make_app(
@@ -191,7 +193,7 @@ def make_app(
     clock: Callable[[], float],
     *,
     observer: Observer | None = None,
-    metrics: Handler | None = None,
+    metrics: RenderMetrics | None = None,
 ) -> web.Application:
     """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics."""
     app = web.Application(middlewares=[_json_errors, _check_peer], client_max_size=MAX_BODY)
@@ -682,11 +684,16 @@ _TOKEN_ROUTES = frozenset({token, invalidate, refresh})
 
 
 async def metrics_text(request: web.Request) -> web.StreamResponse:
-    """The Prometheus exposition (same access rules as every route: `_check_peer`)."""
-    handler = request.app[KEY_METRICS]
-    if handler is None:
+    """The Prometheus exposition (on the socket, with the access rules of every route)."""
+    render = request.app.get(KEY_METRICS)
+    if render is None:
         return error(404, "not_found", "this sugard serves no metrics")
-    return await handler(request)
+    body, content_type = await render(
+        request.headers.get("Accept", ""), request.query.getall("name[]", [])
+    )
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 async def reload(request: web.Request) -> web.Response:

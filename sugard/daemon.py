@@ -35,7 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import ApiRunner, Peer, ReloadFailed, make_app
+from .api import KEY_METRICS, ApiRunner, Peer, ReloadFailed, make_app, metrics_text
 from .config import (
     Config,
     ConfigError,
@@ -328,7 +328,7 @@ class Daemon:
         self._http = new_http_session()
         for instance in self.config.instances.values():
             self._add(instance).start()
-        app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.handler)
+        app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         runner = ApiRunner(app, shutdown_timeout=_grace(self.config))
         self._runner = runner
         await runner.setup()
@@ -351,7 +351,8 @@ class Daemon:
             return
         host, port = split_host_port(listen)
         app = web.Application()
-        app.router.add_get("/metrics", self.metrics.handler)
+        app[KEY_METRICS] = self.metrics.render
+        app.router.add_get("/metrics", metrics_text)
         runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await runner.setup()
         try:

@@ -15,9 +15,10 @@ be served beyond loopback. That name is the label `sugar_instance` (see LABEL).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import (
@@ -27,8 +28,8 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.aiohttp import make_aiohttp_handler
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from . import __version__
@@ -67,12 +68,9 @@ def status_class(status: int | None) -> str:
     return f"{status // 100}xx"
 
 
-STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "none")
-
-
 class Metrics(Observer):
-    """The daemon's metrics: an Observer for the counters, a collector over the keepers'
-    status for the gauges, and the aiohttp handler that serves them all."""
+    """The daemon's metrics: an Observer for the counters, the keepers' status for the
+    gauges, and `render()` for a scrape of them all."""
 
     def __init__(
         self,
@@ -122,11 +120,10 @@ class Metrics(Observer):
             buckets=PROXY_BUCKETS,
             registry=registry,
         )
-        registry.register(_InstanceCollector(statuses, clock))
+        self._clock = clock
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
-        self.handler = make_aiohttp_handler(_Synced(self), disable_compression=True)
 
     # Observer
 
@@ -161,10 +158,24 @@ class Metrics(Observer):
 
     # Exposition
 
-    def sync(self) -> None:
-        """Give every configured instance all its series, at 0 until something happens (so
+    async def render(self, accept: str = "", names: Sequence[str] = ()) -> tuple[bytes, str]:
+        """(body, Content-Type) of a scrape: the format the `Accept` header asks for, only the
+        metrics in `names` if any are given.
+
+        The keepers are read here, on the event loop (they are not thread-safe); the text is
+        written in a thread, since for 1,000 instances that takes long enough to be felt by
+        every token request waiting on the loop.
+        """
+        snapshot = [dict(status) for status in self._statuses()]
+        self.sync(snapshot)
+        encoder, content_type = choose_encoder(accept)
+        scrape = _Scrape(self.registry, _instance_families(snapshot, self._clock()), set(names))
+        return await asyncio.to_thread(encoder, scrape), content_type
+
+    def sync(self, statuses: Iterable[Mapping[str, Any]] | None = None) -> None:
+        """Give every configured instance all its counters, at 0 until something happens (so
         `rate()` and `increase()` see the first event), and drop those of instances gone."""
-        names = {str(status["name"]) for status in self._statuses()}
+        names = {str(status["name"]) for status in statuses or self._statuses()}
         self.forget(self._known - names)
         for name in names - self._known:
             for grant, outcome in itertools.product(UPSTREAM_GRANTS, UPSTREAM_OUTCOMES):
@@ -175,9 +186,8 @@ class Metrics(Observer):
                 self._renewals.labels(name, reason)
             for found_by in EVICTION_FOUND_BY:
                 self._evictions.labels(name, found_by)
-            for klass in STATUS_CLASSES:
-                self._proxied.labels(name, klass)
-            self._proxy_seconds.labels(name)
+            # The proxy's series wait for its first request: an instance nobody proxies to
+            # would carry a histogram of 16 series for nothing.
         self._known |= names
 
     def _labelled(self) -> tuple[Counter | Histogram, ...]:
@@ -191,83 +201,70 @@ class Metrics(Observer):
         )
 
 
-class _Synced(Collector):
-    """The registry as the handler serves it: synced with the configured instances first."""
+class _Scrape(Collector):
+    """One scrape: the registry's metrics and the instance families read for it, only the
+    samples named in `names` when any are given."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
-
-    def collect(self) -> Iterable[Metric]:
-        self._metrics.sync()
-        return self._metrics.registry.collect()
-
-    def restricted_registry(self, names: Iterable[str]) -> Collector:
-        # `?name[]=...` in a scrape: prometheus_client filters the registry itself.
-        self._metrics.sync()
-        return self._metrics.registry.restricted_registry(names)
-
-
-class _InstanceCollector(Collector):
-    """State, expiry and fleet role of every instance, read from `status()` at each scrape."""
-
-    def __init__(self, statuses: Statuses, clock: Callable[[], float]) -> None:
-        self._statuses = statuses
-        self._clock = clock
-
-    def describe(self) -> Iterable[Metric]:
-        # Names only (restricted_registry uses them); no status is read to describe.
-        return list(self._families())
+    def __init__(self, registry: CollectorRegistry, families: list[Metric], names: set[str]):
+        self._registry = registry
+        self._families = families
+        self._names = names
 
     def collect(self) -> Iterator[Metric]:
-        state, expires_in, expires_at, renewed, role, build = self._families()
-        now = self._clock()
-        for status in self._statuses():
-            name = str(status["name"])
-            for candidate in STATES:
-                state.add_metric([name, candidate], 1.0 if status["state"] == candidate else 0.0)
-            if status.get("expires_at") is not None:
-                expires_in.add_metric([name], status["expires_at"] - now)
-                expires_at.add_metric([name], status["expires_at"])
-            if status.get("last_refresh") is not None:
-                renewed.add_metric([name], status["last_refresh"])
-            fleet = status.get("fleet")
-            if isinstance(fleet, Mapping):
-                for candidate in FLEET_ROLES:
-                    role.add_metric(
-                        [name, candidate], 1.0 if fleet.get("role") == candidate else 0.0
-                    )
-        build.add_metric([__version__], 1.0)
-        yield from (state, expires_in, expires_at, renewed, role, build)
+        for family in itertools.chain(self._registry.collect(), self._families):
+            if not self._names:
+                yield family
+                continue
+            # As prometheus_client's restricted registry does: by sample name.
+            kept = [sample for sample in family.samples if sample.name in self._names]
+            if kept:
+                narrowed = Metric(family.name, family.documentation, family.type, family.unit)
+                narrowed.samples = kept
+                yield narrowed
 
-    @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, ...]:
-        return (
-            GaugeMetricFamily(
-                "sugard_instance_state",
-                "1 for the instance's current state, 0 for the others.",
-                labels=[LABEL, "state"],
-            ),
-            GaugeMetricFamily(
-                "sugard_token_expires_in_seconds",
-                "Seconds until the current access token expires (negative: expired); "
-                "absent while there is none.",
-                labels=[LABEL],
-            ),
-            GaugeMetricFamily(
-                "sugard_token_expiry_timestamp_seconds",
-                "When the current access token expires, in Unix time.",
-                labels=[LABEL],
-            ),
-            GaugeMetricFamily(
-                "sugard_last_renewal_timestamp_seconds",
-                "When the last new token (login or refresh) arrived, in Unix time.",
-                labels=[LABEL],
-            ),
-            GaugeMetricFamily(
-                "sugard_fleet_role",
-                "1 for the instance's role in fleet mode (leader or follower); absent for "
-                "instances kept locally.",
-                labels=[LABEL, "role"],
-            ),
-            GaugeMetricFamily("sugard_build_info", "The running sugard.", labels=["version"]),
-        )
+
+def _instance_families(statuses: Iterable[Mapping[str, Any]], now: float) -> list[Metric]:
+    """State, expiry and fleet role of every instance, from its status."""
+    state = GaugeMetricFamily(
+        "sugard_instance_state",
+        "1 for the instance's current state, 0 for the others.",
+        labels=[LABEL, "state"],
+    )
+    expires_in = GaugeMetricFamily(
+        "sugard_token_expires_in_seconds",
+        "Seconds until the current access token expires (negative: expired); absent while "
+        "there is none.",
+        labels=[LABEL],
+    )
+    expires_at = GaugeMetricFamily(
+        "sugard_token_expiry_timestamp_seconds",
+        "When the current access token expires, in Unix time.",
+        labels=[LABEL],
+    )
+    renewed = GaugeMetricFamily(
+        "sugard_last_renewal_timestamp_seconds",
+        "When the last new token (login or refresh) arrived, in Unix time.",
+        labels=[LABEL],
+    )
+    role = GaugeMetricFamily(
+        "sugard_fleet_role",
+        "1 for the instance's role in fleet mode (leader or follower); absent for instances "
+        "kept locally.",
+        labels=[LABEL, "role"],
+    )
+    build = GaugeMetricFamily("sugard_build_info", "The running sugard.", labels=["version"])
+    for status in statuses:
+        name = str(status["name"])
+        for candidate in STATES:
+            state.add_metric([name, candidate], 1.0 if status["state"] == candidate else 0.0)
+        if status.get("expires_at") is not None:
+            expires_in.add_metric([name], status["expires_at"] - now)
+            expires_at.add_metric([name], status["expires_at"])
+        if status.get("last_refresh") is not None:
+            renewed.add_metric([name], status["last_refresh"])
+        fleet = status.get("fleet")
+        if isinstance(fleet, Mapping):
+            for candidate in FLEET_ROLES:
+                role.add_metric([name, candidate], 1.0 if fleet.get("role") == candidate else 0.0)
+    build.add_metric([__version__], 1.0)
+    return [state, expires_in, expires_at, renewed, role, build]
