@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shlex
 import signal
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -212,7 +211,8 @@ class EventHooks(Observer):
             self._running.pop(event.instance, None)
 
     async def _run(self, event: Event, argv: tuple[str, ...]) -> None:
-        what = f"{event.instance}: on_event command for {event.kind} ({shlex.join(argv)[:100]})"
+        # The program only: its arguments may hold a secret (a webhook URL with its key).
+        what = f"{event.instance}: on_event command for {event.kind} ({argv[0]!r})"
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

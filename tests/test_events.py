@@ -157,7 +157,7 @@ async def test_a_slow_command_is_killed_with_its_process_group(
     hooks = EventHooks(lambda name: commands[name], timeout=3.0)
     hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
     await until(lambda: "did not finish" in events_log.text, "the kill", timeout=60)
-    assert "prod: on_event command for renewed (sh -c " in events_log.text
+    assert "prod: on_event command for renewed ('sh') did not finish" in events_log.text
     assert "did not finish within 3 s; killed its process group; stderr: 'still going'" in (
         events_log.text
     )
@@ -174,23 +174,27 @@ async def test_a_failing_command_is_logged_with_status_and_first_stderr_line(
     tmp_path: Path, events_log: pytest.LogCaptureFixture
 ) -> None:
     """Exit status 3 and stderr's first line (only it) logged as a warning; a command killed
-    by a signal and one that cannot start are logged too."""
+    by a signal and one that cannot start are logged too; the program's name, never its
+    arguments."""
     failing = ["sh", "-c", 'echo "no route to pager" >&2; echo "second line" >&2; exit 3']
     killed = ["sh", "-c", "kill -TERM $$"]
     missing = [str(tmp_path / "no-such-hook")]
-    commands = {"a": failing, "b": killed, "c": missing}
+    webhook = ["sh", "-c", "exit 1", "hook", "https://hooks.example/services/WEBHOOK-KEY"]
+    commands = {"a": failing, "b": killed, "c": missing, "d": webhook}
     hooks = EventHooks(lambda name: commands[name])
     hooks.state_changed("a", "failed", expires_at=None, error_kind="credentials")
     hooks.renewed("b", expires_at=JAN_1, error_kind=None)
     hooks.renewed("c", expires_at=JAN_1, error_kind=None)
-    await until(lambda: len(events_log.records) >= 3 and not hooks.busy, "three results")
+    hooks.renewed("d", expires_at=JAN_1, error_kind=None)
+    await until(lambda: len(events_log.records) >= 4 and not hooks.busy, "four results")
     warnings = {r.getMessage() for r in events_log.records if r.levelno == logging.WARNING}
     assert {
-        'a: on_event command for failed (sh -c \'echo "no route to pager" >&2; echo "second '
-        "line\" >&2; exit 3') exited with status 3; stderr: 'no route to pager'",
-        "b: on_event command for renewed (sh -c 'kill -TERM $$') was killed by signal 15",
-        f"c: on_event command for renewed ({missing[0]}) cannot run: No such file or directory",
+        "a: on_event command for failed ('sh') exited with status 3; stderr: 'no route to pager'",
+        "b: on_event command for renewed ('sh') was killed by signal 15",
+        f"c: on_event command for renewed ({missing[0]!r}) cannot run: No such file or directory",
+        "d: on_event command for renewed ('sh') exited with status 1",
     } == warnings
+    assert "WEBHOOK-KEY" not in events_log.text  # arguments may hold secrets: never logged
     await hooks.close()
 
 
