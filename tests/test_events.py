@@ -309,3 +309,29 @@ def test_a_bad_on_event_is_named(given: object) -> None:
         "c.toml: instances.prod.on_event: must be a list of a command and its arguments, like "
         '["notify", "-u"]'
     ] == [str(p) for p in caught.value.problems]
+
+
+async def test_a_reload_changes_the_command_without_a_new_login(
+    fake: FakeSugar, short_dir: Path
+) -> None:
+    """on_event edited and reloaded: the next event runs the new command; no new login."""
+    first, second = short_dir / "first", short_dir / "second"
+
+    def config_with(out: Path) -> Path:
+        hook = ["sh", "-c", 'echo "$SUGARD_EVENT" >> "$1"', "hook", str(out)]
+        return write_config(short_dir, {"prod": instance(fake, on_event=hook)})
+
+    daemon = Daemon(load_config(config_with(first)), short_dir / "s.sock")
+    await daemon.start()
+    try:
+        await daemon.keepers["prod"].token(wait=20)
+        daemon.observer.renewed("prod", expires_at=JAN_1, error_kind=None)
+        await until(lambda: ["renewed"] == lines(first), "the first command")
+        config_with(second)
+        assert ["prod"] == (await daemon.reload())["changed"]
+        daemon.observer.evicted("prod", "report", expires_at=None, error_kind=None)
+        await until(lambda: ["evicted"] == lines(second), "the new command")
+        assert ["renewed"] == lines(first)
+        assert 1 == fake.calls["password"]
+    finally:
+        await daemon.stop()

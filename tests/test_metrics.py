@@ -439,3 +439,16 @@ def test_a_scrape_can_ask_for_some_metrics_only() -> None:
     )
     names = {family.name for family in text_string_to_metric_families(body.decode())}
     assert {"sugard_instance_state", "sugard_token_requests"} == names
+
+
+def test_a_reload_says_metrics_listen_waits_for_a_restart(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """metrics_listen changed in a reload: the log says it takes effect at the next start."""
+    from conftest import sugarctl
+
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    write_config(short_dir, {"prod": instance(fake)}, daemon={"metrics_listen": "127.0.0.1:0"})
+    assert 0 == sugarctl(daemon.socket, "reload").returncode
+    assert "[daemon] metrics_listen changed: takes effect when sugard restarts" in daemon.log()
+    assert "metrics on http" not in daemon.log()
