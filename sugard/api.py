@@ -48,12 +48,14 @@ from .observe import Observer, TokenOutcome
 from .openapi import spec
 
 __all__ = [
+    "KEY_METRICS",
     "ApiRunner",
     "Peer",
     "Registry",
     "ReloadFailed",
     "connection_limits",
     "make_app",
+    "metrics_text",
     "peer_of",
     "raise_open_files_limit",
     "rfc3339",

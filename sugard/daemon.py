@@ -323,6 +323,8 @@ class Daemon:
         try:
             await self._serve_metrics()
         except SocketError:
+            if self._owns_socket:
+                sock.close()
             self._remove_socket()
             raise
         self._http = new_http_session()
