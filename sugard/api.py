@@ -26,7 +26,7 @@ import resource
 import socket
 import struct
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -44,17 +44,20 @@ from aiohttp.http_exceptions import (
 from . import __version__
 from .config import INSTANCE_NAME
 from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from .observe import Observer, TokenOutcome
 from .openapi import spec
 from .peer import account_groups, tcp_peer_owner
 from .proxy import PROXY_ROUTE, add_routes
 
 __all__ = [
+    "KEY_METRICS",
     "ApiRunner",
     "Peer",
     "Registry",
     "ReloadFailed",
     "connection_limits",
     "make_app",
+    "metrics_text",
     "peer_of",
     "peer_of_tcp_socket",
     "raise_open_files_limit",
@@ -207,12 +210,25 @@ def _shown(value: str, limit: int = 80) -> str:
 
 KEY_REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 KEY_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
+KEY_OBSERVER: web.AppKey[Observer] = web.AppKey("observer")
+# (Accept header, metric names) -> (body, Content-Type): Metrics.render
+RenderMetrics = Callable[[str, Sequence[str]], Awaitable[tuple[bytes, str]]]
+KEY_METRICS: web.AppKey[RenderMetrics | None] = web.AppKey("metrics")
 
 
-def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
+def make_app(
+    registry: Registry,
+    clock: Callable[[], float],
+    *,
+    observer: Observer | None = None,
+    metrics: RenderMetrics | None = None,
+) -> web.Application:
+    """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics."""
     app = web.Application(middlewares=[_json_errors, _check_peer], client_max_size=MAX_BODY)
     app[KEY_REGISTRY] = registry
     app[KEY_CLOCK] = clock
+    app[KEY_OBSERVER] = observer or Observer()
+    app[KEY_METRICS] = metrics
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)
     app.router.add_get("/v1/instances", list_instances)
@@ -223,6 +239,7 @@ def make_app(registry: Registry, clock: Callable[[], float]) -> web.Application:
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/shutdown", shutdown)
     add_routes(app, registry, peer_of)
+    app.router.add_get("/v1/metrics", metrics_text)
     return app
 
 
@@ -459,6 +476,12 @@ async def _check_peer(request: web.Request, handler: Handler) -> web.StreamRespo
     instance = request.match_info.get("name")
     if peer is not None and registry.allowed(peer, instance):
         return await handler(request)
+    if (
+        instance is not None
+        and instance in registry.keepers
+        and request.match_info.handler in _TOKEN_ROUTES
+    ):
+        request.app[KEY_OBSERVER].token_request(instance, "forbidden")
     if peer is not None:
         # Path quoted (%r): a decoded path could carry newlines into the log.
         log.warning(
@@ -578,11 +601,15 @@ async def _answer_token(
             keeper = successor
             grant = await keeper.token(min_ttl, max(0.0, deadline - loop.time()))
     except TokenUnavailable as exc:
+        _count(request, keeper, "unavailable")
         return error(503, "token_unavailable", str(exc), retry_after=exc.retry_after)
     except NeedsAttention as exc:
+        _count(request, keeper, "rejected")
         return error(502, "upstream_rejected", str(exc))
     except InstanceStopped as exc:
+        _count(request, keeper, "gone")
         return error(404, "unknown_instance", str(exc))
+    _count(request, keeper, "served")
     now = request.app[KEY_CLOCK]()
     headers = {"Cache-Control": "no-store"}
     if grant.expires_at - now < min_ttl:
@@ -590,6 +617,10 @@ async def _answer_token(
         # client can tell its user rather than hand over a shorter token in silence.
         headers[TOKEN_LIFETIME_HEADER] = f"{max(0, int(grant.lifetime))}"
     return web.json_response(_token_body(keeper, grant, now), headers=headers)
+
+
+def _count(request: web.Request, keeper: Keeper, outcome: TokenOutcome) -> None:
+    request.app[KEY_OBSERVER].token_request(keeper.name, outcome)
 
 
 def _successor(request: web.Request, keeper: Keeper) -> Keeper | web.Response | None:
@@ -645,6 +676,7 @@ async def token(request: web.Request) -> web.Response:
         min_ttl = _seconds(request, "min_ttl", 0.0, MAX_MIN_TTL)
         wait = _seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
     except _BadRequest as exc:
+        _count(request, keeper, "bad_request")
         return error(400, "bad_request", str(exc))
     return await _answer_token(
         request, keeper, lambda: keeper.token(min_ttl, wait), min_ttl=min_ttl, wait=wait
@@ -723,6 +755,23 @@ def _not_owner(request: web.Request, action: str) -> web.Response | None:
     return error(
         403, "forbidden", f"uid {uid} may not {action} sugard; only its owner and root may"
     )
+
+
+# The routes that answer a TOKEN: how they end is counted per instance (metrics).
+_TOKEN_ROUTES = frozenset({token, invalidate, refresh})
+
+
+async def metrics_text(request: web.Request) -> web.StreamResponse:
+    """The Prometheus exposition (on the socket, with the access rules of every route)."""
+    render = request.app.get(KEY_METRICS)
+    if render is None:
+        return error(404, "not_found", "this sugard serves no metrics")
+    body, content_type = await render(
+        request.headers.get("Accept", ""), request.query.getall("name[]", [])
+    )
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = content_type
+    return response
 
 
 async def reload(request: web.Request) -> web.Response:

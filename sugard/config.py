@@ -45,6 +45,7 @@ __all__ = [
     "resolve_secrets",
     "secret_file_problem",
     "session_identity",
+    "split_host_port",
 ]
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
@@ -137,6 +138,7 @@ class InstanceConfig:
     listen: str | None = None  # the proxy's loopback "HOST:PORT", if any
     proxy_connections: int = 16
     proxy_timeout: float = 300.0
+    on_event: tuple[str, ...] | None = None  # argv run on renewed/failed/recovered/evicted
 
     def session_key(self) -> tuple[object, ...]:
         """What identifies the upstream session: while it is unchanged, the live token stays.
@@ -162,6 +164,7 @@ class DaemonConfig:
     shutdown_grace: float = 10.0
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
+    metrics_listen: str | None = None  # "HOST:PORT" serving /metrics over TCP
 
 
 @dataclass(frozen=True)
@@ -323,6 +326,33 @@ def _listen(v: Any) -> str:
     return s
 
 
+def _argv(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v) or not v[0]:
+        raise ValueError('must be a list of a command and its arguments, like ["notify", "-u"]')
+    return tuple(v)
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:9101` for IPv6; an empty HOST is every address) as (host, port)."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(
+            f'must be "HOST:PORT" with a port of 0-65535, like "127.0.0.1:9101", not {text!r}'
+        )
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f'an IPv6 address needs brackets, like "[::1]:9101", not {text!r}')
+    if any(c.isspace() or c in "[]/" for c in host):
+        raise ValueError(f"must be a host name or address and a port, not {text!r}")
+    return host, int(port)
+
+
+def _host_port(v: Any) -> str:
+    split_host_port(_nonempty(v))
+    return str(v)
+
+
 INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "url": _url,
     "username": _nonempty,
@@ -342,6 +372,7 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "listen": _listen,
     "proxy_connections": _int(1, 1024),
     "proxy_timeout": _number(1, 86400),
+    "on_event": _argv,
 }
 INSTANCE_DEFAULTS: dict[str, Any] = {
     "client_id": "sugar",
@@ -360,6 +391,7 @@ DAEMON_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "shutdown_grace": _number(0, 600),
     "allowed_uids": _ids,
     "allowed_gids": _ids,
+    "metrics_listen": _host_port,
 }
 DAEMON_DEFAULTS: dict[str, Any] = {
     f.name: f.default
@@ -597,7 +629,7 @@ INSTANCE_KEYS_HELP = (
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
     "ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
     "backoff_max, old_token_grace, probe_interval, allowed_uids, allowed_gids, listen, "
-    "proxy_connections and proxy_timeout"
+    "proxy_connections, proxy_timeout and on_event"
 )
 
 

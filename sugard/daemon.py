@@ -35,7 +35,15 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import ApiRunner, Peer, ReloadFailed, make_app, peer_of_tcp_socket
+from .api import (
+    KEY_METRICS,
+    ApiRunner,
+    Peer,
+    ReloadFailed,
+    make_app,
+    metrics_text,
+    peer_of_tcp_socket,
+)
 from .config import (
     Config,
     ConfigError,
@@ -43,8 +51,12 @@ from .config import (
     diff_configs,
     load_config,
     resolve_instance_secrets,
+    split_host_port,
 )
+from .events import EventHooks
 from .keeper import MAX_SLEEP, Keeper
+from .metrics import Metrics
+from .observe import Fanout
 from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
@@ -57,7 +69,7 @@ log = logging.getLogger("sugard.daemon")
 
 FORCED_EXIT = 1  # exit status when a second signal cuts the graceful stop short
 # Daemon settings that only take effect at start: a reload says so instead of ignoring them.
-RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace")
+RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace", "metrics_listen")
 
 
 def _grace(config: Config) -> float:
@@ -283,6 +295,15 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()
         self._listeners: dict[str, ProxyListener] = {}  # instance -> its proxy's TCP listener
         self._forwarder: Forwarder | None = None
+        # Metrics and on_event hooks (issue 18): keepers, api and proxy report to `observer`.
+        self.metrics = Metrics(lambda: [k.status() for k in self._keepers.values()], clock=clock)
+        self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
+        self.observer = Fanout(self.metrics, self.hooks)
+        self._metrics_runner: web.AppRunner | None = None
+
+    def _on_event(self, name: str) -> tuple[str, ...] | None:
+        keeper = self._keepers.get(name)
+        return keeper.config.on_event if keeper is not None else None
 
     @property
     def keepers(self) -> Mapping[str, Keeper]:
@@ -316,11 +337,18 @@ class Daemon:
             sock = self._inherited_socket
         else:
             sock, self._lock = prepare_socket(self.socket_path)
+        try:
+            await self._serve_metrics()
+        except SocketError:
+            if self._owns_socket:
+                sock.close()
+            self._remove_socket()
+            raise
         self._http = new_http_session()
         for instance in self.config.instances.values():
             self._add(instance).start()
         self._log_routes(self._keepers, together=True)
-        app = make_app(self, self._clock)
+        app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         self._forwarder = app[KEY_FORWARDER]
         runner = ApiRunner(app, shutdown_timeout=_grace(self.config))
         self._runner = runner
@@ -390,6 +418,32 @@ class Daemon:
             assert self._forwarder is not None
             self._forwarder.listener_urls[listener.name] = listener.url
         self._listeners = dict(keep)
+
+    async def _serve_metrics(self) -> None:
+        """`/metrics` over TCP on `[daemon] metrics_listen`, for a Prometheus scraper: it
+        carries no secret and no username, so any address will do."""
+        listen = self.config.daemon.metrics_listen
+        if listen is None:
+            return
+        host, port = split_host_port(listen)
+        app = web.Application()
+        app[KEY_METRICS] = self.metrics.render
+        app.router.add_get("/metrics", metrics_text)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host or None, port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            # asyncio's text repeats the address; the errno's says it all.
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise SocketError(
+                f"cannot serve metrics on {listen}: {why}; choose another [daemon] metrics_listen"
+            ) from None
+        self._metrics_runner = runner
+        for address in runner.addresses:
+            shown = f"[{address[0]}]" if ":" in address[0] else address[0]
+            log.info("metrics on http://%s:%d/metrics", shown, address[1])
 
     def _summary(self) -> str:
         return f"serving {len(self._keepers)} instance(s) on {self.socket_path}"
@@ -505,6 +559,7 @@ class Daemon:
             }
         )
         old, self.config, self._keepers = self.config, new, keepers
+        self.observer.forget(diff.removed)
         self._apply_daemon_settings(old, new)
         await self._close_listeners(listeners)
         if self._forwarder is not None:
@@ -570,8 +625,12 @@ class Daemon:
                 )
             await self._runner.cleanup()
             self._runner = None
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
+            self._metrics_runner = None
         for keeper in self._keepers.values():
             await keeper.stop()
+        await self.hooks.close()
         if self._http is not None:
             await self._http.close()
             self._http = None

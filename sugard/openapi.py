@@ -509,6 +509,24 @@ def _document() -> dict[str, Any]:
                 ],
                 **{method: _proxied(method) for method in PROXIED_METHODS},
             },
+            "/v1/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics: per instance state, expiry, counters "
+                    "(docs/metrics.md); no secret and no username",
+                    "responses": {
+                        **_COMMON,
+                        "200": {
+                            "description": "the text exposition format (OpenMetrics if the "
+                            "Accept header asks for it)",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        },
+                    },
+                }
+            },
             "/v1/reload": {
                 "post": {
                     "operationId": "reload",

@@ -11,6 +11,11 @@ Everything here is the documented wire protocol, in the standard library:
   wants `WATCHDOG=1` at least that often, sd_watchdog_enabled(3) advises every half of it.
 - `$JOURNAL_STREAM` is `dev:inode` of the stream systemd connected to stderr; a line starting
   `<N>` carries syslog priority N.
+- the file descriptor store (sd_pid_notify_with_fds(3)): `FDSTORE=1` and `FDNAME=` with the fd
+  in SCM_RIGHTS hands a descriptor to the service manager, which keeps it across a restart
+  (`FileDescriptorStoreMax=`) and passes it back in `$LISTEN_FDS`, named in `$LISTEN_FDNAMES`;
+  `FDSTOREREMOVE=1` drops it. What sugard stores is a sealed memfd (never a file on disk), named
+  with STORE_PREFIX, which is how it is told apart from the sockets at start.
 
 As libsystemd does with `unset_environment`, the variables are removed once read, so that
 children (a `password_command`) never think they are the service.
@@ -18,20 +23,28 @@ children (a `password_command`) never think they are the service.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
 import os
 import socket
+import stat
 import sys
 import time
-from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
 
 __all__ = [
+    "STORE_PREFIX",
     "JournalFormatter",
     "ListenFd",
     "Notifier",
+    "PassedFds",
     "listen_fds",
+    "passed_fds",
+    "read_memfd",
+    "sealed_memfd",
     "setup_logging",
     "started_by_systemd",
     "stderr_is_journal",
@@ -40,6 +53,10 @@ __all__ = [
 log = logging.getLogger("sugard.systemd")
 
 SD_LISTEN_FDS_START = 3
+STORE_PREFIX = "store."  # FDNAME of what sugard keeps in the fd store; sockets never have it
+FDNAME_MAX = 255
+# Sealed for good: nobody, not even a process that gets the fd, can change or reseal it.
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
 class Notifier:
@@ -76,8 +93,9 @@ class Notifier:
     def enabled(self) -> bool:
         return self._address is not None
 
-    def notify(self, *assignments: str) -> bool:
-        """Send `KEY=VALUE` lines in one datagram; False if systemd did not get them."""
+    def notify(self, *assignments: str, fds: Sequence[int] = ()) -> bool:
+        """Send `KEY=VALUE` lines (and `fds`, as SCM_RIGHTS) in one datagram; False if
+        systemd did not get them."""
         if self._address is None:
             return False
         message = "\n".join(assignments).encode("utf-8", "replace")
@@ -89,7 +107,12 @@ class Notifier:
                 # Never block the event loop on a full receive queue: a lost message is
                 # better than a stalled daemon (systemd reads its queue promptly anyway).
                 self._sock.setblocking(False)
-            self._sock.sendto(message, target)
+            if fds:
+                # Not socket.send_fds: up to Python 3.12 it drops its `address` argument.
+                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))
+                self._sock.sendmsg([message], [rights], 0, target)
+            else:
+                self._sock.sendto(message, target)
         except OSError as exc:
             if not self._warned:
                 self._warned = True
@@ -110,6 +133,16 @@ class Notifier:
 
     def status(self, status: str) -> bool:
         return self.notify(f"STATUS={_one_line(status)}")
+
+    def store_fd(self, name: str, fd: int) -> bool:
+        """Hand `fd` to the service manager's fd store as STORE_PREFIX + `name`; it comes
+        back in `passed_fds().stored[name]` after a restart. systemd keeps every fd it is
+        sent, so replace one by `remove_fd(name)` first."""
+        return self.notify("FDSTORE=1", f"FDNAME={_fdname(name)}", fds=[fd])
+
+    def remove_fd(self, name: str) -> bool:
+        """Drop what the fd store holds under `name` (every fd of that name)."""
+        return self.notify("FDSTOREREMOVE=1", f"FDNAME={_fdname(name)}")
 
     async def watchdog(self) -> None:
         """Ping the watchdog from the event loop until cancelled: if the loop hangs, the pings
@@ -132,6 +165,55 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _fdname(name: str) -> str:
+    """STORE_PREFIX + `name`, as systemd accepts it (fdname_is_valid): printable ASCII, no
+    `:` (LISTEN_FDNAMES is colon-separated), at most 255 characters."""
+    full = STORE_PREFIX + name
+    if len(full) > FDNAME_MAX or not all(" " < c <= "~" and c != ":" for c in full):
+        raise ValueError(
+            f"fd store name {name!r}: use printable ASCII without ':' or spaces, at most "
+            f"{FDNAME_MAX - len(STORE_PREFIX)} characters"
+        )
+    return full
+
+
+def sealed_memfd(name: str, data: bytes) -> int:
+    """A memfd (anonymous memory, never a file on disk) holding `data`, mode 0600, sealed
+    against any change; close-on-exec. The caller owns (and closes) the fd."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_memfd(fd: int) -> bytes:
+    """The content of a memfd made by `sealed_memfd`; ValueError (one line) for anything
+    else: a stored fd that is not sealed could have been changed after it was written."""
+    try:
+        st = os.fstat(fd)
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError as exc:
+        raise ValueError(f"fd {fd} is not a sealed memfd: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode) or seals & SEALS != SEALS:
+        raise ValueError(f"fd {fd} is not a sealed memfd (seals {seals:#x})")
+    chunks = []
+    offset = 0
+    while offset < st.st_size:
+        chunk = os.pread(fd, st.st_size - offset, offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
 @dataclass(frozen=True)
 class ListenFd:
     """A socket that systemd (or systemd-socket-activate) passed in."""
@@ -140,17 +222,37 @@ class ListenFd:
     name: str
 
 
+@dataclass(frozen=True)
+class PassedFds:
+    """What systemd passed in: the sockets of socket activation, and what the fd store kept
+    for us (name without STORE_PREFIX -> fd; the caller owns and closes those fds)."""
+
+    sockets: list[ListenFd] = field(default_factory=list)
+    stored: dict[str, int] = field(default_factory=dict)
+
+
 def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[ListenFd]:
-    """The sockets passed by socket activation, or [] if none were passed to this process.
+    """The sockets passed by socket activation, or [] if none were passed to this process;
+    fds from the fd store are closed (`passed_fds` keeps them).
 
     Raises ValueError, with a one-line message, if the variables are malformed.
+    """
+    passed = passed_fds(environ)
+    for fd in passed.stored.values():
+        os.close(fd)
+    return passed.sockets
+
+
+def passed_fds(environ: MutableMapping[str, str] | None = None) -> PassedFds:
+    """The descriptors systemd passed to this process, sockets told from stored fds by name
+    (STORE_PREFIX). Raises ValueError, with a one-line message, if the variables are malformed.
     """
     env = os.environ if environ is None else environ
     pid_text = env.pop("LISTEN_PID", None)
     fds_text = env.pop("LISTEN_FDS", None)
     names_text = env.pop("LISTEN_FDNAMES", None)
     if not pid_text or not fds_text:
-        return []
+        return PassedFds()
     try:
         pid, count = int(pid_text), int(fds_text)
     except ValueError:
@@ -159,14 +261,23 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[ListenFd
         ) from None
     if pid != os.getpid():
         # Inherited from a parent that was activated: not ours to take.
-        return []
+        return PassedFds()
     if count < 0:
         raise ValueError(f"LISTEN_FDS={count} must not be negative")
     names = names_text.split(":") if names_text else []
-    passed = []
+    passed = PassedFds()
     for index in range(count):
         fd = SD_LISTEN_FDS_START + index
         name = names[index] if index < len(names) and names[index] else "unknown"
+        if name.startswith(STORE_PREFIX):
+            os.set_inheritable(fd, False)
+            key = name[len(STORE_PREFIX) :]
+            if key in passed.stored:
+                # The store keeps every fd sent under a name; the last one passed wins.
+                log.warning("fd store passed %s twice; using the later one", name)
+                os.close(passed.stored[key])
+            passed.stored[key] = fd
+            continue
         try:
             os.set_inheritable(fd, False)
             sock = socket.socket(fileno=fd)
@@ -174,7 +285,7 @@ def listen_fds(environ: MutableMapping[str, str] | None = None) -> list[ListenFd
             raise ValueError(
                 f"LISTEN_FDS passed fd {fd} ({name}), which is not a socket: {exc.strerror or exc}"
             ) from None
-        passed.append(ListenFd(sock, name))
+        passed.sockets.append(ListenFd(sock, name))
     return passed
 
 

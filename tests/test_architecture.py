@@ -11,8 +11,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
 
 # sugard's modules each may import, beyond the standard library, after the design's table.
-# Small shared helpers every layer may use: the version, the secret type, default paths.
-SHARED = {"sugard", "secret", "paths"}
+# Small shared helpers every layer may use: the version, the secret type, default paths, and
+# the observer interface (stdlib only) through which keeper, api and proxy report to metrics.
+SHARED = {"sugard", "secret", "paths", "observe"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
     "config": (SHARED, set()),
@@ -42,6 +43,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "ctl_completion": ({"ctl", "ctl_help"}, set()),
     "auth": ({"client"}, set()),
     "testing": ({"testing"}, {"aiohttp"}),
+    "observe": (set(), set()),
+    "metrics": (SHARED, {"prometheus_client"}),
+    "events": (SHARED, set()),
 }
 
 

@@ -183,7 +183,8 @@ def test_misspelt_keys_and_tables_get_a_suggestion(tmp_path: Path) -> None:
         f"{path}: instance: unknown table or key (did you mean instances?); "
         "expected [daemon], [defaults] and [instances.NAME]",
         f"{path}: daemon.log_levl: unknown key (did you mean log_level?); [daemon] keys are "
-        "socket, log_level, max_parallel_logins, shutdown_grace, allowed_uids, allowed_gids",
+        "socket, log_level, max_parallel_logins, shutdown_grace, allowed_uids, allowed_gids, "
+        "metrics_listen",
         f"{path}: instances.a.verify_tsl: unknown key (did you mean verify_tls?)",
         f"{path}: instances.a.pasword_file: unknown key (did you mean password_file?)",
     ] == problems(path)
