@@ -110,6 +110,10 @@ class FleetKey:
         """From the one-line form `sugard init --fleet-key` writes; ValueError if it is not."""
         return cls(decode_fleet_key(text))
 
+    def mark(self) -> str:
+        """A public check value of the key (a MAC of a constant): equal marks, equal keys."""
+        return hmac.new(self._naming, b"sugard fleet key check", hashlib.sha256).hexdigest()[:32]
+
     def __repr__(self) -> str:
         return "FleetKey(***)"
 
@@ -226,9 +230,9 @@ WRITE_SCRIPT = """
 local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, stored} end
 if stored ~= tonumber(ARGV[2]) then return {-1, stored} end
-redis.call('HSET', KEYS[1], 'epoch', stored + 1, 'blob', ARGV[3])
-redis.call('PUBLISH', ARGV[4], stored + 1)
-return {1, stored + 1}
+redis.call('HSET', KEYS[1], 'epoch', ARGV[5], 'blob', ARGV[3])
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return {1, tonumber(ARGV[5])}
 """
 RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -243,13 +247,15 @@ return 0
 
 
 def redis_client(fleet: FleetConfig) -> aioredis.Redis:
-    """The Redis client for `[fleet]`. redis-py's own retries are off (`Retry(NoBackoff(), 0)`):
-    each command must end within `timeout` for the lease arithmetic to hold; the fleet's loops
-    are the retry, each paced by redis-py's jittered exponential backoff."""
+    """The Redis client for `[fleet]`. redis-py retries once, at once, on a lost connection
+    (a pooled one that a restarted Redis closed); `FleetStore.call` bounds the whole with
+    `timeout`, because the lease arithmetic needs every command to end in time. Beyond that the
+    fleet's loops are the retry: the lease loop every lease/3, the pub/sub listener paced by
+    redis-py's jittered exponential backoff (no tenacity here: redis-py has both already)."""
     options: dict[str, Any] = {
         "socket_timeout": fleet.timeout,
         "socket_connect_timeout": fleet.timeout,
-        "retry": Retry(NoBackoff(), 0),
+        "retry": Retry(NoBackoff(), 1),
         "client_name": "sugard",
     }
     if fleet.redis_password is not None:
@@ -309,6 +315,19 @@ class FleetStore:
     async def ping(self) -> None:
         await self.call("PING", self.redis.ping())
 
+    async def check_key(self, key: FleetKey) -> None:
+        """WrongKey unless `key` is the fleet's. The first host to come (after Redis started
+        empty, too) sets the mark. Without it a host with another key would see no session
+        (identities are keyed) and log in on its own, logging the whole fleet out of Sugar."""
+        where = f"{self.prefix}:key-check"
+        await self.call("checking the key", self.redis.set(where, key.mark(), nx=True))
+        stored = await self.call("checking the key", self.redis.get(where))
+        if stored is not None and stored.decode() != key.mark():
+            raise WrongKey(
+                "this host's fleet key is not the one the other hosts use: copy their key file "
+                f"(or, if the others are wrong, delete {where} in Redis); not joining the fleet"
+            )
+
     async def read(self, identity: str) -> tuple[int, bytes] | None:
         """(epoch, sealed blob) as stored, or None when nothing is."""
         found = await self.call(
@@ -319,14 +338,18 @@ class FleetStore:
             return None
         return int(epoch), blob if isinstance(blob, bytes) else blob.encode()
 
-    async def write(self, identity: str, holder: str, expected: int, blob: bytes) -> WriteResult:
-        """Store `blob` as epoch `expected + 1` if the store holds `expected` and `holder` holds
-        the lease; announce it on the epoch channel. Atomic (one Lua script)."""
+    async def write(
+        self, identity: str, holder: str, expected: int, epoch: int, blob: bytes
+    ) -> WriteResult:
+        """Store `blob` as `epoch` if the store holds `expected` and `holder` holds the lease;
+        announce it on the epoch channel. Atomic (one Lua script)."""
+        if epoch <= expected:
+            raise ValueError("a new epoch must be above the stored one")
         done, stored = await self.call(
             "storing a session",
             self._write(
                 keys=[self.key(identity, "session"), self.key(identity, "lease")],
-                args=[holder, expected, blob, self.key(identity, "epoch")],
+                args=[holder, expected, blob, self.key(identity, "epoch"), epoch],
             ),
         )
         if done == 1:
@@ -443,6 +466,7 @@ class FleetMember:
     holder: str | None = None  # who holds the lease, as last seen
     stored_epoch: int = 0  # what the store held at the last read (0: nothing)
     losses: int = 0  # how many times a session held here vanished from the store
+    problem: str | None = None  # why this host cannot take part now (a wrong key), for STATUS
     requests: asyncio.Queue[RenewalRequest] = field(default_factory=asyncio.Queue)
     _lost: bool = False
     _queued_epoch: int = -1
@@ -474,13 +498,14 @@ class FleetMember:
         """One round of the keep-alive loop (every lease/3): keep or take the lease, then
         re-read the record (the safety net under pub/sub)."""
         was = (self.role, self.holder)
+        await self.store.check_key(self.fleet.key)
         sent_at = self.lease.clock()
         me = self.fleet.holder
         try:
-            if self.lease.held():
-                ok = await self.store.renew(self.identity, me, self.lease.length)
-            else:
-                ok = await self.store.acquire(self.identity, me, self.lease.length)
+            # Renew whenever Redis may still hold our lease, even past our own deadline: while
+            # the key names us, nobody else can have it.
+            ok = self.holder == me and await self.store.renew(self.identity, me, self.lease.length)
+            ok = ok or await self.store.acquire(self.identity, me, self.lease.length)
             if ok:
                 self.lease.granted(sent_at)
                 self.holder = me
@@ -541,9 +566,13 @@ class FleetMember:
         """Store what Sugar just gave the leader, as the next epoch after the one read last.
         On Written the record is held here too; on Stale or NotLeader nothing changed in
         Redis and the caller must re-read (and, if it lost the lease, stop)."""
-        epoch = self.stored_epoch + 1
+        # Above the held epoch too: after Redis lost its data the count starts again from 0,
+        # and a follower that holds epoch 5 must see the new session as news.
+        epoch = max(self.stored_epoch, self.epoch) + 1
         blob = seal(self.fleet.key, self.identity, epoch, record)
-        result = await self.store.write(self.identity, self.fleet.holder, self.stored_epoch, blob)
+        result = await self.store.write(
+            self.identity, self.fleet.holder, self.stored_epoch, epoch, blob
+        )
         if isinstance(result, Written):
             self.stored_epoch = result.epoch
             self._lost = False
@@ -652,19 +681,16 @@ class Fleet:
         await self.store.close()
 
     async def _keep(self, member: FleetMember) -> None:
-        down = False
         while True:
             try:
                 await member.tick()
-                if down:
+                if member.problem:
                     log.info("%s: the fleet store answers again", member.name)
-                down = False
-            except StoreUnreachable as exc:
-                if not down:
-                    log.warning("%s: %s; serving the held token while it lasts", member.name, exc)
-                down = True
+                member.problem = None
             except FleetError as exc:
-                log.error("%s: %s", member.name, exc)
+                if member.problem != str(exc):
+                    log.error("%s: %s; serving the held token while it lasts", member.name, exc)
+                member.problem = str(exc)
             await asyncio.sleep(self.config.lease / 3)
 
     def _channels(self) -> dict[str, tuple[FleetMember, str]]:
@@ -750,6 +776,7 @@ async def _check_fleet(config: Config) -> tuple[list[str], list[Problem]]:
     try:
         await store.ping()
         lines.append(f"the fleet store at {fleet.redis_url}: reached")
+        await store.check_key(key)
         for name, instance in config.instances.items():
             if not instance.fleet:
                 lines.append(f"  {name}: local (fleet = false)")

@@ -230,3 +230,15 @@ class InFlight:
         self._thread.join(timeout)
         assert self.result is not None
         return self.result
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server of the test's own on a unix socket (no disk): see redis_server.py."""
+    from redis_server import RedisServer
+
+    directory = Path(tempfile.mkdtemp(prefix="sd-redis-"))
+    server = RedisServer(directory)
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)
