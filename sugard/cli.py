@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--online",
         action="store_true",
-        help="also ask the RUNNING daemon for each instance's state. check never logs in to "
+        help="also reach the fleet's Redis, if [fleet] is set, and prove the key opens what is "
+        "stored; and ask the RUNNING daemon for each instance's state. check never logs in to "
         "Sugar by itself: Sugar keeps one session per user and platform, so a login of its own "
         "would log the daemon out",
     )
@@ -149,6 +150,14 @@ def _check(args: argparse.Namespace) -> int:
         names = ", ".join(config.instances)
         print(f"{config.path}: ok ({len(config.instances)} instance(s): {names})")
     code = 1 if problems else 0
+    if args.online and config is not None and config.fleet is not None and not problems:
+        from .fleet import check_fleet_online  # Redis reached, the key proven on what is stored
+
+        lines, fleet_problems = check_fleet_online(config)
+        print("\n".join(lines))
+        for problem in fleet_problems:
+            print(problem, file=sys.stderr)
+        code = code or (1 if fleet_problems else 0)
     if args.online and config is not None:
         online = _check_online(config, args.socket, args.wait)
         code = code or online

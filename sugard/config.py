@@ -454,7 +454,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
                 _key(key),
                 "unknown table or key"
                 + _did_you_mean(key, ("daemon", "defaults", "instances", "fleet"))
-                + "; expected [daemon], [defaults], [instances.NAME] and [fleet]",
+                + "; expected [daemon], [defaults] and [instances.NAME]",
             )
 
     daemon_raw = _table(data, "daemon", problem)

@@ -69,6 +69,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("sugard.fleet")
+REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM", "invalid username-password", "no permissions")
 T = TypeVar("T")
 Clock = Callable[[], float]
 RECORD_VERSION = b"\x01"
@@ -300,16 +301,19 @@ class FleetStore:
             raise StoreUnreachable(
                 f"Redis did not answer {what} within {self.timeout:g} s"
             ) from None
-        except (AuthenticationError, NoPermissionError) as exc:
-            raise StoreRefused(
-                f"Redis refused {what}: {_one_line(exc)}; check [fleet] redis_password and the "
-                "ACL user's rights (docs/fleet.md)"
-            ) from None
-        except ResponseError as exc:
-            if str(exc).startswith(("NOAUTH", "WRONGPASS", "NOPERM")):
-                raise StoreRefused(f"Redis refused {what}: {_one_line(exc)}") from None
-            raise StoreUnreachable(f"Redis failed {what}: {_one_line(exc)}") from None
         except (RedisError, OSError) as exc:
+            # redis-py reports a failed AUTH on connect as a plain ConnectionError: the
+            # message is what tells a refusal from an outage.
+            refused = isinstance(exc, AuthenticationError | NoPermissionError) or any(
+                word in str(exc) for word in REFUSALS
+            )
+            if refused:
+                raise StoreRefused(
+                    f"Redis refused {what}: {_one_line(exc)}; check [fleet] redis_password and "
+                    "the ACL user's rights (docs/fleet.md)"
+                ) from None
+            if isinstance(exc, ResponseError):
+                raise StoreUnreachable(f"Redis failed {what}: {_one_line(exc)}") from None
             raise StoreUnreachable(f"Redis unreachable ({what}): {_one_line(exc)}") from None
 
     async def ping(self) -> None:
@@ -322,7 +326,7 @@ class FleetStore:
         where = f"{self.prefix}:key-check"
         await self.call("checking the key", self.redis.set(where, key.mark(), nx=True))
         stored = await self.call("checking the key", self.redis.get(where))
-        if stored is not None and stored.decode() != key.mark():
+        if stored is not None and stored != key.mark().encode():
             raise WrongKey(
                 "this host's fleet key is not the one the other hosts use: copy their key file "
                 f"(or, if the others are wrong, delete {where} in Redis); not joining the fleet"
@@ -591,12 +595,12 @@ class FleetMember:
         deadline = self.lease.clock() + wait
         while self.epoch == asked_at:
             now = self.lease.clock()
-            if now >= deadline:
-                return None
             if now - self._asked.get(asked_at, float("-inf")) >= self.lease.length / 3:
                 self._asked[asked_at] = now
                 request = RenewalRequest(kind, asked_at, token, self.fleet.holder)
                 await self.store.ask_leader(self.identity, request)
+            if now >= deadline:
+                return None
             changed = self._changed
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), min(deadline - now, self.lease.length / 3))

@@ -18,6 +18,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "config": (SHARED, set()),
     "sugar": (SHARED | {"config"}, {"aiohttp"}),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
+    "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
     "api": (SHARED | {"config", "keeper", "openapi"}, {"aiohttp"}),
     "openapi": (SHARED, set()),
     "peer": (set(), set()),
