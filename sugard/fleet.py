@@ -660,6 +660,12 @@ class Fleet:
                 instance.name, identity, self, Lease(self.config.lease, self.clock)
             )
             self.members[identity] = member
+            if self._listener is not None:  # joined after start: keep it, and listen for it too
+                self._tasks.append(
+                    asyncio.create_task(self._keep(member), name=f"fleet-{member.name}")
+                )
+                self._listener.cancel()
+                self._listener = asyncio.create_task(self._listen(), name="fleet-listener")
         return member
 
     async def start(self) -> None:
@@ -708,9 +714,11 @@ class Fleet:
         backoff = ExponentialWithJitterBackoff(cap=max(1.0, self.config.lease / 3), base=0.1)
         failures = 0
         while True:
+            channels = self._channels()
+            if not channels:
+                await asyncio.Event().wait()  # until a join restarts the listener
             pubsub = self.store.redis.pubsub()
             try:
-                channels = self._channels()
                 await self.store.call("subscribing", pubsub.subscribe(*channels))
                 failures = 0
                 self.subscribed.set()

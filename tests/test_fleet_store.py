@@ -198,6 +198,7 @@ async def test_nothing_secret_is_in_redis(redis_server: RedisServer, new_fleet: 
     assert dump, "the store is empty: the test would prove nothing"
     for secret in (ACCESS, REFRESH, DOWNLOAD, USERNAME, KEY):
         assert secret.encode() not in dump
+        assert secret not in repr(member) + repr(follower)
     assert base64.b64decode(KEY) not in dump
 
 
@@ -368,6 +369,20 @@ async def test_followers_hear_a_new_epoch_at_once_through_pubsub(
     assert follower.current is not None
     assert ACCESS + "-1" == follower.current.access_token.reveal()
     assert {"role": "follower", "holder": leader_fleet.holder, "epoch": 1} == follower.status()
+
+
+async def test_an_instance_joined_after_start_is_kept_and_heard(
+    redis_server: RedisServer, new_fleet: NewFleet
+) -> None:
+    """A reload adds an instance to a running fleet: it gets its lease loop and its channels."""
+    _, leader = await leader_of(new_fleet)
+    late_fleet = new_fleet()
+    await late_fleet.start()
+    late = late_fleet.join(sugar_instance("late"))
+    await eventually(lambda: late.holder is not None, what="the late member's first round")
+    await asyncio.wait_for(late_fleet.subscribed.wait(), 10)
+    assert Written(1) == await leader.publish(record(1))
+    await eventually(lambda: late.epoch == 1, 5, "the announcement")
 
 
 async def test_a_hundred_reports_on_five_hosts_make_one_renewal_request(
