@@ -278,7 +278,7 @@ class Fleet:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         for member in self.members.values():
-            if member.lease.held():
+            if member.holder == self.holder:  # Redis may hold it past our own deadline
                 member.lease.lost()
                 try:
                     await self.store.release(member.identity, self.holder)
