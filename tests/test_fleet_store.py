@@ -430,6 +430,10 @@ async def test_redis_restarted_empty_costs_one_login_for_the_fleet(
     await leader.publish(record(1))
     await asyncio.gather(*(m.reread() for m in members))
     redis_server.restart_empty()
+    for _ in range(3):
+        await asyncio.gather(*(m.reread() for m in members))
+    assert [1, 1, 1] == [m.losses for m in members]  # once each, however often it reads
+    assert all(m.session_lost and m.current is not None for m in members)
     logins = 0
 
     async def keep(member: FleetMember) -> None:
@@ -501,3 +505,27 @@ def test_redis_server_is_here() -> None:
 
     assert REDIS_SERVER, "install redis-server (apt-get install redis-server)"
     assert os.access(REDIS_SERVER, os.X_OK)
+
+
+async def test_a_follower_serves_tokens_with_no_redis_command(
+    redis_server: RedisServer, new_fleet: NewFleet
+) -> None:
+    """The goal of 0 Redis commands per token request: 1000 reads of the held record on a
+    follower leave Redis' command counters untouched; a stored renewal is one EVALSHA."""
+    _, leader = await leader_of(new_fleet)
+    follower = new_fleet().join(sugar_instance("eu"))
+    await follower.tick()
+    await leader.publish(record(1))
+    await leader.publish(record(2))  # the write script is loaded now
+    await follower.reread()
+    with redis_server.admin() as admin:
+        admin.config_resetstat()
+        for _ in range(1000):
+            assert follower.current is not None
+            assert ACCESS + "-2" == follower.current.access_token.reveal()
+        assert {"cmdstat_config|resetstat"} == set(admin.info("commandstats"))
+        admin.config_resetstat()
+        await leader.publish(record(3))
+        calls = {k: v["calls"] for k, v in admin.info("commandstats").items()}
+    assert 1 == calls.pop("cmdstat_evalsha")
+    assert {"hget", "get", "hset", "publish"} <= {k.removeprefix("cmdstat_") for k in calls}
