@@ -61,6 +61,14 @@ def run_check(
     if login and problems:
         print("sugard check: no test login until the problems above are fixed", file=sys.stderr)
         login = False
+    if online and config.fleet is not None and not problems:
+        from .fleet import check_fleet_online  # Redis reached, the key proven on what is stored
+
+        lines, fleet_problems = check_fleet_online(config)
+        print("\n".join(lines))
+        for problem in fleet_problems:
+            print(problem, file=sys.stderr)
+        code = code or (1 if fleet_problems else 0)
     if online or login:
         code = _online(config, socket_for(config), wait, login) or code
     return code

@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--online",
         action="store_true",
-        help="also ask the RUNNING daemon for each instance's state. check never logs in to "
+        help="also reach the fleet's Redis, if [fleet] is set, and prove the key opens what is "
+        "stored; and ask the RUNNING daemon for each instance's state. check never logs in to "
         "Sugar by itself: Sugar keeps one session per user and platform, so a login of its own "
         "would log the daemon out",
     )

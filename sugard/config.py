@@ -6,6 +6,8 @@ so one `sugard check` run shows everything there is to fix.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import ipaddress
 import json
@@ -20,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import urlsplit
 
 from .secret import Secret
 
@@ -31,10 +34,12 @@ __all__ = [
     "ConfigDiff",
     "ConfigError",
     "DaemonConfig",
+    "FleetConfig",
     "InstanceConfig",
     "Problem",
     "SecretRef",
     "audit_config",
+    "decode_fleet_key",
     "diff_configs",
     "distinct_platform",
     "effective_config",
@@ -139,6 +144,7 @@ class InstanceConfig:
     proxy_connections: int = 16
     proxy_timeout: float = 300.0
     on_event: tuple[str, ...] | None = None  # argv run on renewed/failed/recovered/evicted
+    fleet: bool = True  # with a [fleet] table: share this instance's session through Redis
 
     def session_key(self) -> tuple[object, ...]:
         """What identifies the upstream session: while it is unchanged, the live token stays.
@@ -168,10 +174,25 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """`[fleet]`: where the shared sessions live (Redis) and the key that seals them."""
+
+    redis_url: str
+    key: SecretRef
+    redis_password: SecretRef | None = None
+    prefix: str = "sugard"
+    lease: float = 30.0
+    timeout: float = 2.0  # seconds per Redis command
+    verify_tls: bool = True
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     daemon: DaemonConfig
     instances: Mapping[str, InstanceConfig]
+    fleet: FleetConfig | None = None
 
 
 # Schema: key -> (checker, default). A checker returns the normalized value or raises ValueError
@@ -373,6 +394,7 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "proxy_connections": _int(1, 1024),
     "proxy_timeout": _number(1, 86400),
     "on_event": _argv,
+    "fleet": _bool,
 }
 INSTANCE_DEFAULTS: dict[str, Any] = {
     "client_id": "sugar",
@@ -399,6 +421,63 @@ DAEMON_DEFAULTS: dict[str, Any] = {
     if f.name not in ("allowed_uids", "allowed_gids")
 }
 SECRET_KEYS = {base + kind for base in SECRET_FIELDS for kind in SECRET_KINDS}
+
+
+def _redis_url(v: Any) -> str:
+    s = _nonempty(v)
+    parts = urlsplit(s)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"must start with redis://, rediss:// (TLS) or unix:///path, not {s!r}")
+    if parts.password is not None:
+        raise ValueError(
+            "holds a password: put it in redis_password_file (or _env, _command, "
+            "_credential) instead, so it never shows in the config or a log"
+        )
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        raise ValueError("a unix socket needs an absolute path, like unix:///run/redis.sock")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValueError(f"names no host, like redis://redis.internal:6379/0, not {s!r}")
+    return s
+
+
+def _prefix(v: Any) -> str:
+    s = _str(v)
+    if not PLAIN_KEY.fullmatch(s) or len(s) > 64:
+        raise ValueError(f"must be 1-64 of A-Z, a-z, 0-9, '_', '.' and '-', not {s!r}")
+    return s
+
+
+FLEET_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "redis_url": _redis_url,
+    "prefix": _prefix,
+    "lease": _number(2, 3600),
+    "timeout": _number(0.05, 60),
+    "verify_tls": _bool,
+    "ca_file": _optional_path,
+}
+FLEET_SECRETS = ("key", "redis_password")
+FLEET_SECRET_KEYS = {base + kind for base in FLEET_SECRETS for kind in SECRET_KINDS}
+LEASE_MARGIN = 1.0  # seconds, for clock rates and scheduling on top of the timeouts
+
+
+def minimum_lease(fleet: FleetConfig, instance_timeout: float) -> float:
+    """The shortest lease in which a leader can finish a Sugar call, store its answer and
+    renew: 2 x the upstream timeout + 2 x the Redis timeout + a margin."""
+    return 2 * instance_timeout + 2 * fleet.timeout + LEASE_MARGIN
+
+
+def decode_fleet_key(text: str) -> bytes:
+    """The shared fleet key from its one-line form: 32 random bytes in base64."""
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ValueError(
+            "is not a fleet key (32 random bytes in base64 on one line); make one with "
+            "`sugard init --fleet-key FILE` and copy that file to every host"
+        )
+    return key
 
 
 def _tname(v: Any) -> str:
@@ -458,7 +537,9 @@ def read_config(
                 instances[name] = resolve_instance_secrets(instance, config.path, env)
             except ConfigError as exc:
                 problems += exc.problems
-        config = replace(config, instances=instances)
+        fleet, fleet_problems = _resolve_fleet_secrets(config, env)
+        problems += fleet_problems
+        config = replace(config, instances=instances, fleet=fleet)
     return config, list(dict.fromkeys(problems))
 
 
@@ -470,6 +551,13 @@ def _check_file_mode(path: Path, config: Config) -> list[Problem]:
         for name in SECRET_FIELDS
         if (ref := getattr(i, name)) is not None and ref.kind == "inline" and ref.value
     ]
+    if config.fleet is not None:
+        inline += [
+            f"fleet.{name}"
+            for name in FLEET_SECRETS
+            if getattr(config.fleet, name) is not None
+            and getattr(config.fleet, name).kind == "inline"
+        ]
     try:
         mode = path.stat().st_mode
     except OSError:
@@ -502,11 +590,11 @@ def _parse(data: Mapping[str, Any], path: str) -> tuple[Config, list[Problem]]:
         problems.append(Problem(path, key, message))
 
     for key in data:
-        if key not in ("daemon", "defaults", "instances"):
+        if key not in ("daemon", "defaults", "instances", "fleet"):
             problem(
                 _key(key),
                 "unknown table or key"
-                + _did_you_mean(key, ("daemon", "defaults", "instances"))
+                + _did_you_mean(key, ("daemon", "defaults", "instances", "fleet"))
                 + "; expected [daemon], [defaults] and [instances.NAME]",
             )
 
@@ -560,8 +648,12 @@ def _parse(data: Mapping[str, Any], path: str) -> tuple[Config, list[Problem]]:
         instances[name] = _build_instance(name, defaults, table, given, where, problem, base_dir)
     problems += _duplicate_sessions(path, instances)
     problems += _shared_listen_addresses(instances.values(), path)
+    fleet = _parse_fleet(data, problem, Path(path).parent) if "fleet" in data else None
+    if fleet is not None:
+        _check_lease(fleet, instances, problem)
     # A bad secret in [defaults] is met once per instance; say it once.
-    return Config(path=path, daemon=daemon, instances=instances), list(dict.fromkeys(problems))
+    config = Config(path=path, daemon=daemon, instances=instances, fleet=fleet)
+    return config, list(dict.fromkeys(problems))
 
 
 def distinct_platform(name: str) -> str:
@@ -624,12 +716,76 @@ def _shared_listen_addresses(instances: Iterable[InstanceConfig], path: str) -> 
     return problems
 
 
+FLEET_KEYS_HELP = (
+    "[fleet] keys are redis_url, key_file (or key, key_env, key_command, key_credential), "
+    "redis_password_file (same sources), prefix, lease, timeout, verify_tls and ca_file"
+)
+
+
+def _parse_fleet(
+    data: Mapping[str, Any], problem: Callable[[str, str], None], base_dir: Path
+) -> FleetConfig | None:
+    table = _table(data, "fleet", problem)
+    values: dict[str, Any] = {}
+    ok = True
+    for key, value in table.items():
+        if key in FLEET_SECRET_KEYS:
+            continue
+        checker = FLEET_SCHEMA.get(key)
+        if checker is None:
+            hint = _did_you_mean(key, [*FLEET_SCHEMA, *sorted(FLEET_SECRET_KEYS)])
+            problem(f"fleet.{_key(key)}", f"unknown key{hint or '; ' + FLEET_KEYS_HELP}")
+            ok = False
+            continue
+        try:
+            values[key] = checker(value)
+        except ValueError as exc:
+            problem(f"fleet.{key}", str(exc))
+            ok = False
+    if "redis_url" not in values and "redis_url" not in table:
+        problem(
+            "fleet.redis_url", "missing; say where Redis is, like redis://redis.internal:6379/0"
+        )
+        ok = False
+    shared_key = _secret_ref("key", table, "fleet", problem)
+    if shared_key is None:
+        problem(
+            "fleet.key_file",
+            "missing; give the shared key as one of key_file, key_env, key_command, "
+            "key_credential or key (make one with: sugard init --fleet-key FILE)",
+        )
+    password = _secret_ref("redis_password", table, "fleet", problem)
+    if not ok or shared_key is None or shared_key is False or password is False:
+        return None
+    if "ca_file" in values:
+        values["ca_file"] = str(_resolve_path(values["ca_file"], base_dir))
+    return FleetConfig(key=shared_key, redis_password=password, **values)
+
+
+def _check_lease(
+    fleet: FleetConfig, instances: Mapping[str, InstanceConfig], problem: Callable[[str, str], None]
+) -> None:
+    shared = [i for i in instances.values() if i.fleet]
+    if not shared:
+        return
+    slowest = max(shared, key=lambda i: i.timeout)
+    need = minimum_lease(fleet, slowest.timeout)
+    if fleet.lease < need:
+        problem(
+            "fleet.lease",
+            f"must be at least {need:g} s (2 x instances.{slowest.name}.timeout + 2 x "
+            f"fleet.timeout + {LEASE_MARGIN:g} s), so that a leader can finish a Sugar call "
+            f"and store its answer before its lease can lapse; raise lease to {need:g} or "
+            "lower the timeouts",
+        )
+
+
 INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
     "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
     "ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
     "backoff_max, old_token_grace, probe_interval, allowed_uids, allowed_gids, listen, "
-    "proxy_connections, proxy_timeout and on_event"
+    "proxy_connections, proxy_timeout, on_event and fleet"
 )
 
 
@@ -780,9 +936,37 @@ def resolve_secrets(config: Config, environ: Mapping[str, str] | None = None) ->
             instances[name] = resolve_instance_secrets(instance, config.path, environ)
         except ConfigError as exc:
             problems += exc.problems
+    fleet, fleet_problems = _resolve_fleet_secrets(config, environ)
+    problems += fleet_problems
     if problems:
         raise ConfigError(problems)
-    return replace(config, instances=instances)
+    return replace(config, instances=instances, fleet=fleet)
+
+
+def _resolve_fleet_secrets(
+    config: Config, environ: Mapping[str, str] | None
+) -> tuple[FleetConfig | None, list[Problem]]:
+    """`[fleet]` with its Redis password and shared key read; the problems of those that fail."""
+    fleet = config.fleet
+    if fleet is None:
+        return None, []
+    env = os.environ if environ is None else environ
+    problems: list[Problem] = []
+    fleet_secrets: dict[str, Any] = {}
+    for base in FLEET_SECRETS:
+        ref = getattr(fleet, base)
+        if ref is None:
+            continue
+        key = f"fleet.{base}" + ("" if ref.kind == "inline" else f"_{ref.kind}")
+        try:
+            value = _read_secret(ref, env, Path(config.path).parent)
+            if base == "key":
+                decode_fleet_key(value)
+        except ValueError as exc:
+            problems.append(Problem(config.path, key, str(exc)))
+            continue
+        fleet_secrets[base] = replace(ref, value=Secret(value))
+    return replace(fleet, **fleet_secrets), problems
 
 
 def resolve_instance_secrets(
@@ -942,23 +1126,29 @@ def effective_config(config: Config) -> dict[str, Any]:
         if v is not None and v != ()
     }
     base_dir = Path(config.path).parent
-    instances: dict[str, Any] = {}
-    for name, instance in config.instances.items():
-        table: dict[str, Any] = {}
-        for f in fields(instance):
-            value = getattr(instance, f.name)
-            if f.name == "name" or value is None:
-                continue
-            if isinstance(value, SecretRef):
-                if value.kind == "file" and isinstance(value.ref, str):
-                    # The path sugard reads, not the one written: relative ones confuse.
-                    value = replace(value, ref=str(_resolve_path(value.ref, base_dir)))
-                value = "(empty)" if _is_empty_inline(value) else f"*** ({value.describe()})"
-            elif isinstance(value, tuple):
-                value = list(value)
-            table[f.name] = value
-        instances[name] = table
-    return {"daemon": daemon, "instances": instances}
+    instances = {name: _shown(i, base_dir) for name, i in config.instances.items()}
+    shown: dict[str, Any] = {"daemon": daemon, "instances": instances}
+    if config.fleet is not None:
+        shown["fleet"] = _shown(config.fleet, base_dir)
+    return shown
+
+
+def _shown(item: InstanceConfig | FleetConfig, base_dir: Path) -> dict[str, Any]:
+    """One table of `effective_config`: secrets as `***` and where they come from."""
+    table: dict[str, Any] = {}
+    for f in fields(item):
+        value = getattr(item, f.name)
+        if f.name == "name" or value is None:
+            continue
+        if isinstance(value, SecretRef):
+            if value.kind == "file" and isinstance(value.ref, str):
+                # The path sugard reads, not the one written: relative ones confuse.
+                value = replace(value, ref=str(_resolve_path(value.ref, base_dir)))
+            value = "(empty)" if _is_empty_inline(value) else f"*** ({value.describe()})"
+        elif isinstance(value, tuple):
+            value = list(value)
+        table[f.name] = value
+    return table
 
 
 def _is_empty_inline(ref: SecretRef) -> bool:

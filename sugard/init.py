@@ -8,8 +8,10 @@ gets a file of its own (`NAME.password`, 0600) next to it, or stays where the us
 from __future__ import annotations
 
 import argparse
+import base64
 import getpass
 import os
+import secrets
 import sys
 import tomllib
 from collections.abc import Callable
@@ -96,6 +98,12 @@ def add_init_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="overwrite an existing config or password file, or replace an instance with --add "
         "(the old config is kept as a .bak copy)",
+    )
+    p.add_argument(
+        "--fleet-key",
+        metavar="FILE",
+        help="only write a new random fleet key to FILE (mode 0600) and exit; copy it to every "
+        "host of the fleet and name it in [fleet] key_file",
     )
 
 
@@ -417,6 +425,8 @@ def _read_existing(path: Path) -> dict[str, Any]:
 
 def run_init(args: argparse.Namespace, path: Path) -> int:
     try:
+        if getattr(args, "fleet_key", None):
+            return write_fleet_key(Path(args.fleet_key).expanduser(), force=args.force)
         return _init(args, path)
     except InitError as exc:
         print(f"sugard init: {exc}", file=sys.stderr)
@@ -473,6 +483,24 @@ def _init(args: argparse.Namespace, path: Path) -> int:
         raise InitError(f"cannot write {exc.filename or path}: {exc.strerror}") from None
 
     _report(path, answers, instances, backup, adding)
+    return 0
+
+
+def write_fleet_key(path: Path, *, force: bool) -> int:
+    """A new shared key for [fleet]: 32 random bytes, base64 on one line, mode 0600."""
+    key = base64.b64encode(secrets.token_bytes(32)).decode()
+    try:
+        write_private(path, key + "\n", force=force)
+    except FileExistsError:
+        raise InitError(
+            f"{path} exists; use --force to replace it (every host then needs the new key)"
+        ) from None
+    except OSError as exc:
+        raise InitError(f"cannot write {exc.filename or path}: {exc.strerror}") from None
+    print(
+        f"wrote a new fleet key to {path} (mode 0600); copy it to every host of the fleet and "
+        f"set in [fleet]: key_file = {str(path)!r}"
+    )
     return 0
 
 

@@ -236,3 +236,15 @@ def fake_profile(version: str) -> dict[str, Any]:
     """FakeSugar keyword arguments that make it behave like Sugar `version`: the fake's own
     version profile (how long a rotated or evicted token lives on, docs/sugarcrm.md)."""
     return {"sugar_version": version}
+
+
+@pytest.fixture
+def redis_server() -> Iterator[Any]:
+    """A real redis-server of the test's own on a unix socket (no disk): see redis_server.py."""
+    from redis_server import RedisServer
+
+    directory = Path(tempfile.mkdtemp(prefix="sd-redis-"))
+    server = RedisServer(directory)
+    yield server
+    server.stop()
+    shutil.rmtree(directory, ignore_errors=True)

@@ -24,8 +24,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "outbound": (SHARED | {"config"}, {"aiohttp", "yarl"}),
     "sandbox": (SHARED | {"config"}, set()),
     # check: its test login goes through the one Sugar boundary; the daemon, through client.
-    "check": (SHARED | {"config", "client", "sandbox", "sugar"}, set()),
+    "check": (SHARED | {"config", "client", "fleet", "sandbox", "sugar"}, set()),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
+    "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
     # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
     "api": (SHARED | {"config", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
     # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).
