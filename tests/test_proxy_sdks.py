@@ -35,6 +35,8 @@ from zucker import RequestsClient, model
 from sugard.testing import FakeSugar, running_fake
 
 ANSWERED_LOGIN = "answered a client's login"
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "proxy.md"
+DOC_SITE = "http://127.0.0.1:8401"  # the listener docs/proxy.md's examples are written for
 
 
 @pytest.fixture
@@ -381,3 +383,63 @@ def test_proxied_requests_go_through_the_daemons_outbound_proxy(
         assert f"POST {site.url}/rest/v10/Accounts" in forwarded
         assert f"GET {site.url}/rest/v10/Accounts/count" in forwarded
         daemon.stop()
+
+
+# ---------------------------------------------------------------- docs/proxy.md's examples
+
+
+def doc_blocks(heading: str, language: str = "python") -> list[str]:
+    """The code blocks in `language` of one client's section of docs/proxy.md."""
+    text = DOCS.read_text()
+    section = text.split(f"\n### {heading}\n", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+    return [block.split("```", 1)[0] for block in section.split(f"```{language}\n")[1:]]
+
+
+@pytest.mark.parametrize(
+    ("heading", "printed"),
+    [
+        ("requests", "['Zeta Ltd']"),
+        ("httpx", USER),
+        ("aiohttp", USER),
+        ("pysugarcrm", "Acme"),
+        ("zucker", "['Acme']"),
+        ("sugarcrm-25-api", USER),
+    ],
+)
+def test_the_documented_examples_run(
+    heading: str,
+    printed: str,
+    proxied: DaemonProcess,
+    site: FakeSugar,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each Python example of docs/proxy.md runs as written (the listener's address put in for
+    the documented one, SUGARD_SOCKET set as `sugarctl env` sets it), prints what it says,
+    and leaves sugard's session as it was."""
+    session = Session(proxied, site)
+    url = listener(proxied)
+    monkeypatch.setenv("SUGARD_SOCKET", str(proxied.socket))
+    (code,) = doc_blocks(heading)
+    if heading == "sugarcrm-25-api":
+        (dotenv,) = doc_blocks(heading, "ini")
+        assert DOC_SITE in dotenv
+        (tmp_path / ".env").write_text(dotenv.replace(DOC_SITE, url))
+        run = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert 0 == run.returncode, run.stderr
+        out = run.stdout
+    else:
+        if "SUGARD_SOCKET" not in code:
+            assert DOC_SITE in code
+        exec(compile(code.replace(DOC_SITE, url), "docs/proxy.md", "exec"), {"__name__": "doc"})  # noqa: S102 - the doc's own example
+        out = capsys.readouterr().out
+    assert f"{printed}\n" == out
+    session.assert_untouched()
