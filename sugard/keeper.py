@@ -424,6 +424,8 @@ class Keeper:
 
     async def _check_resumed(self, grant: Grant) -> None:
         try:
+            if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
+                self._observed_grace = grace_for_version(self.sugar_version)
             expired = grant.expires_at <= self._clock()
             verdict = Probe.DEAD if expired else await self._probe(grant.access_token)
             if verdict is Probe.DEAD:
@@ -444,8 +446,6 @@ class Keeper:
                 return
             self._install(grant)
             self.last_refresh = grant.issued_at
-            if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
-                self._observed_grace = grace_for_version(self.sugar_version)
             log.info(
                 "%s: took back the session kept across the restart (token %s%s)",
                 self.name,
