@@ -351,8 +351,8 @@ class Daemon:
         resumed = self._take_sessions()
         for instance in self.config.instances.values():
             keeper = self._add(instance)
-            if instance.name in resumed:
-                keeper.resume(resumed[instance.name].grant, resumed[instance.name].sugar_version)
+            if (kept := resumed.get(instance.name)) is not None:
+                keeper.resume(kept.grant, kept.sugar_version)
             keeper.start()
         self._log_routes(self._keepers, together=True)
         app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
@@ -675,16 +675,16 @@ class Daemon:
         """Once the keepers have stopped (no renewal in flight can change a session)."""
         if not self._keeps_sessions:
             return
-        sessions = {
-            name: (
-                keeper.config,
-                handoff.Session(grant, keeper.sugar_version)
-                if (grant := keeper.session()) is not None
-                else None,
-            )
-            for name, keeper in self._keepers.items()
-        }
-        stored = handoff.give(self._notifier, sessions)
+        sessions: dict[str, tuple[InstanceConfig, handoff.Session | None]] = {}
+        for name, keeper in self._keepers.items():
+            grant = keeper.session()
+            kept = None if grant is None else handoff.Session(grant, keeper.sugar_version)
+            sessions[name] = (keeper.config, kept)
+        try:
+            stored = handoff.give(self._notifier, sessions)
+        except OSError as exc:  # no memfd (a seccomp filter, no memory): the next start logs in
+            log.warning("fd store: cannot hand the sessions over: %s", exc.strerror or exc)
+            return
         log.info("fd store: handed %d session(s) to the service manager", stored)
 
     def _remove_socket(self) -> None:
