@@ -6,6 +6,7 @@ tests/test_user_service.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,13 +15,19 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
 from test_fdstore import LAUNCHER
 from test_metrics import wait_for
 
+from sugard import handoff
+from sugard.config import InstanceConfig, SecretRef, parse_config
+from sugard.keeper import Grant
+from sugard.secret import Secret
 from sugard.systemd import read_memfd
 from sugard.testing import FakeSugar
 
@@ -227,3 +234,57 @@ def test_without_notify_socket_nothing_is_kept(fake: FakeSugar, short_dir: Path)
         assert 0 == proc.wait(30)
         assert "fd store" not in log.read_text()
     assert 2 == fake.calls["password"]
+
+
+def kept_session() -> tuple[InstanceConfig, handoff.Session]:
+    config = parse_config(
+        {
+            "instances": {
+                "prod": {"url": "https://a.example", "username": "u", "password": "the-password"}
+            }
+        }
+    ).instances["prod"]
+    grant = Grant(
+        access_token=Secret("access-0123"),
+        refresh_token=Secret("refresh-4567"),
+        download_token=Secret("download-89ab"),
+        token_type="bearer",
+        issued_at=1767225600.0,
+        expires_at=1767229200.0,
+        refresh_expires_at=None,
+    )
+    return config, handoff.Session(grant, "13.3.0")
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"url": "https://b.example"},
+        {"username": "v"},
+        {"platform": "other"},
+        {"client_id": "another"},
+        {"password": SecretRef("inline", "", Secret("new-pw"))},
+    ],
+    ids=lambda changed: next(iter(changed)),
+)
+def test_a_session_is_for_the_login_settings_it_was_made_with(changed: dict[str, Any]) -> None:
+    """Each login setting, the password too, changes the keyed hash: the session is dropped
+    (None). Unchanged, it comes back whole; the memfd's bytes hold no password."""
+    config, session = kept_session()
+    data = handoff.dump(config, session)
+    assert b"the-password" not in data
+    assert session == handoff.load(config, data)
+    assert handoff.load(replace(config, **changed), data) is None
+
+
+def test_a_memfd_sugard_did_not_write_is_refused_without_quoting_it() -> None:
+    """Not JSON, another format, a missing field: a one-line ValueError naming no content."""
+    config, session = kept_session()
+    other_format = json.loads(handoff.dump(config, session))
+    other_format["format"] = 99
+    missing = json.loads(handoff.dump(config, session))
+    del missing["refresh_token"]
+    for data in (b"access-0123 not json", json.dumps(other_format), json.dumps(missing)):
+        with pytest.raises(ValueError, match=r"^not a session sugard wrote") as caught:
+            handoff.load(config, data.encode() if isinstance(data, str) else data)
+        assert "0123" not in str(caught.value) and "4567" not in str(caught.value)
