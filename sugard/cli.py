@@ -272,12 +272,13 @@ def socket_path_for(config: Config, explicit: str | None) -> Path:
 
 def _run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, SocketError, adopt_socket
-    from .systemd import Notifier, listen_fds, setup_logging
+    from .systemd import Notifier, passed_fds, setup_logging
 
     # Read (and remove) systemd's variables first, so no child process ever sees them.
     notifier = Notifier.from_environ()
     try:
-        passed = listen_fds()
+        fds = passed_fds()
+        passed = fds.sockets
     except ValueError as exc:
         print(f"sugard: socket activation: {exc}", file=sys.stderr)
         return 1
@@ -304,6 +305,7 @@ def _run(args: argparse.Namespace) -> int:
             listen_socket=listen,
             notifier=notifier,
             apply_log_level=args.log_level is None,
+            stored=fds.stored,
         )
         asyncio.run(daemon.serve())
     except SocketError as exc:

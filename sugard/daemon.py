@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import __version__
+from . import __version__, handoff
 from .api import (
     KEY_METRICS,
     ApiRunner,
@@ -269,6 +269,7 @@ class Daemon:
         max_sleep: float = MAX_SLEEP,
         notifier: Notifier | None = None,
         apply_log_level: bool = False,
+        stored: Mapping[str, int] | None = None,
     ) -> None:
         self.config = config
         self.socket_path = socket_path
@@ -300,6 +301,8 @@ class Daemon:
         self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
         self.observer = Fanout(self.metrics, self.hooks)
         self._metrics_runner: web.AppRunner | None = None
+        # What the fd store passed back (name -> fd); see _take_sessions.
+        self._stored = dict(stored or {})
 
     def _on_event(self, name: str) -> tuple[str, ...] | None:
         keeper = self._keepers.get(name)
@@ -345,11 +348,16 @@ class Daemon:
             self._remove_socket()
             raise
         self._http = new_http_session()
+        resumed = self._take_sessions()
         for instance in self.config.instances.values():
-            self._add(instance).start()
+            keeper = self._add(instance)
+            if (kept := resumed.get(instance.name)) is not None:
+                keeper.resume(kept.grant, kept.sugar_version)
+            keeper.start()
         self._log_routes(self._keepers, together=True)
         app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         self._forwarder = app[KEY_FORWARDER]
+        self._forwarder.observer = self.observer
         runner = ApiRunner(app, shutdown_timeout=_grace(self.config))
         self._runner = runner
         await runner.setup()
@@ -473,6 +481,7 @@ class Daemon:
             rng=self._rng,
             max_sleep=self._max_sleep,
             reread=self._reread_secrets,
+            observer=self.observer,
         )
 
     def _reread_secrets(self, instance: InstanceConfig) -> InstanceConfig:
@@ -630,6 +639,7 @@ class Daemon:
             self._metrics_runner = None
         for keeper in self._keepers.values():
             await keeper.stop()
+        self._hand_over_sessions()
         await self.hooks.close()
         if self._http is not None:
             await self._http.close()
@@ -640,6 +650,42 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._notifier.close()
         log.info("sugard stopped")
+
+    # A restart that keeps the sessions (sugard/handoff.py)
+
+    @property
+    def _keeps_sessions(self) -> bool:
+        """Under systemd, whose fd store keeps them; not in fleet mode, where Redis does."""
+        return self._notifier.enabled and self.config.fleet is None
+
+    def _take_sessions(self) -> dict[str, handoff.Session]:
+        stored, self._stored = self._stored, {}
+        if not self._keeps_sessions:
+            for fd in stored.values():
+                os.close(fd)
+            return {}
+        sessions = handoff.take(self._notifier, stored, self.config.instances)
+        if stored:
+            log.info(
+                "fd store: %d of %d session(s) kept across the restart", len(sessions), len(stored)
+            )
+        return sessions
+
+    def _hand_over_sessions(self) -> None:
+        """Once the keepers have stopped (no renewal in flight can change a session)."""
+        if not self._keeps_sessions:
+            return
+        sessions: dict[str, tuple[InstanceConfig, handoff.Session | None]] = {}
+        for name, keeper in self._keepers.items():
+            grant = keeper.session()
+            kept = None if grant is None else handoff.Session(grant, keeper.sugar_version)
+            sessions[name] = (keeper.config, kept)
+        try:
+            stored = handoff.give(self._notifier, sessions)
+        except OSError as exc:  # no memfd (a seccomp filter, no memory): the next start logs in
+            log.warning("fd store: cannot hand the sessions over: %s", exc.strerror or exc)
+            return
+        log.info("fd store: handed %d session(s) to the service manager", stored)
 
     def _remove_socket(self) -> None:
         """Remove our socket, then give up the lock (in that order: whoever takes the lock

@@ -25,13 +25,14 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
+from .observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
 from .secret import Secret
 from .sugar import (
     ClientRejected,
@@ -72,6 +73,15 @@ FIRST_VERSION_WITHOUT_GRACE = (13, 3)
 # script has just taken the token: a handout is taken to be in use this long (or its min_ttl).
 QUIET = 2.0
 SESSION_END_SLACK = 2.0  # a refresh that moves refresh_expires_at less than this: a capped session
+# A demand's reason, as the renewals metric counts it; "a token request" with a token in hand
+# is a min_ttl the token could not meet ("demanded"), with none it is the first ("initial").
+REASON_LABELS: dict[str, RenewalReason] = {
+    "the schedule": "scheduled",
+    "a script's report": "reported",
+    "the probe interval": "probe",
+    "sugarctl refresh": "forced",
+    "a reload": "forced",
+}
 
 
 class State(enum.StrEnum):
@@ -189,8 +199,10 @@ class Keeper:
         rng: Callable[[], float] = random.random,
         max_sleep: float = MAX_SLEEP,
         reread: Callable[[InstanceConfig], InstanceConfig] | None = None,
+        observer: Observer | None = None,
     ) -> None:
         self.config = config
+        self._observer = observer or Observer()  # metrics and on_event hear of what happens
         self.upstream = upstream
         self._login_slots = login_slots or asyncio.Semaphore(1)
         self._clock = clock
@@ -221,6 +233,7 @@ class Keeper:
         self._probe_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopped = False
+        self._resumed: Grant | None = None  # a session kept across a restart, not yet checked
 
     @property
     def name(self) -> str:
@@ -289,7 +302,7 @@ class Keeper:
                     return grant
             if self.state is State.FAILED:
                 raise NeedsAttention(self._failure_message())
-            if joined is None or joined.done:
+            if (joined is None or joined.done) and self._resumed is None:
                 joined = self._join(Need.RENEW, "a token request")
             changed = self._changed
             left = deadline - loop.time()
@@ -392,6 +405,57 @@ class Keeper:
         if self.state is State.FAILED and not self.refuses_rejected():
             self._join(Need.RENEW, "a reload", forced=True)
 
+    # A session handed over a restart (sugard/handoff.py)
+
+    def session(self) -> Grant | None:
+        """The session to hand to the next sugard: the grant being served, if no renewal was
+        cut short (a refresh Sugar may have answered would leave it dead) and its refresh
+        token is still good."""
+        grant = self._grant
+        if grant is None or self.state is not State.READY or self._refresh_token is None:
+            return None
+        return None if grant.access_token == self._dead_token else grant
+
+    def resume(self, grant: Grant, sugar_version: str | None) -> None:
+        """Take back the session the sugard before this one handed over; before start().
+        Nothing is served from it until one probe says Sugar still takes its token."""
+        self._resumed = grant
+        self.sugar_version = sugar_version
+
+    async def _check_resumed(self, grant: Grant) -> None:
+        try:
+            if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
+                self._observed_grace = grace_for_version(self.sugar_version)
+            expired = grant.expires_at <= self._clock()
+            verdict = Probe.DEAD if expired else await self._probe(grant.access_token)
+            if verdict is Probe.DEAD:
+                log.info(
+                    "%s: Sugar no longer takes token %s kept across the restart; renewing",
+                    self.name,
+                    grant.access_token.fingerprint,
+                )
+                # Its refresh token may still work (an expired token): one refresh, no login.
+                self._grant, self._refresh_token, self._dead_token = (
+                    grant,
+                    grant.refresh_token,
+                    grant.access_token,
+                )
+                if not expired:
+                    self._evicted("probe")
+                self._join(Need.RENEW, "no usable token")
+                return
+            self._install(grant)
+            self.last_refresh = grant.issued_at
+            log.info(
+                "%s: took back the session kept across the restart (token %s%s)",
+                self.name,
+                grant.access_token.fingerprint,
+                "" if verdict is Probe.ALIVE else "; Sugar gave no verdict on it",
+            )
+        finally:
+            self._resumed = None
+            self._notify()
+
     def status(self) -> dict[str, Any]:
         grant = self._grant
         error = self.last_error
@@ -457,6 +521,8 @@ class Keeper:
     # The supervisor
 
     async def _supervise(self) -> None:
+        if self._resumed is not None:
+            await self._check_resumed(self._resumed)
         while not self._stopped:
             demand = self._next_demand()
             if demand is None:
@@ -502,7 +568,7 @@ class Keeper:
         grant = self._grant
         assert grant is not None
         demand.in_flight = True
-        verdict = await self.upstream.probe(grant.access_token)
+        verdict = await self._probe(grant.access_token)
         demand.in_flight = False
         self._probe_at = self._next_probe()
         if demand.need is Need.RENEW:  # someone needed a new token meanwhile
@@ -530,11 +596,13 @@ class Keeper:
             "reported by a script" if reported else "evicted, found by the probe",
         )
         self._dead_token = grant.access_token
+        self._evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
         self._notify()
         await self._renew(demand)
 
     async def _renew(self, demand: Demand) -> None:
+        self._observer.renewal(self.name, self._renewal_reason(demand))
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             wait=self._backoff,
@@ -548,9 +616,9 @@ class Keeper:
                 with attempt:
                     await self._attempt(demand)
         except RejectedError as exc:
-            self.state = State.FAILED
             self.next_attempt_at = None
             self.rejection = Rejection.of(exc, self.config) or self.rejection
+            self._set_state(State.FAILED)
             log.error("%s: %s", self.name, exc.message)
             demand.done = True
             if self._demand is demand:
@@ -580,6 +648,9 @@ class Keeper:
             raise
         logged_in = self.state is State.LOGGING_IN
         self._install(grant)
+        self._observer.renewed(
+            self.name, expires_at=grant.expires_at, error_kind=self._error_kind()
+        )
         demand.in_flight = False
         self._settle(demand, failed=False)
         if logged_in:
@@ -589,16 +660,17 @@ class Keeper:
 
     async def _refresh(self, refresh_token: Secret) -> Grant | None:
         """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
-        self.state = State.REFRESHING
+        self._set_state(State.REFRESHING)
         self.refreshes += 1
         try:
-            return await self.upstream.refresh(refresh_token)
+            return await self._reported("refresh", self.upstream.refresh(refresh_token))
         except RefreshRejected as exc:
             # Evicted by another login, rotated by a refresh we never saw, or expired:
             # exactly one password login gets the session back.
             self.last_error = LastError(self._clock(), exc.kind, exc.message)
             log.warning("%s: %s; logging in again", self.name, exc.message)
             self._refresh_token = None
+            self._evicted("refresh")
             return None
         except TransientError as exc:
             if exc.status == 401:
@@ -613,11 +685,11 @@ class Keeper:
             # The one gate every password login passes: a rejected secret is never sent.
             refused = CredentialsRejected if rejection.field == "password" else ClientRejected
             raise refused(rejection.refusal(self.config))
-        self.state = State.LOGGING_IN
+        self._set_state(State.LOGGING_IN)
         async with self._login_slots:
             self.logins += 1
             log.info("%s: logging in as %s", self.name, self.config.username)
-            return await self.upstream.login()
+            return await self._reported("password", self.upstream.login())
 
     def _refresh_usable(self) -> bool:
         grant = self._grant
@@ -650,7 +722,7 @@ class Keeper:
         self.last_refresh = self._clock()
         self.next_attempt_at = None
         self._probe_at = self._next_probe()
-        self.state = State.READY
+        self._set_state(State.READY)
         log.info(
             "%s: token %s%s, valid %.0f s, refresh at %s",
             self.name,
@@ -668,6 +740,62 @@ class Keeper:
         if done and self._demand is demand:
             self._demand = None
         self._notify()
+
+    # What the observer hears (metrics, on_event)
+
+    def _set_state(self, state: State) -> None:
+        """Every change of state goes through here, so `failed` and `recovered` are told."""
+        if state is self.state:
+            return
+        self.state = state
+        grant = self._grant
+        self._observer.state_changed(
+            self.name,
+            state.value,
+            expires_at=grant.expires_at if grant is not None else None,
+            error_kind=self._error_kind(),
+        )
+
+    async def _reported(self, grant: UpstreamGrant, call: Awaitable[Grant]) -> Grant:
+        """A password or refresh grant, counted by how Sugar answered it."""
+        outcome: UpstreamOutcome = "ok"
+        try:
+            return await call
+        except RejectedError:
+            outcome = "rejected"
+            raise
+        except SugarError:
+            outcome = "transient"
+            raise
+        finally:
+            self._observer.upstream_call(self.name, grant, outcome)
+
+    async def _probe(self, access_token: Secret) -> Probe:
+        verdict = await self.upstream.probe(access_token)
+        outcomes: dict[Probe, UpstreamOutcome] = {
+            Probe.ALIVE: "ok",
+            Probe.DEAD: "rejected",
+            Probe.UNKNOWN: "transient",
+        }
+        self._observer.upstream_call(self.name, "probe", outcomes[verdict])
+        return verdict
+
+    def _evicted(self, found_by: EvictionFoundBy) -> None:
+        grant = self._grant
+        self._observer.evicted(
+            self.name,
+            found_by,
+            expires_at=grant.expires_at if grant is not None else None,
+            error_kind=self._error_kind(),
+        )
+
+    def _error_kind(self) -> str | None:
+        return self.last_error.kind if self.last_error is not None else None
+
+    def _renewal_reason(self, demand: Demand) -> RenewalReason:
+        if self._grant is None or demand.reason == "no usable token":
+            return "initial"
+        return REASON_LABELS.get(demand.reason, "demanded")
 
     # Timing
 
@@ -737,6 +865,8 @@ class Keeper:
         if self.config.old_token_grace != GRACE_AUTO:
             return
         version = await self.upstream.server_version(grant.access_token)
+        # No version is no usable answer: server_version() says no more than that.
+        self._observer.upstream_call(self.name, "serverinfo", "ok" if version else "transient")
         self.sugar_version = version
         if version is not None:
             self._observed_grace = grace_for_version(version)
@@ -754,7 +884,7 @@ class Keeper:
         once per session). Either way, until then it behaves as if the token died."""
         if self.config.old_token_grace != GRACE_AUTO or self._observed_grace is not None:
             return
-        verdict = await self.upstream.probe(old.access_token)
+        verdict = await self._probe(old.access_token)
         if verdict is not Probe.UNKNOWN:
             self._observed_grace = SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
             log.info(
@@ -782,8 +912,8 @@ class Keeper:
 
     def _before_backoff(self, retry_state: RetryCallState) -> None:
         seconds = retry_state.upcoming_sleep
-        self.state = State.BACKING_OFF
         self.next_attempt_at = self._clock() + seconds
+        self._set_state(State.BACKING_OFF)
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         log.warning("%s: %s; next try in %.1f s", self.name, exc, seconds)
 

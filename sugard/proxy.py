@@ -34,6 +34,7 @@ from yarl import URL
 
 from .config import InstanceConfig
 from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from .observe import Observer
 
 __all__ = [
     "KEY_FORWARDER",
@@ -137,6 +138,7 @@ class Forwarder:
         self.listener_urls: dict[str, str] = {}  # instance -> its listener's base URL
         self._pools: dict[str, _Pool] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self.observer = Observer()  # the daemon's own hears every request (metrics)
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
@@ -177,7 +179,16 @@ class Forwarder:
         """Answer one proxied request for instance `name`; Sugar's path is what follows the
         first `skip` segments of the request's path (those up to and including `rest`)."""
         started = time.perf_counter()
-        response = await self._answer(request, name, skip)
+        # Only configured names: any other would be a new time series per typo (or attack).
+        counted = name in self.registry.keepers
+        try:
+            response = await self._answer(request, name, skip)
+        except BaseException:  # the client went away (cancelled), or a bug: no answer
+            if counted:
+                self.observer.proxied(name, None, time.perf_counter() - started)
+            raise
+        if counted:
+            self.observer.proxied(name, response.status, time.perf_counter() - started)
         access_log.debug(
             "%s %s %r -> %d (%.1f ms)",
             name,

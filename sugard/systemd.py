@@ -28,6 +28,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import select
 import socket
 import stat
 import sys
@@ -55,6 +56,7 @@ log = logging.getLogger("sugard.systemd")
 SD_LISTEN_FDS_START = 3
 STORE_PREFIX = "store."  # FDNAME of what sugard keeps in the fd store; sockets never have it
 FDNAME_MAX = 255
+BARRIER_TIMEOUT = 5.0  # seconds to wait for the manager to have read what we sent
 # Sealed for good: nobody, not even a process that gets the fd, can change or reseal it.
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
@@ -143,6 +145,28 @@ class Notifier:
     def remove_fd(self, name: str) -> bool:
         """Drop what the fd store holds under `name` (every fd of that name)."""
         return self.notify("FDSTOREREMOVE=1", f"FDNAME={_fdname(name)}")
+
+    def barrier(self, timeout: float = BARRIER_TIMEOUT) -> bool:
+        """Wait until the manager has read every message sent before (sd_notify_barrier(3):
+        `BARRIER=1` with a pipe's write end, which it closes once there); False if it did not
+        within `timeout`. Blocking, for the last messages before exit: systemd may no longer
+        take fds from a process that has already gone."""
+        if self._address is None:
+            return False
+        done, signal_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            sent = self.notify("BARRIER=1", fds=[signal_end])
+            os.close(signal_end)
+            signal_end = -1
+            if not sent:
+                return False
+            poller = select.poll()
+            poller.register(done, select.POLLHUP)  # once every copy of the write end is closed
+            return bool(poller.poll(timeout * 1000))
+        finally:
+            os.close(done)
+            if signal_end >= 0:
+                os.close(signal_end)
 
     async def watchdog(self) -> None:
         """Ping the watchdog from the event loop until cancelled: if the loop hangs, the pings

@@ -47,6 +47,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "observe": (set(), set()),
     "metrics": (SHARED, {"prometheus_client"}),
     "events": (SHARED, set()),
+    # The sessions a restart keeps: a keeper's grant, for an instance's settings, through
+    # systemd's fd store. Split from `daemon` so the memfd format has a module of its own.
+    "handoff": (SHARED | {"config", "keeper", "systemd"}, set()),
 }
 
 

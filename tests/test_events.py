@@ -262,7 +262,7 @@ async def test_close_kills_what_still_runs_and_runs_nothing_more(
 async def test_a_hook_in_a_real_daemon_asks_sugarctl_for_the_token(
     fake: FakeSugar, short_dir: Path
 ) -> None:
-    """In a daemon, a renewed event (as the keeper reports it) runs the instance's on_event,
+    """In a daemon, the renewed event of the first login runs the instance's on_event,
     which finds this daemon through SUGARD_SOCKET and gets the token from sugarctl."""
     out = short_dir / "token"
     hook = ["sh", "-c", f'{SUGARCTL} token prod > "$1"', "hook", str(out)]
@@ -270,8 +270,7 @@ async def test_a_hook_in_a_real_daemon_asks_sugarctl_for_the_token(
     daemon = Daemon(config, short_dir / "s.sock")
     await daemon.start()
     try:
-        grant = await daemon.keepers["prod"].token(wait=20)
-        daemon.observer.renewed("prod", expires_at=grant.expires_at, error_kind=None)
+        grant = await daemon.keepers["prod"].token(wait=20)  # the login: renewed
         await until(lambda: out.exists() and out.read_text().strip() != "", "the hook's token")
         await until(lambda: not daemon.hooks.busy, "the end of the hook")
         assert grant.access_token.reveal() == out.read_text().strip()
@@ -324,8 +323,7 @@ async def test_a_reload_changes_the_command_without_a_new_login(
     daemon = Daemon(load_config(config_with(first)), short_dir / "s.sock")
     await daemon.start()
     try:
-        await daemon.keepers["prod"].token(wait=20)
-        daemon.observer.renewed("prod", expires_at=JAN_1, error_kind=None)
+        await daemon.keepers["prod"].token(wait=20)  # the login: renewed
         await until(lambda: ["renewed"] == lines(first), "the first command")
         config_with(second)
         assert ["prod"] == (await daemon.reload())["changed"]

@@ -420,6 +420,34 @@ def test_stopped_service_is_started_by_the_next_connection(
     assert "active" == user.unit("ActiveState")
 
 
+def test_a_restart_keeps_the_session(installed: UserSession, sugar: FakeSugar) -> None:
+    """`systemctl --user restart sugard`: the session goes through the manager's fd store
+    (FileDescriptorStoreMax=), so the same token is served after, for no login; with the
+    password changed in the config (and at Sugar) the kept session is dropped: one login."""
+    user = installed
+    before = token(user)
+    logins = sugar.calls["password"]
+    user.ok("systemctl --user restart sugard")
+    assert before == token(user)
+    assert logins == sugar.calls["password"]
+    assert "0" == user.unit("NFileDescriptorStore")  # sugard took it back, and out
+
+    secret = user.path(f"{user.home}/.config/sugard/prod.password")
+    try:
+        sugar.set_password(USER, "changed-for-the-restart")
+        secret.write_text("changed-for-the-restart\n")
+        user.ok("systemctl --user restart sugard")
+        after = token(user)
+        assert after != before and sugar.valid(after)
+        assert logins + 1 == sugar.calls["password"]
+    finally:
+        sugar.set_password(USER, PASSWORD)
+        secret.write_text(PASSWORD + "\n")
+    lines = user.ok("journalctl --user -u sugard --no-pager -o cat")
+    assert "took back the session kept across the restart" in lines
+    assert "prod: its login settings changed since the session was kept; logging in" in lines
+
+
 def test_journal_shows_the_service_and_no_secret(installed: UserSession, sugar: FakeSugar) -> None:
     """`journalctl --user -u sugard`, as the user, shows sugard's own lines (with the refused
     reload) and, in every field of every entry of the user's journal, no password or token."""
