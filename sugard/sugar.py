@@ -40,6 +40,7 @@ import aiohttp
 from .config import InstanceConfig
 from .outbound import Route, route_for
 from .secret import Secret
+from .tls import UnusableCaFile, tls_context
 
 __all__ = [
     "ClientRejected",
@@ -168,22 +169,14 @@ def new_http_session() -> aiohttp.ClientSession:
 
 def _ssl_for(instance: InstanceConfig) -> ssl.SSLContext | bool:
     """Verified TLS (the system's CAs, or `ca_file`'s); raises RejectedError for a bad ca_file."""
-    if not instance.verify_tls:
-        return False
-    if instance.ca_file:
-        try:
-            return ssl.create_default_context(cafile=instance.ca_file)
-        except FileNotFoundError:
-            why = "does not exist"
-        except ssl.SSLError:
-            why = "holds no usable PEM certificate"
-        except OSError as exc:
-            why = f"cannot be read ({exc.strerror})"
+    try:
+        return tls_context(instance.verify_tls, instance.ca_file)
+    except UnusableCaFile as exc:
+        why = str(exc)
         raise RejectedError(
             f"ca_file {instance.ca_file} {why}; give the PEM file of the CA that signed "
             f"{instance.url}'s certificate, then run `sugarctl reload`"
-        )
-    return True
+        ) from None
 
 
 class SugarClient:

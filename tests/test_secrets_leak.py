@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 from conftest import SUGARD, sugarctl
 
-from sugard import config as config_module
+from sugard import secrets as secrets_module
 from sugard.config import ConfigError, load_config
 from sugard.secret import Secret, fingerprint
 from sugard.testing import FakeSugar, running_fake
@@ -383,7 +383,7 @@ def test_a_secret_command_is_bounded_by_its_timeout(
     short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A password_command that hangs is stopped at the timeout and reported as such."""
-    monkeypatch.setattr(config_module, "SECRET_COMMAND_TIMEOUT", 0.5)
+    monkeypatch.setattr(secrets_module, "SECRET_COMMAND_TIMEOUT", 0.5)
     config = short_dir / "config.toml"
     config.write_text(
         tomli_w.dumps(
