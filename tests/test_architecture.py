@@ -12,8 +12,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
 
 # sugard's modules each may import, beyond the standard library, after the design's table.
 # Small shared helpers every layer may use: the version, the secret type, default paths, and
-# the observer interface (stdlib only) through which keeper, api and proxy report to metrics.
-SHARED = {"sugard", "secret", "paths", "observe"}
+# the observer interface (stdlib only) through which keeper, api and proxy report to metrics,
+# and `text.one_line` for text from elsewhere in a log or status line.
+SHARED = {"sugard", "secret", "paths", "observe", "text"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
     "config": (SHARED | {"values", "secrets", "instance_config", "fleet_config"}, set()),
@@ -25,6 +26,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "fleet_config": (SHARED | {"values", "secrets"}, set()),
     # The TLS context for a site, built once for the Sugar client and for check's ca_file test.
     "tls": (set(), set()),
+    "text": (set(), set()),
     # `sugard run`: systemd's handover, the config (reported as check reports it), the daemon.
     "start": (SHARED | {"config", "check", "daemon", "systemd"}, set()),
     "sugar": (SHARED | {"config", "outbound", "tls"}, {"aiohttp"}),
@@ -47,7 +49,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
     "peer": (set(), set()),
-    "systemd": (set(), set()),
+    "systemd": ({"text"}, set()),
     "client": (set(), set()),
     "ctl": ({"sugard", "client", "ctl_help", "ctl_status", "ctl_completion"}, set()),
     # sugarctl's parts loaded only when asked for (help, the status table, completion), so
