@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -28,7 +29,7 @@ from typing import Any
 
 import aiohttp
 
-from bench import run
+from bench import harness
 from sugard.testing import FakeSugar, running_fake
 
 # Each version as the fake plays it (its own profile: how long a replaced token lives on).
@@ -69,8 +70,8 @@ async def script(
     tally: Tally,
 ) -> None:
     rng = random.Random()  # noqa: S311 (spacing of a benchmark's requests, not secrets)
-    token_url = f"http://sugard/v1/instances/{run.NAME}/token?wait=30"
-    report_url = f"http://sugard/v1/instances/{run.NAME}/invalidate"
+    token_url = f"http://sugard/v1/instances/{harness.NAME}/token?wait=30"
+    report_url = f"http://sugard/v1/instances/{harness.NAME}/invalidate"
     while time.monotonic() < end:
         async with daemon.get(token_url) as answer:
             token = (await answer.json())["access_token"]
@@ -108,10 +109,10 @@ async def drive(socket: Path, url: str, work: Workload, seconds: float) -> Tally
 def measure(
     workdir: Path, version: str, work: Workload, seconds: float, lifetime: float, delay: float
 ) -> dict[str, Any]:
-    users = {"u0": run.PASSWORD}
+    users = {"u0": harness.PASSWORD}
     with running_fake(users=users, access_lifetime=lifetime, **PROFILES[version]) as fake:
-        config = run.write_config(workdir, fake.url, {run.NAME: "u0"}, name="versions.toml")
-        with run.daemon(workdir, config, f"v{version}") as d:
+        config = harness.write_config(workdir, fake.url, {harness.NAME: "u0"}, name="versions.toml")
+        with harness.daemon(workdir, config, f"v{version}") as d:
             d.wait_serving()
             d.token()
             settle(fake)
@@ -161,7 +162,7 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def add_rows(report: run.Report, *, quick: bool) -> None:
+def add_rows(report: harness.Report, *, quick: bool) -> None:
     """Section 7 of `python -m bench --section versions`: the same runs, as rows of its table."""
     seconds = 3.0 if quick else 30.0
     workdir = Path(tempfile.mkdtemp(prefix="sdv-"))
@@ -184,7 +185,7 @@ def add_rows(report: run.Report, *, quick: bool) -> None:
                     "-",
                 )
     finally:
-        run.shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sugard", type=Path, help="the sugard program to run (default: ours)")
     args = parser.parse_args(argv)
     if args.sugard is not None:
-        run.SUGARD = args.sugard  # the "before" figures: another build, the same workload
+        harness.SUGARD = args.sugard  # the "before" figures: another build, the same workload
     seconds = 3.0 if args.quick else args.seconds
     lifetime = 2.0 if args.quick else args.lifetime
     workdir = Path(tempfile.mkdtemp(prefix="sdv-"))
@@ -209,14 +210,14 @@ def main(argv: list[str] | None = None) -> int:
             for work in WORKLOADS:
                 print(f"bench: Sugar {version}, {work.name} ...", file=sys.stderr, flush=True)
                 results.append(measure(workdir, version, work, seconds, lifetime, args.delay))
-    except run.BenchError as exc:
+    except harness.BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
     finally:
-        run.shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     print(
         f"{lifetime:g} s tokens, Sugar answering token requests in "
-        f"{args.delay * 1000:.0f} ms, {seconds:g} s per run, sugard: {run.SUGARD}"
+        f"{args.delay * 1000:.0f} ms, {seconds:g} s per run, sugard: {harness.SUGARD}"
     )
     print()
     print(table(results))

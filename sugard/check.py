@@ -1,5 +1,6 @@
 """`sugard check`: every problem of a config in one pass; `--online`, what the running daemon
 makes of it; `--login`, one test login per instance, only where no daemon holds its session.
+And `sugard show-config`, the config as sugard uses it.
 
 A password login on a user's platform ends the session the daemon holds there (Sugar keeps one
 session per user and platform), and one with a wrong password may count towards a lockout. So
@@ -10,6 +11,10 @@ rejected (`sugarctl refresh` re-reads the password and sends it once only if it 
 from __future__ import annotations
 
 import asyncio
+import json
+import shlex
+import ssl
+import stat
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -19,16 +24,20 @@ from typing import Any
 from .client import DaemonUnreachable, SugardClient, SugardError
 from .config import (
     Config,
+    ConfigError,
     InstanceConfig,
     Problem,
     SecretRef,
-    audit_config,
+    effective_config,
+    load_config,
     read_config,
     session_identity,
 )
 from .sandbox import Sandbox, sandbox_warnings
+from .secrets import is_empty_inline
+from .tls import UnusableCaFile, tls_context
 
-__all__ = ["run_check"]
+__all__ = ["audit_config", "check_command", "load_reported", "run_check", "show_config"]
 
 SETTLING = ("starting", "logging_in")
 
@@ -72,6 +81,76 @@ def run_check(
     if online or login:
         code = _online(config, socket_for(config), wait, login) or code
     return code
+
+
+def check_command(
+    path: Path,
+    socket_for: Callable[[Config], Path],
+    unit: str | None,
+    online: bool,
+    login: bool,
+    wait: float,
+) -> int:
+    """`sugard check` with its options as given: `unit` is --unit (a file, `none`, or None
+    for the installed unit)."""
+    from .sandbox import installed_unit, parse_unit
+
+    if unit == "none":
+        sandbox = None
+    elif unit:
+        try:
+            sandbox = parse_unit([Path(unit).read_text("utf-8", "replace")], unit)
+        except OSError as exc:
+            print(f"sugard check: --unit {unit}: {exc.strerror}", file=sys.stderr)
+            return 2
+    else:
+        sandbox = installed_unit()
+    return run_check(path, socket_for, unit=sandbox, online=online, login=login, wait=wait)
+
+
+def load_reported(path: Path, explicit: bool, *, resolve: bool = True) -> Config | None:
+    """The config at `path` for a command that uses it (run, show-config), or None after
+    printing every problem. `explicit`: the path was given with -c."""
+    if explicit and not path.exists():
+        # The same -c for init, or it would write the default path instead.
+        print(
+            f"{path}: no such file; create one with `sugard init -c {shlex.quote(str(path))}`",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        return load_config(path, resolve=resolve)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return None
+
+
+def show_config(
+    path: Path, explicit: bool, socket_for: Callable[[Config], Path], *, as_json: bool
+) -> int:
+    """`sugard show-config`: the config as sugard uses it, secrets as `***`."""
+    config = load_reported(path, explicit, resolve=False)
+    if config is None:
+        return 1
+    data = effective_config(config)
+    data["daemon"].setdefault("socket", str(socket_for(config)))
+    from .outbound import route_for
+
+    for name, instance in config.instances.items():
+        # The way out as sugard would take it from here (this shell's HTTPS_PROXY, ...).
+        data["instances"][name]["proxy"] = route_for(instance).describe()
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        import tomli_w
+
+        print(
+            f"# {config.path} as sugard uses it: [defaults] merged into each instance;\n"
+            "# secrets shown as *** with where they come from. Not a config to copy.\n"
+        )
+        print(tomli_w.dumps(data), end="")
+    return 0
 
 
 def _online(config: Config, socket: Path, wait: float, login: bool) -> int:
@@ -219,3 +298,97 @@ async def _login_and_out(instance: InstanceConfig) -> str | None:
             return exc.message
         await client.logout(grant)
     return None
+
+
+BUILTIN_PLATFORMS = ("base", "mobile", "portal")
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def audit_config(config: Config) -> tuple[list[Problem], list[Problem]]:
+    """What `sugard check` reports beyond what `load_config` refuses: (problems, warnings).
+
+    The daemon starts despite these, so that a stricter check never breaks a running setup;
+    `sugard check` makes them visible so they get fixed. Secrets are looked at, never shown.
+    """
+    problems: list[Problem] = []
+    warnings: list[Problem] = []
+    path = Path(config.path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        mode = 0
+    if mode & 0o022:
+        problems.append(
+            Problem(
+                config.path,
+                "",
+                f"is writable by others (mode {mode:04o}): whoever can edit it can make sugard "
+                f"run a password_command or send the password elsewhere; run: chmod 600 {path}",
+            )
+        )
+    for name, instance in config.instances.items():
+        where = f"instances.{name}"
+        if instance.ca_file:
+            message = _ca_file_problem(instance.ca_file)
+            if message:
+                problems.append(Problem(config.path, f"{where}.ca_file", message))
+        secret = instance.client_secret
+        if instance.client_id == "sugar" and secret.value and not is_empty_inline(secret):
+            suffix = "" if secret.kind == "inline" else f"_{secret.kind}"
+            problems.append(
+                Problem(
+                    config.path,
+                    f"{where}.client_secret{suffix}",
+                    "the built-in client 'sugar' has an empty secret and Sugar refuses any "
+                    "other; remove the client secret, or set client_id to your own OAuth key",
+                )
+            )
+        if instance.platform in BUILTIN_PLATFORMS:
+            warnings.append(
+                Problem(
+                    config.path,
+                    f"{where}.platform",
+                    f"warning: {instance.platform!r} is one of Sugar's own platforms: each login "
+                    f"of sugard logs {instance.username} out of it everywhere else (one session "
+                    "per user and platform); register a platform for sugard, like sugard",
+                )
+            )
+        host = instance.url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+        if instance.url.startswith("http://") and host not in LOOPBACK_HOSTS:
+            warnings.append(
+                Problem(
+                    config.path,
+                    f"{where}.url",
+                    "warning: http:// sends the password unencrypted; use https://",
+                )
+            )
+        if not instance.verify_tls:
+            warnings.append(
+                Problem(
+                    config.path,
+                    f"{where}.verify_tls",
+                    "warning: TLS verification is off, so anyone on the way can pose as the "
+                    "site and read the password; set ca_file for a private CA instead",
+                )
+            )
+    return problems, warnings
+
+
+def _ca_file_problem(ca_file: str) -> str:
+    """What is wrong with `ca_file`, judged by building the context as the daemon does."""
+    try:
+        tls_context(True, ca_file)
+    except UnusableCaFile as exc:
+        cause = exc.__cause__
+        if isinstance(cause, FileNotFoundError):
+            return (
+                f"file {ca_file} does not exist; give the PEM file of the CA that signed the "
+                "site's certificate"
+            )
+        if isinstance(cause, ssl.SSLError):
+            return f"{ca_file} holds no usable PEM certificate; give the CA certificate in PEM form"
+        strerror = cause.strerror if isinstance(cause, OSError) else str(exc)
+        return f"cannot read {ca_file}: {strerror}"
+    return ""

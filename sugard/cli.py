@@ -1,21 +1,19 @@
-"""`sugard`: run the daemon, check and write its config, or try it all with the demo."""
+"""`sugard`: run the daemon, check and write its config, or try it all with the demo.
+
+Only the parser and the calls: each command's work is in its module (`start`, `check`,
+`init`, `demo`), loaded when that command runs."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, load_config
+from .config import Config
 from .paths import default_config_path, default_socket_path
-
-log = logging.getLogger("sugard")
-
 
 SOCKET_ORDER = (
     "--socket, else $SUGARD_SOCKET, else [daemon].socket of the config, else "
@@ -162,17 +160,30 @@ def main(argv: list[str] | None = None) -> int:
             parser.parse_args([args.topic, "--help"] if args.topic else ["--help"])
         except SystemExit as exc:  # argparse's way to end after printing the help
             return exc.code if isinstance(exc.code, int) else 0
+    path = Path(args.config).expanduser() if getattr(args, "config", None) else None
+    config_path = path or default_config_path()
     try:
         if args.command == "run":
-            return _run(args)
+            from .start import run_daemon
+
+            socket_for = partial(socket_path_for, explicit=args.socket)
+            return run_daemon(config_path, path is not None, socket_for, args.log_level)
         if args.command == "check":
-            return _check(args)
+            from .check import check_command
+
+            socket_for = partial(socket_path_for, explicit=args.socket)
+            return check_command(
+                config_path, socket_for, args.unit, args.online, args.login, args.wait
+            )
         if args.command == "show-config":
-            return _show_config(args)
+            from .check import show_config
+
+            socket_for = partial(socket_path_for, explicit=None)
+            return show_config(config_path, path is not None, socket_for, as_json=args.json)
         if args.command == "init":
             from .init import run_init
 
-            return run_init(args, _config_path(args))
+            return run_init(args, config_path)
         if args.command == "demo":
             from .demo import run_demo
 
@@ -180,83 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 2
-
-
-def _config_path(args: argparse.Namespace) -> Path:
-    return Path(args.config).expanduser() if args.config else default_config_path()
-
-
-def _load(args: argparse.Namespace, *, resolve: bool = True) -> Config | None:
-    path = _config_path(args)
-    if args.config and not path.exists():
-        # The same -c for init, or it would write the default path instead.
-        print(
-            f"{path}: no such file; create one with `sugard init -c {_quoted(path)}`",
-            file=sys.stderr,
-        )
-        return None
-    try:
-        return load_config(path, resolve=resolve)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return None
-
-
-def _quoted(path: Path) -> str:
-    import shlex
-
-    return shlex.quote(str(path))
-
-
-def _check(args: argparse.Namespace) -> int:
-    from .check import run_check
-    from .sandbox import installed_unit, parse_unit
-
-    if args.unit == "none":
-        unit = None
-    elif args.unit:
-        try:
-            unit = parse_unit([Path(args.unit).read_text("utf-8", "replace")], args.unit)
-        except OSError as exc:
-            print(f"sugard check: --unit {args.unit}: {exc.strerror}", file=sys.stderr)
-            return 2
-    else:
-        unit = installed_unit()
-    return run_check(
-        _config_path(args),
-        lambda config: socket_path_for(config, args.socket),
-        unit=unit,
-        online=args.online,
-        login=args.login,
-        wait=args.wait,
-    )
-
-
-def _show_config(args: argparse.Namespace) -> int:
-    from .config import effective_config
-
-    config = _load(args, resolve=False)
-    if config is None:
-        return 1
-    data = effective_config(config)
-    data["daemon"].setdefault("socket", str(socket_path_for(config, None)))
-    from .outbound import route_for
-
-    for name, instance in config.instances.items():
-        # The way out as sugard would take it from here (this shell's HTTPS_PROXY, ...).
-        data["instances"][name]["proxy"] = route_for(instance).describe()
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        import tomli_w
-
-        print(
-            f"# {config.path} as sugard uses it: [defaults] merged into each instance;\n"
-            "# secrets shown as *** with where they come from. Not a config to copy.\n"
-        )
-        print(tomli_w.dumps(data), end="")
-    return 0
 
 
 def socket_path_for(config: Config, explicit: str | None) -> Path:
@@ -268,51 +202,6 @@ def socket_path_for(config: Config, explicit: str | None) -> Path:
     if config.daemon.socket:
         return Path(config.daemon.socket).expanduser()
     return default_socket_path()
-
-
-def _run(args: argparse.Namespace) -> int:
-    from .daemon import Daemon, SocketError, adopt_socket
-    from .systemd import Notifier, passed_fds, setup_logging
-
-    # Read (and remove) systemd's variables first, so no child process ever sees them.
-    notifier = Notifier.from_environ()
-    try:
-        fds = passed_fds()
-        passed = fds.sockets
-    except ValueError as exc:
-        print(f"sugard: socket activation: {exc}", file=sys.stderr)
-        return 1
-    config = _load(args)
-    if config is None:
-        notifier.status("cannot start: the config has errors (see the log, or run sugard check)")
-        return 1
-    setup_logging(args.log_level or config.daemon.log_level)
-    socket_path = socket_path_for(config, args.socket)
-    listen = None
-    try:
-        if passed:
-            listen = adopt_socket(passed)
-            inherited = listen.getsockname()
-            if isinstance(inherited, str) and inherited:
-                if Path(inherited) != socket_path:
-                    log.info(
-                        "listening on %s, passed in by systemd, not on %s", inherited, socket_path
-                    )
-                socket_path = Path(inherited)
-        daemon = Daemon(
-            config,
-            socket_path,
-            listen_socket=listen,
-            notifier=notifier,
-            apply_log_level=args.log_level is None,
-            stored=fds.stored,
-        )
-        asyncio.run(daemon.serve())
-    except SocketError as exc:
-        print(f"sugard: {exc}", file=sys.stderr)
-        notifier.status(f"cannot start: {exc}")
-        return 1
-    return 0
 
 
 if __name__ == "__main__":

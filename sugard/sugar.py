@@ -40,6 +40,8 @@ import aiohttp
 from .config import InstanceConfig
 from .outbound import Route, route_for
 from .secret import Secret
+from .text import one_line
+from .tls import UnusableCaFile, tls_context
 
 __all__ = [
     "ClientRejected",
@@ -168,22 +170,14 @@ def new_http_session() -> aiohttp.ClientSession:
 
 def _ssl_for(instance: InstanceConfig) -> ssl.SSLContext | bool:
     """Verified TLS (the system's CAs, or `ca_file`'s); raises RejectedError for a bad ca_file."""
-    if not instance.verify_tls:
-        return False
-    if instance.ca_file:
-        try:
-            return ssl.create_default_context(cafile=instance.ca_file)
-        except FileNotFoundError:
-            why = "does not exist"
-        except ssl.SSLError:
-            why = "holds no usable PEM certificate"
-        except OSError as exc:
-            why = f"cannot be read ({exc.strerror})"
+    try:
+        return tls_context(instance.verify_tls, instance.ca_file)
+    except UnusableCaFile as exc:
+        why = str(exc)
         raise RejectedError(
             f"ca_file {instance.ca_file} {why}; give the PEM file of the CA that signed "
             f"{instance.url}'s certificate, then run `sugarctl reload`"
-        )
-    return True
+        ) from None
 
 
 class SugarClient:
@@ -375,7 +369,7 @@ def _interpret(
     text = data.get("error_message") if data is not None else None
     label = label if isinstance(label, str) else None
     # Redacted before it is cut to one short line: a cut through a secret would leave its head.
-    sugar_says = _one_line(_redact(text, sent_secrets)) if isinstance(text, str) else ""
+    sugar_says = one_line(_redact(text, sent_secrets), 200) if isinstance(text, str) else ""
     where = f"{label} ({status})" if label else f"HTTP {status}"
 
     if status in TRANSIENT_STATUSES or status >= 500:
@@ -556,11 +550,6 @@ def _parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
-
-
-def _one_line(text: str) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:

@@ -36,6 +36,8 @@ import time
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 
+from .text import one_line
+
 __all__ = [
     "STORE_PREFIX",
     "JournalFormatter",
@@ -123,7 +125,7 @@ class Notifier:
         return True
 
     def ready(self, status: str) -> bool:
-        return self.notify("READY=1", f"STATUS={_one_line(status)}")
+        return self.notify("READY=1", f"STATUS={one_line(status)}")
 
     def reloading(self) -> bool:
         # MONOTONIC_USEC lets systemd tell this reload from an earlier one (systemd >= 253).
@@ -134,7 +136,7 @@ class Notifier:
         return self.notify("STOPPING=1", "STATUS=stopping")
 
     def status(self, status: str) -> bool:
-        return self.notify(f"STATUS={_one_line(status)}")
+        return self.notify(f"STATUS={one_line(status)}")
 
     def store_fd(self, name: str, fd: int) -> bool:
         """Hand `fd` to the service manager's fd store as STORE_PREFIX + `name`; it comes
@@ -183,10 +185,6 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _fdname(name: str) -> str:

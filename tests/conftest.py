@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -10,9 +11,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import tomli_w
@@ -24,6 +25,80 @@ BIN = Path(sys.executable).parent
 SUGARD = str(BIN / "sugard")
 SUGARCTL = str(BIN / "sugarctl")
 USER, PASSWORD = "alice", "alice-secret-pw"
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], what: str = "", timeout: float = 30.0) -> T:
+    """Poll `predicate` until it is true, and return its value. The deadline is generous (the
+    machine may be busy with other suites): a test waits for a signal, never a fixed time."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what or predicate}")
+        time.sleep(0.02)
+    return value
+
+
+def curl(socket: Path, path: str, *args: str, timeout: float = 60.0) -> tuple[int, str]:
+    """`curl --unix-socket SOCKET [ARGS] http://sugard PATH`, as a script would run it: the
+    HTTP status and the body."""
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "--unix-socket",
+            str(socket),
+            *args,
+            f"http://sugard{path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    ).stdout
+    body, _, status = out.rpartition("\n")
+    return int(status), body
+
+
+def curl_json(socket: Path, path: str, *args: str, timeout: float = 60.0) -> tuple[int, Any]:
+    """`curl` over the socket, the body read as JSON."""
+    status, body = curl(socket, path, *args, timeout=timeout)
+    return status, json.loads(body)
+
+
+def accepted_connections(socket: Path) -> dict[str, int]:
+    """The connections the daemon on `socket` has accepted (`ss`): inode -> bytes sent on it
+    that the daemon has not read yet."""
+    out = subprocess.run(
+        ["ss", "-xnH", "state", "established"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    found = {}
+    for line in out.splitlines():
+        fields = line.split()
+        # Netid Recv-Q Send-Q Local-Address Inode Peer-Address Peer-Inode
+        if len(fields) >= 5 and fields[3] == str(socket):
+            found[fields[4]] = int(fields[1])
+    return found
+
+
+def wait_until_read(socket: Path, before: Mapping[str, int], what: str = "the request") -> None:
+    """Until the daemon on `socket` has accepted a connection not in `before` (a snapshot of
+    `accepted_connections`) and read all that was sent on it: the request is in the daemon's
+    hands, not on its way (its client may still be starting, on a busy machine)."""
+    wait_for(
+        lambda: any(
+            unread == 0
+            for inode, unread in accepted_connections(socket).items()
+            if inode not in before
+        ),
+        what=f"{what} to reach the daemon",
+    )
 
 
 @pytest.fixture
@@ -94,7 +169,7 @@ class DaemonProcess:
             env={**os.environ, **(env or {})},
         )
 
-    def wait_ready(self, timeout: float = 15.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -13,14 +13,13 @@ import asyncio
 import concurrent.futures
 import hashlib
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 from aiohttp import web
+from conftest import wait_for as wait_for  # the suite's one, for the proxy tests
 
 BLOCK = bytes(range(256)) * 4096  # 1 MiB of a pattern the client can check
 
@@ -250,16 +249,6 @@ def running_front(fake_url: str) -> Iterator[SugarFront]:
         assert front._loop is not None
         front._loop.call_soon_threadsafe(stop.set)
         thread.join(timeout=10)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0) -> Any:
-    """Poll `predicate` until it is true (generous deadline: the machine may be busy)."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(0.02)
-    return value
 
 
 def vm_kib(pid: int, key: str) -> int:

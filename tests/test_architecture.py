@@ -12,19 +12,35 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
 
 # sugard's modules each may import, beyond the standard library, after the design's table.
 # Small shared helpers every layer may use: the version, the secret type, default paths, and
-# the observer interface (stdlib only) through which keeper, api and proxy report to metrics.
-SHARED = {"sugard", "secret", "paths", "observe"}
+# the observer interface (stdlib only) through which keeper, api and proxy report to metrics,
+# and `text.one_line` for text from elsewhere in a log or status line.
+SHARED = {"sugard", "secret", "paths", "observe", "text"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
-    "config": (SHARED, set()),
-    "sugar": (SHARED | {"config", "outbound"}, {"aiohttp"}),
+    "config": (SHARED | {"values", "secrets", "instance_config", "fleet_config"}, set()),
+    # The config's parts: the value checkers, the secret sources (and the one file-mode
+    # check), the instance tables and the [fleet] table; each below config, stdlib only.
+    "values": (SHARED | {"secrets"}, set()),
+    "secrets": (SHARED, set()),
+    "instance_config": (SHARED | {"values", "secrets"}, set()),
+    "fleet_config": (SHARED | {"values", "secrets"}, set()),
+    # The TLS context for a site, built once for the Sugar client and for check's ca_file test.
+    "tls": (set(), set()),
+    "text": (set(), set()),
+    # `sugard run`: systemd's handover, the config (reported as check reports it), the daemon.
+    "start": (SHARED | {"config", "check", "daemon", "systemd"}, set()),
+    "sugar": (SHARED | {"config", "outbound", "tls"}, {"aiohttp"}),
     # The way out to each site (an HTTP proxy or not): aiohttp's environment helper and its
     # URL type. Not in the design's table: split from `sugar` so the choice is made (and shown
     # by show-config and the start log) once per instance; `proxy` is the authenticating proxy.
     "outbound": (SHARED | {"config"}, {"aiohttp", "yarl"}),
     "sandbox": (SHARED | {"config"}, set()),
     # check: its test login goes through the one Sugar boundary; the daemon, through client.
-    "check": (SHARED | {"config", "client", "fleet", "sandbox", "sugar"}, set()),
+    # show-config shows each instance's way out (outbound), in TOML (tomli_w).
+    "check": (
+        SHARED | {"config", "client", "fleet", "sandbox", "sugar", "secrets", "tls", "outbound"},
+        {"tomli_w"},
+    ),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
     "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
     # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
@@ -33,8 +49,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
     "peer": (set(), set()),
-    "systemd": (set(), set()),
-    "logs": ({"systemd"}, set()),
+    "systemd": ({"text"}, set()),
     "client": (set(), set()),
     "ctl": ({"sugard", "client", "ctl_help", "ctl_status", "ctl_completion"}, set()),
     # sugarctl's parts loaded only when asked for (help, the status table, completion), so

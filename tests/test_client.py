@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import PASSWORD, USER, instance, write_config
+from conftest import PASSWORD, USER, instance, wait_for, write_config
 
 from sugard import paths
 from sugard.auth import SugarAuth
@@ -191,9 +191,10 @@ def test_a_long_wait_in_one_thread_does_not_hold_up_another(fake: FakeSugar, dae
     fake.delay = 2.0
     with SugardClient(daemon.socket) as client:
         client.health()  # the kept connection exists, and the slow call below takes it
+        calls = fake.calls["token"]
         slow = threading.Thread(target=client.refresh, args=("prod",))
         slow.start()
-        time.sleep(0.2)
+        wait_for(lambda: fake.calls["token"] > calls, what="the refresh to reach Sugar")
         started = time.monotonic()
         assert "refreshing" == client.status("prod")["state"]
         assert time.monotonic() - started < 1.0

@@ -29,6 +29,7 @@ from conftest import (
     fake_profile,
     instance,
     sugarctl,
+    wait_for,
     write_config,
 )
 
@@ -61,14 +62,6 @@ def status(daemon: DaemonProcess) -> dict[str, Any]:
 def token_calls(fake: FakeSugar) -> dict[str, int]:
     """What reached Sugar's token endpoint (the version read and the probes are pinned apart)."""
     return {k: v for k, v in fake.calls.items() if k in ("token", "password", "refresh_token")}
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.02)
 
 
 async def get_json(
@@ -288,7 +281,12 @@ def test_maintenance_during_login_is_retried_not_reported_as_bad_password(
     fake = sugar(maintenance=True)
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     wait_for(lambda: fake.calls["password"] >= 3, what="three login attempts")
-    assert "backing_off" == status(daemon)["state"]
+    # Between attempts the state is backing_off; the next attempt may be under way already.
+    settled = wait_for(
+        lambda: (state := status(daemon)["state"]) != "logging_in" and state,
+        what="the attempt to end",
+    )
+    assert "backing_off" == settled
     waited = sugarctl(daemon.socket, "token", NAME, "--wait", "0.2")
     assert 5 == waited.returncode
     assert "maintenance" in waited.stderr
@@ -325,6 +323,9 @@ def test_unregistered_platform_fails_with_how_to_register_it(
     """A platform removed from Sugar's registry is a configuration error, said so, not retried."""
     fake = sugar()
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
+    # The first login is done (the daemon answers before it is): the forced refresh below
+    # is the first thing to meet the missing platform.
+    wait_for(lambda: status(daemon)["state"] == "ready", what="the first login")
     fake.remove_platform("sugard")
     fake.reset_counters()
 

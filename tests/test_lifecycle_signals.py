@@ -12,18 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SUGARD, DaemonProcess, InFlight, instance, sugarctl, write_config
+from conftest import (
+    SUGARD,
+    DaemonProcess,
+    InFlight,
+    accepted_connections,
+    instance,
+    sugarctl,
+    wait_for,
+    wait_until_read,
+    write_config,
+)
 
 from sugard.client import DaemonUnreachable, SugardClient
 from sugard.testing import FakeSugar
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
 
 
 def slow_login_daemon(
@@ -38,9 +40,10 @@ def slow_login_daemon(
     fake.delay = delay
     config = write_config(short_dir, {"prod": instance(fake)}, daemon={"shutdown_grace": grace})
     daemon = start_daemon(config)
+    before = accepted_connections(daemon.socket)
     waiting = InFlight(daemon.socket, "token", "prod", "--wait", "30")
     wait_for(lambda: fake.calls["token"] >= 1)  # the login is in flight upstream
-    time.sleep(0.3)  # and the request has reached the daemon
+    wait_until_read(daemon.socket, before)  # and the request has reached the daemon
     return daemon, waiting
 
 
@@ -53,7 +56,8 @@ def test_stop_signal_lets_a_slow_request_finish(
 ) -> None:
     """SIGTERM/SIGINT during a slow request: new connections are refused at once, the request
     still gets its token, then sugard exits 0 and removes its socket and lock file."""
-    daemon, waiting = slow_login_daemon(fake, short_dir, start_daemon, delay=1.5, grace=10)
+    # The login outlasts the test's own steps up to the signal, however busy the machine.
+    daemon, waiting = slow_login_daemon(fake, short_dir, start_daemon, delay=4, grace=10)
     signalled = time.monotonic()
     daemon.signal(sig)
     wait_for(lambda: "stopping; send it again" in daemon.log())
@@ -205,7 +209,8 @@ def test_sighup_during_the_stop_is_ignored(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
     """SIGHUP while stopping does not start keepers again: the stop completes with 0."""
-    daemon, waiting = slow_login_daemon(fake, short_dir, start_daemon, delay=1.5, grace=10)
+    # The login outlasts the test's own steps up to the signal, however busy the machine.
+    daemon, waiting = slow_login_daemon(fake, short_dir, start_daemon, delay=4, grace=10)
     daemon.signal(signal.SIGTERM)
     wait_for(lambda: "stopping; send it again" in daemon.log())
     daemon.signal(signal.SIGHUP)

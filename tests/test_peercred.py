@@ -11,7 +11,6 @@ import re
 import socket
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 from conftest import instance, sugarctl, write_config
@@ -233,13 +232,19 @@ def test_only_the_owner_may_reload(fake: FakeSugar, short_dir: Path, start_daemo
 
 
 HOLD = """
-import socket, sys, time
+import select, socket, sys, time
 socks = []
 for _ in range(int(sys.argv[2])):
     s = socket.socket(socket.AF_UNIX)
     s.connect(sys.argv[1])
     socks.append(s)
-time.sleep(1.0)
+print("connected", flush=True)
+# Until the daemon has answered all it may not hold (or a generous deadline has passed): the
+# count below is then what the daemon decided, not how far it got.
+answers = int(sys.argv[2]) - int(sys.argv[3])
+deadline = time.monotonic() + 30
+while len(select.select(socks, [], [], 0.05)[0]) < answers and time.monotonic() < deadline:
+    pass
 open_ = 0
 for s in socks:
     s.setblocking(False)
@@ -259,11 +264,12 @@ def test_a_refused_uid_cannot_hold_many_connections(
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
     loosen(daemon.socket)
     holder = subprocess.Popen(
-        as_nobody("/usr/bin/python3", "-c", HOLD, str(daemon.socket), "40"),
+        as_nobody("/usr/bin/python3", "-c", HOLD, str(daemon.socket), "40", str(REFUSED_PER_UID)),
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    assert holder.stdout is not None
+    assert "connected\n" == holder.stdout.readline()  # its 40 connections are in place
     assert 0 == sugarctl(daemon.socket, "token", "prod").returncode
     out, _ = holder.communicate(timeout=30)
     assert REFUSED_PER_UID == int(out)

@@ -20,7 +20,7 @@ import aiohttp
 import httpx
 import pytest
 import requests
-from conftest import USER, DaemonProcess, instance, sugarctl, write_config
+from conftest import USER, DaemonProcess, curl_json, instance, sugarctl, write_config
 from proxy_upstream import SugarFront, pattern, pattern_sha256, running_front, vm_kib, wait_for
 from test_tls import certs, tls_fake  # noqa: F401 (fixtures)
 
@@ -68,24 +68,7 @@ def current_token(daemon: DaemonProcess) -> str:
 
 
 def curl_socket(daemon: DaemonProcess, path: str, *args: str) -> tuple[int, Any]:
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-            str(daemon.socket),
-            *args,
-            f"http://sugard/v1/instances/prod{path}",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-    body, _, status = out.rpartition("\n")
-    return int(status), json.loads(body)
+    return curl_json(daemon.socket, f"/v1/instances/prod{path}", *args)
 
 
 def test_curl_over_the_socket_reaches_sugar_with_sugards_token(

@@ -5,16 +5,23 @@ instance is its secret keeps the live session: the new secret waits for the next
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from conftest import (
+    PASSWORD,
+    USER,
+    DaemonProcess,
+    curl_json,
+    instance,
+    sugarctl,
+    wait_for,
+    write_config,
+)
 
 from sugard.client import SugardClient
 from sugard.testing import FakeSugar, running_fake
@@ -27,14 +34,6 @@ def locking_fake() -> Iterator[FakeSugar]:
     """A fake Sugar that locks alice after three failed password logins."""
     with running_fake(users={USER: PASSWORD}, lockout_after=3) as server:
         yield server
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
 
 
 def status(daemon: DaemonProcess) -> dict[str, Any]:
@@ -50,29 +49,16 @@ def set_password(directory: Path, password: str) -> None:
 
 def refresh_by_curl(daemon: DaemonProcess, body: str) -> tuple[int, dict[str, Any]]:
     """`POST /v1/instances/prod/refresh` with `body`, through curl on the daemon's socket."""
-    out = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-X",
-            "POST",
-            "-H",
-            "Content-Type: application/json",
-            "--data",
-            body,
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-            str(daemon.socket),
-            f"http://sugard/v1/instances/{NAME}/refresh",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    text, code = out.rsplit("\n", 1)
-    return int(code), json.loads(text)
+    return curl_json(
+        daemon.socket,
+        f"/v1/instances/{NAME}/refresh",
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: application/json",
+        "--data",
+        body,
+    )
 
 
 def failed_with_wrong_password(

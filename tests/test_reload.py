@@ -3,7 +3,6 @@ applied as a diff that makes upstream calls only for instances whose session cha
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -18,8 +17,12 @@ from conftest import (
     SUGARD,
     DaemonProcess,
     InFlight,
+    accepted_connections,
+    curl_json,
     instance,
     sugarctl,
+    wait_for,
+    wait_until_read,
     write_config,
 )
 
@@ -28,14 +31,6 @@ from sugard.testing import FakeSugar, running_fake
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
 
 
 def tokens(daemon: DaemonProcess, *names: str) -> dict[str, str]:
@@ -83,25 +78,8 @@ def test_bad_config_keeps_serving_the_old_tokens(
     write_config(
         short_dir, {"prod": instance(fake, colour="red"), "new": instance(fake, platform="mobile")}
     )
-    curl = subprocess.run(
-        [
-            "curl",
-            "-sS",
-            "-X",
-            "POST",
-            "-w",
-            "\n%{http_code}",
-            "--unix-socket",
-            str(daemon.socket),
-            "http://sugard/v1/reload",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    body, code = curl.rsplit("\n", 1)
-    answer = json.loads(body)
+    status_code, answer = curl_json(daemon.socket, "/v1/reload", "-X", "POST")
+    code = str(status_code)
     assert "422" == code
     assert "invalid_config" == answer["error"]
     assert [f"{short_dir / 'config.toml'}: instances.prod.colour: unknown key"] == [
@@ -158,9 +136,10 @@ def test_reload_answers_the_diff_and_fails_waiters_of_removed_instances(
     fake.delay = 5  # prod's first login stays in flight
     config = write_config(short_dir, {"prod": instance(fake)})
     daemon = start_daemon(config)
+    before = accepted_connections(daemon.socket)
     waiting = InFlight(daemon.socket, "token", "prod", "--wait", "30")
     wait_for(lambda: fake.calls["token"] >= 1)
-    time.sleep(0.3)  # the request has reached the daemon and waits on the login
+    wait_until_read(daemon.socket, before)  # the request waits on the login
 
     fake.delay = 0
     write_config(short_dir, {"admin": instance(fake, username="admin", password="admin-pw")})
@@ -195,7 +174,10 @@ def test_refresh_in_flight_for_a_replaced_instance_cannot_overwrite_the_new_sess
         assert ["prod"] == client.reload()["changed"]
     new = tokens(daemon, "prod")["prod"]
     refreshing.join()
-    time.sleep(1.7)  # past the moment the old refresh's answer was due
+    wait_for(
+        lambda: any(r.grant_type == "refresh_token" for r in fake.requests),
+        what="Sugar's answer to the abandoned refresh",
+    )
 
     assert new == tokens(daemon, "prod")["prod"]
     assert fake.valid(new)
@@ -281,9 +263,10 @@ def test_a_request_waiting_on_a_replaced_session_gets_the_new_one(
     fake.maintenance = True  # prod's login fails and backs off: the request waits
     config = write_config(short_dir, {"prod": instance(fake)})
     daemon = start_daemon(config)
+    before = accepted_connections(daemon.socket)
     waiting = InFlight(daemon.socket, "token", "prod", "--wait", "10")
     wait_for(lambda: fake.calls["token"] >= 2)
-    time.sleep(0.3)  # the request has reached the daemon and waits on the login
+    wait_until_read(daemon.socket, before)  # the request waits on the login
 
     write_config(short_dir, {"prod": instance(fake, username="admin", password="admin-pw")})
     daemon.signal(signal.SIGHUP)
@@ -312,6 +295,7 @@ def test_a_waiting_request_gets_no_new_session_the_reload_took_away_from_its_uid
     )
     short_dir.chmod(0o755)  # let nobody reach the socket; the daemon's own check decides
     daemon.socket.chmod(0o666)
+    before = accepted_connections(daemon.socket)
     argv = [*AS_NOBODY, foreign_sugarctl, "--socket", str(daemon.socket), "token", "prod"]
     argv += ["--wait", "10"]
     result: list[subprocess.CompletedProcess[str]] = []
@@ -322,7 +306,7 @@ def test_a_waiting_request_gets_no_new_session_the_reload_took_away_from_its_uid
     )
     waiting.start()
     wait_for(lambda: fake.calls["token"] >= 2)
-    time.sleep(0.3)  # the request has reached the daemon and waits on the login
+    wait_until_read(daemon.socket, before)  # the request waits on the login
 
     write_config(
         short_dir,

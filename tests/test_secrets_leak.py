@@ -13,15 +13,15 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import tomli_w
-from conftest import SUGARD, sugarctl
+from conftest import SUGARD, curl, sugarctl, wait_for
 
-from sugard import config as config_module
+from sugard import secrets as secrets_module
 from sugard.config import ConfigError, load_config
 from sugard.secret import Secret, fingerprint
 from sugard.testing import FakeSugar, running_fake
@@ -101,14 +101,6 @@ def write_sources_config(d: Path, fake: FakeSugar) -> tuple[Path, dict[str, str]
     return config, env
 
 
-def wait_for(check: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 class Transcript:
     """Everything a user could see from the daemon, except the token bodies meant for them."""
 
@@ -124,24 +116,8 @@ class Transcript:
         return result
 
     def api(self, method: str, path: str) -> tuple[int, dict[str, Any]]:
-        out = subprocess.run(
-            [
-                "curl",
-                "-sS",
-                "-X",
-                method,
-                "-w",
-                "\n%{http_code}",
-                "--unix-socket",
-                str(self.socket),
-                f"http://sugard{path}",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        body, _, status = out.rpartition("\n")
+        code, body = curl(self.socket, path, "-X", method, timeout=30)
+        status = str(code)
         if int(status) >= 400 or not path.endswith("/token"):
             self.texts.append((f"{method} {path} -> {status}", body))
         return int(status), json.loads(body)
@@ -383,7 +359,7 @@ def test_a_secret_command_is_bounded_by_its_timeout(
     short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A password_command that hangs is stopped at the timeout and reported as such."""
-    monkeypatch.setattr(config_module, "SECRET_COMMAND_TIMEOUT", 0.5)
+    monkeypatch.setattr(secrets_module, "SECRET_COMMAND_TIMEOUT", 0.5)
     config = short_dir / "config.toml"
     config.write_text(
         tomli_w.dumps(

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from conftest import SUGARD, DaemonProcess, instance, sugarctl, wait_for, write_config
 
 from sugard.client import SugardClient
 from sugard.systemd import JournalFormatter
@@ -161,14 +161,6 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
 
 
-def _wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.02)
-
-
 def test_socket_activation_first_connection_starts_the_daemon(
     fake: FakeSugar, short_dir: Path
 ) -> None:
@@ -195,7 +187,7 @@ def test_socket_activation_first_connection_starts_the_daemon(
             stderr=subprocess.STDOUT,
         )
     try:
-        _wait_for(path.exists)
+        wait_for(path.exists)
         assert "systemd-socket-activate" in _cmdline(proc.pid)[0]  # sugard not started yet
         assert 0 == fake.calls["password"]
 
@@ -237,7 +229,7 @@ def test_socket_activation_refuses_an_inet_socket(fake: FakeSugar, short_dir: Pa
                 return False
             return True
 
-        _wait_for(connect)
+        wait_for(connect)
         output, _ = proc.communicate(timeout=30)
         assert 1 == proc.returncode
         assert "which is not a Unix stream socket" in output
