@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import socket
 import struct
@@ -42,12 +43,19 @@ from aiohttp.http_exceptions import (
 )
 
 from . import __version__
-from .config import INSTANCE_NAME
 from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
 from .observe import Observer, TokenOutcome
 from .openapi import spec
 from .peer import account_groups, tcp_peer_owner
 from .proxy import PROXY_ROUTE, add_routes
+from .wire import (
+    DEFAULT_WAIT,
+    INSTANCE_NAME_PATTERN,
+    INSTANCE_NAME_RULE,
+    MAX_MIN_TTL,
+    MAX_WAIT,
+    TOKEN_LIFETIME_HEADER,
+)
 
 __all__ = [
     "KEY_METRICS",
@@ -66,10 +74,9 @@ __all__ = [
 
 log = logging.getLogger("sugard.api")
 
-DEFAULT_WAIT = 10.0
-MAX_WAIT = 300.0
-MAX_MIN_TTL = 86400.0
-TOKEN_LIFETIME_HEADER = "Sugard-Token-Lifetime"  # noqa: S105 - a header name
+# Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
+INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
+
 MAX_BODY = 64 * 1024
 MAX_LINE = 8190  # the request line, and each header line
 MAX_HEADERS = 64
@@ -522,12 +529,7 @@ class _BadRequest(Exception):
 def _keeper(request: web.Request) -> Keeper | web.Response:
     name = request.match_info["name"]
     if not INSTANCE_NAME.fullmatch(name):
-        return error(
-            400,
-            "bad_request",
-            f"bad instance name {_shown(name)}: use up to 64 of A-Z, a-z, 0-9, '_', '.' "
-            "and '-', starting with a letter or digit",
-        )
+        return error(400, "bad_request", f"bad instance name {_shown(name)}: {INSTANCE_NAME_RULE}")
     keepers = request.app[KEY_REGISTRY].keepers
     keeper = keepers.get(name)
     if keeper is None:

@@ -6,13 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from . import __version__
 from .config import Config, ConfigError, load_config
-from .paths import default_config_path, default_socket_path
+from .paths import default_config_path, socket_path
 
 log = logging.getLogger("sugard")
 
@@ -261,13 +260,7 @@ def _show_config(args: argparse.Namespace) -> int:
 
 def socket_path_for(config: Config, explicit: str | None) -> Path:
     """`--socket` > `$SUGARD_SOCKET` > `[daemon].socket` > the runtime default."""
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get("SUGARD_SOCKET"):
-        return Path(os.environ["SUGARD_SOCKET"]).expanduser()
-    if config.daemon.socket:
-        return Path(config.daemon.socket).expanduser()
-    return default_socket_path()
+    return socket_path(explicit, config.daemon.socket)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -25,6 +25,7 @@ from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 from .secret import Secret
+from .wire import INSTANCE_NAME_PATTERN
 
 __all__ = [
     "DAEMON_DEFAULTS",
@@ -54,7 +55,7 @@ __all__ = [
 ]
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
-INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 PLATFORM_NAME = re.compile(r"[a-z0-9_-]{1,127}")
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")

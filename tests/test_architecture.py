@@ -11,9 +11,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
 
 # sugard's modules each may import, beyond the standard library, after the design's table.
-# Small shared helpers every layer may use: the version, the secret type, default paths, and
-# the observer interface (stdlib only) through which keeper, api and proxy report to metrics.
-SHARED = {"sugard", "secret", "paths", "observe"}
+# Small shared helpers every layer may use: the version, the secret type, default paths, the
+# wire contract (stdlib only, cheap), and the observer interface (stdlib only) through which
+# keeper, api and proxy report to metrics.
+SHARED = {"sugard", "secret", "paths", "wire", "observe"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
     "config": (SHARED, set()),
@@ -35,12 +36,15 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "peer": (set(), set()),
     "systemd": (set(), set()),
     "logs": ({"systemd"}, set()),
-    "client": (set(), set()),
-    "ctl": ({"sugard", "client", "ctl_help", "ctl_status", "ctl_completion"}, set()),
+    # The socket API's contract both ends share: stdlib only, cheap enough for sugarctl.
+    "wire": (set(), set()),
+    "paths": ({"wire"}, set()),
+    "client": ({"wire"}, set()),
+    "ctl": ({"sugard", "client", "wire", "ctl_help", "ctl_status", "ctl_completion"}, set()),
     # sugarctl's parts loaded only when asked for (help, the status table, completion), so
     # that `sugarctl token` does not load them: stdlib and the client side only.
-    "ctl_help": (set(), set()),
-    "ctl_status": ({"client"}, set()),
+    "ctl_help": ({"wire"}, set()),
+    "ctl_status": ({"client", "wire"}, set()),
     "ctl_completion": ({"ctl", "ctl_help"}, set()),
     "auth": ({"client"}, set()),
     "testing": ({"testing"}, {"aiohttp"}),
@@ -105,3 +109,31 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "client.py"
     bad.write_text("import aiohttp\nfrom .daemon import Daemon\nfrom . import __version__\n")
     assert ({"daemon", "sugard"}, {"aiohttp"}) == imports_of(bad)
+
+
+def test_both_ends_take_the_wire_contract_from_one_table() -> None:
+    """The keeper's states, the HTTP status of each error code in the OpenAPI document and the
+    exit code each raises in the client are sugard.wire's: a drift on either end fails here."""
+    from sugard import client, wire
+    from sugard.keeper import State
+    from sugard.openapi import spec
+
+    assert list(wire.STATES) == [state.value for state in State]
+    assert {code: exit_code for code, (_, exit_code) in wire.ERRORS.items()} == {
+        code: cls.exit_code for code, cls in client._ERRORS.items()
+    }
+    seen = set()
+    for item in spec()["paths"].values():
+        for operation in item.values():
+            for status, answer in (
+                operation.get("responses", {}).items() if isinstance(operation, dict) else ()
+            ):
+                schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+                for part in schema.get("allOf", ()):
+                    for code in part.get("properties", {}).get("error", {}).get("enum", ()):
+                        seen.add(code)
+                        # bad_request also answers a body too slow (408) or too large (413)
+                        assert int(status) == wire.http_status(code) or (
+                            code == "bad_request" and status in ("408", "413")
+                        ), (status, code)
+    assert {"bad_request", "busy", "forbidden", "unknown_instance"} <= seen
