@@ -43,7 +43,8 @@ from aiohttp.http_exceptions import (
 )
 
 from . import __version__
-from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from .errors import DaemonError, InstanceStopped, NeedsAttention, ReloadFailed, TokenUnavailable
+from .keeper import Grant, Keeper
 from .observe import Observer, TokenOutcome
 from .openapi import spec
 from .peer import account_groups, tcp_peer_owner
@@ -55,6 +56,7 @@ from .wire import (
     MAX_MIN_TTL,
     MAX_WAIT,
     TOKEN_LIFETIME_HEADER,
+    http_status,
 )
 
 __all__ = [
@@ -90,14 +92,6 @@ BUSY_LOG_INTERVAL = 10.0
 REFUSED_PER_UID = 8  # open connections a refused uid may hold, enough to be told why
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no name for it
 MAX_PEER_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes
-
-
-class ReloadFailed(Exception):
-    """The new config is invalid; `problems` are one-line messages. The old config stays."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 class Registry(Protocol):
@@ -207,6 +201,11 @@ def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
     return web.json_response(
         {"error": code, "message": message, **extra}, status=status, headers=headers
     )
+
+
+def answer(exc: DaemonError) -> web.Response:
+    """The JSON answer for one of the daemon's errors: the one place they become HTTP."""
+    return error(http_status(exc.code), exc.code, exc.answer_message, **exc.details())
 
 
 def _shown(value: str, limit: int = 80) -> str:
@@ -602,15 +601,9 @@ async def _answer_token(
                 return successor
             keeper = successor
             grant = await keeper.token(min_ttl, max(0.0, deadline - loop.time()))
-    except TokenUnavailable as exc:
-        _count(request, keeper, "unavailable")
-        return error(503, "token_unavailable", str(exc), retry_after=exc.retry_after)
-    except NeedsAttention as exc:
-        _count(request, keeper, "rejected")
-        return error(502, "upstream_rejected", str(exc))
-    except InstanceStopped as exc:
-        _count(request, keeper, "gone")
-        return error(404, "unknown_instance", str(exc))
+    except (TokenUnavailable, NeedsAttention, InstanceStopped) as exc:
+        _count(request, keeper, _OUTCOMES[type(exc)])
+        return answer(exc)
     _count(request, keeper, "served")
     now = request.app[KEY_CLOCK]()
     headers = {"Cache-Control": "no-store"}
@@ -619,6 +612,13 @@ async def _answer_token(
         # client can tell its user rather than hand over a shorter token in silence.
         headers[TOKEN_LIFETIME_HEADER] = f"{max(0, int(grant.lifetime))}"
     return web.json_response(_token_body(keeper, grant, now), headers=headers)
+
+
+_OUTCOMES: dict[type[DaemonError], TokenOutcome] = {
+    TokenUnavailable: "unavailable",
+    NeedsAttention: "rejected",
+    InstanceStopped: "gone",
+}
 
 
 def _count(request: web.Request, keeper: Keeper, outcome: TokenOutcome) -> None:
@@ -783,14 +783,7 @@ async def reload(request: web.Request) -> web.Response:
     try:
         diff = await request.app[KEY_REGISTRY].reload()
     except ReloadFailed as exc:
-        return web.json_response(
-            {
-                "error": "invalid_config",
-                "message": "the new config has errors; the old one is still running",
-                "errors": exc.problems,
-            },
-            status=422,
-        )
+        return answer(exc)
     return web.json_response(diff)
 
 

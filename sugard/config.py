@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
+from .errors import DaemonError
 from .secret import Secret
 from .wire import INSTANCE_NAME_PATTERN
 
@@ -81,8 +82,10 @@ class Problem:
         )
 
 
-class ConfigError(Exception):
+class ConfigError(DaemonError):
     """The config cannot be used; `problems` says every reason."""
+
+    code = "invalid_config"
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems

@@ -53,6 +53,7 @@ from .config import (
     resolve_instance_secrets,
     split_host_port,
 )
+from .errors import SocketError
 from .events import EventHooks
 from .keeper import MAX_SLEEP, Keeper
 from .metrics import Metrics
@@ -75,10 +76,6 @@ RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace", "metrics_list
 def _grace(config: Config) -> float:
     """`shutdown_grace` for aiohttp, which reads 0 as "wait forever", not "do not wait"."""
     return max(config.daemon.shutdown_grace, 0.001)
-
-
-class SocketError(Exception):
-    """The socket cannot be set up; the message says what to do."""
 
 
 def check_socket_dir(directory: Path) -> None:

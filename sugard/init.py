@@ -29,6 +29,7 @@ from .config import (
     secret_file_problem,
     session_identity,
 )
+from .errors import DaemonError
 from .paths import default_config_path
 
 __all__ = ["add_init_arguments", "run_init", "write_private"]
@@ -43,12 +44,15 @@ HEADER = (
 )
 
 
-class InitError(Exception):
-    """Bad input or a file in the way; the message says what to do. `code` is the exit code."""
+class InitError(DaemonError):
+    """Bad input or a file in the way; the message says what to do. `exit_code` is the exit
+    code (`code` the wire's, as for every DaemonError)."""
+
+    code = "bad_request"
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = code
 
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
@@ -430,7 +434,7 @@ def run_init(args: argparse.Namespace, path: Path) -> int:
         return _init(args, path)
     except InitError as exc:
         print(f"sugard init: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.exit_code
 
 
 def _init(args: argparse.Namespace, path: Path) -> int:

@@ -32,6 +32,7 @@ from typing import Any
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
+from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
 from .secret import Secret
 from .sugar import (
     ClientRejected,
@@ -81,22 +82,6 @@ class State(enum.StrEnum):
     REFRESHING = "refreshing"
     BACKING_OFF = "backing_off"
     FAILED = "failed"
-
-
-class TokenUnavailable(Exception):
-    """No valid token within the wait; try again after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class NeedsAttention(Exception):
-    """Sugar refused for a reason a person must fix; sugard will not retry by itself."""
-
-
-class InstanceStopped(Exception):
-    """The instance was removed (reload) or the daemon is stopping."""
 
 
 @dataclass(frozen=True)

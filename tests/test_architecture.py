@@ -17,7 +17,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
 SHARED = {"sugard", "secret", "paths", "wire", "observe"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
-    "config": (SHARED, set()),
+    # The daemon's one error tree (stdlib, the wire codes): config's, keeper's, reload's,
+    # socket's and init's errors share its base; the api answers them in one place.
+    "errors": ({"wire"}, set()),
+    "config": (SHARED | {"errors"}, set()),
     "sugar": (SHARED | {"config", "outbound"}, {"aiohttp"}),
     # The way out to each site (an HTTP proxy or not): aiohttp's environment helper and its
     # URL type. Not in the design's table: split from `sugar` so the choice is made (and shown
@@ -26,10 +29,10 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "sandbox": (SHARED | {"config"}, set()),
     # check: its test login goes through the one Sugar boundary; the daemon, through client.
     "check": (SHARED | {"config", "client", "fleet", "sandbox", "sugar"}, set()),
-    "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
+    "keeper": (SHARED | {"config", "errors", "sugar"}, {"tenacity"}),
     "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
     # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
-    "api": (SHARED | {"config", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
+    "api": (SHARED | {"errors", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
     # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
