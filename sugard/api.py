@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -24,11 +23,8 @@ import math
 import os
 import re
 import resource
-import socket
-import struct
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any, Protocol
@@ -47,7 +43,7 @@ from .errors import DaemonError, InstanceStopped, NeedsAttention, ReloadFailed, 
 from .keeper import Grant, Keeper
 from .observe import Observer, TokenOutcome
 from .openapi import spec
-from .peer import account_groups, tcp_peer_owner
+from .peer import Peer, peer_of_socket, peer_of_tcp_socket, refusal
 from .proxy import PROXY_ROUTE, add_routes
 from .wire import (
     DEFAULT_WAIT,
@@ -90,8 +86,6 @@ MAX_CONNECTIONS = 4096
 LISTEN_BACKLOG = 1024  # connections the kernel queues while the loop is busy accepting others
 BUSY_LOG_INTERVAL = 10.0
 REFUSED_PER_UID = 8  # open connections a refused uid may hold, enough to be told why
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no name for it
-MAX_PEER_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes
 
 
 class Registry(Protocol):
@@ -109,71 +103,6 @@ class Registry(Protocol):
     async def reload(self) -> dict[str, Any]: ...
 
     def request_stop(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Peer:
-    """The process at the other end of a connection, as the kernel saw it at connect time."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()  # supplementary groups; `gid` is not necessarily among them
-
-    def executable(self) -> str:
-        """The peer's program, for the log: its path, else (another user's process) its name."""
-        try:
-            return os.readlink(f"/proc/{self.pid}/exe")
-        except OSError:
-            pass
-        try:
-            with open(f"/proc/{self.pid}/comm", encoding="utf-8", errors="replace") as f:
-                return f"[{f.read().strip()}]"
-        except OSError:
-            return "?"
-
-    def describe(self) -> str:
-        return f"pid {self.pid} uid {self.uid} ({self.executable()!r})"
-
-
-def peer_of_socket(sock: Any) -> Peer | None:
-    """SO_PEERCRED (and SO_PEERGROUPS) of a Unix socket; None for any other kind of socket."""
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid, _peer_groups(sock))
-
-
-def peer_of_tcp_socket(sock: Any) -> Peer | None:
-    """The owner of a loopback TCP peer, with its account's groups (a TCP socket keeps none);
-    None if the kernel names no owner. Its pid is unknown (0): a socket has no process."""
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        owner = tcp_peer_owner(sock.getsockname(), sock.getpeername())
-    except OSError:
-        return None
-    if owner is None:
-        return None
-    account = account_groups(owner.uid)
-    gid, groups = account if account is not None else (-1, ())
-    return Peer(0, owner.uid, gid, groups)
-
-
-def _peer_groups(sock: Any) -> tuple[int, ...]:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
-    except OSError as exc:
-        # ERANGE: more groups than we read; the peer is then judged by uid and primary gid.
-        if exc.errno not in (errno.ERANGE, errno.ENOPROTOOPT):
-            log.debug("cannot read SO_PEERGROUPS: %s", exc.strerror)
-        return ()
-    count = len(raw) // 4
-    return tuple(struct.unpack(f"{count}I", raw[: 4 * count]))
 
 
 def peer_of(request: web.Request) -> Peer | None:
@@ -346,7 +275,7 @@ class _Server(web.Server):
             return {"error": "forbidden", "message": "sugard serves only local peers"}
         if not self._registry.allowed(peer, None) and self._refused[peer.uid] >= REFUSED_PER_UID:
             log.debug("turned away another connection of refused %s", peer.describe())
-            return {"error": "forbidden", "message": _refusal(peer, None)}
+            return {"error": "forbidden", "message": refusal(peer, None)}
         return None
 
     def _report_busy(self) -> None:
@@ -503,19 +432,7 @@ def _forbidden(registry: Registry, peer: Peer | None, instance: str | None) -> w
     if peer is None:
         return error(403, "forbidden", "sugard serves only local Unix-socket peers")
     daemon_wide = registry.allowed(peer, None)
-    return error(403, "forbidden", _refusal(peer, instance if daemon_wide else None))
-
-
-def _refusal(peer: Peer, instance: str | None) -> str:
-    if instance is not None:
-        return (
-            f"uid {peer.uid} may not use instance {_shown(instance)}; its allowed_uids / "
-            "allowed_gids in the config decide who may"
-        )
-    return (
-        f"uid {peer.uid} may not use this sugard; its owner can add the uid to allowed_uids "
-        "(or a group to allowed_gids) in [daemon]"
-    )
+    return error(403, "forbidden", refusal(peer, instance if daemon_wide else None))
 
 
 # Handlers

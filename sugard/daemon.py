@@ -38,11 +38,8 @@ from . import __version__
 from .api import (
     KEY_METRICS,
     ApiRunner,
-    Peer,
-    ReloadFailed,
     make_app,
     metrics_text,
-    peer_of_tcp_socket,
 )
 from .config import (
     Config,
@@ -53,13 +50,14 @@ from .config import (
     resolve_instance_secrets,
     split_host_port,
 )
-from .errors import SocketError
+from .errors import ReloadFailed, SocketError
 from .events import EventHooks
 from .keeper import MAX_SLEEP, Keeper
 from .metrics import Metrics
 from .observe import Fanout
 from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
+from .peer import Peer, may_use, peer_of_tcp_socket
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier, started_by_systemd
@@ -307,25 +305,9 @@ class Daemon:
         return self._keepers
 
     def allowed(self, peer: Peer, instance: str | None) -> bool:
-        """The daemon's own uid and root always; others only if `[daemon]` allowed_uids /
-        allowed_gids list them (widen), and, for an instance with lists of its own, those
-        too (narrow). A gid matches the peer's primary or supplementary groups."""
-        if peer.uid in (os.getuid(), 0):
-            return True
-
-        def listed(uids: tuple[int, ...], gids: tuple[int, ...]) -> bool:
-            return peer.uid in uids or any(g in gids for g in (peer.gid, *peer.groups))
-
-        daemon = self.config.daemon
-        if not listed(daemon.allowed_uids, daemon.allowed_gids):
-            return False
+        """sugard.peer.may_use, with this daemon's config and the instance's running one."""
         keeper = self._keepers.get(instance) if instance else None
-        if keeper is None:
-            return True
-        cfg = keeper.config
-        if cfg.allowed_uids is None and cfg.allowed_gids is None:
-            return True
-        return listed(cfg.allowed_uids or (), cfg.allowed_gids or ())
+        return may_use(peer, self.config.daemon, keeper.config if keeper else None)
 
     async def start(self) -> None:
         """Open the socket first (so a second daemon fails fast), then start every keeper;

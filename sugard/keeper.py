@@ -38,7 +38,9 @@ from .sugar import (
     ClientRejected,
     CredentialsRejected,
     Grant,
+    Locked,
     Probe,
+    RefreshConsumed,
     RefreshRejected,
     RejectedError,
     SugarClient,
@@ -585,11 +587,10 @@ class Keeper:
             log.warning("%s: %s; logging in again", self.name, exc.message)
             self._refresh_token = None
             return None
-        except TransientError as exc:
-            if exc.status == 401:
-                # Maintenance or a license lock: Sugar deleted the refresh token before
-                # refusing, so the next try must be a password login.
-                self._refresh_token = None
+        except RefreshConsumed:
+            # Maintenance or a license lock: Sugar deleted the refresh token before
+            # refusing, so the next try must be a password login.
+            self._refresh_token = None
             raise
 
     async def _login(self) -> Grant:
@@ -759,7 +760,7 @@ class Keeper:
         ceiling = min(cap, 2.0 ** (retry_state.attempt_number - 1))
         delay = max(min(1.0, cap), ceiling * self._rng())
         if isinstance(exc, TransientError):
-            if exc.long:
+            if isinstance(exc, Locked):
                 delay = max(delay, min(LONG_BACKOFF, cap) * (1 + JITTER * self._rng()))
             if exc.retry_after is not None:
                 delay = max(delay, min(exc.retry_after, cap))
