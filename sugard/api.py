@@ -1,50 +1,38 @@
-"""The socket API: HTTP/1.1 + JSON under /v1, served by aiohttp on the Unix socket.
+"""The routes of the socket API: HTTP/1.1 + JSON under /v1, thin over the keepers.
 
-Every answer, errors included, is JSON of the design's shapes (described by `openapi.spec()`);
-no traceback or HTML page ever reaches a client, not even for bytes that are not HTTP.
+Every answer, errors included, is JSON of the wire's shapes (sugard.wire, described by
+`openapi.spec()`); the daemon's errors become answers in one place (`answer`).
 
-Who may ask is decided by the kernel's word on the peer (`SO_PEERCRED`, `SO_PEERGROUPS`), twice:
-when a connection is made (a refused uid may hold only a few connections, so it cannot starve
-the others) and for every request (instances can narrow the daemon's list).
-
-Hostile or broken clients are bounded: request line and header size and count, body size, time
-to send a request or its body, idle time, and the number of connections (kept under the open
-files limit, which is raised to its hard maximum first).
+Who may ask is decided by the kernel's word on the peer twice: when a connection is made
+(sugard.serving, which also bounds connections, header sizes and idle time) and here, for
+every request (instances can narrow the daemon's list; the policy is sugard.peer.may_use).
+Here too: the body's size and the time to send it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 import logging
 import math
 import os
 import re
-import resource
-from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import asdict
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any, Protocol
 
 from aiohttp import web
-from aiohttp.http_exceptions import (
-    BadHttpMethod,
-    HttpProcessingError,
-    InvalidHeader,
-    LineTooLong,
-    PayloadEncodingError,
-)
 
 from . import __version__
 from .errors import DaemonError, InstanceStopped, NeedsAttention, ReloadFailed, TokenUnavailable
 from .keeper import Grant, Keeper
 from .observe import Observer, TokenOutcome
 from .openapi import spec
-from .peer import Peer, peer_of_socket, peer_of_tcp_socket, refusal
+from .peer import Peer, refusal
 from .proxy import PROXY_ROUTE, add_routes
+from .serving import error, peer_of
 from .wire import (
     DEFAULT_WAIT,
     INSTANCE_NAME_PATTERN,
@@ -56,17 +44,15 @@ from .wire import (
 )
 
 __all__ = [
+    "DEFAULT_WAIT",
     "KEY_METRICS",
-    "ApiRunner",
-    "Peer",
+    "MAX_MIN_TTL",
+    "MAX_WAIT",
+    "TOKEN_LIFETIME_HEADER",
     "Registry",
-    "ReloadFailed",
-    "connection_limits",
+    "answer",
     "make_app",
     "metrics_text",
-    "peer_of",
-    "peer_of_tcp_socket",
-    "raise_open_files_limit",
     "rfc3339",
 ]
 
@@ -76,16 +62,7 @@ log = logging.getLogger("sugard.api")
 INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 
 MAX_BODY = 64 * 1024
-MAX_LINE = 8190  # the request line, and each header line
-MAX_HEADERS = 64
-# A connection that sends no complete request for this long is closed; this also bounds how
-# long a slowloris client can take over its request line and headers.
-IDLE_TIMEOUT = 30.0
 BODY_TIMEOUT = 10.0  # to send a request body, once the headers are in
-MAX_CONNECTIONS = 4096
-LISTEN_BACKLOG = 1024  # connections the kernel queues while the loop is busy accepting others
-BUSY_LOG_INTERVAL = 10.0
-REFUSED_PER_UID = 8  # open connections a refused uid may hold, enough to be told why
 
 
 class Registry(Protocol):
@@ -105,15 +82,6 @@ class Registry(Protocol):
     def request_stop(self) -> None: ...
 
 
-def peer_of(request: web.Request) -> Peer | None:
-    """Who is asking, as the kernel says."""
-    handler = request.protocol
-    if isinstance(handler, _RequestHandler):
-        return handler.peer
-    transport = request.transport
-    return peer_of_socket(transport.get_extra_info("socket") if transport else None)
-
-
 # Cached: every token answer formats the same expiry again, and datetime formatting is a
 # measurable share of a token request's CPU (bench/: ~15 us of ~80 us per request).
 @functools.lru_cache(maxsize=256)
@@ -121,15 +89,6 @@ def rfc3339(epoch: float | None) -> str | None:
     if epoch is None:
         return None
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    headers = {}
-    if "retry_after" in extra:
-        headers["Retry-After"] = str(max(1, math.ceil(extra["retry_after"])))
-    return web.json_response(
-        {"error": code, "message": message, **extra}, status=status, headers=headers
-    )
 
 
 def answer(exc: DaemonError) -> web.Response:
@@ -176,201 +135,6 @@ def make_app(
     add_routes(app, registry, peer_of)
     app.router.add_get("/v1/metrics", metrics_text)
     return app
-
-
-# Serving: limits and JSON for what never reaches a handler (malformed HTTP, overload).
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's soft default is 1024);
-    returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.debug("cannot raise the open files limit to %d: %s", target, exc)
-    return soft
-
-
-class ApiRunner(web.AppRunner):
-    """An AppRunner with sugard's limits, JSON for malformed requests, and connection caps."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        *,
-        idle_timeout: float | None = None,
-        max_connections: int = MAX_CONNECTIONS,
-        shutdown_timeout: float = 10.0,
-    ) -> None:
-        super().__init__(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=shutdown_timeout,
-            keepalive_timeout=IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_LINE,
-            max_headers=MAX_HEADERS,
-            lingering_time=1.0,
-            # Bodies are small JSON: a compressed one is refused as not JSON, never inflated.
-            auto_decompress=False,
-        )
-        self._max_connections = max_connections
-        self.backlog = LISTEN_BACKLOG  # for the site; set from the open files limit by setup()
-
-    async def _make_server(self) -> web.Server:
-        open_files = raise_open_files_limit()
-        limit, self.backlog = connection_limits(open_files, self._max_connections)
-        log.debug("serving up to %d connections (open files limit %d)", limit, open_files)
-        base = await super()._make_server()
-        return _Server(base, self.app[KEY_REGISTRY], limit)
-
-
-def connection_limits(open_files: int, most: int = MAX_CONNECTIONS) -> tuple[int, int]:
-    """(connections to hold, listen backlog) that never run the process out of descriptors.
-
-    asyncio accepts up to `backlog` connections per loop iteration, and one turned away still
-    holds its descriptor for an iteration or two: held + a few backlogs must stay under the
-    limit, with room left for upstream HTTPS, secret commands and the log.
-    """
-    return max(16, min(most, open_files // 2)), max(8, min(LISTEN_BACKLOG, open_files // 16))
-
-
-class _Server(web.Server):
-    """aiohttp's Server, with a cap on connections in all and on those of refused uids."""
-
-    def __init__(self, base: web.Server, registry: Registry, max_connections: int) -> None:
-        super().__init__(
-            base.request_handler,
-            request_factory=base.request_factory,
-            handler_cancellation=base.handler_cancellation,
-            loop=asyncio.get_running_loop(),
-            **base._kwargs,
-        )
-        self.max_connections = max_connections
-        self._registry = registry
-        self._refused: Counter[int] = Counter()
-        self._refused_by: dict[web.RequestHandler, int] = {}
-        self._turned_away = 0
-        self._busy_logged_at = -math.inf
-
-    def __call__(self) -> web.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
-
-    def refusal(self, peer: Peer | None) -> dict[str, Any] | None:
-        """Why a new connection is not admitted (an error body), or None to serve it."""
-        if len(self._connections) >= self.max_connections:
-            self._report_busy()
-            return {
-                "error": "busy",
-                "message": f"sugard is serving its maximum of {self.max_connections} "
-                "connections; try again in a moment",
-                "retry_after": 1,
-            }
-        if peer is None:
-            return {"error": "forbidden", "message": "sugard serves only local peers"}
-        if not self._registry.allowed(peer, None) and self._refused[peer.uid] >= REFUSED_PER_UID:
-            log.debug("turned away another connection of refused %s", peer.describe())
-            return {"error": "forbidden", "message": refusal(peer, None)}
-        return None
-
-    def _report_busy(self) -> None:
-        # Once per interval: an overload must not turn into a flood of log lines.
-        self._turned_away += 1
-        now = self._loop.time()
-        if now - self._busy_logged_at >= BUSY_LOG_INTERVAL:
-            log.warning(
-                "at the limit of %d connections: turned %d away since the last report",
-                self.max_connections,
-                self._turned_away,
-            )
-            self._busy_logged_at, self._turned_away = now, 0
-
-    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        peer = handler.peer if isinstance(handler, _RequestHandler) else None
-        if peer is not None and not self._registry.allowed(peer, None):
-            # Let a few requests in, to answer them with the reason (and log who asked).
-            self._refused[peer.uid] += 1
-            self._refused_by[handler] = peer.uid
-
-    def connection_lost(
-        self, handler: web.RequestHandler, exc: BaseException | None = None
-    ) -> None:
-        super().connection_lost(handler, exc)
-        uid = self._refused_by.pop(handler, None)
-        if uid is not None:
-            self._refused[uid] -= 1
-            if self._refused[uid] <= 0:
-                del self._refused[uid]
-
-
-class _RequestHandler(web.RequestHandler):
-    """Turns away connections the server does not admit, and answers requests that cannot be
-    parsed with a JSON error, logging no traceback for them (aiohttp would log one per
-    malformed request: a flood, and the bytes may hold a token)."""
-
-    # Read once per connection: the kernel fixes a Unix socket's peer credentials at connect(),
-    # and two getsockopt calls per request were ~10% of a token request's CPU (bench/).
-    peer: Peer | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(self._manager, _Server)
-        self.peer = peer_of_socket(transport.get_extra_info("socket"))
-        refusal = self._manager.refusal(self.peer)
-        if refusal is None:
-            super().connection_made(transport)
-            return
-        # Answered and closed here, before aiohttp sets the connection up: a turned-away
-        # connection holds its descriptor for as short a time as possible.
-        assert isinstance(transport, asyncio.Transport)
-        status = 503 if refusal["error"] == "busy" else 403
-        body = json.dumps(refusal).encode()
-        retry = f"Retry-After: {refusal['retry_after']}\r\n" if "retry_after" in refusal else ""
-        head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "Content-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n"
-        )
-        with contextlib.suppress(OSError, RuntimeError):
-            transport.write(head.encode() + body)
-        transport.close()
-
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; closing the connection")
-        if status >= 500:
-            log.error("internal error answering a request", exc_info=exc)
-            resp = error(500, "internal", "internal error in sugard; see its log")
-        else:
-            log.debug("malformed request: %s", type(exc).__name__ if exc else status)
-            resp = error(400, "bad_request", _malformed(exc))
-        resp.force_close()
-        return resp
-
-
-def _malformed(exc: BaseException | None) -> str:
-    if isinstance(exc, LineTooLong):
-        return f"malformed HTTP request: request line or header longer than {MAX_LINE} bytes"
-    if isinstance(exc, BadHttpMethod):
-        return "malformed HTTP request: not an HTTP method (is this client speaking HTTP/1.1?)"
-    if isinstance(exc, InvalidHeader):
-        return "malformed HTTP request: invalid header"
-    if isinstance(exc, PayloadEncodingError):
-        return "malformed HTTP request: body does not match Content-Length or Transfer-Encoding"
-    if isinstance(exc, HttpProcessingError) and "headers" in (exc.message or "").lower():
-        return f"malformed HTTP request: more than {MAX_HEADERS} headers"
-    return "malformed HTTP request; send HTTP/1.1, like curl --unix-socket SOCKET http://sugard/v1/health"
 
 
 # Middlewares
@@ -468,15 +232,16 @@ def _seconds(request: web.Request, key: str, default: float, high: float) -> flo
 
 
 def _status(keeper: Keeper) -> dict[str, Any]:
+    """The STATUS object: the keeper's snapshot, its times in RFC 3339."""
     status = keeper.status()
-    grant = keeper.grant
-    # The name the log gives the current token, so a log line can be matched to it.
-    status["token_fingerprint"] = grant.access_token.fingerprint if grant else None
-    for key in ("expires_at", "refresh_at", "last_refresh"):
-        status[key] = rfc3339(status[key])
-    if status["last_error"]:
-        status["last_error"]["at"] = rfc3339(status["last_error"]["at"])
-    return status
+    error = status.last_error
+    return {
+        **status.as_dict(),
+        "expires_at": rfc3339(status.expires_at),
+        "refresh_at": rfc3339(status.refresh_at),
+        "last_refresh": rfc3339(status.last_refresh),
+        "last_error": None if error is None else {**asdict(error), "at": rfc3339(error.at)},
+    }
 
 
 def _token_body(keeper: Keeper, grant: Grant, now: float) -> dict[str, Any]:

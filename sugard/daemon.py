@@ -35,12 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__
-from .api import (
-    KEY_METRICS,
-    ApiRunner,
-    make_app,
-    metrics_text,
-)
+from .api import KEY_METRICS, make_app, metrics_text
 from .config import (
     Config,
     ConfigError,
@@ -59,6 +54,7 @@ from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
 from .peer import Peer, may_use, peer_of_tcp_socket
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
+from .serving import ApiRunner
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier, started_by_systemd
 
@@ -291,7 +287,9 @@ class Daemon:
         self._listeners: dict[str, ProxyListener] = {}  # instance -> its proxy's TCP listener
         self._forwarder: Forwarder | None = None
         # Metrics and on_event hooks (issue 18): keepers, api and proxy report to `observer`.
-        self.metrics = Metrics(lambda: [k.status() for k in self._keepers.values()], clock=clock)
+        self.metrics = Metrics(
+            lambda: [k.status().as_dict() for k in self._keepers.values()], clock=clock
+        )
         self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
         self.observer = Fanout(self.metrics, self.hooks)
         self._metrics_runner: web.AppRunner | None = None
@@ -329,10 +327,12 @@ class Daemon:
         self._log_routes(self._keepers, together=True)
         app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         self._forwarder = app[KEY_FORWARDER]
-        runner = ApiRunner(app, shutdown_timeout=_grace(self.config))
+        runner = ApiRunner(
+            app, lambda peer: self.allowed(peer, None), shutdown_timeout=_grace(self.config)
+        )
         self._runner = runner
         await runner.setup()
-        await web.SockSite(runner, sock, backlog=runner.backlog).start()
+        await runner.serve(sock)
         try:
             self._listeners = await self._open_listeners(self.config, {})
         except ReloadFailed as exc:

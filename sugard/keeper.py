@@ -26,7 +26,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
@@ -91,6 +91,39 @@ class LastError:
     at: float
     kind: str
     message: str
+
+
+@dataclass(frozen=True)
+class ErrorStatus:
+    """The last error as STATUS shows it; `current`: the instance's state now, not a past one."""
+
+    at: float
+    kind: str
+    message: str
+    current: bool
+
+
+@dataclass(frozen=True)
+class Status:
+    """One instance at one moment (`Keeper.status()`); times are epoch seconds."""
+
+    name: str
+    url: str
+    username: str
+    platform: str
+    state: str
+    expires_at: float | None
+    refresh_at: float | None
+    last_refresh: float | None
+    last_error: ErrorStatus | None
+    logins: int
+    refreshes: int
+    failures: int
+    token_fingerprint: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The STATUS object's fields and order, times still epoch seconds."""
+        return asdict(self)
 
 
 class Need(enum.Enum):
@@ -379,32 +412,30 @@ class Keeper:
         if self.state is State.FAILED and not self.refuses_rejected():
             self._join(Need.RENEW, "a reload", forced=True)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
+        """A frozen snapshot of the instance now, for the API to render and metrics to read."""
         grant = self._grant
         error = self.last_error
-        return {
-            "name": self.name,
-            "url": self.config.url,
-            "username": self.config.username,
-            "platform": self.config.platform,
-            "state": self.state.value,
-            "expires_at": grant.expires_at if grant else None,
-            "refresh_at": self.refresh_at,
-            "last_refresh": self.last_refresh,
-            "last_error": (
-                {
-                    "at": error.at,
-                    "kind": error.kind,
-                    "message": error.message,
-                    "current": self._error_is_current(error),
-                }
+        return Status(
+            name=self.name,
+            url=self.config.url,
+            username=self.config.username,
+            platform=self.config.platform,
+            state=self.state.value,
+            expires_at=grant.expires_at if grant else None,
+            refresh_at=self.refresh_at,
+            last_refresh=self.last_refresh,
+            last_error=(
+                ErrorStatus(error.at, error.kind, error.message, self._error_is_current(error))
                 if error
                 else None
             ),
-            "logins": self.logins,
-            "refreshes": self.refreshes,
-            "failures": self.failures,
-        }
+            logins=self.logins,
+            refreshes=self.refreshes,
+            failures=self.failures,
+            # The name the log gives the current token, so a log line can be matched to it.
+            token_fingerprint=grant.access_token.fingerprint if grant else None,
+        )
 
     # Waiting on the supervisor
 

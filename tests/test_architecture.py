@@ -31,12 +31,14 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "check": (SHARED | {"config", "client", "fleet", "sandbox", "sugar"}, set()),
     "keeper": (SHARED | {"config", "errors", "sugar"}, {"tenacity"}),
     "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
-    # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
-    "api": (SHARED | {"errors", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
+    # api: the /v1 routes (and the proxy's on the socket), thin over the keepers; serving
+    # admits connections and knows each one's peer; peer is who connects and the policy.
+    "api": (SHARED | {"errors", "keeper", "openapi", "peer", "proxy", "serving"}, {"aiohttp"}),
+    "serving": ({"peer", "wire"}, {"aiohttp"}),
     # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
-    "peer": (set(), set()),
+    "peer": (set(), set()),  # stdlib only: the policy is a pure function of the config
     "systemd": (set(), set()),
     "logs": ({"systemd"}, set()),
     # The socket API's contract both ends share: stdlib only, cheap enough for sugarctl.

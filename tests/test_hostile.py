@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import SUGARD, DaemonProcess, instance, sugarctl, write_config
 
-from sugard import api
+from sugard import api, serving
 from sugard.client import DaemonUnreachable, SugardClient
 from sugard.config import load_config
 from sugard.daemon import Daemon
@@ -274,7 +274,7 @@ def test_connections_beyond_the_limit_are_turned_away_with_json(
                 answers.append(b"")
         held = answers.count(b"")
         turned_away = [a for a in answers if a]
-        limit = api.connection_limits(256)[0]
+        limit = serving.connection_limits(256)[0]
         assert limit - 1 <= held <= limit  # the readiness probe's connection may linger
         assert 250 == held + len(turned_away)
         head, _, body = turned_away[0].partition(b"\r\n\r\n")
@@ -339,7 +339,7 @@ async def test_silent_slow_and_idle_connections_are_closed(
     """A silent connection, trickled headers and an idle kept-alive connection are closed after
     the idle timeout; a body that stops halfway gets 408 JSON and the connection closed; a token
     request waiting longer than the idle timeout for a slow login is not cut short."""
-    monkeypatch.setattr(api, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(serving, "IDLE_TIMEOUT", 0.5)
     monkeypatch.setattr(api, "BODY_TIMEOUT", 0.5)
     fake.delay = 1.0  # the first login takes longer than the idle timeout
     config = load_config(write_config(short_dir, {"prod": instance(fake)}))
