@@ -40,7 +40,6 @@ from .wire import (
     MAX_MIN_TTL,
     MAX_WAIT,
     TOKEN_LIFETIME_HEADER,
-    http_status,
 )
 
 __all__ = [
@@ -93,7 +92,7 @@ def rfc3339(epoch: float | None) -> str | None:
 
 def answer(exc: DaemonError) -> web.Response:
     """The JSON answer for one of the daemon's errors: the one place they become HTTP."""
-    return error(http_status(exc.code), exc.code, exc.answer_message, **exc.details())
+    return error(exc.code, exc.answer_message, **exc.details())
 
 
 def _shown(value: str, limit: int = 80) -> str:
@@ -148,22 +147,20 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status == 404:
-            return error(
-                404, "not_found", f"no such route: {request.method} {_shown(request.path)}"
-            )
+            return error("not_found", f"no such route: {request.method} {_shown(request.path)}")
         if exc.status == 405:
             allowed = exc.headers.get("Allow", "")
-            resp = error(405, "method_not_allowed", f"{request.method} is not allowed here")
+            resp = error("method_not_allowed", f"{request.method} is not allowed here")
             if allowed:
                 resp.headers["Allow"] = allowed
             return resp
         if exc.status == 413:
-            return error(413, "bad_request", f"request body larger than {MAX_BODY} bytes")
+            return error("bad_request", f"request body larger than {MAX_BODY} bytes", status=413)
         status = exc.status if 400 <= exc.status < 500 else 400
-        return error(status, "bad_request", exc.reason)
+        return error("bad_request", exc.reason, status=status)
     except Exception:
         log.exception("internal error answering %s %r", request.method, request.raw_path[:200])
-        return error(500, "internal", "internal error in sugard; see its log")
+        return error("internal", "internal error in sugard; see its log")
 
 
 @web.middleware
@@ -194,9 +191,9 @@ async def _check_peer(request: web.Request, handler: Handler) -> web.StreamRespo
 def _forbidden(registry: Registry, peer: Peer | None, instance: str | None) -> web.Response:
     """The 403 for a peer `registry` does not admit to `instance` (None: the daemon)."""
     if peer is None:
-        return error(403, "forbidden", "sugard serves only local Unix-socket peers")
+        return error("forbidden", "sugard serves only local Unix-socket peers")
     daemon_wide = registry.allowed(peer, None)
-    return error(403, "forbidden", refusal(peer, instance if daemon_wide else None))
+    return error("forbidden", refusal(peer, instance if daemon_wide else None))
 
 
 # Handlers
@@ -209,12 +206,12 @@ class _BadRequest(Exception):
 def _keeper(request: web.Request) -> Keeper | web.Response:
     name = request.match_info["name"]
     if not INSTANCE_NAME.fullmatch(name):
-        return error(400, "bad_request", f"bad instance name {_shown(name)}: {INSTANCE_NAME_RULE}")
+        return error("bad_request", f"bad instance name {_shown(name)}: {INSTANCE_NAME_RULE}")
     keepers = request.app[KEY_REGISTRY].keepers
     keeper = keepers.get(name)
     if keeper is None:
         names = ", ".join(sorted(keepers)) or "none"
-        return error(404, "unknown_instance", f"no instance {name!r}; configured: {names}")
+        return error("unknown_instance", f"no instance {name!r}; configured: {names}")
     return keeper
 
 
@@ -361,7 +358,7 @@ async def token(request: web.Request) -> web.Response:
         wait = _seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
     except _BadRequest as exc:
         _count(request, keeper, "bad_request")
-        return error(400, "bad_request", str(exc))
+        return error("bad_request", str(exc))
     return await _answer_token(
         request, keeper, lambda: keeper.token(min_ttl, wait), min_ttl=min_ttl, wait=wait
     )
@@ -379,7 +376,7 @@ async def invalidate(request: web.Request) -> web.Response:
         return body
     reported = body.get("access_token")
     if not isinstance(reported, str) or not reported:
-        return error(400, "bad_request", INVALIDATE_BODY)
+        return error("bad_request", INVALIDATE_BODY)
     return await _answer_token(request, keeper, lambda: keeper.invalidate(reported))
 
 
@@ -392,12 +389,14 @@ async def _json_body(
         async with asyncio.timeout(BODY_TIMEOUT):
             raw = await request.read()
     except TimeoutError:
-        resp = error(408, "bad_request", f"request body not received within {BODY_TIMEOUT:g} s")
+        resp = error(
+            "bad_request", f"request body not received within {BODY_TIMEOUT:g} s", status=408
+        )
         resp.force_close()
         return resp
     except (web.RequestPayloadError, ConnectionError):
         # A broken chunked body, or a client gone mid-body: nothing to parse.
-        resp = error(400, "bad_request", "request body incomplete or malformed")
+        resp = error("bad_request", "request body incomplete or malformed")
         resp.force_close()
         return resp
     if empty_ok and not raw.strip():
@@ -405,8 +404,8 @@ async def _json_body(
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        return error(400, "bad_request", shape)
-    return body if isinstance(body, dict) else error(400, "bad_request", shape)
+        return error("bad_request", shape)
+    return body if isinstance(body, dict) else error("bad_request", shape)
 
 
 REFRESH_BODY = 'body must be empty, or JSON: {"retry_rejected": true|false}'
@@ -421,7 +420,7 @@ async def refresh(request: web.Request) -> web.Response:
         return options
     retry_rejected = options.get("retry_rejected", False)
     if not isinstance(retry_rejected, bool) or set(options) - {"retry_rejected"}:
-        return error(400, "bad_request", REFRESH_BODY)
+        return error("bad_request", REFRESH_BODY)
     # `retry_rejected` (sugarctl refresh --retry-rejected) is the one override of the rule
     # that a secret Sugar rejected is never sent again; the keeper applies both.
     return await _answer_token(
@@ -436,9 +435,7 @@ def _not_owner(request: web.Request, action: str) -> web.Response | None:
         return None
     # allowed_uids/allowed_gids share tokens, not the running of the daemon.
     uid = peer.uid if peer else "?"
-    return error(
-        403, "forbidden", f"uid {uid} may not {action} sugard; only its owner and root may"
-    )
+    return error("forbidden", f"uid {uid} may not {action} sugard; only its owner and root may")
 
 
 # The routes that answer a TOKEN: how they end is counted per instance (metrics).
@@ -449,7 +446,7 @@ async def metrics_text(request: web.Request) -> web.StreamResponse:
     """The Prometheus exposition (on the socket, with the access rules of every route)."""
     render = request.app.get(KEY_METRICS)
     if render is None:
-        return error(404, "not_found", "this sugard serves no metrics")
+        return error("not_found", "this sugard serves no metrics")
     body, content_type = await render(
         request.headers.get("Accept", ""), request.query.getall("name[]", [])
     )
@@ -478,7 +475,6 @@ async def shutdown(request: web.Request) -> web.Response:
         # systemd would see a clean exit as the end of the service, and sugard.socket would
         # start it again at the next connection: stopping is systemctl's job.
         return error(
-            409,
             "under_systemd",
             "sugard runs under systemd; stop it with `systemctl --user stop sugard` (and "
             "sugard.socket too, or the next connection starts it again)",

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from .errors import DaemonError
 from .secret import Secret
-from .wire import INSTANCE_NAME_PATTERN
+from .wire import INSTANCE_NAME_PATTERN, INSTANCE_NAME_RULE
 
 __all__ = [
     "DAEMON_DEFAULTS",
@@ -632,8 +632,7 @@ def _parse(data: Mapping[str, Any], path: str) -> tuple[Config, list[Problem]]:
         if not INSTANCE_NAME.fullmatch(name):
             problem(
                 where,
-                "bad instance name: use up to 64 of A-Z, a-z, 0-9, '_', '.' and '-', "
-                "starting with a letter or digit",
+                f"bad instance name: {INSTANCE_NAME_RULE}",
             )
             continue
         if not isinstance(table, dict):

@@ -31,6 +31,7 @@ from .config import (
 )
 from .errors import DaemonError
 from .paths import default_config_path
+from .wire import INSTANCE_NAME_RULE
 
 __all__ = ["add_init_arguments", "run_init", "write_private"]
 
@@ -220,10 +221,7 @@ def _checker(key: str) -> Callable[[str], str]:
     def check(value: str) -> str:
         if key == "name":
             if not INSTANCE_NAME.fullmatch(value):
-                raise ValueError(
-                    f"{value!r} is not a valid instance name: use up to 64 of A-Z, a-z, 0-9, "
-                    "'_', '.' and '-', starting with a letter or digit"
-                )
+                raise ValueError(f"{value!r} is not a valid instance name: {INSTANCE_NAME_RULE}")
             return value
         result: str = INSTANCE_SCHEMA[key](value)
         return result

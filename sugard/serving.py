@@ -62,13 +62,17 @@ BUSY_LOG_INTERVAL = 10.0
 REFUSED_PER_UID = 8  # open connections a refused uid may hold, enough to be told why
 
 
-def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    """A JSON error answer of the wire's shape; `retry_after` also sets Retry-After."""
+def error(code: str, message: str, *, status: int | None = None, **extra: Any) -> web.Response:
+    """A JSON error answer of the wire's shape, with the wire's status for `code` unless
+    `status` is another (a bad_request that is a 408 or a 413); `retry_after` also sets
+    Retry-After."""
     headers = {}
     if "retry_after" in extra:
         headers["Retry-After"] = str(max(1, math.ceil(extra["retry_after"])))
     return web.json_response(
-        {"error": code, "message": message, **extra}, status=status, headers=headers
+        {"error": code, "message": message, **extra},
+        status=http_status(code) if status is None else status,
+        headers=headers,
     )
 
 
@@ -277,10 +281,10 @@ class _RequestHandler(web.RequestHandler):
             raise ConnectionError("response already started; closing the connection")
         if status >= 500:
             log.error("internal error answering a request", exc_info=exc)
-            resp = error(500, "internal", "internal error in sugard; see its log")
+            resp = error("internal", "internal error in sugard; see its log")
         else:
             log.debug("malformed request: %s", type(exc).__name__ if exc else status)
-            resp = error(400, "bad_request", _malformed(exc))
+            resp = error("bad_request", _malformed(exc))
         resp.force_close()
         return resp
 
