@@ -1,96 +1,67 @@
-"""The socket API: HTTP/1.1 + JSON under /v1, served by aiohttp on the Unix socket.
+"""The routes of the socket API: HTTP/1.1 + JSON under /v1, thin over the keepers.
 
-Every answer, errors included, is JSON of the design's shapes (described by `openapi.spec()`);
-no traceback or HTML page ever reaches a client, not even for bytes that are not HTTP.
+Every answer, errors included, is JSON of the wire's shapes (sugard.wire, described by
+`openapi.spec()`); the daemon's errors become answers in one place (`answer`).
 
-Who may ask is decided by the kernel's word on the peer (`SO_PEERCRED`, `SO_PEERGROUPS`), twice:
-when a connection is made (a refused uid may hold only a few connections, so it cannot starve
-the others) and for every request (instances can narrow the daemon's list).
-
-Hostile or broken clients are bounded: request line and header size and count, body size, time
-to send a request or its body, idle time, and the number of connections (kept under the open
-files limit, which is raised to its hard maximum first).
+Who may ask is decided by the kernel's word on the peer twice: when a connection is made
+(sugard.serving, which also bounds connections, header sizes and idle time) and here, for
+every request (instances can narrow the daemon's list; the policy is sugard.peer.may_use).
+Here too: the body's size and the time to send it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
 import functools
 import json
 import logging
 import math
 import os
-import resource
-import socket
-import struct
-from collections import Counter
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
 from datetime import UTC, datetime
-from http import HTTPStatus
 from typing import Any, Protocol
 
 from aiohttp import web
-from aiohttp.http_exceptions import (
-    BadHttpMethod,
-    HttpProcessingError,
-    InvalidHeader,
-    LineTooLong,
-    PayloadEncodingError,
-)
 
 from . import __version__
-from .config import INSTANCE_NAME
-from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from .errors import DaemonError, InstanceStopped, NeedsAttention, ReloadFailed, TokenUnavailable
+from .keeper import Grant, Keeper
 from .observe import Observer, TokenOutcome
 from .openapi import spec
-from .peer import account_groups, tcp_peer_owner
+from .peer import Peer, refusal
 from .proxy import PROXY_ROUTE, add_routes
+from .serving import error, peer_of
+from .wire import (
+    DEFAULT_WAIT,
+    INSTANCE_NAME_PATTERN,
+    INSTANCE_NAME_RULE,
+    MAX_MIN_TTL,
+    MAX_WAIT,
+    TOKEN_LIFETIME_HEADER,
+)
 
 __all__ = [
+    "DEFAULT_WAIT",
     "KEY_METRICS",
-    "ApiRunner",
-    "Peer",
+    "MAX_MIN_TTL",
+    "MAX_WAIT",
+    "TOKEN_LIFETIME_HEADER",
     "Registry",
-    "ReloadFailed",
-    "connection_limits",
+    "answer",
     "make_app",
     "metrics_text",
-    "peer_of",
-    "peer_of_tcp_socket",
-    "raise_open_files_limit",
     "rfc3339",
 ]
 
 log = logging.getLogger("sugard.api")
 
-DEFAULT_WAIT = 10.0
-MAX_WAIT = 300.0
-MAX_MIN_TTL = 86400.0
-TOKEN_LIFETIME_HEADER = "Sugard-Token-Lifetime"  # noqa: S105 - a header name
+# Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
+INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
+
 MAX_BODY = 64 * 1024
-MAX_LINE = 8190  # the request line, and each header line
-MAX_HEADERS = 64
-# A connection that sends no complete request for this long is closed; this also bounds how
-# long a slowloris client can take over its request line and headers.
-IDLE_TIMEOUT = 30.0
 BODY_TIMEOUT = 10.0  # to send a request body, once the headers are in
-MAX_CONNECTIONS = 4096
-LISTEN_BACKLOG = 1024  # connections the kernel queues while the loop is busy accepting others
-BUSY_LOG_INTERVAL = 10.0
-REFUSED_PER_UID = 8  # open connections a refused uid may hold, enough to be told why
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no name for it
-MAX_PEER_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes
-
-
-class ReloadFailed(Exception):
-    """The new config is invalid; `problems` are one-line messages. The old config stays."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 class Registry(Protocol):
@@ -110,80 +81,6 @@ class Registry(Protocol):
     def request_stop(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Peer:
-    """The process at the other end of a connection, as the kernel saw it at connect time."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] = ()  # supplementary groups; `gid` is not necessarily among them
-
-    def executable(self) -> str:
-        """The peer's program, for the log: its path, else (another user's process) its name."""
-        try:
-            return os.readlink(f"/proc/{self.pid}/exe")
-        except OSError:
-            pass
-        try:
-            with open(f"/proc/{self.pid}/comm", encoding="utf-8", errors="replace") as f:
-                return f"[{f.read().strip()}]"
-        except OSError:
-            return "?"
-
-    def describe(self) -> str:
-        return f"pid {self.pid} uid {self.uid} ({self.executable()!r})"
-
-
-def peer_of_socket(sock: Any) -> Peer | None:
-    """SO_PEERCRED (and SO_PEERGROUPS) of a Unix socket; None for any other kind of socket."""
-    if sock is None or sock.family != socket.AF_UNIX:
-        return None
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    except OSError:
-        return None
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Peer(pid, uid, gid, _peer_groups(sock))
-
-
-def peer_of_tcp_socket(sock: Any) -> Peer | None:
-    """The owner of a loopback TCP peer, with its account's groups (a TCP socket keeps none);
-    None if the kernel names no owner. Its pid is unknown (0): a socket has no process."""
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return None
-    try:
-        owner = tcp_peer_owner(sock.getsockname(), sock.getpeername())
-    except OSError:
-        return None
-    if owner is None:
-        return None
-    account = account_groups(owner.uid)
-    gid, groups = account if account is not None else (-1, ())
-    return Peer(0, owner.uid, gid, groups)
-
-
-def _peer_groups(sock: Any) -> tuple[int, ...]:
-    try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
-    except OSError as exc:
-        # ERANGE: more groups than we read; the peer is then judged by uid and primary gid.
-        if exc.errno not in (errno.ERANGE, errno.ENOPROTOOPT):
-            log.debug("cannot read SO_PEERGROUPS: %s", exc.strerror)
-        return ()
-    count = len(raw) // 4
-    return tuple(struct.unpack(f"{count}I", raw[: 4 * count]))
-
-
-def peer_of(request: web.Request) -> Peer | None:
-    """Who is asking, as the kernel says."""
-    handler = request.protocol
-    if isinstance(handler, _RequestHandler):
-        return handler.peer
-    transport = request.transport
-    return peer_of_socket(transport.get_extra_info("socket") if transport else None)
-
-
 # Cached: every token answer formats the same expiry again, and datetime formatting is a
 # measurable share of a token request's CPU (bench/: ~15 us of ~80 us per request).
 @functools.lru_cache(maxsize=256)
@@ -193,13 +90,9 @@ def rfc3339(epoch: float | None) -> str | None:
     return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def error(status: int, code: str, message: str, **extra: Any) -> web.Response:
-    headers = {}
-    if "retry_after" in extra:
-        headers["Retry-After"] = str(max(1, math.ceil(extra["retry_after"])))
-    return web.json_response(
-        {"error": code, "message": message, **extra}, status=status, headers=headers
-    )
+def answer(exc: DaemonError) -> web.Response:
+    """The JSON answer for one of the daemon's errors: the one place they become HTTP."""
+    return error(exc.code, exc.answer_message, **exc.details())
 
 
 def _shown(value: str, limit: int = 80) -> str:
@@ -243,201 +136,6 @@ def make_app(
     return app
 
 
-# Serving: limits and JSON for what never reaches a handler (malformed HTTP, overload).
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's soft default is 1024);
-    returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.debug("cannot raise the open files limit to %d: %s", target, exc)
-    return soft
-
-
-class ApiRunner(web.AppRunner):
-    """An AppRunner with sugard's limits, JSON for malformed requests, and connection caps."""
-
-    def __init__(
-        self,
-        app: web.Application,
-        *,
-        idle_timeout: float | None = None,
-        max_connections: int = MAX_CONNECTIONS,
-        shutdown_timeout: float = 10.0,
-    ) -> None:
-        super().__init__(
-            app,
-            access_log=None,
-            handle_signals=False,
-            shutdown_timeout=shutdown_timeout,
-            keepalive_timeout=IDLE_TIMEOUT if idle_timeout is None else idle_timeout,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_LINE,
-            max_headers=MAX_HEADERS,
-            lingering_time=1.0,
-            # Bodies are small JSON: a compressed one is refused as not JSON, never inflated.
-            auto_decompress=False,
-        )
-        self._max_connections = max_connections
-        self.backlog = LISTEN_BACKLOG  # for the site; set from the open files limit by setup()
-
-    async def _make_server(self) -> web.Server:
-        open_files = raise_open_files_limit()
-        limit, self.backlog = connection_limits(open_files, self._max_connections)
-        log.debug("serving up to %d connections (open files limit %d)", limit, open_files)
-        base = await super()._make_server()
-        return _Server(base, self.app[KEY_REGISTRY], limit)
-
-
-def connection_limits(open_files: int, most: int = MAX_CONNECTIONS) -> tuple[int, int]:
-    """(connections to hold, listen backlog) that never run the process out of descriptors.
-
-    asyncio accepts up to `backlog` connections per loop iteration, and one turned away still
-    holds its descriptor for an iteration or two: held + a few backlogs must stay under the
-    limit, with room left for upstream HTTPS, secret commands and the log.
-    """
-    return max(16, min(most, open_files // 2)), max(8, min(LISTEN_BACKLOG, open_files // 16))
-
-
-class _Server(web.Server):
-    """aiohttp's Server, with a cap on connections in all and on those of refused uids."""
-
-    def __init__(self, base: web.Server, registry: Registry, max_connections: int) -> None:
-        super().__init__(
-            base.request_handler,
-            request_factory=base.request_factory,
-            handler_cancellation=base.handler_cancellation,
-            loop=asyncio.get_running_loop(),
-            **base._kwargs,
-        )
-        self.max_connections = max_connections
-        self._registry = registry
-        self._refused: Counter[int] = Counter()
-        self._refused_by: dict[web.RequestHandler, int] = {}
-        self._turned_away = 0
-        self._busy_logged_at = -math.inf
-
-    def __call__(self) -> web.RequestHandler:
-        return _RequestHandler(self, loop=self._loop, **self._kwargs)
-
-    def refusal(self, peer: Peer | None) -> dict[str, Any] | None:
-        """Why a new connection is not admitted (an error body), or None to serve it."""
-        if len(self._connections) >= self.max_connections:
-            self._report_busy()
-            return {
-                "error": "busy",
-                "message": f"sugard is serving its maximum of {self.max_connections} "
-                "connections; try again in a moment",
-                "retry_after": 1,
-            }
-        if peer is None:
-            return {"error": "forbidden", "message": "sugard serves only local peers"}
-        if not self._registry.allowed(peer, None) and self._refused[peer.uid] >= REFUSED_PER_UID:
-            log.debug("turned away another connection of refused %s", peer.describe())
-            return {"error": "forbidden", "message": _refusal(peer, None)}
-        return None
-
-    def _report_busy(self) -> None:
-        # Once per interval: an overload must not turn into a flood of log lines.
-        self._turned_away += 1
-        now = self._loop.time()
-        if now - self._busy_logged_at >= BUSY_LOG_INTERVAL:
-            log.warning(
-                "at the limit of %d connections: turned %d away since the last report",
-                self.max_connections,
-                self._turned_away,
-            )
-            self._busy_logged_at, self._turned_away = now, 0
-
-    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
-        super().connection_made(handler, transport)
-        peer = handler.peer if isinstance(handler, _RequestHandler) else None
-        if peer is not None and not self._registry.allowed(peer, None):
-            # Let a few requests in, to answer them with the reason (and log who asked).
-            self._refused[peer.uid] += 1
-            self._refused_by[handler] = peer.uid
-
-    def connection_lost(
-        self, handler: web.RequestHandler, exc: BaseException | None = None
-    ) -> None:
-        super().connection_lost(handler, exc)
-        uid = self._refused_by.pop(handler, None)
-        if uid is not None:
-            self._refused[uid] -= 1
-            if self._refused[uid] <= 0:
-                del self._refused[uid]
-
-
-class _RequestHandler(web.RequestHandler):
-    """Turns away connections the server does not admit, and answers requests that cannot be
-    parsed with a JSON error, logging no traceback for them (aiohttp would log one per
-    malformed request: a flood, and the bytes may hold a token)."""
-
-    # Read once per connection: the kernel fixes a Unix socket's peer credentials at connect(),
-    # and two getsockopt calls per request were ~10% of a token request's CPU (bench/).
-    peer: Peer | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(self._manager, _Server)
-        self.peer = peer_of_socket(transport.get_extra_info("socket"))
-        refusal = self._manager.refusal(self.peer)
-        if refusal is None:
-            super().connection_made(transport)
-            return
-        # Answered and closed here, before aiohttp sets the connection up: a turned-away
-        # connection holds its descriptor for as short a time as possible.
-        assert isinstance(transport, asyncio.Transport)
-        status = 503 if refusal["error"] == "busy" else 403
-        body = json.dumps(refusal).encode()
-        retry = f"Retry-After: {refusal['retry_after']}\r\n" if "retry_after" in refusal else ""
-        head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "Content-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n"
-        )
-        with contextlib.suppress(OSError, RuntimeError):
-            transport.write(head.encode() + body)
-        transport.close()
-
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; closing the connection")
-        if status >= 500:
-            log.error("internal error answering a request", exc_info=exc)
-            resp = error(500, "internal", "internal error in sugard; see its log")
-        else:
-            log.debug("malformed request: %s", type(exc).__name__ if exc else status)
-            resp = error(400, "bad_request", _malformed(exc))
-        resp.force_close()
-        return resp
-
-
-def _malformed(exc: BaseException | None) -> str:
-    if isinstance(exc, LineTooLong):
-        return f"malformed HTTP request: request line or header longer than {MAX_LINE} bytes"
-    if isinstance(exc, BadHttpMethod):
-        return "malformed HTTP request: not an HTTP method (is this client speaking HTTP/1.1?)"
-    if isinstance(exc, InvalidHeader):
-        return "malformed HTTP request: invalid header"
-    if isinstance(exc, PayloadEncodingError):
-        return "malformed HTTP request: body does not match Content-Length or Transfer-Encoding"
-    if isinstance(exc, HttpProcessingError) and "headers" in (exc.message or "").lower():
-        return f"malformed HTTP request: more than {MAX_HEADERS} headers"
-    return "malformed HTTP request; send HTTP/1.1, like curl --unix-socket SOCKET http://sugard/v1/health"
-
-
 # Middlewares
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -449,22 +147,20 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status == 404:
-            return error(
-                404, "not_found", f"no such route: {request.method} {_shown(request.path)}"
-            )
+            return error("not_found", f"no such route: {request.method} {_shown(request.path)}")
         if exc.status == 405:
             allowed = exc.headers.get("Allow", "")
-            resp = error(405, "method_not_allowed", f"{request.method} is not allowed here")
+            resp = error("method_not_allowed", f"{request.method} is not allowed here")
             if allowed:
                 resp.headers["Allow"] = allowed
             return resp
         if exc.status == 413:
-            return error(413, "bad_request", f"request body larger than {MAX_BODY} bytes")
+            return error("bad_request", f"request body larger than {MAX_BODY} bytes", status=413)
         status = exc.status if 400 <= exc.status < 500 else 400
-        return error(status, "bad_request", exc.reason)
+        return error("bad_request", exc.reason, status=status)
     except Exception:
         log.exception("internal error answering %s %r", request.method, request.raw_path[:200])
-        return error(500, "internal", "internal error in sugard; see its log")
+        return error("internal", "internal error in sugard; see its log")
 
 
 @web.middleware
@@ -495,21 +191,9 @@ async def _check_peer(request: web.Request, handler: Handler) -> web.StreamRespo
 def _forbidden(registry: Registry, peer: Peer | None, instance: str | None) -> web.Response:
     """The 403 for a peer `registry` does not admit to `instance` (None: the daemon)."""
     if peer is None:
-        return error(403, "forbidden", "sugard serves only local Unix-socket peers")
+        return error("forbidden", "sugard serves only local Unix-socket peers")
     daemon_wide = registry.allowed(peer, None)
-    return error(403, "forbidden", _refusal(peer, instance if daemon_wide else None))
-
-
-def _refusal(peer: Peer, instance: str | None) -> str:
-    if instance is not None:
-        return (
-            f"uid {peer.uid} may not use instance {_shown(instance)}; its allowed_uids / "
-            "allowed_gids in the config decide who may"
-        )
-    return (
-        f"uid {peer.uid} may not use this sugard; its owner can add the uid to allowed_uids "
-        "(or a group to allowed_gids) in [daemon]"
-    )
+    return error("forbidden", refusal(peer, instance if daemon_wide else None))
 
 
 # Handlers
@@ -522,17 +206,12 @@ class _BadRequest(Exception):
 def _keeper(request: web.Request) -> Keeper | web.Response:
     name = request.match_info["name"]
     if not INSTANCE_NAME.fullmatch(name):
-        return error(
-            400,
-            "bad_request",
-            f"bad instance name {_shown(name)}: use up to 64 of A-Z, a-z, 0-9, '_', '.' "
-            "and '-', starting with a letter or digit",
-        )
+        return error("bad_request", f"bad instance name {_shown(name)}: {INSTANCE_NAME_RULE}")
     keepers = request.app[KEY_REGISTRY].keepers
     keeper = keepers.get(name)
     if keeper is None:
         names = ", ".join(sorted(keepers)) or "none"
-        return error(404, "unknown_instance", f"no instance {name!r}; configured: {names}")
+        return error("unknown_instance", f"no instance {name!r}; configured: {names}")
     return keeper
 
 
@@ -550,15 +229,16 @@ def _seconds(request: web.Request, key: str, default: float, high: float) -> flo
 
 
 def _status(keeper: Keeper) -> dict[str, Any]:
+    """The STATUS object: the keeper's snapshot, its times in RFC 3339."""
     status = keeper.status()
-    grant = keeper.grant
-    # The name the log gives the current token, so a log line can be matched to it.
-    status["token_fingerprint"] = grant.access_token.fingerprint if grant else None
-    for key in ("expires_at", "refresh_at", "last_refresh"):
-        status[key] = rfc3339(status[key])
-    if status["last_error"]:
-        status["last_error"]["at"] = rfc3339(status["last_error"]["at"])
-    return status
+    error = status.last_error
+    return {
+        **status.as_dict(),
+        "expires_at": rfc3339(status.expires_at),
+        "refresh_at": rfc3339(status.refresh_at),
+        "last_refresh": rfc3339(status.last_refresh),
+        "last_error": None if error is None else {**asdict(error), "at": rfc3339(error.at)},
+    }
 
 
 def _token_body(keeper: Keeper, grant: Grant, now: float) -> dict[str, Any]:
@@ -600,15 +280,9 @@ async def _answer_token(
                 return successor
             keeper = successor
             grant = await keeper.token(min_ttl, max(0.0, deadline - loop.time()))
-    except TokenUnavailable as exc:
-        _count(request, keeper, "unavailable")
-        return error(503, "token_unavailable", str(exc), retry_after=exc.retry_after)
-    except NeedsAttention as exc:
-        _count(request, keeper, "rejected")
-        return error(502, "upstream_rejected", str(exc))
-    except InstanceStopped as exc:
-        _count(request, keeper, "gone")
-        return error(404, "unknown_instance", str(exc))
+    except (TokenUnavailable, NeedsAttention, InstanceStopped) as exc:
+        _count(request, keeper, _OUTCOMES[type(exc)])
+        return answer(exc)
     _count(request, keeper, "served")
     now = request.app[KEY_CLOCK]()
     headers = {"Cache-Control": "no-store"}
@@ -617,6 +291,13 @@ async def _answer_token(
         # client can tell its user rather than hand over a shorter token in silence.
         headers[TOKEN_LIFETIME_HEADER] = f"{max(0, int(grant.lifetime))}"
     return web.json_response(_token_body(keeper, grant, now), headers=headers)
+
+
+_OUTCOMES: dict[type[DaemonError], TokenOutcome] = {
+    TokenUnavailable: "unavailable",
+    NeedsAttention: "rejected",
+    InstanceStopped: "gone",
+}
 
 
 def _count(request: web.Request, keeper: Keeper, outcome: TokenOutcome) -> None:
@@ -677,7 +358,7 @@ async def token(request: web.Request) -> web.Response:
         wait = _seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
     except _BadRequest as exc:
         _count(request, keeper, "bad_request")
-        return error(400, "bad_request", str(exc))
+        return error("bad_request", str(exc))
     return await _answer_token(
         request, keeper, lambda: keeper.token(min_ttl, wait), min_ttl=min_ttl, wait=wait
     )
@@ -695,7 +376,7 @@ async def invalidate(request: web.Request) -> web.Response:
         return body
     reported = body.get("access_token")
     if not isinstance(reported, str) or not reported:
-        return error(400, "bad_request", INVALIDATE_BODY)
+        return error("bad_request", INVALIDATE_BODY)
     return await _answer_token(request, keeper, lambda: keeper.invalidate(reported))
 
 
@@ -708,12 +389,14 @@ async def _json_body(
         async with asyncio.timeout(BODY_TIMEOUT):
             raw = await request.read()
     except TimeoutError:
-        resp = error(408, "bad_request", f"request body not received within {BODY_TIMEOUT:g} s")
+        resp = error(
+            "bad_request", f"request body not received within {BODY_TIMEOUT:g} s", status=408
+        )
         resp.force_close()
         return resp
     except (web.RequestPayloadError, ConnectionError):
         # A broken chunked body, or a client gone mid-body: nothing to parse.
-        resp = error(400, "bad_request", "request body incomplete or malformed")
+        resp = error("bad_request", "request body incomplete or malformed")
         resp.force_close()
         return resp
     if empty_ok and not raw.strip():
@@ -721,8 +404,8 @@ async def _json_body(
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):
-        return error(400, "bad_request", shape)
-    return body if isinstance(body, dict) else error(400, "bad_request", shape)
+        return error("bad_request", shape)
+    return body if isinstance(body, dict) else error("bad_request", shape)
 
 
 REFRESH_BODY = 'body must be empty, or JSON: {"retry_rejected": true|false}'
@@ -737,7 +420,7 @@ async def refresh(request: web.Request) -> web.Response:
         return options
     retry_rejected = options.get("retry_rejected", False)
     if not isinstance(retry_rejected, bool) or set(options) - {"retry_rejected"}:
-        return error(400, "bad_request", REFRESH_BODY)
+        return error("bad_request", REFRESH_BODY)
     # `retry_rejected` (sugarctl refresh --retry-rejected) is the one override of the rule
     # that a secret Sugar rejected is never sent again; the keeper applies both.
     return await _answer_token(
@@ -752,9 +435,7 @@ def _not_owner(request: web.Request, action: str) -> web.Response | None:
         return None
     # allowed_uids/allowed_gids share tokens, not the running of the daemon.
     uid = peer.uid if peer else "?"
-    return error(
-        403, "forbidden", f"uid {uid} may not {action} sugard; only its owner and root may"
-    )
+    return error("forbidden", f"uid {uid} may not {action} sugard; only its owner and root may")
 
 
 # The routes that answer a TOKEN: how they end is counted per instance (metrics).
@@ -765,7 +446,7 @@ async def metrics_text(request: web.Request) -> web.StreamResponse:
     """The Prometheus exposition (on the socket, with the access rules of every route)."""
     render = request.app.get(KEY_METRICS)
     if render is None:
-        return error(404, "not_found", "this sugard serves no metrics")
+        return error("not_found", "this sugard serves no metrics")
     body, content_type = await render(
         request.headers.get("Accept", ""), request.query.getall("name[]", [])
     )
@@ -781,14 +462,7 @@ async def reload(request: web.Request) -> web.Response:
     try:
         diff = await request.app[KEY_REGISTRY].reload()
     except ReloadFailed as exc:
-        return web.json_response(
-            {
-                "error": "invalid_config",
-                "message": "the new config has errors; the old one is still running",
-                "errors": exc.problems,
-            },
-            status=422,
-        )
+        return answer(exc)
     return web.json_response(diff)
 
 
@@ -801,7 +475,6 @@ async def shutdown(request: web.Request) -> web.Response:
         # systemd would see a clean exit as the end of the service, and sugard.socket would
         # start it again at the next connection: stopping is systemctl's job.
         return error(
-            409,
             "under_systemd",
             "sugard runs under systemd; stop it with `systemctl --user stop sugard` (and "
             "sugard.socket too, or the next connection starts it again)",

@@ -6,14 +6,13 @@ Only the parser and the calls: each command's work is in its module (`start`, `c
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from functools import partial
 from pathlib import Path
 
 from . import __version__
 from .config import Config
-from .paths import default_config_path, default_socket_path
+from .paths import default_config_path, socket_path
 
 SOCKET_ORDER = (
     "--socket, else $SUGARD_SOCKET, else [daemon].socket of the config, else "
@@ -195,13 +194,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def socket_path_for(config: Config, explicit: str | None) -> Path:
     """`--socket` > `$SUGARD_SOCKET` > `[daemon].socket` > the runtime default."""
-    if explicit:
-        return Path(explicit).expanduser()
-    if os.environ.get("SUGARD_SOCKET"):
-        return Path(os.environ["SUGARD_SOCKET"]).expanduser()
-    if config.daemon.socket:
-        return Path(config.daemon.socket).expanduser()
-    return default_socket_path()
+    return socket_path(explicit, config.daemon.socket)
 
 
 if __name__ == "__main__":

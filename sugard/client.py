@@ -34,6 +34,25 @@ from _socket import AF_UNIX, SOCK_STREAM
 from _socket import socket as _unix_socket
 from _thread import allocate_lock
 
+from .wire import (
+    DEFAULT_WAIT,
+    ERRORS,
+    EXIT_ATTENTION,
+    EXIT_DENIED,
+    EXIT_UNAVAILABLE,
+    EXIT_UNEXPECTED,
+    EXIT_UNKNOWN,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    MAX_MIN_TTL,
+    MAX_WAIT,
+    SOCKET_PATH_MAX,
+    TOKEN_LIFETIME_HEADER,
+    default_config_path,
+    default_socket_path,
+    socket_path,
+)
+
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -49,16 +68,14 @@ __all__ = [
     "SugardError",
     "TokenUnavailable",
     "UnknownInstance",
+    "default_config_path",
+    "default_socket_path",
     "resolve_socket",
 ]
 
-DEFAULT_WAIT = 10.0  # how long the daemon waits for a token when a request names no wait
-# The daemon's bounds (sugard.api; tests/test_client.py checks that both agree), so that a
-# request it would refuse is refused here, in words the caller used.
-MAX_WAIT = 300.0
-MAX_MIN_TTL = 86400.0
-LIFETIME_HEADER = b"sugard-token-lifetime"  # sent when a token has less than min_ttl left
-SOCKET_PATH_MAX = 107  # sun_path is 108 bytes on Linux, including the terminating NUL
+# The daemon's bounds, so that a request it would refuse is refused here, in words the
+# caller used; the header it adds when a token cannot have min_ttl left.
+LIFETIME_HEADER = TOKEN_LIFETIME_HEADER.lower().encode()
 _MAX_LINE = 65536
 _MAX_BODY = 64 * 1024 * 1024
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
@@ -67,7 +84,7 @@ _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 class SugardError(Exception):
     """Base of every error the client raises; `message` is one line for a human."""
 
-    exit_code = 1
+    exit_code = EXIT_UNEXPECTED
 
     def __init__(self, message: str, body: Mapping[str, Any] | None = None) -> None:
         message = " ".join(message.split())  # one line, whatever the daemon sent
@@ -77,19 +94,19 @@ class SugardError(Exception):
 
 
 class BadRequest(SugardError):
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UnknownInstance(SugardError):
-    exit_code = 3
+    exit_code = EXIT_UNKNOWN
 
 
 class DaemonUnreachable(SugardError):
-    exit_code = 4
+    exit_code = EXIT_UNREACHABLE
 
 
 class TokenUnavailable(SugardError):
-    exit_code = 5
+    exit_code = EXIT_UNAVAILABLE
 
     @property
     def retry_after(self) -> float | None:
@@ -99,7 +116,7 @@ class TokenUnavailable(SugardError):
 
 
 class NeedsAttention(SugardError):
-    exit_code = 6
+    exit_code = EXIT_ATTENTION
 
     @property
     def errors(self) -> list[str]:
@@ -109,18 +126,16 @@ class NeedsAttention(SugardError):
 
 
 class PermissionDenied(SugardError):
-    exit_code = 7
+    exit_code = EXIT_DENIED
 
 
+# Each of the daemon's error codes raises the class of its exit code (sugard.wire.ERRORS).
+_BY_EXIT: dict[int, type[SugardError]] = {
+    cls.exit_code: cls
+    for cls in (BadRequest, UnknownInstance, TokenUnavailable, NeedsAttention, PermissionDenied)
+}
 _ERRORS: dict[str, type[SugardError]] = {
-    "bad_request": BadRequest,
-    "unknown_instance": UnknownInstance,
-    "token_unavailable": TokenUnavailable,
-    "busy": TokenUnavailable,  # the daemon is at its connection limit: try again shortly
-    "upstream_rejected": NeedsAttention,
-    "invalid_config": NeedsAttention,
-    "forbidden": PermissionDenied,
-    "under_systemd": BadRequest,  # shutdown is systemctl's job there
+    code: _BY_EXIT.get(exit_code, SugardError) for code, (_, exit_code) in ERRORS.items()
 }
 
 
@@ -129,32 +144,8 @@ _ERRORS: dict[str, type[SugardError]] = {
 
 def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> str:
     """`explicit` > `$SUGARD_SOCKET` > `[daemon].socket` of the config > the default path:
-    the order `sugard run` uses, so both ends agree without being told."""
-    if explicit:
-        return os.path.expanduser(os.fspath(explicit))
-    env = os.environ
-    if env.get("SUGARD_SOCKET"):
-        return os.path.expanduser(env["SUGARD_SOCKET"])
-    configured = _config_socket(default_config_path(env))
-    return configured or default_socket_path(env)
-
-
-# The same rules as sugard.paths, on strings: pathlib would cost sugarctl an import of `re`.
-# tests/test_client.py checks that both give the same answers.
-
-
-def default_config_path(env: Mapping[str, str]) -> str:
-    if env.get("SUGARD_CONFIG"):
-        return os.path.expanduser(env["SUGARD_CONFIG"])
-    base = env.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(base, "sugard", "config.toml")
-
-
-def default_socket_path(env: Mapping[str, str]) -> str:
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return os.path.join(runtime, "sugard", "sugard.sock")
-    return f"/tmp/sugard-{os.getuid()}/sugard.sock"
+    the order `sugard run` uses (sugard.wire.socket_path), so both ends agree."""
+    return socket_path(explicit, lambda: _config_socket(default_config_path()))
 
 
 def _config_socket(config_path: str) -> str | None:
@@ -174,7 +165,7 @@ def _config_socket(config_path: str) -> str | None:
     except (ValueError, UnicodeDecodeError):
         return None
     path = daemon.get("socket") if isinstance(daemon, dict) else None
-    return os.path.expanduser(path) if isinstance(path, str) and path else None
+    return path if isinstance(path, str) and path else None
 
 
 # JSON through _json's C scanner (see the module docstring)

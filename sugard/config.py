@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import DaemonError
 from .fleet_config import (
     FLEET_SECRETS,
     LEASE_MARGIN,
@@ -107,8 +108,10 @@ class Problem:
         )
 
 
-class ConfigError(Exception):
+class ConfigError(DaemonError):
     """The config cannot be used; `problems` says every reason."""
+
+    code = "invalid_config"
 
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems

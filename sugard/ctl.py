@@ -17,14 +17,14 @@ import os
 import sys
 
 from . import __version__
-from .client import (
+from .client import BadRequest, NeedsAttention, SugardClient, SugardError, TokenUnavailable
+from .wire import (
+    EXIT_ATTENTION,
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+    EXIT_UNEXPECTED,
     MAX_MIN_TTL,
     MAX_WAIT,
-    BadRequest,
-    NeedsAttention,
-    SugardClient,
-    SugardError,
-    TokenUnavailable,
 )
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
@@ -208,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(problem, file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         # Whoever read our stdout went away (`sugarctl status | head -1`): not an error of
         # ours, and Python must not complain about it again when it flushes at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+        return EXIT_UNEXPECTED
     finally:
         client.close()
 
@@ -267,7 +267,7 @@ def _run(args: _Args, client: SugardClient) -> int:
         # Applied, but these instances stay failed until a person acts (exit 6).
         for message in (diff.get("needs_attention") or {}).values():
             print(f"sugarctl: {message}", file=sys.stderr)
-        return 6 if diff.get("needs_attention") else 0
+        return EXIT_ATTENTION if diff.get("needs_attention") else 0
     elif command == "shutdown":
         wait = args.seconds("--wait")
         _shutdown(client, SHUTDOWN_WAIT if wait is None else wait)
@@ -317,7 +317,7 @@ def _fingerprint(token: str) -> str:
 
 
 class _StillStopping(SugardError):
-    exit_code = 5
+    exit_code = EXIT_UNAVAILABLE
 
 
 def _shutdown(client: SugardClient, wait: float) -> None:

@@ -10,6 +10,18 @@ from __future__ import annotations
 
 import textwrap
 
+from .wire import (
+    EXIT_ATTENTION,
+    EXIT_DENIED,
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+    EXIT_UNEXPECTED,
+    EXIT_UNKNOWN,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    SOCKET_ORDER,
+)
+
 __all__ = [
     "EXIT_CODES",
     "SOCKET_ORDER",
@@ -21,24 +33,19 @@ __all__ = [
 ]
 
 WIDTH = 79
-SOCKET_ORDER = (
-    "$SUGARD_SOCKET, else [daemon].socket of the config ($SUGARD_CONFIG, "
-    "else $XDG_CONFIG_HOME/sugard/config.toml), else $XDG_RUNTIME_DIR/sugard/sugard.sock, "
-    "else /tmp/sugard-$UID/sugard.sock"
-)
-
 EXIT_CODES = {
     0: "ok",
-    1: "unexpected answer from the daemon (its log says more)",
-    2: "usage error (the message says which argument); shutdown: systemd runs this sugard",
-    3: "unknown instance (the message lists the configured ones)",
-    4: "daemon not reachable (start it: systemctl --user start sugard, or sugard run)",
-    5: "token not available now (Sugar down, or still logging in past --wait), or sugard is "
-    "at its connection limit: retry later",
-    6: "instance needs attention (Sugar rejected the credentials, client or platform, or a "
-    "reload found errors in the config): fix the config, then sugarctl reload",
-    7: "permission denied by the daemon, or no access to its socket",
-    130: "interrupted (Ctrl-C)",
+    EXIT_UNEXPECTED: "unexpected answer from the daemon (its log says more)",
+    EXIT_USAGE: "usage error (the message says which argument); shutdown: systemd runs this sugard",
+    EXIT_UNKNOWN: "unknown instance (the message lists the configured ones)",
+    EXIT_UNREACHABLE: "daemon not reachable (start it: systemctl --user start sugard, or "
+    "sugard run)",
+    EXIT_UNAVAILABLE: "token not available now (Sugar down, or still logging in past --wait), "
+    "or sugard is at its connection limit: retry later",
+    EXIT_ATTENTION: "instance needs attention (Sugar rejected the credentials, client or "
+    "platform, or a reload found errors in the config): fix the config, then sugarctl reload",
+    EXIT_DENIED: "permission denied by the daemon, or no access to its socket",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
 _MIN_TTL = (

@@ -14,12 +14,11 @@ import time
 from typing import IO, Any
 
 from .client import SugardClient, SugardError, UnknownInstance
+from .wire import EXIT_UNAVAILABLE, SERVING, SETTLING
 
 __all__ = ["detail", "status", "table"]
 
 WIDTH = 80
-SETTLING = ("starting", "logging_in")  # no outcome yet: what --wait waits out
-SERVING = ("ready", "refreshing")
 POLL = 0.1  # seconds between two looks at a settling daemon
 _GREEN, _YELLOW, _RED, _DIM = "32", "33", "31", "2"
 _STATE_COLOURS = {"ready": _GREEN, "failed": _RED}  # the others: yellow
@@ -28,7 +27,7 @@ _STATE_COLOURS = {"ready": _GREEN, "failed": _RED}  # the others: yellow
 class StillSettling(SugardError):
     """--wait ran out while instances were still starting or logging in."""
 
-    exit_code = 5
+    exit_code = EXIT_UNAVAILABLE
 
 
 def status(

@@ -35,15 +35,7 @@ import aiohttp
 from aiohttp import web
 
 from . import __version__, handoff
-from .api import (
-    KEY_METRICS,
-    ApiRunner,
-    Peer,
-    ReloadFailed,
-    make_app,
-    metrics_text,
-    peer_of_tcp_socket,
-)
+from .api import KEY_METRICS, make_app, metrics_text
 from .config import (
     Config,
     ConfigError,
@@ -53,13 +45,16 @@ from .config import (
     resolve_instance_secrets,
     split_host_port,
 )
+from .errors import ReloadFailed, SocketError
 from .events import EventHooks
 from .keeper import MAX_SLEEP, Keeper
 from .metrics import Metrics
 from .observe import Fanout
 from .outbound import route_lines
 from .paths import SOCKET_PATH_MAX
+from .peer import Peer, may_use, peer_of_tcp_socket
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
+from .serving import ApiRunner
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier, started_by_systemd
 
@@ -75,10 +70,6 @@ RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace", "metrics_list
 def _grace(config: Config) -> float:
     """`shutdown_grace` for aiohttp, which reads 0 as "wait forever", not "do not wait"."""
     return max(config.daemon.shutdown_grace, 0.001)
-
-
-class SocketError(Exception):
-    """The socket cannot be set up; the message says what to do."""
 
 
 def check_socket_dir(directory: Path) -> None:
@@ -297,7 +288,9 @@ class Daemon:
         self._listeners: dict[str, ProxyListener] = {}  # instance -> its proxy's TCP listener
         self._forwarder: Forwarder | None = None
         # Metrics and on_event hooks (issue 18): keepers, api and proxy report to `observer`.
-        self.metrics = Metrics(lambda: [k.status() for k in self._keepers.values()], clock=clock)
+        self.metrics = Metrics(
+            lambda: [k.status().as_dict() for k in self._keepers.values()], clock=clock
+        )
         self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
         self.observer = Fanout(self.metrics, self.hooks)
         self._metrics_runner: web.AppRunner | None = None
@@ -313,25 +306,9 @@ class Daemon:
         return self._keepers
 
     def allowed(self, peer: Peer, instance: str | None) -> bool:
-        """The daemon's own uid and root always; others only if `[daemon]` allowed_uids /
-        allowed_gids list them (widen), and, for an instance with lists of its own, those
-        too (narrow). A gid matches the peer's primary or supplementary groups."""
-        if peer.uid in (os.getuid(), 0):
-            return True
-
-        def listed(uids: tuple[int, ...], gids: tuple[int, ...]) -> bool:
-            return peer.uid in uids or any(g in gids for g in (peer.gid, *peer.groups))
-
-        daemon = self.config.daemon
-        if not listed(daemon.allowed_uids, daemon.allowed_gids):
-            return False
+        """sugard.peer.may_use, with this daemon's config and the instance's running one."""
         keeper = self._keepers.get(instance) if instance else None
-        if keeper is None:
-            return True
-        cfg = keeper.config
-        if cfg.allowed_uids is None and cfg.allowed_gids is None:
-            return True
-        return listed(cfg.allowed_uids or (), cfg.allowed_gids or ())
+        return may_use(peer, self.config.daemon, keeper.config if keeper else None)
 
     async def start(self) -> None:
         """Open the socket first (so a second daemon fails fast), then start every keeper;
@@ -358,10 +335,12 @@ class Daemon:
         app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         self._forwarder = app[KEY_FORWARDER]
         self._forwarder.observer = self.observer
-        runner = ApiRunner(app, shutdown_timeout=_grace(self.config))
+        runner = ApiRunner(
+            app, lambda peer: self.allowed(peer, None), shutdown_timeout=_grace(self.config)
+        )
         self._runner = runner
         await runner.setup()
-        await web.SockSite(runner, sock, backlog=runner.backlog).start()
+        await runner.serve(sock)
         try:
             self._listeners = await self._open_listeners(self.config, {})
         except ReloadFailed as exc:

@@ -29,7 +29,9 @@ from .config import (
     secret_file_problem,
     session_identity,
 )
+from .errors import DaemonError
 from .paths import default_config_path
+from .wire import INSTANCE_NAME_RULE
 
 __all__ = ["add_init_arguments", "run_init", "write_private"]
 
@@ -43,12 +45,15 @@ HEADER = (
 )
 
 
-class InitError(Exception):
-    """Bad input or a file in the way; the message says what to do. `code` is the exit code."""
+class InitError(DaemonError):
+    """Bad input or a file in the way; the message says what to do. `exit_code` is the exit
+    code (`code` the wire's, as for every DaemonError)."""
+
+    code = "bad_request"
 
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
-        self.code = code
+        self.exit_code = code
 
 
 def add_init_arguments(p: argparse.ArgumentParser) -> None:
@@ -216,10 +221,7 @@ def _checker(key: str) -> Callable[[str], str]:
     def check(value: str) -> str:
         if key == "name":
             if not INSTANCE_NAME.fullmatch(value):
-                raise ValueError(
-                    f"{value!r} is not a valid instance name: use up to 64 of A-Z, a-z, 0-9, "
-                    "'_', '.' and '-', starting with a letter or digit"
-                )
+                raise ValueError(f"{value!r} is not a valid instance name: {INSTANCE_NAME_RULE}")
             return value
         result: str = INSTANCE_SCHEMA[key](value)
         return result
@@ -430,7 +432,7 @@ def run_init(args: argparse.Namespace, path: Path) -> int:
         return _init(args, path)
     except InitError as exc:
         print(f"sugard init: {exc}", file=sys.stderr)
-        return exc.code
+        return exc.exit_code
 
 
 def _init(args: argparse.Namespace, path: Path) -> int:

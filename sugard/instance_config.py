@@ -36,6 +36,7 @@ from .values import (
     table_of,
     type_name,
 )
+from .wire import INSTANCE_NAME_RULE
 
 __all__ = [
     "INSTANCE_DEFAULTS",
@@ -291,8 +292,7 @@ def parse_instances(
         if not INSTANCE_NAME.fullmatch(name):
             problem(
                 where,
-                "bad instance name: use up to 64 of A-Z, a-z, 0-9, '_', '.' and '-', "
-                "starting with a letter or digit",
+                f"bad instance name: {INSTANCE_NAME_RULE}",
             )
             continue
         if not isinstance(table, dict):

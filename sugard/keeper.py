@@ -26,19 +26,22 @@ import random
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
+from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
 from .observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
 from .secret import Secret
 from .sugar import (
     ClientRejected,
     CredentialsRejected,
     Grant,
+    Locked,
     Probe,
+    RefreshConsumed,
     RefreshRejected,
     RejectedError,
     SugarClient,
@@ -93,27 +96,44 @@ class State(enum.StrEnum):
     FAILED = "failed"
 
 
-class TokenUnavailable(Exception):
-    """No valid token within the wait; try again after `retry_after` seconds."""
-
-    def __init__(self, message: str, retry_after: float) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class NeedsAttention(Exception):
-    """Sugar refused for a reason a person must fix; sugard will not retry by itself."""
-
-
-class InstanceStopped(Exception):
-    """The instance was removed (reload) or the daemon is stopping."""
-
-
 @dataclass(frozen=True)
 class LastError:
     at: float
     kind: str
     message: str
+
+
+@dataclass(frozen=True)
+class ErrorStatus:
+    """The last error as STATUS shows it; `current`: the instance's state now, not a past one."""
+
+    at: float
+    kind: str
+    message: str
+    current: bool
+
+
+@dataclass(frozen=True)
+class Status:
+    """One instance at one moment (`Keeper.status()`); times are epoch seconds."""
+
+    name: str
+    url: str
+    username: str
+    platform: str
+    state: str
+    expires_at: float | None
+    refresh_at: float | None
+    last_refresh: float | None
+    last_error: ErrorStatus | None
+    logins: int
+    refreshes: int
+    failures: int
+    token_fingerprint: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The STATUS object's fields and order, times still epoch seconds."""
+        return asdict(self)
 
 
 class Need(enum.Enum):
@@ -456,32 +476,30 @@ class Keeper:
             self._resumed = None
             self._notify()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Status:
+        """A frozen snapshot of the instance now, for the API to render and metrics to read."""
         grant = self._grant
         error = self.last_error
-        return {
-            "name": self.name,
-            "url": self.config.url,
-            "username": self.config.username,
-            "platform": self.config.platform,
-            "state": self.state.value,
-            "expires_at": grant.expires_at if grant else None,
-            "refresh_at": self.refresh_at,
-            "last_refresh": self.last_refresh,
-            "last_error": (
-                {
-                    "at": error.at,
-                    "kind": error.kind,
-                    "message": error.message,
-                    "current": self._error_is_current(error),
-                }
+        return Status(
+            name=self.name,
+            url=self.config.url,
+            username=self.config.username,
+            platform=self.config.platform,
+            state=self.state.value,
+            expires_at=grant.expires_at if grant else None,
+            refresh_at=self.refresh_at,
+            last_refresh=self.last_refresh,
+            last_error=(
+                ErrorStatus(error.at, error.kind, error.message, self._error_is_current(error))
                 if error
                 else None
             ),
-            "logins": self.logins,
-            "refreshes": self.refreshes,
-            "failures": self.failures,
-        }
+            logins=self.logins,
+            refreshes=self.refreshes,
+            failures=self.failures,
+            # The name the log gives the current token, so a log line can be matched to it.
+            token_fingerprint=grant.access_token.fingerprint if grant else None,
+        )
 
     # Waiting on the supervisor
 
@@ -672,11 +690,10 @@ class Keeper:
             self._refresh_token = None
             self._evicted("refresh")
             return None
-        except TransientError as exc:
-            if exc.status == 401:
-                # Maintenance or a license lock: Sugar deleted the refresh token before
-                # refusing, so the next try must be a password login.
-                self._refresh_token = None
+        except RefreshConsumed:
+            # Maintenance or a license lock: Sugar deleted the refresh token before
+            # refusing, so the next try must be a password login.
+            self._refresh_token = None
             raise
 
     async def _login(self) -> Grant:
@@ -904,7 +921,7 @@ class Keeper:
         ceiling = min(cap, 2.0 ** (retry_state.attempt_number - 1))
         delay = max(min(1.0, cap), ceiling * self._rng())
         if isinstance(exc, TransientError):
-            if exc.long:
+            if isinstance(exc, Locked):
                 delay = max(delay, min(LONG_BACKOFF, cap) * (1 + JITTER * self._rng()))
             if exc.retry_after is not None:
                 delay = max(delay, min(exc.retry_after, cap))

@@ -11,24 +11,20 @@ import copy
 from typing import Any
 
 from . import __version__
+from .wire import (
+    DEFAULT_WAIT,
+    ERRORS,
+    INSTANCE_NAME_PATTERN,
+    MAX_MIN_TTL,
+    MAX_WAIT,
+    STATES,
+    TOKEN_LIFETIME_HEADER,
+)
 
 __all__ = ["ERROR_CODES", "spec"]
 
-ERROR_CODES = (
-    "bad_request",
-    "busy",
-    "forbidden",
-    "internal",
-    "invalid_config",
-    "method_not_allowed",
-    "not_found",
-    "token_unavailable",
-    "under_systemd",
-    "unknown_instance",
-    "upstream_rejected",
-)
-INSTANCE_NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-STATES = ("starting", "logging_in", "ready", "refreshing", "backing_off", "failed")
+ERROR_CODES = tuple(sorted(ERRORS))
+INSTANCE_NAME = f"^{INSTANCE_NAME_PATTERN}$"
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -107,7 +103,7 @@ def _token_answers(**extra: dict[str, Any]) -> dict[str, Any]:
             "200": _json(
                 _ref("Token"),
                 "the access token to use now",
-                **{"Cache-Control": _NO_STORE, "Sugard-Token-Lifetime": _TOKEN_LIFETIME},
+                **{"Cache-Control": _NO_STORE, TOKEN_LIFETIME_HEADER: _TOKEN_LIFETIME},
             ),
             "502": _error(
                 "Sugar refused the credentials, client or platform; a person must fix the config",
@@ -130,7 +126,7 @@ _NAME = {
     "in": "path",
     "required": True,
     "description": "instance name, as in [instances.NAME]",
-    "schema": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+    "schema": {"type": "string", "pattern": INSTANCE_NAME},
     "example": "prod",
 }
 
@@ -202,7 +198,7 @@ SCHEMAS: dict[str, Any] = {
         ],
         "additionalProperties": False,
         "properties": {
-            "name": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+            "name": {"type": "string", "pattern": INSTANCE_NAME},
             "url": {"type": "string"},
             "username": {"type": "string"},
             "platform": {"type": "string"},
@@ -254,7 +250,7 @@ SCHEMAS: dict[str, Any] = {
         ],
         "additionalProperties": False,
         "properties": {
-            "instance": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+            "instance": {"type": "string", "pattern": INSTANCE_NAME},
             "url": {"type": "string", "description": "the site root; call {url}/rest/v10/..."},
             "access_token": {"type": "string", "minLength": 1, "description": "OAuth-Token"},
             "token_type": {"type": "string"},
@@ -320,7 +316,7 @@ SCHEMAS: dict[str, Any] = {
         "required": ["instance", "socket_url", "listen_url"],
         "additionalProperties": False,
         "properties": {
-            "instance": {"type": "string", "pattern": INSTANCE_NAME_PATTERN},
+            "instance": {"type": "string", "pattern": INSTANCE_NAME},
             "socket_url": {
                 "type": "string",
                 "description": "the Sugar site root over this socket",
@@ -439,12 +435,17 @@ def _document() -> dict[str, Any]:
                     "parameters": [
                         _seconds(
                             "min_ttl",
-                            86400,
+                            int(MAX_MIN_TTL),
                             60,
                             "the token must stay valid this long (capped at 90% of Sugar's "
                             "token lifetime); a fresher one is fetched if needed",
                         ),
-                        _seconds("wait", 300, 5, "how long to wait for a token (default 10)"),
+                        _seconds(
+                            "wait",
+                            int(MAX_WAIT),
+                            5,
+                            f"how long to wait for a token (default {DEFAULT_WAIT:g})",
+                        ),
                     ],
                     "responses": _token_answers(),
                 },

@@ -1,4 +1,6 @@
-"""Who is at the other end of a loopback TCP connection: the uid that owns the peer's socket.
+"""Who is connecting, and whether they may: the peer of a Unix socket (`SO_PEERCRED`,
+`SO_PEERGROUPS`), the owner of a loopback TCP peer, and the access policy (`may_use`), a pure
+function of the config.
 
 A Unix socket tells its peer's credentials (`SO_PEERCRED`); a TCP socket does not. But on
 loopback the peer's socket lives in our own kernel, so the kernel can be asked who owns it:
@@ -27,9 +29,19 @@ import pwd
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["TcpPeerOwner", "account_groups", "tcp_peer_owner"]
+__all__ = [
+    "AccessLists",
+    "Peer",
+    "TcpPeerOwner",
+    "account_groups",
+    "may_use",
+    "peer_of_socket",
+    "peer_of_tcp_socket",
+    "refusal",
+    "tcp_peer_owner",
+]
 
 log = logging.getLogger("sugard.peer")
 
@@ -52,9 +64,120 @@ INET_DIAG_NOCOOKIE = b"\xff" * 8  # "any socket with this 4-tuple", not one inca
 ALL_STATES = 0xFFFFFFFF
 SEQ = 1
 RECV_SIZE = 8192
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python has no name for it
+MAX_PEER_GROUPS = 256  # Python's getsockopt reads at most 1024 bytes
 
 Address = tuple[Any, ...]  # (host, port) or, for AF_INET6, (host, port, flowinfo, scope_id)
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The process at the other end of a connection, as the kernel saw it at connect time."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: tuple[int, ...] = ()  # supplementary groups; `gid` is not necessarily among them
+
+    def executable(self) -> str:
+        """The peer's program, for the log: its path, else (another user's process) its name."""
+        try:
+            return os.readlink(f"/proc/{self.pid}/exe")
+        except OSError:
+            pass
+        try:
+            with open(f"/proc/{self.pid}/comm", encoding="utf-8", errors="replace") as f:
+                return f"[{f.read().strip()}]"
+        except OSError:
+            return "?"
+
+    def describe(self) -> str:
+        return f"pid {self.pid} uid {self.uid} ({self.executable()!r})"
+
+
+def peer_of_socket(sock: Any) -> Peer | None:
+    """SO_PEERCRED (and SO_PEERGROUPS) of a Unix socket; None for any other kind of socket."""
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Peer(pid, uid, gid, _peer_groups(sock))
+
+
+def peer_of_tcp_socket(sock: Any) -> Peer | None:
+    """The owner of a loopback TCP peer, with its account's groups (a TCP socket keeps none);
+    None if the kernel names no owner. Its pid is unknown (0): a socket has no process."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return None
+    try:
+        owner = tcp_peer_owner(sock.getsockname(), sock.getpeername())
+    except OSError:
+        return None
+    if owner is None:
+        return None
+    account = account_groups(owner.uid)
+    gid, groups = account if account is not None else (-1, ())
+    return Peer(0, owner.uid, gid, groups)
+
+
+def _peer_groups(sock: Any) -> tuple[int, ...]:
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
+    except OSError as exc:
+        # ERANGE: more groups than we read; the peer is then judged by uid and primary gid.
+        if exc.errno not in (errno.ERANGE, errno.ENOPROTOOPT):
+            log.debug("cannot read SO_PEERGROUPS: %s", exc.strerror)
+        return ()
+    count = len(raw) // 4
+    return tuple(struct.unpack(f"{count}I", raw[: 4 * count]))
+
+
+class AccessLists(Protocol):
+    """Who a config lets in: `[daemon]`'s lists, or an instance's (None: not narrowed)."""
+
+    @property
+    def allowed_uids(self) -> tuple[int, ...] | None: ...
+
+    @property
+    def allowed_gids(self) -> tuple[int, ...] | None: ...
+
+
+def may_use(
+    peer: Peer, daemon: AccessLists, instance: AccessLists | None, owner: int | None = None
+) -> bool:
+    """The daemon's owner (`owner`, by default our uid) and root always; others only if
+    `daemon`'s allowed_uids / allowed_gids list them (widen), and, for an `instance` with
+    lists of its own, those too (narrow). A gid matches the peer's primary or supplementary
+    groups."""
+    if peer.uid in (os.getuid() if owner is None else owner, 0):
+        return True
+
+    def listed(uids: tuple[int, ...] | None, gids: tuple[int, ...] | None) -> bool:
+        return peer.uid in (uids or ()) or any(g in (gids or ()) for g in (peer.gid, *peer.groups))
+
+    if not listed(daemon.allowed_uids, daemon.allowed_gids):
+        return False
+    if instance is None or (instance.allowed_uids is None and instance.allowed_gids is None):
+        return True
+    return listed(instance.allowed_uids, instance.allowed_gids)
+
+
+def refusal(peer: Peer, instance: str | None) -> str:
+    """Why `peer` is refused `instance` (None: the daemon itself), and who can change that."""
+    if instance is not None:
+        shown = instance if len(instance) <= 80 else instance[:80] + "..."
+        return (
+            f"uid {peer.uid} may not use instance {shown!r}; its allowed_uids / "
+            "allowed_gids in the config decide who may"
+        )
+    return (
+        f"uid {peer.uid} may not use this sugard; its owner can add the uid to allowed_uids "
+        "(or a group to allowed_gids) in [daemon]"
+    )
 
 
 @dataclass(frozen=True)

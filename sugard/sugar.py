@@ -7,8 +7,19 @@ Everything Sugar (or the network, or a proxy in front of Sugar) can answer is tr
 once, into a `Grant` or one of the errors below; nothing above this module sees aiohttp.
 
     SugarError                    anything that kept us from getting a token
-    +-- TransientError            worth retrying later: network, timeouts, 408/425/429/5xx,
-    |                             bodies that are not Sugar's JSON, maintenance, license locks
+    +-- TransientError            worth retrying later; `retry_after`: the server's wish
+    |   +-- Timeout               no answer within `timeout`
+    |   +-- Unreachable           no connection (DNS, refused, TLS handshake, the proxy)
+    |   +-- ProxyFailed           the proxy would not pass the request on (not a 407)
+    |   +-- BadResponse           an answer that is not Sugar's JSON (a proxy's page?)
+    |   +-- RateLimited           429
+    |   +-- ServerError           408, 425, 5xx
+    |   +-- Locked                for hours, not seconds: the keeper backs off patiently
+    |   |   +-- Maintenance       maintenance mode (503 maintenance)
+    |   |   +-- LicenseLocked     license expired, or no free seat (403 license_seats_needed)
+    |   +-- RefreshConsumed       Sugar deleted the refresh token before refusing: log in next
+    |       +-- MaintenanceLogout 401 need_login saying "maintenance" (also a Maintenance)
+    |       +-- LicenseLogout     401 need_login naming the license (also a LicenseLocked)
     +-- RejectedError             Sugar said no, and asking again will not change that
         +-- CredentialsRejected   401 need_login on a password login (never retried: lockout)
         +-- ClientRejected        400 invalid_client
@@ -16,7 +27,9 @@ once, into a `Grant` or one of the errors below; nothing above this module sees 
         +-- RefreshRejected       the refresh token is gone (evicted, rotated, expired)
         +-- ProxyRejected         407 from the proxy: its credentials are missing or wrong
 
-Branching uses the HTTP status and the `error` label only, since `error_message` is localised;
+Which class an answer becomes is chosen by tables (`_UNAVAILABLE`, `_NEED_LOGIN_LOCKS`), so the
+keeper decides by class alone and never reads an HTTP status. Branching uses the HTTP status
+and the `error` label only, since `error_message` is localised;
 the one exception is telling maintenance and license locks from a bad password, which Sugar
 answers with the same 401 `need_login`, so their English texts are recognised.
 """
@@ -44,17 +57,29 @@ from .text import one_line
 from .tls import UnusableCaFile, tls_context
 
 __all__ = [
+    "BadResponse",
     "ClientRejected",
     "CredentialsRejected",
     "Grant",
+    "LicenseLocked",
+    "LicenseLogout",
+    "Locked",
+    "Maintenance",
+    "MaintenanceLogout",
     "PlatformRejected",
     "Probe",
+    "ProxyFailed",
     "ProxyRejected",
+    "RateLimited",
+    "RefreshConsumed",
     "RefreshRejected",
     "RejectedError",
+    "ServerError",
     "SugarClient",
     "SugarError",
+    "Timeout",
     "TransientError",
+    "Unreachable",
     "new_http_session",
 ]
 
@@ -111,22 +136,83 @@ class SugarError(Exception):
 
 
 class TransientError(SugarError):
-    """Try again later. `retry_after` is the server's wish, `long` asks for a patient backoff."""
+    """Try again later. `retry_after` is the server's wish (seconds), if it said one."""
+
+    kind = "transient"
 
     def __init__(
         self,
         message: str,
         *,
-        kind: str,
         status: int | None = None,
         label: str | None = None,
         retry_after: float | None = None,
-        long: bool = False,
     ):
         super().__init__(message, status=status, label=label)
-        self.kind = kind
         self.retry_after = retry_after
-        self.long = long
+
+
+class Timeout(TransientError):
+    kind = "timeout"
+
+
+class Unreachable(TransientError):
+    kind = "unreachable"
+
+
+class ProxyFailed(TransientError):
+    kind = "proxy"
+
+
+class BadResponse(TransientError):
+    kind = "bad_response"
+
+
+class RateLimited(TransientError):
+    kind = "rate_limited"
+
+
+class ServerError(TransientError):
+    kind = "server_error"
+
+
+class Locked(TransientError):
+    """The site refuses for hours (maintenance, its license): retrying soon only adds load."""
+
+
+class Maintenance(Locked):
+    kind = "maintenance"
+
+
+class LicenseLocked(Locked):
+    kind = "license"
+
+
+class RefreshConsumed(TransientError):
+    """Sugar deleted the refresh token before it refused: the next try must log in."""
+
+
+class MaintenanceLogout(RefreshConsumed, Maintenance):
+    pass
+
+
+class LicenseLogout(RefreshConsumed, LicenseLocked):
+    pass
+
+
+# What an answer that says "not now" becomes: by Sugar's `error` label, else by status.
+_UNAVAILABLE_BY_LABEL: dict[str, type[TransientError]] = {"maintenance": Maintenance}
+_UNAVAILABLE: dict[int, type[TransientError]] = {429: RateLimited}  # others: ServerError
+# 401 need_login is Sugar's answer to a bad password and to a locked site alike; only the
+# (English) text tells a lock: (pattern, class, what to say after "{url} ").
+_NEED_LOGIN_LOCKS: tuple[tuple[re.Pattern[str], type[RefreshConsumed], str], ...] = (
+    (MAINTENANCE_TEXT, MaintenanceLogout, "is in maintenance mode{says}"),
+    (
+        LICENSE_TEXT,
+        LicenseLogout,
+        "refuses logins because of its license{says}; an administrator must renew or extend it",
+    ),
+)
 
 
 class RejectedError(SugarError):
@@ -317,7 +403,7 @@ class SugarClient:
             ) as response:
                 status = response.status
                 raw = await response.read()
-                retry_after = _parse_retry_after(response.headers.get("Retry-After"))
+                retry_after = _parse_retry_after(response.headers.get("Retry-After"), self._clock())
         except aiohttp.ClientConnectorCertificateError as exc:
             raise RejectedError(
                 f"TLS certificate of {i.url} not trusted ({exc.certificate_error}); "
@@ -326,18 +412,13 @@ class SugarClient:
         except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the CONNECT
             raise _proxy_refused(i, route, exc.status) from exc
         except aiohttp.ClientProxyConnectionError as exc:
-            raise TransientError(
-                f"cannot reach proxy {route.proxy} (for {i.url}): {_describe_network_error(exc)}",
-                kind="unreachable",
+            raise Unreachable(
+                f"cannot reach proxy {route.proxy} (for {i.url}): {_describe_network_error(exc)}"
             ) from exc
         except TimeoutError as exc:
-            raise TransientError(
-                f"no answer from {i.url}{via} within {i.timeout:g} s", kind="timeout"
-            ) from exc
+            raise Timeout(f"no answer from {i.url}{via} within {i.timeout:g} s") from exc
         except (aiohttp.ClientError, OSError) as exc:
-            raise TransientError(
-                f"cannot reach {i.url}{via}: {_describe_network_error(exc)}", kind="unreachable"
-            ) from exc
+            raise Unreachable(f"cannot reach {i.url}{via}: {_describe_network_error(exc)}") from exc
         if status == 407 and route.proxy:  # a plain-HTTP request the proxy did not forward
             raise _proxy_refused(i, route, status)
         # Whatever secret this request carried may come back quoted in Sugar's error text.
@@ -358,9 +439,8 @@ def _interpret(
     if status == 200:
         parsed = _parse_grant(data, sent_at) if data is not None else None
         if parsed is None:
-            raise TransientError(
+            raise BadResponse(
                 f"{i.url} answered 200 without a token (not SugarCRM's JSON; a proxy page?)",
-                kind="bad_response",
                 status=status,
             )
         return parsed
@@ -373,18 +453,14 @@ def _interpret(
     where = f"{label} ({status})" if label else f"HTTP {status}"
 
     if status in TRANSIENT_STATUSES or status >= 500:
-        kind = "rate_limited" if status == 429 else "server_error"
-        if label == "maintenance":
-            kind = "maintenance"
-        return _raise(
-            TransientError(
-                f"{i.url} is unavailable: {where}{_quote(sugar_says)}",
-                kind=kind,
-                status=status,
-                label=label,
-                retry_after=retry_after,
-                long=kind == "maintenance",
-            )
+        unavailable = _UNAVAILABLE_BY_LABEL.get(label or "") or _UNAVAILABLE.get(
+            status, ServerError
+        )
+        raise unavailable(
+            f"{i.url} is unavailable: {where}{_quote(sugar_says)}",
+            status=status,
+            label=label,
+            retry_after=retry_after,
         )
     if label is None:
         if status == 404:
@@ -393,31 +469,18 @@ def _interpret(
                 "(the site root, like https://crm.example.com)",
                 status=status,
             )
-        raise TransientError(
+        raise BadResponse(
             f"{i.url} answered HTTP {status} without SugarCRM's JSON (a proxy page?)",
-            kind="bad_response",
             status=status,
             retry_after=retry_after,
         )
 
     if status == 401 and label == "need_login":
-        if MAINTENANCE_TEXT.search(sugar_says):
-            raise TransientError(
-                f"{i.url} is in maintenance mode{_quote(sugar_says)}",
-                kind="maintenance",
-                status=status,
-                label=label,
-                long=True,
-            )
-        if LICENSE_TEXT.search(sugar_says):
-            raise TransientError(
-                f"{i.url} refuses logins because of its license{_quote(sugar_says)}; "
-                "an administrator must renew or extend it",
-                kind="license",
-                status=status,
-                label=label,
-                long=True,
-            )
+        for pattern, locked, says in _NEED_LOGIN_LOCKS:
+            if pattern.search(sugar_says):
+                raise locked(
+                    f"{i.url} " + says.format(says=_quote(sugar_says)), status=status, label=label
+                )
         if grant == "password":
             raise CredentialsRejected(
                 f"Sugar rejected the credentials of user {i.username!r} (need_login)"
@@ -434,13 +497,11 @@ def _interpret(
             label=label,
         )
     if status == 403 and label == "license_seats_needed":
-        raise TransientError(
+        raise LicenseLocked(
             f"{i.url} has no free license seat for {i.username!r}{_quote(sugar_says)}; "
             "an administrator must free or buy seats",
-            kind="license",
             status=status,
             label=label,
-            long=True,
         )
     if label == "invalid_client":
         raise ClientRejected(
@@ -480,9 +541,8 @@ def _proxy_refused(i: InstanceConfig, route: Route, status: int) -> SugarError:
     except ValueError:
         reason = f"HTTP {status}"
     if status != 407:
-        return TransientError(
+        return ProxyFailed(
             f"proxy {route.proxy} refused to pass on the request to {i.url} ({reason})",
-            kind="proxy",
             status=status,
         )
     in_config = "proxy_password (or its _file, _env, _command, _credential) in the config"
@@ -497,10 +557,6 @@ def _proxy_refused(i: InstanceConfig, route: Route, status: int) -> SugarError:
         fix = f"set proxy_username and {in_config}, then run `sugarctl reload`"
     said = f"refused {route.credentials}" if route.credentials else "asks for credentials"
     return ProxyRejected(f"proxy {route.proxy} {said} ({reason}); {fix}", status=status)
-
-
-def _raise(exc: SugarError) -> Grant:
-    raise exc
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:
@@ -539,7 +595,8 @@ def _refresh_expiry(value: object, sent_at: float) -> float | None:
     return sent_at + float(value)
 
 
-def _parse_retry_after(value: str | None) -> float | None:
+def _parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from `now` (the client's clock) that a Retry-After header asks us to wait."""
     if not value:
         return None
     value = value.strip()
@@ -549,7 +606,7 @@ def _parse_retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return max(0.0, when.timestamp() - now)
 
 
 def _redact(text: str, secrets: tuple[str, ...]) -> str:

@@ -14,9 +14,10 @@ from typing import Any, Final, Literal
 
 from .secret import Secret
 from .secrets import SECRET_KINDS, SecretRef
+from .wire import INSTANCE_NAME_PATTERN
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
-INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 PLATFORM_NAME = re.compile(r"[a-z0-9_-]{1,127}")
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")

@@ -11,13 +11,17 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
 
 # sugard's modules each may import, beyond the standard library, after the design's table.
-# Small shared helpers every layer may use: the version, the secret type, default paths, and
-# the observer interface (stdlib only) through which keeper, api and proxy report to metrics,
-# and `text.one_line` for text from elsewhere in a log or status line.
-SHARED = {"sugard", "secret", "paths", "observe", "text"}
+# Small shared helpers every layer may use: the version, the secret type, default paths, the
+# wire contract (stdlib only, cheap), the observer interface (stdlib only) through which
+# keeper, api and proxy report to metrics, and `text.one_line` for text from elsewhere in a
+# log or status line.
+SHARED = {"sugard", "secret", "paths", "wire", "observe", "text"}
 ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # module: (sugard modules, third-party packages)
-    "config": (SHARED | {"values", "secrets", "instance_config", "fleet_config"}, set()),
+    # The daemon's one error tree (stdlib, the wire codes): config's, keeper's, reload's,
+    # socket's and init's errors share its base; the api answers them in one place.
+    "errors": ({"wire"}, set()),
+    "config": (SHARED | {"errors", "values", "secrets", "instance_config", "fleet_config"}, set()),
     # The config's parts: the value checkers, the secret sources (and the one file-mode
     # check), the instance tables and the [fleet] table; each below config, stdlib only.
     "values": (SHARED | {"secrets"}, set()),
@@ -41,21 +45,26 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         SHARED | {"config", "client", "fleet", "sandbox", "sugar", "secrets", "tls", "outbound"},
         {"tomli_w"},
     ),
-    "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
+    "keeper": (SHARED | {"config", "errors", "sugar"}, {"tenacity"}),
     "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
-    # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
-    "api": (SHARED | {"config", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
+    # api: the /v1 routes (and the proxy's on the socket), thin over the keepers; serving
+    # admits connections and knows each one's peer; peer is who connects and the policy.
+    "api": (SHARED | {"errors", "keeper", "openapi", "peer", "proxy", "serving"}, {"aiohttp"}),
+    "serving": ({"peer", "wire"}, {"aiohttp"}),
     # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
-    "peer": (set(), set()),
+    "peer": (set(), set()),  # stdlib only: the policy is a pure function of the config
     "systemd": ({"text"}, set()),
-    "client": (set(), set()),
-    "ctl": ({"sugard", "client", "ctl_help", "ctl_status", "ctl_completion"}, set()),
+    # The socket API's contract both ends share: stdlib only, cheap enough for sugarctl.
+    "wire": (set(), set()),
+    "paths": ({"wire"}, set()),
+    "client": ({"wire"}, set()),
+    "ctl": ({"sugard", "client", "wire", "ctl_help", "ctl_status", "ctl_completion"}, set()),
     # sugarctl's parts loaded only when asked for (help, the status table, completion), so
     # that `sugarctl token` does not load them: stdlib and the client side only.
-    "ctl_help": (set(), set()),
-    "ctl_status": ({"client"}, set()),
+    "ctl_help": ({"wire"}, set()),
+    "ctl_status": ({"client", "wire"}, set()),
     "ctl_completion": ({"ctl", "ctl_help"}, set()),
     "auth": ({"client"}, set()),
     "testing": ({"testing"}, {"aiohttp"}),
@@ -123,3 +132,31 @@ def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:
     bad = tmp_path / "client.py"
     bad.write_text("import aiohttp\nfrom .daemon import Daemon\nfrom . import __version__\n")
     assert ({"daemon", "sugard"}, {"aiohttp"}) == imports_of(bad)
+
+
+def test_both_ends_take_the_wire_contract_from_one_table() -> None:
+    """The keeper's states, the HTTP status of each error code in the OpenAPI document and the
+    exit code each raises in the client are sugard.wire's: a drift on either end fails here."""
+    from sugard import client, wire
+    from sugard.keeper import State
+    from sugard.openapi import spec
+
+    assert list(wire.STATES) == [state.value for state in State]
+    assert {code: exit_code for code, (_, exit_code) in wire.ERRORS.items()} == {
+        code: cls.exit_code for code, cls in client._ERRORS.items()
+    }
+    seen = set()
+    for item in spec()["paths"].values():
+        for operation in item.values():
+            for status, answer in (
+                operation.get("responses", {}).items() if isinstance(operation, dict) else ()
+            ):
+                schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+                for part in schema.get("allOf", ()):
+                    for code in part.get("properties", {}).get("error", {}).get("enum", ()):
+                        seen.add(code)
+                        # bad_request also answers a body too slow (408) or too large (413)
+                        assert int(status) == wire.http_status(code) or (
+                            code == "bad_request" and status in ("408", "413")
+                        ), (status, code)
+    assert {"bad_request", "busy", "forbidden", "unknown_instance"} <= seen

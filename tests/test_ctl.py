@@ -692,7 +692,7 @@ def test_sugarctl_never_imports_aiohttp_asyncio_tenacity_or_the_daemon(daemon) -
         loaded = modules_after([], daemon.socket, *argv)
         ours = {m for m in loaded if m == "sugard" or m.startswith("sugard.")}
         status_table = {"sugard.ctl_status"} if argv[0] == "status" else set()
-        assert {"sugard", "sugard.client", "sugard.ctl"} | status_table == ours, argv
+        assert {"sugard", "sugard.client", "sugard.ctl", "sugard.wire"} | status_table == ours, argv
         for heavy in ("aiohttp", "asyncio", "tenacity", "tomli_w", "multidict", "yarl"):
             assert heavy not in loaded, (argv, heavy)
 
@@ -715,6 +715,7 @@ def test_sugarctl_token_imports_only_cheap_modules(daemon) -> None:
         "sugard",
         "sugard.client",
         "sugard.ctl",
+        "sugard.wire",
     }
     bare = subprocess.run(
         [sys.executable, "-I", "-S", "-c", "import sys; print(' '.join(sys.modules))"],

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from conftest import SUGARD, DaemonProcess, instance, sugarctl, wait_for, write_config
 
-from sugard import api
+from sugard import api, serving
 from sugard.client import DaemonUnreachable, SugardClient
 from sugard.config import load_config
 from sugard.daemon import Daemon
@@ -265,7 +265,7 @@ def test_connections_beyond_the_limit_are_turned_away_with_json(
             s = socket.socket(socket.AF_UNIX)
             s.connect(os.fspath(sock_path))
             conns.append(s)
-        limit = api.connection_limits(256)[0]
+        limit = serving.connection_limits(256)[0]
         # Until the daemon has turned away all it may not hold: then the count is its decision.
         wait_for(
             lambda: len(select.select(conns, [], [], 0)[0]) >= 250 - limit,
@@ -344,7 +344,7 @@ async def test_silent_slow_and_idle_connections_are_closed(
     """A silent connection, trickled headers and an idle kept-alive connection are closed after
     the idle timeout; a body that stops halfway gets 408 JSON and the connection closed; a token
     request waiting longer than the idle timeout for a slow login is not cut short."""
-    monkeypatch.setattr(api, "IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(serving, "IDLE_TIMEOUT", 0.5)
     monkeypatch.setattr(api, "BODY_TIMEOUT", 0.5)
     fake.delay = 1.0  # the first login takes longer than the idle timeout
     config = load_config(write_config(short_dir, {"prod": instance(fake)}))

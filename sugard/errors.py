@@ -1,0 +1,99 @@
+"""The daemon's errors: one tree, each class carrying the wire code (sugard.wire.ERRORS) that
+it answers with on the socket. sugard.api turns any of them into its JSON answer in one place
+(`api.answer`); the HTTP status comes from the wire table, never from the class.
+
+    DaemonError                 base; `.code`, `.details()` (extra fields of the answer)
+    +-- TokenUnavailable        token_unavailable  no token within the wait; `.retry_after`
+    +-- NeedsAttention          upstream_rejected  Sugar refused what a person must fix
+    +-- InstanceStopped         unknown_instance   removed by a reload, or the daemon stops
+    +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
+    +-- ConfigError             invalid_config     (sugard.config) the config cannot be used
+    +-- SocketError             internal           the socket cannot be set up (at start)
+    +-- InitError               bad_request        (sugard.init) `sugard init` cannot go on
+
+The keeper raises the first three; the daemon the reload's and the socket's. What Sugar
+answers is another tree (sugard.sugar.SugarError): the keeper decides what each means, and
+raises one of these. The client's tree (sugard.client.SugardError) is its own, built from the
+same wire table, so that `sugarctl` never imports this side.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .wire import ERRORS
+
+__all__ = [
+    "DaemonError",
+    "InstanceStopped",
+    "NeedsAttention",
+    "ReloadFailed",
+    "SocketError",
+    "TokenUnavailable",
+]
+
+
+class DaemonError(Exception):
+    """Base of the daemon's errors; `code` is the error code of its answer on the socket."""
+
+    code = "internal"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.code not in ERRORS:
+            raise TypeError(f"{cls.__name__}.code {cls.code!r} is not in sugard.wire.ERRORS")
+
+    @property
+    def answer_message(self) -> str:
+        """The answer's one-line `message`: the error's own words, unless it says otherwise."""
+        return str(self)
+
+    def details(self) -> dict[str, Any]:
+        """Fields the answer carries beyond `error` and `message`."""
+        return {}
+
+
+class TokenUnavailable(DaemonError):
+    """No valid token within the wait; try again after `retry_after` seconds."""
+
+    code = "token_unavailable"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def details(self) -> dict[str, Any]:
+        return {"retry_after": self.retry_after}
+
+
+class NeedsAttention(DaemonError):
+    """Sugar refused for a reason a person must fix; sugard will not retry by itself."""
+
+    code = "upstream_rejected"
+
+
+class InstanceStopped(DaemonError):
+    """The instance was removed (reload) or the daemon is stopping."""
+
+    code = "unknown_instance"
+
+
+class ReloadFailed(DaemonError):
+    """The new config is invalid; `problems` are one-line messages. The old config stays."""
+
+    code = "invalid_config"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+    @property
+    def answer_message(self) -> str:
+        return "the new config has errors; the old one is still running"
+
+    def details(self) -> dict[str, Any]:
+        return {"errors": self.problems}
+
+
+class SocketError(DaemonError):
+    """The socket cannot be set up; the message says what to do."""
