@@ -26,7 +26,8 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # check: its test login goes through the one Sugar boundary; the daemon, through client.
     "check": (SHARED | {"config", "client", "fleet", "sandbox", "sugar"}, set()),
     "keeper": (SHARED | {"config", "sugar"}, {"tenacity"}),
-    "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
+    # fleet: its source (fleet/source.py) is the keeper's SugarClient, gated by the lease.
+    "fleet": (SHARED | {"config", "sugar"}, {"redis", "cryptography", "aiohttp"}),
     # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
     "api": (SHARED | {"config", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
     # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).

@@ -71,6 +71,12 @@ class FleetMember:
     losses: int = 0  # how many times a session held here vanished from the store
     problem: str | None = None  # why this host cannot take part now (a wrong key), for STATUS
     requests: asyncio.Queue[RenewalRequest] = field(default_factory=asyncio.Queue)
+    fault: FleetError | None = None  # the error behind `problem`, for the keeper to tell apart
+    # Set once the first round ended (lease taken or not, record read or not): until then a
+    # host cannot tell "nothing stored" from "not asked yet".
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called with each record adopted (a follower hears of the leader's new session).
+    on_adopt: list[Callable[[SessionRecord], None]] = field(default_factory=list)
     _lost: bool = False
     _queued_epoch: int = -1
     _asked: dict[int, float] = field(default_factory=dict)
@@ -120,6 +126,17 @@ class FleetMember:
                 self._log_role()
         await self.reread()
 
+    async def retake(self) -> bool:
+        """Take the lease if nobody holds it (after Redis lost it); whether this host leads."""
+        sent_at = self.lease.clock()
+        if not await self.store.acquire(self.identity, self.fleet.holder, self.lease.length):
+            return False
+        self.lease.granted(sent_at)
+        if self.holder != self.fleet.holder:
+            self.holder = self.fleet.holder
+            self._log_role()
+        return True
+
     def _log_role(self) -> None:
         if self.role == "leader":
             log.info("%s: this host leads the fleet for it (epoch %d)", self.name, self.epoch)
@@ -136,6 +153,12 @@ class FleetMember:
             if self.current is not None and not self._lost:
                 self._lost = True
                 self.losses += 1
+                if self.lease.held() and await self.store.holder(self.identity) != self.holder:
+                    # Redis lost the lease with the record: another host may take it now, so
+                    # this one must stop calling Sugar at once, not at its local deadline.
+                    self.lease.lost()
+                    self.holder = None
+                    self._log_role()
                 log.warning(
                     "%s: the fleet store lost the session (Redis restarted empty?); "
                     "the leader logs in once for the fleet",
@@ -160,6 +183,8 @@ class FleetMember:
         self._asked = {e: t for e, t in self._asked.items() if e >= record.epoch}
         log.debug("%s: holding fleet epoch %d", self.name, record.epoch)
         self._wake()
+        for listener in self.on_adopt:
+            listener(record)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -292,11 +317,12 @@ class Fleet:
                 await member.tick()
                 if member.problem:
                     log.info("%s: the fleet store answers again", member.name)
-                member.problem = None
+                member.problem, member.fault = None, None
             except FleetError as exc:
                 if member.problem != str(exc):
                     log.error("%s: %s; serving the held token while it lasts", member.name, exc)
-                member.problem = str(exc)
+                member.problem, member.fault = str(exc), exc
+            member.settled.set()
             await asyncio.sleep(self.config.lease / 3)
 
     def _channels(self) -> dict[str, tuple[FleetMember, str]]:
