@@ -6,9 +6,12 @@ dead token, failover with no login, and Redis trouble costing nothing while toke
 from __future__ import annotations
 
 import base64
+import itertools
+import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -177,7 +180,9 @@ def test_five_hosts_cold_start_log_in_once_and_serve_one_token(
     assert logins(fake, "admin") == 1
     shown = sugarctl(hosts[4].socket, "status")
     assert shown.returncode == 0, shown.stderr
-    assert "ROLE" in shown.stdout and "leader" in shown.stdout or "follower" in shown.stdout
+    header, prod, solo_row = shown.stdout.splitlines()
+    assert header.split()[:3] == ["NAME", "STATE", "ROLE"]
+    assert prod.split()[2] == fleet.role(hosts[4]) and solo_row.split()[2] == "local"
     assert all(len(line) <= 80 for line in shown.stdout.splitlines())
 
 
@@ -210,7 +215,7 @@ def assert_each_refresh_once(requests: list[Any]) -> None:
     """A scheduled refresh happens once: refreshes of a 12 s token come seconds apart, never
     two at once (two hosts renewing one epoch would be milliseconds apart)."""
     times = sorted(r.time for r in requests)
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert all(gap > 2.0 for gap in gaps), gaps
 
 
@@ -229,7 +234,7 @@ def test_hundred_dead_token_reports_on_five_hosts_make_one_renewal(
         try:
             with host.client() as client:
                 answers.append(client.invalidate("prod", token)["access_token"])
-        except BaseException as exc:  # noqa: BLE001 - said by the assertion below
+        except Exception as exc:  # said by the assertion below
             errors.append(exc)
 
     threads = [threading.Thread(target=report, args=(hosts[i % 5],)) for i in range(100)]
@@ -290,6 +295,41 @@ def test_redis_paused_twenty_seconds_hosts_keep_serving(
     assert any("fleet store" in h.log() or "Redis" in h.log() for h in fleet.hosts)
 
 
+def test_redis_gone_past_the_token_answers_503_naming_the_fleet_store(
+    fast_fleet: Fleet, short_tokens: FakeSugar, redis_server: Any
+) -> None:
+    hosts = fast_fleet.start(2)
+    (token,) = fast_fleet.tokens()
+    redis_server.stop()
+    assert fast_fleet.tokens(wait=5) == {token}  # the held token, while it is valid
+
+    def refused(host: DaemonProcess) -> dict[str, Any] | None:
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--unix-socket",
+                str(host.socket),
+                "-w",
+                "\n%{http_code}",
+                "http://sugard/v1/instances/prod/token?wait=1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        ).stdout
+        body, _, code = out.rpartition("\n")
+        return json.loads(body) | {"status": int(code)} if code != "200" else None
+
+    for host in hosts:
+        answer = wait_for(lambda h=host: refused(h), what="503 once the token ran out")
+        assert answer["status"] == 503 and answer["error"] == "token_unavailable"
+        assert "fleet store" in answer["message"], answer
+    assert logins(short_tokens) == 1  # nobody logged in on their own
+    assert all(r.status == 200 for r in short_tokens.requests)
+
+
 def test_redis_restarted_empty_costs_no_more_than_one_login(
     fleet: Fleet, fake: FakeSugar, redis_server: Any
 ) -> None:
@@ -310,9 +350,7 @@ def test_redis_restarted_empty_costs_no_more_than_one_login(
     assert logins(fake) == 1
 
 
-def test_wrong_key_on_one_host_refuses_and_the_others_go_on(
-    fleet: Fleet, fake: FakeSugar
-) -> None:
+def test_wrong_key_on_one_host_refuses_and_the_others_go_on(fleet: Fleet, fake: FakeSugar) -> None:
     good = fleet.start(2)
     (token,) = fleet.tokens(good)
     (bad,) = fleet.start(1, key=OTHER_KEY)

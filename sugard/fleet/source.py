@@ -184,6 +184,10 @@ class FleetSource(SugarClient):
                     return newer
             if not member.may_call_sugar(self.instance.timeout):
                 raise self._waiting("the fleet lease is about to lapse; not calling Sugar")
+            if member.problem:
+                # What Sugar answers could not be shared: the other hosts' tokens would die
+                # with the old session. Everyone serves the held token while it is valid.
+                raise self._waiting("not renewing while the fleet store is unreachable")
             if refresh_token is None:
                 grant = await super().login()
             else:
@@ -199,7 +203,14 @@ class FleetSource(SugarClient):
 
     async def _store(self, grant: Grant) -> Grant:
         member = self.member
-        result = await member.publish(record_of(grant))
+        try:
+            result = await member.publish(record_of(grant))
+        except FleetError as exc:
+            # Sugar rotated the session already: the new one lives only here now, so keep it.
+            log.warning(
+                "%s: could not store the new session (%s); serving it here", member.name, exc
+            )
+            return grant
         if isinstance(result, NotLeader) and await member.retake():
             # Redis lost the lease (restarted empty) while the call ran: nobody else holds
             # it, and this is the only live session, so store it.
