@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -363,3 +364,46 @@ def test_wrong_key_on_one_host_refuses_and_the_others_go_on(fleet: Fleet, fake: 
     assert fleet.tokens(good) == {token}
     assert logins(fake) == 1
     assert os.path.exists(bad.socket)
+
+
+def test_bench_fleet_quick_shows_one_login_and_no_redis_per_request() -> None:
+    """`python -m bench.bench_fleet --quick` runs, and its table says what fleet mode is for."""
+    if shutil.which("redis-server") is None:
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_fleet", "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {
+        cells[0]: cells[1:]
+        for line in out.stdout.splitlines()
+        if line.startswith("| ") and (cells := [c.strip() for c in line.strip("|").split("|")])
+    }
+    assert rows["logins"][0] == "1"
+    assert int(rows["logins"][1]) > 1  # independent daemons evict each other
+    assert rows["script-visible errors"][0] == "0"
+    assert float(rows["Redis commands per token request"][0]) < 0.1
+    assert rows["failover: logins"][0] == "0"
+
+
+def test_a_reload_that_removes_the_instance_hands_the_lead_over(
+    fleet: Fleet, fake: FakeSugar
+) -> None:
+    solo = {"solo": {**instance(fake, username="admin", password="admin-pw"), "fleet": False}}
+    hosts = fleet.start(2, extra=solo)
+    (token,) = fleet.tokens()
+    leader = wait_for(fleet.leader, what="a leader")
+    other = next(h for h in hosts if h is not leader)
+    text = leader.config.read_text()
+    start = text.index("[instances.prod]")
+    end = text.index("[", start + 1)
+    leader.config.write_text(text[:start] + text[end:])
+    leader.signal(signal.SIGHUP)
+    wait_for(lambda: fleet.role(other) == "leader", timeout=LEASE + 10, what="the lead handed over")
+    assert fleet.tokens([other]) == {token}
+    assert logins(fake) == 1

@@ -71,6 +71,7 @@ class FleetMember:
     losses: int = 0  # how many times a session held here vanished from the store
     problem: str | None = None  # why this host cannot take part now (a wrong key), for STATUS
     requests: asyncio.Queue[RenewalRequest] = field(default_factory=asyncio.Queue)
+    seats: int = 0  # local instances using this seat (two may share one identity)
     fault: FleetError | None = None  # the error behind `problem`, for the keeper to tell apart
     # Set once the first round ended (lease taken or not, record read or not): until then a
     # host cannot tell "nothing stored" from "not asked yet".
@@ -268,7 +269,7 @@ class Fleet:
         self.clock = clock
         self.holder = holder or new_holder_id()
         self.members: dict[str, FleetMember] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # identity -> the loop keeping its lease
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -282,33 +283,53 @@ class Fleet:
             )
             self.members[identity] = member
             if self._listener is not None:  # joined after start: keep it, and listen for it too
-                self._tasks.append(
-                    asyncio.create_task(self._keep(member), name=f"fleet-{member.name}")
+                self._tasks[identity] = asyncio.create_task(
+                    self._keep(member), name=f"fleet-{member.name}"
                 )
                 self._listener.cancel()
                 self._listener = asyncio.create_task(self._listen(), name="fleet-listener")
+        member.seats += 1
         return member
 
     async def start(self) -> None:
         """Start the keep-alive loops and the listener; neither waits for Redis to answer."""
         self._listener = asyncio.create_task(self._listen(), name="fleet-listener")
         for member in self.members.values():
-            self._tasks.append(asyncio.create_task(self._keep(member), name=f"fleet-{member.name}"))
+            self._tasks[member.identity] = asyncio.create_task(
+                self._keep(member), name=f"fleet-{member.name}"
+            )
+
+    async def leave(self, member: FleetMember) -> None:
+        """A local instance no longer uses its seat (a reload removed it): once none does,
+        stop keeping its lease and give it up, so another host leads it at once."""
+        member.seats -= 1
+        if member.seats > 0 or self.members.get(member.identity) is not member:
+            return
+        del self.members[member.identity]
+        task = self._tasks.pop(member.identity, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._release(member)
+
+    async def _release(self, member: FleetMember) -> None:
+        if member.holder == self.holder:  # Redis may hold it past our own deadline
+            member.lease.lost()
+            member.holder = None
+            try:
+                await self.store.release(member.identity, self.holder)
+            except StoreUnreachable as exc:
+                log.warning("%s: could not release the fleet lease: %s", member.name, exc)
 
     async def stop(self) -> None:
         """Stop the loops and give up every lease held, so another host takes over at once."""
-        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        tasks = [*self._tasks.values(), *([self._listener] if self._listener else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         for member in self.members.values():
-            if member.holder == self.holder:  # Redis may hold it past our own deadline
-                member.lease.lost()
-                try:
-                    await self.store.release(member.identity, self.holder)
-                except StoreUnreachable as exc:
-                    log.warning("%s: could not release the fleet lease: %s", member.name, exc)
+            await self._release(member)
         await self.store.close()
 
     async def _keep(self, member: FleetMember) -> None:

@@ -131,6 +131,7 @@ class FleetSource(SugarClient):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._seat = None
+        await self.member.fleet.leave(self.member)
 
     def _adopted(self, record: SessionRecord) -> None:
         # Not taken while a renewal of the keeper's own is under way: that renewal answers
