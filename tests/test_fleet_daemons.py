@@ -185,6 +185,8 @@ def test_five_hosts_cold_start_log_in_once_and_serve_one_token(
     assert header.split()[:3] == ["NAME", "STATE", "ROLE"]
     assert prod.split()[2] == fleet.role(hosts[4]) and solo_row.split()[2] == "local"
     assert all(len(line) <= 80 for line in shown.stdout.splitlines())
+    detail = sugarctl(hosts[4].socket, "status", "prod").stdout
+    assert f"fleet         {fleet.role(hosts[4])}, epoch " in detail, detail
 
 
 def test_leader_killed_another_host_continues_without_a_login(
