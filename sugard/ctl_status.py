@@ -86,7 +86,12 @@ def table(rows: list[dict[str, Any]], *, colour: bool = False, width: int = WIDT
     now = time.time()
     header = ("NAME", "STATE", "EXPIRES IN", "NEXT REFRESH", "LAST REFRESH", "LAST ERROR")
     lines = [header] + [_cells(row, now) for row in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    if any(row.get("fleet") for row in rows):  # fleet mode: who leads, per instance
+        roles = ["ROLE", *(_role(row) for row in rows)]
+        lines = [
+            (line[0], line[1], role, *line[2:]) for line, role in zip(lines, roles, strict=True)
+        ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]) - 1)]
     room = max(12, width - sum(widths) - 2 * len(widths))
     out = []
     for index, line in enumerate(lines):
@@ -125,6 +130,10 @@ def detail(row: dict[str, Any], *, colour: bool = False) -> str:
             f"{row.get('failures', 0)} failure(s)",
         ),
     ]
+    fleet = row.get("fleet")
+    if isinstance(fleet, dict):
+        holder = fleet.get("holder") or "nobody yet"
+        items.append(("fleet", f"{fleet.get('role')}, epoch {fleet.get('epoch')}, lease: {holder}"))
     error = row.get("last_error")
     if error:
         at = _epoch(error.get("at"))
@@ -164,6 +173,11 @@ def _cells(row: dict[str, Any], now: float) -> tuple[str, ...]:
         "never" if refreshed is None else _duration(now - refreshed) + " ago",
         last_error,
     )
+
+
+def _role(row: dict[str, Any]) -> str:
+    fleet = row.get("fleet")
+    return str(fleet.get("role", "?")) if isinstance(fleet, dict) else "local"
 
 
 def _current(row: dict[str, Any]) -> bool:

@@ -47,6 +47,8 @@ from .config import (
 )
 from .errors import ReloadFailed, SocketError
 from .events import EventHooks
+from .fleet import Fleet
+from .fleet.source import FleetSource, shown_url
 from .keeper import MAX_SLEEP, Keeper
 from .metrics import Metrics
 from .observe import Fanout
@@ -296,6 +298,7 @@ class Daemon:
         self._metrics_runner: web.AppRunner | None = None
         # What the fd store passed back (name -> fd); see _take_sessions.
         self._stored = dict(stored or {})
+        self._fleet: Fleet | None = None  # with [fleet]: the instances' seats in the fleet
 
     def _on_event(self, name: str) -> tuple[str, ...] | None:
         keeper = self._keepers.get(name)
@@ -325,12 +328,15 @@ class Daemon:
             self._remove_socket()
             raise
         self._http = new_http_session()
+        self._fleet = self._join_fleet(self.config)
         resumed = self._take_sessions()
         for instance in self.config.instances.values():
             keeper = self._add(instance)
             if (kept := resumed.get(instance.name)) is not None:
                 keeper.resume(kept.grant, kept.sugar_version)
             keeper.start()
+        if self._fleet is not None:
+            await self._fleet.start()
         self._log_routes(self._keepers, together=True)
         app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         self._forwarder = app[KEY_FORWARDER]
@@ -450,17 +456,35 @@ class Daemon:
         for line in route_lines(routes, together=together):
             log.info("%s", line)
 
+    def _join_fleet(self, config: Config) -> Fleet | None:
+        """The fleet, when `[fleet]` is set and an instance shares its session through it."""
+        if config.fleet is None or not any(i.fleet for i in config.instances.values()):
+            return None
+        log.info("fleet mode: sessions shared through Redis at %s", shown_url(config.fleet))
+        return Fleet(config.fleet)
+
+    def _upstream(self, instance: InstanceConfig) -> SugarClient:
+        """Sugar itself, or (fleet mode) Sugar as the fleet allows: leader calls, followers wait."""
+        assert self._http is not None
+        if self._fleet is None or not instance.fleet:
+            return SugarClient(instance, self._http, clock=self._clock)
+        member = self._fleet.join(instance)
+        where = shown_url(self._fleet.config)
+        return FleetSource(instance, self._http, member, where, clock=self._clock)
+
     def _new_keeper(self, instance: InstanceConfig) -> Keeper:
         assert self._http is not None
+        upstream = self._upstream(instance)
         return Keeper(
             instance,
-            SugarClient(instance, self._http, clock=self._clock),
+            upstream,
             login_slots=self._login_slots,
             clock=self._clock,
             rng=self._rng,
             max_sleep=self._max_sleep,
             reread=self._reread_secrets,
             observer=self.observer,
+            fleet=upstream if isinstance(upstream, FleetSource) else None,
         )
 
     def _reread_secrets(self, instance: InstanceConfig) -> InstanceConfig:
@@ -590,6 +614,8 @@ class Daemon:
         pending = [
             key for key in RESTART_ONLY if getattr(old.daemon, key) != getattr(new.daemon, key)
         ]
+        if old.fleet != new.fleet:
+            log.warning("[fleet] changed: takes effect when sugard restarts")
         if pending:
             log.warning(
                 "[daemon] %s changed: takes effect when sugard restarts "
@@ -619,6 +645,9 @@ class Daemon:
         for keeper in self._keepers.values():
             await keeper.stop()
         self._hand_over_sessions()
+        if self._fleet is not None:
+            await self._fleet.stop()  # gives up the leases: another host leads at once
+            self._fleet = None
         await self.hooks.close()
         if self._http is not None:
             await self._http.close()

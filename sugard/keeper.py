@@ -27,7 +27,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
@@ -130,6 +130,8 @@ class Status:
     refreshes: int
     failures: int
     token_fingerprint: str | None
+    # Fleet mode: {"role", "holder", "epoch"} of this host's seat; None for a local instance.
+    fleet: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The STATUS object's fields and order, times still epoch seconds."""
@@ -206,6 +208,22 @@ def _sent(field: str, config: InstanceConfig) -> tuple[object, ...]:
     return (config.url, config.client_id, config.client_secret.value)
 
 
+class FleetSeat(Protocol):
+    """An instance's seat in a fleet (sugard/fleet/source.py): its upstream then decides who
+    calls Sugar, and the seat hands the keeper sessions renewed on other hosts (`offer`) and
+    followers' requests (`request_renewal`)."""
+
+    def attach(self, keeper: Keeper) -> None: ...
+
+    async def detach(self) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def leads(self) -> bool:
+        """Whether this host's renewals go to Sugar now (else the leader's answer them)."""
+        ...
+
+
 class Keeper:
     """Keeps one live session for one instance."""
 
@@ -220,10 +238,12 @@ class Keeper:
         max_sleep: float = MAX_SLEEP,
         reread: Callable[[InstanceConfig], InstanceConfig] | None = None,
         observer: Observer | None = None,
+        fleet: FleetSeat | None = None,
     ) -> None:
         self.config = config
         self._observer = observer or Observer()  # metrics and on_event hear of what happens
         self.upstream = upstream
+        self.fleet = fleet
         self._login_slots = login_slots or asyncio.Semaphore(1)
         self._clock = clock
         self._rng = rng
@@ -266,6 +286,8 @@ class Keeper:
     # Lifecycle
 
     def start(self) -> None:
+        if self.fleet is not None:
+            self.fleet.attach(self)
         self._task = asyncio.create_task(self._supervise(), name=f"keeper:{self.name}")
 
     async def stop(self) -> None:
@@ -277,6 +299,8 @@ class Keeper:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self.fleet is not None:
+            await self.fleet.detach()
 
     def adopt(self, config: InstanceConfig) -> None:
         """Take settings that do not touch the session (timeouts, windows, the secrets)
@@ -499,7 +523,35 @@ class Keeper:
             failures=self.failures,
             # The name the log gives the current token, so a log line can be matched to it.
             token_fingerprint=grant.access_token.fingerprint if grant else None,
+            fleet=self.fleet.status() if self.fleet is not None else None,
         )
+
+    # Sessions from the fleet
+
+    def offer(self, grant: Grant) -> bool:
+        """A session another host renewed (the fleet's leader stored it): serve it, with no
+        upstream call. Declined (False) while a renewal of our own is pending: that renewal
+        gets it from the fleet instead, at once (a backoff is cut short)."""
+        demand = self._demand
+        if (
+            demand is not None
+            and not demand.done
+            and (demand.in_flight or demand.need is Need.RENEW)
+        ):
+            if not demand.in_flight:
+                demand.forced = True
+                self._notify()
+            return False
+        self._install(grant)
+        if demand is not None and not demand.done:
+            self._settle(demand, failed=False)  # a pending check: the token it was about is gone
+        self._notify()
+        return True
+
+    def request_renewal(self, reason: str) -> None:
+        """Renew once for a follower that asked (joins a renewal pending or in flight)."""
+        if not self._stopped:
+            self._join(Need.RENEW, reason)
 
     # Waiting on the supervisor
 
@@ -679,7 +731,8 @@ class Keeper:
     async def _refresh(self, refresh_token: Secret) -> Grant | None:
         """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
         self._set_state(State.REFRESHING)
-        self.refreshes += 1
+        if self.fleet is None or self.fleet.leads():
+            self.refreshes += 1
         try:
             return await self._reported("refresh", self.upstream.refresh(refresh_token))
         except RefreshRejected as exc:
@@ -702,6 +755,8 @@ class Keeper:
             # The one gate every password login passes: a rejected secret is never sent.
             refused = CredentialsRejected if rejection.field == "password" else ClientRejected
             raise refused(rejection.refusal(self.config))
+        if self.fleet is not None and not self.fleet.leads():
+            return await self.upstream.login()  # the fleet's session: no login of this host's
         self._set_state(State.LOGGING_IN)
         async with self._login_slots:
             self.logins += 1

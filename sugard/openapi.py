@@ -195,6 +195,7 @@ SCHEMAS: dict[str, Any] = {
             "logins",
             "refreshes",
             "failures",
+            "fleet",
         ],
         "additionalProperties": False,
         "properties": {
@@ -229,6 +230,22 @@ SCHEMAS: dict[str, Any] = {
             "logins": _COUNT,
             "refreshes": _COUNT,
             "failures": _COUNT,
+            "fleet": {
+                "type": "object",
+                "nullable": True,
+                "description": "fleet mode (docs/fleet.md); null: the session is this host's",
+                "required": ["role", "holder", "epoch"],
+                "additionalProperties": False,
+                "properties": {
+                    "role": {"type": "string", "enum": ["leader", "follower"]},
+                    "holder": {
+                        "type": "string",
+                        "nullable": True,
+                        "description": "the leader's lease holder id, host:pid:random",
+                    },
+                    "epoch": {"type": "integer", "minimum": 0},
+                },
+            },
         },
     },
     "StatusList": {

@@ -46,7 +46,8 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         {"tomli_w"},
     ),
     "keeper": (SHARED | {"config", "errors", "sugar"}, {"tenacity"}),
-    "fleet": (SHARED | {"config"}, {"redis", "cryptography"}),
+    # fleet: its source (fleet/source.py) is the keeper's SugarClient, gated by the lease.
+    "fleet": (SHARED | {"config", "sugar"}, {"redis", "cryptography", "aiohttp"}),
     # api: the /v1 routes (and the proxy's on the socket), thin over the keepers; serving
     # admits connections and knows each one's peer; peer is who connects and the policy.
     "api": (SHARED | {"errors", "keeper", "openapi", "peer", "proxy", "serving"}, {"aiohttp"}),

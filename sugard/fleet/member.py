@@ -71,6 +71,13 @@ class FleetMember:
     losses: int = 0  # how many times a session held here vanished from the store
     problem: str | None = None  # why this host cannot take part now (a wrong key), for STATUS
     requests: asyncio.Queue[RenewalRequest] = field(default_factory=asyncio.Queue)
+    seats: int = 0  # local instances using this seat (two may share one identity)
+    fault: FleetError | None = None  # the error behind `problem`, for the keeper to tell apart
+    # Set once the first round ended (lease taken or not, record read or not): until then a
+    # host cannot tell "nothing stored" from "not asked yet".
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called with each record adopted (a follower hears of the leader's new session).
+    on_adopt: list[Callable[[SessionRecord], None]] = field(default_factory=list)
     _lost: bool = False
     _queued_epoch: int = -1
     _asked: dict[int, float] = field(default_factory=dict)
@@ -120,6 +127,17 @@ class FleetMember:
                 self._log_role()
         await self.reread()
 
+    async def retake(self) -> bool:
+        """Take the lease if nobody holds it (after Redis lost it); whether this host leads."""
+        sent_at = self.lease.clock()
+        if not await self.store.acquire(self.identity, self.fleet.holder, self.lease.length):
+            return False
+        self.lease.granted(sent_at)
+        if self.holder != self.fleet.holder:
+            self.holder = self.fleet.holder
+            self._log_role()
+        return True
+
     def _log_role(self) -> None:
         if self.role == "leader":
             log.info("%s: this host leads the fleet for it (epoch %d)", self.name, self.epoch)
@@ -136,6 +154,12 @@ class FleetMember:
             if self.current is not None and not self._lost:
                 self._lost = True
                 self.losses += 1
+                if self.lease.held() and await self.store.holder(self.identity) != self.holder:
+                    # Redis lost the lease with the record: another host may take it now, so
+                    # this one must stop calling Sugar at once, not at its local deadline.
+                    self.lease.lost()
+                    self.holder = None
+                    self._log_role()
                 log.warning(
                     "%s: the fleet store lost the session (Redis restarted empty?); "
                     "the leader logs in once for the fleet",
@@ -160,6 +184,8 @@ class FleetMember:
         self._asked = {e: t for e, t in self._asked.items() if e >= record.epoch}
         log.debug("%s: holding fleet epoch %d", self.name, record.epoch)
         self._wake()
+        for listener in self.on_adopt:
+            listener(record)
 
     def _wake(self) -> None:
         self._changed.set()
@@ -243,7 +269,7 @@ class Fleet:
         self.clock = clock
         self.holder = holder or new_holder_id()
         self.members: dict[str, FleetMember] = {}
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: dict[str, asyncio.Task[None]] = {}  # identity -> the loop keeping its lease
         self._listener: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
@@ -257,33 +283,53 @@ class Fleet:
             )
             self.members[identity] = member
             if self._listener is not None:  # joined after start: keep it, and listen for it too
-                self._tasks.append(
-                    asyncio.create_task(self._keep(member), name=f"fleet-{member.name}")
+                self._tasks[identity] = asyncio.create_task(
+                    self._keep(member), name=f"fleet-{member.name}"
                 )
                 self._listener.cancel()
                 self._listener = asyncio.create_task(self._listen(), name="fleet-listener")
+        member.seats += 1
         return member
 
     async def start(self) -> None:
         """Start the keep-alive loops and the listener; neither waits for Redis to answer."""
         self._listener = asyncio.create_task(self._listen(), name="fleet-listener")
         for member in self.members.values():
-            self._tasks.append(asyncio.create_task(self._keep(member), name=f"fleet-{member.name}"))
+            self._tasks[member.identity] = asyncio.create_task(
+                self._keep(member), name=f"fleet-{member.name}"
+            )
+
+    async def leave(self, member: FleetMember) -> None:
+        """A local instance no longer uses its seat (a reload removed it): once none does,
+        stop keeping its lease and give it up, so another host leads it at once."""
+        member.seats -= 1
+        if member.seats > 0 or self.members.get(member.identity) is not member:
+            return
+        del self.members[member.identity]
+        task = self._tasks.pop(member.identity, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._release(member)
+
+    async def _release(self, member: FleetMember) -> None:
+        if member.holder == self.holder:  # Redis may hold it past our own deadline
+            member.lease.lost()
+            member.holder = None
+            try:
+                await self.store.release(member.identity, self.holder)
+            except StoreUnreachable as exc:
+                log.warning("%s: could not release the fleet lease: %s", member.name, exc)
 
     async def stop(self) -> None:
         """Stop the loops and give up every lease held, so another host takes over at once."""
-        tasks = [*self._tasks, *([self._listener] if self._listener else [])]
+        tasks = [*self._tasks.values(), *([self._listener] if self._listener else [])]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         for member in self.members.values():
-            if member.holder == self.holder:  # Redis may hold it past our own deadline
-                member.lease.lost()
-                try:
-                    await self.store.release(member.identity, self.holder)
-                except StoreUnreachable as exc:
-                    log.warning("%s: could not release the fleet lease: %s", member.name, exc)
+            await self._release(member)
         await self.store.close()
 
     async def _keep(self, member: FleetMember) -> None:
@@ -292,11 +338,12 @@ class Fleet:
                 await member.tick()
                 if member.problem:
                     log.info("%s: the fleet store answers again", member.name)
-                member.problem = None
+                member.problem, member.fault = None, None
             except FleetError as exc:
                 if member.problem != str(exc):
                     log.error("%s: %s; serving the held token while it lasts", member.name, exc)
-                member.problem = str(exc)
+                member.problem, member.fault = str(exc), exc
+            member.settled.set()
             await asyncio.sleep(self.config.lease / 3)
 
     def _channels(self) -> dict[str, tuple[FleetMember, str]]:

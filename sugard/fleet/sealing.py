@@ -68,6 +68,7 @@ class SessionRecord:
     refresh_expires_at: float | None = None
     download_token: Secret | None = None
     epoch: int = 0  # given by the store: 0 means never stored
+    issued_at: float | None = None  # when Sugar issued it (the token's lifetime counts from it)
 
     def as_json(self) -> bytes:
         return json.dumps(
@@ -77,6 +78,7 @@ class SessionRecord:
                 "download_token": self.download_token.reveal() if self.download_token else None,
                 "expires_at": self.expires_at,
                 "refresh_expires_at": self.refresh_expires_at,
+                "issued_at": self.issued_at,
             }
         ).encode()
 
@@ -118,4 +120,5 @@ def unseal(key: FleetKey, identity: str, epoch: int, blob: bytes) -> SessionReco
         expires_at=float(data["expires_at"]),
         refresh_expires_at=data["refresh_expires_at"],
         epoch=epoch,
+        issued_at=data.get("issued_at"),
     )
