@@ -30,6 +30,7 @@ import requests
 from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
 from pysugarcrm import sugar_api
 from test_outbound_proxy import no_proxy_of_our_own, running_proxy  # noqa: F401 (autouse)
+from test_third_party_clients import pysugarcrm_workload
 from zucker import RequestsClient, model
 
 from sugard.testing import FakeSugar, running_fake
@@ -113,14 +114,7 @@ def test_pysugarcrm_through_the_listener(proxied: DaemonProcess, site: FakeSugar
     session = Session(proxied, site)
     with sugar_api(listener(proxied), "anyone", "any-password") as crm:
         assert session.token == crm.secret_token
-        created = crm.post("/Accounts", data=json.dumps({"name": "Acme", "rank": 2}))
-        assert ("Acme", "Accounts") == (created["name"], created["_module"])
-        hits = crm.post("/Accounts/filter", data=json.dumps({"filter": [{"name": "acme"}]}))
-        assert [created["id"]] == [r["id"] for r in hits["records"]]
-        assert created == crm.get(f"/Accounts/{created['id']}")
-        count = crm.get("/Accounts/count", query_params={"filter[0][rank][$gte]": "1"})
-        assert {"record_count": 2} == count
-        assert USER == crm.me["current_user"]["user_name"]
+        pysugarcrm_workload(crm)
     assert crm.is_closed
     assert (1, 1, 1) == (site.calls["create"], site.calls["filter"], site.calls["read"])
     assert 1 == session.logins_answered()

@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -40,18 +41,24 @@ def fake() -> Iterator[FakeSugar]:
 # ---------------------------------------------------------------- pysugarcrm 1.0.3
 
 
+def pysugarcrm_workload(crm: Any) -> None:
+    """What a pysugarcrm script does between login and logout: create, filter, read, count
+    (the fake is seeded with one Account of rank 1), and its `me`."""
+    created = crm.post("/Accounts", data=json.dumps({"name": "Acme", "rank": 2}))
+    assert ("Acme", "Accounts") == (created["name"], created["_module"])
+    hits = crm.post("/Accounts/filter", data=json.dumps({"filter": [{"name": "acme"}]}))
+    assert [created["id"]] == [r["id"] for r in hits["records"]]
+    assert created == crm.get(f"/Accounts/{created['id']}")
+    count = crm.get("/Accounts/count", query_params={"filter[0][rank][$gte]": "1"})
+    assert {"record_count": 2} == count
+    assert USER == crm.me["current_user"]["user_name"]
+
+
 def test_pysugarcrm(fake: FakeSugar) -> None:
     """pysugarcrm: login, create, filter, read, count; leaving `sugar_api` logs out."""
     with sugar_api(fake.url, USER, PASSWORD) as crm:
         token = crm.secret_token
-        created = crm.post("/Accounts", data=json.dumps({"name": "Acme", "rank": 2}))
-        assert ("Acme", "Accounts") == (created["name"], created["_module"])
-        hits = crm.post("/Accounts/filter", data=json.dumps({"filter": [{"name": "acme"}]}))
-        assert [created["id"]] == [r["id"] for r in hits["records"]]
-        assert created == crm.get(f"/Accounts/{created['id']}")
-        count = crm.get("/Accounts/count", query_params={"filter[0][rank][$gte]": "1"})
-        assert {"record_count": 2} == count
-        assert USER == crm.me["current_user"]["user_name"]
+        pysugarcrm_workload(crm)
     assert crm.is_closed
     assert not fake.valid(token)
     assert ["api"] == [r.platform for r in fake.requests]
