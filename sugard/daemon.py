@@ -29,7 +29,7 @@ import stat
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -47,8 +47,6 @@ from .config import (
 )
 from .errors import ReloadFailed, SocketError
 from .events import EventHooks
-from .fleet import Fleet
-from .fleet.source import FleetSource, shown_url
 from .keeper import MAX_SLEEP, Keeper
 from .metrics import Metrics
 from .observe import Fanout
@@ -59,6 +57,10 @@ from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
 from .serving import ApiRunner
 from .sugar import SugarClient, new_http_session
 from .systemd import ListenFd, Notifier, started_by_systemd
+
+if TYPE_CHECKING:  # fleet mode's modules pull in redis and cryptography: only when it is on
+    from .fleet import Fleet
+    from .keeper import FleetSeat
 
 __all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socket"]
 
@@ -460,21 +462,28 @@ class Daemon:
         """The fleet, when `[fleet]` is set and an instance shares its session through it."""
         if config.fleet is None or not any(i.fleet for i in config.instances.values()):
             return None
+        from .fleet import Fleet
+        from .fleet.source import shown_url
+
         log.info("fleet mode: sessions shared through Redis at %s", shown_url(config.fleet))
         return Fleet(config.fleet)
 
-    def _upstream(self, instance: InstanceConfig) -> SugarClient:
-        """Sugar itself, or (fleet mode) Sugar as the fleet allows: leader calls, followers wait."""
+    def _upstream(self, instance: InstanceConfig) -> tuple[SugarClient, FleetSeat | None]:
+        """Sugar itself, or (fleet mode) Sugar as the fleet allows: leader calls, followers
+        wait; and the instance's seat in the fleet, if it has one."""
         assert self._http is not None
         if self._fleet is None or not instance.fleet:
-            return SugarClient(instance, self._http, clock=self._clock)
+            return SugarClient(instance, self._http, clock=self._clock), None
+        from .fleet.source import FleetSource, shown_url
+
         member = self._fleet.join(instance)
         where = shown_url(self._fleet.config)
-        return FleetSource(instance, self._http, member, where, clock=self._clock)
+        source = FleetSource(instance, self._http, member, where, clock=self._clock)
+        return source, source
 
     def _new_keeper(self, instance: InstanceConfig) -> Keeper:
         assert self._http is not None
-        upstream = self._upstream(instance)
+        upstream, seat = self._upstream(instance)
         return Keeper(
             instance,
             upstream,
@@ -484,7 +493,7 @@ class Daemon:
             max_sleep=self._max_sleep,
             reread=self._reread_secrets,
             observer=self.observer,
-            fleet=upstream if isinstance(upstream, FleetSource) else None,
+            fleet=seat,
         )
 
     def _reread_secrets(self, instance: InstanceConfig) -> InstanceConfig:
