@@ -65,6 +65,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # The sessions a restart keeps: a keeper's grant, for an instance's settings, through
     # systemd's fd store. Split from `daemon` so the memfd format has a module of its own.
     "handoff": (SHARED | {"config", "keeper", "systemd"}, set()),
+    # The daemon's Unix socket (directory, lock, stale probe, bind, activation adoption):
+    # split from `daemon`, stdlib only, so the socket's rules read in one place.
+    "sockets": (SHARED | {"systemd"}, set()),
 }
 
 
