@@ -24,7 +24,7 @@ import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ from .config import (
     Config,
     ConfigError,
     InstanceConfig,
-    diff_configs,
     load_config,
     resolve_instance_secrets,
     split_host_port,
@@ -56,6 +55,7 @@ from .metrics import Metrics
 from .observe import Fanout
 from .outbound import route_lines
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
+from .reload_plan import plan_reload
 from .sockets import SocketError, SocketLock, adopt_socket, prepare_socket
 from .sugar import SugarClient, new_http_session
 from .systemd import Notifier, started_by_systemd
@@ -65,8 +65,6 @@ __all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socke
 log = logging.getLogger("sugard.daemon")
 
 FORCED_EXIT = 1  # exit status when a second signal cuts the graceful stop short
-# Daemon settings that only take effect at start: a reload says so instead of ignoring them.
-RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace", "metrics_listen")
 
 
 def _grace(config: Config) -> float:
@@ -338,30 +336,23 @@ class Daemon:
             for problem in exc.problems:
                 log.error("reload refused, old config kept: %s", problem)
             raise ReloadFailed([str(p) for p in exc.problems]) from None
-        diff = diff_configs(self.config, new)
+        plan = plan_reload(self.config, new, self._keepers)
+        diff = plan.diff
 
         # Build the new set of keepers aside; nothing live is touched until the swap, so a
         # failure here leaves the old config running as it was.
         keepers = dict(self._keepers)
-        retired: list[Keeper] = []
+        retired = [keepers.pop(name) for name in plan.remove]
+        adopted = [keepers[name] for name in plan.adopt]
         fresh: list[Keeper] = []
-        adopted: list[Keeper] = []
         try:
-            for name in diff.removed:
-                retired.append(keepers.pop(name))
-            for name in diff.changed:
-                cfg = new.instances[name]
-                old_keeper = keepers[name]
-                if old_keeper.config.session_key() == cfg.session_key():
-                    adopted.append(old_keeper)
-                else:
-                    retired.append(old_keeper)
-                    keepers[name] = self._new_keeper(cfg)
-                    # Another platform or client is no reason to send a rejected secret again.
-                    if old_keeper.rejection and old_keeper.rejection.applies_to(cfg):
-                        keepers[name].rejection = old_keeper.rejection
-                    fresh.append(keepers[name])
-            for name in diff.added:
+            for name in plan.restart:
+                retired.append(keepers[name])
+                keepers[name] = self._new_keeper(new.instances[name])
+                if name in plan.keep_rejection:
+                    keepers[name].rejection = self._keepers[name].rejection
+                fresh.append(keepers[name])
+            for name in plan.add:
                 keepers[name] = self._new_keeper(new.instances[name])
                 fresh.append(keepers[name])
         except Exception as exc:  # whatever it is, the old config must survive it
@@ -389,7 +380,7 @@ class Daemon:
         )
         old, self.config, self._keepers = self.config, new, keepers
         self.observer.forget(diff.removed)
-        self._apply_daemon_settings(old, new)
+        self._apply_daemon_settings(old, new, plan.restart_only)
         await self._close_listeners(listeners)
         if self._forwarder is not None:
             self._forwarder.prune(keepers)
@@ -424,13 +415,10 @@ class Daemon:
             answer["needs_attention"] = refused
         return answer
 
-    def _apply_daemon_settings(self, old: Config, new: Config) -> None:
+    def _apply_daemon_settings(self, old: Config, new: Config, pending: Sequence[str]) -> None:
         if self._apply_log_level and old.daemon.log_level != new.daemon.log_level:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
             log.info("log level is now %s", new.daemon.log_level)
-        pending = [
-            key for key in RESTART_ONLY if getattr(old.daemon, key) != getattr(new.daemon, key)
-        ]
         if pending:
             log.warning(
                 "[daemon] %s changed: takes effect when sugard restarts "

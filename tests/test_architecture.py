@@ -68,6 +68,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # The daemon's Unix socket (directory, lock, stale probe, bind, activation adoption):
     # split from `daemon`, stdlib only, so the socket's rules read in one place.
     "sockets": (SHARED | {"systemd"}, set()),
+    # What a reload does (add, remove, adopt, restart), decided as a pure function of the
+    # configs and the running keepers: split from `daemon` so it is tested without one.
+    "reload_plan": (SHARED | {"config", "keeper"}, set()),
 }
 
 
