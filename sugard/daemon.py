@@ -11,7 +11,8 @@ Lifecycle, as systemd and scripts see it:
   off the event loop, then swap it in as one step; `READY=1` with what happened in `STATUS=`.
 - stop (SIGTERM, SIGINT): `STOPPING=1`, stop accepting, let requests in flight finish within
   `[daemon].shutdown_grace`, stop the keepers, remove our socket (never one systemd passed
-  in). A second signal exits at once.
+  in). A second signal ends the grace period: what is still in flight is cancelled, and
+  sugard exits 1.
 """
 
 from __future__ import annotations
@@ -65,11 +66,12 @@ __all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socke
 log = logging.getLogger("sugard.daemon")
 
 FORCED_EXIT = 1  # exit status when a second signal cuts the graceful stop short
+_NO_WAIT = 0.001  # aiohttp reads a shutdown timeout of 0 as "no limit"
 
 
 def _grace(config: Config) -> float:
     """`shutdown_grace` for aiohttp, which reads 0 as "wait forever", not "do not wait"."""
-    return max(config.daemon.shutdown_grace, 0.001)
+    return max(config.daemon.shutdown_grace, _NO_WAIT)
 
 
 class Daemon:
@@ -101,6 +103,7 @@ class Daemon:
         self._login_slots = asyncio.Semaphore(config.daemon.max_parallel_logins)
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()  # a second stop signal: no more grace period
         self._stopping = False
         self._owns_socket = listen_socket is None
         self._lock: SocketLock | None = None
@@ -427,21 +430,11 @@ class Daemon:
             )
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (shutdown_grace), stop keepers."""
+        """Stop accepting, let in-flight requests finish (shutdown_grace, or less after a
+        second signal), stop keepers."""
         self._stopping = True
         self._notifier.stopping()
-        await self._close_listeners({})
-        if self._runner is not None:
-            server = self._runner.server
-            open_connections = len(server.connections) if server is not None else 0
-            if open_connections:
-                log.info(
-                    "waiting up to %g s for %d open connection(s) to finish",
-                    self.config.daemon.shutdown_grace,
-                    open_connections,
-                )
-            await self._runner.cleanup()
-            self._runner = None
+        await self._drain()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
@@ -458,6 +451,44 @@ class Daemon:
         await asyncio.gather(*self._background, return_exceptions=True)
         self._notifier.close()
         log.info("sugard stopped")
+
+    async def _drain(self) -> None:
+        """Close the servers, each letting its requests in flight finish within the grace
+        period; a second stop signal ends the wait and cancels what is left."""
+        graceful = asyncio.ensure_future(self._close_servers())
+        forced = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait((graceful, forced), return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if graceful.done():
+            graceful.result()
+            return
+        graceful.cancel()
+        await asyncio.gather(graceful, return_exceptions=True)
+        runner, self._runner = self._runner, None
+        if runner is None or runner.server is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()
+        left = len(runner.server.connections)
+        # Public aiohttp: a shutdown with (almost) no wait cancels each handler and closes its
+        # connection; the cleanup after it then finds nothing to wait for.
+        await runner.server.shutdown(_NO_WAIT)
+        log.warning("cancelled %d connection(s) still open", left)
+        await runner.cleanup()
+
+    async def _close_servers(self) -> None:
+        await self._close_listeners({})
+        if self._runner is not None:
+            server = self._runner.server
+            open_connections = len(server.connections) if server is not None else 0
+            if open_connections:
+                log.info(
+                    "waiting up to %g s for %d open connection(s) to finish",
+                    self.config.daemon.shutdown_grace,
+                    open_connections,
+                )
+            await self._runner.cleanup()
+            self._runner = None
 
     # A restart that keeps the sessions (sugard/handoff.py)
 
@@ -507,8 +538,9 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT; SIGHUP reloads. A second SIGTERM or SIGINT exits at once."""
+    async def serve(self) -> int:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads. A second SIGTERM or SIGINT cuts the
+        stop short. Returns the exit status: 0, or FORCED_EXIT after a stop cut short."""
         loop = asyncio.get_running_loop()
         # Handlers first: a SIGTERM while starting then stops cleanly once started, and a
         # SIGHUP never meets Python's default action (which is to die).
@@ -522,16 +554,16 @@ class Daemon:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        return FORCED_EXIT if self._force.is_set() else 0
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
+        # Flags only (as uvicorn's handle_exit): serve() and stop() do the work.
         if not self._stop.is_set():
             log.info("%s: stopping; send it again to exit at once", sig.name)
             self._stop.set()
             return
         log.warning("%s again: exiting now, cutting off requests in flight", sig.name)
-        self._remove_socket()
-        logging.shutdown()
-        os._exit(FORCED_EXIT)
+        self._force.set()
 
     def _reload_from_signal(self) -> None:
         if self._stopping or self._runner is None:
