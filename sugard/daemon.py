@@ -13,6 +13,10 @@ Lifecycle, as systemd and scripts see it:
   `[daemon].shutdown_grace`, stop the keepers, remove our socket (never one systemd passed
   in). A second signal ends the grace period: what is still in flight is cancelled, and
   sugard exits 1.
+
+Its parts live next door: `sockets` (the Unix socket's directory, lock, stale probe, bind,
+adoption), `reload_plan` (what a reload adds, removes, adopts, restarts), `listeners` (the
+proxy's TCP listeners) and `kept_sessions` (the sessions a restart keeps).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from . import __version__, handoff
+from . import __version__
 from .api import (
     KEY_METRICS,
     ApiRunner,
@@ -40,7 +44,6 @@ from .api import (
     ReloadFailed,
     make_app,
     metrics_text,
-    peer_of_tcp_socket,
 )
 from .config import (
     Config,
@@ -52,6 +55,8 @@ from .config import (
 )
 from .events import EventHooks
 from .keeper import MAX_SLEEP, Keeper
+from .kept_sessions import hand_over_sessions, take_sessions
+from .listeners import close_listeners, open_listeners
 from .metrics import Metrics
 from .observe import Fanout
 from .outbound import route_lines
@@ -122,7 +127,7 @@ class Daemon:
         self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
         self.observer = Fanout(self.metrics, self.hooks)
         self._metrics_runner: web.AppRunner | None = None
-        # What the fd store passed back (name -> fd); see _take_sessions.
+        # What the fd store passed back (name -> fd); see kept_sessions.take_sessions.
         self._stored = dict(stored or {})
 
     def _on_event(self, name: str) -> tuple[str, ...] | None:
@@ -169,7 +174,8 @@ class Daemon:
             self._remove_socket()
             raise
         self._http = new_http_session()
-        resumed = self._take_sessions()
+        stored, self._stored = self._stored, {}
+        resumed = take_sessions(self._notifier, self.config, stored)
         for instance in self.config.instances.values():
             keeper = self._add(instance)
             if (kept := resumed.get(instance.name)) is not None:
@@ -184,7 +190,9 @@ class Daemon:
         await runner.setup()
         await web.SockSite(runner, sock, backlog=runner.backlog).start()
         try:
-            self._listeners = await self._open_listeners(self.config, {})
+            self._listeners = await open_listeners(
+                self._forwarder, self.config, {}, shutdown_timeout=_grace(self.config)
+            )
         except ReloadFailed as exc:
             raise SocketError(exc.problems[0]) from None
         log.info(
@@ -197,55 +205,9 @@ class Daemon:
         self._spawn(self._notifier.watchdog())
         self._notifier.ready(self._summary())
 
-    async def _open_listeners(
-        self, config: Config, current: Mapping[str, ProxyListener]
-    ) -> dict[str, ProxyListener]:
-        """The proxy listeners `config` asks for: the current ones where their address stays,
-        new ones bound now. If one cannot be bound, those bound here are closed again and
-        ReloadFailed says why; the current ones are never touched here."""
-        assert self._forwarder is not None
-        wanted: dict[str, ProxyListener] = {}
-        opened: list[ProxyListener] = []
-        try:
-            for name, instance in config.instances.items():
-                if instance.listen is None:
-                    continue
-                kept = current.get(name)
-                if kept is not None and kept.address == instance.listen:
-                    wanted[name] = kept
-                    continue
-                listener = ProxyListener(
-                    self._forwarder,
-                    name,
-                    instance.listen,
-                    peer_of_tcp_socket,
-                    shutdown_timeout=_grace(config),
-                )
-                try:
-                    await listener.start()
-                except OSError as exc:
-                    raise ReloadFailed(
-                        [
-                            f"instances.{name}.listen: cannot listen on {instance.listen}: "
-                            f"{exc.strerror or exc}; choose another port"
-                        ]
-                    ) from None
-                opened.append(listener)
-                wanted[name] = listener
-        except BaseException:
-            await asyncio.gather(*(listener.stop() for listener in opened))
-            raise
-        return wanted
-
     async def _close_listeners(self, keep: Mapping[str, ProxyListener]) -> None:
-        """Stop the listeners that are not in `keep` (removed, or moved to a new address)."""
-        kept = set(map(id, keep.values()))
-        gone = [lis for lis in self._listeners.values() if id(lis) not in kept]
-        await asyncio.gather(*(listener.stop() for listener in gone))
-        for listener in keep.values():
-            # A moved listener's successor bound first; the old one's stop() dropped the URL.
-            assert self._forwarder is not None
-            self._forwarder.listener_urls[listener.name] = listener.url
+        assert self._forwarder is not None
+        await close_listeners(self._forwarder, self._listeners, keep)
         self._listeners = dict(keep)
 
     async def _serve_metrics(self) -> None:
@@ -362,7 +324,10 @@ class Daemon:
             log.exception("reload refused, old config kept: cannot set up the new instances")
             raise ReloadFailed([f"cannot set up the new instances: {exc}"]) from None
         # New proxy addresses are bound before the swap too, so one in use fails the reload.
-        listeners = await self._open_listeners(new, self._listeners)
+        assert self._forwarder is not None
+        listeners = await open_listeners(
+            self._forwarder, new, self._listeners, shutdown_timeout=_grace(new)
+        )
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
@@ -440,7 +405,7 @@ class Daemon:
             self._metrics_runner = None
         for keeper in self._keepers.values():
             await keeper.stop()
-        self._hand_over_sessions()
+        hand_over_sessions(self._notifier, self.config, self._keepers)
         await self.hooks.close()
         if self._http is not None:
             await self._http.close()
@@ -490,42 +455,6 @@ class Daemon:
             await self._runner.cleanup()
             self._runner = None
 
-    # A restart that keeps the sessions (sugard/handoff.py)
-
-    @property
-    def _keeps_sessions(self) -> bool:
-        """Under systemd, whose fd store keeps them; not in fleet mode, where Redis does."""
-        return self._notifier.enabled and self.config.fleet is None
-
-    def _take_sessions(self) -> dict[str, handoff.Session]:
-        stored, self._stored = self._stored, {}
-        if not self._keeps_sessions:
-            for fd in stored.values():
-                os.close(fd)
-            return {}
-        sessions = handoff.take(self._notifier, stored, self.config.instances)
-        if stored:
-            log.info(
-                "fd store: %d of %d session(s) kept across the restart", len(sessions), len(stored)
-            )
-        return sessions
-
-    def _hand_over_sessions(self) -> None:
-        """Once the keepers have stopped (no renewal in flight can change a session)."""
-        if not self._keeps_sessions:
-            return
-        sessions: dict[str, tuple[InstanceConfig, handoff.Session | None]] = {}
-        for name, keeper in self._keepers.items():
-            grant = keeper.session()
-            kept = None if grant is None else handoff.Session(grant, keeper.sugar_version)
-            sessions[name] = (keeper.config, kept)
-        try:
-            stored = handoff.give(self._notifier, sessions)
-        except OSError as exc:  # no memfd (a seccomp filter, no memory): the next start logs in
-            log.warning("fd store: cannot hand the sessions over: %s", exc.strerror or exc)
-            return
-        log.info("fd store: handed %d session(s) to the service manager", stored)
-
     def _remove_socket(self) -> None:
         """Remove our socket, then give up the lock (in that order: whoever takes the lock
         next must not find our socket). A socket systemd passed in stays: it is systemd's."""
@@ -566,6 +495,7 @@ class Daemon:
         self._force.set()
 
     def _reload_from_signal(self) -> None:
+        # Decides only: the reload runs in a task of its own, off the signal's callback.
         if self._stopping or self._runner is None:
             log.info("SIGHUP ignored: sugard is %s", "stopping" if self._stopping else "starting")
             return

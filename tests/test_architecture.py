@@ -71,6 +71,10 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # What a reload does (add, remove, adopt, restart), decided as a pure function of the
     # configs and the running keepers: split from `daemon` so it is tested without one.
     "reload_plan": (SHARED | {"config", "keeper"}, set()),
+    # The proxy's TCP listeners, opened before a reload's swap and closed after it; and the
+    # daemon's side of a restart that keeps the sessions. Both split from `daemon`.
+    "listeners": (SHARED | {"api", "config", "proxy"}, set()),
+    "kept_sessions": (SHARED | {"config", "handoff", "keeper", "systemd"}, set()),
 }
 
 
