@@ -11,21 +11,23 @@ Lifecycle, as systemd and scripts see it:
   off the event loop, then swap it in as one step; `READY=1` with what happened in `STATUS=`.
 - stop (SIGTERM, SIGINT): `STOPPING=1`, stop accepting, let requests in flight finish within
   `[daemon].shutdown_grace`, stop the keepers, remove our socket (never one systemd passed
-  in). A second signal exits at once.
+  in). A second signal ends the grace period: what is still in flight is cancelled, and
+  sugard exits 1.
+
+Its parts live next door: `sockets` (the Unix socket's directory, lock, stale probe, bind,
+adoption), `reload_plan` (what a reload adds, removes, adopts, restarts), `listeners` (the
+proxy's TCP listeners) and `kept_sessions` (the sessions a restart keeps).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
 import os
 import random
 import signal
 import socket
-import stat
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
@@ -34,13 +36,12 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from . import __version__, handoff
+from . import __version__
 from .api import KEY_METRICS, make_app, metrics_text
 from .config import (
     Config,
     ConfigError,
     InstanceConfig,
-    diff_configs,
     load_config,
     resolve_instance_secrets,
     split_host_port,
@@ -48,15 +49,18 @@ from .config import (
 from .errors import ReloadFailed, SocketError
 from .events import EventHooks
 from .keeper import MAX_SLEEP, Keeper
+from .kept_sessions import hand_over_sessions, take_sessions
+from .listeners import close_listeners, open_listeners
 from .metrics import Metrics
 from .observe import Fanout
 from .outbound import route_lines
-from .paths import SOCKET_PATH_MAX
-from .peer import Peer, may_use, peer_of_tcp_socket
+from .peer import Peer, may_use
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
+from .reload_plan import plan_reload
 from .serving import ApiRunner
+from .sockets import SocketLock, adopt_socket, prepare_socket
 from .sugar import SugarClient, new_http_session
-from .systemd import ListenFd, Notifier, started_by_systemd
+from .systemd import Notifier, started_by_systemd
 
 if TYPE_CHECKING:  # fleet mode's modules pull in redis and cryptography: only when it is on
     from .fleet import Fleet
@@ -67,186 +71,12 @@ __all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socke
 log = logging.getLogger("sugard.daemon")
 
 FORCED_EXIT = 1  # exit status when a second signal cuts the graceful stop short
-# Daemon settings that only take effect at start: a reload says so instead of ignoring them.
-RESTART_ONLY = ("socket", "max_parallel_logins", "shutdown_grace", "metrics_listen")
+_NO_WAIT = 0.001  # aiohttp reads a shutdown timeout of 0 as "no limit"
 
 
 def _grace(config: Config) -> float:
     """`shutdown_grace` for aiohttp, which reads 0 as "wait forever", not "do not wait"."""
-    return max(config.daemon.shutdown_grace, 0.001)
-
-
-def check_socket_dir(directory: Path) -> None:
-    """Create the socket's directory 0700, or refuse one that others could get into."""
-    try:
-        directory.mkdir(mode=0o700, parents=True)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise SocketError(f"cannot create socket directory {directory}: {exc.strerror}") from None
-    st = directory.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise SocketError(f"{directory} is not a directory")
-    if st.st_uid != os.getuid():
-        raise SocketError(
-            f"socket directory {directory} belongs to uid {st.st_uid}, not to you "
-            f"(uid {os.getuid()}); choose another --socket"
-        )
-    if st.st_mode & 0o077:
-        raise SocketError(
-            f"socket directory {directory} is open to others "
-            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 700 {directory}"
-        )
-
-
-class SocketLock:
-    """`<socket>.lock`, held with flock(2) for the daemon's life.
-
-    The stale-socket probe alone cannot tell a crashed daemon's socket from one that a daemon
-    starting at the same moment has bound but not yet listens on; whoever holds the lock is
-    the only one allowed to probe, remove and bind. The kernel drops the lock when the process
-    dies, however it dies, so a crash never leaves a stale lock behind.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-
-    def acquire(self, socket_path: Path) -> None:
-        while True:
-            try:
-                fd = os.open(
-                    self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
-                )
-            except OSError as exc:
-                raise SocketError(f"cannot open lock file {self.path}: {exc.strerror}") from None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_pid(fd)
-                os.close(fd)
-                who = f"sugard (pid {holder})" if holder else "sugard"
-                raise SocketError(
-                    f"another {who} is already running on {socket_path}; stop it first, "
-                    "or choose another --socket"
-                ) from None
-            # The previous holder unlinks the file as it exits: a lock on that unlinked file
-            # would exclude nobody, so make sure ours is the one at the path.
-            try:
-                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
-        os.close(self._fd)
-        self._fd = None
-
-
-def _read_pid(fd: int) -> int | None:
-    try:
-        return int(os.pread(fd, 32, 0).decode().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def check_socket_path(path: Path) -> None:
-    size = len(os.fsencode(path))
-    if size > SOCKET_PATH_MAX:
-        raise SocketError(
-            f"socket path {path} is {size} bytes; Unix sockets allow at most "
-            f"{SOCKET_PATH_MAX}: choose a shorter --socket"
-        )
-
-
-def prepare_socket(path: Path) -> tuple[socket.socket, SocketLock]:
-    """A listening Unix socket at `path`, mode 0600 from birth, in a private directory, and
-    the lock that makes it ours.
-
-    A socket file left by a crashed daemon is removed; a live daemon there is not disturbed.
-    """
-    check_socket_path(path)
-    check_socket_dir(path.parent)
-    lock = SocketLock(path.with_name(path.name + ".lock"))
-    lock.acquire(path)
-    try:
-        return _bind(path), lock
-    except BaseException:
-        lock.release()
-        raise
-
-
-def _bind(path: Path) -> socket.socket:
-    if path.exists() or path.is_symlink():
-        if not stat.S_ISSOCK(path.lstat().st_mode):
-            raise SocketError(f"{path} exists and is not a socket; remove it or choose another")
-        if _answers(path):
-            raise SocketError(
-                f"something already answers on {path} (a sugard without a lock file?); "
-                "stop it first, or choose another --socket"
-            )
-        log.info("removing stale socket %s", path)
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o177)  # born 0600: no window where others could connect
-    try:
-        sock.bind(os.fspath(path))
-    except OSError as exc:
-        sock.close()
-        raise SocketError(f"cannot bind {path}: {exc.strerror}") from None
-    finally:
-        os.umask(old_umask)
-    sock.listen(512)
-    sock.setblocking(False)
-    return sock
-
-
-def _answers(path: Path) -> bool:
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    probe.settimeout(1.0)
-    try:
-        probe.connect(os.fspath(path))
-    except OSError as exc:
-        return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
-    finally:
-        probe.close()
-    return True
-
-
-def adopt_socket(passed: Sequence[ListenFd]) -> socket.socket:
-    """The one listening Unix stream socket that socket activation passed in.
-
-    Only a Unix socket will do: the API decides who may ask from the peer's credentials,
-    which other families do not carry.
-    """
-    described = ", ".join(f"fd {p.sock.fileno()} ({p.name})" for p in passed)
-    if len(passed) != 1:
-        raise SocketError(
-            f"systemd passed {len(passed)} sockets ({described}); sugard listens on exactly "
-            "one: keep a single ListenStream= in sugard.socket"
-        )
-    sock = passed[0].sock
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise SocketError(
-            f"systemd passed {described}, which is not a Unix stream socket; sugard needs "
-            "ListenStream=%t/sugard/sugard.sock (a path) in sugard.socket"
-        )
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise SocketError(
-            f"systemd passed {described}, which is not listening; sugard.socket must not "
-            "set Accept=yes"
-        )
-    sock.setblocking(False)
-    return sock
+    return max(config.daemon.shutdown_grace, _NO_WAIT)
 
 
 class Daemon:
@@ -278,6 +108,7 @@ class Daemon:
         self._login_slots = asyncio.Semaphore(config.daemon.max_parallel_logins)
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()  # a second stop signal: no more grace period
         self._stopping = False
         self._owns_socket = listen_socket is None
         self._lock: SocketLock | None = None
@@ -298,7 +129,7 @@ class Daemon:
         self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
         self.observer = Fanout(self.metrics, self.hooks)
         self._metrics_runner: web.AppRunner | None = None
-        # What the fd store passed back (name -> fd); see _take_sessions.
+        # What the fd store passed back (name -> fd); see kept_sessions.take_sessions.
         self._stored = dict(stored or {})
         self._fleet: Fleet | None = None  # with [fleet]: the instances' seats in the fleet
 
@@ -331,7 +162,8 @@ class Daemon:
             raise
         self._http = new_http_session()
         self._fleet = self._join_fleet(self.config)
-        resumed = self._take_sessions()
+        stored, self._stored = self._stored, {}
+        resumed = take_sessions(self._notifier, self.config, stored)
         for instance in self.config.instances.values():
             keeper = self._add(instance)
             if (kept := resumed.get(instance.name)) is not None:
@@ -350,7 +182,9 @@ class Daemon:
         await runner.setup()
         await runner.serve(sock)
         try:
-            self._listeners = await self._open_listeners(self.config, {})
+            self._listeners = await open_listeners(
+                self._forwarder, self.config, {}, shutdown_timeout=_grace(self.config)
+            )
         except ReloadFailed as exc:
             raise SocketError(exc.problems[0]) from None
         log.info(
@@ -363,55 +197,9 @@ class Daemon:
         self._spawn(self._notifier.watchdog())
         self._notifier.ready(self._summary())
 
-    async def _open_listeners(
-        self, config: Config, current: Mapping[str, ProxyListener]
-    ) -> dict[str, ProxyListener]:
-        """The proxy listeners `config` asks for: the current ones where their address stays,
-        new ones bound now. If one cannot be bound, those bound here are closed again and
-        ReloadFailed says why; the current ones are never touched here."""
-        assert self._forwarder is not None
-        wanted: dict[str, ProxyListener] = {}
-        opened: list[ProxyListener] = []
-        try:
-            for name, instance in config.instances.items():
-                if instance.listen is None:
-                    continue
-                kept = current.get(name)
-                if kept is not None and kept.address == instance.listen:
-                    wanted[name] = kept
-                    continue
-                listener = ProxyListener(
-                    self._forwarder,
-                    name,
-                    instance.listen,
-                    peer_of_tcp_socket,
-                    shutdown_timeout=_grace(config),
-                )
-                try:
-                    await listener.start()
-                except OSError as exc:
-                    raise ReloadFailed(
-                        [
-                            f"instances.{name}.listen: cannot listen on {instance.listen}: "
-                            f"{exc.strerror or exc}; choose another port"
-                        ]
-                    ) from None
-                opened.append(listener)
-                wanted[name] = listener
-        except BaseException:
-            await asyncio.gather(*(listener.stop() for listener in opened))
-            raise
-        return wanted
-
     async def _close_listeners(self, keep: Mapping[str, ProxyListener]) -> None:
-        """Stop the listeners that are not in `keep` (removed, or moved to a new address)."""
-        kept = set(map(id, keep.values()))
-        gone = [lis for lis in self._listeners.values() if id(lis) not in kept]
-        await asyncio.gather(*(listener.stop() for listener in gone))
-        for listener in keep.values():
-            # A moved listener's successor bound first; the old one's stop() dropped the URL.
-            assert self._forwarder is not None
-            self._forwarder.listener_urls[listener.name] = listener.url
+        assert self._forwarder is not None
+        await close_listeners(self._forwarder, self._listeners, keep)
         self._listeners = dict(keep)
 
     async def _serve_metrics(self) -> None:
@@ -530,37 +318,33 @@ class Daemon:
             for problem in exc.problems:
                 log.error("reload refused, old config kept: %s", problem)
             raise ReloadFailed([str(p) for p in exc.problems]) from None
-        diff = diff_configs(self.config, new)
+        plan = plan_reload(self.config, new, self._keepers)
+        diff = plan.diff
 
         # Build the new set of keepers aside; nothing live is touched until the swap, so a
         # failure here leaves the old config running as it was.
         keepers = dict(self._keepers)
-        retired: list[Keeper] = []
+        retired = [keepers.pop(name) for name in plan.remove]
+        adopted = [keepers[name] for name in plan.adopt]
         fresh: list[Keeper] = []
-        adopted: list[Keeper] = []
         try:
-            for name in diff.removed:
-                retired.append(keepers.pop(name))
-            for name in diff.changed:
-                cfg = new.instances[name]
-                old_keeper = keepers[name]
-                if old_keeper.config.session_key() == cfg.session_key():
-                    adopted.append(old_keeper)
-                else:
-                    retired.append(old_keeper)
-                    keepers[name] = self._new_keeper(cfg)
-                    # Another platform or client is no reason to send a rejected secret again.
-                    if old_keeper.rejection and old_keeper.rejection.applies_to(cfg):
-                        keepers[name].rejection = old_keeper.rejection
-                    fresh.append(keepers[name])
-            for name in diff.added:
+            for name in plan.restart:
+                retired.append(keepers[name])
+                keepers[name] = self._new_keeper(new.instances[name])
+                if name in plan.keep_rejection:
+                    keepers[name].rejection = self._keepers[name].rejection
+                fresh.append(keepers[name])
+            for name in plan.add:
                 keepers[name] = self._new_keeper(new.instances[name])
                 fresh.append(keepers[name])
         except Exception as exc:  # whatever it is, the old config must survive it
             log.exception("reload refused, old config kept: cannot set up the new instances")
             raise ReloadFailed([f"cannot set up the new instances: {exc}"]) from None
         # New proxy addresses are bound before the swap too, so one in use fails the reload.
-        listeners = await self._open_listeners(new, self._listeners)
+        assert self._forwarder is not None
+        listeners = await open_listeners(
+            self._forwarder, new, self._listeners, shutdown_timeout=_grace(new)
+        )
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
@@ -581,7 +365,7 @@ class Daemon:
         )
         old, self.config, self._keepers = self.config, new, keepers
         self.observer.forget(diff.removed)
-        self._apply_daemon_settings(old, new)
+        self._apply_daemon_settings(old, new, plan.restart_only)
         await self._close_listeners(listeners)
         if self._forwarder is not None:
             self._forwarder.prune(keepers)
@@ -616,13 +400,10 @@ class Daemon:
             answer["needs_attention"] = refused
         return answer
 
-    def _apply_daemon_settings(self, old: Config, new: Config) -> None:
+    def _apply_daemon_settings(self, old: Config, new: Config, pending: Sequence[str]) -> None:
         if self._apply_log_level and old.daemon.log_level != new.daemon.log_level:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
             log.info("log level is now %s", new.daemon.log_level)
-        pending = [
-            key for key in RESTART_ONLY if getattr(old.daemon, key) != getattr(new.daemon, key)
-        ]
         if old.fleet != new.fleet:
             log.warning("[fleet] changed: takes effect when sugard restarts")
         if pending:
@@ -633,27 +414,17 @@ class Daemon:
             )
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (shutdown_grace), stop keepers."""
+        """Stop accepting, let in-flight requests finish (shutdown_grace, or less after a
+        second signal), stop keepers."""
         self._stopping = True
         self._notifier.stopping()
-        await self._close_listeners({})
-        if self._runner is not None:
-            server = self._runner.server
-            open_connections = len(server.connections) if server is not None else 0
-            if open_connections:
-                log.info(
-                    "waiting up to %g s for %d open connection(s) to finish",
-                    self.config.daemon.shutdown_grace,
-                    open_connections,
-                )
-            await self._runner.cleanup()
-            self._runner = None
+        await self._drain()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
             self._metrics_runner = None
         for keeper in self._keepers.values():
             await keeper.stop()
-        self._hand_over_sessions()
+        hand_over_sessions(self._notifier, self.config, self._keepers)
         if self._fleet is not None:
             await self._fleet.stop()  # gives up the leases: another host leads at once
             self._fleet = None
@@ -668,41 +439,43 @@ class Daemon:
         self._notifier.close()
         log.info("sugard stopped")
 
-    # A restart that keeps the sessions (sugard/handoff.py)
-
-    @property
-    def _keeps_sessions(self) -> bool:
-        """Under systemd, whose fd store keeps them; not in fleet mode, where Redis does."""
-        return self._notifier.enabled and self.config.fleet is None
-
-    def _take_sessions(self) -> dict[str, handoff.Session]:
-        stored, self._stored = self._stored, {}
-        if not self._keeps_sessions:
-            for fd in stored.values():
-                os.close(fd)
-            return {}
-        sessions = handoff.take(self._notifier, stored, self.config.instances)
-        if stored:
-            log.info(
-                "fd store: %d of %d session(s) kept across the restart", len(sessions), len(stored)
-            )
-        return sessions
-
-    def _hand_over_sessions(self) -> None:
-        """Once the keepers have stopped (no renewal in flight can change a session)."""
-        if not self._keeps_sessions:
+    async def _drain(self) -> None:
+        """Close the servers, each letting its requests in flight finish within the grace
+        period; a second stop signal ends the wait and cancels what is left."""
+        graceful = asyncio.ensure_future(self._close_servers())
+        forced = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait((graceful, forced), return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if graceful.done():
+            graceful.result()
             return
-        sessions: dict[str, tuple[InstanceConfig, handoff.Session | None]] = {}
-        for name, keeper in self._keepers.items():
-            grant = keeper.session()
-            kept = None if grant is None else handoff.Session(grant, keeper.sugar_version)
-            sessions[name] = (keeper.config, kept)
-        try:
-            stored = handoff.give(self._notifier, sessions)
-        except OSError as exc:  # no memfd (a seccomp filter, no memory): the next start logs in
-            log.warning("fd store: cannot hand the sessions over: %s", exc.strerror or exc)
+        graceful.cancel()
+        await asyncio.gather(graceful, return_exceptions=True)
+        runner, self._runner = self._runner, None
+        if runner is None or runner.server is None:
             return
-        log.info("fd store: handed %d session(s) to the service manager", stored)
+        for site in list(runner.sites):
+            await site.stop()
+        left = len(runner.server.connections)
+        # Public aiohttp: a shutdown with (almost) no wait cancels each handler and closes its
+        # connection; the cleanup after it then finds nothing to wait for.
+        await runner.server.shutdown(_NO_WAIT)
+        log.warning("cancelled %d connection(s) still open", left)
+        await runner.cleanup()
+
+    async def _close_servers(self) -> None:
+        await self._close_listeners({})
+        if self._runner is not None:
+            server = self._runner.server
+            open_connections = len(server.connections) if server is not None else 0
+            if open_connections:
+                log.info(
+                    "waiting up to %g s for %d open connection(s) to finish",
+                    self.config.daemon.shutdown_grace,
+                    open_connections,
+                )
+            await self._runner.cleanup()
+            self._runner = None
 
     def _remove_socket(self) -> None:
         """Remove our socket, then give up the lock (in that order: whoever takes the lock
@@ -716,8 +489,9 @@ class Daemon:
     def request_stop(self) -> None:
         self._stop.set()
 
-    async def serve(self) -> None:
-        """Run until SIGTERM or SIGINT; SIGHUP reloads. A second SIGTERM or SIGINT exits at once."""
+    async def serve(self) -> int:
+        """Run until SIGTERM or SIGINT; SIGHUP reloads. A second SIGTERM or SIGINT cuts the
+        stop short. Returns the exit status: 0, or FORCED_EXIT after a stop cut short."""
         loop = asyncio.get_running_loop()
         # Handlers first: a SIGTERM while starting then stops cleanly once started, and a
         # SIGHUP never meets Python's default action (which is to die).
@@ -731,18 +505,19 @@ class Daemon:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        return FORCED_EXIT if self._force.is_set() else 0
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
+        # Flags only (as uvicorn's handle_exit): serve() and stop() do the work.
         if not self._stop.is_set():
             log.info("%s: stopping; send it again to exit at once", sig.name)
             self._stop.set()
             return
         log.warning("%s again: exiting now, cutting off requests in flight", sig.name)
-        self._remove_socket()
-        logging.shutdown()
-        os._exit(FORCED_EXIT)
+        self._force.set()
 
     def _reload_from_signal(self) -> None:
+        # Decides only: the reload runs in a task of its own, off the signal's callback.
         if self._stopping or self._runner is None:
             log.info("SIGHUP ignored: sugard is %s", "stopping" if self._stopping else "starting")
             return

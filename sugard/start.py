@@ -58,9 +58,8 @@ def run_daemon(
             apply_log_level=log_level is None,
             stored=fds.stored,
         )
-        asyncio.run(daemon.serve())
+        return asyncio.run(daemon.serve())
     except SocketError as exc:
         print(f"sugard: {exc}", file=sys.stderr)
         notifier.status(f"cannot start: {exc}")
         return 1
-    return 0

@@ -75,6 +75,16 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # The sessions a restart keeps: a keeper's grant, for an instance's settings, through
     # systemd's fd store. Split from `daemon` so the memfd format has a module of its own.
     "handoff": (SHARED | {"config", "keeper", "systemd"}, set()),
+    # The daemon's Unix socket (directory, lock, stale probe, bind, activation adoption):
+    # split from `daemon`, stdlib only, so the socket's rules read in one place.
+    "sockets": (SHARED | {"errors", "systemd"}, set()),
+    # What a reload does (add, remove, adopt, restart), decided as a pure function of the
+    # configs and the running keepers: split from `daemon` so it is tested without one.
+    "reload_plan": (SHARED | {"config", "keeper"}, set()),
+    # The proxy's TCP listeners, opened before a reload's swap and closed after it; and the
+    # daemon's side of a restart that keeps the sessions. Both split from `daemon`.
+    "listeners": (SHARED | {"config", "errors", "peer", "proxy"}, set()),
+    "kept_sessions": (SHARED | {"config", "handoff", "keeper", "systemd"}, set()),
 }
 
 

@@ -104,6 +104,23 @@ def test_second_signal_forces_the_exit(
     assert 4 == waiting.join().returncode
 
 
+def test_second_signal_cancels_what_is_left_and_says_how_many(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """The forced stop is still a stop, not a crash: it says how many connections it cut off,
+    stops the keepers and the log ends with "sugard stopped"."""
+    daemon, waiting = slow_login_daemon(fake, short_dir, start_daemon, delay=10, grace=30)
+    daemon.signal(signal.SIGTERM)
+    wait_for(lambda: "stopping; send it again" in daemon.log())
+    daemon.signal(signal.SIGTERM)
+    assert 1 == daemon.proc.wait(15)
+    assert 4 == waiting.join().returncode
+    log = daemon.log()
+    assert "SIGTERM again: exiting now" in log
+    assert "cancelled 1 connection(s) still open" in log
+    assert log.rstrip().endswith("sugard stopped")
+
+
 def test_stale_socket_from_a_crash_is_replaced(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
