@@ -46,6 +46,8 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # api serves the proxy's routes on the socket and asks peer who owns a loopback TCP peer.
     "api": (SHARED | {"config", "keeper", "openapi", "peer", "proxy"}, {"aiohttp"}),
     # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).
+    # A package of four rooms, each held to this row: forward (the forwarding core), answers
+    # (sugard's own answers in Sugar's envelope), routes (on the socket), listener (loopback TCP).
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
     "peer": (set(), set()),
