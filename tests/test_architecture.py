@@ -64,6 +64,12 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "observe": (set(), set()),
     "metrics": (SHARED, {"prometheus_client"}),
     "events": (SHARED, set()),
+    # `sugard init`'s flags, apart from what they do; its questions on the terminal; files
+    # written 0600 in a 0700 directory (the config and its secrets, by init and demo). Split
+    # from `init` (building and writing the config) to keep each to one job.
+    "init_args": (set(), set()),
+    "init_prompt": (set(), set()),
+    "private_files": (set(), set()),
     # The sessions a restart keeps: a keeper's grant, for an instance's settings, through
     # systemd's fd store. Split from `daemon` so the memfd format has a module of its own.
     "handoff": (SHARED | {"config", "keeper", "systemd"}, set()),
