@@ -3,13 +3,15 @@
 Interactive on a terminal, scriptable with flags. The password never goes into the config: it
 gets a file of its own (`NAME.password`, 0600) next to it, or stays where the user keeps it
 (`--password-file`, `--password-env`, `--password-command`).
+
+Here: the answers gathered from flags and questions, the config built and written. Apart: the
+flags (`init_args`), the terminal (`init_prompt`), private files (`private_files`).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import getpass
 import os
 import secrets
 import sys
@@ -30,7 +32,10 @@ from .config import (
     session_identity,
 )
 from .errors import DaemonError
+from .init_args import add_init_arguments
+from .init_prompt import Cancelled, Prompter
 from .paths import default_config_path
+from .private_files import private_dir, replace_private, write_private
 from .wire import INSTANCE_NAME_RULE
 
 __all__ = ["add_init_arguments", "run_init", "write_private"]
@@ -54,88 +59,6 @@ class InitError(DaemonError):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = code
-
-
-def add_init_arguments(p: argparse.ArgumentParser) -> None:
-    which = p.add_mutually_exclusive_group()
-    which.add_argument(
-        "--instance", metavar="NAME", help="instance name for a new config, like prod"
-    )
-    which.add_argument(
-        "--add",
-        metavar="NAME",
-        help="add instance NAME to an existing config, keeping the others "
-        "(the old file is kept as a .bak copy, since its comments are not carried over)",
-    )
-    p.add_argument("--url", help="site root, like https://crm.example.com")
-    p.add_argument("--username", help="the Sugar user sugard logs in as")
-    password = p.add_mutually_exclusive_group()
-    password.add_argument(
-        "--password-stdin",
-        action="store_true",
-        help="read the password from the first line of stdin and store it in NAME.password "
-        "(mode 0600) next to the config",
-    )
-    password.add_argument(
-        "--password-file",
-        metavar="F",
-        help="use the password in file F as is (written as given; a relative F is relative "
-        "to the config's directory, as sugard reads it)",
-    )
-    password.add_argument("--password-env", metavar="VAR", help="take the password from $VAR")
-    password.add_argument(
-        "--password-command", metavar="CMD", help="run CMD (with sh -c) to get the password"
-    )
-    p.add_argument(
-        "--platform",
-        help="API platform (default: sugard); register it in Sugar first: Admin > Configure "
-        "API Platforms (Sugar keeps one session per user and platform)",
-    )
-    p.add_argument("--client-id", help="OAuth2 client id (default: sugar, the built-in one)")
-    secret = p.add_mutually_exclusive_group()
-    secret.add_argument(
-        "--client-secret-file", metavar="F", help="file holding the client secret (as F above)"
-    )
-    secret.add_argument("--client-secret-env", metavar="VAR", help="variable holding it")
-    secret.add_argument("--client-secret-command", metavar="CMD", help="command printing it")
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="overwrite an existing config or password file, or replace an instance with --add "
-        "(the old config is kept as a .bak copy)",
-    )
-    p.add_argument(
-        "--fleet-key",
-        metavar="FILE",
-        help="only write a new random fleet key to FILE (mode 0600) and exit; copy it to every "
-        "host of the fleet and name it in [fleet] key_file",
-    )
-
-
-def write_private(path: Path, text: str, *, force: bool) -> None:
-    """Write `text` to `path`, mode 0600, its directory 0700; never loosened afterwards."""
-    _private_dir(path.parent)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (0 if force else os.O_EXCL)
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        os.fchmod(fd, 0o600)
-        handle.write(text)
-
-
-def _private_dir(directory: Path) -> None:
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
-        directory.chmod(0o700)  # mkdir's mode is filtered through the umask
-
-
-def _replace_private(path: Path, text: str) -> None:
-    """Replace `path` all at once: a reader (a reloading daemon) sees the old file or the new."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write_private(tmp, text, force=True)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _backup(path: Path) -> Path:
@@ -163,58 +86,6 @@ class Answers:
     table: dict[str, Any] = field(default_factory=dict)
     platform: str = ""
     secret_files: dict[Path, str] = field(default_factory=dict, repr=False)
-
-
-class Prompter:
-    """Asks on the terminal; every answer is checked at once and asked again if wrong."""
-
-    def __init__(self) -> None:
-        self.out = sys.stderr
-
-    def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
-
-    def ask(self, label: str, check: Callable[[str], str], default: str | None = None) -> str:
-        shown = f"{label} [{default}]: " if default else f"{label}: "
-        while True:
-            self.out.write(shown)
-            self.out.flush()
-            line = sys.stdin.readline()
-            if not line:
-                raise InitError("cancelled; nothing was written")
-            value = line.strip() or (default or "")
-            try:
-                return check(value)
-            except ValueError as exc:
-                self.say(f"  {exc}")
-
-    def secret(self, label: str, *, allow_empty: bool = False) -> str:
-        """Asked twice, unseen: a typo here would only show as a rejected login later."""
-        while True:
-            value = self._unseen(f"{label} (not shown): ")
-            if not value and not allow_empty:
-                self.say("  must not be empty")
-            elif not value or self._unseen("Again, to be sure (not shown): ") == value:
-                return value
-            else:
-                self.say("  the two differ; once more")
-
-    def _unseen(self, prompt: str) -> str:
-        try:
-            return getpass.getpass(prompt, stream=self.out)
-        except EOFError:
-            raise InitError("cancelled; nothing was written") from None
-
-    def confirm(self, question: str) -> bool:
-        answer = self.ask(f"{question} [Y/n]", _yes_no, "y")
-        return answer == "y"
-
-
-def _yes_no(value: str) -> str:
-    answer = value.strip().lower()[:1]
-    if answer not in ("y", "n"):
-        raise ValueError("answer y or n")
-    return answer
 
 
 def _checker(key: str) -> Callable[[str], str]:
@@ -454,7 +325,10 @@ def _init(args: argparse.Namespace, path: Path) -> int:
         # Checked before asking anything, so nobody types a password for nothing.
         raise InitError(f"{path} already has instance {args.add!r}; use --force to replace it")
 
-    answers = _gather(args, path, inherited, document)
+    try:
+        answers = _gather(args, path, inherited, document)
+    except Cancelled:
+        raise InitError("cancelled; nothing was written") from None
     instances = document.setdefault("instances", {})
     if answers.name in instances and not args.force:
         raise InitError(f"{path} already has instance {answers.name!r}; use --force to replace it")
@@ -471,14 +345,14 @@ def _init(args: argparse.Namespace, path: Path) -> int:
 
     created: list[Path] = []
     try:
-        _private_dir(path.parent)
+        private_dir(path.parent)
         for secret_path, secret in answers.secret_files.items():
             existed = secret_path.exists()
             write_private(secret_path, secret + "\n", force=args.force)
             if not existed:
                 created.append(secret_path)
         backup = _backup(path) if path.exists() else None
-        _replace_private(path, HEADER + tomli_w.dumps(document))
+        replace_private(path, HEADER + tomli_w.dumps(document))
     except OSError as exc:
         for done in created:
             done.unlink(missing_ok=True)

@@ -53,6 +53,8 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "api": (SHARED | {"errors", "keeper", "openapi", "peer", "proxy", "serving"}, {"aiohttp"}),
     "serving": ({"peer", "wire"}, {"aiohttp"}),
     # proxy: Sugar through sugard, on the keeper's session (config: the instance's settings).
+    # A package of four rooms, each held to this row: forward (the forwarding core), answers
+    # (sugard's own answers in Sugar's envelope), routes (on the socket), listener (loopback TCP).
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
     "openapi": (SHARED, set()),
     "peer": (set(), set()),  # stdlib only: the policy is a pure function of the config
@@ -72,6 +74,12 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "observe": (set(), set()),
     "metrics": (SHARED, {"prometheus_client"}),
     "events": (SHARED, set()),
+    # `sugard init`'s flags, apart from what they do; its questions on the terminal; files
+    # written 0600 in a 0700 directory (the config and its secrets, by init and demo). Split
+    # from `init` (building and writing the config) to keep each to one job.
+    "init_args": (set(), set()),
+    "init_prompt": (set(), set()),
+    "private_files": (set(), set()),
     # The sessions a restart keeps: a keeper's grant, for an instance's settings, through
     # systemd's fd store. Split from `daemon` so the memfd format has a module of its own.
     "handoff": (SHARED | {"config", "keeper", "systemd"}, set()),

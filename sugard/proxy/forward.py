@@ -1,19 +1,11 @@
-"""Sugar through sugard: an authenticating proxy, so unmodified scripts and SDKs share the session.
+"""The forwarding core: a client's request to the instance's `{url}/rest/...`, on sugard's token.
 
-A client points its Sugar site URL at sugard (`http://sugard/v1/instances/NAME` over the
-socket, or an instance's loopback `listen` address) and speaks Sugar's REST API as usual:
-
-- requests are forwarded to the instance's `{url}/rest/...` with the client's `OAuth-Token`,
-  `Authorization` and `Cookie` dropped and sugard's current `OAuth-Token` set; hop-by-hop
-  headers stay on their hop; bodies stream both ways in chunks (bounded memory);
-- a 401 `invalid_grant` from Sugar is reported to the keeper (one renewal, however many
-  requests saw the same token) and the request replayed once, if its body could be kept
-  (none, or at most `REPLAY_LIMIT` bytes of a known length); otherwise the 401 goes back;
-- the login, logout and sudo routes are answered here and never reach Sugar: an SDK that
-  logs in or out by itself would otherwise end the session every other script shares.
-
-Errors sugard makes itself on these routes use Sugar's envelope (`error`, `error_message`), so
-Sugar clients report them as they report Sugar's own.
+The client's `OAuth-Token`, `Authorization` and `Cookie` are dropped and sugard's current
+`OAuth-Token` set; hop-by-hop headers stay on their hop; bodies stream both ways in chunks
+(bounded memory), through one kept-alive pool per instance. A 401 `invalid_grant` from Sugar is
+reported to the keeper (one renewal, however many requests saw the same token) and the request
+replayed once, if its body could be kept (none, or at most `REPLAY_LIMIT` bytes of a known
+length); otherwise the 401 goes back.
 """
 
 from __future__ import annotations
@@ -23,44 +15,27 @@ import contextlib
 import json
 import logging
 import time
-import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from .config import InstanceConfig
-from .keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
-from .observe import Observer
-
-__all__ = [
-    "KEY_FORWARDER",
-    "PROXY_ROUTE",
-    "REPLAY_LIMIT",
-    "Forwarder",
-    "ProxyListener",
-    "add_routes",
-    "new_upstream_pool",
-]
+from sugard.config import InstanceConfig
+from sugard.keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from sugard.observe import Observer
+from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
 
 log = logging.getLogger("sugard.proxy")
 access_log = logging.getLogger("sugard.proxy.access")
 
-PROXY_ROUTE = "sugar-proxy"  # the socket route's name: api's peer check leaves it to us
 REPLAY_LIMIT = 1024 * 1024  # a request body up to this size is kept, so it can be replayed
 # Fewer, larger writes: ~1.4x the download rate of 64 KiB chunks on loopback, a few hundred
 # KiB per stream still (docs/performance.md).
 CHUNK = 256 * 1024
-TOKEN_WAIT = 10.0  # how long a proxied request waits for a token while sugard logs in
 MAX_ERROR_BODY = 64 * 1024  # a 401 body is read to find its label only up to this size
-# Not Sugar's refresh token, which never leaves sugard: clients that insist on one get this.
-PLACEHOLDER_REFRESH = "sugard-placeholder-refresh-token"
-IDLE_TIMEOUT = 30.0  # a listener connection with no request for this long is closed
-MAX_LINE = 8190
-MAX_HEADERS = 128  # Sugar clients send more headers than sugarctl does
 
 # RFC 9110 7.6.1: these describe one connection, not the message, so they never cross it.
 HOP_BY_HOP = frozenset(
@@ -81,26 +56,7 @@ HOP_BY_HOP = frozenset(
 DROPPED_REQUEST = HOP_BY_HOP | {"host", "oauth-token", "authorization", "cookie", "expect"}
 
 
-class ProxyRegistry(Protocol):
-    """What the proxy needs from the daemon: the keepers and who may use them."""
-
-    @property
-    def keepers(self) -> Mapping[str, Keeper]: ...
-
-    def allowed(self, peer: Any, instance: str | None) -> bool: ...
-
-
 _R = TypeVar("_R", bound=web.StreamResponse)
-PeerOf = Callable[[web.Request], Any]  # the request's peer (api.Peer), or None: refuse
-
-
-def sugar_error(status: int, label: str, message: str) -> web.Response:
-    """An error in Sugar's own envelope, as Sugar sends it (no-store)."""
-    return web.json_response(
-        {"error": label, "error_message": message},
-        status=status,
-        headers={"Cache-Control": "no-store"},
-    )
 
 
 def new_upstream_pool(config: InstanceConfig) -> aiohttp.ClientSession:
@@ -209,55 +165,19 @@ class Forwarder:
         if any(part in (".", "..") for part in segments):
             return sugar_error(400, "bad_request", "sugard forwards no path with . or .. in it")
         if len(segments) >= 2 and segments[1].lower() == "oauth2":
-            return await self._oauth2(request, keeper, "/".join(segments[2:]).lower())
+            return await oauth2(request, keeper, "/".join(segments[2:]).lower())
         raw_path = request.rel_url.raw_path.split("/", skip + 1)[skip + 1]
         try:
             return await self._forward(request, keeper, raw_path)
-        except TokenUnavailable as exc:
-            return sugar_error(503, "token_unavailable", str(exc))
-        except NeedsAttention as exc:
-            return sugar_error(502, "upstream_rejected", str(exc))
-        except InstanceStopped as exc:
-            if self.registry.keepers.get(name, keeper) is not keeper:
+        except (TokenUnavailable, NeedsAttention, InstanceStopped) as exc:
+            replaced = self.registry.keepers.get(name, keeper) is not keeper
+            if isinstance(exc, InstanceStopped) and replaced:
                 # Replaced by a reload (new credentials) while this request waited, before
                 # anything was sent: the new session is a retry away.
                 return sugar_error(
                     503, "token_unavailable", f"instance {name!r} was reloaded; try again"
                 )
-            return sugar_error(404, "not_found", str(exc))
-
-    async def _oauth2(self, request: web.Request, keeper: Keeper, route: str) -> web.Response:
-        """Sugar's login, logout and sudo, answered here: the caller was admitted by its uid,
-        and a login or logout reaching Sugar would end the shared session."""
-        if route == "token" and request.method == "POST":
-            await _discard_body(request)
-            try:
-                grant = await keeper.token(wait=TOKEN_WAIT)
-            except TokenUnavailable as exc:
-                return sugar_error(503, "token_unavailable", str(exc))
-            except NeedsAttention as exc:
-                return sugar_error(502, "upstream_rejected", str(exc))
-            except InstanceStopped as exc:
-                return sugar_error(404, "not_found", str(exc))
-            log.info(
-                "%s: answered a client's login with token %s (never sent to Sugar)",
-                keeper.name,
-                grant.access_token.fingerprint,
-            )
-            return _token_answer(grant, time.time())
-        if route == "logout" and request.method == "POST":
-            await _discard_body(request)
-            log.info("%s: answered a client's logout; the session stays alive", keeper.name)
-            return web.json_response({"success": True}, headers={"Cache-Control": "no-store"})
-        log.info("%s: refused %s oauth2/%r", keeper.name, request.method, route[:100])
-        if route.startswith("sudo"):
-            why = "sugard does not forward sudo: it would log the user out of its session"
-        else:
-            why = (
-                "sugard answers oauth2/token and oauth2/logout itself and forwards no other "
-                "oauth2 route"
-            )
-        return sugar_error(403, "not_authorized", why)
+            return token_failure(exc)
 
     async def _forward(self, request: web.Request, keeper: Keeper, path: str) -> web.StreamResponse:
         config = keeper.config
@@ -369,12 +289,6 @@ async def _request_body(request: web.Request) -> tuple[bytes | AsyncIterator[byt
     return request.content.iter_chunked(CHUNK), False
 
 
-async def _discard_body(request: web.Request) -> None:
-    # Read what the client sent, so the connection can carry its next request.
-    while await request.content.readany():
-        pass
-
-
 async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
     """The whole body of an error answer if it is small; None (left unread) if not."""
     length = upstream.content_length
@@ -464,33 +378,6 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
     return response
 
 
-def _token_answer(grant: Grant, now: float) -> web.Response:
-    """Sugar's seven-key token answer, for the token sugard holds. The refresh token is a
-    placeholder: Sugar's own never leaves sugard (a client refreshing with it would rotate
-    the session away from every other script)."""
-    refresh_in = (
-        grant.refresh_expires_at - now
-        if grant.refresh_expires_at is not None
-        else grant.expires_at - now
-    )
-    body = {
-        "access_token": grant.access_token.reveal(),
-        "expires_in": max(0, int(grant.expires_at - now)),
-        "token_type": grant.token_type,
-        "scope": None,
-        "refresh_token": PLACEHOLDER_REFRESH,
-        "refresh_expires_in": max(0, int(refresh_in)),
-        "download_token": grant.download_token.reveal(),
-    }
-    return web.json_response(
-        body,
-        headers={
-            "Cache-Control": "no-store, no-cache, must-revalidate",
-            "Pragma": "no-cache",
-        },
-    )
-
-
 def _why(exc: BaseException) -> str:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
@@ -499,192 +386,3 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return type(exc).__name__
-
-
-# On the socket: ANY /v1/instances/{name}/rest/{path}
-
-KEY_FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
-
-
-def add_routes(app: web.Application, registry: ProxyRegistry, peer_of: PeerOf) -> Forwarder:
-    """Serve the proxy on the socket app: `/v1/instances/{name}/rest/{path}` and
-    `GET /v1/instances/{name}/proxy` (the base URLs to give a client)."""
-    forwarder = Forwarder(registry)
-    app[KEY_FORWARDER] = forwarder
-
-    async def proxied(request: web.Request) -> web.StreamResponse:
-        name = request.match_info["name"]
-        refusal = _refused(request, registry, peer_of(request), name)
-        if refusal is not None:
-            return refusal
-        # /v1/instances/{name}/rest/...
-        return await forwarder.handle(request, name, 4)
-
-    async def proxy_urls(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
-        if name not in registry.keepers:
-            names = ", ".join(sorted(registry.keepers)) or "none"
-            return web.json_response(
-                {
-                    "error": "unknown_instance",
-                    "message": f"no instance {name!r}; configured: {names}",
-                },
-                status=404,
-            )
-        return web.json_response(
-            {
-                "instance": name,
-                "socket_url": f"http://sugard/v1/instances/{name}",
-                "listen_url": forwarder.listener_urls.get(name),
-            }
-        )
-
-    async def close(app: web.Application) -> None:
-        await forwarder.close()
-
-    app.router.add_route("*", "/v1/instances/{name}/rest/{path:.*}", proxied, name=PROXY_ROUTE)
-    app.router.add_get("/v1/instances/{name}/proxy", proxy_urls)
-    app.on_cleanup.append(close)
-    return forwarder
-
-
-def _refused(
-    request: web.Request, registry: ProxyRegistry, peer: Any, name: str
-) -> web.Response | None:
-    """The daemon's allow rules, answered in Sugar's envelope; None if `peer` may use `name`."""
-    if peer is not None and registry.allowed(peer, name):
-        return None
-    who = f"uid {peer.uid}" if peer is not None else "a peer whose owner is unknown"
-    log.warning("refused proxied %s %r from %s", request.method, request.path[:200], who)
-    if peer is None:
-        message = "sugard serves only local peers whose owner it can tell"
-    else:
-        message = (
-            f"uid {peer.uid} may not use instance {name!r} through sugard; its allowed_uids / "
-            "allowed_gids in the config decide who may"
-        )
-    response = sugar_error(403, "forbidden", message)
-    response.force_close()
-    return response
-
-
-# Over loopback TCP: an instance's `listen` address serves its site root.
-
-
-class ProxyListener:
-    """One instance's loopback TCP listener: `/rest/...` forwarded, anything else 404.
-
-    Who connects is read once per connection (`peer_of_socket`, from the kernel); browsers
-    are refused, since a web page in the user's own browser runs as the same uid."""
-
-    def __init__(
-        self,
-        forwarder: Forwarder,
-        name: str,
-        address: str,
-        peer_of_socket: Callable[[Any], Any],
-        *,
-        shutdown_timeout: float = 10.0,
-    ) -> None:
-        self.forwarder = forwarder
-        self.name = name
-        self.address = address  # as configured: "127.0.0.1:8401"
-        self.url = ""  # once started: the base URL, with the port the kernel gave
-        self._peer_of_socket = peer_of_socket
-        self._peers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
-        self._hosts: frozenset[str] = frozenset()
-        self._runner: web.AppRunner | None = None
-        self._shutdown_timeout = shutdown_timeout
-
-    async def start(self) -> None:
-        """Bind and serve; raises OSError (address in use, not local) with nothing left open."""
-        host, port = split_listen(self.address)
-        app = web.Application(middlewares=[self._admit])
-        app.router.add_route("*", "/rest/{path:.*}", self._proxied)
-        app.router.add_route("*", "/{tail:.*}", _not_found)
-        runner = web.AppRunner(
-            app,
-            access_log=None,
-            handle_signals=False,
-            keepalive_timeout=IDLE_TIMEOUT,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_LINE,
-            max_headers=MAX_HEADERS,
-            auto_decompress=False,  # a compressed upload is forwarded as it came
-            shutdown_timeout=self._shutdown_timeout,
-        )
-        await runner.setup()
-        try:
-            site = web.TCPSite(runner, host.strip("[]"), port, reuse_address=True)
-            await site.start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        bound = runner.addresses[0]
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.url = f"http://{shown}:{bound[1]}"
-        # DNS rebinding: a page on evil.example, resolved to 127.0.0.1, sends Host: evil.example.
-        self._hosts = frozenset({f"{shown}:{bound[1]}", f"localhost:{bound[1]}"})
-        self.forwarder.listener_urls[self.name] = self.url
-        log.info("%s: proxy listening on %s", self.name, self.url)
-
-    async def stop(self) -> None:
-        if self.forwarder.listener_urls.get(self.name) == self.url:
-            del self.forwarder.listener_urls[self.name]
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-            log.info("%s: proxy stopped listening on %s", self.name, self.url)
-
-    @web.middleware
-    async def _admit(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        browser = _browser_request(request, self._hosts)
-        if browser is not None:
-            log.warning(
-                "%s: refused %s %r: %s", self.name, request.method, request.path[:200], browser
-            )
-            response = sugar_error(403, "forbidden", f"sugard refuses {browser}")
-            response.force_close()
-            return response
-        refusal = _refused(request, self.forwarder.registry, self._peer(request), self.name)
-        return refusal if refusal is not None else await handler(request)
-
-    def _peer(self, request: web.Request) -> Any:
-        # Once per connection: the lookup asks the kernel, and a TCP peer's owner is fixed.
-        transport = request.transport
-        if transport is None:
-            return None
-        if transport not in self._peers:
-            self._peers[transport] = self._peer_of_socket(transport.get_extra_info("socket"))
-        return self._peers[transport]
-
-    async def _proxied(self, request: web.Request) -> web.StreamResponse:
-        return await self.forwarder.handle(request, self.name, 1)  # /rest/...
-
-
-async def _not_found(request: web.Request) -> web.Response:
-    return sugar_error(
-        404, "not_found", "sugard's proxy serves only Sugar's REST API, under /rest/"
-    )
-
-
-def _browser_request(request: web.Request, hosts: frozenset[str]) -> str | None:
-    """Why this looks like a browser's request (or a rebinding page's); None if it does not."""
-    if "Origin" in request.headers:
-        return "requests from web pages (an Origin header)"
-    fetch_site = request.headers.get("Sec-Fetch-Site")
-    if fetch_site is not None and fetch_site.lower() != "none":
-        return "requests from web pages (Sec-Fetch-Site)"
-    host = request.headers.get("Host", "").lower()
-    if host not in hosts:
-        return f"Host {host[:100]!r}: only the listener's own address is served"
-    return None
-
-
-def split_listen(address: str) -> tuple[str, int]:
-    """("127.0.0.1", 8401) from "127.0.0.1:8401", ("[::1]", 8401) from "[::1]:8401"."""
-    host, _, port = address.rpartition(":")
-    return host, int(port)

@@ -1,0 +1,59 @@
+"""On the socket: `ANY /v1/instances/{name}/rest/{path}` forwarded, and the proxy's base URLs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from sugard.proxy.answers import ProxyRegistry, refused
+from sugard.proxy.forward import Forwarder
+
+PROXY_ROUTE = "sugar-proxy"  # the socket route's name: api's peer check leaves it to us
+PeerOf = Callable[[web.Request], Any]  # the request's peer (api.Peer), or None: refuse
+
+
+KEY_FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
+
+
+def add_routes(app: web.Application, registry: ProxyRegistry, peer_of: PeerOf) -> Forwarder:
+    """Serve the proxy on the socket app: `/v1/instances/{name}/rest/{path}` and
+    `GET /v1/instances/{name}/proxy` (the base URLs to give a client)."""
+    forwarder = Forwarder(registry)
+    app[KEY_FORWARDER] = forwarder
+
+    async def proxied(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["name"]
+        refusal = refused(request, registry, peer_of(request), name)
+        if refusal is not None:
+            return refusal
+        # /v1/instances/{name}/rest/...
+        return await forwarder.handle(request, name, 4)
+
+    async def proxy_urls(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in registry.keepers:
+            names = ", ".join(sorted(registry.keepers)) or "none"
+            return web.json_response(
+                {
+                    "error": "unknown_instance",
+                    "message": f"no instance {name!r}; configured: {names}",
+                },
+                status=404,
+            )
+        return web.json_response(
+            {
+                "instance": name,
+                "socket_url": f"http://sugard/v1/instances/{name}",
+                "listen_url": forwarder.listener_urls.get(name),
+            }
+        )
+
+    async def close(app: web.Application) -> None:
+        await forwarder.close()
+
+    app.router.add_route("*", "/v1/instances/{name}/rest/{path:.*}", proxied, name=PROXY_ROUTE)
+    app.router.add_get("/v1/instances/{name}/proxy", proxy_urls)
+    app.on_cleanup.append(close)
+    return forwarder
