@@ -96,4 +96,5 @@ async def test_status_is_a_frozen_snapshot(fake: FakeSugar, tmp_path: Path) -> N
             "refreshes",
             "failures",
             "token_fingerprint",
+            "fleet",
         ] == list(status.as_dict())
