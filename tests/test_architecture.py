@@ -62,7 +62,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # A package of four rooms, each held to this row: forward (the forwarding core), answers
     # (sugard's own answers in Sugar's envelope), routes (on the socket), listener (loopback TCP).
     "proxy": (SHARED | {"config", "keeper"}, {"aiohttp", "yarl"}),
-    "openapi": (SHARED, set()),
+    "openapi": (SHARED | {"openapi_schemas"}, set()),
+    # The OpenAPI document's components (every body's schema), apart from its paths.
+    "openapi_schemas": (SHARED, set()),
     "peer": (set(), set()),  # stdlib only: the policy is a pure function of the config
     "systemd": ({"text"}, set()),
     # The socket API's contract both ends share: stdlib only, cheap enough for sugarctl.
