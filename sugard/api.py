@@ -70,7 +70,9 @@ log = logging.getLogger("sugard.api")
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
 INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 
-BODY_TIMEOUT = 10.0  # to send a request body, once the headers are in
+# To send a request body, once the headers are in. Passed to json_body at each call (not a
+# default there), so the value in this module is the one that holds.
+BODY_TIMEOUT = 10.0
 
 
 class Registry(Admission, Protocol):
