@@ -4,18 +4,16 @@ Every answer, errors included, is JSON of the wire's shapes (sugard.wire, descri
 `openapi.spec()`); the daemon's errors become answers in one place (`answer`).
 
 Who may ask is decided by the kernel's word on the peer twice: when a connection is made
-(sugard.serving, which also bounds connections, header sizes and idle time) and here, for
-every request (instances can narrow the daemon's list; the policy is sugard.peer.may_use).
-Here too: the body's size and the time to send it.
+(sugard.serving, which also bounds connections, header sizes and idle time) and for every
+request (sugard.api_middleware, which also answers aiohttp's errors in JSON and parses query
+seconds and bodies). Here: the body's size and the time to send it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
-import math
 import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,12 +24,23 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from . import __version__
+from .api_middleware import (
+    MAX_BODY,
+    Admission,
+    BadRequest,
+    check_peer,
+    forbidden,
+    json_body,
+    json_errors,
+    seconds,
+    shown,
+)
 from .errors import DaemonError, InstanceStopped, NeedsAttention, ReloadFailed, TokenUnavailable
 from .keeper import Grant, Keeper
 from .observe import Observer, TokenOutcome
 from .openapi import spec
-from .peer import Peer, refusal
-from .proxy import PROXY_ROUTE, add_routes
+from .peer import Peer
+from .proxy import add_routes
 from .serving import error, peer_of
 from .wire import (
     DEFAULT_WAIT,
@@ -45,6 +54,7 @@ from .wire import (
 __all__ = [
     "DEFAULT_WAIT",
     "KEY_METRICS",
+    "MAX_BODY",
     "MAX_MIN_TTL",
     "MAX_WAIT",
     "TOKEN_LIFETIME_HEADER",
@@ -60,11 +70,12 @@ log = logging.getLogger("sugard.api")
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
 INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 
-MAX_BODY = 64 * 1024
-BODY_TIMEOUT = 10.0  # to send a request body, once the headers are in
+# To send a request body, once the headers are in. Passed to json_body at each call (not a
+# default there), so the value in this module is the one that holds.
+BODY_TIMEOUT = 10.0
 
 
-class Registry(Protocol):
+class Registry(Admission, Protocol):
     """What the API needs from the daemon: the keepers, who may ask, a way to reload, and a
     way to stop (unless systemd runs it: then stopping is systemd's job)."""
 
@@ -95,12 +106,6 @@ def answer(exc: DaemonError) -> web.Response:
     return error(exc.code, exc.answer_message, **exc.details())
 
 
-def _shown(value: str, limit: int = 80) -> str:
-    """A client-supplied value, quoted, on one line and short, for an error message."""
-    text = value if len(value) <= limit else value[:limit] + "..."
-    return repr(text)
-
-
 KEY_REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 KEY_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 KEY_OBSERVER: web.AppKey[Observer] = web.AppKey("observer")
@@ -117,10 +122,12 @@ def make_app(
     metrics: RenderMetrics | None = None,
 ) -> web.Application:
     """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics."""
-    app = web.Application(middlewares=[_json_errors, _check_peer], client_max_size=MAX_BODY)
+    observer = observer or Observer()
+    guard = check_peer(registry, observer, _TOKEN_ROUTES)
+    app = web.Application(middlewares=[json_errors, guard], client_max_size=MAX_BODY)
     app[KEY_REGISTRY] = registry
     app[KEY_CLOCK] = clock
-    app[KEY_OBSERVER] = observer or Observer()
+    app[KEY_OBSERVER] = observer
     app[KEY_METRICS] = metrics
     app.router.add_get("/v1/health", health)
     app.router.add_get("/v1/openapi.json", openapi)
@@ -136,96 +143,19 @@ def make_app(
     return app
 
 
-# Middlewares
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            return error("not_found", f"no such route: {request.method} {_shown(request.path)}")
-        if exc.status == 405:
-            allowed = exc.headers.get("Allow", "")
-            resp = error("method_not_allowed", f"{request.method} is not allowed here")
-            if allowed:
-                resp.headers["Allow"] = allowed
-            return resp
-        if exc.status == 413:
-            return error("bad_request", f"request body larger than {MAX_BODY} bytes", status=413)
-        status = exc.status if 400 <= exc.status < 500 else 400
-        return error("bad_request", exc.reason, status=status)
-    except Exception:
-        log.exception("internal error answering %s %r", request.method, request.raw_path[:200])
-        return error("internal", "internal error in sugard; see its log")
-
-
-@web.middleware
-async def _check_peer(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.match_info.route.name == PROXY_ROUTE:
-        return await handler(request)  # the same rules, answered in Sugar's envelope there
-    registry = request.app[KEY_REGISTRY]
-    peer = peer_of(request)
-    instance = request.match_info.get("name")
-    if peer is not None and registry.allowed(peer, instance):
-        return await handler(request)
-    if (
-        instance is not None
-        and instance in registry.keepers
-        and request.match_info.handler in _TOKEN_ROUTES
-    ):
-        request.app[KEY_OBSERVER].token_request(instance, "forbidden")
-    if peer is not None:
-        # Path quoted (%r): a decoded path could carry newlines into the log.
-        log.warning(
-            "refused %s %r from %s", request.method, request.raw_path[:200], peer.describe()
-        )
-    resp = _forbidden(registry, peer, instance)
-    resp.force_close()
-    return resp
-
-
-def _forbidden(registry: Registry, peer: Peer | None, instance: str | None) -> web.Response:
-    """The 403 for a peer `registry` does not admit to `instance` (None: the daemon)."""
-    if peer is None:
-        return error("forbidden", "sugard serves only local Unix-socket peers")
-    daemon_wide = registry.allowed(peer, None)
-    return error("forbidden", refusal(peer, instance if daemon_wide else None))
-
-
 # Handlers
-
-
-class _BadRequest(Exception):
-    pass
 
 
 def _keeper(request: web.Request) -> Keeper | web.Response:
     name = request.match_info["name"]
     if not INSTANCE_NAME.fullmatch(name):
-        return error("bad_request", f"bad instance name {_shown(name)}: {INSTANCE_NAME_RULE}")
+        return error("bad_request", f"bad instance name {shown(name)}: {INSTANCE_NAME_RULE}")
     keepers = request.app[KEY_REGISTRY].keepers
     keeper = keepers.get(name)
     if keeper is None:
         names = ", ".join(sorted(keepers)) or "none"
         return error("unknown_instance", f"no instance {name!r}; configured: {names}")
     return keeper
-
-
-def _seconds(request: web.Request, key: str, default: float, high: float) -> float:
-    raw = request.query.get(key)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise _BadRequest(f"{key} must be a number of seconds, not {_shown(raw)}") from None
-    if math.isnan(value) or not 0 <= value <= high:
-        raise _BadRequest(f"{key} must be between 0 and {high:g} seconds, not {_shown(raw)}")
-    return value
 
 
 def _status(keeper: Keeper) -> dict[str, Any]:
@@ -315,7 +245,7 @@ def _successor(request: web.Request, keeper: Keeper) -> Keeper | web.Response | 
     if peer is None or not registry.allowed(peer, keeper.name):
         uid = peer.uid if peer else "?"
         log.warning("refused uid %s the new session of %s after a reload", uid, keeper.name)
-        return _forbidden(registry, peer, keeper.name)
+        return forbidden(registry, peer, keeper.name)
     return successor
 
 
@@ -354,9 +284,9 @@ async def token(request: web.Request) -> web.Response:
     if isinstance(keeper, web.Response):
         return keeper
     try:
-        min_ttl = _seconds(request, "min_ttl", 0.0, MAX_MIN_TTL)
-        wait = _seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
-    except _BadRequest as exc:
+        min_ttl = seconds(request, "min_ttl", 0.0, MAX_MIN_TTL)
+        wait = seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
+    except BadRequest as exc:
         _count(request, keeper, "bad_request")
         return error("bad_request", str(exc))
     return await _answer_token(
@@ -371,41 +301,13 @@ async def invalidate(request: web.Request) -> web.Response:
     keeper = _keeper(request)
     if isinstance(keeper, web.Response):
         return keeper
-    body = await _json_body(request, INVALIDATE_BODY)
+    body = await json_body(request, INVALIDATE_BODY, timeout=BODY_TIMEOUT)
     if isinstance(body, web.Response):
         return body
     reported = body.get("access_token")
     if not isinstance(reported, str) or not reported:
         return error("bad_request", INVALIDATE_BODY)
     return await _answer_token(request, keeper, lambda: keeper.invalidate(reported))
-
-
-async def _json_body(
-    request: web.Request, shape: str, *, empty_ok: bool = False
-) -> dict[str, Any] | web.Response:
-    """The request's body as a JSON object ({} for none, if `empty_ok`), or the 4xx answer;
-    `shape` says what the body must be."""
-    try:
-        async with asyncio.timeout(BODY_TIMEOUT):
-            raw = await request.read()
-    except TimeoutError:
-        resp = error(
-            "bad_request", f"request body not received within {BODY_TIMEOUT:g} s", status=408
-        )
-        resp.force_close()
-        return resp
-    except (web.RequestPayloadError, ConnectionError):
-        # A broken chunked body, or a client gone mid-body: nothing to parse.
-        resp = error("bad_request", "request body incomplete or malformed")
-        resp.force_close()
-        return resp
-    if empty_ok and not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):
-        return error("bad_request", shape)
-    return body if isinstance(body, dict) else error("bad_request", shape)
 
 
 REFRESH_BODY = 'body must be empty, or JSON: {"retry_rejected": true|false}'
@@ -415,7 +317,7 @@ async def refresh(request: web.Request) -> web.Response:
     keeper = _keeper(request)
     if isinstance(keeper, web.Response):
         return keeper
-    options = await _json_body(request, REFRESH_BODY, empty_ok=True)
+    options = await json_body(request, REFRESH_BODY, timeout=BODY_TIMEOUT, empty_ok=True)
     if isinstance(options, web.Response):
         return options
     retry_rejected = options.get("retry_rejected", False)

@@ -3,6 +3,7 @@
 Kept exact rather than loose: every status an operation can answer, every key of every body
 (`additionalProperties: false`), and the headers clients rely on. The test suite runs
 schemathesis against a live daemon with this document, so a drift either way fails a test.
+Here: the paths and their answers; the bodies' schemas are sugard.openapi_schemas'.
 """
 
 from __future__ import annotations
@@ -11,24 +12,10 @@ import copy
 from typing import Any
 
 from . import __version__
-from .wire import (
-    DEFAULT_WAIT,
-    ERRORS,
-    INSTANCE_NAME_PATTERN,
-    MAX_MIN_TTL,
-    MAX_WAIT,
-    STATES,
-    TOKEN_LIFETIME_HEADER,
-)
+from .openapi_schemas import ERROR_CODES, INSTANCE_NAME, SCHEMAS, ref
+from .wire import DEFAULT_WAIT, MAX_MIN_TTL, MAX_WAIT, TOKEN_LIFETIME_HEADER
 
-__all__ = ["ERROR_CODES", "spec"]
-
-ERROR_CODES = tuple(sorted(ERRORS))
-INSTANCE_NAME = f"^{INSTANCE_NAME_PATTERN}$"
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+__all__ = ["ERROR_CODES", "INSTANCE_NAME", "PROXIED_METHODS", "PROXIED_PATH", "SCHEMAS", "spec"]
 
 
 def _json(schema: dict[str, Any], description: str, **headers: dict[str, Any]) -> dict[str, Any]:
@@ -44,7 +31,7 @@ def _json(schema: dict[str, Any], description: str, **headers: dict[str, Any]) -
 def _error(description: str, *codes: str, retry_after: bool = False) -> dict[str, Any]:
     schema = {
         "allOf": [
-            _ref("RetryableError" if retry_after else "Error"),
+            ref("RetryableError" if retry_after else "Error"),
             {"properties": {"error": {"type": "string", "enum": list(codes)}}},
         ]
     }
@@ -101,7 +88,7 @@ def _token_answers(**extra: dict[str, Any]) -> dict[str, Any]:
     return _with_instance(
         **{
             "200": _json(
-                _ref("Token"),
+                ref("Token"),
                 "the access token to use now",
                 **{"Cache-Control": _NO_STORE, TOKEN_LIFETIME_HEADER: _TOKEN_LIFETIME},
             ),
@@ -142,234 +129,6 @@ def _seconds(name: str, high: float, example: float, description: str) -> dict[s
     }
 
 
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {**schema, "nullable": True}
-
-
-_TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
-_COUNT = {"type": "integer", "minimum": 0}
-
-SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error", "message"],
-        "additionalProperties": False,
-        "properties": {
-            "error": {"type": "string", "enum": list(ERROR_CODES)},
-            "message": {"type": "string", "description": "one line for a human"},
-        },
-    },
-    "RetryableError": {
-        "type": "object",
-        "required": ["error", "message", "retry_after"],
-        "additionalProperties": False,
-        "properties": {
-            "error": {"type": "string", "enum": list(ERROR_CODES)},
-            "message": {"type": "string", "description": "one line for a human"},
-            "retry_after": {"type": "number", "minimum": 0},
-        },
-    },
-    "Health": {
-        "type": "object",
-        "required": ["status", "version", "instances"],
-        "additionalProperties": False,
-        "properties": {
-            "status": {"type": "string", "enum": ["ok"]},
-            "version": {"type": "string"},
-            "instances": _COUNT,
-        },
-    },
-    "Status": {
-        "type": "object",
-        "required": [
-            "name",
-            "url",
-            "username",
-            "platform",
-            "state",
-            "expires_at",
-            "refresh_at",
-            "last_refresh",
-            "last_error",
-            "token_fingerprint",
-            "logins",
-            "refreshes",
-            "failures",
-            "fleet",
-        ],
-        "additionalProperties": False,
-        "properties": {
-            "name": {"type": "string", "pattern": INSTANCE_NAME},
-            "url": {"type": "string"},
-            "username": {"type": "string"},
-            "platform": {"type": "string"},
-            "state": {"type": "string", "enum": list(STATES)},
-            "expires_at": _nullable(_TIME),
-            "refresh_at": _nullable(_TIME),
-            "last_refresh": _nullable(_TIME),
-            "last_error": {
-                "type": "object",
-                "nullable": True,
-                "required": ["at", "kind", "message", "current"],
-                "additionalProperties": False,
-                "properties": {
-                    "at": _TIME,
-                    "kind": {"type": "string"},
-                    "message": {"type": "string"},
-                    # True only while the state is caused by it; else it is history.
-                    "current": {"type": "boolean"},
-                },
-            },
-            "token_fingerprint": {
-                "type": "string",
-                "nullable": True,
-                "pattern": "^[0-9a-f]{8}$",
-                "description": "the name the log gives the current token (null: no token); "
-                "`sugarctl token NAME --fingerprint` prints the same",
-            },
-            "logins": _COUNT,
-            "refreshes": _COUNT,
-            "failures": _COUNT,
-            "fleet": {
-                "type": "object",
-                "nullable": True,
-                "description": "fleet mode (docs/fleet.md); null: the session is this host's",
-                "required": ["role", "holder", "epoch"],
-                "additionalProperties": False,
-                "properties": {
-                    "role": {"type": "string", "enum": ["leader", "follower"]},
-                    "holder": {
-                        "type": "string",
-                        "nullable": True,
-                        "description": "the leader's lease holder id, host:pid:random",
-                    },
-                    "epoch": {"type": "integer", "minimum": 0},
-                },
-            },
-        },
-    },
-    "StatusList": {
-        "type": "object",
-        "required": ["instances"],
-        "additionalProperties": False,
-        "properties": {"instances": {"type": "array", "items": _ref("Status")}},
-    },
-    "Token": {
-        "type": "object",
-        "required": [
-            "instance",
-            "url",
-            "access_token",
-            "token_type",
-            "expires_at",
-            "expires_in",
-            "download_token",
-        ],
-        "additionalProperties": False,
-        "properties": {
-            "instance": {"type": "string", "pattern": INSTANCE_NAME},
-            "url": {"type": "string", "description": "the site root; call {url}/rest/v10/..."},
-            "access_token": {"type": "string", "minLength": 1, "description": "OAuth-Token"},
-            "token_type": {"type": "string"},
-            "expires_at": _TIME,
-            "expires_in": _COUNT,
-            "download_token": {"type": "string"},
-        },
-    },
-    "InvalidateRequest": {
-        "type": "object",
-        "required": ["access_token"],
-        "properties": {
-            "access_token": {
-                "type": "string",
-                "minLength": 1,
-                "description": "the token Sugar refused",
-            }
-        },
-        "example": {"access_token": "4c0f5cb8-6bb0-4c6b-9d2e-2f4a8f9e1d7a"},
-    },
-    "RefreshRequest": {
-        "type": "object",
-        "properties": {
-            "retry_rejected": {
-                "type": "boolean",
-                "default": False,
-                "description": "send a password (or client secret) Sugar rejected once more, "
-                "although it did not change (after an administrator unlocked the account); "
-                "Sugar may count it as a failed login",
-            }
-        },
-        "additionalProperties": False,
-        "example": {"retry_rejected": True},
-    },
-    "Shutdown": {
-        "type": "object",
-        "required": ["status", "pid"],
-        "additionalProperties": False,
-        "properties": {
-            "status": {"type": "string", "enum": ["stopping"]},
-            "pid": {"type": "integer", "minimum": 1},
-        },
-    },
-    "ReloadResult": {
-        "type": "object",
-        "required": ["added", "removed", "changed", "unchanged"],
-        "additionalProperties": False,
-        "properties": {
-            **{
-                key: {"type": "array", "items": {"type": "string"}}
-                for key in ("added", "removed", "changed", "unchanged")
-            },
-            "needs_attention": {
-                "type": "object",
-                "description": "instances left failed, each with what to do: Sugar rejected "
-                "their secret and it has not changed, so it is not sent again",
-                "additionalProperties": {"type": "string"},
-            },
-        },
-    },
-    "ProxyUrls": {
-        "type": "object",
-        "required": ["instance", "socket_url", "listen_url"],
-        "additionalProperties": False,
-        "properties": {
-            "instance": {"type": "string", "pattern": INSTANCE_NAME},
-            "socket_url": {
-                "type": "string",
-                "description": "the Sugar site root over this socket",
-                "example": "http://sugard/v1/instances/prod",
-            },
-            "listen_url": {
-                "type": "string",
-                "nullable": True,
-                "description": "the site root on the instance's loopback listener, if any",
-            },
-        },
-    },
-    "SugarError": {
-        "type": "object",
-        "required": ["error", "error_message"],
-        "properties": {
-            "error": {"type": "string", "description": "Sugar's error label"},
-            "error_message": {"type": "string"},
-        },
-    },
-    "ReloadError": {
-        "type": "object",
-        "required": ["error", "message", "errors"],
-        "additionalProperties": False,
-        "properties": {
-            "error": {"type": "string", "enum": ["invalid_config"]},
-            "message": {"type": "string"},
-            "errors": {
-                "type": "array",
-                "items": {"type": "string", "description": "file: key: message"},
-            },
-        },
-    },
-}
-
-
 # Sugar through sugard: any method is forwarded to {url}/rest/{path}, Sugar's answer comes back.
 PROXIED_PATH = "/v1/instances/{name}/rest/{path}"
 PROXIED_METHODS = ("get", "post", "put", "patch", "delete")
@@ -385,7 +144,7 @@ def _proxied(method: str) -> dict[str, Any]:
             "refused (403). Errors sugard makes itself use Sugar's envelope."
         ),
         "responses": {
-            "default": _json(_ref("SugarError"), "Sugar's answer, or sugard's in Sugar's envelope")
+            "default": _json(ref("SugarError"), "Sugar's answer, or sugard's in Sugar's envelope")
         },
     }
 
@@ -416,7 +175,7 @@ def _document() -> dict[str, Any]:
                 "get": {
                     "operationId": "health",
                     "summary": "the daemon is up",
-                    "responses": {**_COMMON, "200": _json(_ref("Health"), "the daemon is up")},
+                    "responses": {**_COMMON, "200": _json(ref("Health"), "the daemon is up")},
                 }
             },
             "/v1/openapi.json": {
@@ -433,7 +192,7 @@ def _document() -> dict[str, Any]:
                 "get": {
                     "operationId": "listInstances",
                     "summary": "status of every instance the caller may use",
-                    "responses": {**_COMMON, "200": _json(_ref("StatusList"), "the instances")},
+                    "responses": {**_COMMON, "200": _json(ref("StatusList"), "the instances")},
                 }
             },
             "/v1/instances/{name}": {
@@ -441,7 +200,7 @@ def _document() -> dict[str, Any]:
                 "get": {
                     "operationId": "instanceStatus",
                     "summary": "status of one instance",
-                    "responses": _with_instance(**{"200": _json(_ref("Status"), "its status")}),
+                    "responses": _with_instance(**{"200": _json(ref("Status"), "its status")}),
                 },
             },
             "/v1/instances/{name}/token": {
@@ -475,7 +234,7 @@ def _document() -> dict[str, Any]:
                     "description": "Only a report of the current token starts a refresh.",
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": _ref("InvalidateRequest")}},
+                        "content": {"application/json": {"schema": ref("InvalidateRequest")}},
                     },
                     "responses": _token_answers(
                         **{
@@ -494,7 +253,7 @@ def _document() -> dict[str, Any]:
                     "sent again unless it changed since, or the body asks for it.",
                     "requestBody": {
                         "required": False,
-                        "content": {"application/json": {"schema": _ref("RefreshRequest")}},
+                        "content": {"application/json": {"schema": ref("RefreshRequest")}},
                     },
                     "responses": _token_answers(
                         **{
@@ -510,7 +269,7 @@ def _document() -> dict[str, Any]:
                     "operationId": "proxyUrls",
                     "summary": "the Sugar site root to give a client of the proxy",
                     "responses": _with_instance(
-                        **{"200": _json(_ref("ProxyUrls"), "where the proxy serves the instance")}
+                        **{"200": _json(ref("ProxyUrls"), "where the proxy serves the instance")}
                     ),
                 },
             },
@@ -551,9 +310,9 @@ def _document() -> dict[str, Any]:
                     "summary": "reload the config (the daemon's owner and root only)",
                     "responses": {
                         **_COMMON,
-                        "200": _json(_ref("ReloadResult"), "what the reload changed"),
+                        "200": _json(ref("ReloadResult"), "what the reload changed"),
                         "422": _json(
-                            _ref("ReloadError"), "the new config is invalid; the old one runs on"
+                            ref("ReloadError"), "the new config is invalid; the old one runs on"
                         ),
                     },
                 }
@@ -566,7 +325,7 @@ def _document() -> dict[str, Any]:
                     "responses": {
                         **_COMMON,
                         "202": _json(
-                            _ref("Shutdown"),
+                            ref("Shutdown"),
                             "stopping: requests in flight finish (within shutdown_grace), "
                             "then the socket is removed and the process exits",
                         ),
