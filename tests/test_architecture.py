@@ -65,7 +65,10 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # The socket API's contract both ends share: stdlib only, cheap enough for sugarctl.
     "wire": (set(), set()),
     "paths": ({"wire"}, set()),
-    "client": ({"wire"}, set()),
+    "client": ({"client_http", "wire"}, set()),
+    # The client's bytes on the socket (HTTP/1.1 and JSON from C modules): split from
+    # `client` (the API and its error tree); loaded by `sugarctl token`, so stdlib only.
+    "client_http": (set(), set()),
     "ctl": ({"sugard", "client", "wire", "ctl_help", "ctl_status", "ctl_completion"}, set()),
     # sugarctl's parts loaded only when asked for (help, the status table, completion), so
     # that `sugarctl token` does not load them: stdlib and the client side only.
