@@ -692,7 +692,8 @@ def test_sugarctl_never_imports_aiohttp_asyncio_tenacity_or_the_daemon(daemon) -
         loaded = modules_after([], daemon.socket, *argv)
         ours = {m for m in loaded if m == "sugard" or m.startswith("sugard.")}
         status_table = {"sugard.ctl_status"} if argv[0] == "status" else set()
-        assert {"sugard", "sugard.client", "sugard.ctl", "sugard.wire"} | status_table == ours, argv
+        sugarctl = {"sugard", "sugard.client", "sugard.client_http", "sugard.ctl", "sugard.wire"}
+        assert sugarctl | status_table == ours, argv
         for heavy in ("aiohttp", "asyncio", "tenacity", "tomli_w", "multidict", "yarl"):
             assert heavy not in loaded, (argv, heavy)
 
@@ -714,6 +715,7 @@ def test_sugarctl_token_imports_only_cheap_modules(daemon) -> None:
         "_socket",
         "sugard",
         "sugard.client",
+        "sugard.client_http",
         "sugard.ctl",
         "sugard.wire",
     }
