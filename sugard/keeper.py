@@ -22,17 +22,18 @@ import asyncio
 import contextlib
 import logging
 import random
-import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
 
+from . import renewal_timing as timing
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
 from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
 from .keeper_model import Demand, ErrorStatus, LastError, Need, Rejection, State, Status
 from .observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
+from .renewal_timing import JITTER, grace_for_version
 from .secret import Secret
 from .sugar import (
     ClientRejected,
@@ -65,17 +66,7 @@ __all__ = [
 log = logging.getLogger("sugard.keeper")
 
 MAX_SLEEP = 30.0
-JITTER = 0.10  # spread of the advisory window, so many instances do not refresh together
 LONG_BACKOFF = 60.0  # floor for maintenance and license locks: they last minutes, not seconds
-MIN_TTL_CAP = 0.9  # a min_ttl above this share of Sugar's token lifetime cannot be met
-# Up to Sugar 13.0 a rotated or evicted access token lives until its session's next check,
-# at most this long after the rotation; from 13.3 on it dies at once (docs/sugarcrm.md).
-SESSION_CHECK_INTERVAL = 120.0
-FIRST_VERSION_WITHOUT_GRACE = (13, 3)
-# Without a grace period a scheduled refresh waits, inside its window, for a moment when no
-# script has just taken the token: a handout is taken to be in use this long (or its min_ttl).
-QUIET = 2.0
-SESSION_END_SLACK = 2.0  # a refresh that moves refresh_expires_at less than this: a capped session
 # A demand's reason, as the renewals metric counts it; "a token request" with a token in hand
 # is a min_ttl the token could not meet ("demanded"), with none it is the first ("initial").
 REASON_LABELS: dict[str, RenewalReason] = {
@@ -85,16 +76,6 @@ REASON_LABELS: dict[str, RenewalReason] = {
     "sugarctl refresh": "forced",
     "a reload": "forced",
 }
-
-
-def grace_for_version(version: str | None) -> float:
-    """Seconds the old access token lives after a refresh on this Sugar version; an unknown
-    version counts as the newest (no grace), the safe side."""
-    match = re.match(r"(\d+)\.(\d+)", version or "")
-    if match is None:
-        return 0.0
-    major_minor = (int(match[1]), int(match[2]))
-    return 0.0 if major_minor >= FIRST_VERSION_WITHOUT_GRACE else SESSION_CHECK_INTERVAL
 
 
 class FleetSeat(Protocol):
@@ -222,12 +203,12 @@ class Keeper:
             if self._stopped:
                 raise InstanceStopped(f"instance {self.name!r} is no longer configured")
             grant = self._grant
-            servable = grant is not None and self._servable(grant)
+            servable = grant is not None and timing.servable(grant, self._clock(), self._dead_token)
             if grant is not None and servable:
                 # A renewal this request waited for answers it, even if Sugar's lifetime is
                 # shorter than min_ttl (the cap); else the token must have min_ttl left.
                 renewed = joined is not None and joined.done
-                wanted = min(min_ttl, MIN_TTL_CAP * grant.lifetime)
+                wanted = timing.wanted_ttl(min_ttl, grant)
                 enough = grant.expires_at - self._clock() >= wanted
                 held = enough and self._doomed()
                 if renewed or (enough and not held):
@@ -358,7 +339,7 @@ class Keeper:
     async def _check_resumed(self, grant: Grant) -> None:
         try:
             if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
-                self._observed_grace = grace_for_version(self.sugar_version)
+                self._observed_grace = timing.grace_for_version(self.sugar_version)
             expired = grant.expires_at <= self._clock()
             verdict = Probe.DEAD if expired else await self._probe(grant.access_token)
             if verdict is Probe.DEAD:
@@ -591,7 +572,7 @@ class Keeper:
         old = self._grant
         try:
             refresh_token = self._refresh_token
-            if refresh_token is not None and self._refresh_usable():
+            if refresh_token is not None and timing.refresh_usable(self._grant, self._clock()):
                 grant = await self._refresh(refresh_token)
                 if grant is None:
                     grant = await self._login()
@@ -652,12 +633,6 @@ class Keeper:
             log.info("%s: logging in as %s", self.name, self.config.username)
             return await self._reported("password", self.upstream.login())
 
-    def _refresh_usable(self) -> bool:
-        grant = self._grant
-        if grant is None or grant.refresh_expires_at is None:
-            return True
-        return grant.refresh_expires_at - self._clock() > 5.0
-
     def _why_login(self) -> str:
         """Why a password login is needed although sugard holds a refresh token."""
         grant = self._grant
@@ -675,7 +650,7 @@ class Keeper:
         if self.state is State.LOGGING_IN:
             self._session_ends_at = None
             self._observed_grace = None  # a new session: learn the version again
-        elif _session_capped(old, grant):
+        elif timing.session_capped(old, grant):
             # The refresh token inherited the old one's expiry: max_session_lifetime caps
             # this session, and refreshing earlier would not keep it past that end.
             self._session_ends_at = grant.refresh_expires_at
@@ -758,50 +733,23 @@ class Keeper:
             return "initial"
         return REASON_LABELS.get(demand.reason, "demanded")
 
-    # Timing
+    # Timing (the rules: sugard/renewal_timing.py)
 
     def _refresh_time(self, grant: Grant) -> float:
-        """Start of the advisory window: `refresh_before` ahead of expiry, with jitter,
-        but never in the first half of a short-lived token's life. When the refresh token
-        ends first (a short refresh lifetime), the window is set by its end instead: a
-        refresh before it keeps the session, where waiting would need a password login."""
-        lead = min(self.config.refresh_before, grant.lifetime / 2)
-        spread = 1 + JITTER * self._rng()
-        at = grant.expires_at - min(lead * spread, 0.6 * grant.lifetime)
-        ends = grant.refresh_expires_at
-        if ends is not None and self._session_ends_at is None:
-            # Unless the session is known to be capped (max_session_lifetime): then renewing
-            # sooner would only add refreshes, and the login at the end cannot be avoided.
-            life = ends - grant.issued_at
-            at = min(at, ends - min(min(self.config.refresh_before, life / 2) * spread, life))
-        return at
+        capped = self._session_ends_at is not None
+        return timing.refresh_time(grant, self.config, capped=capped, draw=self._rng())
 
     def _renewal_time(self, grant: Grant) -> float:
-        """When the scheduled renewal starts. With a grace period, at the advisory window's
-        start: scripts keep the old token a while. Without, the refresh kills the token every
-        script holds, so it waits for a quiet moment (no token just handed out, no min_ttl
-        promise open) until halfway to expiry, keeping half the window for retries."""
-        start = self.refresh_at if self.refresh_at is not None else grant.expires_at
-        if self._old_token_grace() > 0:
-            return start
-        latest = start + (grant.expires_at - start) / 2
-        return max(start, min(self._quiet_until, latest))
+        grace, quiet = self._old_token_grace(), self._quiet_until
+        return timing.renewal_time(grant, self.refresh_at, grace=grace, quiet_until=quiet)
 
     def _handed_out(self, grant: Grant, promised: float) -> None:
         self._quiet_until = max(
-            self._quiet_until, self._clock() + max(min(QUIET, grant.lifetime / 20), promised)
+            self._quiet_until, timing.quiet_until(grant, self._clock(), promised)
         )
 
     def _next_probe(self) -> float | None:
-        interval = self.config.probe_interval
-        return self._clock() + interval if interval > 0 else None
-
-    def _servable(self, grant: Grant) -> bool:
-        """Valid for long enough to be used: outside the mandatory window, not refused."""
-        if self._dead_token is not None and self._dead_token == grant.access_token:
-            return False
-        margin = min(10.0, grant.lifetime / 10)
-        return grant.expires_at - self._clock() > margin
+        return timing.next_probe(self._clock(), self.config.probe_interval)
 
     def _doomed(self) -> bool:
         """The current token dies when the renewal now in flight answers (no grace)."""
@@ -816,10 +764,7 @@ class Keeper:
     # What the server does to the old token on a refresh
 
     def _old_token_grace(self) -> float:
-        configured = self.config.old_token_grace
-        if configured != "auto":
-            return configured
-        return self._observed_grace if self._observed_grace is not None else 0.0
+        return timing.old_token_grace(self.config, self._observed_grace)
 
     async def _learn_version(self, grant: Grant) -> None:
         """Once per session: read the server's version (a failure only leaves it unknown)."""
@@ -830,7 +775,7 @@ class Keeper:
         self._observer.upstream_call(self.name, "serverinfo", "ok" if version else "transient")
         self.sugar_version = version
         if version is not None:
-            self._observed_grace = grace_for_version(version)
+            self._observed_grace = timing.grace_for_version(version)
             log.info(
                 "%s: Sugar %s: a refresh %s",
                 self.name,
@@ -847,7 +792,7 @@ class Keeper:
             return
         verdict = await self._probe(old.access_token)
         if verdict is not Probe.UNKNOWN:
-            self._observed_grace = SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
+            self._observed_grace = timing.SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
             log.info(
                 "%s: the token a refresh replaced %s",
                 self.name,
@@ -904,12 +849,3 @@ class Keeper:
 
     def _failure_message(self) -> str:
         return self.last_error.message if self.last_error else f"instance {self.name!r} failed"
-
-
-def _session_capped(old: Grant | None, new: Grant) -> bool:
-    """A refresh that left the refresh token's expiry where it was: the session has a fixed end."""
-    if old is None or old.refresh_expires_at is None or new.refresh_expires_at is None:
-        return False
-    # Two refreshes close together leave the expiry in place too; they say nothing.
-    apart = new.issued_at - old.issued_at > SESSION_END_SLACK
-    return apart and abs(new.refresh_expires_at - old.refresh_expires_at) < SESSION_END_SLACK
