@@ -26,27 +26,26 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+from tenacity import RetryCallState
 
+from . import backoff
 from . import renewal_timing as timing
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
 from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
 from .keeper_model import Demand, ErrorStatus, LastError, Need, Rejection, State, Status
 from .observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
-from .renewal_timing import JITTER, grace_for_version
+from .renewal_timing import grace_for_version
 from .secret import Secret
 from .sugar import (
     ClientRejected,
     CredentialsRejected,
     Grant,
-    Locked,
     Probe,
     RefreshConsumed,
     RefreshRejected,
     RejectedError,
     SugarClient,
     SugarError,
-    TransientError,
 )
 
 __all__ = [
@@ -66,7 +65,6 @@ __all__ = [
 log = logging.getLogger("sugard.keeper")
 
 MAX_SLEEP = 30.0
-LONG_BACKOFF = 60.0  # floor for maintenance and license locks: they last minutes, not seconds
 # A demand's reason, as the renewals metric counts it; "a token request" with a token in hand
 # is a min_ttl the token could not meet ("demanded"), with none it is the first ("initial").
 REASON_LABELS: dict[str, RenewalReason] = {
@@ -543,13 +541,10 @@ class Keeper:
 
     async def _renew(self, demand: Demand) -> None:
         self._observer.renewal(self.name, self._renewal_reason(demand))
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            wait=self._backoff,
-            stop=stop_never,
+        retrying = backoff.renewal_retries(
+            wait=lambda state: backoff.delay(state, self.config.backoff_max, self._rng),
             sleep=lambda seconds: self._backoff_sleep(seconds, demand),
             before_sleep=self._before_backoff,
-            reraise=True,
         )
         try:
             async for attempt in retrying:
@@ -801,20 +796,7 @@ class Keeper:
                 else "died at once",
             )
 
-    # Backoff (tenacity hooks)
-
-    def _backoff(self, retry_state: RetryCallState) -> float:
-        """Full-jitter exponential backoff from 1 s to `backoff_max`, honouring Retry-After."""
-        cap = self.config.backoff_max
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        ceiling = min(cap, 2.0 ** (retry_state.attempt_number - 1))
-        delay = max(min(1.0, cap), ceiling * self._rng())
-        if isinstance(exc, TransientError):
-            if isinstance(exc, Locked):
-                delay = max(delay, min(LONG_BACKOFF, cap) * (1 + JITTER * self._rng()))
-            if exc.retry_after is not None:
-                delay = max(delay, min(exc.retry_after, cap))
-        return delay
+    # Backoff (the policy: sugard/backoff.py)
 
     def _before_backoff(self, retry_state: RetryCallState) -> None:
         seconds = retry_state.upcoming_sleep
