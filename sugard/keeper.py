@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from tenacity import RetryCallState
@@ -33,7 +33,8 @@ from . import renewal_timing as timing
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
 from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
 from .keeper_model import Demand, ErrorStatus, LastError, Need, Rejection, State, Status
-from .observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
+from .keeper_reports import CountedCalls, renewal_reason
+from .observe import EvictionFoundBy, Observer
 from .renewal_timing import grace_for_version
 from .secret import Secret
 from .sugar import (
@@ -65,15 +66,6 @@ __all__ = [
 log = logging.getLogger("sugard.keeper")
 
 MAX_SLEEP = 30.0
-# A demand's reason, as the renewals metric counts it; "a token request" with a token in hand
-# is a min_ttl the token could not meet ("demanded"), with none it is the first ("initial").
-REASON_LABELS: dict[str, RenewalReason] = {
-    "the schedule": "scheduled",
-    "a script's report": "reported",
-    "the probe interval": "probe",
-    "sugarctl refresh": "forced",
-    "a reload": "forced",
-}
 
 
 class FleetSeat(Protocol):
@@ -111,6 +103,7 @@ class Keeper:
         self.config = config
         self._observer = observer or Observer()  # metrics and on_event hear of what happens
         self.upstream = upstream
+        self._calls = CountedCalls(upstream, self._observer, config.name)  # each one counted
         self.fleet = fleet
         self._login_slots = login_slots or asyncio.Semaphore(1)
         self._clock = clock
@@ -339,7 +332,7 @@ class Keeper:
             if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
                 self._observed_grace = timing.grace_for_version(self.sugar_version)
             expired = grant.expires_at <= self._clock()
-            verdict = Probe.DEAD if expired else await self._probe(grant.access_token)
+            verdict = Probe.DEAD if expired else await self._calls.probe(grant.access_token)
             if verdict is Probe.DEAD:
                 log.info(
                     "%s: Sugar no longer takes token %s kept across the restart; renewing",
@@ -506,7 +499,7 @@ class Keeper:
         grant = self._grant
         assert grant is not None
         demand.in_flight = True
-        verdict = await self._probe(grant.access_token)
+        verdict = await self._calls.probe(grant.access_token)
         demand.in_flight = False
         self._probe_at = self._next_probe()
         if demand.need is Need.RENEW:  # someone needed a new token meanwhile
@@ -540,7 +533,7 @@ class Keeper:
         await self._renew(demand)
 
     async def _renew(self, demand: Demand) -> None:
-        self._observer.renewal(self.name, self._renewal_reason(demand))
+        self._observer.renewal(self.name, renewal_reason(demand, self._grant))
         retrying = backoff.renewal_retries(
             wait=lambda state: backoff.delay(state, self.config.backoff_max, self._rng),
             sleep=lambda seconds: self._backoff_sleep(seconds, demand),
@@ -599,7 +592,7 @@ class Keeper:
         if self.fleet is None or self.fleet.leads():
             self.refreshes += 1
         try:
-            return await self._reported("refresh", self.upstream.refresh(refresh_token))
+            return await self._calls.refresh(refresh_token)
         except RefreshRejected as exc:
             # Evicted by another login, rotated by a refresh we never saw, or expired:
             # exactly one password login gets the session back.
@@ -626,7 +619,7 @@ class Keeper:
         async with self._login_slots:
             self.logins += 1
             log.info("%s: logging in as %s", self.name, self.config.username)
-            return await self._reported("password", self.upstream.login())
+            return await self._calls.login()
 
     def _why_login(self) -> str:
         """Why a password login is needed although sugard holds a refresh token."""
@@ -687,30 +680,6 @@ class Keeper:
             error_kind=self._error_kind(),
         )
 
-    async def _reported(self, grant: UpstreamGrant, call: Awaitable[Grant]) -> Grant:
-        """A password or refresh grant, counted by how Sugar answered it."""
-        outcome: UpstreamOutcome = "ok"
-        try:
-            return await call
-        except RejectedError:
-            outcome = "rejected"
-            raise
-        except SugarError:
-            outcome = "transient"
-            raise
-        finally:
-            self._observer.upstream_call(self.name, grant, outcome)
-
-    async def _probe(self, access_token: Secret) -> Probe:
-        verdict = await self.upstream.probe(access_token)
-        outcomes: dict[Probe, UpstreamOutcome] = {
-            Probe.ALIVE: "ok",
-            Probe.DEAD: "rejected",
-            Probe.UNKNOWN: "transient",
-        }
-        self._observer.upstream_call(self.name, "probe", outcomes[verdict])
-        return verdict
-
     def _evicted(self, found_by: EvictionFoundBy) -> None:
         grant = self._grant
         self._observer.evicted(
@@ -722,11 +691,6 @@ class Keeper:
 
     def _error_kind(self) -> str | None:
         return self.last_error.kind if self.last_error is not None else None
-
-    def _renewal_reason(self, demand: Demand) -> RenewalReason:
-        if self._grant is None or demand.reason == "no usable token":
-            return "initial"
-        return REASON_LABELS.get(demand.reason, "demanded")
 
     # Timing (the rules: sugard/renewal_timing.py)
 
@@ -765,9 +729,7 @@ class Keeper:
         """Once per session: read the server's version (a failure only leaves it unknown)."""
         if self.config.old_token_grace != GRACE_AUTO:
             return
-        version = await self.upstream.server_version(grant.access_token)
-        # No version is no usable answer: server_version() says no more than that.
-        self._observer.upstream_call(self.name, "serverinfo", "ok" if version else "transient")
+        version = await self._calls.server_version(grant.access_token)
         self.sugar_version = version
         if version is not None:
             self._observed_grace = timing.grace_for_version(version)
@@ -785,7 +747,7 @@ class Keeper:
         once per session). Either way, until then it behaves as if the token died."""
         if self.config.old_token_grace != GRACE_AUTO or self._observed_grace is not None:
             return
-        verdict = await self._probe(old.access_token)
+        verdict = await self._calls.probe(old.access_token)
         if verdict is not Probe.UNKNOWN:
             self._observed_grace = timing.SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
             log.info(

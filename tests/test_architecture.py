@@ -46,7 +46,16 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         {"tomli_w"},
     ),
     "keeper": (
-        SHARED | {"config", "errors", "sugar", "keeper_model", "renewal_timing", "backoff"},
+        SHARED
+        | {
+            "config",
+            "errors",
+            "sugar",
+            "keeper_model",
+            "keeper_reports",
+            "renewal_timing",
+            "backoff",
+        },
         {"tenacity"},
     ),
     # The keeper's vocabulary (states, errors, the STATUS snapshot, the demand, the rejected-
@@ -55,6 +64,8 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # When the keeper renews, probes and serves: pure functions of a grant, the settings and
     # the clock (docs/lifecycle.md's rules), split from `keeper`, which holds the state.
     "renewal_timing": (SHARED | {"config", "sugar"}, set()),
+    # What the keeper tells the observer of its calls to Sugar (each counted by its answer).
+    "keeper_reports": (SHARED | {"keeper_model", "sugar"}, set()),
     # The wait between failed renewals (tenacity's policy), split from `keeper` likewise.
     "backoff": (SHARED | {"renewal_timing", "sugar"}, {"tenacity"}),
     # fleet: its source (fleet/source.py) is the keeper's SugarClient, gated by the lease.
