@@ -20,33 +20,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import random
-import re
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any, Protocol
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+from tenacity import RetryCallState
 
+from . import backoff
+from . import renewal_timing as timing
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
 from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
-from .observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
+from .keeper_model import Demand, ErrorStatus, LastError, Need, Rejection, State, Status
+from .keeper_reports import CountedCalls, renewal_reason
+from .observe import EvictionFoundBy, Observer
+from .renewal_timing import grace_for_version
 from .secret import Secret
 from .sugar import (
     ClientRejected,
     CredentialsRejected,
     Grant,
-    Locked,
     Probe,
     RefreshConsumed,
     RefreshRejected,
     RejectedError,
     SugarClient,
     SugarError,
-    TransientError,
 )
 
 __all__ = [
@@ -58,6 +58,7 @@ __all__ = [
     "NeedsAttention",
     "Rejection",
     "State",
+    "Status",
     "TokenUnavailable",
     "grace_for_version",
 ]
@@ -65,147 +66,6 @@ __all__ = [
 log = logging.getLogger("sugard.keeper")
 
 MAX_SLEEP = 30.0
-JITTER = 0.10  # spread of the advisory window, so many instances do not refresh together
-LONG_BACKOFF = 60.0  # floor for maintenance and license locks: they last minutes, not seconds
-MIN_TTL_CAP = 0.9  # a min_ttl above this share of Sugar's token lifetime cannot be met
-# Up to Sugar 13.0 a rotated or evicted access token lives until its session's next check,
-# at most this long after the rotation; from 13.3 on it dies at once (docs/sugarcrm.md).
-SESSION_CHECK_INTERVAL = 120.0
-FIRST_VERSION_WITHOUT_GRACE = (13, 3)
-# Without a grace period a scheduled refresh waits, inside its window, for a moment when no
-# script has just taken the token: a handout is taken to be in use this long (or its min_ttl).
-QUIET = 2.0
-SESSION_END_SLACK = 2.0  # a refresh that moves refresh_expires_at less than this: a capped session
-# A demand's reason, as the renewals metric counts it; "a token request" with a token in hand
-# is a min_ttl the token could not meet ("demanded"), with none it is the first ("initial").
-REASON_LABELS: dict[str, RenewalReason] = {
-    "the schedule": "scheduled",
-    "a script's report": "reported",
-    "the probe interval": "probe",
-    "sugarctl refresh": "forced",
-    "a reload": "forced",
-}
-
-
-class State(enum.StrEnum):
-    STARTING = "starting"
-    LOGGING_IN = "logging_in"
-    READY = "ready"
-    REFRESHING = "refreshing"
-    BACKING_OFF = "backing_off"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class LastError:
-    at: float
-    kind: str
-    message: str
-
-
-@dataclass(frozen=True)
-class ErrorStatus:
-    """The last error as STATUS shows it; `current`: the instance's state now, not a past one."""
-
-    at: float
-    kind: str
-    message: str
-    current: bool
-
-
-@dataclass(frozen=True)
-class Status:
-    """One instance at one moment (`Keeper.status()`); times are epoch seconds."""
-
-    name: str
-    url: str
-    username: str
-    platform: str
-    state: str
-    expires_at: float | None
-    refresh_at: float | None
-    last_refresh: float | None
-    last_error: ErrorStatus | None
-    logins: int
-    refreshes: int
-    failures: int
-    token_fingerprint: str | None
-    # Fleet mode: {"role", "holder", "epoch"} of this host's seat; None for a local instance.
-    fleet: dict[str, Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """The STATUS object's fields and order, times still epoch seconds."""
-        return asdict(self)
-
-
-class Need(enum.Enum):
-    RENEW = "renew"  # a new grant: a refresh, or a password login when that is the way
-    CHECK = "check"  # ask Sugar whether the current token still works (a probe)
-
-
-@dataclass(eq=False)
-class Demand:
-    """What the supervisor must do next, and what those waiting on it can read of its course.
-
-    There is at most one (`Keeper._demand`). A CHECK that someone needs a renewal for becomes a
-    RENEW; a renewal that fails for a passing reason stays the demand through the backoff.
-    """
-
-    need: Need
-    reason: str
-    forced: bool = False  # a person asked: act now, even during a backoff or when `failed`
-    in_flight: bool = False  # its upstream call is under way
-    attempts: int = 0  # upstream attempts finished for it
-    failed: bool = False  # the latest attempt failed
-    done: bool = False  # settled: a new grant, a verdict, or a refusal (the state says which)
-
-
-def grace_for_version(version: str | None) -> float:
-    """Seconds the old access token lives after a refresh on this Sugar version; an unknown
-    version counts as the newest (no grace), the safe side."""
-    match = re.match(r"(\d+)\.(\d+)", version or "")
-    if match is None:
-        return 0.0
-    major_minor = (int(match[1]), int(match[2]))
-    return 0.0 if major_minor >= FIRST_VERSION_WITHOUT_GRACE else SESSION_CHECK_INTERVAL
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A password or client secret that Sugar rejected: never sent again while it is the same
-    (each try may count towards a lockout), unless a person insists (`--retry-rejected`)."""
-
-    field: str  # which InstanceConfig field was refused: "password" or "client_secret"
-    sent: tuple[object, ...]  # the site, the account or client, and the secret refused
-
-    @classmethod
-    def of(cls, exc: SugarError, config: InstanceConfig) -> Rejection | None:
-        if isinstance(exc, CredentialsRejected):
-            return cls("password", _sent("password", config))
-        if isinstance(exc, ClientRejected):
-            return cls("client_secret", _sent("client_secret", config))
-        return None
-
-    def applies_to(self, config: InstanceConfig) -> bool:
-        """Whether `config` would send the very secret that was rejected."""
-        return self.sent == _sent(self.field, config)
-
-    def refusal(self, config: InstanceConfig) -> str:
-        what = self.field.replace("_", " ")
-        source = getattr(config, self.field).describe()
-        return (
-            f"Sugar rejected the {what} of {config.name!r} and it has not changed since "
-            f"({source}): not sending it again, so the account is not locked. Fix the {what}, "
-            f"then run `sugarctl refresh {config.name}`; if an admin unlocked the account "
-            f"instead: `sugarctl refresh {config.name} --retry-rejected` (may count as a "
-            "failed login)"
-        )
-
-
-def _sent(field: str, config: InstanceConfig) -> tuple[object, ...]:
-    if field == "password":
-        return (config.url, config.username, config.password.value)
-    return (config.url, config.client_id, config.client_secret.value)
 
 
 class FleetSeat(Protocol):
@@ -243,6 +103,7 @@ class Keeper:
         self.config = config
         self._observer = observer or Observer()  # metrics and on_event hear of what happens
         self.upstream = upstream
+        self._calls = CountedCalls(upstream, self._observer, config.name)  # each one counted
         self.fleet = fleet
         self._login_slots = login_slots or asyncio.Semaphore(1)
         self._clock = clock
@@ -333,12 +194,12 @@ class Keeper:
             if self._stopped:
                 raise InstanceStopped(f"instance {self.name!r} is no longer configured")
             grant = self._grant
-            servable = grant is not None and self._servable(grant)
+            servable = grant is not None and timing.servable(grant, self._clock(), self._dead_token)
             if grant is not None and servable:
                 # A renewal this request waited for answers it, even if Sugar's lifetime is
                 # shorter than min_ttl (the cap); else the token must have min_ttl left.
                 renewed = joined is not None and joined.done
-                wanted = min(min_ttl, MIN_TTL_CAP * grant.lifetime)
+                wanted = timing.wanted_ttl(min_ttl, grant)
                 enough = grant.expires_at - self._clock() >= wanted
                 held = enough and self._doomed()
                 if renewed or (enough and not held):
@@ -469,9 +330,9 @@ class Keeper:
     async def _check_resumed(self, grant: Grant) -> None:
         try:
             if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
-                self._observed_grace = grace_for_version(self.sugar_version)
+                self._observed_grace = timing.grace_for_version(self.sugar_version)
             expired = grant.expires_at <= self._clock()
-            verdict = Probe.DEAD if expired else await self._probe(grant.access_token)
+            verdict = Probe.DEAD if expired else await self._calls.probe(grant.access_token)
             if verdict is Probe.DEAD:
                 log.info(
                     "%s: Sugar no longer takes token %s kept across the restart; renewing",
@@ -638,7 +499,7 @@ class Keeper:
         grant = self._grant
         assert grant is not None
         demand.in_flight = True
-        verdict = await self._probe(grant.access_token)
+        verdict = await self._calls.probe(grant.access_token)
         demand.in_flight = False
         self._probe_at = self._next_probe()
         if demand.need is Need.RENEW:  # someone needed a new token meanwhile
@@ -672,14 +533,11 @@ class Keeper:
         await self._renew(demand)
 
     async def _renew(self, demand: Demand) -> None:
-        self._observer.renewal(self.name, self._renewal_reason(demand))
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            wait=self._backoff,
-            stop=stop_never,
+        self._observer.renewal(self.name, renewal_reason(demand, self._grant))
+        retrying = backoff.renewal_retries(
+            wait=lambda state: backoff.delay(state, self.config.backoff_max, self._rng),
             sleep=lambda seconds: self._backoff_sleep(seconds, demand),
             before_sleep=self._before_backoff,
-            reraise=True,
         )
         try:
             async for attempt in retrying:
@@ -702,7 +560,7 @@ class Keeper:
         old = self._grant
         try:
             refresh_token = self._refresh_token
-            if refresh_token is not None and self._refresh_usable():
+            if refresh_token is not None and timing.refresh_usable(self._grant, self._clock()):
                 grant = await self._refresh(refresh_token)
                 if grant is None:
                     grant = await self._login()
@@ -734,7 +592,7 @@ class Keeper:
         if self.fleet is None or self.fleet.leads():
             self.refreshes += 1
         try:
-            return await self._reported("refresh", self.upstream.refresh(refresh_token))
+            return await self._calls.refresh(refresh_token)
         except RefreshRejected as exc:
             # Evicted by another login, rotated by a refresh we never saw, or expired:
             # exactly one password login gets the session back.
@@ -761,13 +619,7 @@ class Keeper:
         async with self._login_slots:
             self.logins += 1
             log.info("%s: logging in as %s", self.name, self.config.username)
-            return await self._reported("password", self.upstream.login())
-
-    def _refresh_usable(self) -> bool:
-        grant = self._grant
-        if grant is None or grant.refresh_expires_at is None:
-            return True
-        return grant.refresh_expires_at - self._clock() > 5.0
+            return await self._calls.login()
 
     def _why_login(self) -> str:
         """Why a password login is needed although sugard holds a refresh token."""
@@ -786,7 +638,7 @@ class Keeper:
         if self.state is State.LOGGING_IN:
             self._session_ends_at = None
             self._observed_grace = None  # a new session: learn the version again
-        elif _session_capped(old, grant):
+        elif timing.session_capped(old, grant):
             # The refresh token inherited the old one's expiry: max_session_lifetime caps
             # this session, and refreshing earlier would not keep it past that end.
             self._session_ends_at = grant.refresh_expires_at
@@ -828,30 +680,6 @@ class Keeper:
             error_kind=self._error_kind(),
         )
 
-    async def _reported(self, grant: UpstreamGrant, call: Awaitable[Grant]) -> Grant:
-        """A password or refresh grant, counted by how Sugar answered it."""
-        outcome: UpstreamOutcome = "ok"
-        try:
-            return await call
-        except RejectedError:
-            outcome = "rejected"
-            raise
-        except SugarError:
-            outcome = "transient"
-            raise
-        finally:
-            self._observer.upstream_call(self.name, grant, outcome)
-
-    async def _probe(self, access_token: Secret) -> Probe:
-        verdict = await self.upstream.probe(access_token)
-        outcomes: dict[Probe, UpstreamOutcome] = {
-            Probe.ALIVE: "ok",
-            Probe.DEAD: "rejected",
-            Probe.UNKNOWN: "transient",
-        }
-        self._observer.upstream_call(self.name, "probe", outcomes[verdict])
-        return verdict
-
     def _evicted(self, found_by: EvictionFoundBy) -> None:
         grant = self._grant
         self._observer.evicted(
@@ -864,55 +692,23 @@ class Keeper:
     def _error_kind(self) -> str | None:
         return self.last_error.kind if self.last_error is not None else None
 
-    def _renewal_reason(self, demand: Demand) -> RenewalReason:
-        if self._grant is None or demand.reason == "no usable token":
-            return "initial"
-        return REASON_LABELS.get(demand.reason, "demanded")
-
-    # Timing
+    # Timing (the rules: sugard/renewal_timing.py)
 
     def _refresh_time(self, grant: Grant) -> float:
-        """Start of the advisory window: `refresh_before` ahead of expiry, with jitter,
-        but never in the first half of a short-lived token's life. When the refresh token
-        ends first (a short refresh lifetime), the window is set by its end instead: a
-        refresh before it keeps the session, where waiting would need a password login."""
-        lead = min(self.config.refresh_before, grant.lifetime / 2)
-        spread = 1 + JITTER * self._rng()
-        at = grant.expires_at - min(lead * spread, 0.6 * grant.lifetime)
-        ends = grant.refresh_expires_at
-        if ends is not None and self._session_ends_at is None:
-            # Unless the session is known to be capped (max_session_lifetime): then renewing
-            # sooner would only add refreshes, and the login at the end cannot be avoided.
-            life = ends - grant.issued_at
-            at = min(at, ends - min(min(self.config.refresh_before, life / 2) * spread, life))
-        return at
+        capped = self._session_ends_at is not None
+        return timing.refresh_time(grant, self.config, capped=capped, draw=self._rng())
 
     def _renewal_time(self, grant: Grant) -> float:
-        """When the scheduled renewal starts. With a grace period, at the advisory window's
-        start: scripts keep the old token a while. Without, the refresh kills the token every
-        script holds, so it waits for a quiet moment (no token just handed out, no min_ttl
-        promise open) until halfway to expiry, keeping half the window for retries."""
-        start = self.refresh_at if self.refresh_at is not None else grant.expires_at
-        if self._old_token_grace() > 0:
-            return start
-        latest = start + (grant.expires_at - start) / 2
-        return max(start, min(self._quiet_until, latest))
+        grace, quiet = self._old_token_grace(), self._quiet_until
+        return timing.renewal_time(grant, self.refresh_at, grace=grace, quiet_until=quiet)
 
     def _handed_out(self, grant: Grant, promised: float) -> None:
         self._quiet_until = max(
-            self._quiet_until, self._clock() + max(min(QUIET, grant.lifetime / 20), promised)
+            self._quiet_until, timing.quiet_until(grant, self._clock(), promised)
         )
 
     def _next_probe(self) -> float | None:
-        interval = self.config.probe_interval
-        return self._clock() + interval if interval > 0 else None
-
-    def _servable(self, grant: Grant) -> bool:
-        """Valid for long enough to be used: outside the mandatory window, not refused."""
-        if self._dead_token is not None and self._dead_token == grant.access_token:
-            return False
-        margin = min(10.0, grant.lifetime / 10)
-        return grant.expires_at - self._clock() > margin
+        return timing.next_probe(self._clock(), self.config.probe_interval)
 
     def _doomed(self) -> bool:
         """The current token dies when the renewal now in flight answers (no grace)."""
@@ -927,21 +723,16 @@ class Keeper:
     # What the server does to the old token on a refresh
 
     def _old_token_grace(self) -> float:
-        configured = self.config.old_token_grace
-        if configured != "auto":
-            return configured
-        return self._observed_grace if self._observed_grace is not None else 0.0
+        return timing.old_token_grace(self.config, self._observed_grace)
 
     async def _learn_version(self, grant: Grant) -> None:
         """Once per session: read the server's version (a failure only leaves it unknown)."""
         if self.config.old_token_grace != GRACE_AUTO:
             return
-        version = await self.upstream.server_version(grant.access_token)
-        # No version is no usable answer: server_version() says no more than that.
-        self._observer.upstream_call(self.name, "serverinfo", "ok" if version else "transient")
+        version = await self._calls.server_version(grant.access_token)
         self.sugar_version = version
         if version is not None:
-            self._observed_grace = grace_for_version(version)
+            self._observed_grace = timing.grace_for_version(version)
             log.info(
                 "%s: Sugar %s: a refresh %s",
                 self.name,
@@ -956,9 +747,9 @@ class Keeper:
         once per session). Either way, until then it behaves as if the token died."""
         if self.config.old_token_grace != GRACE_AUTO or self._observed_grace is not None:
             return
-        verdict = await self._probe(old.access_token)
+        verdict = await self._calls.probe(old.access_token)
         if verdict is not Probe.UNKNOWN:
-            self._observed_grace = SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
+            self._observed_grace = timing.SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
             log.info(
                 "%s: the token a refresh replaced %s",
                 self.name,
@@ -967,20 +758,7 @@ class Keeper:
                 else "died at once",
             )
 
-    # Backoff (tenacity hooks)
-
-    def _backoff(self, retry_state: RetryCallState) -> float:
-        """Full-jitter exponential backoff from 1 s to `backoff_max`, honouring Retry-After."""
-        cap = self.config.backoff_max
-        exc = retry_state.outcome.exception() if retry_state.outcome else None
-        ceiling = min(cap, 2.0 ** (retry_state.attempt_number - 1))
-        delay = max(min(1.0, cap), ceiling * self._rng())
-        if isinstance(exc, TransientError):
-            if isinstance(exc, Locked):
-                delay = max(delay, min(LONG_BACKOFF, cap) * (1 + JITTER * self._rng()))
-            if exc.retry_after is not None:
-                delay = max(delay, min(exc.retry_after, cap))
-        return delay
+    # Backoff (the policy: sugard/backoff.py)
 
     def _before_backoff(self, retry_state: RetryCallState) -> None:
         seconds = retry_state.upcoming_sleep
@@ -1015,12 +793,3 @@ class Keeper:
 
     def _failure_message(self) -> str:
         return self.last_error.message if self.last_error else f"instance {self.name!r} failed"
-
-
-def _session_capped(old: Grant | None, new: Grant) -> bool:
-    """A refresh that left the refresh token's expiry where it was: the session has a fixed end."""
-    if old is None or old.refresh_expires_at is None or new.refresh_expires_at is None:
-        return False
-    # Two refreshes close together leave the expiry in place too; they say nothing.
-    apart = new.issued_at - old.issued_at > SESSION_END_SLACK
-    return apart and abs(new.refresh_expires_at - old.refresh_expires_at) < SESSION_END_SLACK
