@@ -79,6 +79,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # from `init` (building and writing the config) to keep each to one job.
     "init_args": (set(), set()),
     "init_prompt": (set(), set()),
+    # `sugard init`'s answers from flags and questions (and the session clash check): split
+    # from `init`, which builds and writes the config from them.
+    "init_answers": (SHARED | {"config", "errors", "init_prompt"}, set()),
     "private_files": (set(), set()),
     # The sessions a restart keeps: a keeper's grant, for an instance's settings, through
     # systemd's fd store. Split from `daemon` so the memfd format has a module of its own.
