@@ -37,12 +37,12 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
-from . import __version__
 from .api import make_app
 from .config import Config, ConfigError, InstanceConfig, load_config, resolve_instance_secrets
 from .daemon_report import (
     failed_status,
     log_instances_changed,
+    log_listening,
     log_refusals,
     log_reload,
     log_routes,
@@ -158,13 +158,7 @@ class Daemon:
         log_routes(self._keepers, together=True)
         await self._serve_api(sock)
         await self._open_listeners()
-        log.info(
-            "sugard %s listening on %s%s with %d instance(s)",
-            __version__,
-            self.socket_path,
-            "" if self._owns_socket else " (socket passed in by systemd)",
-            len(self._keepers),
-        )
+        log_listening(self.socket_path, len(self._keepers), passed_in=not self._owns_socket)
         self._spawn(self._notifier.watchdog())
         self._notifier.ready(self._summary())
 
@@ -191,7 +185,8 @@ class Daemon:
         stored, self._stored = self._stored, {}
         resumed = take_sessions(self._notifier, self.config, stored)
         for instance in self.config.instances.values():
-            keeper = self._add(instance)
+            warn_if_unverified(instance)
+            keeper = self._keepers[instance.name] = self._new_keeper(instance)
             if (kept := resumed.get(instance.name)) is not None:
                 keeper.resume(kept.grant, kept.sugar_version)
             keeper.start()
@@ -223,14 +218,6 @@ class Daemon:
 
     def _summary(self) -> str:
         return f"serving {len(self._keepers)} instance(s) on {self.socket_path}"
-
-    def _add(self, instance: InstanceConfig) -> Keeper:
-        """A keeper for `instance`, registered but not started."""
-        assert self._http is not None
-        warn_if_unverified(instance)
-        keeper = self._new_keeper(instance)
-        self._keepers[instance.name] = keeper
-        return keeper
 
     def _new_keeper(self, instance: InstanceConfig) -> Keeper:
         assert self._http is not None

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .config import Config, ConfigDiff, InstanceConfig
 from .keeper import Keeper
 from .outbound import route_lines
@@ -16,6 +18,7 @@ from .outbound import route_lines
 __all__ = [
     "failed_status",
     "log_instances_changed",
+    "log_listening",
     "log_refusals",
     "log_reload",
     "log_routes",
@@ -25,6 +28,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("sugard.daemon")
+
+
+def log_listening(socket_path: Path, instances: int, *, passed_in: bool) -> None:
+    log.info(
+        "sugard %s listening on %s%s with %d instance(s)",
+        __version__,
+        socket_path,
+        " (socket passed in by systemd)" if passed_in else "",
+        instances,
+    )
 
 
 def warn_if_unverified(instance: InstanceConfig) -> None:
