@@ -16,7 +16,9 @@ Lifecycle, as systemd and scripts see it:
 
 Its parts live next door: `sockets` (the Unix socket's directory, lock, stale probe, bind,
 adoption), `reload_plan` (what a reload adds, removes, adopts, restarts), `listeners` (the
-proxy's TCP listeners) and `kept_sessions` (the sessions a restart keeps).
+proxy's TCP listeners), `kept_sessions` (the sessions a restart keeps), `metrics_site` (the
+TCP `/metrics`), `fleet_seats` (joining fleet mode), `shutdown` (the graceful stop) and
+`daemon_report` (what it says of its instances in the log and `STATUS=`).
 """
 
 from __future__ import annotations
@@ -24,59 +26,56 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
-from . import __version__
-from .api import KEY_METRICS, make_app, metrics_text
-from .config import (
-    Config,
-    ConfigError,
-    InstanceConfig,
-    load_config,
-    resolve_instance_secrets,
-    split_host_port,
+from .api import make_app
+from .config import Config, ConfigError, InstanceConfig, load_config, resolve_instance_secrets
+from .daemon_report import (
+    failed_status,
+    log_instances_changed,
+    log_listening,
+    log_refusals,
+    log_reload,
+    log_routes,
+    reloaded_status,
+    warn_if_unverified,
+    warn_restart_only,
 )
 from .errors import ReloadFailed, SocketError
 from .events import EventHooks
+from .fleet_seats import join_fleet, upstream
 from .keeper import MAX_SLEEP, Keeper
 from .kept_sessions import hand_over_sessions, take_sessions
 from .listeners import close_listeners, open_listeners
 from .metrics import Metrics
+from .metrics_site import serve_metrics
 from .observe import Fanout
-from .outbound import route_lines
 from .peer import Peer, may_use
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
 from .reload_plan import plan_reload
 from .serving import ApiRunner
+from .shutdown import drain, grace
 from .sockets import SocketLock, adopt_socket, prepare_socket
-from .sugar import SugarClient, new_http_session
+from .sugar import new_http_session
 from .systemd import Notifier, started_by_systemd
 
 if TYPE_CHECKING:  # fleet mode's modules pull in redis and cryptography: only when it is on
     from .fleet import Fleet
-    from .keeper import FleetSeat
 
 __all__ = ["Daemon", "SocketError", "SocketLock", "adopt_socket", "prepare_socket"]
 
 log = logging.getLogger("sugard.daemon")
 
 FORCED_EXIT = 1  # exit status when a second signal cuts the graceful stop short
-_NO_WAIT = 0.001  # aiohttp reads a shutdown timeout of 0 as "no limit"
-
-
-def _grace(config: Config) -> float:
-    """`shutdown_grace` for aiohttp, which reads 0 as "wait forever", not "do not wait"."""
-    return max(config.daemon.shutdown_grace, _NO_WAIT)
 
 
 class Daemon:
@@ -149,132 +148,83 @@ class Daemon:
     async def start(self) -> None:
         """Open the socket first (so a second daemon fails fast), then start every keeper;
         tell systemd READY=1 once the socket is served."""
+        sock = self._take_socket()
+        await self._serve_metrics(sock)
+        self._http = new_http_session()
+        self._fleet = join_fleet(self.config)
+        self._start_keepers()
+        if self._fleet is not None:
+            await self._fleet.start()
+        log_routes(self._keepers, together=True)
+        await self._serve_api(sock)
+        await self._open_listeners()
+        log_listening(self.socket_path, len(self._keepers), passed_in=not self._owns_socket)
+        self._spawn(self._notifier.watchdog())
+        self._notifier.ready(self._summary())
+
+    def _take_socket(self) -> socket.socket:
         if self._inherited_socket is not None:
-            sock = self._inherited_socket
-        else:
-            sock, self._lock = prepare_socket(self.socket_path)
+            return self._inherited_socket
+        sock, self._lock = prepare_socket(self.socket_path)
+        return sock
+
+    async def _serve_metrics(self, sock: socket.socket) -> None:
+        """The TCP `/metrics`, if asked for; an address in use gives our socket back."""
         try:
-            await self._serve_metrics()
+            self._metrics_runner = await serve_metrics(
+                self.config.daemon.metrics_listen, self.metrics.render
+            )
         except SocketError:
             if self._owns_socket:
                 sock.close()
             self._remove_socket()
             raise
-        self._http = new_http_session()
-        self._fleet = self._join_fleet(self.config)
+
+    def _start_keepers(self) -> None:
+        """A keeper per instance, resuming the session a restart kept for it, if any."""
         stored, self._stored = self._stored, {}
         resumed = take_sessions(self._notifier, self.config, stored)
         for instance in self.config.instances.values():
-            keeper = self._add(instance)
+            warn_if_unverified(instance)
+            keeper = self._keepers[instance.name] = self._new_keeper(instance)
             if (kept := resumed.get(instance.name)) is not None:
                 keeper.resume(kept.grant, kept.sugar_version)
             keeper.start()
-        if self._fleet is not None:
-            await self._fleet.start()
-        self._log_routes(self._keepers, together=True)
+
+    async def _serve_api(self, sock: socket.socket) -> None:
         app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         self._forwarder = app[KEY_FORWARDER]
         self._forwarder.observer = self.observer
         runner = ApiRunner(
-            app, lambda peer: self.allowed(peer, None), shutdown_timeout=_grace(self.config)
+            app, lambda peer: self.allowed(peer, None), shutdown_timeout=grace(self.config)
         )
         self._runner = runner
         await runner.setup()
         await runner.serve(sock)
+
+    async def _open_listeners(self) -> None:
+        assert self._forwarder is not None
         try:
             self._listeners = await open_listeners(
-                self._forwarder, self.config, {}, shutdown_timeout=_grace(self.config)
+                self._forwarder, self.config, {}, shutdown_timeout=grace(self.config)
             )
         except ReloadFailed as exc:
             raise SocketError(exc.problems[0]) from None
-        log.info(
-            "sugard %s listening on %s%s with %d instance(s)",
-            __version__,
-            self.socket_path,
-            "" if self._owns_socket else " (socket passed in by systemd)",
-            len(self._keepers),
-        )
-        self._spawn(self._notifier.watchdog())
-        self._notifier.ready(self._summary())
 
     async def _close_listeners(self, keep: Mapping[str, ProxyListener]) -> None:
         assert self._forwarder is not None
         await close_listeners(self._forwarder, self._listeners, keep)
         self._listeners = dict(keep)
 
-    async def _serve_metrics(self) -> None:
-        """`/metrics` over TCP on `[daemon] metrics_listen`, for a Prometheus scraper: it
-        carries no secret and no username, so any address will do."""
-        listen = self.config.daemon.metrics_listen
-        if listen is None:
-            return
-        host, port = split_host_port(listen)
-        app = web.Application()
-        app[KEY_METRICS] = self.metrics.render
-        app.router.add_get("/metrics", metrics_text)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host or None, port).start()
-        except OSError as exc:
-            await runner.cleanup()
-            # asyncio's text repeats the address; the errno's says it all.
-            why = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise SocketError(
-                f"cannot serve metrics on {listen}: {why}; choose another [daemon] metrics_listen"
-            ) from None
-        self._metrics_runner = runner
-        for address in runner.addresses:
-            shown = f"[{address[0]}]" if ":" in address[0] else address[0]
-            log.info("metrics on http://%s:%d/metrics", shown, address[1])
-
     def _summary(self) -> str:
         return f"serving {len(self._keepers)} instance(s) on {self.socket_path}"
 
-    def _add(self, instance: InstanceConfig) -> Keeper:
-        """A keeper for `instance`, registered but not started."""
-        assert self._http is not None
-        if not instance.verify_tls:
-            log.warning("%s: TLS verification is OFF (verify_tls = false)", instance.name)
-        keeper = self._new_keeper(instance)
-        self._keepers[instance.name] = keeper
-        return keeper
-
-    def _log_routes(self, keepers: Mapping[str, Keeper], *, together: bool = False) -> None:
-        """Which way each instance goes out (proxy or direct), never with the credentials."""
-        routes = {name: keeper.upstream.route for name, keeper in keepers.items()}
-        for line in route_lines(routes, together=together):
-            log.info("%s", line)
-
-    def _join_fleet(self, config: Config) -> Fleet | None:
-        """The fleet, when `[fleet]` is set and an instance shares its session through it."""
-        if config.fleet is None or not any(i.fleet for i in config.instances.values()):
-            return None
-        from .fleet import Fleet
-        from .fleet.source import shown_url
-
-        log.info("fleet mode: sessions shared through Redis at %s", shown_url(config.fleet))
-        return Fleet(config.fleet)
-
-    def _upstream(self, instance: InstanceConfig) -> tuple[SugarClient, FleetSeat | None]:
-        """Sugar itself, or (fleet mode) Sugar as the fleet allows: leader calls, followers
-        wait; and the instance's seat in the fleet, if it has one."""
-        assert self._http is not None
-        if self._fleet is None or not instance.fleet:
-            return SugarClient(instance, self._http, clock=self._clock), None
-        from .fleet.source import FleetSource, shown_url
-
-        member = self._fleet.join(instance)
-        where = shown_url(self._fleet.config)
-        source = FleetSource(instance, self._http, member, where, clock=self._clock)
-        return source, source
-
     def _new_keeper(self, instance: InstanceConfig) -> Keeper:
         assert self._http is not None
-        upstream, seat = self._upstream(instance)
+        sugar, seat = upstream(self._fleet, instance, self._http, self._clock)
         return Keeper(
             instance,
-            upstream,
+            sugar,
             login_slots=self._login_slots,
             clock=self._clock,
             rng=self._rng,
@@ -297,18 +247,9 @@ class Daemon:
             try:
                 diff = await self._reload()
             except ReloadFailed as exc:
-                more = f" (and {len(exc.problems) - 1} more)" if len(exc.problems) > 1 else ""
-                self._notifier.ready(
-                    f"reload failed, still running the old config: {exc.problems[0]}{more}; "
-                    f"{self._summary()}"
-                )
+                self._notifier.ready(failed_status(exc.problems, self._summary()))
                 raise
-            changes = ", ".join(
-                f"{len(diff[k])} {k}" for k in ("added", "removed", "changed", "unchanged")
-            )
-            if diff.get("needs_attention"):
-                changes += f", {len(diff['needs_attention'])} needing attention"
-            self._notifier.ready(f"reloaded ({changes}); {self._summary()}")
+            self._notifier.ready(reloaded_status(diff, self._summary()))
             return diff
 
     async def _reload(self) -> dict[str, Any]:
@@ -343,7 +284,7 @@ class Daemon:
         # New proxy addresses are bound before the swap too, so one in use fails the reload.
         assert self._forwarder is not None
         listeners = await open_listeners(
-            self._forwarder, new, self._listeners, shutdown_timeout=_grace(new)
+            self._forwarder, new, self._listeners, shutdown_timeout=grace(new)
         )
 
         # The swap: no await in here, so every request sees the old config or the new one,
@@ -351,21 +292,11 @@ class Daemon:
         routes_before = {name: k.upstream.route.describe() for name, k in self._keepers.items()}
         for keeper in adopted:
             keeper.adopt(new.instances[keeper.name])
-        # Said again for every instance a reload adds or changes, not only at start: whoever
-        # edits the file sees it in the log of the reload, whatever else they changed.
-        for name in (*diff.added, *diff.changed):
-            if not new.instances[name].verify_tls:
-                log.warning("%s: TLS verification is OFF (verify_tls = false)", name)
-        self._log_routes(
-            {
-                name: keepers[name]
-                for name in (*diff.added, *diff.changed)
-                if routes_before.get(name) != keepers[name].upstream.route.describe()
-            }
-        )
+        log_instances_changed(diff, keepers, routes_before)
         old, self.config, self._keepers = self.config, new, keepers
         self.observer.forget(diff.removed)
-        self._apply_daemon_settings(old, new, plan.restart_only)
+        self._apply_daemon_settings(old, new)
+        warn_restart_only(old, new, plan.restart_only)
         await self._close_listeners(listeners)
         if self._forwarder is not None:
             self._forwarder.prune(keepers)
@@ -379,39 +310,17 @@ class Daemon:
                 keeper.start()
         for name in (*diff.unchanged, *(k.name for k in adopted)):
             keepers[name].retry_if_failed()
-        # Said to whoever reloaded: these stay failed, and why.
-        refused = {
-            name: keeper.rejection.refusal(keeper.config)
-            for name, keeper in keepers.items()
-            if keeper.rejection is not None and keeper.refuses_rejected()
-        }
-        for message in refused.values():
-            log.error("%s", message)
-        log.info(
-            "reloaded: %d added, %d removed, %d changed (%d logging in again), %d unchanged",
-            len(diff.added),
-            len(diff.removed),
-            len(diff.changed),
-            len(diff.changed) - len(adopted),
-            len(diff.unchanged),
-        )
+        refused = log_refusals(keepers)  # said to whoever reloaded: these stay failed, and why
+        log_reload(diff, len(adopted))
         answer: dict[str, Any] = diff.as_dict()
         if refused:
             answer["needs_attention"] = refused
         return answer
 
-    def _apply_daemon_settings(self, old: Config, new: Config, pending: Sequence[str]) -> None:
+    def _apply_daemon_settings(self, old: Config, new: Config) -> None:
         if self._apply_log_level and old.daemon.log_level != new.daemon.log_level:
             logging.getLogger().setLevel(new.daemon.log_level.upper())
             log.info("log level is now %s", new.daemon.log_level)
-        if old.fleet != new.fleet:
-            log.warning("[fleet] changed: takes effect when sugard restarts")
-        if pending:
-            log.warning(
-                "[daemon] %s changed: takes effect when sugard restarts "
-                "(systemctl --user restart sugard)",
-                ", ".join(pending),
-            )
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (shutdown_grace, or less after a
@@ -440,42 +349,13 @@ class Daemon:
         log.info("sugard stopped")
 
     async def _drain(self) -> None:
-        """Close the servers, each letting its requests in flight finish within the grace
-        period; a second stop signal ends the wait and cancels what is left."""
-        graceful = asyncio.ensure_future(self._close_servers())
-        forced = asyncio.ensure_future(self._force.wait())
-        await asyncio.wait((graceful, forced), return_when=asyncio.FIRST_COMPLETED)
-        forced.cancel()
-        if graceful.done():
-            graceful.result()
-            return
-        graceful.cancel()
-        await asyncio.gather(graceful, return_exceptions=True)
         runner, self._runner = self._runner, None
-        if runner is None or runner.server is None:
-            return
-        for site in list(runner.sites):
-            await site.stop()
-        left = len(runner.server.connections)
-        # Public aiohttp: a shutdown with (almost) no wait cancels each handler and closes its
-        # connection; the cleanup after it then finds nothing to wait for.
-        await runner.server.shutdown(_NO_WAIT)
-        log.warning("cancelled %d connection(s) still open", left)
-        await runner.cleanup()
-
-    async def _close_servers(self) -> None:
-        await self._close_listeners({})
-        if self._runner is not None:
-            server = self._runner.server
-            open_connections = len(server.connections) if server is not None else 0
-            if open_connections:
-                log.info(
-                    "waiting up to %g s for %d open connection(s) to finish",
-                    self.config.daemon.shutdown_grace,
-                    open_connections,
-                )
-            await self._runner.cleanup()
-            self._runner = None
+        await drain(
+            runner,
+            lambda: self._close_listeners({}),
+            self._force,
+            self.config.daemon.shutdown_grace,
+        )
 
     def _remove_socket(self) -> None:
         """Remove our socket, then give up the lock (in that order: whoever takes the lock

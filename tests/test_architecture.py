@@ -115,6 +115,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # from `init` (building and writing the config) to keep each to one job.
     "init_args": (set(), set()),
     "init_prompt": (set(), set()),
+    # `sugard init`'s answers from flags and questions (and the session clash check): split
+    # from `init`, which builds and writes the config from them.
+    "init_answers": (SHARED | {"config", "errors", "init_prompt"}, set()),
     "private_files": (set(), set()),
     # The sessions a restart keeps: a keeper's grant, for an instance's settings, through
     # systemd's fd store. Split from `daemon` so the memfd format has a module of its own.
@@ -129,6 +132,14 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # daemon's side of a restart that keeps the sessions. Both split from `daemon`.
     "listeners": (SHARED | {"config", "errors", "peer", "proxy"}, set()),
     "kept_sessions": (SHARED | {"config", "handoff", "keeper", "systemd"}, set()),
+    # More of the daemon's parts, split from `daemon` so its start, reload and stop read as
+    # their steps: the TCP `/metrics` site (the api's handler); joining fleet mode (which
+    # imports sugard.fleet, and so redis and cryptography, only when [fleet] is on); the
+    # graceful stop of its servers; what it says of its instances in the log and STATUS=.
+    "metrics_site": (SHARED | {"api", "config", "errors"}, {"aiohttp"}),
+    "fleet_seats": (SHARED | {"config", "fleet", "keeper", "sugar"}, {"aiohttp"}),
+    "shutdown": (SHARED | {"config"}, {"aiohttp"}),
+    "daemon_report": (SHARED | {"config", "keeper", "outbound"}, set()),
 }
 
 
