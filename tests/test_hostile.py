@@ -364,7 +364,10 @@ async def test_silent_slow_and_idle_connections_are_closed(
                 except OSError:
                     break  # closed by the daemon: the read below sees the end
                 await asyncio.sleep(0.05)
-            data = await asyncio.wait_for(read, 5)
+            try:
+                data = await asyncio.wait_for(read, 5)
+            except (BrokenPipeError, ConnectionResetError):
+                data = b""  # the daemon closed it while a trickled byte was on its way
             writer.close()
             return time.monotonic() - started, data
 
