@@ -4,8 +4,7 @@ One supervisor task per instance makes every upstream call, so there is never mo
 in flight per instance (single flight). Requests read the current grant, or join the one
 `Demand` the supervisor owes (a renewal, or a check of a reported token) and wait for it:
 however many ask while it is pending or in flight, it is made once and answers them all.
-Every change of the demand, the grant or the state sets the one condition (`_changed`); each
-waiter then re-reads what it needs.
+The demand, and the one condition set at each change, live on its `Board` (keeper_board).
 
 Times that matter (expiry, refresh-at, probes) are wall clock, re-read at every decision, and
 no sleep lasts longer than `MAX_SLEEP`: asyncio's monotonic clock stops while a laptop is
@@ -32,6 +31,7 @@ from . import backoff
 from . import renewal_timing as timing
 from .config import GRACE_AUTO, ConfigError, InstanceConfig
 from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
+from .keeper_board import Board
 from .keeper_model import Demand, ErrorStatus, LastError, Need, Rejection, State, Status
 from .keeper_reports import CountedCalls, renewal_reason
 from .observe import EvictionFoundBy, Observer
@@ -126,14 +126,12 @@ class Keeper:
         self._grant: Grant | None = None
         self._refresh_token: Secret | None = None  # None once burned or rejected
         self._dead_token: Secret | None = None  # refused by Sugar (a report, or a probe)
-        self._demand: Demand | None = None
-        self._changed = asyncio.Event()  # the one condition: replaced each time it is set
+        self._board = Board()  # the one demand and the one condition (sugard/keeper_board.py)
         self._observed_grace: float | None = None  # learned this session: version or watching
         self._quiet_until = 0.0  # no-grace servers: until then a handed-out token is in use
         self._session_ends_at: float | None = None  # a capped session's end (max lifetime)
         self._probe_at: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stopped = False
         self._resumed: Grant | None = None  # a session kept across a restart, not yet checked
 
     @property
@@ -153,8 +151,7 @@ class Keeper:
 
     async def stop(self) -> None:
         """Stop the supervisor; waiting requests get InstanceStopped."""
-        self._stopped = True
-        self._notify()
+        self._board.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -176,7 +173,7 @@ class Keeper:
         if self._grant is not None:
             self.refresh_at = self._refresh_time(self._grant)
             self._probe_at = self._next_probe()
-        self._notify()
+        self._board.notify()
 
     # Requests
 
@@ -191,8 +188,7 @@ class Keeper:
         joined: Demand | None = None
         held = False  # the token met the request, but a renewal in flight is about to kill it
         while True:
-            if self._stopped:
-                raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+            self._raise_if_stopped()
             grant = self._grant
             servable = grant is not None and timing.servable(grant, self._clock(), self._dead_token)
             if grant is not None and servable:
@@ -208,22 +204,16 @@ class Keeper:
             if self.state is State.FAILED:
                 raise NeedsAttention(self._failure_message())
             if (joined is None or joined.done) and self._resumed is None:
-                joined = self._join(Need.RENEW, "a token request")
-            changed = self._changed
+                joined = self._board.join(Need.RENEW, "a token request")
             left = deadline - loop.time()
-            try:
-                if left <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(left):
-                    await changed.wait()
-            except TimeoutError:
+            if left <= 0 or not await self._board.idle(left):
                 if held and grant is not None and grant is self._grant:
                     # Held for a renewal that has not answered within the wait: the token is
                     # still valid now, and a renewal this slow is likely failing. Better than
                     # no token at all; the script was told how long it may wait.
                     self._handed_out(grant, 0.0)
                     return grant
-                raise TokenUnavailable(self._unavailable_message(), self._retry_after()) from None
+                raise TokenUnavailable(self._unavailable_message(), self._retry_after())
 
     async def invalidate(self, access_token: str, wait: float = 10.0) -> Grant:
         """A script reports that Sugar refused `access_token`.
@@ -242,8 +232,8 @@ class Keeper:
             and self.state is not State.FAILED
         ):
             # Logged by the report that starts the check: the others only join it.
-            starts_check = self._demand is None or self._demand.done
-            check = self._join(Need.CHECK, "a script's report")
+            starts_check = self._board.pending() is None
+            check = self._board.join(Need.CHECK, "a script's report")
             if starts_check:
                 log.info(
                     "%s: token %s reported as refused by Sugar; checking it",
@@ -261,11 +251,10 @@ class Keeper:
 
         After Sugar rejected a secret, the secrets are read again first, and the attempt is
         made only if the rejected one changed, or `retry_rejected` insists."""
-        if self._stopped:
-            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+        self._raise_if_stopped()
         if self.rejection is not None:
             await self._recheck_rejected(retry_rejected)
-        demand = self._join(Need.RENEW, "sugarctl refresh", forced=True)
+        demand = self._board.join(Need.RENEW, "sugarctl refresh", forced=True)
         attempts = demand.attempts
         loop = asyncio.get_running_loop()
         await self._wait_for(lambda: demand.attempts > attempts, loop.time() + wait)
@@ -308,7 +297,7 @@ class Keeper:
         fixed what Sugar refused (unlocked the user, registered the platform). Never with a
         secret Sugar rejected that has not changed since."""
         if self.state is State.FAILED and not self.refuses_rejected():
-            self._join(Need.RENEW, "a reload", forced=True)
+            self._board.join(Need.RENEW, "a reload", forced=True)
 
     # A session handed over a restart (sugard/handoff.py)
 
@@ -347,7 +336,7 @@ class Keeper:
                 )
                 if not expired:
                     self._evicted("probe")
-                self._join(Need.RENEW, "no usable token")
+                self._board.join(Need.RENEW, "no usable token")
                 return
             self._install(grant)
             self.last_refresh = grant.issued_at
@@ -359,7 +348,7 @@ class Keeper:
             )
         finally:
             self._resumed = None
-            self._notify()
+            self._board.notify()
 
     def status(self) -> Status:
         """A frozen snapshot of the instance now, for the API to render and metrics to read."""
@@ -393,71 +382,46 @@ class Keeper:
         """A session another host renewed (the fleet's leader stored it): serve it, with no
         upstream call. Declined (False) while a renewal of our own is pending: that renewal
         gets it from the fleet instead, at once (a backoff is cut short)."""
-        demand = self._demand
-        if (
-            demand is not None
-            and not demand.done
-            and (demand.in_flight or demand.need is Need.RENEW)
-        ):
+        demand = self._board.pending()
+        if demand is not None and (demand.in_flight or demand.need is Need.RENEW):
             if not demand.in_flight:
                 demand.forced = True
-                self._notify()
+                self._board.notify()
             return False
         self._install(grant)
-        if demand is not None and not demand.done:
-            self._settle(demand, failed=False)  # a pending check: the token it was about is gone
-        self._notify()
+        if demand is not None:
+            self._board.settle(
+                demand, failed=False
+            )  # a pending check: the token it was about is gone
+        self._board.notify()
         return True
 
     def request_renewal(self, reason: str) -> None:
         """Renew once for a follower that asked (joins a renewal pending or in flight)."""
-        if not self._stopped:
-            self._join(Need.RENEW, reason)
+        if not self._board.closed:
+            self._board.join(Need.RENEW, reason)
 
     # Waiting on the supervisor
 
-    def _join(self, need: Need, reason: str, *, forced: bool = False) -> Demand:
-        """The demand that will bring what is needed: the one pending or in flight, or a new one."""
-        demand = self._demand
-        if demand is None or demand.done:
-            demand = self._demand = Demand(need, reason)
-        elif need is Need.RENEW and demand.need is Need.CHECK:
-            demand.need, demand.reason = Need.RENEW, reason
-        elif not (forced and not demand.in_flight and not demand.forced):
-            return demand  # nothing changed: a thousand joiners wake nobody
-        if forced and not demand.in_flight:
-            demand.forced = True  # an attempt already under way answers the person as it is
-        self._notify()
-        return demand
-
     async def _wait_for(self, condition: Callable[[], bool], deadline: float) -> None:
         """Wait until `condition()` holds or the loop's clock reaches `deadline`."""
-        loop = asyncio.get_running_loop()
-        while not condition():
-            if self._stopped:
-                raise InstanceStopped(f"instance {self.name!r} is no longer configured")
-            changed = self._changed
-            left = deadline - loop.time()
-            if left <= 0:
-                raise TokenUnavailable(self._unavailable_message(), self._retry_after())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await changed.wait()
+        if not await self._board.wait_for(condition, deadline):
+            self._raise_if_stopped()
+            raise TokenUnavailable(self._unavailable_message(), self._retry_after())
 
-    def _notify(self) -> None:
-        """Something changed (demand, grant, state): wake everyone waiting, who re-check."""
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _raise_if_stopped(self) -> None:
+        if self._board.closed:
+            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
 
     # The supervisor
 
     async def _supervise(self) -> None:
         if self._resumed is not None:
             await self._check_resumed(self._resumed)
-        while not self._stopped:
+        while not self._board.closed:
             demand = self._next_demand()
             if demand is None:
-                await self._idle(self._seconds_to_next_action())
+                await self._board.idle(self._seconds_to_next_action())
             elif demand.need is Need.CHECK:
                 await self._check(demand)
             else:
@@ -465,18 +429,18 @@ class Keeper:
 
     def _next_demand(self) -> Demand | None:
         """The demand to act on now, making one when the schedule says so; None: nothing yet."""
-        demand = self._demand
+        demand = self._board.demand
         if self.state is State.FAILED:
             return demand if demand is not None and demand.forced else None
         if demand is not None and not demand.done:
             return demand
         grant, now = self._grant, self._clock()
         if grant is None or grant.access_token == self._dead_token:
-            return self._join(Need.RENEW, "no usable token")
+            return self._board.join(Need.RENEW, "no usable token")
         if now >= self._renewal_time(grant):
-            return self._join(Need.RENEW, "the schedule")
+            return self._board.join(Need.RENEW, "the schedule")
         if self._probe_at is not None and now >= self._probe_at:
-            return self._join(Need.CHECK, "the probe interval")
+            return self._board.join(Need.CHECK, "the probe interval")
         return None
 
     def _seconds_to_next_action(self) -> float:
@@ -487,12 +451,6 @@ class Keeper:
         if self._probe_at is not None:
             due = min(due, self._probe_at)
         return min(self._max_sleep, max(0.0, due - self._clock()))
-
-    async def _idle(self, seconds: float) -> None:
-        changed = self._changed
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await changed.wait()
 
     async def _check(self, demand: Demand) -> None:
         """Probe the current token; if Sugar refuses it, the demand becomes its renewal."""
@@ -513,11 +471,11 @@ class Keeper:
                     self.name,
                     grant.access_token.fingerprint,
                 )
-            self._settle(demand, failed=False)
+            self._board.settle(demand, failed=False)
             return
         if verdict is Probe.UNKNOWN and not reported:
             log.debug("%s: probe gave no verdict; trying again later", self.name)
-            self._settle(demand, failed=False)
+            self._board.settle(demand, failed=False)
             return
         # Refused (or, for a report, no verdict: the script did see a 401, so act on it).
         log.warning(
@@ -529,7 +487,7 @@ class Keeper:
         self._dead_token = grant.access_token
         self._evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
-        self._notify()
+        self._board.notify()
         await self._renew(demand)
 
     async def _renew(self, demand: Demand) -> None:
@@ -548,15 +506,12 @@ class Keeper:
             self.rejection = Rejection.of(exc, self.config) or self.rejection
             self._set_state(State.FAILED)
             log.error("%s: %s", self.name, exc.message)
-            demand.done = True
-            if self._demand is demand:
-                self._demand = None
-            self._notify()
+            self._board.drop(demand)
 
     async def _attempt(self, demand: Demand) -> None:
         demand.forced = False  # this attempt is the one a person asked for
         demand.in_flight = True
-        self._notify()  # requests that must not take the doomed token see it is in flight
+        self._board.notify()  # requests that must not take the doomed token see it is in flight
         old = self._grant
         try:
             refresh_token = self._refresh_token
@@ -572,7 +527,7 @@ class Keeper:
             self.failures += 1
             self.last_error = LastError(self._clock(), exc.kind, exc.message)
             demand.in_flight = False
-            self._settle(demand, failed=True, done=False)
+            self._board.settle(demand, failed=True, done=False)
             raise
         logged_in = self.state is State.LOGGING_IN
         self._install(grant)
@@ -580,7 +535,7 @@ class Keeper:
             self.name, expires_at=grant.expires_at, error_kind=self._error_kind()
         )
         demand.in_flight = False
-        self._settle(demand, failed=False)
+        self._board.settle(demand, failed=False)
         if logged_in:
             await self._learn_version(grant)
         elif old is not None:
@@ -656,15 +611,6 @@ class Keeper:
             time.strftime("%H:%M:%S", time.localtime(self.refresh_at)),
         )
 
-    def _settle(self, demand: Demand, *, failed: bool, done: bool = True) -> None:
-        """An attempt (or a check) of `demand` has finished: tell its waiters."""
-        demand.attempts += 1
-        demand.failed = failed
-        demand.done = done
-        if done and self._demand is demand:
-            self._demand = None
-        self._notify()
-
     # What the observer hears (metrics, on_event)
 
     def _set_state(self, state: State) -> None:
@@ -712,7 +658,7 @@ class Keeper:
 
     def _doomed(self) -> bool:
         """The current token dies when the renewal now in flight answers (no grace)."""
-        demand = self._demand
+        demand = self._board.demand
         return (
             demand is not None
             and demand.in_flight
@@ -771,8 +717,10 @@ class Keeper:
         """Sleep until a wall-clock deadline, in steps of at most MAX_SLEEP (suspend-proof);
         a forced demand (`sugarctl refresh`) cuts it short."""
         deadline = self._clock() + seconds
-        while (left := deadline - self._clock()) > 0 and not demand.forced and not self._stopped:
-            await self._idle(min(left, self._max_sleep))
+        while (
+            (left := deadline - self._clock()) > 0 and not demand.forced and not self._board.closed
+        ):
+            await self._board.idle(min(left, self._max_sleep))
 
     # Words for humans
 
