@@ -29,11 +29,12 @@ from tenacity import RetryCallState
 
 from . import backoff
 from . import renewal_timing as timing
-from .config import GRACE_AUTO, ConfigError, InstanceConfig
+from .config import ConfigError, InstanceConfig
 from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
 from .keeper_board import Board
 from .keeper_model import Demand, ErrorStatus, LastError, Need, Rejection, State, Status
 from .keeper_reports import CountedCalls, renewal_reason
+from .keeper_session import HeldSession
 from .observe import EvictionFoundBy, Observer
 from .renewal_timing import grace_for_version
 from .secret import Secret
@@ -121,15 +122,9 @@ class Keeper:
         self.last_error: LastError | None = None
         self.refresh_at: float | None = None
         self.next_attempt_at: float | None = None
-        self.sugar_version: str | None = None  # as ServerInfo published it, once per session
 
-        self._grant: Grant | None = None
-        self._refresh_token: Secret | None = None  # None once burned or rejected
-        self._dead_token: Secret | None = None  # refused by Sugar (a report, or a probe)
+        self._session = HeldSession(self._calls, clock, rng)  # the grant and what it learned of it
         self._board = Board()  # the one demand and the one condition (sugard/keeper_board.py)
-        self._observed_grace: float | None = None  # learned this session: version or watching
-        self._quiet_until = 0.0  # no-grace servers: until then a handed-out token is in use
-        self._session_ends_at: float | None = None  # a capped session's end (max lifetime)
         self._probe_at: float | None = None
         self._task: asyncio.Task[None] | None = None
         self._resumed: Grant | None = None  # a session kept across a restart, not yet checked
@@ -140,7 +135,12 @@ class Keeper:
 
     @property
     def grant(self) -> Grant | None:
-        return self._grant
+        return self._session.grant
+
+    @property
+    def sugar_version(self) -> str | None:
+        """As ServerInfo published it, once per session."""
+        return self._session.sugar_version
 
     # Lifecycle
 
@@ -170,8 +170,8 @@ class Keeper:
                     "%s: new %s; the session stays, the next %s uses it", self.name, secret, when
                 )
         self._take(config)
-        if self._grant is not None:
-            self.refresh_at = self._refresh_time(self._grant)
+        if self._session.grant is not None:
+            self.refresh_at = self._session.refresh_time(self._session.grant, self.config)
             self._probe_at = self._next_probe()
         self._board.notify()
 
@@ -189,9 +189,8 @@ class Keeper:
         held = False  # the token met the request, but a renewal in flight is about to kill it
         while True:
             self._raise_if_stopped()
-            grant = self._grant
-            servable = grant is not None and timing.servable(grant, self._clock(), self._dead_token)
-            if grant is not None and servable:
+            grant = self._session.grant
+            if grant is not None and self._session.servable():
                 # A renewal this request waited for answers it, even if Sugar's lifetime is
                 # shorter than min_ttl (the cap); else the token must have min_ttl left.
                 renewed = joined is not None and joined.done
@@ -199,7 +198,7 @@ class Keeper:
                 enough = grant.expires_at - self._clock() >= wanted
                 held = enough and self._doomed()
                 if renewed or (enough and not held):
-                    self._handed_out(grant, wanted)
+                    self._session.handed_out(grant, wanted)
                     return grant
             if self.state is State.FAILED:
                 raise NeedsAttention(self._failure_message())
@@ -207,11 +206,11 @@ class Keeper:
                 joined = self._board.join(Need.RENEW, "a token request")
             left = deadline - loop.time()
             if left <= 0 or not await self._board.idle(left):
-                if held and grant is not None and grant is self._grant:
+                if held and grant is not None and grant is self._session.grant:
                     # Held for a renewal that has not answered within the wait: the token is
                     # still valid now, and a renewal this slow is likely failing. Better than
                     # no token at all; the script was told how long it may wait.
-                    self._handed_out(grant, 0.0)
+                    self._session.handed_out(grant, 0.0)
                     return grant
                 raise TokenUnavailable(self._unavailable_message(), self._retry_after())
 
@@ -224,11 +223,11 @@ class Keeper:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        grant = self._grant
+        grant = self._session.grant
         reported = Secret(access_token)
         if (
             grant is not None
-            and grant.access_token == reported != self._dead_token
+            and grant.access_token == reported != self._session.dead_token
             and self.state is not State.FAILED
         ):
             # Logged by the report that starts the check: the others only join it.
@@ -242,7 +241,8 @@ class Keeper:
                 )
             await self._wait_for(lambda: check.done, deadline)
         elif grant is not None and grant.access_token == reported:
-            self._dead_token = reported  # `failed`: nothing to check with; never serve it again
+            # `failed`: nothing to check with; never serve it again
+            self._session.dead_token = reported
         return await self.token(wait=max(0.0, deadline - loop.time()))
 
     async def refresh_now(self, wait: float = 10.0, *, retry_rejected: bool = False) -> Grant:
@@ -260,9 +260,9 @@ class Keeper:
         await self._wait_for(lambda: demand.attempts > attempts, loop.time() + wait)
         if self.state is State.FAILED:
             raise NeedsAttention(self._failure_message())
-        if demand.failed or self._grant is None:
+        if demand.failed or self._session.grant is None:
             raise TokenUnavailable(self._unavailable_message(), self._retry_after())
-        return self._grant
+        return self._session.grant
 
     async def _recheck_rejected(self, insist: bool) -> None:
         rejection = self.rejection
@@ -305,21 +305,17 @@ class Keeper:
         """The session to hand to the next sugard: the grant being served, if no renewal was
         cut short (a refresh Sugar may have answered would leave it dead) and its refresh
         token is still good."""
-        grant = self._grant
-        if grant is None or self.state is not State.READY or self._refresh_token is None:
-            return None
-        return None if grant.access_token == self._dead_token else grant
+        return self._session.kept(self.state is State.READY)
 
     def resume(self, grant: Grant, sugar_version: str | None) -> None:
         """Take back the session the sugard before this one handed over; before start().
         Nothing is served from it until one probe says Sugar still takes its token."""
         self._resumed = grant
-        self.sugar_version = sugar_version
+        self._session.sugar_version = sugar_version
 
     async def _check_resumed(self, grant: Grant) -> None:
         try:
-            if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
-                self._observed_grace = timing.grace_for_version(self.sugar_version)
+            self._session.resume_version(self.config)
             expired = grant.expires_at <= self._clock()
             verdict = Probe.DEAD if expired else await self._calls.probe(grant.access_token)
             if verdict is Probe.DEAD:
@@ -329,11 +325,7 @@ class Keeper:
                     grant.access_token.fingerprint,
                 )
                 # Its refresh token may still work (an expired token): one refresh, no login.
-                self._grant, self._refresh_token, self._dead_token = (
-                    grant,
-                    grant.refresh_token,
-                    grant.access_token,
-                )
+                self._session.take_back_dead(grant)
                 if not expired:
                     self._evicted("probe")
                 self._board.join(Need.RENEW, "no usable token")
@@ -352,7 +344,7 @@ class Keeper:
 
     def status(self) -> Status:
         """A frozen snapshot of the instance now, for the API to render and metrics to read."""
-        grant = self._grant
+        grant = self._session.grant
         error = self.last_error
         return Status(
             name=self.name,
@@ -434,8 +426,8 @@ class Keeper:
             return demand if demand is not None and demand.forced else None
         if demand is not None and not demand.done:
             return demand
-        grant, now = self._grant, self._clock()
-        if grant is None or grant.access_token == self._dead_token:
+        grant, now = self._session.grant, self._clock()
+        if grant is None or not self._session.usable():
             return self._board.join(Need.RENEW, "no usable token")
         if now >= self._renewal_time(grant):
             return self._board.join(Need.RENEW, "the schedule")
@@ -444,7 +436,7 @@ class Keeper:
         return None
 
     def _seconds_to_next_action(self) -> float:
-        grant = self._grant
+        grant = self._session.grant
         if self.state is State.FAILED or grant is None:
             return self._max_sleep
         due = self._renewal_time(grant)
@@ -454,7 +446,7 @@ class Keeper:
 
     async def _check(self, demand: Demand) -> None:
         """Probe the current token; if Sugar refuses it, the demand becomes its renewal."""
-        grant = self._grant
+        grant = self._session.grant
         assert grant is not None
         demand.in_flight = True
         verdict = await self._calls.probe(grant.access_token)
@@ -484,14 +476,14 @@ class Keeper:
             grant.access_token.fingerprint,
             "reported by a script" if reported else "evicted, found by the probe",
         )
-        self._dead_token = grant.access_token
+        self._session.dead_token = grant.access_token
         self._evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
         self._board.notify()
         await self._renew(demand)
 
     async def _renew(self, demand: Demand) -> None:
-        self._observer.renewal(self.name, renewal_reason(demand, self._grant))
+        self._observer.renewal(self.name, renewal_reason(demand, self._session.grant))
         retrying = backoff.renewal_retries(
             wait=lambda state: backoff.delay(state, self.config.backoff_max, self._rng),
             sleep=lambda seconds: self._backoff_sleep(seconds, demand),
@@ -512,16 +504,17 @@ class Keeper:
         demand.forced = False  # this attempt is the one a person asked for
         demand.in_flight = True
         self._board.notify()  # requests that must not take the doomed token see it is in flight
-        old = self._grant
+        old = self._session.grant
         try:
-            refresh_token = self._refresh_token
-            if refresh_token is not None and timing.refresh_usable(self._grant, self._clock()):
+            refresh_token = self._session.refresh_token
+            if refresh_token is not None and timing.refresh_usable(old, self._clock()):
                 grant = await self._refresh(refresh_token)
                 if grant is None:
                     grant = await self._login()
             else:
                 if refresh_token is not None:
-                    log.info("%s: %s; logging in with the password", self.name, self._why_login())
+                    why = self._session.why_login()
+                    log.info("%s: %s; logging in with the password", self.name, why)
                 grant = await self._login()
         except SugarError as exc:
             self.failures += 1
@@ -537,9 +530,9 @@ class Keeper:
         demand.in_flight = False
         self._board.settle(demand, failed=False)
         if logged_in:
-            await self._learn_version(grant)
+            await self._session.learn_version(grant, self.config)
         elif old is not None:
-            await self._watch_old_token(old)
+            await self._session.watch_old_token(old, self.config)
 
     async def _refresh(self, refresh_token: Secret) -> Grant | None:
         """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
@@ -553,13 +546,13 @@ class Keeper:
             # exactly one password login gets the session back.
             self.last_error = LastError(self._clock(), exc.kind, exc.message)
             log.warning("%s: %s; logging in again", self.name, exc.message)
-            self._refresh_token = None
+            self._session.refresh_token = None
             self._evicted("refresh")
             return None
         except RefreshConsumed:
             # Maintenance or a license lock: Sugar deleted the refresh token before
             # refusing, so the next try must be a password login.
-            self._refresh_token = None
+            self._session.refresh_token = None
             raise
 
     async def _login(self) -> Grant:
@@ -576,28 +569,9 @@ class Keeper:
             log.info("%s: logging in as %s", self.name, self.config.username)
             return await self._calls.login()
 
-    def _why_login(self) -> str:
-        """Why a password login is needed although sugard holds a refresh token."""
-        grant = self._grant
-        ends = grant.refresh_expires_at if grant is not None else None
-        when = time.strftime("%H:%M:%S", time.localtime(ends)) if ends is not None else "?"
-        if self._session_ends_at is not None:
-            return f"session reached the site's max_session_lifetime at {when}"
-        return f"refresh token expired at {when}"
-
     def _install(self, grant: Grant) -> None:
-        old = self._grant
-        self._grant = grant
-        self._refresh_token = grant.refresh_token
-        self._dead_token = None
-        if self.state is State.LOGGING_IN:
-            self._session_ends_at = None
-            self._observed_grace = None  # a new session: learn the version again
-        elif timing.session_capped(old, grant):
-            # The refresh token inherited the old one's expiry: max_session_lifetime caps
-            # this session, and refreshing earlier would not keep it past that end.
-            self._session_ends_at = grant.refresh_expires_at
-        self.refresh_at = self._refresh_time(grant)
+        old = self._session.install(grant, logged_in=self.state is State.LOGGING_IN)
+        self.refresh_at = self._session.refresh_time(grant, self.config)
         self.last_refresh = self._clock()
         self.next_attempt_at = None
         self._probe_at = self._next_probe()
@@ -618,7 +592,7 @@ class Keeper:
         if state is self.state:
             return
         self.state = state
-        grant = self._grant
+        grant = self._session.grant
         self._observer.state_changed(
             self.name,
             state.value,
@@ -627,7 +601,7 @@ class Keeper:
         )
 
     def _evicted(self, found_by: EvictionFoundBy) -> None:
-        grant = self._grant
+        grant = self._session.grant
         self._observer.evicted(
             self.name,
             found_by,
@@ -640,18 +614,8 @@ class Keeper:
 
     # Timing (the rules: sugard/renewal_timing.py)
 
-    def _refresh_time(self, grant: Grant) -> float:
-        capped = self._session_ends_at is not None
-        return timing.refresh_time(grant, self.config, capped=capped, draw=self._rng())
-
     def _renewal_time(self, grant: Grant) -> float:
-        grace, quiet = self._old_token_grace(), self._quiet_until
-        return timing.renewal_time(grant, self.refresh_at, grace=grace, quiet_until=quiet)
-
-    def _handed_out(self, grant: Grant, promised: float) -> None:
-        self._quiet_until = max(
-            self._quiet_until, timing.quiet_until(grant, self._clock(), promised)
-        )
+        return self._session.renewal_time(grant, self.config, self.refresh_at)
 
     def _next_probe(self) -> float | None:
         return timing.next_probe(self._clock(), self.config.probe_interval)
@@ -663,46 +627,8 @@ class Keeper:
             demand is not None
             and demand.in_flight
             and demand.need is Need.RENEW
-            and self._old_token_grace() <= 0
+            and self._session.old_token_grace(self.config) <= 0
         )
-
-    # What the server does to the old token on a refresh
-
-    def _old_token_grace(self) -> float:
-        return timing.old_token_grace(self.config, self._observed_grace)
-
-    async def _learn_version(self, grant: Grant) -> None:
-        """Once per session: read the server's version (a failure only leaves it unknown)."""
-        if self.config.old_token_grace != GRACE_AUTO:
-            return
-        version = await self._calls.server_version(grant.access_token)
-        self.sugar_version = version
-        if version is not None:
-            self._observed_grace = timing.grace_for_version(version)
-            log.info(
-                "%s: Sugar %s: a refresh %s",
-                self.name,
-                version,
-                "kills the old token at once"
-                if self._observed_grace == 0
-                else f"leaves the old token up to {self._observed_grace:.0f} s",
-            )
-
-    async def _watch_old_token(self, old: Grant) -> None:
-        """Version unknown: see whether the token a refresh replaced still works (one ping,
-        once per session). Either way, until then it behaves as if the token died."""
-        if self.config.old_token_grace != GRACE_AUTO or self._observed_grace is not None:
-            return
-        verdict = await self._calls.probe(old.access_token)
-        if verdict is not Probe.UNKNOWN:
-            self._observed_grace = timing.SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
-            log.info(
-                "%s: the token a refresh replaced %s",
-                self.name,
-                "still works: Sugar keeps old tokens a while"
-                if verdict is Probe.ALIVE
-                else "died at once",
-            )
 
     # Backoff (the policy: sugard/backoff.py)
 
