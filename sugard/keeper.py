@@ -4,8 +4,7 @@ One supervisor task per instance makes every upstream call, so there is never mo
 in flight per instance (single flight). Requests read the current grant, or join the one
 `Demand` the supervisor owes (a renewal, or a check of a reported token) and wait for it:
 however many ask while it is pending or in flight, it is made once and answers them all.
-Every change of the demand, the grant or the state sets the one condition (`_changed`); each
-waiter then re-reads what it needs.
+The demand, and the one condition set at each change, live on its `Board` (keeper_board).
 
 Times that matter (expiry, refresh-at, probes) are wall clock, re-read at every decision, and
 no sleep lasts longer than `MAX_SLEEP`: asyncio's monotonic clock stops while a laptop is
@@ -30,10 +29,12 @@ from tenacity import RetryCallState
 
 from . import backoff
 from . import renewal_timing as timing
-from .config import GRACE_AUTO, ConfigError, InstanceConfig
+from .config import ConfigError, InstanceConfig
 from .errors import InstanceStopped, NeedsAttention, TokenUnavailable
+from .keeper_board import Board
 from .keeper_model import Demand, ErrorStatus, LastError, Need, Rejection, State, Status
 from .keeper_reports import CountedCalls, renewal_reason
+from .keeper_session import HeldSession
 from .observe import EvictionFoundBy, Observer
 from .renewal_timing import grace_for_version
 from .secret import Secret
@@ -121,19 +122,11 @@ class Keeper:
         self.last_error: LastError | None = None
         self.refresh_at: float | None = None
         self.next_attempt_at: float | None = None
-        self.sugar_version: str | None = None  # as ServerInfo published it, once per session
 
-        self._grant: Grant | None = None
-        self._refresh_token: Secret | None = None  # None once burned or rejected
-        self._dead_token: Secret | None = None  # refused by Sugar (a report, or a probe)
-        self._demand: Demand | None = None
-        self._changed = asyncio.Event()  # the one condition: replaced each time it is set
-        self._observed_grace: float | None = None  # learned this session: version or watching
-        self._quiet_until = 0.0  # no-grace servers: until then a handed-out token is in use
-        self._session_ends_at: float | None = None  # a capped session's end (max lifetime)
+        self._session = HeldSession(self._calls, clock, rng)  # the grant and what it learned of it
+        self._board = Board()  # the one demand and the one condition (sugard/keeper_board.py)
         self._probe_at: float | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stopped = False
         self._resumed: Grant | None = None  # a session kept across a restart, not yet checked
 
     @property
@@ -142,7 +135,12 @@ class Keeper:
 
     @property
     def grant(self) -> Grant | None:
-        return self._grant
+        return self._session.grant
+
+    @property
+    def sugar_version(self) -> str | None:
+        """As ServerInfo published it, once per session."""
+        return self._session.sugar_version
 
     # Lifecycle
 
@@ -153,8 +151,7 @@ class Keeper:
 
     async def stop(self) -> None:
         """Stop the supervisor; waiting requests get InstanceStopped."""
-        self._stopped = True
-        self._notify()
+        self._board.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -173,10 +170,10 @@ class Keeper:
                     "%s: new %s; the session stays, the next %s uses it", self.name, secret, when
                 )
         self._take(config)
-        if self._grant is not None:
-            self.refresh_at = self._refresh_time(self._grant)
+        if self._session.grant is not None:
+            self.refresh_at = self._session.refresh_time(self._session.grant, self.config)
             self._probe_at = self._next_probe()
-        self._notify()
+        self._board.notify()
 
     # Requests
 
@@ -191,11 +188,9 @@ class Keeper:
         joined: Demand | None = None
         held = False  # the token met the request, but a renewal in flight is about to kill it
         while True:
-            if self._stopped:
-                raise InstanceStopped(f"instance {self.name!r} is no longer configured")
-            grant = self._grant
-            servable = grant is not None and timing.servable(grant, self._clock(), self._dead_token)
-            if grant is not None and servable:
+            self._raise_if_stopped()
+            grant = self._session.grant
+            if grant is not None and self._session.servable():
                 # A renewal this request waited for answers it, even if Sugar's lifetime is
                 # shorter than min_ttl (the cap); else the token must have min_ttl left.
                 renewed = joined is not None and joined.done
@@ -203,27 +198,21 @@ class Keeper:
                 enough = grant.expires_at - self._clock() >= wanted
                 held = enough and self._doomed()
                 if renewed or (enough and not held):
-                    self._handed_out(grant, wanted)
+                    self._session.handed_out(grant, wanted)
                     return grant
             if self.state is State.FAILED:
                 raise NeedsAttention(self._failure_message())
             if (joined is None or joined.done) and self._resumed is None:
-                joined = self._join(Need.RENEW, "a token request")
-            changed = self._changed
+                joined = self._board.join(Need.RENEW, "a token request")
             left = deadline - loop.time()
-            try:
-                if left <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(left):
-                    await changed.wait()
-            except TimeoutError:
-                if held and grant is not None and grant is self._grant:
+            if left <= 0 or not await self._board.idle(left):
+                if held and grant is not None and grant is self._session.grant:
                     # Held for a renewal that has not answered within the wait: the token is
                     # still valid now, and a renewal this slow is likely failing. Better than
                     # no token at all; the script was told how long it may wait.
-                    self._handed_out(grant, 0.0)
+                    self._session.handed_out(grant, 0.0)
                     return grant
-                raise TokenUnavailable(self._unavailable_message(), self._retry_after()) from None
+                raise TokenUnavailable(self._unavailable_message(), self._retry_after())
 
     async def invalidate(self, access_token: str, wait: float = 10.0) -> Grant:
         """A script reports that Sugar refused `access_token`.
@@ -234,16 +223,16 @@ class Keeper:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        grant = self._grant
+        grant = self._session.grant
         reported = Secret(access_token)
         if (
             grant is not None
-            and grant.access_token == reported != self._dead_token
+            and grant.access_token == reported != self._session.dead_token
             and self.state is not State.FAILED
         ):
             # Logged by the report that starts the check: the others only join it.
-            starts_check = self._demand is None or self._demand.done
-            check = self._join(Need.CHECK, "a script's report")
+            starts_check = self._board.pending() is None
+            check = self._board.join(Need.CHECK, "a script's report")
             if starts_check:
                 log.info(
                     "%s: token %s reported as refused by Sugar; checking it",
@@ -252,7 +241,8 @@ class Keeper:
                 )
             await self._wait_for(lambda: check.done, deadline)
         elif grant is not None and grant.access_token == reported:
-            self._dead_token = reported  # `failed`: nothing to check with; never serve it again
+            # `failed`: nothing to check with; never serve it again
+            self._session.dead_token = reported
         return await self.token(wait=max(0.0, deadline - loop.time()))
 
     async def refresh_now(self, wait: float = 10.0, *, retry_rejected: bool = False) -> Grant:
@@ -261,19 +251,18 @@ class Keeper:
 
         After Sugar rejected a secret, the secrets are read again first, and the attempt is
         made only if the rejected one changed, or `retry_rejected` insists."""
-        if self._stopped:
-            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
+        self._raise_if_stopped()
         if self.rejection is not None:
             await self._recheck_rejected(retry_rejected)
-        demand = self._join(Need.RENEW, "sugarctl refresh", forced=True)
+        demand = self._board.join(Need.RENEW, "sugarctl refresh", forced=True)
         attempts = demand.attempts
         loop = asyncio.get_running_loop()
         await self._wait_for(lambda: demand.attempts > attempts, loop.time() + wait)
         if self.state is State.FAILED:
             raise NeedsAttention(self._failure_message())
-        if demand.failed or self._grant is None:
+        if demand.failed or self._session.grant is None:
             raise TokenUnavailable(self._unavailable_message(), self._retry_after())
-        return self._grant
+        return self._session.grant
 
     async def _recheck_rejected(self, insist: bool) -> None:
         rejection = self.rejection
@@ -308,7 +297,7 @@ class Keeper:
         fixed what Sugar refused (unlocked the user, registered the platform). Never with a
         secret Sugar rejected that has not changed since."""
         if self.state is State.FAILED and not self.refuses_rejected():
-            self._join(Need.RENEW, "a reload", forced=True)
+            self._board.join(Need.RENEW, "a reload", forced=True)
 
     # A session handed over a restart (sugard/handoff.py)
 
@@ -316,21 +305,17 @@ class Keeper:
         """The session to hand to the next sugard: the grant being served, if no renewal was
         cut short (a refresh Sugar may have answered would leave it dead) and its refresh
         token is still good."""
-        grant = self._grant
-        if grant is None or self.state is not State.READY or self._refresh_token is None:
-            return None
-        return None if grant.access_token == self._dead_token else grant
+        return self._session.kept(self.state is State.READY)
 
     def resume(self, grant: Grant, sugar_version: str | None) -> None:
         """Take back the session the sugard before this one handed over; before start().
         Nothing is served from it until one probe says Sugar still takes its token."""
         self._resumed = grant
-        self.sugar_version = sugar_version
+        self._session.sugar_version = sugar_version
 
     async def _check_resumed(self, grant: Grant) -> None:
         try:
-            if self.sugar_version is not None and self.config.old_token_grace == GRACE_AUTO:
-                self._observed_grace = timing.grace_for_version(self.sugar_version)
+            self._session.resume_version(self.config)
             expired = grant.expires_at <= self._clock()
             verdict = Probe.DEAD if expired else await self._calls.probe(grant.access_token)
             if verdict is Probe.DEAD:
@@ -340,14 +325,10 @@ class Keeper:
                     grant.access_token.fingerprint,
                 )
                 # Its refresh token may still work (an expired token): one refresh, no login.
-                self._grant, self._refresh_token, self._dead_token = (
-                    grant,
-                    grant.refresh_token,
-                    grant.access_token,
-                )
+                self._session.take_back_dead(grant)
                 if not expired:
                     self._evicted("probe")
-                self._join(Need.RENEW, "no usable token")
+                self._board.join(Need.RENEW, "no usable token")
                 return
             self._install(grant)
             self.last_refresh = grant.issued_at
@@ -359,11 +340,11 @@ class Keeper:
             )
         finally:
             self._resumed = None
-            self._notify()
+            self._board.notify()
 
     def status(self) -> Status:
         """A frozen snapshot of the instance now, for the API to render and metrics to read."""
-        grant = self._grant
+        grant = self._session.grant
         error = self.last_error
         return Status(
             name=self.name,
@@ -393,71 +374,46 @@ class Keeper:
         """A session another host renewed (the fleet's leader stored it): serve it, with no
         upstream call. Declined (False) while a renewal of our own is pending: that renewal
         gets it from the fleet instead, at once (a backoff is cut short)."""
-        demand = self._demand
-        if (
-            demand is not None
-            and not demand.done
-            and (demand.in_flight or demand.need is Need.RENEW)
-        ):
+        demand = self._board.pending()
+        if demand is not None and (demand.in_flight or demand.need is Need.RENEW):
             if not demand.in_flight:
                 demand.forced = True
-                self._notify()
+                self._board.notify()
             return False
         self._install(grant)
-        if demand is not None and not demand.done:
-            self._settle(demand, failed=False)  # a pending check: the token it was about is gone
-        self._notify()
+        if demand is not None:
+            self._board.settle(
+                demand, failed=False
+            )  # a pending check: the token it was about is gone
+        self._board.notify()
         return True
 
     def request_renewal(self, reason: str) -> None:
         """Renew once for a follower that asked (joins a renewal pending or in flight)."""
-        if not self._stopped:
-            self._join(Need.RENEW, reason)
+        if not self._board.closed:
+            self._board.join(Need.RENEW, reason)
 
     # Waiting on the supervisor
 
-    def _join(self, need: Need, reason: str, *, forced: bool = False) -> Demand:
-        """The demand that will bring what is needed: the one pending or in flight, or a new one."""
-        demand = self._demand
-        if demand is None or demand.done:
-            demand = self._demand = Demand(need, reason)
-        elif need is Need.RENEW and demand.need is Need.CHECK:
-            demand.need, demand.reason = Need.RENEW, reason
-        elif not (forced and not demand.in_flight and not demand.forced):
-            return demand  # nothing changed: a thousand joiners wake nobody
-        if forced and not demand.in_flight:
-            demand.forced = True  # an attempt already under way answers the person as it is
-        self._notify()
-        return demand
-
     async def _wait_for(self, condition: Callable[[], bool], deadline: float) -> None:
         """Wait until `condition()` holds or the loop's clock reaches `deadline`."""
-        loop = asyncio.get_running_loop()
-        while not condition():
-            if self._stopped:
-                raise InstanceStopped(f"instance {self.name!r} is no longer configured")
-            changed = self._changed
-            left = deadline - loop.time()
-            if left <= 0:
-                raise TokenUnavailable(self._unavailable_message(), self._retry_after())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(left):
-                    await changed.wait()
+        if not await self._board.wait_for(condition, deadline):
+            self._raise_if_stopped()
+            raise TokenUnavailable(self._unavailable_message(), self._retry_after())
 
-    def _notify(self) -> None:
-        """Something changed (demand, grant, state): wake everyone waiting, who re-check."""
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+    def _raise_if_stopped(self) -> None:
+        if self._board.closed:
+            raise InstanceStopped(f"instance {self.name!r} is no longer configured")
 
     # The supervisor
 
     async def _supervise(self) -> None:
         if self._resumed is not None:
             await self._check_resumed(self._resumed)
-        while not self._stopped:
+        while not self._board.closed:
             demand = self._next_demand()
             if demand is None:
-                await self._idle(self._seconds_to_next_action())
+                await self._board.idle(self._seconds_to_next_action())
             elif demand.need is Need.CHECK:
                 await self._check(demand)
             else:
@@ -465,22 +421,22 @@ class Keeper:
 
     def _next_demand(self) -> Demand | None:
         """The demand to act on now, making one when the schedule says so; None: nothing yet."""
-        demand = self._demand
+        demand = self._board.demand
         if self.state is State.FAILED:
             return demand if demand is not None and demand.forced else None
         if demand is not None and not demand.done:
             return demand
-        grant, now = self._grant, self._clock()
-        if grant is None or grant.access_token == self._dead_token:
-            return self._join(Need.RENEW, "no usable token")
+        grant, now = self._session.grant, self._clock()
+        if grant is None or not self._session.usable():
+            return self._board.join(Need.RENEW, "no usable token")
         if now >= self._renewal_time(grant):
-            return self._join(Need.RENEW, "the schedule")
+            return self._board.join(Need.RENEW, "the schedule")
         if self._probe_at is not None and now >= self._probe_at:
-            return self._join(Need.CHECK, "the probe interval")
+            return self._board.join(Need.CHECK, "the probe interval")
         return None
 
     def _seconds_to_next_action(self) -> float:
-        grant = self._grant
+        grant = self._session.grant
         if self.state is State.FAILED or grant is None:
             return self._max_sleep
         due = self._renewal_time(grant)
@@ -488,15 +444,9 @@ class Keeper:
             due = min(due, self._probe_at)
         return min(self._max_sleep, max(0.0, due - self._clock()))
 
-    async def _idle(self, seconds: float) -> None:
-        changed = self._changed
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await changed.wait()
-
     async def _check(self, demand: Demand) -> None:
         """Probe the current token; if Sugar refuses it, the demand becomes its renewal."""
-        grant = self._grant
+        grant = self._session.grant
         assert grant is not None
         demand.in_flight = True
         verdict = await self._calls.probe(grant.access_token)
@@ -513,11 +463,11 @@ class Keeper:
                     self.name,
                     grant.access_token.fingerprint,
                 )
-            self._settle(demand, failed=False)
+            self._board.settle(demand, failed=False)
             return
         if verdict is Probe.UNKNOWN and not reported:
             log.debug("%s: probe gave no verdict; trying again later", self.name)
-            self._settle(demand, failed=False)
+            self._board.settle(demand, failed=False)
             return
         # Refused (or, for a report, no verdict: the script did see a 401, so act on it).
         log.warning(
@@ -526,14 +476,14 @@ class Keeper:
             grant.access_token.fingerprint,
             "reported by a script" if reported else "evicted, found by the probe",
         )
-        self._dead_token = grant.access_token
+        self._session.dead_token = grant.access_token
         self._evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
-        self._notify()
+        self._board.notify()
         await self._renew(demand)
 
     async def _renew(self, demand: Demand) -> None:
-        self._observer.renewal(self.name, renewal_reason(demand, self._grant))
+        self._observer.renewal(self.name, renewal_reason(demand, self._session.grant))
         retrying = backoff.renewal_retries(
             wait=lambda state: backoff.delay(state, self.config.backoff_max, self._rng),
             sleep=lambda seconds: self._backoff_sleep(seconds, demand),
@@ -548,31 +498,29 @@ class Keeper:
             self.rejection = Rejection.of(exc, self.config) or self.rejection
             self._set_state(State.FAILED)
             log.error("%s: %s", self.name, exc.message)
-            demand.done = True
-            if self._demand is demand:
-                self._demand = None
-            self._notify()
+            self._board.drop(demand)
 
     async def _attempt(self, demand: Demand) -> None:
         demand.forced = False  # this attempt is the one a person asked for
         demand.in_flight = True
-        self._notify()  # requests that must not take the doomed token see it is in flight
-        old = self._grant
+        self._board.notify()  # requests that must not take the doomed token see it is in flight
+        old = self._session.grant
         try:
-            refresh_token = self._refresh_token
-            if refresh_token is not None and timing.refresh_usable(self._grant, self._clock()):
+            refresh_token = self._session.refresh_token
+            if refresh_token is not None and timing.refresh_usable(old, self._clock()):
                 grant = await self._refresh(refresh_token)
                 if grant is None:
                     grant = await self._login()
             else:
                 if refresh_token is not None:
-                    log.info("%s: %s; logging in with the password", self.name, self._why_login())
+                    why = self._session.why_login()
+                    log.info("%s: %s; logging in with the password", self.name, why)
                 grant = await self._login()
         except SugarError as exc:
             self.failures += 1
             self.last_error = LastError(self._clock(), exc.kind, exc.message)
             demand.in_flight = False
-            self._settle(demand, failed=True, done=False)
+            self._board.settle(demand, failed=True, done=False)
             raise
         logged_in = self.state is State.LOGGING_IN
         self._install(grant)
@@ -580,11 +528,11 @@ class Keeper:
             self.name, expires_at=grant.expires_at, error_kind=self._error_kind()
         )
         demand.in_flight = False
-        self._settle(demand, failed=False)
+        self._board.settle(demand, failed=False)
         if logged_in:
-            await self._learn_version(grant)
+            await self._session.learn_version(grant, self.config)
         elif old is not None:
-            await self._watch_old_token(old)
+            await self._session.watch_old_token(old, self.config)
 
     async def _refresh(self, refresh_token: Secret) -> Grant | None:
         """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
@@ -598,13 +546,13 @@ class Keeper:
             # exactly one password login gets the session back.
             self.last_error = LastError(self._clock(), exc.kind, exc.message)
             log.warning("%s: %s; logging in again", self.name, exc.message)
-            self._refresh_token = None
+            self._session.refresh_token = None
             self._evicted("refresh")
             return None
         except RefreshConsumed:
             # Maintenance or a license lock: Sugar deleted the refresh token before
             # refusing, so the next try must be a password login.
-            self._refresh_token = None
+            self._session.refresh_token = None
             raise
 
     async def _login(self) -> Grant:
@@ -621,28 +569,9 @@ class Keeper:
             log.info("%s: logging in as %s", self.name, self.config.username)
             return await self._calls.login()
 
-    def _why_login(self) -> str:
-        """Why a password login is needed although sugard holds a refresh token."""
-        grant = self._grant
-        ends = grant.refresh_expires_at if grant is not None else None
-        when = time.strftime("%H:%M:%S", time.localtime(ends)) if ends is not None else "?"
-        if self._session_ends_at is not None:
-            return f"session reached the site's max_session_lifetime at {when}"
-        return f"refresh token expired at {when}"
-
     def _install(self, grant: Grant) -> None:
-        old = self._grant
-        self._grant = grant
-        self._refresh_token = grant.refresh_token
-        self._dead_token = None
-        if self.state is State.LOGGING_IN:
-            self._session_ends_at = None
-            self._observed_grace = None  # a new session: learn the version again
-        elif timing.session_capped(old, grant):
-            # The refresh token inherited the old one's expiry: max_session_lifetime caps
-            # this session, and refreshing earlier would not keep it past that end.
-            self._session_ends_at = grant.refresh_expires_at
-        self.refresh_at = self._refresh_time(grant)
+        old = self._session.install(grant, logged_in=self.state is State.LOGGING_IN)
+        self.refresh_at = self._session.refresh_time(grant, self.config)
         self.last_refresh = self._clock()
         self.next_attempt_at = None
         self._probe_at = self._next_probe()
@@ -656,15 +585,6 @@ class Keeper:
             time.strftime("%H:%M:%S", time.localtime(self.refresh_at)),
         )
 
-    def _settle(self, demand: Demand, *, failed: bool, done: bool = True) -> None:
-        """An attempt (or a check) of `demand` has finished: tell its waiters."""
-        demand.attempts += 1
-        demand.failed = failed
-        demand.done = done
-        if done and self._demand is demand:
-            self._demand = None
-        self._notify()
-
     # What the observer hears (metrics, on_event)
 
     def _set_state(self, state: State) -> None:
@@ -672,7 +592,7 @@ class Keeper:
         if state is self.state:
             return
         self.state = state
-        grant = self._grant
+        grant = self._session.grant
         self._observer.state_changed(
             self.name,
             state.value,
@@ -681,7 +601,7 @@ class Keeper:
         )
 
     def _evicted(self, found_by: EvictionFoundBy) -> None:
-        grant = self._grant
+        grant = self._session.grant
         self._observer.evicted(
             self.name,
             found_by,
@@ -694,69 +614,21 @@ class Keeper:
 
     # Timing (the rules: sugard/renewal_timing.py)
 
-    def _refresh_time(self, grant: Grant) -> float:
-        capped = self._session_ends_at is not None
-        return timing.refresh_time(grant, self.config, capped=capped, draw=self._rng())
-
     def _renewal_time(self, grant: Grant) -> float:
-        grace, quiet = self._old_token_grace(), self._quiet_until
-        return timing.renewal_time(grant, self.refresh_at, grace=grace, quiet_until=quiet)
-
-    def _handed_out(self, grant: Grant, promised: float) -> None:
-        self._quiet_until = max(
-            self._quiet_until, timing.quiet_until(grant, self._clock(), promised)
-        )
+        return self._session.renewal_time(grant, self.config, self.refresh_at)
 
     def _next_probe(self) -> float | None:
         return timing.next_probe(self._clock(), self.config.probe_interval)
 
     def _doomed(self) -> bool:
         """The current token dies when the renewal now in flight answers (no grace)."""
-        demand = self._demand
+        demand = self._board.demand
         return (
             demand is not None
             and demand.in_flight
             and demand.need is Need.RENEW
-            and self._old_token_grace() <= 0
+            and self._session.old_token_grace(self.config) <= 0
         )
-
-    # What the server does to the old token on a refresh
-
-    def _old_token_grace(self) -> float:
-        return timing.old_token_grace(self.config, self._observed_grace)
-
-    async def _learn_version(self, grant: Grant) -> None:
-        """Once per session: read the server's version (a failure only leaves it unknown)."""
-        if self.config.old_token_grace != GRACE_AUTO:
-            return
-        version = await self._calls.server_version(grant.access_token)
-        self.sugar_version = version
-        if version is not None:
-            self._observed_grace = timing.grace_for_version(version)
-            log.info(
-                "%s: Sugar %s: a refresh %s",
-                self.name,
-                version,
-                "kills the old token at once"
-                if self._observed_grace == 0
-                else f"leaves the old token up to {self._observed_grace:.0f} s",
-            )
-
-    async def _watch_old_token(self, old: Grant) -> None:
-        """Version unknown: see whether the token a refresh replaced still works (one ping,
-        once per session). Either way, until then it behaves as if the token died."""
-        if self.config.old_token_grace != GRACE_AUTO or self._observed_grace is not None:
-            return
-        verdict = await self._calls.probe(old.access_token)
-        if verdict is not Probe.UNKNOWN:
-            self._observed_grace = timing.SESSION_CHECK_INTERVAL if verdict is Probe.ALIVE else 0.0
-            log.info(
-                "%s: the token a refresh replaced %s",
-                self.name,
-                "still works: Sugar keeps old tokens a while"
-                if verdict is Probe.ALIVE
-                else "died at once",
-            )
 
     # Backoff (the policy: sugard/backoff.py)
 
@@ -771,8 +643,10 @@ class Keeper:
         """Sleep until a wall-clock deadline, in steps of at most MAX_SLEEP (suspend-proof);
         a forced demand (`sugarctl refresh`) cuts it short."""
         deadline = self._clock() + seconds
-        while (left := deadline - self._clock()) > 0 and not demand.forced and not self._stopped:
-            await self._idle(min(left, self._max_sleep))
+        while (
+            (left := deadline - self._clock()) > 0 and not demand.forced and not self._board.closed
+        ):
+            await self._board.idle(min(left, self._max_sleep))
 
     # Words for humans
 

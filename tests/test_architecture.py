@@ -54,8 +54,10 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
             "config",
             "errors",
             "sugar",
+            "keeper_board",
             "keeper_model",
             "keeper_reports",
+            "keeper_session",
             "renewal_timing",
             "backoff",
         },
@@ -64,6 +66,14 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # The keeper's vocabulary (states, errors, the STATUS snapshot, the demand, the rejected-
     # secret rule): plain values, split from `keeper` so its class reads as the state machine.
     "keeper_model": (SHARED | {"config", "sugar"}, set()),
+    # Where the keeper's requests and its supervisor meet: the one demand and the condition.
+    "keeper_board": (SHARED | {"keeper_model"}, set()),
+    # The session a keeper holds (its grant, refresh and refused tokens, what it learned of
+    # the server), replaced only through its methods: split from `keeper`, which decides.
+    "keeper_session": (
+        SHARED | {"config", "keeper_reports", "renewal_timing", "sugar"},
+        set(),
+    ),
     # When the keeper renews, probes and serves: pure functions of a grant, the settings and
     # the clock (docs/lifecycle.md's rules), split from `keeper`, which holds the state.
     "renewal_timing": (SHARED | {"config", "sugar"}, set()),
