@@ -30,7 +30,7 @@ import requests
 from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
 from pysugarcrm import sugar_api
 from test_outbound_proxy import no_proxy_of_our_own, running_proxy  # noqa: F401 (autouse)
-from test_third_party_clients import pysugarcrm_workload
+from test_third_party_clients import pysugarcrm_workload, run_python
 from zucker import RequestsClient, model
 
 from sugard.testing import FakeSugar, running_fake
@@ -433,16 +433,7 @@ def test_the_documented_examples_run(
         (dotenv,) = doc_blocks(heading, "ini")
         assert DOC_SITE in dotenv
         (tmp_path / ".env").write_text(dotenv.replace(DOC_SITE, url))
-        run = subprocess.run(
-            [sys.executable, "-c", code],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert 0 == run.returncode, run.stderr
-        out = run.stdout
+        out = run_python(code, tmp_path)
     else:
         if "SUGARD_SOCKET" not in code:
             assert DOC_SITE in code

@@ -148,6 +148,16 @@ SCRIPT_25 = textwrap.dedent(
 )
 
 
+def run_python(code: str, cwd: Path) -> str:
+    """Run `code` in a fresh interpreter in `cwd` (sugarcrm-25-api reads `.env` from the working
+    directory) and return what it printed; it must exit 0."""
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+    assert 0 == run.returncode, run.stderr
+    return run.stdout
+
+
 def test_sugarcrm_25_api(fake: FakeSugar, tmp_path: Path) -> None:
     """sugarcrm-25-api: ping, modules, create, list (filter), get, count, upload, logout."""
     (tmp_path / ".env").write_text(
@@ -155,16 +165,7 @@ def test_sugarcrm_25_api(fake: FakeSugar, tmp_path: Path) -> None:
         f"SUGAR_USERNAME={USER}\nSUGAR_PASSWORD={PASSWORD}\n"
     )
     (tmp_path / "notes.txt").write_bytes(b"call notes\n")
-    run = subprocess.run(
-        [sys.executable, "-c", SCRIPT_25],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert 0 == run.returncode, run.stderr
-    out = json.loads(run.stdout)
+    out = json.loads(run_python(SCRIPT_25, tmp_path))
     assert {"ping": "pong", "user": USER} == out["ping"]
     assert ["Accounts"] == out["modules"]
     created = out["created"]
