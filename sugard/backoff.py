@@ -1,5 +1,5 @@
 """How long the keeper waits between failed renewals: the tenacity policy, apart from the
-keeper's state (it only sleeps and says when the next try is; see `Keeper._renew`).
+keeper's state (it only sleeps and says when the next try is; see `Supervisor._renew`).
 
 Transient failures (sugard/sugar.py's `TransientError`) are tried again forever, anything else
 ends the renewal; the wait is full-jitter exponential from 1 s to `backoff_max`, at least

@@ -1,8 +1,8 @@
 """The keeper's vocabulary: an instance's states, the errors and the snapshot STATUS shows, the
 one demand the supervisor owes, and the rejected-secret rule.
 
-Plain values with no behaviour of their own beyond what they say of themselves; the `Keeper`
-(sugard/keeper.py) owns the instances of them and is the one place that changes them.
+Plain values with no behaviour of their own beyond what they say of themselves; the keeper's
+supervisor (sugard/keeper_supervisor.py) is the one place that changes them.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Need(enum.Enum):
 class Demand:
     """What the supervisor must do next, and what those waiting on it can read of its course.
 
-    There is at most one (`Keeper._demand`). A CHECK that someone needs a renewal for becomes a
+    There is at most one (`Board.demand`). A CHECK that someone needs a renewal for becomes a
     RENEW; a renewal that fails for a passing reason stays the demand through the backoff.
     """
 

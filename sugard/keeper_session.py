@@ -2,7 +2,7 @@
 
 The grant being served, its refresh token (gone once burned or rejected), the token Sugar
 refused, a capped session's end, and how the server treats the old token on a refresh
-(learned once per session from its version, or by watching). The `Keeper` decides when each
+(learned once per session from its version, or by watching). The supervisor decides when each
 changes; this object keeps them consistent (a new grant clears the refused token, a login
 forgets what was learned) and answers the questions asked of them.
 """

@@ -1,8 +1,9 @@
 """When the keeper renews, probes and serves: pure functions of a grant, the settings and the
 clock, so each rule of docs/lifecycle.md reads (and is changed) in one place.
 
-The `Keeper` (sugard/keeper.py) holds the state these are computed from (the grant, the quiet
-moment, the grace learned this session) and calls them at every decision; nothing here keeps
+The keeper's supervisor (sugard/keeper_supervisor.py) and its session hold the state these are
+computed from (the grant, the quiet moment, the grace learned this session) and call them at
+every decision; nothing here keeps
 state or reads a clock of its own.
 """
 

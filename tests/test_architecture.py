@@ -48,6 +48,8 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
         SHARED | {"config", "client", "fleet", "sandbox", "sugar", "secrets", "tls", "outbound"},
         {"tomli_w"},
     ),
+    # What requests get (a token, a check of a reported one, a forced renewal): the keeper
+    # joins its supervisor's demand and waits; it never calls Sugar itself.
     "keeper": (
         SHARED
         | {
@@ -56,12 +58,34 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
             "sugar",
             "keeper_board",
             "keeper_model",
+            "keeper_progress",
+            "keeper_supervisor",
+            "renewal_timing",
+        },
+        set(),
+    ),
+    # The one task per instance that calls Sugar (renew, check, back off with tenacity):
+    # split from `keeper` so the state machine reads apart from what requests are answered.
+    "keeper_supervisor": (
+        SHARED
+        | {
+            "config",
+            "sugar",
+            "keeper_board",
+            "keeper_model",
+            "keeper_progress",
             "keeper_reports",
             "keeper_session",
             "renewal_timing",
             "backoff",
         },
         {"tenacity"},
+    ),
+    # What an instance has come to (state, counters, the last error) and the words for it
+    # (STATUS, a 503's message, what the observer hears): changed by the supervisor only.
+    "keeper_progress": (
+        SHARED | {"config", "errors", "keeper_model", "keeper_session", "sugar"},
+        set(),
     ),
     # The keeper's vocabulary (states, errors, the STATUS snapshot, the demand, the rejected-
     # secret rule): plain values, split from `keeper` so its class reads as the state machine.
