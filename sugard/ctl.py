@@ -7,8 +7,10 @@ sugard.ctl_help), so scripts can branch on it.
 Scripts run sugarctl once per call, so its start-up is most of its cost. It therefore parses
 its few arguments itself rather than with argparse (which imports `re`, about as costly here
 as starting the interpreter), and imports json and datetime only for the outputs that need
-them; help texts (sugard.ctl_help), the status table (sugard.ctl_status) and completion
-scripts (sugard.ctl_completion) only when asked for. See sugard.client for the transport.
+them; help texts (sugard.ctl_help), the status table (sugard.ctl_status), completion scripts
+(sugard.ctl_completion), the commands about the daemon itself (sugard.ctl_daemon) and the
+words for what went wrong (sugard.ctl_errors) only when asked for. See sugard.client for the
+transport.
 """
 
 from __future__ import annotations
@@ -17,15 +19,8 @@ import os
 import sys
 
 from . import __version__
-from .client import BadRequest, NeedsAttention, SugardClient, SugardError, TokenUnavailable
-from .wire import (
-    EXIT_ATTENTION,
-    EXIT_INTERRUPTED,
-    EXIT_UNAVAILABLE,
-    EXIT_UNEXPECTED,
-    MAX_MIN_TTL,
-    MAX_WAIT,
-)
+from .client import BadRequest, SugardClient, SugardError
+from .wire import EXIT_ATTENTION, EXIT_INTERRUPTED, EXIT_UNEXPECTED, MAX_MIN_TTL, MAX_WAIT
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
@@ -57,7 +52,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "SHELL": ("bash", "zsh", "fish"),
     "COMMAND": tuple(COMMANDS),
 }
-SHUTDOWN_WAIT = 30.0
 
 
 class _Usage(BadRequest):
@@ -200,13 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args, client)
     except SugardError as exc:
-        print(f"sugarctl: {_one_line(exc, args)}", file=sys.stderr)
-        if isinstance(exc, NeedsAttention):
-            # A refused reload: every problem on a line of its own, as `sugard check` prints
-            # them, so a long list stays readable and each line can be grepped.
-            for problem in exc.errors:
-                print(problem, file=sys.stderr)
-        return exc.exit_code
+        from .ctl_errors import report
+
+        return report(exc, args.command, args.options.get("--wait"))
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -216,23 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNEXPECTED
     finally:
         client.close()
-
-
-def _one_line(exc: SugardError, args: _Args) -> str:
-    message = exc.message
-    # `busy` says "try again in a moment" itself.
-    busy = exc.body.get("error") == "busy"
-    if isinstance(exc, TokenUnavailable) and not busy:
-        hints = []
-        wait = args.options.get("--wait")
-        if args.command in ("token", "header", "exec") and exc.body:
-            hints.append(f"waited --wait {wait} s" if wait else "waited 10 s, --wait's default")
-        if exc.retry_after:
-            hints.append(f"try again in {exc.retry_after:g} s")
-        message += f" ({'; '.join(hints)})" if hints else ""
-    if isinstance(exc, NeedsAttention) and exc.errors:
-        message += ":"  # the problems follow, one per line
-    return message
 
 
 def _run(args: _Args, client: SugardClient) -> int:
@@ -260,7 +233,9 @@ def _run(args: _Args, client: SugardClient) -> int:
         retry = "--retry-rejected" in args.options
         _print_token(client.refresh(name or "", retry_rejected=retry), "bare")
     elif command == "proxy-url":
-        _print_proxy_url(client.proxy_urls(name or ""), client.socket_path)
+        from .ctl_daemon import print_proxy_url
+
+        print_proxy_url(client.proxy_urls(name or ""), client.socket_path)
     elif command == "reload":
         diff = client.reload()
         print(_reload_summary(diff))
@@ -269,12 +244,13 @@ def _run(args: _Args, client: SugardClient) -> int:
             print(f"sugarctl: {message}", file=sys.stderr)
         return EXIT_ATTENTION if diff.get("needs_attention") else 0
     elif command == "shutdown":
-        wait = args.seconds("--wait")
-        _shutdown(client, SHUTDOWN_WAIT if wait is None else wait)
+        from .ctl_daemon import shutdown
+
+        shutdown(client, args.seconds("--wait"))
     elif command == "env":
-        client.health()  # the socket must answer: a line for a dead socket helps nobody
-        shell = args.options.get("--shell") or _login_shell()
-        print(_env_line(os.path.abspath(client.socket_path), shell))
+        from .ctl_daemon import env
+
+        env(client, args.options.get("--shell"))
     elif command == "ping":
         health = client.health()
         count = health.get("instances", 0)
@@ -289,23 +265,10 @@ def _token(client: SugardClient, args: _Args) -> dict[str, Any]:
     token, lifetime = client.token_answer(args.name or "", min_ttl, args.seconds("--wait"))
     left = token.get("expires_in")
     if min_ttl and isinstance(left, int | float) and left < min_ttl:
-        print(f"sugarctl: {_min_ttl_unmet(min_ttl, left, lifetime, args.name)}", file=sys.stderr)
+        from .ctl_errors import min_ttl_unmet
+
+        print(f"sugarctl: {min_ttl_unmet(min_ttl, left, lifetime, args.name)}", file=sys.stderr)
     return token
-
-
-def _min_ttl_unmet(min_ttl: float, left: float, lifetime: float | None, name: str | None) -> str:
-    said = f"--min-ttl {min_ttl:g} not met: this token of {name!r} is valid {left:g} s more"
-    if lifetime is None:
-        return said
-    if min_ttl > lifetime:
-        return (
-            f"--min-ttl {min_ttl:g} is more than a token of {name!r} can have: Sugar makes them "
-            f"last {lifetime:g} s; this one is valid {left:g} s more"
-        )
-    return (
-        f"{said} (Sugar makes its tokens last {lifetime:g} s; sugard renews them early for "
-        "--min-ttl up to 90% of that)"
-    )
 
 
 def _fingerprint(token: str) -> str:
@@ -314,56 +277,6 @@ def _fingerprint(token: str) -> str:
     import hashlib
 
     return hashlib.sha256(token.encode()).hexdigest()[:8]
-
-
-class _StillStopping(SugardError):
-    exit_code = EXIT_UNAVAILABLE
-
-
-def _shutdown(client: SugardClient, wait: float) -> None:
-    """Ask the daemon to stop, then wait until its socket is gone (it removes it last)."""
-    import time
-
-    answer = client.shutdown()
-    pid = answer.get("pid", "?")
-    client.close()  # an open connection of ours would hold up its graceful stop
-    path = client.socket_path
-    deadline = time.monotonic() + wait
-    while os.path.lexists(path):
-        if time.monotonic() >= deadline:
-            raise _StillStopping(
-                f"sugard (pid {pid}) is still stopping after --wait {wait:g} s: requests in "
-                "flight may take up to its [daemon].shutdown_grace; it goes by itself"
-            )
-        time.sleep(0.05)
-    print(f"sugard (pid {pid}) on {path} stopped")
-
-
-def _login_shell() -> str:
-    return "fish" if os.path.basename(os.environ.get("SHELL", "")) == "fish" else "sh"
-
-
-def _env_line(path: str, shell: str) -> str:
-    if shell == "fish":
-        return f"set -gx SUGARD_SOCKET {path if _plain(path) else _fish_quote(path)};"
-    return f"SUGARD_SOCKET={path if _plain(path) else _shell_quote(path)}; export SUGARD_SOCKET;"
-
-
-def _plain(word: str) -> bool:
-    """`word` means itself to every shell, unquoted."""
-    return bool(word) and all(c.isalnum() or c in "/._-+,:@%" for c in word)
-
-
-def _print_proxy_url(urls: dict[str, Any], socket_path: str) -> None:
-    if urls.get("listen_url"):
-        print(urls["listen_url"])
-        return
-    print(urls["socket_url"])
-    print(
-        f"sugarctl: over the Unix socket, like: curl --unix-socket {socket_path} "
-        f"{urls['socket_url']}/rest/v10/me",
-        file=sys.stderr,
-    )
 
 
 def _token_from_stdin() -> str:
@@ -417,16 +330,12 @@ def _print_token(token: dict[str, Any], fmt: str) -> None:
 
         print(json.dumps(token))
     else:
-        print("\n".join(f"export {k}={_shell_quote(v)}" for k, v in _token_env(token).items()))
+        print("\n".join(f"export {k}={shell_quote(v)}" for k, v in _token_env(token).items()))
 
 
-def _shell_quote(value: str) -> str:
+def shell_quote(value: str) -> str:
+    """`value` as one word to sh, bash and zsh (the env line of sugard.ctl_daemon too)."""
     return "'" + value.replace("'", "'\"'\"'") + "'"
-
-
-def _fish_quote(value: str) -> str:
-    # In fish's single quotes, backslash escapes a backslash or a quote.
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _reload_summary(diff: dict[str, Any]) -> str:

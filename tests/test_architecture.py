@@ -133,12 +133,28 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # The client's bytes on the socket (HTTP/1.1 and JSON from C modules): split from
     # `client` (the API and its error tree); loaded by `sugarctl token`, so stdlib only.
     "client_http": (set(), set()),
-    "ctl": ({"sugard", "client", "wire", "ctl_help", "ctl_status", "ctl_completion"}, set()),
-    # sugarctl's parts loaded only when asked for (help, the status table, completion), so
-    # that `sugarctl token` does not load them: stdlib and the client side only.
+    "ctl": (
+        {
+            "sugard",
+            "client",
+            "wire",
+            "ctl_help",
+            "ctl_status",
+            "ctl_completion",
+            "ctl_daemon",
+            "ctl_errors",
+        },
+        set(),
+    ),
+    # sugarctl's parts loaded only when asked for (help, the status table, completion, the
+    # commands about the daemon itself, the words for a failure), so that a `sugarctl token`
+    # that works does not load them: stdlib and the client side only. ctl_daemon shares
+    # ctl's shell quoting (the env line and `token --format env` quote alike).
     "ctl_help": ({"wire"}, set()),
     "ctl_status": ({"client", "wire"}, set()),
     "ctl_completion": ({"ctl", "ctl_help"}, set()),
+    "ctl_daemon": ({"client", "ctl", "wire"}, set()),
+    "ctl_errors": ({"client"}, set()),
     "auth": ({"client"}, set()),
     "testing": ({"testing"}, {"aiohttp"}),
     "observe": (set(), set()),
