@@ -28,11 +28,11 @@ from .config import (
     InstanceConfig,
     Problem,
     SecretRef,
-    effective_config,
     load_config,
     read_config,
     session_identity,
 )
+from .effective_config import effective_config
 from .sandbox import Sandbox, sandbox_warnings
 from .secrets import is_empty_inline
 from .tls import UnusableCaFile, tls_context

@@ -1,10 +1,12 @@
-"""The TOML config: parsed into frozen dataclasses, validated, secrets resolved, diffed.
+"""The TOML config: parsed into frozen dataclasses, validated, secrets resolved.
 
 Every problem is collected (not just the first) and named as `file: table.key: message`,
 so one `sugard check` run shows everything there is to fix. This module reads the
 document and its `[daemon]` table; the instances are parsed in `instance_config`, `[fleet]`
 in `fleet_config`, each value by a checker of `values`, and secrets come from `secrets`.
-What `sugard check` adds on top is in `check`.
+What `sugard check` adds on top is in `check`. The way out is split off, so that this module
+is only the way in: what a reload changes is `config_diff`, the config as `show-config`
+prints it is `effective_config`.
 """
 
 from __future__ import annotations
@@ -39,10 +41,8 @@ from .instance_config import (
 from .secret import Secret
 from .secrets import (
     SecretRef,
-    is_empty_inline,
     read_secret,
     readable_by_others,
-    resolve_path,
     secret_file_problem,
 )
 from .values import (
@@ -70,7 +70,6 @@ __all__ = [
     "INSTANCE_NAME",
     "INSTANCE_SCHEMA",
     "Config",
-    "ConfigDiff",
     "ConfigError",
     "DaemonConfig",
     "FleetConfig",
@@ -78,9 +77,7 @@ __all__ = [
     "Problem",
     "SecretRef",
     "decode_fleet_key",
-    "diff_configs",
     "distinct_platform",
-    "effective_config",
     "load_config",
     "parse_config",
     "read_config",
@@ -194,16 +191,8 @@ def read_config(
     config, problems = _parse(data, str(path))
     problems += _check_file_mode(path, config)
     if resolve:
-        env = os.environ if environ is None else environ
-        instances = dict(config.instances)
-        for name, instance in instances.items():
-            try:
-                instances[name] = resolve_instance_secrets(instance, config.path, env)
-            except ConfigError as exc:
-                problems += exc.problems
-        fleet, fleet_problems = _resolve_fleet(config, env)
-        problems += fleet_problems
-        config = replace(config, instances=instances, fleet=fleet)
+        config, secret_problems = _resolved(config, environ)
+        problems += secret_problems
     return config, list(dict.fromkeys(problems))
 
 
@@ -304,32 +293,32 @@ def _check_lease(
 
 def resolve_secrets(config: Config, environ: Mapping[str, str] | None = None) -> Config:
     """Read every secret from its source; raise ConfigError naming each one that fails."""
-    problems: list[Problem] = []
-    instances: dict[str, InstanceConfig] = {}
-    for name, instance in config.instances.items():
-        try:
-            instances[name] = resolve_instance_secrets(instance, config.path, environ)
-        except ConfigError as exc:
-            problems += exc.problems
-    fleet, fleet_problems = _resolve_fleet(config, os.environ if environ is None else environ)
-    problems += fleet_problems
+    config, problems = _resolved(config, environ)
     if problems:
         raise ConfigError(problems)
-    return replace(config, instances=instances, fleet=fleet)
+    return config
 
 
-def _resolve_fleet(
-    config: Config, env: Mapping[str, str]
-) -> tuple[FleetConfig | None, list[Problem]]:
+def _resolved(config: Config, environ: Mapping[str, str] | None) -> tuple[Config, list[Problem]]:
+    """`config` with every secret read from its source (one that fails is left unread), and
+    a problem for each that fails: `read_config` reports them, `resolve_secrets` raises."""
+    env = os.environ if environ is None else environ
     problems: list[Problem] = []
-    if config.fleet is None:
-        return None, problems
+    instances = dict(config.instances)
+    for name, instance in instances.items():
+        try:
+            instances[name] = resolve_instance_secrets(instance, config.path, env)
+        except ConfigError as exc:
+            problems += exc.problems
+    fleet = None
+    if config.fleet is not None:
 
-    def problem(key: str, message: str) -> None:
-        problems.append(Problem(config.path, key, message))
+        def problem(key: str, message: str) -> None:
+            problems.append(Problem(config.path, key, message))
 
-    base_dir = Path(config.path).parent
-    return resolve_fleet_secrets(config.fleet, base_dir, env, problem), problems
+        base_dir = Path(config.path).parent
+        fleet = resolve_fleet_secrets(config.fleet, base_dir, env, problem)
+    return replace(config, instances=instances, fleet=fleet), problems
 
 
 def resolve_instance_secrets(
@@ -353,65 +342,3 @@ def resolve_instance_secrets(
     if problems:
         raise ConfigError(problems)
     return replace(instance, **resolved)
-
-
-@dataclass(frozen=True)
-class ConfigDiff:
-    added: tuple[str, ...]
-    removed: tuple[str, ...]
-    changed: tuple[str, ...]
-    unchanged: tuple[str, ...]
-
-    def as_dict(self) -> dict[str, list[str]]:
-        return {
-            "added": list(self.added),
-            "removed": list(self.removed),
-            "changed": list(self.changed),
-            "unchanged": list(self.unchanged),
-        }
-
-
-def diff_configs(old: Config, new: Config) -> ConfigDiff:
-    """Which instances a reload adds, removes, changes or leaves alone."""
-    old_names, new_names = set(old.instances), set(new.instances)
-    both = sorted(old_names & new_names)
-    return ConfigDiff(
-        added=tuple(sorted(new_names - old_names)),
-        removed=tuple(sorted(old_names - new_names)),
-        changed=tuple(n for n in both if old.instances[n] != new.instances[n]),
-        unchanged=tuple(n for n in both if old.instances[n] == new.instances[n]),
-    )
-
-
-def effective_config(config: Config) -> dict[str, Any]:
-    """The config with defaults merged into each instance; every secret shown as `***` with
-    where it comes from. Ready for tomli-w or json."""
-    daemon = {
-        k: list(v) if isinstance(v, tuple) else v
-        for k, v in vars(config.daemon).items()
-        if v is not None and v != ()
-    }
-    base_dir = Path(config.path).parent
-    instances = {name: _shown(i, base_dir) for name, i in config.instances.items()}
-    shown: dict[str, Any] = {"daemon": daemon, "instances": instances}
-    if config.fleet is not None:
-        shown["fleet"] = _shown(config.fleet, base_dir)
-    return shown
-
-
-def _shown(item: InstanceConfig | FleetConfig, base_dir: Path) -> dict[str, Any]:
-    """One table of `effective_config`: secrets as `***` and where they come from."""
-    table: dict[str, Any] = {}
-    for f in fields(item):
-        value = getattr(item, f.name)
-        if f.name == "name" or value is None:
-            continue
-        if isinstance(value, SecretRef):
-            if value.kind == "file" and isinstance(value.ref, str):
-                # The path sugard reads, not the one written: relative ones confuse.
-                value = replace(value, ref=str(resolve_path(value.ref, base_dir)))
-            value = "(empty)" if is_empty_inline(value) else f"*** ({value.describe()})"
-        elif isinstance(value, tuple):
-            value = list(value)
-        table[f.name] = value
-    return table

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import Config, ConfigDiff, InstanceConfig
+from .config import Config, InstanceConfig
+from .config_diff import ConfigDiff
 from .keeper import Keeper
 from .outbound import route_lines
 

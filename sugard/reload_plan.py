@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from .config import Config, ConfigDiff, InstanceConfig, diff_configs
+from .config import Config, InstanceConfig
+from .config_diff import ConfigDiff, diff_configs
 from .keeper import Rejection
 
 __all__ = ["RESTART_ONLY", "ReloadPlan", "Running", "plan_reload"]

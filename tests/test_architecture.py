@@ -28,6 +28,10 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "secrets": (SHARED, set()),
     "instance_config": (SHARED | {"values", "secrets"}, set()),
     "fleet_config": (SHARED | {"values", "secrets"}, set()),
+    # What is made of a loaded config, split from `config` (which reads it in): the diff a
+    # reload acts on, and the config as show-config prints it, every secret hidden.
+    "config_diff": (SHARED | {"config"}, set()),
+    "effective_config": (SHARED | {"config", "secrets"}, set()),
     # The TLS context for a site, built once for the Sugar client and for check's ca_file test.
     "tls": (set(), set()),
     "text": (set(), set()),
@@ -43,9 +47,21 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "outbound": (SHARED | {"config"}, {"aiohttp", "yarl"}),
     "sandbox": (SHARED | {"config"}, set()),
     # check: its test login goes through the one Sugar boundary; the daemon, through client.
-    # show-config shows each instance's way out (outbound), in TOML (tomli_w).
+    # show-config shows each instance's way out (outbound) and its effective config, in TOML
+    # (tomli_w).
     "check": (
-        SHARED | {"config", "client", "fleet", "sandbox", "sugar", "secrets", "tls", "outbound"},
+        SHARED
+        | {
+            "config",
+            "client",
+            "effective_config",
+            "fleet",
+            "sandbox",
+            "sugar",
+            "secrets",
+            "tls",
+            "outbound",
+        },
         {"tomli_w"},
     ),
     # What requests get (a token, a check of a reported one, a forced renewal): the keeper
@@ -177,7 +193,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "sockets": (SHARED | {"errors", "systemd"}, set()),
     # What a reload does (add, remove, adopt, restart), decided as a pure function of the
     # configs and the running keepers: split from `daemon` so it is tested without one.
-    "reload_plan": (SHARED | {"config", "keeper"}, set()),
+    "reload_plan": (SHARED | {"config", "config_diff", "keeper"}, set()),
     # The proxy's TCP listeners, opened before a reload's swap and closed after it; and the
     # daemon's side of a restart that keeps the sessions. Both split from `daemon`.
     "listeners": (SHARED | {"config", "errors", "peer", "proxy"}, set()),
@@ -189,7 +205,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "metrics_site": (SHARED | {"api", "config", "errors"}, {"aiohttp"}),
     "fleet_seats": (SHARED | {"config", "fleet", "keeper", "sugar"}, {"aiohttp"}),
     "shutdown": (SHARED | {"config"}, {"aiohttp"}),
-    "daemon_report": (SHARED | {"config", "keeper", "outbound"}, set()),
+    "daemon_report": (SHARED | {"config", "config_diff", "keeper", "outbound"}, set()),
 }
 
 
