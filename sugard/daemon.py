@@ -15,10 +15,12 @@ Lifecycle, as systemd and scripts see it:
   sugard exits 1.
 
 Its parts live next door: `sockets` (the Unix socket's directory, lock, stale probe, bind,
-adoption), `reload_plan` (what a reload adds, removes, adopts, restarts), `listeners` (the
-proxy's TCP listeners), `kept_sessions` (the sessions a restart keeps), `metrics_site` (the
-TCP `/metrics`), `fleet_seats` (joining fleet mode), `shutdown` (the graceful stop) and
-`daemon_report` (what it says of its instances in the log and `STATUS=`).
+adoption), `reload_plan` (what a reload adds, removes, adopts, restarts), `reload_apply`
+(doing it: the new config read, its keepers built aside, the old ones stopped after the
+swap), `listeners` (the proxy's TCP listeners), `kept_sessions` (the sessions a restart
+keeps), `metrics_site` (the TCP `/metrics`), `fleet_seats` (joining fleet mode), `shutdown`
+(the graceful stop) and `daemon_report` (what it says of its instances in the log and
+`STATUS=`).
 """
 
 from __future__ import annotations
@@ -38,13 +40,10 @@ import aiohttp
 from aiohttp import web
 
 from .api import make_app
-from .config import Config, ConfigError, InstanceConfig, load_config, resolve_instance_secrets
+from .config import Config, InstanceConfig, resolve_instance_secrets
 from .daemon_report import (
     failed_status,
-    log_instances_changed,
     log_listening,
-    log_refusals,
-    log_reload,
     log_routes,
     reloaded_status,
     warn_if_unverified,
@@ -61,6 +60,7 @@ from .metrics_site import serve_metrics
 from .observe import Fanout
 from .peer import Peer, may_use
 from .proxy import KEY_FORWARDER, Forwarder, ProxyListener
+from .reload_apply import apply_daemon_settings, build_aside, read_config_again
 from .reload_plan import plan_reload
 from .serving import ApiRunner
 from .shutdown import drain, grace
@@ -253,34 +253,9 @@ class Daemon:
             return diff
 
     async def _reload(self) -> dict[str, Any]:
-        try:
-            new = await asyncio.to_thread(load_config, self.config.path, self._environ)
-        except ConfigError as exc:
-            for problem in exc.problems:
-                log.error("reload refused, old config kept: %s", problem)
-            raise ReloadFailed([str(p) for p in exc.problems]) from None
+        new = await read_config_again(self.config.path, self._environ)
         plan = plan_reload(self.config, new, self._keepers)
-        diff = plan.diff
-
-        # Build the new set of keepers aside; nothing live is touched until the swap, so a
-        # failure here leaves the old config running as it was.
-        keepers = dict(self._keepers)
-        retired = [keepers.pop(name) for name in plan.remove]
-        adopted = [keepers[name] for name in plan.adopt]
-        fresh: list[Keeper] = []
-        try:
-            for name in plan.restart:
-                retired.append(keepers[name])
-                keepers[name] = self._new_keeper(new.instances[name])
-                if name in plan.keep_rejection:
-                    keepers[name].rejection = self._keepers[name].rejection
-                fresh.append(keepers[name])
-            for name in plan.add:
-                keepers[name] = self._new_keeper(new.instances[name])
-                fresh.append(keepers[name])
-        except Exception as exc:  # whatever it is, the old config must survive it
-            log.exception("reload refused, old config kept: cannot set up the new instances")
-            raise ReloadFailed([f"cannot set up the new instances: {exc}"]) from None
+        staged = build_aside(plan, new, self._keepers, self._new_keeper)
         # New proxy addresses are bound before the swap too, so one in use fails the reload.
         assert self._forwarder is not None
         listeners = await open_listeners(
@@ -289,38 +264,14 @@ class Daemon:
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
-        routes_before = {name: k.upstream.route.describe() for name, k in self._keepers.items()}
-        for keeper in adopted:
-            keeper.adopt(new.instances[keeper.name])
-        log_instances_changed(diff, keepers, routes_before)
-        old, self.config, self._keepers = self.config, new, keepers
-        self.observer.forget(diff.removed)
-        self._apply_daemon_settings(old, new)
+        staged.adopt(new, self._keepers, plan.diff)
+        old, self.config, self._keepers = self.config, new, staged.keepers
+        self.observer.forget(plan.diff.removed)
+        apply_daemon_settings(old, new, log_level=self._apply_log_level)
         warn_restart_only(old, new, plan.restart_only)
         await self._close_listeners(listeners)
-        if self._forwarder is not None:
-            self._forwarder.prune(keepers)
-
-        # Retired keepers stop (their waiting requests get InstanceStopped) before any
-        # replacement starts: a refresh still in flight for a replaced instance is cancelled
-        # and awaited, so it can never land after, or on top of, the new session.
-        await asyncio.gather(*(keeper.stop() for keeper in retired))
-        for keeper in fresh:
-            if not self._stopping:
-                keeper.start()
-        for name in (*diff.unchanged, *(k.name for k in adopted)):
-            keepers[name].retry_if_failed()
-        refused = log_refusals(keepers)  # said to whoever reloaded: these stay failed, and why
-        log_reload(diff, len(adopted))
-        answer: dict[str, Any] = diff.as_dict()
-        if refused:
-            answer["needs_attention"] = refused
-        return answer
-
-    def _apply_daemon_settings(self, old: Config, new: Config) -> None:
-        if self._apply_log_level and old.daemon.log_level != new.daemon.log_level:
-            logging.getLogger().setLevel(new.daemon.log_level.upper())
-            log.info("log level is now %s", new.daemon.log_level)
+        self._forwarder.prune(self._keepers)
+        return await staged.settle(plan.diff, stopping=lambda: self._stopping)
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (shutdown_grace, or less after a

@@ -194,6 +194,13 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # What a reload does (add, remove, adopt, restart), decided as a pure function of the
     # configs and the running keepers: split from `daemon` so it is tested without one.
     "reload_plan": (SHARED | {"config", "config_diff", "keeper"}, set()),
+    # Carrying that plan out around the daemon's swap (the new config read off the loop, its
+    # keepers built aside, the retired stopped before the fresh start): split from `daemon`
+    # so its reload reads as its steps; the swap itself stays the daemon's.
+    "reload_apply": (
+        SHARED | {"config", "config_diff", "daemon_report", "errors", "keeper", "reload_plan"},
+        set(),
+    ),
     # The proxy's TCP listeners, opened before a reload's swap and closed after it; and the
     # daemon's side of a restart that keeps the sessions. Both split from `daemon`.
     "listeners": (SHARED | {"config", "errors", "peer", "proxy"}, set()),
