@@ -122,6 +122,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # The wait between failed renewals (tenacity's policy), split from `keeper` likewise.
     "backoff": (SHARED | {"renewal_timing", "sugar"}, {"tenacity"}),
     # fleet: its source (fleet/source.py) is the keeper's SugarClient, gated by the lease.
+    # A package whose rooms are each held to this row: errors, sealing, store, lease (the
+    # leader's deadline), member (one instance's seat), hub (the daemon's Fleet of seats, the
+    # pub/sub listener), source, online; FLEET_ROOMS below pins who imports whom inside it.
     "fleet": (SHARED | {"config", "sugar"}, {"redis", "cryptography", "aiohttp"}),
     # api: the /v1 routes (and the proxy's on the socket), thin over the keepers; serving
     # admits connections and knows each one's peer; peer is who connects and the policy.
@@ -216,6 +219,22 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
 }
 
 
+# Inside the fleet package, who may import whom at run time (imports only for types, under
+# `if TYPE_CHECKING:`, are not counted): each room sees only those below it, so the seat
+# (member) never loads the hub that runs it, and the lease and the errors stand alone.
+FLEET_ROOMS: dict[str, set[str]] = {
+    "errors": set(),
+    "sealing": {"errors"},
+    "store": {"errors", "sealing"},
+    "lease": set(),  # the leader's deadline rule, stdlib only
+    "member": {"errors", "lease", "sealing", "store"},  # one instance's seat
+    "hub": {"errors", "lease", "member", "sealing", "store"},  # the daemon's Fleet of seats
+    "source": {"errors", "member", "sealing", "store"},
+    "online": {"errors", "sealing", "store"},
+    "__init__": {"errors", "hub", "lease", "member", "online", "sealing", "store"},
+}
+
+
 def imports_of(path: Path) -> tuple[set[str], set[str]]:
     """(sugard modules, third-party top-level packages) that `path` imports, lazily or not."""
     ours: set[str] = set()
@@ -264,6 +283,39 @@ def test_each_module_imports_only_what_the_design_allows() -> None:
                     f"{path.name}: {sorted(ours - our_allowed)} {sorted(theirs - their_allowed)}"
                 )
     assert [] == broken
+
+
+def fleet_rooms_imported_by(path: Path) -> set[str]:
+    """The fleet rooms that `path` imports at run time (not under `if TYPE_CHECKING:`)."""
+    rooms: set[str] = set()
+    nodes: list[ast.AST] = [ast.parse(path.read_text())]
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            nodes.extend(node.orelse)
+            continue
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level == 1 and module:
+                rooms.add(module.split(".")[0])
+            elif module.startswith("sugard.fleet."):
+                rooms.add(module.split(".")[2])
+        nodes.extend(ast.iter_child_nodes(node))
+    return rooms
+
+
+def test_each_fleet_room_imports_only_the_rooms_below_it() -> None:
+    files = {path.stem: path for path in (PACKAGE / "fleet").glob("*.py")}
+    assert set(FLEET_ROOMS) == set(files)
+    broken = {
+        room: sorted(fleet_rooms_imported_by(files[room]) - allowed)
+        for room, allowed in FLEET_ROOMS.items()
+        if fleet_rooms_imported_by(files[room]) - allowed
+    }
+    assert {} == broken
+    # member names the hub for its types only: the checker passes it because it skips the
+    # TYPE_CHECKING block, not because it missed the import.
+    assert "from sugard.fleet.hub import Fleet" in files["member"].read_text()
 
 
 def test_the_checker_sees_a_forbidden_import(tmp_path: Path) -> None:

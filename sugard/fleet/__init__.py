@@ -2,7 +2,8 @@
 
 The pieces, each usable and tested on its own; the keeper wires them (see docs/fleet.md).
 `errors` holds the error tree, `sealing` the key, identity and record, `store` the Redis
-commands, `member` the lease, the members and the fleet, `online` the check:
+commands, `lease` the leader's deadline, `member` one instance's seat, `hub` the fleet of
+them, `online` the check:
 
 - `FleetKey`, `identity_of`: the shared key and the name an instance's session has in Redis
   (a keyed hash of url, username, platform and client_id: no username in plain text).
@@ -22,7 +23,9 @@ Errors (nothing here ever carries a token, a password or the key):
 """
 
 from sugard.fleet.errors import FleetError, StoreRefused, StoreUnreachable, WrongKey
-from sugard.fleet.member import Fleet, FleetMember, Lease
+from sugard.fleet.hub import Fleet
+from sugard.fleet.lease import Lease
+from sugard.fleet.member import FleetMember
 from sugard.fleet.online import check_fleet_online
 from sugard.fleet.sealing import FleetKey, SessionRecord, identity_of, seal, unseal
 from sugard.fleet.store import FleetStore, NotLeader, RenewalRequest, Stale, Written
