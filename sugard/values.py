@@ -158,14 +158,12 @@ def listen_address(v: Any) -> str:
     """A loopback "HOST:PORT" for the proxy: other addresses would serve the token beyond
     this machine's users, whom only loopback lets sugard tell apart."""
     s = nonempty(v).strip()
-    host, _, port = s.rpartition(":")
-    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f'must be HOST:PORT, like "127.0.0.1:8401", not {s!r}')
+    host, _ = split_host_port(s)
     try:
-        loopback = ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+        loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
-        loopback = False
-    if not loopback or (":" in host and not host.startswith("[")):
+        loopback = False  # a name, or every address ("":PORT): not provably this machine
+    if not loopback:
         raise ValueError(
             f"must be a loopback address (127.0.0.0/8, or [::1]) and a port, like "
             f'"127.0.0.1:8401", not {s!r}: sugard serves only peers on this machine'

@@ -14,7 +14,7 @@ The rooms, each with its own job:
 
 from sugard.proxy.answers import PLACEHOLDER_REFRESH, ProxyRegistry, sugar_error
 from sugard.proxy.forward import REPLAY_LIMIT, Forwarder, new_upstream_pool
-from sugard.proxy.listener import ProxyListener, split_listen
+from sugard.proxy.listener import ProxyListener
 from sugard.proxy.routes import KEY_FORWARDER, PROXY_ROUTE, add_routes
 
 __all__ = [
@@ -27,6 +27,5 @@ __all__ = [
     "ProxyRegistry",
     "add_routes",
     "new_upstream_pool",
-    "split_listen",
     "sugar_error",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sugard.config import split_host_port
 from sugard.proxy.answers import refused, sugar_error
 from sugard.proxy.forward import Forwarder
 
@@ -52,7 +53,7 @@ class ProxyListener:
 
     async def start(self) -> None:
         """Bind and serve; raises OSError (address in use, not local) with nothing left open."""
-        host, port = split_listen(self.address)
+        host, port = split_host_port(self.address)  # checked by the config
         app = web.Application(middlewares=[self._admit])
         app.router.add_route("*", "/rest/{path:.*}", self._proxied)
         app.router.add_route("*", "/{tail:.*}", _not_found)
@@ -69,7 +70,7 @@ class ProxyListener:
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host.strip("[]"), port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -136,9 +137,3 @@ def _browser_request(request: web.Request, hosts: frozenset[str]) -> str | None:
     if host not in hosts:
         return f"Host {host[:100]!r}: only the listener's own address is served"
     return None
-
-
-def split_listen(address: str) -> tuple[str, int]:
-    """("127.0.0.1", 8401) from "127.0.0.1:8401", ("[::1]", 8401) from "[::1]:8401"."""
-    host, _, port = address.rpartition(":")
-    return host, int(port)
