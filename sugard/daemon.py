@@ -18,7 +18,8 @@ Its parts live next door: `sockets` (the Unix socket's directory, lock, stale pr
 adoption), `reload_plan` (what a reload adds, removes, adopts, restarts), `reload_apply`
 (doing it: the new config read, its keepers built aside, the old ones stopped after the
 swap), `listeners` (the proxy's TCP listeners), `kept_sessions` (the sessions a restart
-keeps), `metrics_site` (the TCP `/metrics`), `fleet_seats` (joining fleet mode), `shutdown`
+keeps), `kept_rejections` (a rejected secret, kept the same way, so the next sugard does not
+send it), `metrics_site` (the TCP `/metrics`), `fleet_seats` (joining fleet mode), `shutdown`
 (the graceful stop) and `daemon_report` (what it says of its instances in the log and
 `STATUS=`).
 """
@@ -53,6 +54,7 @@ from .errors import ReloadFailed, SocketError
 from .events import EventHooks
 from .fleet_seats import join_fleet, upstream
 from .keeper import MAX_SLEEP, Keeper
+from .kept_rejections import RejectionStore
 from .kept_sessions import hand_over_sessions, take_sessions
 from .listeners import close_listeners, open_listeners
 from .metrics import Metrics
@@ -130,6 +132,7 @@ class Daemon:
         self._metrics_runner: web.AppRunner | None = None
         # What the fd store passed back (name -> fd); see kept_sessions.take_sessions.
         self._stored = dict(stored or {})
+        self._rejections = RejectionStore(self._notifier)  # kept across a restart (systemd)
         self._fleet: Fleet | None = None  # with [fleet]: the instances' seats in the fleet
 
     def _on_event(self, name: str) -> tuple[str, ...] | None:
@@ -183,10 +186,12 @@ class Daemon:
     def _start_keepers(self) -> None:
         """A keeper per instance, resuming the session a restart kept for it, if any."""
         stored, self._stored = self._stored, {}
+        rejected = self._rejections.take(stored, self.config.instances)
         resumed = take_sessions(self._notifier, self.config, stored)
         for instance in self.config.instances.values():
             warn_if_unverified(instance)
             keeper = self._keepers[instance.name] = self._new_keeper(instance)
+            keeper.rejection = rejected.get(instance.name)
             if (kept := resumed.get(instance.name)) is not None:
                 keeper.resume(kept.grant, kept.sugar_version)
             keeper.start()
@@ -232,6 +237,7 @@ class Daemon:
             reread=self._reread_secrets,
             observer=self.observer,
             fleet=seat,
+            on_rejection=lambda rejection: self._rejections.keep(instance.name, rejection),
         )
 
     def _reread_secrets(self, instance: InstanceConfig) -> InstanceConfig:
@@ -267,6 +273,9 @@ class Daemon:
         staged.adopt(new, self._keepers, plan.diff)
         old, self.config, self._keepers = self.config, new, staged.keepers
         self.observer.forget(plan.diff.removed)
+        for name in (*plan.remove, *plan.restart):  # the old keepers' rejections go with them
+            keeper = self._keepers.get(name)
+            self._rejections.keep(name, keeper.rejection if keeper is not None else None)
         apply_daemon_settings(old, new, log_level=self._apply_log_level)
         warn_restart_only(old, new, plan.restart_only)
         await self._close_listeners(listeners)

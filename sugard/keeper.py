@@ -79,6 +79,7 @@ class Keeper:
         reread: Callable[[InstanceConfig], InstanceConfig] | None = None,
         observer: Observer | None = None,
         fleet: FleetSeat | None = None,
+        on_rejection: Callable[[Rejection | None], None] | None = None,
     ) -> None:
         self.upstream = upstream
         self.fleet = fleet
@@ -96,6 +97,7 @@ class Keeper:
             clock=clock,
             rng=rng,
             max_sleep=max_sleep,
+            on_rejection=on_rejection,  # told of each change of `rejection`
         )
         self._progress = self._supervisor.progress  # what requests are told comes from it
         self._task: asyncio.Task[None] | None = None

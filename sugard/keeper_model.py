@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .config import InstanceConfig
 from .sugar import ClientRejected, CredentialsRejected, SugarError
@@ -98,13 +98,20 @@ class Rejection:
     field: str  # which InstanceConfig field was refused: "password" or "client_secret"
     sent: tuple[object, ...]  # the site, the account or client, and the secret refused
 
+    FIELDS: ClassVar[tuple[str, ...]] = ("password", "client_secret")
+
     @classmethod
     def of(cls, exc: SugarError, config: InstanceConfig) -> Rejection | None:
         if isinstance(exc, CredentialsRejected):
-            return cls("password", _sent("password", config))
+            return cls.would_send("password", config)
         if isinstance(exc, ClientRejected):
-            return cls("client_secret", _sent("client_secret", config))
+            return cls.would_send("client_secret", config)
         return None
+
+    @classmethod
+    def would_send(cls, field: str, config: InstanceConfig) -> Rejection:
+        """The rejection of `field` as `config` would send it now."""
+        return cls(field, _sent(field, config))
 
     def applies_to(self, config: InstanceConfig) -> bool:
         """Whether `config` would send the very secret that was rejected."""

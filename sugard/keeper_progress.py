@@ -25,14 +25,20 @@ class Progress:
     """One instance's progress, changed only by its supervisor (and a reload's rejection)."""
 
     def __init__(
-        self, name: str, session: HeldSession, observer: Observer, clock: Callable[[], float]
+        self,
+        name: str,
+        session: HeldSession,
+        observer: Observer,
+        clock: Callable[[], float],
+        on_rejection: Callable[[Rejection | None], None] | None = None,
     ) -> None:
         self.name = name
         self._session = session  # for the expiry the observer and STATUS are told
         self._observer = observer  # metrics and on_event hear of what happens
         self._clock = clock
         self.state = State.STARTING
-        self.rejection: Rejection | None = None  # a secret Sugar refused: never sent again
+        self._rejection: Rejection | None = None  # a secret Sugar refused: never sent again
+        self._on_rejection = on_rejection  # told of each change (kept across a restart)
         self.logins = 0
         self.refreshes = 0
         self.failures = 0
@@ -40,6 +46,18 @@ class Progress:
         self.last_error: LastError | None = None
         self.refresh_at: float | None = None
         self.next_attempt_at: float | None = None
+
+    @property
+    def rejection(self) -> Rejection | None:
+        return self._rejection
+
+    @rejection.setter
+    def rejection(self, rejection: Rejection | None) -> None:
+        if rejection == self._rejection:
+            return
+        self._rejection = rejection
+        if self._on_rejection is not None:
+            self._on_rejection(rejection)
 
     def set_state(self, state: State) -> None:
         """Every change of state goes through here, so `failed` and `recovered` are told."""

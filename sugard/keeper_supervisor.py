@@ -72,6 +72,7 @@ class Supervisor:
         clock: Callable[[], float],
         rng: Callable[[], float],
         max_sleep: float,
+        on_rejection: Callable[[Rejection | None], None] | None = None,
     ) -> None:
         self.config = config  # replaced by the keeper when settings change (adopt, a re-read)
         self.upstream = upstream
@@ -86,7 +87,7 @@ class Supervisor:
         self._max_sleep = max_sleep
 
         # What came of it all (state, counters, times, the last error): sugard/keeper_progress.py
-        self.progress = Progress(config.name, self.session, observer, clock)
+        self.progress = Progress(config.name, self.session, observer, clock, on_rejection)
         self.resumed: Grant | None = None  # a session kept across a restart, not yet checked
         self._probe_at: float | None = None
 

@@ -208,6 +208,9 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     # daemon's side of a restart that keeps the sessions. Both split from `daemon`.
     "listeners": (SHARED | {"config", "errors", "peer", "proxy"}, set()),
     "kept_sessions": (SHARED | {"config", "handoff", "keeper", "systemd"}, set()),
+    # A rejected secret kept in the fd store the moment it is rejected (a crash gives no
+    # later chance), so the next sugard does not send it: split from `daemon` like the above.
+    "kept_rejections": (SHARED | {"config", "keeper", "systemd"}, set()),
     # More of the daemon's parts, split from `daemon` so its start, reload and stop read as
     # their steps: the TCP `/metrics` site (the api's handler); joining fleet mode (which
     # imports sugard.fleet, and so redis and cryptography, only when [fleet] is on); the

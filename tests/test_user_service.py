@@ -448,6 +448,54 @@ def test_a_restart_keeps_the_session(installed: UserSession, sugar: FakeSugar) -
     assert "prod: its login settings changed since the session was kept; logging in" in lines
 
 
+def test_a_rejected_password_stays_rejected_across_a_crash_and_a_restart(
+    installed: UserSession, sugar: FakeSugar
+) -> None:
+    """Sugar rejects the password: the sugard that systemd starts after `kill -9`
+    (Restart=on-failure), and the one after `systemctl --user restart`, do not send it again
+    (the rejection was in the fd store from the moment it was made); once Sugar takes the
+    password again, `sugarctl refresh --retry-rejected` sends it once, and the store is empty."""
+    user = installed
+    user.ok("sugarctl reload")  # the password the daemon holds is the file's (tests before)
+    token(user)
+    sugar.set_password(USER, "changed-at-sugar-only")
+    try:
+        sugar.evict(USER, "sugard")  # so the next renewal must log in with the password
+        failed = user.run("sugarctl refresh prod")
+        assert 6 == failed.returncode, failed.stderr
+        logins = sugar.calls["password"]
+        poll("the rejection in the fd store", lambda: "1" == user.unit("NFileDescriptorStore"))
+
+        # The tests before restarted sugard often: a crash now would meet the start rate
+        # limit (StartLimitBurst=5 in 10 s) and no restart at all, which tests nothing here.
+        user.ok("systemctl --user reset-failed sugard")
+        killed = user.unit("MainPID")
+        user.ok(f"kill -9 {killed}")
+        poll(
+            "sugard restarted after kill -9",
+            lambda: (
+                user.unit("MainPID") not in ("0", killed) and user.unit("ActiveState") == "active"
+            ),
+        )
+        for restarted_by in ("kill -9", "systemctl --user restart sugard"):
+            if restarted_by != "kill -9":
+                user.ok(restarted_by)
+            refused = user.run("sugarctl token prod --wait 5")
+            assert 6 == refused.returncode, (restarted_by, refused.stdout, refused.stderr)
+            assert "has not changed since" in refused.stderr, restarted_by
+            assert logins == sugar.calls["password"], restarted_by
+    finally:
+        sugar.set_password(USER, PASSWORD)
+    fixed = user.run("sugarctl refresh prod --retry-rejected")
+    assert 0 == fixed.returncode, fixed.stderr
+    assert sugar.valid(fixed.stdout.strip())
+    assert logins + 1 == sugar.calls["password"]
+    poll("the rejection gone from the fd store", lambda: "0" == user.unit("NFileDescriptorStore"))
+    lines = user.ok("journalctl --user -u sugard --no-pager -o cat")
+    assert "prod: Sugar rejected its password before the restart" in lines
+    assert "changed-at-sugar-only" not in lines
+
+
 def test_journal_shows_the_service_and_no_secret(installed: UserSession, sugar: FakeSugar) -> None:
     """`journalctl --user -u sugard`, as the user, shows sugard's own lines (with the refused
     reload) and, in every field of every entry of the user's journal, no password or token."""
