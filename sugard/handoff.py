@@ -11,6 +11,9 @@ A session is for the login settings it was made with: a hash of them (url, usern
 platform, client and TLS settings, and the password) goes with it, keyed with a random salt of
 its own so that the memfd never holds the password, not even as a plain hash. A session whose
 settings changed meanwhile is dropped, and that instance logs in as at any start.
+
+`put` and `stored_records` (one record in, each record back out) are shared with
+`kept_rejections`, which keeps a rejected secret's record in the same store.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +33,7 @@ from .keeper import Grant
 from .secret import Secret
 from .systemd import Notifier, read_memfd, sealed_memfd
 
-__all__ = ["FORMAT", "Session", "give", "identity", "take"]
+__all__ = ["FORMAT", "Session", "give", "identity", "put", "stored_records", "take"]
 
 log = logging.getLogger("sugard.handoff")
 
@@ -103,13 +106,15 @@ def load(config: InstanceConfig, data: bytes) -> Session | None:
         raise ValueError(f"not a session sugard wrote ({what})") from None
 
 
-def take(
-    notifier: Notifier, stored: Mapping[str, int], configs: Mapping[str, InstanceConfig]
-) -> dict[str, Session]:
-    """The sessions the fd store passed back, by instance; each fd is closed and its entry
-    removed from the store (while this sugard runs, the store holds nothing it could later
-    be handed by mistake: a crash leaves no stale session behind)."""
-    sessions: dict[str, Session] = {}
+def stored_records(
+    notifier: Notifier,
+    stored: Mapping[str, int],
+    prefix: str,
+    configs: Mapping[str, InstanceConfig],
+) -> Iterator[tuple[str, InstanceConfig, bytes]]:
+    """(instance name, its config, the memfd's content) for each record the fd store passed
+    back under `prefix` for an instance of `configs`. Every fd is closed and its entry
+    removed from the store; what is not such a record is logged and dropped."""
     for key, fd in stored.items():
         notifier.remove_fd(key)
         try:
@@ -119,11 +124,35 @@ def take(
             continue
         finally:
             os.close(fd)
-        name = key.removeprefix(PREFIX)
+        name = key.removeprefix(prefix)
         config = configs.get(name)
-        if not key.startswith(PREFIX) or config is None:
+        if not key.startswith(prefix) or config is None:
             log.info("fd store: dropping %s: no such instance in the config now", key)
             continue
+        yield name, config, data
+
+
+def put(notifier: Notifier, key: str, memfd_name: str, data: bytes | None) -> bool:
+    """Replace what the fd store holds as `key` by a sealed memfd of `data` (None: by
+    nothing); whether the manager was sent it."""
+    notifier.remove_fd(key)  # the store keeps every fd sent under a name
+    if data is None:
+        return False
+    fd = sealed_memfd(memfd_name, data)
+    try:
+        return notifier.store_fd(key, fd)
+    finally:
+        os.close(fd)  # the manager holds its own copy
+
+
+def take(
+    notifier: Notifier, stored: Mapping[str, int], configs: Mapping[str, InstanceConfig]
+) -> dict[str, Session]:
+    """The sessions the fd store passed back, by instance; each fd is closed and its entry
+    removed from the store (while this sugard runs, the store holds nothing it could later
+    be handed by mistake: a crash leaves no stale session behind)."""
+    sessions: dict[str, Session] = {}
+    for name, config, data in stored_records(notifier, stored, PREFIX, configs):
         try:
             session = load(config, data)
         except ValueError as exc:
@@ -141,15 +170,8 @@ def give(notifier: Notifier, sessions: Mapping[str, tuple[InstanceConfig, Sessio
     name); how many were stored. Waits, within limits, until the manager has them."""
     stored = 0
     for name, (config, session) in sessions.items():
-        key = PREFIX + name
-        notifier.remove_fd(key)  # the store keeps every fd sent under a name
-        if session is None:
-            continue
-        fd = sealed_memfd(f"sugard-{name}", dump(config, session))
-        try:
-            stored += notifier.store_fd(key, fd)
-        finally:
-            os.close(fd)  # the manager holds its own copy
+        data = None if session is None else dump(config, session)
+        stored += put(notifier, PREFIX + name, f"sugard-{name}", data)
     if sessions:
         notifier.barrier()
     return stored

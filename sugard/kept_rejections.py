@@ -20,14 +20,14 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import secrets
 from collections.abc import Mapping, MutableMapping
 
 from .config import InstanceConfig
+from .handoff import put, stored_records
 from .keeper import Rejection
 from .secret import Secret
-from .systemd import Notifier, read_memfd, sealed_memfd
+from .systemd import Notifier
 
 __all__ = ["PREFIX", "RejectionStore", "dump", "load"]
 
@@ -79,23 +79,11 @@ class RejectionStore:
         self, stored: MutableMapping[str, int], configs: Mapping[str, InstanceConfig]
     ) -> dict[str, Rejection]:
         """The rejections the fd store passed back that still apply, by instance. Their fds
-        are taken out of `stored` and closed; what no longer applies leaves the store (what
-        does is stored again by the keeper it is handed to)."""
+        are taken out of `stored` and closed, and they leave the store (one that applies is
+        stored again by the keeper it is handed to)."""
+        ours = {key: stored.pop(key) for key in [key for key in stored if key.startswith(PREFIX)]}
         rejections: dict[str, Rejection] = {}
-        for key in [key for key in stored if key.startswith(PREFIX)]:
-            fd = stored.pop(key)
-            name = key.removeprefix(PREFIX)
-            try:
-                data = read_memfd(fd)
-            except ValueError as exc:
-                log.warning("fd store: dropping %s: %s", key, exc)
-                continue
-            finally:
-                os.close(fd)
-            self._notifier.remove_fd(key)
-            config = configs.get(name)
-            if config is None:
-                continue  # no such instance now
+        for name, config, data in stored_records(self._notifier, ours, PREFIX, configs):
             try:
                 rejection = load(config, data)
             except ValueError as exc:
@@ -117,16 +105,8 @@ class RejectionStore:
         """Store `rejection` as the instance's (None: it has none now)."""
         if not self._notifier.enabled:
             return
-        key = PREFIX + name
-        self._notifier.remove_fd(key)  # the store keeps every fd sent under a name
-        if rejection is None:
-            return
+        data = None if rejection is None else dump(rejection)
         try:
-            fd = sealed_memfd(f"sugard-rejected-{name}", dump(rejection))
+            put(self._notifier, PREFIX + name, f"sugard-rejected-{name}", data)
         except OSError as exc:  # no memfd (a seccomp filter, no memory)
             log.warning("%s: cannot keep the rejection across a restart: %s", name, exc)
-            return
-        try:
-            self._notifier.store_fd(key, fd)
-        finally:
-            os.close(fd)  # the manager holds its own copy

@@ -210,7 +210,7 @@ ALLOWED: dict[str, tuple[set[str], set[str]]] = {
     "kept_sessions": (SHARED | {"config", "handoff", "keeper", "systemd"}, set()),
     # A rejected secret kept in the fd store the moment it is rejected (a crash gives no
     # later chance), so the next sugard does not send it: split from `daemon` like the above.
-    "kept_rejections": (SHARED | {"config", "keeper", "systemd"}, set()),
+    "kept_rejections": (SHARED | {"config", "handoff", "keeper", "systemd"}, set()),
     # More of the daemon's parts, split from `daemon` so its start, reload and stop read as
     # their steps: the TCP `/metrics` site (the api's handler); joining fleet mode (which
     # imports sugard.fleet, and so redis and cryptography, only when [fleet] is on); the
