@@ -59,10 +59,10 @@ class CountedCalls:
         return verdict
 
     async def server_version(self, access_token: Secret) -> str | None:
-        version = await self.upstream.server_version(access_token)
-        # No version is no usable answer: server_version() says no more than that.
-        self.observer.upstream_call(self.name, "serverinfo", "ok" if version else "transient")
-        return version
+        info = await self.upstream.server_info(access_token)
+        # Counted as a ping is: a 401 is Sugar refusing the token, whatever the body.
+        self.observer.upstream_call(self.name, "serverinfo", PROBE_OUTCOMES[info.verdict])
+        return info.version
 
     async def _grant(self, grant: UpstreamGrant, call: Awaitable[Grant]) -> Grant:
         """A password or refresh grant, counted by how Sugar answered it."""

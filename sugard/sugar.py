@@ -77,6 +77,7 @@ __all__ = [
     "RefreshRejected",
     "RejectedError",
     "ServerError",
+    "ServerInfo",
     "SugarClient",
     "SugarError",
     "Timeout",
@@ -120,6 +121,20 @@ class Probe(enum.Enum):
     ALIVE = "alive"
     DEAD = "dead"  # Sugar answered 401: evicted, rotated away, logged out or expired
     UNKNOWN = "unknown"  # no verdict: network trouble, a proxy's page, maintenance
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What `GET /ServerInfo` told: the version (None: none or no answer), and the token's fate."""
+
+    version: str | None
+    verdict: Probe
+
+
+def _verdict(status: int | None) -> Probe:
+    if status == 200:
+        return Probe.ALIVE
+    return Probe.DEAD if status == 401 else Probe.UNKNOWN
 
 
 def new_http_session() -> aiohttp.ClientSession:
@@ -202,16 +217,16 @@ class SugarClient:
         """`GET /rest/v10/ping` with the token: does Sugar still take it? Any 401 means no
         (evicted, rotated, logged out); anything but 200 or 401 is no verdict."""
         status, _ = await self._authenticated_get(PING_PATH, access_token)
-        if status == 200:
-            return Probe.ALIVE
-        return Probe.DEAD if status == 401 else Probe.UNKNOWN
+        return _verdict(status)
 
-    async def server_version(self, access_token: Secret) -> str | None:
+    async def server_info(self, access_token: Secret) -> ServerInfo:
         """The `version` that Sugar's ServerInfo publishes ("13.3.0"), or None if it did not
         answer one: the caller treats an unknown version as the newest (docs/sugarcrm.md)."""
         status, data = await self._authenticated_get(SERVER_INFO_PATH, access_token)
         version = data.get("version") if status == 200 and data is not None else None
-        return version if isinstance(version, str) and VERSION_TEXT.match(version) else None
+        if not (isinstance(version, str) and VERSION_TEXT.match(version)):
+            version = None
+        return ServerInfo(version, _verdict(status))
 
     async def logout(self, grant: Grant) -> None:
         """End the session of `grant` upstream (only `sugard check --login`'s own test login);
