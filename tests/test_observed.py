@@ -14,7 +14,11 @@ from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_co
 from test_events import lines, recorder
 from test_metrics import curl, samples, scrape, value, wait_for, with_name
 
-from sugard.testing import FakeSugar
+from sugard.config import parse_config
+from sugard.keeper_reports import CountedCalls
+from sugard.observe import Observer, UpstreamGrant, UpstreamOutcome
+from sugard.sugar import SugarClient, new_http_session
+from sugard.testing import FakeSugar, running_fake
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> str:
@@ -145,9 +149,11 @@ def test_a_slow_hook_holds_up_nothing_and_events_coalesce(
     assert 1 == len(lines(out))  # still the first run: the keeper did not wait for it
     gate.touch()
     wait_for(lambda: 2 == len(lines(out)), "the coalesced run")
-    wait_for(lambda: "exited 0" in daemon.log().split("renewed", 2)[-1], "the second run's end")
+    # Both runs' ends: the first one's "exited 0" may be logged after the second has started.
+    ended = "on_event command for renewed ('sh') exited 0"
+    wait_for(lambda: 2 <= daemon.log().count(ended), "the second run's end")
     assert ["renewed", "renewed"] == [line.split(" ")[0] for line in lines(out)]
-    assert 2 == daemon.log().count("on_event command for renewed ('sh') exited 0")
+    assert 2 == daemon.log().count(ended)
 
 
 def test_a_failing_hook_is_logged_and_the_daemon_serves_on(
@@ -178,3 +184,31 @@ def test_proxied_requests_are_counted_by_status_class(
     found = samples(scrape(daemon.socket)[1])
     assert {"2xx": 2, "4xx": 1} == by(found, "sugard_proxy_requests_total", "status_class")
     assert 3 == value(found, "sugard_proxy_request_duration_seconds_count", sugar_instance="prod")
+
+
+async def test_a_serverinfo_read_is_counted_as_sugar_answered_it() -> None:
+    """ServerInfo is counted as a probe is: `ok` when Sugar answered with the token, `rejected`
+    when it refused the token (a 401), `transient` when nobody answered."""
+    counted: list[tuple[str, str]] = []
+
+    class Recorder(Observer):
+        def upstream_call(
+            self, instance: str, grant: UpstreamGrant, outcome: UpstreamOutcome
+        ) -> None:
+            counted.append((grant, outcome))
+
+    async with new_http_session() as http:
+        with running_fake(users={USER: PASSWORD}, sugar_version="13.3") as fake:
+            config = parse_config({"instances": {"prod": instance(fake)}}).instances["prod"]
+            calls = CountedCalls(SugarClient(config, http), Recorder(), "prod")
+            grant = await calls.login()
+            assert "13.3.0" == await calls.server_version(grant.access_token)
+            assert fake.revoke(grant.access_token.reveal())
+            assert await calls.server_version(grant.access_token) is None
+        assert await calls.server_version(grant.access_token) is None  # the fake is gone
+    assert [
+        ("password", "ok"),
+        ("serverinfo", "ok"),
+        ("serverinfo", "rejected"),
+        ("serverinfo", "transient"),
+    ] == counted
