@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .client import SugardClient
+from sugard.client import SugardClient
 
 __all__ = ["SugarAuth"]
 

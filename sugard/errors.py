@@ -9,7 +9,7 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
     +-- ConfigError             invalid_config     (sugard.config) the config cannot be used
     +-- SocketError             internal           the socket cannot be set up (at start)
-    +-- InitError               bad_request        (sugard.init) `sugard init` cannot go on
+    +-- InitError               bad_request        (sugard.cli.init) `sugard init` cannot go on
 
 The keeper raises the first three; the daemon the reload's and the socket's. What Sugar
 answers is another tree (sugard.sugar.SugarError): the keeper decides what each means, and
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .wire import ERRORS
+from sugard.wire import ERRORS
 
 __all__ = [
     "DaemonError",

@@ -1,4 +1,4 @@
-"""The socket API's contract, shared by both ends: the daemon (sugard.api, sugard.openapi) and
+"""The socket API's contract, shared by both ends: the daemon (sugard.api, sugard.api.openapi) and
 its clients (sugard.client, sugarctl). Written once here, so that the two cannot drift.
 
 Cheap to import on purpose: `sugarctl token` loads it on every call, so it imports only `os`
@@ -42,7 +42,7 @@ __all__ = [
     "socket_path",
 ]
 
-# sugarctl's exit codes (sugard.ctl_help says what each means to a user).
+# sugarctl's exit codes (sugard.client.help says what each means to a user).
 EXIT_UNEXPECTED = 1  # an answer sugarctl does not know
 EXIT_USAGE = 2
 EXIT_UNKNOWN = 3
@@ -103,8 +103,7 @@ SOCKET_ORDER = (
     "else /tmp/sugard-$UID/sugard.sock"
 )
 
-# On strings, not pathlib (which would cost sugarctl an import of `re`); sugard.paths gives
-# the daemon the same answers as Paths.
+# On strings, not pathlib, which would cost sugarctl an import of `re`.
 
 
 def default_config_path(environ: Mapping[str, str] | None = None) -> str:

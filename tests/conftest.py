@@ -260,7 +260,7 @@ def foreign_sugarctl() -> Iterator[str]:
         f"#!{python} -I\n"
         "import sys\n"
         f"sys.path.insert(0, {str(home)!r})\n"
-        "from sugard.ctl import main\n"
+        "from sugard.client.ctl import main\n"
         "sys.exit(main())\n"
     )
     for path in [home, *home.rglob("*")]:

@@ -332,8 +332,8 @@ def test_both_ends_take_the_wire_contract_from_one_table() -> None:
     """The keeper's states, the HTTP status of each error code in the OpenAPI document and the
     exit code each raises in the client are sugard.wire's: a drift on either end fails here."""
     from sugard import client, wire
+    from sugard.api.openapi import spec
     from sugard.keeper import State
-    from sugard.openapi import spec
 
     assert list(wire.STATES) == [state.value for state in State]
     assert {code: exit_code for code, (_, exit_code) in wire.ERRORS.items()} == {

@@ -523,7 +523,7 @@ def test_the_built_in_sandbox_is_the_shipped_units() -> None:
     """The sandbox check falls back to a copy of systemd/sugard.service's settings: the same."""
     from dataclasses import replace
 
-    from sugard.sandbox import SHIPPED, parse_unit
+    from sugard.cli.sandbox import SHIPPED, parse_unit
 
     parsed = parse_unit([(REPO / "systemd" / "sugard.service").read_text()], "x")
     assert SHIPPED == replace(parsed, unit=SHIPPED.unit)

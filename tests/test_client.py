@@ -5,6 +5,7 @@ documented aiohttp recipe, and a smoke run of the benchmark."""
 from __future__ import annotations
 
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -19,7 +20,6 @@ import pytest
 import requests
 from conftest import PASSWORD, USER, instance, wait_for, write_config
 
-from sugard import paths
 from sugard.auth import SugarAuth
 from sugard.client import (
     BadRequest,
@@ -226,17 +226,25 @@ def test_the_kept_connection_survives_a_daemon_restart(
 def test_socket_resolution_matches_the_daemon(
     short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The client's default paths are sugard.paths' (what `sugard run` uses), and the order is
-    explicit > $SUGARD_SOCKET > [daemon].socket > default."""
-    environments = [
-        {},
-        {"XDG_RUNTIME_DIR": "/run/user/1000"},
-        {"XDG_CONFIG_HOME": "/cfg", "SUGARD_CONFIG": ""},
-        {"SUGARD_CONFIG": "~/sugard.toml", "XDG_CONFIG_HOME": "/cfg"},
+    """The client resolves the socket in the order `sugard run` does: explicit >
+    $SUGARD_SOCKET > [daemon].socket > default."""
+    home = os.path.expanduser("~")
+    uid = os.getuid()
+    expected = [
+        ({}, f"{home}/.config/sugard/config.toml", f"/tmp/sugard-{uid}/sugard.sock"),
+        ({"XDG_RUNTIME_DIR": "/run/user/1000"}, None, "/run/user/1000/sugard/sugard.sock"),
+        ({"XDG_CONFIG_HOME": "/cfg", "SUGARD_CONFIG": ""}, "/cfg/sugard/config.toml", None),
+        (
+            {"SUGARD_CONFIG": "~/sugard.toml", "XDG_CONFIG_HOME": "/cfg"},
+            f"{home}/sugard.toml",
+            None,
+        ),
     ]
-    for env in environments:
-        assert str(paths.default_config_path(env)) == default_config_path(env)
-        assert str(paths.default_socket_path(env)) == default_socket_path(env)
+    for env, config_path, socket_file in expected:
+        if config_path is not None:
+            assert default_config_path(env) == config_path
+        if socket_file is not None:
+            assert default_socket_path(env) == socket_file
     config = write_config(short_dir, {}, daemon={"socket": "~/from-config.sock"})
     monkeypatch.setenv("SUGARD_CONFIG", str(config))
     monkeypatch.setenv("SUGARD_SOCKET", "")

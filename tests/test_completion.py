@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import BIN, SUGARCTL, instance, write_config
 
-from sugard.ctl import COMMANDS
+from sugard.client.ctl import COMMANDS
 from sugard.testing import FakeSugar
 
 

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import SUGARD
 
-from sugard.config import INSTANCE_KEYS_HELP, ConfigError, load_config
-from sugard.config_diff import diff_configs
+from sugard.config import INSTANCE_KEYS_HELP, ConfigError, diff_configs, load_config
 from sugard.secret import Secret
 
 

@@ -22,8 +22,8 @@ from conftest import SUGARCTL, SUGARD, TOKEN_KEYS, USER, instance, sugarctl, wri
 import sugard
 from sugard import __version__
 from sugard.client import BadRequest, SugardClient, TokenUnavailable
+from sugard.client.ctl import COMMANDS
 from sugard.config import INSTANCE_KEYS_HELP
-from sugard.ctl import COMMANDS
 from sugard.secret import fingerprint
 from sugard.testing import FakeSugar
 
@@ -648,7 +648,7 @@ def test_version() -> None:
 
 _MODULES = """\
 import sys
-from sugard.ctl import main
+from sugard.client.ctl import main
 code = main(sys.argv[1:])
 print(" ".join(sorted(sys.modules)), file=sys.stderr)
 sys.exit(code)
@@ -691,8 +691,14 @@ def test_sugarctl_never_imports_aiohttp_asyncio_tenacity_or_the_daemon(daemon) -
             argv = ["token", "prod", "--format", "env"]
         loaded = modules_after([], daemon.socket, *argv)
         ours = {m for m in loaded if m == "sugard" or m.startswith("sugard.")}
-        status_table = {"sugard.ctl_status"} if argv[0] == "status" else set()
-        sugarctl = {"sugard", "sugard.client", "sugard.client_http", "sugard.ctl", "sugard.wire"}
+        status_table = {"sugard.client.status"} if argv[0] == "status" else set()
+        sugarctl = {
+            "sugard",
+            "sugard.client",
+            "sugard.client.transport",
+            "sugard.client.ctl",
+            "sugard.wire",
+        }
         assert sugarctl | status_table == ours, argv
         for heavy in ("aiohttp", "asyncio", "tenacity", "tomli_w", "multidict", "yarl"):
             assert heavy not in loaded, (argv, heavy)
@@ -715,8 +721,8 @@ def test_sugarctl_token_imports_only_cheap_modules(daemon) -> None:
         "_socket",
         "sugard",
         "sugard.client",
-        "sugard.client_http",
-        "sugard.ctl",
+        "sugard.client.transport",
+        "sugard.client.ctl",
         "sugard.wire",
     }
     bare = subprocess.run(
@@ -956,7 +962,7 @@ def test_shutdown_works_where_systemd_variables_were_only_inherited(
 def test_the_table_takes_the_daemons_word_on_whether_an_error_is_current() -> None:
     """With `last_error.current` in STATUS, the table follows it whatever the state; without
     it, an instance that is ready or refreshing has recovered."""
-    from sugard.ctl_status import table
+    from sugard.client.status import table
 
     def row(state: str, **error: object) -> dict[str, object]:
         at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - 125))

@@ -19,7 +19,7 @@ from conftest import SUGARCTL, instance, write_config
 
 from sugard.config import ConfigError, load_config, parse_config
 from sugard.daemon import Daemon
-from sugard.events import EventHooks
+from sugard.observe.events import EventHooks
 from sugard.testing import FakeSugar
 
 JAN_1 = 1767225600.0  # 2026-01-01T00:00:00Z
@@ -58,7 +58,7 @@ def gone(pid: int) -> bool:
 
 @pytest.fixture
 def events_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
-    caplog.set_level(logging.DEBUG, "sugard.events")
+    caplog.set_level(logging.DEBUG, "sugard.observe.events")
     return caplog
 
 

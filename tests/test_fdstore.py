@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from sugard.systemd import STORE_PREFIX, Notifier, read_memfd, sealed_memfd
+from sugard.daemon.systemd import STORE_PREFIX, Notifier, read_memfd, sealed_memfd
 
 SESSION = b'{"access_token": "not a real token", "expires_at": 1767225600}'
 
@@ -126,7 +126,7 @@ LAUNCHER = textwrap.dedent(
 PROGRAM = textwrap.dedent(
     """
     import json, os, sys
-    from sugard.systemd import passed_fds, read_memfd
+    from sugard.daemon.systemd import passed_fds, read_memfd
     passed = passed_fds()
     json.dump({
         "sockets": [[p.name, p.sock.family, p.sock.getsockname()] for p in passed.sockets],
@@ -139,7 +139,7 @@ PROGRAM = textwrap.dedent(
 LEGACY = textwrap.dedent(
     """
     import json, os, sys
-    from sugard.systemd import listen_fds
+    from sugard.daemon.systemd import listen_fds
     sockets = listen_fds()
     try:
         os.fstat(4)
@@ -213,7 +213,7 @@ def test_a_memfd_not_named_as_stored_is_still_refused_as_a_socket() -> None:
     """Only the name decides: a memfd under a socket's name is the old error, not a session."""
     stored = sealed_memfd("session-prod", b"prod session")
     env = {**os.environ, "LISTEN_FDS": "1", "LISTEN_FDNAMES": "sugard"}
-    program = "from sugard.systemd import passed_fds\npassed_fds()"
+    program = "from sugard.daemon.systemd import passed_fds\npassed_fds()"
     done = subprocess.run(
         [sys.executable, "-c", LAUNCHER, program, str(stored)],
         pass_fds=[stored],

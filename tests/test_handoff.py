@@ -24,11 +24,11 @@ from conftest import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
 from test_fdstore import LAUNCHER
 from test_metrics import wait_for
 
-from sugard import handoff
 from sugard.config import InstanceConfig, SecretRef, parse_config
+from sugard.daemon import fdstore as handoff
+from sugard.daemon.systemd import read_memfd
 from sugard.keeper import Grant
 from sugard.secret import Secret
-from sugard.systemd import read_memfd
 from sugard.testing import FakeSugar
 
 NAME = "store.session.prod"  # what sugard names the session of instance `prod`
@@ -271,20 +271,20 @@ def test_a_session_is_for_the_login_settings_it_was_made_with(changed: dict[str,
     """Each login setting, the password too, changes the keyed hash: the session is dropped
     (None). Unchanged, it comes back whole; the memfd's bytes hold no password."""
     config, session = kept_session()
-    data = handoff.dump(config, session)
+    data = handoff.dump_session(config, session)
     assert b"the-password" not in data
-    assert session == handoff.load(config, data)
-    assert handoff.load(replace(config, **changed), data) is None
+    assert session == handoff.load_session(config, data)
+    assert handoff.load_session(replace(config, **changed), data) is None
 
 
 def test_a_memfd_sugard_did_not_write_is_refused_without_quoting_it() -> None:
     """Not JSON, another format, a missing field: a one-line ValueError naming no content."""
     config, session = kept_session()
-    other_format = json.loads(handoff.dump(config, session))
+    other_format = json.loads(handoff.dump_session(config, session))
     other_format["format"] = 99
-    missing = json.loads(handoff.dump(config, session))
+    missing = json.loads(handoff.dump_session(config, session))
     del missing["refresh_token"]
     for data in (b"access-0123 not json", json.dumps(other_format), json.dumps(missing)):
         with pytest.raises(ValueError, match=r"^not a session sugard wrote") as caught:
-            handoff.load(config, data.encode() if isinstance(data, str) else data)
+            handoff.load_session(config, data.encode() if isinstance(data, str) else data)
         assert "0123" not in str(caught.value) and "4567" not in str(caught.value)

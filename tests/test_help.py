@@ -13,7 +13,7 @@ import pytest
 from conftest import SUGARCTL, SUGARD
 
 from sugard import cli
-from sugard.ctl import COMMANDS
+from sugard.client.ctl import COMMANDS
 
 SOCKET_ORDER_WORDS = (
     "--socket",

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import SUGARD, DaemonProcess, instance, sugarctl, wait_for, write_config
 
-from sugard import api, serving
+from sugard import api
+from sugard.api import serving
 from sugard.client import DaemonUnreachable, SugardClient
 from sugard.config import load_config
 from sugard.daemon import Daemon

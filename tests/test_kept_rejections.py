@@ -16,8 +16,8 @@ import pytest
 from conftest import PASSWORD, instance, sugarctl, wait_for, write_config
 from test_handoff import FdStore, Started, manager, start  # noqa: F401  (manager: a fixture)
 
-from sugard import kept_rejections
 from sugard.config import SecretRef, parse_config
+from sugard.daemon import fdstore as kept_rejections
 from sugard.keeper import Rejection
 from sugard.secret import Secret
 from sugard.sugar import CredentialsRejected
@@ -143,14 +143,14 @@ def test_a_record_applies_only_to_what_was_sent(changed: dict[str, Any]) -> None
     config = CONFIG
     rejection = Rejection.of(CredentialsRejected("refused"), config)
     assert rejection is not None
-    data = kept_rejections.dump(rejection)
+    data = kept_rejections.dump_rejection(rejection)
     assert b"the-password" not in data
-    assert rejection == kept_rejections.load(config, data)
-    assert kept_rejections.load(replace(config, **changed), data) is None
+    assert rejection == kept_rejections.load_rejection(config, data)
+    assert kept_rejections.load_rejection(replace(config, **changed), data) is None
 
 
 def test_a_record_sugard_did_not_write_is_refused_without_quoting_it() -> None:
     for data in (b"the-password", json.dumps({"format": 1, "field": "x"}).encode()):
         with pytest.raises(ValueError) as caught:
-            kept_rejections.load(CONFIG, data)
+            kept_rejections.load_rejection(CONFIG, data)
         assert "the-password" not in str(caught.value) and "not a rejection" in str(caught.value)

@@ -24,8 +24,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from sugard.keeper import State
-from sugard.metrics import Metrics, status_class
 from sugard.observe import STATES, Fanout, Observer
+from sugard.observe.metrics import Metrics, status_class
 from sugard.testing import FakeSugar, running_fake
 
 NOBODY = 65534

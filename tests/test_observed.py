@@ -15,7 +15,7 @@ from test_events import lines, recorder
 from test_metrics import curl, samples, scrape, value, wait_for, with_name
 
 from sugard.config import parse_config
-from sugard.keeper_reports import CountedCalls
+from sugard.keeper.supervisor import CountedCalls
 from sugard.observe import Observer, UpstreamGrant, UpstreamOutcome
 from sugard.sugar import SugarClient, new_http_session
 from sugard.testing import FakeSugar, running_fake

@@ -26,7 +26,7 @@ from urllib3.connection import HTTPConnection
 from urllib3.connectionpool import HTTPConnectionPool
 
 from sugard.api import make_app
-from sugard.openapi import PROXIED_METHODS, PROXIED_PATH, spec
+from sugard.api.openapi import PROXIED_METHODS, PROXIED_PATH, spec
 from sugard.testing import FakeSugar
 
 EXAMPLES_PER_OPERATION = 40  # per operation and mode (4 of the 9 operations take input)
@@ -69,7 +69,7 @@ def live(fake: FakeSugar, short_dir: Path, start_daemon) -> Iterator[requests.Se
 
 
 def test_the_daemon_serves_the_description(live: requests.Session) -> None:
-    """GET /v1/openapi.json answers exactly the document `sugard.openapi.spec()` builds."""
+    """GET /v1/openapi.json answers exactly the document `sugard.api.openapi.spec()` builds."""
     response = live.get("http://sugard/v1/openapi.json")
     assert 200 == response.status_code
     assert spec() == response.json()

@@ -1,5 +1,5 @@
-"""The OpenAPI document is built in two parts (sugard.openapi_schemas: the components;
-sugard.openapi: the paths on them): every reference between them resolves, and no schema is
+"""The OpenAPI document is built in two parts (sugard.api.schemas: the components;
+sugard.api.openapi: the paths on them): every reference between them resolves, and no schema is
 left unreferenced, so the split cannot drift into dead or missing schemas."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sugard.openapi import spec
-from sugard.openapi_schemas import SCHEMAS
+from sugard.api.openapi import spec
+from sugard.api.schemas import SCHEMAS
 
 
 def references(node: Any) -> set[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from conftest import instance, sugarctl, write_config
 
-from sugard.serving import REFUSED_PER_UID
+from sugard.api.serving import REFUSED_PER_UID
 from sugard.testing import FakeSugar
 
 NOBODY = 65534

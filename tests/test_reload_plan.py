@@ -11,8 +11,8 @@ from typing import Any
 from conftest import write_config
 
 from sugard.config import Config, InstanceConfig, load_config
+from sugard.daemon.reload import ReloadPlan, plan_reload
 from sugard.keeper import Rejection
-from sugard.reload_plan import ReloadPlan, plan_reload
 from sugard.sugar import CredentialsRejected
 
 SITE = "https://sugar.example"

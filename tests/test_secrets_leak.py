@@ -21,8 +21,8 @@ import pytest
 import tomli_w
 from conftest import SUGARD, curl, sugarctl, wait_for
 
-from sugard import secrets as secrets_module
 from sugard.config import ConfigError, load_config
+from sugard.config import sources as secrets_module
 from sugard.secret import Secret, fingerprint
 from sugard.testing import FakeSugar, running_fake
 

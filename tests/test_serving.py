@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 from conftest import instance, write_config
 
+from sugard.api.serving import _response_started
 from sugard.config import load_config
 from sugard.keeper import Keeper, Status
 from sugard.peer import Peer, may_use
-from sugard.serving import _response_started
 from sugard.sugar import SugarClient
 from sugard.testing import FakeSugar
 

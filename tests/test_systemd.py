@@ -21,7 +21,7 @@ import pytest
 from conftest import SUGARD, DaemonProcess, instance, sugarctl, wait_for, write_config
 
 from sugard.client import SugardClient
-from sugard.systemd import JournalFormatter
+from sugard.daemon.systemd import JournalFormatter
 from sugard.testing import FakeSugar
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"

@@ -163,7 +163,7 @@ class Fleet:
                 await asyncio.sleep(backoff.compute(failures))
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]
 
     async def _dispatch(
         self, channels: dict[str, tuple[FleetMember, str]], message: dict[str, Any]

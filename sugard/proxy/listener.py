@@ -1,22 +1,24 @@
-"""Over loopback TCP: an instance's `listen` address serves its site root.
-
-Who connects is read once per connection (the owner of the TCP peer, from the kernel); browsers
-are refused by their Origin, Sec-Fetch-Site and Host headers, since a web page in the user's own
-browser runs as the same uid.
+"""The proxy's loopback TCP listener for SDKs that cannot speak to a Unix socket, and
+opening and closing the listeners around a start or a reload.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
 
-from sugard.config import split_host_port
+from sugard.config import Config, split_host_port
+from sugard.errors import ReloadFailed
+from sugard.peer import peer_of_tcp_socket
 from sugard.proxy.answers import refused, sugar_error
 from sugard.proxy.forward import Forwarder
+
+__all__ = ["close_listeners", "open_listeners"]
 
 log = logging.getLogger("sugard.proxy")
 
@@ -137,3 +139,62 @@ def _browser_request(request: web.Request, hosts: frozenset[str]) -> str | None:
     if host not in hosts:
         return f"Host {host[:100]!r}: only the listener's own address is served"
     return None
+
+
+async def open_listeners(
+    forwarder: Forwarder,
+    config: Config,
+    current: Mapping[str, ProxyListener],
+    *,
+    shutdown_timeout: float,
+) -> dict[str, ProxyListener]:
+    """The proxy listeners `config` asks for: the current ones where their address stays,
+    new ones bound now. If one cannot be bound, those bound here are closed again and
+    ReloadFailed says why; the current ones are never touched here."""
+    wanted: dict[str, ProxyListener] = {}
+    opened: list[ProxyListener] = []
+    try:
+        for name, instance in config.instances.items():
+            if instance.listen is None:
+                continue
+            kept = current.get(name)
+            if kept is not None and kept.address == instance.listen:
+                wanted[name] = kept
+                continue
+            listener = ProxyListener(
+                forwarder,
+                name,
+                instance.listen,
+                peer_of_tcp_socket,
+                shutdown_timeout=shutdown_timeout,
+            )
+            try:
+                await listener.start()
+            except OSError as exc:
+                raise ReloadFailed(
+                    [
+                        f"instances.{name}.listen: cannot listen on {instance.listen}: "
+                        f"{exc.strerror or exc}; choose another port"
+                    ]
+                ) from None
+            opened.append(listener)
+            wanted[name] = listener
+    except BaseException:
+        await asyncio.gather(*(listener.stop() for listener in opened))
+        raise
+    return wanted
+
+
+async def close_listeners(
+    forwarder: Forwarder,
+    current: Mapping[str, ProxyListener],
+    keep: Mapping[str, ProxyListener],
+) -> None:
+    """Stop the listeners of `current` that are not in `keep` (removed, or moved to a new
+    address)."""
+    kept = set(map(id, keep.values()))
+    gone = [lis for lis in current.values() if id(lis) not in kept]
+    await asyncio.gather(*(listener.stop() for listener in gone))
+    for listener in keep.values():
+        # A moved listener's successor bound first; the old one's stop() dropped the URL.
+        forwarder.listener_urls[listener.name] = listener.url

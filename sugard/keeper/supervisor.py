@@ -1,0 +1,338 @@
+"""The one task per instance that calls Sugar: it waits for a demand, checks or renews the
+session under tenacity's backoff, and installs what Sugar answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from tenacity import RetryCallState
+
+from sugard.config import InstanceConfig
+from sugard.keeper import timing as timing
+from sugard.keeper.model import Board, Demand, Need, Rejection, State
+from sugard.keeper.session import CountedCalls, HeldSession, Progress, renewal_reason
+from sugard.observe import Observer
+from sugard.secret import Secret
+from sugard.sugar import (
+    ClientRejected,
+    CredentialsRejected,
+    Grant,
+    Probe,
+    RefreshConsumed,
+    RefreshRejected,
+    RejectedError,
+    SugarClient,
+    SugarError,
+)
+
+__all__ = ["Leadership", "Supervisor"]
+
+log = logging.getLogger("sugard.keeper")
+
+
+class Leadership(Protocol):
+    """What the supervisor asks of an instance's fleet seat (the keeper's `FleetSeat`)."""
+
+    def leads(self) -> bool:
+        """Whether this host's renewals go to Sugar now (else the leader's answer them)."""
+        ...
+
+
+class Supervisor:
+    """Makes every upstream call of one instance, and keeps what came of them."""
+
+    def __init__(
+        self,
+        config: InstanceConfig,
+        upstream: SugarClient,
+        board: Board,
+        observer: Observer,
+        *,
+        fleet: Leadership | None,
+        login_slots: asyncio.Semaphore,
+        clock: Callable[[], float],
+        rng: Callable[[], float],
+        max_sleep: float,
+        on_rejection: Callable[[Rejection | None], None] | None = None,
+    ) -> None:
+        self.config = config  # replaced by the keeper when settings change (adopt, a re-read)
+        self.upstream = upstream
+        self.calls = CountedCalls(upstream, observer, config.name)  # each one counted
+        self.session = HeldSession(self.calls, clock, rng)  # the grant and what it learned
+        self.board = board
+        self.fleet = fleet
+        self._observer = observer  # hears why each renewal is made
+        self._login_slots = login_slots
+        self._clock = clock
+        self._rng = rng
+        self._max_sleep = max_sleep
+
+        # What came of it all (state, counters, times, the last error): sugard/keeper/session.py
+        self.progress = Progress(config.name, self.session, observer, clock, on_rejection)
+        self.resumed: Grant | None = None  # a session kept across a restart, not yet checked
+        self._probe_at: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    # The loop
+
+    async def run(self) -> None:
+        if self.resumed is not None:
+            await self._check_resumed(self.resumed)
+        while not self.board.closed:
+            demand = self._next_demand()
+            if demand is None:
+                await self.board.idle(self._seconds_to_next_action())
+            elif demand.need is Need.CHECK:
+                await self._check(demand)
+            else:
+                await self._renew(demand)
+
+    def _next_demand(self) -> Demand | None:
+        """The demand to act on now, making one when the schedule says so; None: nothing yet."""
+        demand = self.board.demand
+        if self.progress.state is State.FAILED:
+            return demand if demand is not None and demand.forced else None
+        if demand is not None and not demand.done:
+            return demand
+        grant, now = self.session.grant, self._clock()
+        if grant is None or not self.session.usable():
+            return self.board.join(Need.RENEW, "no usable token")
+        if now >= self._renewal_time(grant):
+            return self.board.join(Need.RENEW, "the schedule")
+        if self._probe_at is not None and now >= self._probe_at:
+            return self.board.join(Need.CHECK, "the probe interval")
+        return None
+
+    def _seconds_to_next_action(self) -> float:
+        grant = self.session.grant
+        if self.progress.state is State.FAILED or grant is None:
+            return self._max_sleep
+        due = self._renewal_time(grant)
+        if self._probe_at is not None:
+            due = min(due, self._probe_at)
+        return min(self._max_sleep, max(0.0, due - self._clock()))
+
+    async def _check_resumed(self, grant: Grant) -> None:
+        """One probe of the session the sugard before this one handed over."""
+        try:
+            self.session.resume_version(self.config)
+            expired = grant.expires_at <= self._clock()
+            verdict = Probe.DEAD if expired else await self.calls.probe(grant.access_token)
+            if verdict is Probe.DEAD:
+                log.info(
+                    "%s: Sugar no longer takes token %s kept across the restart; renewing",
+                    self.name,
+                    grant.access_token.fingerprint,
+                )
+                # Its refresh token may still work (an expired token): one refresh, no login.
+                self.session.take_back_dead(grant)
+                if not expired:
+                    self.progress.evicted("probe")
+                self.board.join(Need.RENEW, "no usable token")
+                return
+            self.install(grant)
+            self.progress.last_refresh = grant.issued_at
+            log.info(
+                "%s: took back the session kept across the restart (token %s%s)",
+                self.name,
+                grant.access_token.fingerprint,
+                "" if verdict is Probe.ALIVE else "; Sugar gave no verdict on it",
+            )
+        finally:
+            self.resumed = None
+            self.board.notify()
+
+    async def _check(self, demand: Demand) -> None:
+        """Probe the current token; if Sugar refuses it, the demand becomes its renewal."""
+        grant = self.session.grant
+        assert grant is not None
+        demand.in_flight = True
+        verdict = await self.calls.probe(grant.access_token)
+        demand.in_flight = False
+        self._probe_at = self._next_probe()
+        if demand.need is Need.RENEW:  # someone needed a new token meanwhile
+            await self._renew(demand)
+            return
+        reported = demand.reason == "a script's report"
+        if verdict is Probe.ALIVE:
+            if reported:
+                log.info(
+                    "%s: token %s still works (the script's 401 had another cause); not renewing",
+                    self.name,
+                    grant.access_token.fingerprint,
+                )
+            self.board.settle(demand, failed=False)
+            return
+        if verdict is Probe.UNKNOWN and not reported:
+            log.debug("%s: probe gave no verdict; trying again later", self.name)
+            self.board.settle(demand, failed=False)
+            return
+        # Refused (or, for a report, no verdict: the script did see a 401, so act on it).
+        log.warning(
+            "%s: Sugar refused token %s (%s); renewing",
+            self.name,
+            grant.access_token.fingerprint,
+            "reported by a script" if reported else "evicted, found by the probe",
+        )
+        self.session.dead_token = grant.access_token
+        self.progress.evicted("report" if reported else "probe")
+        demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
+        self.board.notify()
+        await self._renew(demand)
+
+    # Renewing
+
+    async def _renew(self, demand: Demand) -> None:
+        self._observer.renewal(self.name, renewal_reason(demand, self.session.grant))
+        retrying = timing.renewal_retries(
+            wait=lambda state: timing.delay(state, self.config.backoff_max, self._rng),
+            sleep=lambda seconds: self._backoff_sleep(seconds, demand),
+            before_sleep=self._before_backoff,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._attempt(demand)
+        except RejectedError as exc:
+            p = self.progress
+            p.next_attempt_at = None
+            p.rejection = Rejection.of(exc, self.config) or p.rejection
+            p.set_state(State.FAILED)
+            log.error("%s: %s", self.name, exc.message)
+            self.board.drop(demand)
+
+    async def _attempt(self, demand: Demand) -> None:
+        demand.forced = False  # this attempt is the one a person asked for
+        demand.in_flight = True
+        self.board.notify()  # requests that must not take the doomed token see it is in flight
+        old = self.session.grant
+        try:
+            refresh_token = self.session.refresh_token
+            if refresh_token is not None and timing.refresh_usable(old, self._clock()):
+                grant = await self._refresh(refresh_token)
+                if grant is None:
+                    grant = await self._login()
+            else:
+                if refresh_token is not None:
+                    why = self.session.why_login()
+                    log.info("%s: %s; logging in with the password", self.name, why)
+                grant = await self._login()
+        except SugarError as exc:
+            self.progress.failures += 1
+            self.progress.error(exc)
+            demand.in_flight = False
+            self.board.settle(demand, failed=True, done=False)
+            raise
+        logged_in = self.progress.state is State.LOGGING_IN
+        self.install(grant)
+        self.progress.renewed(grant.expires_at)
+        demand.in_flight = False
+        self.board.settle(demand, failed=False)
+        if logged_in:
+            await self.session.learn_version(grant, self.config)
+        elif old is not None:
+            await self.session.watch_old_token(old, self.config)
+
+    async def _refresh(self, refresh_token: Secret) -> Grant | None:
+        """A refresh; None if Sugar no longer knows the refresh token (then log in)."""
+        self.progress.set_state(State.REFRESHING)
+        if self.fleet is None or self.fleet.leads():
+            self.progress.refreshes += 1
+        try:
+            return await self.calls.refresh(refresh_token)
+        except RefreshRejected as exc:
+            # Evicted by another login, rotated by a refresh we never saw, or expired:
+            # exactly one password login gets the session back.
+            self.progress.error(exc)
+            log.warning("%s: %s; logging in again", self.name, exc.message)
+            self.session.refresh_token = None
+            self.progress.evicted("refresh")
+            return None
+        except RefreshConsumed:
+            # Maintenance or a license lock: Sugar deleted the refresh token before
+            # refusing, so the next try must be a password login.
+            self.session.refresh_token = None
+            raise
+
+    async def _login(self) -> Grant:
+        rejection = self.progress.rejection
+        if rejection is not None and rejection.applies_to(self.config):
+            # The one gate every password login passes: a rejected secret is never sent.
+            refused = CredentialsRejected if rejection.field == "password" else ClientRejected
+            raise refused(rejection.refusal(self.config))
+        if self.fleet is not None and not self.fleet.leads():
+            return await self.upstream.login()  # the fleet's session: no login of this host's
+        self.progress.set_state(State.LOGGING_IN)
+        async with self._login_slots:
+            self.progress.logins += 1
+            log.info("%s: logging in as %s", self.name, self.config.username)
+            return await self.calls.login()
+
+    def install(self, grant: Grant) -> None:
+        """Serve `grant` from now on (renewed here, kept across a restart, or the fleet's)."""
+        old = self.session.install(grant, logged_in=self.progress.state is State.LOGGING_IN)
+        self.progress.refresh_at = self.session.refresh_time(grant, self.config)
+        self.progress.last_refresh = self._clock()
+        self.progress.next_attempt_at = None
+        self._probe_at = self._next_probe()
+        self.progress.set_state(State.READY)
+        log.info(
+            "%s: token %s%s, valid %.0f s, refresh at %s",
+            self.name,
+            grant.access_token.fingerprint,
+            f" replaces {old.access_token.fingerprint}" if old else "",
+            grant.lifetime,
+            time.strftime("%H:%M:%S", time.localtime(self.progress.refresh_at)),
+        )
+
+    def reschedule(self) -> None:
+        """The settings changed (a reload adopted them): renew and probe by the new ones."""
+        grant = self.session.grant
+        if grant is not None:
+            self.progress.refresh_at = self.session.refresh_time(grant, self.config)
+            self._probe_at = self._next_probe()
+        self.board.notify()
+
+    # Timing (the rules: sugard/keeper/timing.py)
+
+    def _renewal_time(self, grant: Grant) -> float:
+        return self.session.renewal_time(grant, self.config, self.progress.refresh_at)
+
+    def _next_probe(self) -> float | None:
+        return timing.next_probe(self._clock(), self.config.probe_interval)
+
+    def doomed(self) -> bool:
+        """The current token dies when the renewal now in flight answers (no grace)."""
+        demand = self.board.demand
+        return (
+            demand is not None
+            and demand.in_flight
+            and demand.need is Need.RENEW
+            and self.session.old_token_grace(self.config) <= 0
+        )
+
+    # Backoff (the policy: sugard/keeper/timing.py)
+
+    def _before_backoff(self, retry_state: RetryCallState) -> None:
+        seconds = retry_state.upcoming_sleep
+        self.progress.next_attempt_at = self._clock() + seconds
+        self.progress.set_state(State.BACKING_OFF)
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        log.warning("%s: %s; next try in %.1f s", self.name, exc, seconds)
+
+    async def _backoff_sleep(self, seconds: float, demand: Demand) -> None:
+        """Sleep until a wall-clock deadline, in steps of at most `max_sleep` (suspend-proof);
+        a forced demand (`sugarctl refresh`) cuts it short."""
+        deadline = self._clock() + seconds
+        while (
+            (left := deadline - self._clock()) > 0 and not demand.forced and not self.board.closed
+        ):
+            await self.board.idle(min(left, self._max_sleep))

@@ -1,0 +1,166 @@
+"""When to renew, probe and serve, and how long to back off: pure functions of the session
+and the config, so each rule reads in one place and is tested by tables.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
+
+from sugard.config import GRACE_AUTO, InstanceConfig
+from sugard.secret import Secret
+from sugard.sugar import Grant, Locked, TransientError
+
+__all__ = [
+    "JITTER",
+    "LONG_BACKOFF",
+    "MIN_TTL_CAP",
+    "SESSION_CHECK_INTERVAL",
+    "delay",
+    "grace_for_version",
+    "next_probe",
+    "old_token_grace",
+    "quiet_until",
+    "refresh_time",
+    "refresh_usable",
+    "renewal_retries",
+    "renewal_time",
+    "servable",
+    "session_capped",
+    "wanted_ttl",
+]
+
+
+JITTER = 0.10  # spread of the advisory window, so many instances do not refresh together
+MIN_TTL_CAP = 0.9  # a min_ttl above this share of Sugar's token lifetime cannot be met
+# Up to Sugar 13.0 a rotated or evicted access token lives until its session's next check,
+# at most this long after the rotation; from 13.3 on it dies at once (docs/sugarcrm.md).
+SESSION_CHECK_INTERVAL = 120.0
+FIRST_VERSION_WITHOUT_GRACE = (13, 3)
+# Without a grace period a scheduled refresh waits, inside its window, for a moment when no
+# script has just taken the token: a handout is taken to be in use this long (or its min_ttl).
+QUIET = 2.0
+SESSION_END_SLACK = 2.0  # a refresh that moves refresh_expires_at less than this: a capped session
+REFRESH_MARGIN = 5.0  # a refresh token this close to its end is not worth a try
+
+
+def grace_for_version(version: str | None) -> float:
+    """Seconds the old access token lives after a refresh on this Sugar version; an unknown
+    version counts as the newest (no grace), the safe side."""
+    match = re.match(r"(\d+)\.(\d+)", version or "")
+    if match is None:
+        return 0.0
+    major_minor = (int(match[1]), int(match[2]))
+    return 0.0 if major_minor >= FIRST_VERSION_WITHOUT_GRACE else SESSION_CHECK_INTERVAL
+
+
+def old_token_grace(config: InstanceConfig, observed: float | None) -> float:
+    """The grace in force: the configured one, or on `auto` what was learned (none yet: 0)."""
+    configured = config.old_token_grace
+    if configured != GRACE_AUTO:
+        return configured
+    return observed if observed is not None else 0.0
+
+
+def refresh_time(grant: Grant, config: InstanceConfig, *, capped: bool, draw: float) -> float:
+    """Start of the advisory window: `refresh_before` ahead of expiry, with jitter (`draw`, in
+    [0, 1)), but never in the first half of a short-lived token's life. When the refresh token
+    ends first (a short refresh lifetime), the window is set by its end instead: a refresh
+    before it keeps the session, where waiting would need a password login."""
+    lead = min(config.refresh_before, grant.lifetime / 2)
+    spread = 1 + JITTER * draw
+    at = grant.expires_at - min(lead * spread, 0.6 * grant.lifetime)
+    ends = grant.refresh_expires_at
+    if ends is not None and not capped:
+        # Unless the session is known to be capped (max_session_lifetime): then renewing
+        # sooner would only add refreshes, and the login at the end cannot be avoided.
+        life = ends - grant.issued_at
+        at = min(at, ends - min(min(config.refresh_before, life / 2) * spread, life))
+    return at
+
+
+def renewal_time(
+    grant: Grant, refresh_at: float | None, *, grace: float, quiet_until: float
+) -> float:
+    """When the scheduled renewal starts. With a grace period, at the advisory window's
+    start: scripts keep the old token a while. Without, the refresh kills the token every
+    script holds, so it waits for a quiet moment (no token just handed out, no min_ttl
+    promise open) until halfway to expiry, keeping half the window for retries."""
+    start = refresh_at if refresh_at is not None else grant.expires_at
+    if grace > 0:
+        return start
+    latest = start + (grant.expires_at - start) / 2
+    return max(start, min(quiet_until, latest))
+
+
+def quiet_until(grant: Grant, now: float, promised: float) -> float:
+    """Until when a token handed out now is taken to be in use (or promised to last)."""
+    return now + max(min(QUIET, grant.lifetime / 20), promised)
+
+
+def wanted_ttl(min_ttl: float, grant: Grant) -> float:
+    """The `min_ttl` a request can be given: at most a share of Sugar's token lifetime."""
+    return min(min_ttl, MIN_TTL_CAP * grant.lifetime)
+
+
+def servable(grant: Grant, now: float, dead_token: Secret | None) -> bool:
+    """Valid for long enough to be used: outside the mandatory window, not refused."""
+    if dead_token is not None and dead_token == grant.access_token:
+        return False
+    margin = min(10.0, grant.lifetime / 10)
+    return grant.expires_at - now > margin
+
+
+def refresh_usable(grant: Grant | None, now: float) -> bool:
+    """Whether the refresh token of `grant` (none yet: the one in hand) is worth a refresh."""
+    if grant is None or grant.refresh_expires_at is None:
+        return True
+    return grant.refresh_expires_at - now > REFRESH_MARGIN
+
+
+def next_probe(now: float, interval: float) -> float | None:
+    return now + interval if interval > 0 else None
+
+
+def session_capped(old: Grant | None, new: Grant) -> bool:
+    """A refresh that left the refresh token's expiry where it was: the session has a fixed end."""
+    if old is None or old.refresh_expires_at is None or new.refresh_expires_at is None:
+        return False
+    # Two refreshes close together leave the expiry in place too; they say nothing.
+    apart = new.issued_at - old.issued_at > SESSION_END_SLACK
+    return apart and abs(new.refresh_expires_at - old.refresh_expires_at) < SESSION_END_SLACK
+
+
+LONG_BACKOFF = 60.0  # floor for maintenance and license locks: they last minutes, not seconds
+
+
+def delay(retry_state: RetryCallState, cap: float, rng: Callable[[], float]) -> float:
+    """Full-jitter exponential backoff from 1 s to `cap`, honouring Retry-After."""
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    ceiling = min(cap, 2.0 ** (retry_state.attempt_number - 1))
+    seconds = max(min(1.0, cap), ceiling * rng())
+    if isinstance(exc, TransientError):
+        if isinstance(exc, Locked):
+            seconds = max(seconds, min(LONG_BACKOFF, cap) * (1 + JITTER * rng()))
+        if exc.retry_after is not None:
+            seconds = max(seconds, min(exc.retry_after, cap))
+    return seconds
+
+
+def renewal_retries(
+    *,
+    wait: Callable[[RetryCallState], float],
+    sleep: Callable[[float], Awaitable[None]],
+    before_sleep: Callable[[RetryCallState], None],
+) -> AsyncRetrying:
+    """Attempts of one renewal: transient errors again after `wait`, the rest raised as they are."""
+    return AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        wait=wait,
+        stop=stop_never,
+        sleep=sleep,
+        before_sleep=before_sleep,
+        reraise=True,
+    )

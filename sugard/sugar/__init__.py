@@ -1,0 +1,399 @@
+"""SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, and two cheap authenticated
+calls (the token probe, the server's version). The daemon never logs out: that would end the
+session every script shares (docs/sugarcrm.md); `logout` serves only `sugard check --login`,
+which ends the throwaway session it opened to test a password.
+
+Everything Sugar (or the network, or a proxy in front of Sugar) can answer is translated here,
+once, into a `Grant` or one of the errors of `sugard.sugar.errors` (re-exported here), whose
+docstring draws their tree; nothing above this module sees aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import enum
+import json
+import re
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from sugard.config import InstanceConfig
+from sugard.secret import Secret
+from sugard.sugar.errors import (
+    LICENSE_TEXT,
+    MAINTENANCE_TEXT,
+    TRANSIENT_STATUSES,
+    BadResponse,
+    ClientRejected,
+    CredentialsRejected,
+    LicenseLocked,
+    LicenseLogout,
+    Locked,
+    Maintenance,
+    MaintenanceLogout,
+    PlatformRejected,
+    ProxyFailed,
+    ProxyRejected,
+    RateLimited,
+    RefreshConsumed,
+    RefreshRejected,
+    RejectedError,
+    ServerError,
+    SugarError,
+    Timeout,
+    TransientError,
+    Unreachable,
+    proxy_refused,
+    refusal,
+)
+from sugard.sugar.outbound import Route, UnusableCaFile, route_for, tls_context
+
+__all__ = [
+    "LICENSE_TEXT",
+    "MAINTENANCE_TEXT",
+    "TRANSIENT_STATUSES",
+    "BadResponse",
+    "ClientRejected",
+    "CredentialsRejected",
+    "Grant",
+    "LicenseLocked",
+    "LicenseLogout",
+    "Locked",
+    "Maintenance",
+    "MaintenanceLogout",
+    "PlatformRejected",
+    "Probe",
+    "ProxyFailed",
+    "ProxyRejected",
+    "RateLimited",
+    "RefreshConsumed",
+    "RefreshRejected",
+    "RejectedError",
+    "ServerError",
+    "ServerInfo",
+    "SugarClient",
+    "SugarError",
+    "Timeout",
+    "TransientError",
+    "Unreachable",
+    "new_http_session",
+]
+
+TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
+PING_PATH = "/rest/v10/ping"
+SERVER_INFO_PATH = "/rest/v10/ServerInfo"
+LOGOUT_PATH = "/rest/v10/oauth2/logout"
+# The token request's fields that hold secrets (redacted from any text Sugar sends back).
+SECRET_FIELDS = ("password", "client_secret", "refresh_token")
+# A refresh_expires_in above this is an absolute epoch time (a bug of Sugar's IdM mode),
+# not a duration: no site keeps refresh tokens for ten years.
+EPOCH_THRESHOLD = 10 * 365 * 86400
+VERSION_TEXT = re.compile(r"\d+\.\d+")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A token set from Sugar; times are wall-clock epoch seconds."""
+
+    access_token: Secret
+    refresh_token: Secret
+    download_token: Secret
+    token_type: str
+    issued_at: float
+    expires_at: float
+    refresh_expires_at: float | None
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.issued_at
+
+
+class Probe(enum.Enum):
+    """What a cheap authenticated call with a token says about that token."""
+
+    ALIVE = "alive"
+    DEAD = "dead"  # Sugar answered 401: evicted, rotated away, logged out or expired
+    UNKNOWN = "unknown"  # no verdict: network trouble, a proxy's page, maintenance
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What `GET /ServerInfo` told: the version (None: none or no answer), and the token's fate."""
+
+    version: str | None
+    verdict: Probe
+
+
+def _verdict(status: int | None) -> Probe:
+    if status == 200:
+        return Probe.ALIVE
+    return Probe.DEAD if status == 401 else Probe.UNKNOWN
+
+
+def new_http_session() -> aiohttp.ClientSession:
+    """The one HTTP session of the daemon. Sugar's cookies are never kept (dummy jar)."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=100, limit_per_host=8),
+        headers={"User-Agent": "sugard"},
+    )
+
+
+def _ssl_for(instance: InstanceConfig) -> ssl.SSLContext | bool:
+    """Verified TLS (the system's CAs, or `ca_file`'s); raises RejectedError for a bad ca_file."""
+    try:
+        return tls_context(instance.verify_tls, instance.ca_file)
+    except UnusableCaFile as exc:
+        why = str(exc)
+        raise RejectedError(
+            f"ca_file {instance.ca_file} {why}; give the PEM file of the CA that signed "
+            f"{instance.url}'s certificate, then run `sugarctl reload`"
+        ) from None
+
+
+class SugarClient:
+    """Talks to one instance's token endpoint. Always sends the configured client and platform:
+    a refresh without `platform` would land the session on `base` and log the human out."""
+
+    def __init__(
+        self,
+        instance: InstanceConfig,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.instance = instance  # also chooses the route
+        self._session = session
+        self._clock = clock
+        # A bad ca_file fails this instance (every attempt says why), not the whole daemon.
+        self._tls_problem: RejectedError | None = None
+        self._ssl: ssl.SSLContext | bool = True
+        try:
+            self._ssl = _ssl_for(instance)
+        except RejectedError as exc:
+            self._tls_problem = exc
+
+    @property
+    def instance(self) -> InstanceConfig:
+        return self._instance
+
+    @instance.setter
+    def instance(self, instance: InstanceConfig) -> None:
+        # A reload may change the proxy and keep the session: the route follows the config.
+        self._instance = instance
+        self.route: Route = route_for(instance)
+
+    @property
+    def tls(self) -> ssl.SSLContext | bool:
+        """What this instance's requests pass as `ssl=`: the proxy forwards with the same."""
+        return self._ssl
+
+    async def login(self) -> Grant:
+        """Password grant."""
+        i = self.instance
+        return await self._token_request(
+            {
+                "grant_type": "password",
+                "username": i.username,
+                "password": i.password.reveal(),
+            },
+            grant="password",
+        )
+
+    async def refresh(self, refresh_token: Secret) -> Grant:
+        """Refresh grant; Sugar rotates every token and deletes the old refresh token."""
+        return await self._token_request(
+            {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()},
+            grant="refresh_token",
+        )
+
+    async def probe(self, access_token: Secret) -> Probe:
+        """`GET /rest/v10/ping` with the token: does Sugar still take it? Any 401 means no
+        (evicted, rotated, logged out); anything but 200 or 401 is no verdict."""
+        status, _ = await self._authenticated_get(PING_PATH, access_token)
+        return _verdict(status)
+
+    async def server_info(self, access_token: Secret) -> ServerInfo:
+        """The `version` that Sugar's ServerInfo publishes ("13.3.0"), or None if it did not
+        answer one: the caller treats an unknown version as the newest (docs/sugarcrm.md)."""
+        status, data = await self._authenticated_get(SERVER_INFO_PATH, access_token)
+        version = data.get("version") if status == 200 and data is not None else None
+        if not (isinstance(version, str) and VERSION_TEXT.match(version)):
+            version = None
+        return ServerInfo(version, _verdict(status))
+
+    async def logout(self, grant: Grant) -> None:
+        """End the session of `grant` upstream (only `sugard check --login`'s own test login);
+        failures are ignored: that session expires anyway."""
+        try:
+            url = self.instance.url + LOGOUT_PATH
+            async with self._session.post(
+                url,
+                json={"refresh_token": grant.refresh_token.reveal()},
+                timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
+                ssl=self._ssl,
+                **self.route.request_options(url, {"OAuth-Token": grant.access_token.reveal()}),
+            ) as response:
+                await response.read()
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            pass
+
+    async def _authenticated_get(
+        self, path: str, access_token: Secret
+    ) -> tuple[int | None, dict[str, Any] | None]:
+        """One GET with the token; (None, None) when there was no answer at all."""
+        if self._tls_problem is not None:
+            return None, None
+        try:
+            url = self.instance.url + path
+            async with self._session.get(
+                url,
+                timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
+                ssl=self._ssl,
+                allow_redirects=False,
+                **self.route.request_options(
+                    url, {"OAuth-Token": access_token.reveal(), "Accept": "application/json"}
+                ),
+            ) as response:
+                return response.status, _json_object(await response.read())
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return None, None
+
+    async def _token_request(self, fields: dict[str, str], *, grant: str) -> Grant:
+        i = self.instance
+        if self._tls_problem is not None:
+            raise RejectedError(self._tls_problem.message)
+        route = self.route
+        if route.problem is not None:
+            raise RejectedError(route.problem)
+        body = {
+            **fields,
+            "client_id": i.client_id,
+            "client_secret": i.client_secret.reveal(),
+            "platform": i.platform,
+        }
+        # Expiry counts from when we asked, not when the answer came: never overestimate it.
+        sent_at = self._clock()
+        url = i.url + TOKEN_PATH
+        via = f" through proxy {route.proxy}" if route.proxy else ""
+        try:
+            async with self._session.post(
+                url,
+                json=body,
+                timeout=aiohttp.ClientTimeout(total=i.timeout),
+                ssl=self._ssl,
+                allow_redirects=False,
+                **route.request_options(
+                    url, {"Accept": "application/json", "Cache-Control": "no-cache"}
+                ),
+            ) as response:
+                status = response.status
+                raw = await response.read()
+                retry_after = _parse_retry_after(response.headers.get("Retry-After"), self._clock())
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise RejectedError(
+                f"TLS certificate of {i.url} not trusted ({exc.certificate_error}); "
+                "set ca_file to your CA bundle"
+            ) from exc
+        except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the CONNECT
+            raise proxy_refused(i, route, exc.status) from exc
+        except aiohttp.ClientProxyConnectionError as exc:
+            raise Unreachable(
+                f"cannot reach proxy {route.proxy} (for {i.url}): {_describe_network_error(exc)}"
+            ) from exc
+        except TimeoutError as exc:
+            raise Timeout(f"no answer from {i.url}{via} within {i.timeout:g} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unreachable(f"cannot reach {i.url}{via}: {_describe_network_error(exc)}") from exc
+        if status == 407 and route.proxy:  # a plain-HTTP request the proxy did not forward
+            raise proxy_refused(i, route, status)
+        # Whatever secret this request carried may come back quoted in Sugar's error text.
+        sent_secrets = tuple(body[key] for key in SECRET_FIELDS if key in body)
+        return _interpret(i, grant, status, raw, retry_after, sent_at, sent_secrets)
+
+
+def _interpret(
+    i: InstanceConfig,
+    grant: str,
+    status: int,
+    raw: bytes,
+    retry_after: float | None,
+    sent_at: float,
+    sent_secrets: tuple[str, ...],
+) -> Grant:
+    data = _json_object(raw)
+    if status == 200:
+        parsed = _parse_grant(data, sent_at) if data is not None else None
+        if parsed is None:
+            raise BadResponse(
+                f"{i.url} answered 200 without a token (not SugarCRM's JSON; a proxy page?)",
+                status=status,
+            )
+        return parsed
+
+    raise refusal(i, grant, status, data, retry_after, sent_secrets, TOKEN_PATH)
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _parse_grant(data: dict[str, Any], sent_at: float) -> Grant | None:
+    access, refresh = data.get("access_token"), data.get("refresh_token")
+    expires_in = data.get("expires_in")
+    if not (isinstance(access, str) and access and isinstance(refresh, str) and refresh):
+        return None
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in <= 0:
+        return None
+    download = data.get("download_token")
+    token_type = data.get("token_type")
+    return Grant(
+        access_token=Secret(access),
+        refresh_token=Secret(refresh),
+        download_token=Secret(download if isinstance(download, str) else ""),
+        token_type=token_type if isinstance(token_type, str) else "bearer",
+        issued_at=sent_at,
+        expires_at=sent_at + float(expires_in),
+        refresh_expires_at=_refresh_expiry(data.get("refresh_expires_in"), sent_at),
+    )
+
+
+def _refresh_expiry(value: object, sent_at: float) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        return None
+    if value > EPOCH_THRESHOLD:
+        return float(value)  # IdM bug: an absolute epoch time, not a duration
+    return sent_at + float(value)
+
+
+def _parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds from `now` (the client's clock) that a Retry-After header asks us to wait."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def _describe_network_error(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return exc.strerror or "connection failed"
+    if isinstance(exc, asyncio.IncompleteReadError | ConnectionResetError):
+        return "connection reset"
+    return type(exc).__name__
