@@ -3,8 +3,8 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
 (`api.answer`); the HTTP status comes from the wire table, never from the class.
 
     DaemonError                 base; `.code`, `.details()` (extra fields of the answer)
-    +-- TokenUnavailable        token_unavailable  no token within the wait; `.retry_after`
-    +-- NeedsAttention          upstream_rejected  Sugar refused what a person must fix
+    +-- NoValidToken        token_unavailable  no token within the wait; `.retry_after`
+    +-- InstanceNeedsAttention          upstream_rejected  Sugar refused what a person must fix
     +-- InstanceStopped         unknown_instance   removed by a reload, or the daemon stops
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
     +-- ConfigError             invalid_config     (sugard.config) the config cannot be used
@@ -12,7 +12,7 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
     +-- InitError               bad_request        (sugard.cli.init) `sugard init` cannot go on
 
 The keeper raises the first three; the daemon the reload's and the socket's. What Sugar
-answers is another tree (sugard.sugar.SugarError): the keeper decides what each means, and
+answers is another tree (sugard.sugar.UpstreamError): the keeper decides what each means, and
 raises one of these. The client's tree (sugard.client.SugardError) is its own, built from the
 same wire table, so that `sugarctl` never imports this side.
 """
@@ -25,11 +25,11 @@ from sugard.wire import ERRORS
 
 __all__ = [
     "DaemonError",
+    "InstanceNeedsAttention",
     "InstanceStopped",
-    "NeedsAttention",
+    "NoValidToken",
     "ReloadFailed",
     "SocketError",
-    "TokenUnavailable",
 ]
 
 
@@ -53,7 +53,7 @@ class DaemonError(Exception):
         return {}
 
 
-class TokenUnavailable(DaemonError):
+class NoValidToken(DaemonError):
     """No valid token within the wait; try again after `retry_after` seconds."""
 
     code = "token_unavailable"
@@ -66,7 +66,7 @@ class TokenUnavailable(DaemonError):
         return {"retry_after": self.retry_after}
 
 
-class NeedsAttention(DaemonError):
+class InstanceNeedsAttention(DaemonError):
     """Sugar refused for a reason a person must fix; sugard will not retry by itself."""
 
     code = "upstream_rejected"

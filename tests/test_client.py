@@ -100,14 +100,14 @@ def test_shutdown_of_a_daemon_systemd_runs_is_a_bad_request(
 
 def test_the_clients_limits_are_the_daemons() -> None:
     """The bounds the client checks before asking are the ones the daemon enforces."""
-    from sugard import api, client
+    from sugard import client, wire
 
-    assert (api.DEFAULT_WAIT, api.MAX_WAIT, api.MAX_MIN_TTL) == (
+    assert (wire.DEFAULT_WAIT, wire.MAX_WAIT, wire.MAX_MIN_TTL) == (
         client.DEFAULT_WAIT,
         client.MAX_WAIT,
         client.MAX_MIN_TTL,
     )
-    assert api.TOKEN_LIFETIME_HEADER.lower().encode() == client.LIFETIME_HEADER
+    assert wire.TOKEN_LIFETIME_HEADER.lower().encode() == client.LIFETIME_HEADER
 
 
 def test_errors_are_typed_with_the_exit_codes(

@@ -27,8 +27,8 @@ from test_metrics import wait_for
 from sugard.config import InstanceConfig, SecretRef, parse_config
 from sugard.daemon import fdstore as handoff
 from sugard.daemon.systemd import read_memfd
-from sugard.keeper import Grant
 from sugard.secret import Secret
+from sugard.sugar import Grant
 from sugard.testing import FakeSugar
 
 NAME = "store.session.prod"  # what sugard names the session of instance `prod`

@@ -24,9 +24,10 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from sugard.keeper import State
-from sugard.observe import STATES, Fanout, Observer
+from sugard.observe import Fanout, Observer
 from sugard.observe.metrics import Metrics, status_class
 from sugard.testing import FakeSugar, running_fake
+from sugard.wire import STATES
 
 NOBODY = 65534
 AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]

@@ -1,12 +1,8 @@
-"""The routes of the socket API: HTTP/1.1 + JSON under /v1, thin over the keepers.
+"""The socket API: HTTP/1.1 + JSON under /v1, thin over the keepers.
 
-Every answer, errors included, is JSON of the wire's shapes (sugard.wire, described by
-`openapi.spec()`); the daemon's errors become answers in one place (`answer`).
-
-Who may ask is decided by the kernel's word on the peer twice: when a connection is made
-(sugard.api.serving, which also bounds connections, header sizes and idle time) and for every
-request (sugard.api.middleware, which also answers aiohttp's errors in JSON and parses query
-seconds and bodies). Here: the body's size and the time to send it.
+Every answer, errors included, is JSON of the wire's shapes (described by `openapi.spec()`);
+the daemon's errors become answers in one place (`answer`). Who may ask is checked when a
+connection is made (`serving`) and for every request (`middleware`).
 """
 
 from __future__ import annotations
@@ -27,29 +23,30 @@ from sugard import __version__
 from sugard.api.middleware import (
     MAX_BODY,
     Admission,
-    BadRequest,
+    BadInput,
     check_peer,
     forbidden,
     json_body,
     json_errors,
     seconds,
-    shown,
 )
 from sugard.api.openapi import spec
 from sugard.api.serving import error, peer_of
 from sugard.config import split_host_port
 from sugard.errors import (
     DaemonError,
+    InstanceNeedsAttention,
     InstanceStopped,
-    NeedsAttention,
+    NoValidToken,
     ReloadFailed,
     SocketError,
-    TokenUnavailable,
 )
-from sugard.keeper import Grant, Keeper
+from sugard.keeper import Keeper
 from sugard.observe import Observer, TokenOutcome
 from sugard.peer import Peer
 from sugard.proxy import add_routes
+from sugard.sugar import Grant
+from sugard.text import quoted
 from sugard.wire import (
     DEFAULT_WAIT,
     INSTANCE_NAME_PATTERN,
@@ -60,12 +57,7 @@ from sugard.wire import (
 )
 
 __all__ = [
-    "DEFAULT_WAIT",
     "KEY_METRICS",
-    "MAX_BODY",
-    "MAX_MIN_TTL",
-    "MAX_WAIT",
-    "TOKEN_LIFETIME_HEADER",
     "Registry",
     "answer",
     "make_app",
@@ -158,7 +150,7 @@ def make_app(
 def _keeper(request: web.Request) -> Keeper | web.Response:
     name = request.match_info["name"]
     if not INSTANCE_NAME.fullmatch(name):
-        return error("bad_request", f"bad instance name {shown(name)}: {INSTANCE_NAME_RULE}")
+        return error("bad_request", f"bad instance name {quoted(name)}: {INSTANCE_NAME_RULE}")
     keepers = request.app[KEY_REGISTRY].keepers
     keeper = keepers.get(name)
     if keeper is None:
@@ -219,7 +211,7 @@ async def _answer_token(
                 return successor
             keeper = successor
             grant = await keeper.token(min_ttl, max(0.0, deadline - loop.time()))
-    except (TokenUnavailable, NeedsAttention, InstanceStopped) as exc:
+    except (NoValidToken, InstanceNeedsAttention, InstanceStopped) as exc:
         _count(request, keeper, _OUTCOMES[type(exc)])
         return answer(exc)
     _count(request, keeper, "served")
@@ -233,8 +225,8 @@ async def _answer_token(
 
 
 _OUTCOMES: dict[type[DaemonError], TokenOutcome] = {
-    TokenUnavailable: "unavailable",
-    NeedsAttention: "rejected",
+    NoValidToken: "unavailable",
+    InstanceNeedsAttention: "rejected",
     InstanceStopped: "gone",
 }
 
@@ -295,7 +287,7 @@ async def token(request: web.Request) -> web.Response:
     try:
         min_ttl = seconds(request, "min_ttl", 0.0, MAX_MIN_TTL)
         wait = seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
-    except BadRequest as exc:
+    except BadInput as exc:
         _count(request, keeper, "bad_request")
         return error("bad_request", str(exc))
     return await _answer_token(

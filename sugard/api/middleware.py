@@ -23,18 +23,18 @@ from sugard.api.serving import error, peer_of
 from sugard.observe import Observer
 from sugard.peer import Peer, refusal
 from sugard.proxy import PROXY_ROUTE
+from sugard.text import quoted
 
 __all__ = [
     "MAX_BODY",
     "Admission",
-    "BadRequest",
+    "BadInput",
     "Handler",
     "check_peer",
     "forbidden",
     "json_body",
     "json_errors",
     "seconds",
-    "shown",
 ]
 
 log = logging.getLogger("sugard.api")
@@ -53,19 +53,13 @@ class Admission(Protocol):
     def allowed(self, peer: Peer, instance: str | None) -> bool: ...
 
 
-def shown(value: str, limit: int = 80) -> str:
-    """A client-supplied value, quoted, on one line and short, for an error message."""
-    text = value if len(value) <= limit else value[:limit] + "..."
-    return repr(text)
-
-
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status == 404:
-            return error("not_found", f"no such route: {request.method} {shown(request.path)}")
+            return error("not_found", f"no such route: {request.method} {quoted(request.path)}")
         if exc.status == 405:
             allowed = exc.headers.get("Allow", "")
             resp = error("method_not_allowed", f"{request.method} is not allowed here")
@@ -121,7 +115,7 @@ def forbidden(registry: Admission, peer: Peer | None, instance: str | None) -> w
     return error("forbidden", refusal(peer, instance if daemon_wide else None))
 
 
-class BadRequest(Exception):
+class BadInput(Exception):
     """A query value the route cannot use; its message is the 400's."""
 
 
@@ -133,9 +127,9 @@ def seconds(request: web.Request, key: str, default: float, high: float) -> floa
     try:
         value = float(raw)
     except ValueError:
-        raise BadRequest(f"{key} must be a number of seconds, not {shown(raw)}") from None
+        raise BadInput(f"{key} must be a number of seconds, not {quoted(raw)}") from None
     if math.isnan(value) or not 0 <= value <= high:
-        raise BadRequest(f"{key} must be between 0 and {high:g} seconds, not {shown(raw)}")
+        raise BadInput(f"{key} must be between 0 and {high:g} seconds, not {quoted(raw)}")
     return value
 
 

@@ -12,10 +12,10 @@ import copy
 from typing import Any
 
 from sugard import __version__
-from sugard.api.schemas import ERROR_CODES, INSTANCE_NAME, SCHEMAS, ref
+from sugard.api.schemas import INSTANCE_NAME, SCHEMAS, ref
 from sugard.wire import DEFAULT_WAIT, MAX_MIN_TTL, MAX_WAIT, TOKEN_LIFETIME_HEADER
 
-__all__ = ["ERROR_CODES", "INSTANCE_NAME", "PROXIED_METHODS", "PROXIED_PATH", "SCHEMAS", "spec"]
+__all__ = ["PROXIED_METHODS", "PROXIED_PATH", "spec"]
 
 
 def _json(schema: dict[str, Any], description: str, **headers: dict[str, Any]) -> dict[str, Any]:

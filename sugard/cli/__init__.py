@@ -1,6 +1,6 @@
 """`sugard`: run the daemon, check and write its config, or try it all with the demo.
 
-Only the parser and the calls: each command's work is in its module (`start`, `check`,
+Only the parser and the calls: each command's work is in its module (`run`, `check`,
 `init`, `demo`), loaded when that command runs."""
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from pathlib import Path
 
 from sugard import __version__, wire
 from sugard.config import Config
+from sugard.wire import SOCKET_ORDER
 
-SOCKET_ORDER = (
-    "--socket, else $SUGARD_SOCKET, else [daemon].socket of the config, else "
-    "$XDG_RUNTIME_DIR/sugard/sugard.sock, else /tmp/sugard-$UID/sugard.sock"
-)
 EXIT_USAGE = "2 usage error (the message names the argument); 130 interrupted (Ctrl-C)"
 
 
@@ -50,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         f"the socket cannot be set up, or a second signal cut the stop short; {EXIT_USAGE}.",
     )
     with_config(p)
-    p.add_argument("--socket", metavar="PATH", help=f"socket to listen on: {SOCKET_ORDER}")
+    p.add_argument(
+        "--socket", metavar="PATH", help=f"socket to listen on; without it {SOCKET_ORDER}"
+    )
     p.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error"),

@@ -36,10 +36,9 @@ from sugard.config import (
 from sugard.config.show import effective_config
 from sugard.config.sources import is_empty_inline
 from sugard.sugar.outbound import UnusableCaFile, tls_context
+from sugard.wire import SETTLING
 
 __all__ = ["audit_config", "check_command", "load_reported", "run_check", "show_config"]
-
-SETTLING = ("starting", "logging_in")
 
 
 def run_check(
@@ -290,13 +289,13 @@ def _suffix(ref: SecretRef) -> str:
 async def _login_and_out(instance: InstanceConfig) -> str | None:
     """One password login, then a logout that ends the new session at once; why it failed,
     or None."""
-    from sugard.sugar import SugarClient, SugarError, new_http_session
+    from sugard.sugar import SugarClient, UpstreamError, new_http_session
 
     async with new_http_session() as http:
         client = SugarClient(instance, http)
         try:
             grant = await client.login()
-        except SugarError as exc:
+        except UpstreamError as exc:
             return exc.message
         await client.logout(grant)
     return None

@@ -24,7 +24,6 @@ from sugard.wire import (
 
 __all__ = [
     "EXIT_CODES",
-    "SOCKET_ORDER",
     "command_help",
     "described_options",
     "general_help",

@@ -30,8 +30,9 @@ from typing import Any
 
 from sugard.config import Config, InstanceConfig
 from sugard.daemon.systemd import Notifier, read_memfd, sealed_memfd
-from sugard.keeper import Grant, Keeper, Rejection
+from sugard.keeper import Keeper, Rejection
 from sugard.secret import Secret
+from sugard.sugar import Grant
 
 __all__ = [
     "FORMAT",

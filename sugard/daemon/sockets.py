@@ -19,7 +19,6 @@ from sugard.errors import SocketError
 from sugard.wire import SOCKET_PATH_MAX
 
 __all__ = [
-    "SocketError",
     "SocketLock",
     "adopt_socket",
     "check_socket_dir",

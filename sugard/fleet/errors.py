@@ -17,9 +17,3 @@ class StoreRefused(StoreUnreachable):
 
 class WrongKey(FleetError):
     """A stored record does not open with this host's fleet key."""
-
-
-def one_line(exc: BaseException) -> str:
-    """An error of Redis or the network as one short line for a message."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:200]

@@ -22,11 +22,12 @@ from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError
 
 from sugard.config import FleetConfig, InstanceConfig
-from sugard.fleet.errors import FleetError, StoreUnreachable, WrongKey, one_line
+from sugard.fleet.errors import FleetError, StoreUnreachable, WrongKey
 from sugard.fleet.lease import Clock, Lease
 from sugard.fleet.member import FleetMember
 from sugard.fleet.sealing import FleetKey, identity_of
 from sugard.fleet.store import FleetStore, RenewalRequest
+from sugard.text import one_line
 
 log = logging.getLogger("sugard.fleet")
 
@@ -159,7 +160,7 @@ class Fleet:
             except (StoreUnreachable, RedisError, OSError) as exc:
                 self.subscribed.clear()
                 failures += 1
-                log.debug("fleet listener: %s; again in a moment", one_line(exc))
+                log.debug("fleet listener: %s; again in a moment", one_line(exc, 200))
                 await asyncio.sleep(backoff.compute(failures))
             finally:
                 with contextlib.suppress(RedisError, OSError):

@@ -32,6 +32,7 @@ from sugard.fleet.errors import FleetError, WrongKey
 from sugard.fleet.member import FleetMember
 from sugard.fleet.sealing import SessionRecord
 from sugard.fleet.store import NotLeader, Stale, Written
+from sugard.observe import RenewalReason
 from sugard.secret import Secret
 from sugard.sugar import Grant, RejectedError, SugarClient, TransientError
 
@@ -57,7 +58,7 @@ class Seat(Protocol):
 
     def offer(self, grant: Grant) -> bool: ...
 
-    def request_renewal(self, reason: str) -> None: ...
+    def request_renewal(self, reason: RenewalReason) -> None: ...
 
 
 def shown_url(fleet: FleetConfig) -> str:
@@ -160,7 +161,7 @@ class FleetSource(SugarClient):
             log.info(
                 "%s: %s asks for a renewal (%s)", self.member.name, request.sender, request.kind
             )
-            self._seat.request_renewal(f"a fleet follower's {request.kind} request")
+            self._seat.request_renewal(RenewalReason.DEMANDED)
 
     # The calls the keeper makes
 

@@ -15,8 +15,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, RedisError, ResponseError
 
 from sugard.config import FleetConfig
-from sugard.fleet.errors import StoreRefused, StoreUnreachable, WrongKey, one_line
+from sugard.fleet.errors import StoreRefused, StoreUnreachable, WrongKey
 from sugard.fleet.sealing import FleetKey
+from sugard.text import one_line
 
 REFUSALS = ("NOAUTH", "WRONGPASS", "NOPERM", "invalid username-password", "no permissions")
 T = TypeVar("T")
@@ -143,12 +144,12 @@ class FleetStore:
             )
             if refused:
                 raise StoreRefused(
-                    f"Redis refused {what}: {one_line(exc)}; check [fleet] redis_password and "
+                    f"Redis refused {what}: {one_line(exc, 200)}; check [fleet] redis_password and "
                     "the ACL user's rights (docs/fleet.md)"
                 ) from None
             if isinstance(exc, ResponseError):
-                raise StoreUnreachable(f"Redis failed {what}: {one_line(exc)}") from None
-            raise StoreUnreachable(f"Redis unreachable ({what}): {one_line(exc)}") from None
+                raise StoreUnreachable(f"Redis failed {what}: {one_line(exc, 200)}") from None
+            raise StoreUnreachable(f"Redis unreachable ({what}): {one_line(exc, 200)}") from None
 
     async def ping(self) -> None:
         await self.call("PING", self.redis.ping())

@@ -23,26 +23,22 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from sugard.config import ConfigError, InstanceConfig
-from sugard.errors import InstanceStopped, NeedsAttention, TokenUnavailable
+from sugard.errors import InstanceNeedsAttention, InstanceStopped
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Board, Demand, LastError, Need, Rejection, State, Status
 from sugard.keeper.supervisor import Leadership, Supervisor
 from sugard.keeper.timing import grace_for_version
-from sugard.observe import Observer
+from sugard.observe import Observer, RenewalReason
 from sugard.secret import Secret
 from sugard.sugar import Grant, SugarClient
 
 __all__ = [
-    "MAX_SLEEP",
-    "Grant",  # what a keeper hands out: the api serves it without knowing the sugar module
-    "InstanceStopped",
+    "MAX_SLEEP",  # what a keeper hands out: the api serves it without knowing the sugar module
     "Keeper",
     "LastError",
-    "NeedsAttention",
     "Rejection",
     "State",
     "Status",
-    "TokenUnavailable",
     "grace_for_version",
 ]
 
@@ -202,7 +198,7 @@ class Keeper:
             if self.state is State.FAILED:
                 raise self._progress.needs_attention()
             if (joined is None or joined.done) and self._supervisor.resumed is None:
-                joined = self._board.join(Need.RENEW, "a token request")
+                joined = self._board.join(Need.RENEW, RenewalReason.DEMANDED)
             left = deadline - loop.time()
             if left <= 0 or not await self._board.idle(left):
                 if held and grant is not None and grant is self._supervisor.session.grant:
@@ -231,7 +227,7 @@ class Keeper:
         ):
             # Logged by the report that starts the check: the others only join it.
             starts_check = self._board.pending() is None
-            check = self._board.join(Need.CHECK, "a script's report")
+            check = self._board.join(Need.CHECK, RenewalReason.REPORTED)
             if starts_check:
                 log.info(
                     "%s: token %s reported as refused by Sugar; checking it",
@@ -253,7 +249,7 @@ class Keeper:
         self._raise_if_stopped()
         if self.rejection is not None:
             await self._recheck_rejected(retry_rejected)
-        demand = self._board.join(Need.RENEW, "sugarctl refresh", forced=True)
+        demand = self._board.join(Need.RENEW, RenewalReason.FORCED, forced=True)
         attempts = demand.attempts
         loop = asyncio.get_running_loop()
         await self._wait_for(lambda: demand.attempts > attempts, loop.time() + wait)
@@ -270,7 +266,7 @@ class Keeper:
             try:
                 self._take(await asyncio.to_thread(self._reread, self.config))
             except ConfigError as exc:
-                raise NeedsAttention(
+                raise InstanceNeedsAttention(
                     f"cannot read the secrets of {self.name!r} again: {exc.problems[0]}"
                 ) from None
         if not self.refuses_rejected():
@@ -278,7 +274,7 @@ class Keeper:
         elif insist:
             log.warning("%s: sending the rejected %s again, as asked", self.name, rejection.field)
         else:
-            raise NeedsAttention(rejection.refusal(self.config))
+            raise InstanceNeedsAttention(rejection.refusal(self.config))
         self.rejection = None
 
     def _take(self, config: InstanceConfig) -> None:
@@ -296,7 +292,7 @@ class Keeper:
         fixed what Sugar refused (unlocked the user, registered the platform). Never with a
         secret Sugar rejected that has not changed since."""
         if self.state is State.FAILED and not self.refuses_rejected():
-            self._board.join(Need.RENEW, "a reload", forced=True)
+            self._board.join(Need.RENEW, RenewalReason.FORCED, forced=True)
 
     # A session handed over a restart (sugard/daemon/fdstore.py)
 
@@ -332,7 +328,7 @@ class Keeper:
         self._board.notify()
         return True
 
-    def request_renewal(self, reason: str) -> None:
+    def request_renewal(self, reason: RenewalReason) -> None:
         """Renew once for a follower that asked (joins a renewal pending or in flight)."""
         if not self._board.closed:
             self._board.join(Need.RENEW, reason)

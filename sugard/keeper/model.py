@@ -11,12 +11,15 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from sugard.config import InstanceConfig
-from sugard.sugar import ClientRejected, CredentialsRejected, SugarError
+from sugard.observe import RenewalReason
+from sugard.sugar import ClientRejected, CredentialsRejected, UpstreamError
 
 __all__ = ["Board", "Demand", "ErrorStatus", "LastError", "Need", "Rejection", "State", "Status"]
 
 
 class State(enum.StrEnum):
+    """The instance states of sugard.wire.STATES, typed (a test pins that both agree)."""
+
     STARTING = "starting"
     LOGGING_IN = "logging_in"
     READY = "ready"
@@ -81,7 +84,7 @@ class Demand:
     """
 
     need: Need
-    reason: str
+    reason: RenewalReason
     forced: bool = False  # a person asked: act now, even during a backoff or when `failed`
     in_flight: bool = False  # its upstream call is under way
     attempts: int = 0  # upstream attempts finished for it
@@ -100,7 +103,7 @@ class Rejection:
     FIELDS: ClassVar[tuple[str, ...]] = ("password", "client_secret")
 
     @classmethod
-    def of(cls, exc: SugarError, config: InstanceConfig) -> Rejection | None:
+    def of(cls, exc: UpstreamError, config: InstanceConfig) -> Rejection | None:
         if isinstance(exc, CredentialsRejected):
             return cls.would_send("password", config)
         if isinstance(exc, ClientRejected):
@@ -142,7 +145,7 @@ class Board:
         self.closed = False  # the keeper stopped: waiters give up
         self._changed = asyncio.Event()
 
-    def join(self, need: Need, reason: str, *, forced: bool = False) -> Demand:
+    def join(self, need: Need, reason: RenewalReason, *, forced: bool = False) -> Demand:
         """The demand that will bring what is needed: the one pending or in flight, or a new one."""
         demand = self.demand
         if demand is None or demand.done:

@@ -12,27 +12,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sugard.config import GRACE_AUTO, InstanceConfig
-from sugard.errors import NeedsAttention, TokenUnavailable
+from sugard.errors import InstanceNeedsAttention, NoValidToken
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Demand, ErrorStatus, LastError, Rejection, State, Status
 from sugard.observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
 from sugard.secret import Secret
-from sugard.sugar import Grant, Probe, RejectedError, SugarClient, SugarError
+from sugard.sugar import Grant, Probe, RejectedError, SugarClient, UpstreamError
 
-__all__ = ["REASON_LABELS", "CountedCalls", "HeldSession", "Progress", "renewal_reason"]
+__all__ = ["CountedCalls", "HeldSession", "Progress", "renewal_reason"]
 
 log = logging.getLogger("sugard.keeper")  # the keeper's log lines, wherever they are made
 
 
-# A demand's reason, as the renewals metric counts it; "a token request" with a token in hand
-# is a min_ttl the token could not meet ("demanded"), with none it is the first ("initial").
-REASON_LABELS: dict[str, RenewalReason] = {
-    "the schedule": "scheduled",
-    "a script's report": "reported",
-    "the probe interval": "probe",
-    "sugarctl refresh": "forced",
-    "a reload": "forced",
-}
 PROBE_OUTCOMES: dict[Probe, UpstreamOutcome] = {
     Probe.ALIVE: "ok",
     Probe.DEAD: "rejected",
@@ -41,9 +32,7 @@ PROBE_OUTCOMES: dict[Probe, UpstreamOutcome] = {
 
 
 def renewal_reason(demand: Demand, grant: Grant | None) -> RenewalReason:
-    if grant is None or demand.reason == "no usable token":
-        return "initial"
-    return REASON_LABELS.get(demand.reason, "demanded")
+    return RenewalReason.INITIAL if grant is None else demand.reason
 
 
 @dataclass(frozen=True)
@@ -79,7 +68,7 @@ class CountedCalls:
         except RejectedError:
             outcome = "rejected"
             raise
-        except SugarError:
+        except UpstreamError:
             outcome = "transient"
             raise
         finally:
@@ -261,7 +250,7 @@ class Progress:
     def renewed(self, expires_at: float) -> None:
         self._observer.renewed(self.name, expires_at=expires_at, error_kind=self._error_kind())
 
-    def error(self, exc: SugarError) -> None:
+    def error(self, exc: UpstreamError) -> None:
         self.last_error = LastError(self._clock(), exc.kind, exc.message)
 
     def _expires_at(self) -> float | None:
@@ -305,17 +294,17 @@ class Progress:
             return False
         return self.last_refresh is None or error.at >= self.last_refresh
 
-    def unavailable(self) -> TokenUnavailable:
+    def unavailable(self) -> NoValidToken:
         """Why there is no token now, and when to ask again."""
         retry_after = 1.0
         if self.next_attempt_at is not None:
             retry_after = max(1.0, round(self.next_attempt_at - self._clock(), 1))
         why = f": {self.last_error.message}" if self.last_error else ""
         message = f"no valid token for {self.name!r} yet ({self.state.value}){why}"
-        return TokenUnavailable(message, retry_after)
+        return NoValidToken(message, retry_after)
 
-    def needs_attention(self) -> NeedsAttention:
+    def needs_attention(self) -> InstanceNeedsAttention:
         """Why the instance `failed` (it waits for a person)."""
         if self.last_error is not None:
-            return NeedsAttention(self.last_error.message)
-        return NeedsAttention(f"instance {self.name!r} failed")
+            return InstanceNeedsAttention(self.last_error.message)
+        return InstanceNeedsAttention(f"instance {self.name!r} failed")

@@ -16,7 +16,7 @@ from sugard.config import InstanceConfig
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Board, Demand, Need, Rejection, State
 from sugard.keeper.session import CountedCalls, HeldSession, Progress, renewal_reason
-from sugard.observe import Observer
+from sugard.observe import Observer, RenewalReason
 from sugard.secret import Secret
 from sugard.sugar import (
     ClientRejected,
@@ -27,7 +27,7 @@ from sugard.sugar import (
     RefreshRejected,
     RejectedError,
     SugarClient,
-    SugarError,
+    UpstreamError,
 )
 
 __all__ = ["Leadership", "Supervisor"]
@@ -104,11 +104,11 @@ class Supervisor:
             return demand
         grant, now = self.session.grant, self._clock()
         if grant is None or not self.session.usable():
-            return self.board.join(Need.RENEW, "no usable token")
+            return self.board.join(Need.RENEW, RenewalReason.INITIAL)
         if now >= self._renewal_time(grant):
-            return self.board.join(Need.RENEW, "the schedule")
+            return self.board.join(Need.RENEW, RenewalReason.SCHEDULED)
         if self._probe_at is not None and now >= self._probe_at:
-            return self.board.join(Need.CHECK, "the probe interval")
+            return self.board.join(Need.CHECK, RenewalReason.PROBE)
         return None
 
     def _seconds_to_next_action(self) -> float:
@@ -136,7 +136,7 @@ class Supervisor:
                 self.session.take_back_dead(grant)
                 if not expired:
                     self.progress.evicted("probe")
-                self.board.join(Need.RENEW, "no usable token")
+                self.board.join(Need.RENEW, RenewalReason.INITIAL)
                 return
             self.install(grant)
             self.progress.last_refresh = grant.issued_at
@@ -161,7 +161,7 @@ class Supervisor:
         if demand.need is Need.RENEW:  # someone needed a new token meanwhile
             await self._renew(demand)
             return
-        reported = demand.reason == "a script's report"
+        reported = demand.reason is RenewalReason.REPORTED
         if verdict is Probe.ALIVE:
             if reported:
                 log.info(
@@ -225,7 +225,7 @@ class Supervisor:
                     why = self.session.why_login()
                     log.info("%s: %s; logging in with the password", self.name, why)
                 grant = await self._login()
-        except SugarError as exc:
+        except UpstreamError as exc:
             self.progress.failures += 1
             self.progress.error(exc)
             demand.in_flight = False

@@ -14,6 +14,7 @@ Standard library only: every layer may import it at no cost.
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Iterable
 from typing import Final, Literal
@@ -21,7 +22,6 @@ from typing import Final, Literal
 __all__ = [
     "EVICTION_FOUND_BY",
     "RENEWAL_REASONS",
-    "STATES",
     "TOKEN_OUTCOMES",
     "UPSTREAM_GRANTS",
     "UPSTREAM_OUTCOMES",
@@ -36,8 +36,6 @@ __all__ = [
 
 log = logging.getLogger("sugard.observe")
 
-# The keeper's states (keeper.State); tests/test_metrics.py pins that the two agree.
-STATES: Final = ("starting", "logging_in", "ready", "refreshing", "backing_off", "failed")
 
 UpstreamGrant = Literal["password", "refresh", "probe", "serverinfo"]
 UPSTREAM_GRANTS: Final[tuple[UpstreamGrant, ...]] = ("password", "refresh", "probe", "serverinfo")
@@ -46,18 +44,22 @@ UPSTREAM_GRANTS: Final[tuple[UpstreamGrant, ...]] = ("password", "refresh", "pro
 UpstreamOutcome = Literal["ok", "rejected", "transient"]
 UPSTREAM_OUTCOMES: Final[tuple[UpstreamOutcome, ...]] = ("ok", "rejected", "transient")
 
+
 # Why a renewal (a refresh, or a login) starts: the refresh-ahead schedule, a script's report
 # of a dead token, a probe that found it dead, `sugarctl refresh` (or a reload retrying a
 # failed instance), a request whose min_ttl the current token cannot meet, no token at all.
-RenewalReason = Literal["scheduled", "reported", "probe", "forced", "demanded", "initial"]
-RENEWAL_REASONS: Final[tuple[RenewalReason, ...]] = (
-    "scheduled",
-    "reported",
-    "probe",
-    "forced",
-    "demanded",
-    "initial",
-)
+class RenewalReason(enum.StrEnum):
+    """Why a renewal (a refresh, or a login) starts; each value is its metric label."""
+
+    SCHEDULED = "scheduled"  # the refresh-ahead schedule
+    REPORTED = "reported"  # a script's report of a dead token
+    PROBE = "probe"  # a probe found the token dead
+    FORCED = "forced"  # `sugarctl refresh`, or a reload retrying a failed instance
+    DEMANDED = "demanded"  # a request whose min_ttl the token cannot meet, a fleet follower
+    INITIAL = "initial"  # no usable token at all
+
+
+RENEWAL_REASONS: Final[tuple[RenewalReason, ...]] = tuple(RenewalReason)
 
 # How a TOKEN request (token, invalidate, refresh) was answered: 200, 503 token_unavailable,
 # 502 upstream_rejected, 403 forbidden, 404 for an instance a reload removed meanwhile, 400.

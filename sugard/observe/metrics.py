@@ -36,7 +36,6 @@ from sugard import __version__
 from sugard.observe import (
     EVICTION_FOUND_BY,
     RENEWAL_REASONS,
-    STATES,
     TOKEN_OUTCOMES,
     UPSTREAM_GRANTS,
     UPSTREAM_OUTCOMES,
@@ -47,6 +46,7 @@ from sugard.observe import (
     UpstreamGrant,
     UpstreamOutcome,
 )
+from sugard.wire import STATES
 
 __all__ = ["PROXY_BUCKETS", "Metrics", "status_class"]
 

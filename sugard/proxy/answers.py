@@ -14,7 +14,9 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from sugard.keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
+from sugard.keeper import Keeper
+from sugard.sugar import Grant
 
 log = logging.getLogger("sugard.proxy")
 
@@ -41,11 +43,11 @@ def sugar_error(status: int, label: str, message: str) -> web.Response:
     )
 
 
-def token_failure(exc: TokenUnavailable | NeedsAttention | InstanceStopped) -> web.Response:
+def token_failure(exc: NoValidToken | InstanceNeedsAttention | InstanceStopped) -> web.Response:
     """The keeper could not give a token: why, as Sugar would say it."""
-    if isinstance(exc, TokenUnavailable):
+    if isinstance(exc, NoValidToken):
         return sugar_error(503, "token_unavailable", str(exc))
-    if isinstance(exc, NeedsAttention):
+    if isinstance(exc, InstanceNeedsAttention):
         return sugar_error(502, "upstream_rejected", str(exc))
     return sugar_error(404, "not_found", str(exc))
 
@@ -77,7 +79,7 @@ async def oauth2(request: web.Request, keeper: Keeper, route: str) -> web.Respon
         await _discard_body(request)
         try:
             grant = await keeper.token(wait=TOKEN_WAIT)
-        except (TokenUnavailable, NeedsAttention, InstanceStopped) as exc:
+        except (NoValidToken, InstanceNeedsAttention, InstanceStopped) as exc:
             return token_failure(exc)
         log.info(
             "%s: answered a client's login with token %s (never sent to Sugar)",

@@ -24,9 +24,11 @@ from aiohttp import web
 from yarl import URL
 
 from sugard.config import InstanceConfig
-from sugard.keeper import Grant, InstanceStopped, Keeper, NeedsAttention, TokenUnavailable
+from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
+from sugard.keeper import Keeper
 from sugard.observe import Observer
 from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
+from sugard.sugar import Grant
 
 log = logging.getLogger("sugard.proxy")
 access_log = logging.getLogger("sugard.proxy.access")
@@ -169,7 +171,7 @@ class Forwarder:
         raw_path = request.rel_url.raw_path.split("/", skip + 1)[skip + 1]
         try:
             return await self._forward(request, keeper, raw_path)
-        except (TokenUnavailable, NeedsAttention, InstanceStopped) as exc:
+        except (NoValidToken, InstanceNeedsAttention, InstanceStopped) as exc:
             replaced = self.registry.keepers.get(name, keeper) is not keeper
             if isinstance(exc, InstanceStopped) and replaced:
                 # Replaced by a reload (new credentials) while this request waited, before
@@ -314,7 +316,7 @@ def _report_quietly(keeper: Keeper, token: str) -> None:
     401 goes back as it is, the next ones get the new token."""
 
     async def report() -> None:
-        with contextlib.suppress(TokenUnavailable, NeedsAttention, InstanceStopped):
+        with contextlib.suppress(NoValidToken, InstanceNeedsAttention, InstanceStopped):
             await keeper.invalidate(token, 0.0)
 
     task = asyncio.get_running_loop().create_task(report())

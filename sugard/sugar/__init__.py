@@ -45,10 +45,10 @@ from sugard.sugar.errors import (
     RefreshRejected,
     RejectedError,
     ServerError,
-    SugarError,
     Timeout,
     TransientError,
     Unreachable,
+    UpstreamError,
     proxy_refused,
     refusal,
 )
@@ -78,10 +78,10 @@ __all__ = [
     "ServerError",
     "ServerInfo",
     "SugarClient",
-    "SugarError",
     "Timeout",
     "TransientError",
     "Unreachable",
+    "UpstreamError",
     "new_http_session",
 ]
 

@@ -1,7 +1,7 @@
 """What Sugar (or the network, or a proxy in front of Sugar) refused with, as one error tree:
 `sugard.sugar` turns every failure into one of these, so nothing above it sees aiohttp.
 
-    SugarError                    anything that kept us from getting a token
+    UpstreamError                    anything that kept us from getting a token
     +-- TransientError            worth retrying later; `retry_after`: the server's wish
     |   +-- Timeout               no answer within `timeout`
     |   +-- Unreachable           no connection (DNS, refused, TLS handshake, the proxy)
@@ -58,10 +58,10 @@ __all__ = [
     "RefreshRejected",
     "RejectedError",
     "ServerError",
-    "SugarError",
     "Timeout",
     "TransientError",
     "Unreachable",
+    "UpstreamError",
     "proxy_refused",
     "refusal",
 ]
@@ -71,7 +71,7 @@ MAINTENANCE_TEXT = re.compile(r"maintenance", re.IGNORECASE)
 LICENSE_TEXT = re.compile(r"licen[cs]e|seats", re.IGNORECASE)
 
 
-class SugarError(Exception):
+class UpstreamError(Exception):
     """Base of every upstream failure. `kind` is a stable label; `str()` is one line for humans."""
 
     kind = "error"
@@ -83,7 +83,7 @@ class SugarError(Exception):
         self.label = label
 
 
-class TransientError(SugarError):
+class TransientError(UpstreamError):
     """Try again later. `retry_after` is the server's wish (seconds), if it said one."""
 
     kind = "transient"
@@ -163,7 +163,7 @@ _NEED_LOGIN_LOCKS: tuple[tuple[re.Pattern[str], type[RefreshConsumed], str], ...
 )
 
 
-class RejectedError(SugarError):
+class RejectedError(UpstreamError):
     """Sugar refused, for a reason that a person has to fix."""
 
     kind = "rejected"
@@ -201,7 +201,7 @@ def refusal(
     retry_after: float | None,
     sent_secrets: tuple[str, ...],
     token_path: str,
-) -> SugarError:
+) -> UpstreamError:
     """The error that an answer other than a token (`status`, its JSON object `data` if it
     was one) to a `grant` request at `token_path` becomes; `sent_secrets` never show in it."""
     label = data.get("error") if data is not None else None
@@ -293,7 +293,7 @@ def refusal(
     )
 
 
-def proxy_refused(i: InstanceConfig, route: Route, status: int) -> SugarError:
+def proxy_refused(i: InstanceConfig, route: Route, status: int) -> UpstreamError:
     """The proxy's own answer, never its text (which may echo the request)."""
     try:
         reason = f"{status} {HTTPStatus(status).phrase}"
