@@ -139,7 +139,7 @@ def make_app(
     app.router.add_post("/v1/instances/{name}/refresh", refresh)
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/shutdown", shutdown)
-    add_routes(app, registry, peer_of)
+    add_routes(app, registry, peer_of, observer)
     app.router.add_get("/v1/metrics", metrics_text)
     return app
 

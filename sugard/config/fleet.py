@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import importlib.util
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -123,9 +124,32 @@ FLEET_KEYS_HELP = (
 )
 
 
+FLEET_LIBRARIES = ("redis", "cryptography")  # the [fleet] extra's
+
+
+def missing_fleet_libraries() -> list[str]:
+    """The fleet extra's libraries this install lacks (looked up without importing them)."""
+    return [name for name in FLEET_LIBRARIES if not _installed(name)]
+
+
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a finder that refuses it; sys.modules[name] = None
+        return False
+
+
 def parse_fleet(
     data: Mapping[str, Any], problem: Callable[[str, str], None], base_dir: Path
 ) -> FleetConfig | None:
+    missing = missing_fleet_libraries()
+    if missing:
+        problem(
+            "fleet",
+            f"fleet mode needs {' and '.join(missing)}, not installed here: "
+            "pip install 'sugard[fleet]' (or pipx install 'sugard[fleet]')",
+        )
+        return None
     table = table_of(data, "fleet", problem)
     values: dict[str, Any] = {}
     ok = True

@@ -232,7 +232,6 @@ class Daemon:
     async def _serve_api(self, sock: socket.socket) -> None:
         app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
         self._forwarder = app[KEY_FORWARDER]
-        self._forwarder.observer = self.observer
         runner = ApiRunner(
             app, lambda peer: self.allowed(peer, None), shutdown_timeout=grace(self.config)
         )

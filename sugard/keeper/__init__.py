@@ -237,7 +237,7 @@ class Keeper:
             await self._wait_for(lambda: check.done, deadline)
         elif grant is not None and grant.access_token == reported:
             # `failed`: nothing to check with; never serve it again
-            self._supervisor.session.dead_token = reported
+            self._supervisor.session.mark_dead(reported)
         return await self.token(wait=max(0.0, deadline - loop.time()))
 
     async def refresh_now(self, wait: float = 10.0, *, retry_rejected: bool = False) -> Grant:
@@ -278,8 +278,7 @@ class Keeper:
         self.rejection = None
 
     def _take(self, config: InstanceConfig) -> None:
-        self._supervisor.config = config
-        self.upstream.instance = config
+        self._supervisor.take_config(config)
         if self.rejection is not None and not self.rejection.applies_to(config):
             self.rejection = None  # a new secret: it gets its one try
 
@@ -305,8 +304,7 @@ class Keeper:
     def resume(self, grant: Grant, sugar_version: str | None) -> None:
         """Take back the session the sugard before this one handed over; before start().
         Nothing is served from it until one probe says Sugar still takes its token."""
-        self._supervisor.resumed = grant
-        self._supervisor.session.sugar_version = sugar_version
+        self._supervisor.resume(grant, sugar_version)
 
     # Sessions from the fleet
 

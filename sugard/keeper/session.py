@@ -107,6 +107,14 @@ class HeldSession:
             self.ends_at = grant.refresh_expires_at
         return old
 
+    def mark_dead(self, token: Secret) -> None:
+        """Sugar refused `token`: it is never served again."""
+        self.dead_token = token
+
+    def remember_version(self, sugar_version: str | None) -> None:
+        """The Sugar version learnt before (a session handed over a restart)."""
+        self.sugar_version = sugar_version
+
     def take_back_dead(self, grant: Grant) -> None:
         """A kept session whose token Sugar no longer takes: its refresh token may still work."""
         self.grant, self.refresh_token, self.dead_token = (

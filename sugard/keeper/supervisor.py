@@ -77,6 +77,16 @@ class Supervisor:
         self.resumed: Grant | None = None  # a session kept across a restart, not yet checked
         self._probe_at: float | None = None
 
+    def take_config(self, config: InstanceConfig) -> None:
+        """New settings (a reload, a re-read secret): the next call to Sugar uses them."""
+        self.config = config
+        self.upstream.take_config(config)
+
+    def resume(self, grant: Grant, sugar_version: str | None) -> None:
+        """Start from the session a sugard before this one handed over (probed first)."""
+        self.resumed = grant
+        self.session.remember_version(sugar_version)
+
     @property
     def name(self) -> str:
         return self.config.name

@@ -91,12 +91,12 @@ class _Pool:
 class Forwarder:
     """Forwards proxied requests of every instance; one upstream pool per instance."""
 
-    def __init__(self, registry: ProxyRegistry) -> None:
+    def __init__(self, registry: ProxyRegistry, observer: Observer | None = None) -> None:
         self.registry = registry
         self.listener_urls: dict[str, str] = {}  # instance -> its listener's base URL
         self._pools: dict[str, _Pool] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self.observer = Observer()  # the daemon's own hears every request (metrics)
+        self.observer = observer or Observer()  # hears every request (metrics)
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from sugard.observe import Observer
 from sugard.proxy.answers import ProxyRegistry, refused
 from sugard.proxy.forward import Forwarder
 
@@ -17,10 +18,12 @@ PeerOf = Callable[[web.Request], Any]  # the request's peer (api.Peer), or None:
 KEY_FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
 
 
-def add_routes(app: web.Application, registry: ProxyRegistry, peer_of: PeerOf) -> Forwarder:
+def add_routes(
+    app: web.Application, registry: ProxyRegistry, peer_of: PeerOf, observer: Observer
+) -> Forwarder:
     """Serve the proxy on the socket app: `/v1/instances/{name}/rest/{path}` and
     `GET /v1/instances/{name}/proxy` (the base URLs to give a client)."""
-    forwarder = Forwarder(registry)
+    forwarder = Forwarder(registry, observer)
     app[KEY_FORWARDER] = forwarder
 
     async def proxied(request: web.Request) -> web.StreamResponse:

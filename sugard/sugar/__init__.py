@@ -178,6 +178,10 @@ class SugarClient:
         except RejectedError as exc:
             self._tls_problem = exc
 
+    def take_config(self, instance: InstanceConfig) -> None:
+        """Call Sugar with these settings from now on (a reload, a re-read secret)."""
+        self.instance = instance
+
     @property
     def instance(self) -> InstanceConfig:
         return self._instance
