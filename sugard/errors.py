@@ -3,13 +3,13 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
 (`api.answer`); the HTTP status comes from the wire table, never from the class.
 
     DaemonError                 base; `.code`, `.details()` (extra fields of the answer)
-    +-- NoValidToken        token_unavailable  no token within the wait; `.retry_after`
-    +-- InstanceNeedsAttention          upstream_rejected  Sugar refused what a person must fix
+    +-- NoValidToken            token_unavailable  no token within the wait; `.retry_after`
+    +-- InstanceNeedsAttention  upstream_rejected  Sugar refused what a person must fix
     +-- InstanceStopped         unknown_instance   removed by a reload, or the daemon stops
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
-    +-- ConfigError             invalid_config     (sugard.config) the config cannot be used
+    +-- ConfigError             invalid_config     the config cannot be used (sugard.config)
     +-- SocketError             internal           the socket cannot be set up (at start)
-    +-- InitError               bad_request        (sugard.cli.init) `sugard init` cannot go on
+    +-- InitError               bad_request        `sugard init` cannot go on (sugard.cli)
 
 The keeper raises the first three; the daemon the reload's and the socket's. What Sugar
 answers is another tree (sugard.sugar.UpstreamError): the keeper decides what each means, and

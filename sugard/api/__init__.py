@@ -94,7 +94,7 @@ class Registry(Admission, Protocol):
 
 
 # Cached: every token answer formats the same expiry again, and datetime formatting is a
-# measurable share of a token request's CPU (bench/: ~15 us of ~80 us per request).
+# measurable share of a token request's CPU (docs/performance.md).
 @functools.lru_cache(maxsize=256)
 def rfc3339(epoch: float | None) -> str | None:
     if epoch is None:

@@ -1,7 +1,6 @@
 """The config as `sugard show-config` prints it: defaults merged in, every secret hidden.
 
-Split from `config` (reading the document) because it is the way out, not in: it turns a
-loaded config into plain tables for TOML or JSON, and must never show a secret's value.
+It turns a loaded config into plain tables for TOML or JSON, and never shows a secret's value.
 """
 
 from __future__ import annotations

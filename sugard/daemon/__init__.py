@@ -156,7 +156,7 @@ class Daemon:
         self._background: set[asyncio.Task[None]] = set()
         self._listeners: dict[str, ProxyListener] = {}  # instance -> its proxy's TCP listener
         self._forwarder: Forwarder | None = None
-        # Metrics and on_event hooks (issue 18): keepers, api and proxy report to `observer`.
+        # Metrics and on_event hooks: keepers, api and proxy report to `observer`.
         self.metrics = Metrics(
             lambda: [k.status().as_dict() for k in self._keepers.values()], clock=clock
         )

@@ -2,8 +2,7 @@
 Sugar through it (the leader calls, followers wait for the session it shares).
 
 Fleet mode's own modules (`sugard.fleet`) pull in redis and cryptography: they are imported
-here only when `[fleet]` is on, so `import sugard.daemon` loads neither. Split from `daemon`
-so that rule is kept in one place.
+here only when `[fleet]` is on, so `import sugard.daemon` loads neither.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the daemon says about its instances, in its log and in systemd's `STATUS=`: each
 instance's way out (proxy or direct, never with the credentials), TLS checks turned off, what a
-reload did. Split from `daemon` so its start and reload read as their steps, not their words.
+reload did.
 """
 
 from __future__ import annotations

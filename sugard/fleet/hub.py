@@ -1,8 +1,7 @@
 """One daemon's fleet: the hub that runs every seat this host holds.
 
-Split from `member` (one seat's state and rules) because running the seats is a job of its
-own: join and leave, start and stop, one keep-alive loop per seat, and one pub/sub listener
-that hands each message to its seat.
+Join and leave, start and stop, one keep-alive loop per seat, and one pub/sub listener that
+hands each message to its seat.
 """
 
 from __future__ import annotations

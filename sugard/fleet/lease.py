@@ -1,8 +1,7 @@
 """The lease as the leader sees it: its local deadline, and whether a call ends before it.
 
-Split from `member` (the seat that holds a lease) because the deadline rule is a job of its
-own: counted from when the acquire or renew was sent, with room for clock drift, and tested
-apart from Redis.
+The deadline is counted from when the acquire or renew was sent, with room for clock drift; a
+pure rule, tested apart from Redis.
 """
 
 from __future__ import annotations
