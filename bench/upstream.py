@@ -180,7 +180,7 @@ def steady(sizes: Sizes, workdir: Path, report: Report) -> None:
 
 
 def schedule(lifetime: float, seconds: float) -> tuple[int, int]:
-    """How many refreshes `seconds` of service need, by the keeper's rule (renewal_timing.py
+    """How many refreshes `seconds` of service need, by the keeper's rule (sugard/keeper/timing.py
     `refresh_time`: refresh `min(refresh_before, life/2)` before expiry, plus 0-10 %)."""
     lead = min(300.0, lifetime / 2)
     longest = lifetime - min(lead, 0.6 * lifetime)

@@ -19,6 +19,7 @@ from conftest import SUGARCTL, instance, write_config
 
 from sugard.config import ConfigError, load_config, parse_config
 from sugard.daemon import Daemon
+from sugard.observe import Evicted, Renewed, StateChanged
 from sugard.observe.events import EventHooks
 from sugard.testing import FakeSugar
 
@@ -71,19 +72,19 @@ async def test_each_event_runs_the_command_with_its_facts(tmp_path: Path) -> Non
     async def settle(expected: int) -> None:
         await until(lambda: len(lines(out)) == expected and not hooks.busy, f"{expected} runs")
 
-    hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     await settle(1)
-    hooks.evicted("prod", "probe", expires_at=JAN_1, error_kind="refresh_token")
+    hooks.observe(Evicted("prod", "probe", expires_at=JAN_1, error_kind="refresh_token"))
     await settle(2)
     for state in ("refreshing", "ready", "refreshing", "backing_off", "logging_in", "ready"):
-        hooks.state_changed("prod", state, expires_at=JAN_1, error_kind="unreachable")
+        hooks.observe(StateChanged("prod", state, expires_at=JAN_1, error_kind="unreachable"))
         await until(lambda: not hooks.busy, "quiet")
     await settle(3)
-    hooks.state_changed("prod", "failed", expires_at=None, error_kind="credentials")
+    hooks.observe(StateChanged("prod", "failed", expires_at=None, error_kind="credentials"))
     await settle(4)
-    hooks.state_changed("prod", "failed", expires_at=None, error_kind="credentials")
-    hooks.state_changed("prod", "logging_in", expires_at=None, error_kind="credentials")
-    hooks.state_changed("prod", "ready", expires_at=JAN_1, error_kind="credentials")
+    hooks.observe(StateChanged("prod", "failed", expires_at=None, error_kind="credentials"))
+    hooks.observe(StateChanged("prod", "logging_in", expires_at=None, error_kind="credentials"))
+    hooks.observe(StateChanged("prod", "ready", expires_at=JAN_1, error_kind="credentials"))
     await settle(5)
     assert [
         "renewed prod 2026-01-01T00:00:00Z ",
@@ -98,7 +99,7 @@ async def test_each_event_runs_the_command_with_its_facts(tmp_path: Path) -> Non
 async def test_an_instance_without_on_event_runs_nothing(tmp_path: Path) -> None:
     """No command configured: nothing starts, nothing is kept waiting."""
     hooks = EventHooks(lambda name: None)
-    hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     assert not hooks.busy
     await hooks.close()
 
@@ -129,7 +130,7 @@ async def test_the_environment_has_no_secret_of_the_daemon(tmp_path: Path) -> No
         environ=daemon_environment,
         socket_path="/run/user/1000/sugard/sugard.sock",
     )
-    hooks.evicted("prod", "report", expires_at=None, error_kind="refresh_token")
+    hooks.observe(Evicted("prod", "report", expires_at=None, error_kind="refresh_token"))
     await until(lambda: out.exists() and not hooks.busy, "the hook")
     seen = json.loads(out.read_text())
     assert {
@@ -155,7 +156,7 @@ async def test_a_slow_command_is_killed_with_its_process_group(
     slow = ["sh", "-c", 'sleep 600 & echo $! > "$1"; echo "still going" >&2; wait', "hook"]
     commands = {"prod": [*slow, str(pid_file)]}
     hooks = EventHooks(lambda name: commands[name], timeout=3.0)
-    hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     await until(lambda: "did not finish" in events_log.text, "the kill", timeout=60)
     assert "prod: on_event command for renewed ('sh') did not finish" in events_log.text
     assert "did not finish within 3 s; killed its process group; stderr: 'still going'" in (
@@ -165,7 +166,7 @@ async def test_a_slow_command_is_killed_with_its_process_group(
     await until(lambda: gone(grandchild), "the grandchild's death")
     await until(lambda: not hooks.busy, "quiet")
     commands["prod"] = recorder(out)
-    hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     await until(lambda: len(lines(out)) == 1, "the next event's command")
     await hooks.close()
 
@@ -182,10 +183,10 @@ async def test_a_failing_command_is_logged_with_status_and_first_stderr_line(
     webhook = ["sh", "-c", "exit 1", "hook", "https://hooks.example/services/WEBHOOK-KEY"]
     commands = {"a": failing, "b": killed, "c": missing, "d": webhook}
     hooks = EventHooks(lambda name: commands[name])
-    hooks.state_changed("a", "failed", expires_at=None, error_kind="credentials")
-    hooks.renewed("b", expires_at=JAN_1, error_kind=None)
-    hooks.renewed("c", expires_at=JAN_1, error_kind=None)
-    hooks.renewed("d", expires_at=JAN_1, error_kind=None)
+    hooks.observe(StateChanged("a", "failed", expires_at=None, error_kind="credentials"))
+    hooks.observe(Renewed("b", expires_at=JAN_1, error_kind=None))
+    hooks.observe(Renewed("c", expires_at=JAN_1, error_kind=None))
+    hooks.observe(Renewed("d", expires_at=JAN_1, error_kind=None))
     await until(lambda: len(events_log.records) >= 4 and not hooks.busy, "four results")
     warnings = {r.getMessage() for r in events_log.records if r.levelno == logging.WARNING}
     assert {
@@ -205,12 +206,12 @@ async def test_events_coalesce_while_a_command_runs(
     run once the current one ends; another instance's command runs alongside."""
     out, gate = tmp_path / "out", tmp_path / "gate"
     hooks = EventHooks(lambda name: recorder(out, gate))
-    hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     await until(lambda: len(lines(out)) == 1, "the first command")
-    hooks.evicted("prod", "report", expires_at=JAN_1, error_kind=None)
-    hooks.renewed("prod", expires_at=JAN_1 + 60, error_kind=None)
-    hooks.state_changed("prod", "failed", expires_at=None, error_kind="credentials")
-    hooks.renewed("test", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Evicted("prod", "report", expires_at=JAN_1, error_kind=None))
+    hooks.observe(Renewed("prod", expires_at=JAN_1 + 60, error_kind=None))
+    hooks.observe(StateChanged("prod", "failed", expires_at=None, error_kind="credentials"))
+    hooks.observe(Renewed("test", expires_at=JAN_1, error_kind=None))
     await until(lambda: len(lines(out)) == 2, "the other instance's command, alongside")
     assert 1 == sum(line.startswith("renewed prod") for line in lines(out))  # prod still waits
     gate.touch()
@@ -229,7 +230,7 @@ async def test_the_caller_never_waits(tmp_path: Path) -> None:
     the caller goes on: it finishes only on a gate the test opens after the call."""
     out, gate = tmp_path / "out", tmp_path / "gate"
     hooks = EventHooks(lambda name: recorder(out, gate))
-    assert None is hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    assert None is hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     assert not out.exists()  # nothing has run yet: the call did not wait for the start either
     await until(lambda: len(lines(out)) == 1, "the command")
     assert hooks.busy
@@ -246,15 +247,15 @@ async def test_close_kills_what_still_runs_and_runs_nothing_more(
     pid_file, out = tmp_path / "pid", tmp_path / "out"
     stuck = ["sh", "-c", 'echo run >> "$2"; sleep 600 & echo $! > "$1"; wait', "hook"]
     hooks = EventHooks(lambda name: [*stuck, str(pid_file), str(out)], stop_grace=0.2)
-    hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     await until(lambda: pid_file.exists() and pid_file.read_text().strip() != "", "the start")
-    hooks.evicted("prod", "probe", expires_at=None, error_kind=None)
+    hooks.observe(Evicted("prod", "probe", expires_at=None, error_kind=None))
     await hooks.close()
     assert not hooks.busy
     assert [] == [t for t in asyncio.all_tasks() if t.get_name().startswith("on_event:")]
     await until(lambda: gone(int(pid_file.read_text())), "the grandchild's death")
     assert "killed 1 on_event command(s) still running at stop" in events_log.text
-    hooks.renewed("prod", expires_at=JAN_1, error_kind=None)
+    hooks.observe(Renewed("prod", expires_at=JAN_1, error_kind=None))
     assert not hooks.busy
     assert ["run"] == lines(out)
 
@@ -327,7 +328,7 @@ async def test_a_reload_changes_the_command_without_a_new_login(
         await until(lambda: ["renewed"] == lines(first), "the first command")
         config_with(second)
         assert ["prod"] == (await daemon.reload())["changed"]
-        daemon.observer.evicted("prod", "report", expires_at=None, error_kind=None)
+        daemon.observer.observe(Evicted("prod", "report", expires_at=None, error_kind=None))
         await until(lambda: ["evicted"] == lines(second), "the new command")
         assert ["renewed"] == lines(first)
         assert 1 == fake.calls["password"]

@@ -24,7 +24,16 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from sugard.keeper import State
-from sugard.observe import Fanout, Observer
+from sugard.observe import (
+    Evicted,
+    Fanout,
+    Observer,
+    Proxied,
+    RenewalReason,
+    RenewalStarted,
+    TokenRequested,
+    UpstreamCall,
+)
 from sugard.observe.metrics import Metrics, status_class
 from sugard.testing import FakeSugar, running_fake
 from sugard.wire import STATES
@@ -323,12 +332,12 @@ def test_counters_count_what_the_observer_hears() -> None:
     metrics = Metrics(statuses("prod", "test"), process=False)
     other = Metrics(statuses("prod"), process=False)
     observer: Observer = Fanout(metrics)
-    observer.upstream_call("prod", "password", "ok")
-    observer.upstream_call("prod", "refresh", "rejected")
-    observer.upstream_call("prod", "refresh", "rejected")
-    observer.renewal("prod", "reported")
-    observer.evicted("prod", "report", expires_at=None, error_kind=None)
-    observer.token_request("test", "unavailable")
+    observer.observe(UpstreamCall("prod", "password", "ok"))
+    observer.observe(UpstreamCall("prod", "refresh", "rejected"))
+    observer.observe(UpstreamCall("prod", "refresh", "rejected"))
+    observer.observe(RenewalStarted("prod", RenewalReason.REPORTED))
+    observer.observe(Evicted("prod", "report", expires_at=None, error_kind=None))
+    observer.observe(TokenRequested("test", "unavailable"))
     found = render(metrics)
     assert 1 == value(
         found, "sugard_upstream_calls_total", sugar_instance="prod", grant="password", outcome="ok"
@@ -361,7 +370,7 @@ def test_proxied_requests_by_status_class_with_latency() -> None:
     """Status classes 2xx..5xx and `none`; the histogram's buckets hold the latencies."""
     metrics = Metrics(statuses("prod"), process=False)
     for status, seconds in [(200, 0.02), (204, 0.3), (401, 0.03), (502, 20.0), (None, 0.001)]:
-        metrics.proxied("prod", status, seconds)
+        metrics.observe(Proxied("prod", status, seconds))
     found = render(metrics)
     by_class = {
         dict(labels)["status_class"]: v
@@ -382,8 +391,8 @@ def test_an_instance_removed_loses_its_series() -> None:
     """After a reload removes `test`, no series names it; `prod` keeps its counts."""
     names = ["prod", "test"]
     metrics = Metrics(lambda: statuses(*names)(), process=False)
-    metrics.token_request("prod", "served")
-    metrics.token_request("test", "served")
+    metrics.observe(TokenRequested("prod", "served"))
+    metrics.observe(TokenRequested("test", "served"))
     assert {"prod", "test"} == _instances(render(metrics))
     names.remove("test")
     found = render(metrics)
@@ -412,21 +421,21 @@ def test_an_observer_that_raises_does_not_reach_the_caller(
     """A broken observer is logged; the next one still hears, and the caller sees nothing."""
 
     class Broken(Observer):
-        def renewal(self, instance: str, reason: Any) -> None:
+        def observe(self, event: Any) -> None:
             raise RuntimeError("bug")
 
     metrics = Metrics(statuses("prod"), process=False)
-    Fanout(Broken(), metrics).renewal("prod", "forced")
+    Fanout(Broken(), metrics).observe(RenewalStarted("prod", RenewalReason.FORCED))
     assert 1 == value(
         render(metrics), "sugard_renewals_total", sugar_instance="prod", reason="forced"
     )
-    assert "Broken.renewal failed" in caplog.text
+    assert "Broken failed on RenewalStarted" in caplog.text
 
 
 def test_a_scrape_can_ask_for_some_metrics_only() -> None:
     """`?name[]=` limits the answer to the samples of those names."""
     metrics = Metrics(statuses("prod"), process=False)
-    metrics.token_request("prod", "served")
+    metrics.observe(TokenRequested("prod", "served"))
     body, _ = asyncio.run(
         metrics.render("", ["sugard_instance_state", "sugard_token_requests_total"])
     )

@@ -16,7 +16,7 @@ from test_metrics import curl, samples, scrape, value, wait_for, with_name
 
 from sugard.config import parse_config
 from sugard.keeper.supervisor import CountedCalls
-from sugard.observe import Observer, UpstreamGrant, UpstreamOutcome
+from sugard.observe import Event, Observer, UpstreamCall
 from sugard.sugar import SugarClient, new_http_session
 from sugard.testing import FakeSugar, running_fake
 
@@ -192,10 +192,9 @@ async def test_a_serverinfo_read_is_counted_as_sugar_answered_it() -> None:
     counted: list[tuple[str, str]] = []
 
     class Recorder(Observer):
-        def upstream_call(
-            self, instance: str, grant: UpstreamGrant, outcome: UpstreamOutcome
-        ) -> None:
-            counted.append((grant, outcome))
+        def observe(self, event: Event) -> None:
+            if isinstance(event, UpstreamCall):
+                counted.append((event.grant, event.outcome))
 
     async with new_http_session() as http:
         with running_fake(users={USER: PASSWORD}, sugar_version="13.3") as fake:

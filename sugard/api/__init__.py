@@ -42,7 +42,7 @@ from sugard.errors import (
     SocketError,
 )
 from sugard.keeper import Keeper
-from sugard.observe import Observer, TokenOutcome
+from sugard.observe import Observer, TokenOutcome, TokenRequested
 from sugard.peer import Peer
 from sugard.proxy import add_routes
 from sugard.sugar import Grant
@@ -232,7 +232,7 @@ _OUTCOMES: dict[type[DaemonError], TokenOutcome] = {
 
 
 def _count(request: web.Request, keeper: Keeper, outcome: TokenOutcome) -> None:
-    request.app[KEY_OBSERVER].token_request(keeper.name, outcome)
+    request.app[KEY_OBSERVER].observe(TokenRequested(keeper.name, outcome))
 
 
 def _successor(request: web.Request, keeper: Keeper) -> Keeper | web.Response | None:

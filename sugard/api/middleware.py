@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from sugard.api.serving import error, peer_of
-from sugard.observe import Observer
+from sugard.observe import Observer, TokenRequested
 from sugard.peer import Peer, refusal
 from sugard.proxy import PROXY_ROUTE
 from sugard.text import quoted
@@ -94,7 +94,7 @@ def check_peer(
             and instance in registry.keepers
             and request.match_info.handler in token_routes
         ):
-            observer.token_request(instance, "forbidden")
+            observer.observe(TokenRequested(instance, "forbidden"))
         if peer is not None:
             # Path quoted (%r): a decoded path could carry newlines into the log.
             log.warning(

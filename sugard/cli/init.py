@@ -112,7 +112,6 @@ def add_init_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-# PLATFORM_REMINDER, Answers and InitError are init_answers', kept importable from here.
 HEADER = (
     "# sugard configuration, written by `sugard init`.\n"
     "# Check it with `sugard check`; see every effective value with `sugard show-config`.\n\n"

@@ -2,11 +2,9 @@
 
 Every problem is collected (not just the first) and named as `file: table.key: message`,
 so one `sugard check` run shows everything there is to fix. This module reads the
-document and its `[daemon]` table; the instances are parsed in `instance_config`, `[fleet]`
-in `fleet_config`, each value by a checker of `values`, and secrets come from `secrets`.
-What `sugard check` adds on top is in `check`. The way out is split off, so that this module
-is only the way in: what a reload changes is `config_diff`, the config as `show-config`
-prints it is `effective_config`.
+document and its `[daemon]` table, and tells what a reload changes (`diff_configs`); the
+instances are parsed in `instances`, `[fleet]` in `fleet`, each value by a checker of
+`values`, secrets come from `sources`, and `show` is the config as `show-config` prints it.
 """
 
 from __future__ import annotations

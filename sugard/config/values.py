@@ -1,6 +1,6 @@
 """The checkers of the config's schema: each takes one TOML value and returns it normalised, or
-raises ValueError with a message that says what a valid value looks like. `config` (and
-`fleet_config`) map each key to one of them, so each value is checked in one place.
+raises ValueError with a message that says what a valid value looks like. `instances` (and
+`fleet`) map each key to one of them, so each value is checked in one place.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ from sugard.daemon.sockets import SocketLock, prepare_socket
 from sugard.daemon.systemd import Notifier, started_by_systemd
 from sugard.errors import ReloadFailed, SocketError
 from sugard.keeper import MAX_SLEEP, Keeper
-from sugard.observe import Fanout
+from sugard.observe import Fanout, Forgotten
 from sugard.observe.events import EventHooks
 from sugard.observe.metrics import Metrics
 from sugard.peer import Peer, may_use
@@ -163,7 +163,7 @@ class Daemon:
         self.hooks = EventHooks(self._on_event, environ=environ, socket_path=str(socket_path))
         self.observer = Fanout(self.metrics, self.hooks)
         self._metrics_runner: web.AppRunner | None = None
-        # What the fd store passed back (name -> fd); see kept_sessions.take_sessions.
+        # What the fd store passed back (name -> fd); see fdstore.take_sessions.
         self._stored = dict(stored or {})
         self._rejections = RejectionStore(self._notifier)  # kept across a restart (systemd)
         self._fleet: Fleet | None = None  # with [fleet]: the instances' seats in the fleet
@@ -304,7 +304,7 @@ class Daemon:
         # never a mix (allowed() reads self.config, the routes read self._keepers).
         staged.adopt(new, self._keepers, plan.diff)
         old, self.config, self._keepers = self.config, new, staged.keepers
-        self.observer.forget(plan.diff.removed)
+        self.observer.observe(Forgotten(tuple(plan.diff.removed)))
         for name in (*plan.remove, *plan.restart):  # the old keepers' rejections go with them
             keeper = self._keepers.get(name)
             self._rejections.keep(name, keeper.rejection if keeper is not None else None)

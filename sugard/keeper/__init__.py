@@ -3,8 +3,8 @@
 A request reads the current grant, or joins the one `Demand` the supervisor owes (a renewal,
 or a check of a reported token) and waits for it: however many ask while it is pending or in
 flight, it is made once and answers them all. The demand, and the one condition set at each
-change, live on its `Board` (keeper_board); the one task that calls Sugar, and what it keeps
-(state, counters, times), is the `Supervisor` (keeper_supervisor). This module decides what a
+change, live on its `Board` (`model`); the one task that calls Sugar, and what it keeps
+(state, counters, times), is the `Supervisor` (`supervisor`). This module decides what a
 request gets; it never calls Sugar itself.
 
 How a refresh treats the token scripts hold depends on the Sugar version (docs/sugarcrm.md):

@@ -15,7 +15,17 @@ from sugard.config import GRACE_AUTO, InstanceConfig
 from sugard.errors import InstanceNeedsAttention, NoValidToken
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Demand, ErrorStatus, LastError, Rejection, State, Status
-from sugard.observe import EvictionFoundBy, Observer, RenewalReason, UpstreamGrant, UpstreamOutcome
+from sugard.observe import (
+    Evicted,
+    EvictionFoundBy,
+    Observer,
+    RenewalReason,
+    Renewed,
+    StateChanged,
+    UpstreamCall,
+    UpstreamGrant,
+    UpstreamOutcome,
+)
 from sugard.secret import Secret
 from sugard.sugar import Grant, Probe, RejectedError, SugarClient, UpstreamError
 
@@ -51,13 +61,13 @@ class CountedCalls:
 
     async def probe(self, access_token: Secret) -> Probe:
         verdict = await self.upstream.probe(access_token)
-        self.observer.upstream_call(self.name, "probe", PROBE_OUTCOMES[verdict])
+        self.observer.observe(UpstreamCall(self.name, "probe", PROBE_OUTCOMES[verdict]))
         return verdict
 
     async def server_version(self, access_token: Secret) -> str | None:
         info = await self.upstream.server_info(access_token)
         # Counted as a ping is: a 401 is Sugar refusing the token, whatever the body.
-        self.observer.upstream_call(self.name, "serverinfo", PROBE_OUTCOMES[info.verdict])
+        self.observer.observe(UpstreamCall(self.name, "serverinfo", PROBE_OUTCOMES[info.verdict]))
         return info.version
 
     async def _grant(self, grant: UpstreamGrant, call: Awaitable[Grant]) -> Grant:
@@ -72,7 +82,7 @@ class CountedCalls:
             outcome = "transient"
             raise
         finally:
-            self.observer.upstream_call(self.name, grant, outcome)
+            self.observer.observe(UpstreamCall(self.name, grant, outcome))
 
 
 class HeldSession:
@@ -246,17 +256,15 @@ class Progress:
         if state is self.state:
             return
         self.state = state
-        self._observer.state_changed(
-            self.name, state.value, expires_at=self._expires_at(), error_kind=self._error_kind()
+        self._observer.observe(
+            StateChanged(self.name, state.value, self._expires_at(), self._error_kind())
         )
 
     def evicted(self, found_by: EvictionFoundBy) -> None:
-        self._observer.evicted(
-            self.name, found_by, expires_at=self._expires_at(), error_kind=self._error_kind()
-        )
+        self._observer.observe(Evicted(self.name, found_by, self._expires_at(), self._error_kind()))
 
     def renewed(self, expires_at: float) -> None:
-        self._observer.renewed(self.name, expires_at=expires_at, error_kind=self._error_kind())
+        self._observer.observe(Renewed(self.name, expires_at, self._error_kind()))
 
     def error(self, exc: UpstreamError) -> None:
         self.last_error = LastError(self._clock(), exc.kind, exc.message)

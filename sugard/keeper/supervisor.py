@@ -16,7 +16,7 @@ from sugard.config import InstanceConfig
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Board, Demand, Need, Rejection, State
 from sugard.keeper.session import CountedCalls, HeldSession, Progress, renewal_reason
-from sugard.observe import Observer, RenewalReason
+from sugard.observe import Observer, RenewalReason, RenewalStarted
 from sugard.secret import Secret
 from sugard.sugar import (
     ClientRejected,
@@ -201,7 +201,9 @@ class Supervisor:
     # Renewing
 
     async def _renew(self, demand: Demand) -> None:
-        self._observer.renewal(self.name, renewal_reason(demand, self.session.grant))
+        self._observer.observe(
+            RenewalStarted(self.name, renewal_reason(demand, self.session.grant))
+        )
         retrying = timing.renewal_retries(
             wait=lambda state: timing.delay(state, self.config.backoff_max, self._rng),
             sleep=lambda seconds: self._backoff_sleep(seconds, demand),

@@ -1,13 +1,13 @@
 """What happens to an instance, told to whoever watches: metrics and event commands.
 
-The keeper, the api, the proxy and fleet code call an `Observer`; the daemon hands them one
-that fans out to the Prometheus metrics (`metrics`) and the `on_event` commands (`events`).
-Every method is synchronous, cheap and never raises into the caller: an observer that does
-slow work (running a command) schedules it and returns at once, so the keeper never waits.
+The keeper, the api and the proxy hand an `Observer` one frozen event per thing that happens;
+the daemon's fans out to the Prometheus metrics (`metrics`) and the `on_event` commands
+(`events`). `observe` is synchronous, cheap and never raises into the caller: an observer that
+does slow work (running a command) schedules it and returns at once.
 
 The words in the labels are fixed here, so that a typo at a call site is a type error (mypy)
 and the set of time series stays small: an instance's local name is the only free label
-value, and no method takes a token, a username or a URL.
+value, and no event carries a token, a username or a URL.
 
 Standard library only: every layer may import it at no cost.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Final, Literal
 
 __all__ = [
@@ -25,11 +25,20 @@ __all__ = [
     "TOKEN_OUTCOMES",
     "UPSTREAM_GRANTS",
     "UPSTREAM_OUTCOMES",
+    "Event",
+    "Evicted",
     "EvictionFoundBy",
     "Fanout",
+    "Forgotten",
     "Observer",
+    "Proxied",
     "RenewalReason",
+    "RenewalStarted",
+    "Renewed",
+    "StateChanged",
     "TokenOutcome",
+    "TokenRequested",
+    "UpstreamCall",
     "UpstreamGrant",
     "UpstreamOutcome",
 ]
@@ -78,51 +87,101 @@ EvictionFoundBy = Literal["report", "probe", "refresh"]
 EVICTION_FOUND_BY: Final[tuple[EvictionFoundBy, ...]] = ("report", "probe", "refresh")
 
 
+# One frozen event per kind of thing that happens; an observer takes them all through one
+# method (`observe`), so a new kind touches its dataclass and the observers that care.
+
+
+@dataclass(frozen=True)
+class UpstreamCall:
+    """One call to Sugar finished (a password or refresh grant, a probe, a version lookup)."""
+
+    instance: str
+    grant: UpstreamGrant
+    outcome: UpstreamOutcome
+
+
+@dataclass(frozen=True)
+class RenewalStarted:
+    """The keeper starts renewing the session (before its first upstream attempt)."""
+
+    instance: str
+    reason: RenewalReason
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    """The keeper's state is now `state` (one of wire.STATES); `expires_at` is the current
+    token's expiry (epoch seconds, None without one), `error_kind` the last error's."""
+
+    instance: str
+    state: str
+    expires_at: float | None
+    error_kind: str | None
+
+
+@dataclass(frozen=True)
+class Renewed:
+    """A new token from a login or a refresh is in place."""
+
+    instance: str
+    expires_at: float
+    error_kind: str | None
+
+
+@dataclass(frozen=True)
+class Evicted:
+    """Sugar no longer accepts the session: a script reported the current token, a probe
+    found it dead, or Sugar refused the refresh token."""
+
+    instance: str
+    found_by: EvictionFoundBy
+    expires_at: float | None
+    error_kind: str | None
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """These instances are gone (a reload removed them): drop what is kept about them."""
+
+    instances: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TokenRequested:
+    """A TOKEN request for a configured instance was answered."""
+
+    instance: str
+    outcome: TokenOutcome
+
+
+@dataclass(frozen=True)
+class Proxied:
+    """A proxied request finished with Sugar's (or sugard's) HTTP `status`, None if no answer
+    was sent at all, after `seconds`."""
+
+    instance: str
+    status: int | None
+    seconds: float
+
+
+Event = (
+    UpstreamCall
+    | RenewalStarted
+    | StateChanged
+    | Renewed
+    | Evicted
+    | Forgotten
+    | TokenRequested
+    | Proxied
+)
+
+
 class Observer:
-    """Receives what happens to instances. Every method does nothing here: an observer
-    overrides the ones it cares about, and an `Observer()` is the one that watches nothing."""
+    """Receives what happens to instances. `observe` does nothing here: an observer overrides
+    it for the events it cares about, and an `Observer()` is the one that watches nothing."""
 
-    # Called by the keeper
-
-    def upstream_call(self, instance: str, grant: UpstreamGrant, outcome: UpstreamOutcome) -> None:
-        """One call to Sugar finished (a password or refresh grant, a probe, ServerInfo)."""
-
-    def renewal(self, instance: str, reason: RenewalReason) -> None:
-        """The keeper starts renewing the session (before its first upstream attempt)."""
-
-    def state_changed(
-        self, instance: str, state: str, *, expires_at: float | None, error_kind: str | None
-    ) -> None:
-        """The keeper's state is now `state` (one of STATES); `expires_at` is the current
-        token's expiry (epoch seconds, None without one), `error_kind` the last error's."""
-
-    def renewed(self, instance: str, *, expires_at: float, error_kind: str | None) -> None:
-        """A new token from a login or a refresh is in place."""
-
-    def evicted(
-        self,
-        instance: str,
-        found_by: EvictionFoundBy,
-        *,
-        expires_at: float | None,
-        error_kind: str | None,
-    ) -> None:
-        """Sugar no longer accepts the session: a script reported the current token, a probe
-        found it dead, or Sugar refused the refresh token."""
-
-    def forget(self, instances: Iterable[str]) -> None:
-        """These instances are gone (a reload removed them): drop what is kept about them."""
-
-    # Called by the api
-
-    def token_request(self, instance: str, outcome: TokenOutcome) -> None:
-        """A TOKEN request for a configured instance was answered."""
-
-    # Called by the proxy
-
-    def proxied(self, instance: str, status: int | None, seconds: float) -> None:
-        """A proxied request finished with Sugar's (or sugard's) HTTP `status`, None if no
-        answer was sent at all, after `seconds`."""
+    def observe(self, event: Event) -> None:
+        """Called synchronously by the keeper, the api and the proxy; must not block."""
 
 
 class Fanout(Observer):
@@ -131,43 +190,10 @@ class Fanout(Observer):
     def __init__(self, *observers: Observer) -> None:
         self.observers = observers
 
-    def _each(self, method: str, *args: object, **kwargs: object) -> None:
+    def observe(self, event: Event) -> None:
         for observer in self.observers:
             try:
-                getattr(observer, method)(*args, **kwargs)
+                observer.observe(event)
             except Exception:
                 # A bug in a watcher must never break the keeper or a request.
-                log.exception("%s.%s failed", type(observer).__name__, method)
-
-    def upstream_call(self, instance: str, grant: UpstreamGrant, outcome: UpstreamOutcome) -> None:
-        self._each("upstream_call", instance, grant, outcome)
-
-    def renewal(self, instance: str, reason: RenewalReason) -> None:
-        self._each("renewal", instance, reason)
-
-    def state_changed(
-        self, instance: str, state: str, *, expires_at: float | None, error_kind: str | None
-    ) -> None:
-        self._each("state_changed", instance, state, expires_at=expires_at, error_kind=error_kind)
-
-    def renewed(self, instance: str, *, expires_at: float, error_kind: str | None) -> None:
-        self._each("renewed", instance, expires_at=expires_at, error_kind=error_kind)
-
-    def evicted(
-        self,
-        instance: str,
-        found_by: EvictionFoundBy,
-        *,
-        expires_at: float | None,
-        error_kind: str | None,
-    ) -> None:
-        self._each("evicted", instance, found_by, expires_at=expires_at, error_kind=error_kind)
-
-    def forget(self, instances: Iterable[str]) -> None:
-        self._each("forget", tuple(instances))
-
-    def token_request(self, instance: str, outcome: TokenOutcome) -> None:
-        self._each("token_request", instance, outcome)
-
-    def proxied(self, instance: str, status: int | None, seconds: float) -> None:
-        self._each("proxied", instance, status, seconds)
+                log.exception("%s failed on %s", type(observer).__name__, type(event).__name__)

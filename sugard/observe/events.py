@@ -26,14 +26,15 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, Literal
 
-from sugard.observe import EvictionFoundBy, Observer
+from sugard.observe import Event as ObservedEvent
+from sugard.observe import Evicted, Forgotten, Observer, Renewed, StateChanged
 
-__all__ = ["EVENT_TIMEOUT", "PASSED_ENVIRONMENT", "Event", "EventHooks", "EventKind"]
+__all__ = ["EVENT_TIMEOUT", "PASSED_ENVIRONMENT", "EventHooks", "EventKind", "HookEvent"]
 
 log = logging.getLogger("sugard.observe.events")
 
@@ -72,7 +73,7 @@ Commands = Callable[[str], Sequence[str] | None]
 
 
 @dataclass(frozen=True)
-class Event:
+class HookEvent:
     kind: EventKind
     instance: str
     expires_at: float | None
@@ -120,48 +121,43 @@ class EventHooks(Observer):
         self._timeout = timeout
         self._stop_grace = stop_grace
         self._running: dict[str, asyncio.Task[None]] = {}
-        self._pending: dict[str, Event] = {}
+        self._pending: dict[str, HookEvent] = {}
         self._states: dict[str, str] = {}
         self._troubled: set[str] = set()
         self._closed = False
 
     # Observer: what the keeper reports, as events
 
-    def state_changed(
-        self, instance: str, state: str, *, expires_at: float | None, error_kind: str | None
+    def observe(self, event: ObservedEvent) -> None:
+        match event:
+            case StateChanged(instance, state, expires_at, error_kind):
+                self._state_changed(instance, state, expires_at, error_kind)
+            case Renewed(instance, expires_at, error_kind):
+                self.fire(HookEvent("renewed", instance, expires_at, error_kind))
+            case Evicted(instance, _, expires_at, error_kind):
+                self.fire(HookEvent("evicted", instance, expires_at, error_kind))
+            case Forgotten(instances):
+                for name in instances:
+                    self._states.pop(name, None)
+                    self._troubled.discard(name)
+                    self._pending.pop(name, None)
+
+    def _state_changed(
+        self, instance: str, state: str, expires_at: float | None, error_kind: str | None
     ) -> None:
         previous = self._states.get(instance)
         self._states[instance] = state
         if state in TROUBLED_STATES:
             self._troubled.add(instance)
         if state == "failed" and previous != "failed":
-            self.fire(Event("failed", instance, expires_at, error_kind))
+            self.fire(HookEvent("failed", instance, expires_at, error_kind))
         elif state == "ready" and instance in self._troubled:
             self._troubled.discard(instance)
-            self.fire(Event("recovered", instance, expires_at, error_kind))
-
-    def renewed(self, instance: str, *, expires_at: float, error_kind: str | None) -> None:
-        self.fire(Event("renewed", instance, expires_at, error_kind))
-
-    def evicted(
-        self,
-        instance: str,
-        found_by: EvictionFoundBy,
-        *,
-        expires_at: float | None,
-        error_kind: str | None,
-    ) -> None:
-        self.fire(Event("evicted", instance, expires_at, error_kind))
-
-    def forget(self, instances: Iterable[str]) -> None:
-        for name in instances:
-            self._states.pop(name, None)
-            self._troubled.discard(name)
-            self._pending.pop(name, None)
+            self.fire(HookEvent("recovered", instance, expires_at, error_kind))
 
     # Running
 
-    def fire(self, event: Event) -> None:
+    def fire(self, event: HookEvent) -> None:
         """Run the instance's command for `event`, now or after the one running; never waits."""
         if self._closed or not self._commands(event.instance):
             return
@@ -199,9 +195,9 @@ class EventHooks(Observer):
         if late:
             log.warning("killed %d on_event command(s) still running at stop", len(late))
 
-    async def _run_in_turn(self, event: Event) -> None:
+    async def _run_in_turn(self, event: HookEvent) -> None:
         try:
-            next_event: Event | None = event
+            next_event: HookEvent | None = event
             while next_event is not None and not self._closed:
                 argv = self._commands(next_event.instance)
                 if argv:
@@ -210,7 +206,7 @@ class EventHooks(Observer):
         finally:
             self._running.pop(event.instance, None)
 
-    async def _run(self, event: Event, argv: tuple[str, ...]) -> None:
+    async def _run(self, event: HookEvent, argv: tuple[str, ...]) -> None:
         # The program only: its arguments may hold a secret (a webhook URL with its key).
         what = f"{event.instance}: on_event command for {event.kind} ({argv[0]!r})"
         try:

@@ -39,12 +39,14 @@ from sugard.observe import (
     TOKEN_OUTCOMES,
     UPSTREAM_GRANTS,
     UPSTREAM_OUTCOMES,
-    EvictionFoundBy,
+    Event,
+    Evicted,
+    Forgotten,
     Observer,
-    RenewalReason,
-    TokenOutcome,
-    UpstreamGrant,
-    UpstreamOutcome,
+    Proxied,
+    RenewalStarted,
+    TokenRequested,
+    UpstreamCall,
 )
 from sugard.wire import STATES
 
@@ -127,28 +129,21 @@ class Metrics(Observer):
 
     # Observer
 
-    def upstream_call(self, instance: str, grant: UpstreamGrant, outcome: UpstreamOutcome) -> None:
-        self._upstream.labels(instance, grant, outcome).inc()
-
-    def token_request(self, instance: str, outcome: TokenOutcome) -> None:
-        self._token_requests.labels(instance, outcome).inc()
-
-    def renewal(self, instance: str, reason: RenewalReason) -> None:
-        self._renewals.labels(instance, reason).inc()
-
-    def evicted(
-        self,
-        instance: str,
-        found_by: EvictionFoundBy,
-        *,
-        expires_at: float | None,
-        error_kind: str | None,
-    ) -> None:
-        self._evictions.labels(instance, found_by).inc()
-
-    def proxied(self, instance: str, status: int | None, seconds: float) -> None:
-        self._proxied.labels(instance, status_class(status)).inc()
-        self._proxy_seconds.labels(instance).observe(seconds)
+    def observe(self, event: Event) -> None:
+        match event:
+            case UpstreamCall(instance, grant, outcome):
+                self._upstream.labels(instance, grant, outcome).inc()
+            case TokenRequested(instance, outcome):
+                self._token_requests.labels(instance, outcome).inc()
+            case RenewalStarted(instance, reason):
+                self._renewals.labels(instance, reason).inc()
+            case Evicted(instance, found_by):
+                self._evictions.labels(instance, found_by).inc()
+            case Proxied(instance, status, seconds):
+                self._proxied.labels(instance, status_class(status)).inc()
+                self._proxy_seconds.labels(instance).observe(seconds)
+            case Forgotten(instances):
+                self.forget(instances)
 
     def forget(self, instances: Iterable[str]) -> None:
         for name in instances:

@@ -26,7 +26,7 @@ from yarl import URL
 from sugard.config import InstanceConfig
 from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
 from sugard.keeper import Keeper
-from sugard.observe import Observer
+from sugard.observe import Observer, Proxied
 from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
 from sugard.sugar import Grant
 
@@ -143,10 +143,10 @@ class Forwarder:
             response = await self._answer(request, name, skip)
         except BaseException:  # the client went away (cancelled), or a bug: no answer
             if counted:
-                self.observer.proxied(name, None, time.perf_counter() - started)
+                self.observer.observe(Proxied(name, None, time.perf_counter() - started))
             raise
         if counted:
-            self.observer.proxied(name, response.status, time.perf_counter() - started)
+            self.observer.observe(Proxied(name, response.status, time.perf_counter() - started))
         access_log.debug(
             "%s %s %r -> %d (%.1f ms)",
             name,
