@@ -7,11 +7,14 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any
 
 from sugard.client import NeedsAttention, SugardClient, SugardError, TokenUnavailable
 from sugard.client.ctl import shell_quote
 from sugard.wire import EXIT_UNAVAILABLE
+
+TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["SHUTDOWN_WAIT", "env", "min_ttl_unmet", "print_proxy_url", "report", "shutdown"]
 
