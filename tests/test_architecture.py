@@ -8,7 +8,9 @@ import ast
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "sugard"
+from support import ROOT
+
+PACKAGE = ROOT / "sugard"
 
 # sugard's modules each may import, beyond the standard library, after the design's table.
 # Small shared helpers every layer may use: the version, the secret type, default paths, the

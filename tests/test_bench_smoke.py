@@ -11,11 +11,10 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
+from support import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 NUMBER = re.compile(r"^-?[0-9][0-9,]*(\.[0-9]+)?( [A-Za-z/]+)?$")
 RANGE = re.compile(r"^[0-9]+-[0-9]+$")
 WITH_DETAIL = re.compile(r"^[0-9][0-9,]* \(.*\)$")  # "150 (0)": a count and what it holds

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from conftest import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
+from support import ROOT
+from support.daemon import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
 
 from sugard.testing import FakeSugar
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = ROOT
 GOOD = '[instances.prod]\nurl = "https://crm.example.com"\nusername = "api"\n'
 
 

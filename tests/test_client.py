@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import PASSWORD, USER, instance, wait_for, write_config
+from support import ROOT
+from support.daemon import PASSWORD, USER, instance, write_config
+from support.wait import wait_for
 
 from sugard.auth import SugarAuth
 from sugard.client import (
@@ -36,7 +38,6 @@ from sugard.client import (
 )
 from sugard.testing import FakeSugar, running_fake
 
-ROOT = Path(__file__).resolve().parent.parent
 REPORTED = "reported as refused by Sugar"  # the daemon's log line for each accepted report
 
 

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import BIN, SUGARCTL, instance, write_config
+from support.daemon import BIN, SUGARCTL, instance, write_config
 
 from sugard.client.ctl import COMMANDS
 from sugard.testing import FakeSugar

@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from conftest import SUGARD
+from support.daemon import SUGARD
 
 from sugard.config import INSTANCE_KEYS_HELP, ConfigError, diff_configs, load_config
 from sugard.secret import Secret

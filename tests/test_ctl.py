@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SUGARCTL, SUGARD, TOKEN_KEYS, USER, instance, sugarctl, write_config
+from support import ROOT
+from support.daemon import SUGARCTL, SUGARD, TOKEN_KEYS, USER, instance, sugarctl, write_config
+from support.nobody import AS_NOBODY, NOBODY
 
 import sugard
 from sugard import __version__
@@ -26,9 +28,6 @@ from sugard.client.ctl import COMMANDS
 from sugard.config import INSTANCE_KEYS_HELP
 from sugard.secret import fingerprint
 from sugard.testing import FakeSugar
-
-NOBODY = 65534
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
 def run(*argv: str, env: dict[str, str] | None = None, input: str | None = None, **kw):
@@ -387,7 +386,7 @@ def test_ping_prints_what_the_readme_shows(daemon) -> None:
     """`ping` prints ok, the daemon's version and `(1 instance)`, as README shows it."""
     result = sugarctl(daemon.socket, "ping")
     assert (0, f"ok sugard {__version__} (1 instance)\n") == (result.returncode, result.stdout)
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     shown = re.findall(r"sugarctl ping +# (ok sugard \S+ \(.*?\))", readme)
     assert shown, "README shows what ping prints"
     for line in shown:
@@ -819,7 +818,7 @@ def test_env_prints_the_answering_socket_for_sh_and_fish(fake: FakeSugar, short_
     """`env` prints the SUGARD_SOCKET line of the socket it found answering (quoted when the
     path needs it); eval'd in a shell with no XDG_RUNTIME_DIR (cron, su), sugarctl finds the
     daemon. A socket nobody answers on prints nothing and exits 4."""
-    from conftest import DaemonProcess
+    from support.daemon import DaemonProcess
 
     sock = short_dir / "a b" / "s.sock"
     sock.parent.mkdir(mode=0o700)

@@ -11,7 +11,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from conftest import SUGARD, TOKEN_KEYS, USER, instance, sugarctl, write_config
+from support.daemon import SUGARD, TOKEN_KEYS, USER, instance, sugarctl, write_config
 
 from sugard.client import SugardClient
 from sugard.testing import FakeSugar

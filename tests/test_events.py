@@ -10,12 +10,12 @@ import json
 import logging
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import SUGARCTL, instance, write_config
+from support.daemon import SUGARCTL, instance, write_config
+from support.hooks import lines, recorder
+from support.wait import until
 
 from sugard.config import ConfigError, load_config, parse_config
 from sugard.daemon import Daemon
@@ -24,28 +24,6 @@ from sugard.testing import FakeSugar
 
 JAN_1 = 1767225600.0  # 2026-01-01T00:00:00Z
 SUGARD_VARIABLES = {"SUGARD_EVENT", "SUGARD_INSTANCE", "SUGARD_EXPIRES_AT", "SUGARD_ERROR_KIND"}
-
-
-async def until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def lines(path: Path) -> list[str]:
-    return path.read_text().splitlines() if path.exists() else []
-
-
-def recorder(out: Path, gate: Path | None = None) -> list[str]:
-    """A command that appends `EVENT INSTANCE EXPIRES_AT ERROR_KIND` to `out`, then (with a
-    gate) waits until the gate file exists."""
-    script = 'printf "%s %s %s %s\\n" "$SUGARD_EVENT" "$SUGARD_INSTANCE" '
-    script += '"$SUGARD_EXPIRES_AT" "$SUGARD_ERROR_KIND" >> "$1"'
-    if gate is not None:
-        script += '; while [ ! -e "$2" ]; do sleep 0.02; done'
-    return ["sh", "-c", script, "hook", str(out), str(gate or "")]
 
 
 def gone(pid: int) -> bool:

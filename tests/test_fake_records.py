@@ -18,13 +18,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import requests
+from support import ROOT
+from support.sugar_replies import assert_error
 
 from sugard.testing import FakeSugar, running_fake
 
@@ -73,25 +75,13 @@ class Api:
         return [r.get("name") for r in self.ok(method, route, **kw)["records"]]
 
 
-def assert_error(reply: requests.Response, status: int, label: str) -> dict[str, Any]:
-    """Sugar's error envelope, never cached; returns it for a look at the message."""
-    body = reply.json()
-    assert (status, label) == (reply.status_code, body["error"]), body
-    assert isinstance(body["error_message"], str)
-    assert "no-store" == reply.headers["Cache-Control"]
-    return dict(body)
-
-
 def seeded(names: list[str] = NAMES) -> dict[str, list[dict[str, Any]]]:
     """Accounts named `names`, with a rank each: 1, 2, 3, ..."""
     return {"Accounts": [{"name": n, "rank": i} for i, n in enumerate(names, 1)]}
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeSugar]:
-    """A fake holding the NAMES accounts."""
-    with running_fake(users={"admin": PASSWORD}, records=seeded()) as server:
-        yield server
+# `fake` (conftest): a fake holding the NAMES accounts, admin its one user.
+pytestmark = pytest.mark.fake(users={"admin": PASSWORD}, records=seeded())
 
 
 @pytest.fixture
@@ -687,7 +677,7 @@ async def transfer(url: str, size: int) -> tuple[str, str]:
 
 def test_the_fixture_example_in_docs_testing_passes(tmp_path: Path) -> None:
     """docs/testing.md's pytest example runs green, as a user would run it."""
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "testing.md").read_text()
+    docs = (ROOT / "docs" / "testing.md").read_text()
     example = docs.split("```python\n", 1)[1].split("```", 1)[0]
     (tmp_path / "test_example.py").write_text(example)
     run = subprocess.run(

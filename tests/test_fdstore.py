@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.service_manager import LAUNCHER
 
 from sugard.daemon.systemd import STORE_PREFIX, Notifier, read_memfd, sealed_memfd
 
@@ -109,20 +110,6 @@ def test_without_notify_socket_nothing_is_stored() -> None:
         os.close(fd)
 
 
-# What systemd does at start: the socket and the stored fds at 3, 4, ... in the order of
-# LISTEN_FDNAMES, LISTEN_PID our pid. The launcher moves them there and execs the program,
-# which keeps the pid, as systemd's fork+exec does.
-LAUNCHER = textwrap.dedent(
-    """
-    import fcntl, os, sys
-    # Out of the way of 3, 4, ... first, so that no dup2 below lands on a source.
-    sources = [fcntl.fcntl(int(fd), fcntl.F_DUPFD_CLOEXEC, 100) for fd in sys.argv[2:]]
-    for target, fd in enumerate(sources, start=3):
-        os.dup2(fd, target)
-    os.environ["LISTEN_PID"] = str(os.getpid())
-    os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
-    """
-)
 PROGRAM = textwrap.dedent(
     """
     import json, os, sys

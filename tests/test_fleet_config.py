@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import SUGARD
-from redis_server import RedisServer
+from support.daemon import SUGARD
+from support.redis_server import RedisServer
 
 from sugard.config import ConfigError, decode_fleet_key, load_config
 

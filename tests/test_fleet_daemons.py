@@ -16,12 +16,14 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from support import ROOT
+from support.daemon import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from support.wait import wait_for
 
 from sugard.client import SugardError, TokenUnavailable
 from sugard.testing import FakeSugar, running_fake
@@ -29,17 +31,6 @@ from sugard.testing import FakeSugar, running_fake
 KEY = base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY = base64.b64encode(bytes(range(7, 39))).decode()
 LEASE = 6.0  # seconds: the config's floor is 2 x 1.5 + 2 x 0.5 + 1
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 40.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout} s: {what}")
-        time.sleep(0.1)
 
 
 class Fleet:
@@ -385,7 +376,7 @@ def test_bench_fleet_quick_shows_one_login_and_no_redis_per_request() -> None:
         text=True,
         timeout=300,
         check=False,
-        cwd=Path(__file__).resolve().parent.parent,
+        cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {

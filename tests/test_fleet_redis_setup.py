@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import SUGARD_RIGHTS, RedisServer, free_port
-from test_fleet_store import KEY, eventually, fleet_config, record, sugar_instance
-from test_tls import certs  # noqa: F401  (the fixture)
+from support.fleet import KEY, fleet_config, record, sugar_instance
+from support.redis_server import SUGARD_RIGHTS, RedisServer, free_port
+from support.wait import until
 
 from sugard.config import SecretRef
 from sugard.fleet import Fleet, StoreRefused, StoreUnreachable, Written
@@ -43,9 +43,9 @@ async def test_the_least_rights_user_does_all_that_fleet_mode_does(
         await leader_fleet.start()
         await follower_fleet.start()
         for fleet in (leader_fleet, follower_fleet):
-            await eventually(fleet.subscribed.is_set, what="subscribed")
+            await until(fleet.subscribed.is_set, what="subscribed")
         assert Written(1) == await leader.publish(record(1))
-        await eventually(lambda: follower.epoch == 1, what="the announcement")
+        await until(lambda: follower.epoch == 1, what="the announcement")
         assert None is await follower.ask_leader("refresh", None, wait=0)
         request = await eventually_get(leader)
         assert ("refresh", 1) == (request.kind, request.epoch)
@@ -93,7 +93,7 @@ async def test_a_missing_right_is_refused_clearly(redis_server: RedisServer) -> 
 
 
 @pytest.fixture
-def tls_redis(certs: dict[str, Path]) -> Iterator[tuple[RedisServer, int]]:  # noqa: F811
+def tls_redis(certs: dict[str, Path]) -> Iterator[tuple[RedisServer, int]]:
     """redis-server with a TLS port on 127.0.0.1, its certificate signed by the test CA."""
     directory = Path(tempfile.mkdtemp(prefix="sd-redis-"))
     port = free_port()
@@ -121,7 +121,7 @@ def tls_redis(certs: dict[str, Path]) -> Iterator[tuple[RedisServer, int]]:  # n
 
 async def test_rediss_with_a_private_ca(
     tls_redis: tuple[RedisServer, int],
-    certs: dict[str, Path],  # noqa: F811
+    certs: dict[str, Path],
 ) -> None:
     """rediss:// with ca_file: lease and write work; without the CA the certificate is
     refused (StoreUnreachable); verify_tls = false connects anyway."""

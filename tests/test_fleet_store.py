@@ -10,19 +10,29 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-from redis_server import RedisServer
+from support import ROOT
+from support.fleet import (
+    ACCESS,
+    DOWNLOAD,
+    KEY,
+    OTHER_KEY,
+    REFRESH,
+    USERNAME,
+    fleet_config,
+    record,
+    sugar_instance,
+)
+from support.redis_server import RedisServer
+from support.wait import until
 
-from sugard.config import FleetConfig, InstanceConfig, SecretRef
 from sugard.fleet import (
     Fleet,
     FleetKey,
     FleetMember,
     NotLeader,
-    SessionRecord,
     Stale,
     StoreUnreachable,
     Written,
@@ -33,11 +43,6 @@ from sugard.fleet import (
 )
 from sugard.secret import Secret
 
-KEY = base64.b64encode(bytes(range(32))).decode()
-OTHER_KEY = base64.b64encode(bytes(range(1, 33))).decode()
-ACCESS, REFRESH, DOWNLOAD = "access-tok-3f9a1c", "refresh-tok-77d2e0", "download-tok-a1b2c3"
-USERNAME = "alice.fleet"
-
 
 class FakeClock:
     """Virtual monotonic time for the lease: tests move it, nothing sleeps."""
@@ -47,39 +52,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def fleet_config(url: str, key: str = KEY, **overrides: Any) -> FleetConfig:
-    values: dict[str, Any] = {"lease": 30.0, "timeout": 1.0, **overrides}
-    return FleetConfig(redis_url=url, key=SecretRef("inline", "", Secret(key)), **values)
-
-
-def sugar_instance(name: str = "prod", **overrides: Any) -> InstanceConfig:
-    values: dict[str, Any] = {
-        "url": "https://crm.example.com",
-        "username": USERNAME,
-        "password": SecretRef("inline", "", Secret("pw")),
-        **overrides,
-    }
-    return InstanceConfig(name=name, **values)
-
-
-def record(n: int = 0) -> SessionRecord:
-    return SessionRecord(
-        access_token=Secret(f"{ACCESS}-{n}"),
-        refresh_token=Secret(f"{REFRESH}-{n}"),
-        download_token=Secret(f"{DOWNLOAD}-{n}"),
-        expires_at=time.time() + 3600,
-        refresh_expires_at=time.time() + 7200,
-    )
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        await asyncio.sleep(0.02)
 
 
 NewFleet = Callable[..., Fleet]
@@ -294,7 +266,7 @@ async def test_may_call_sugar_turns_false_before_the_lease_lapses_in_redis(
     """Real clocks: a holder that does not renew sees may_call_sugar(1 s) turn false while
     Redis still holds its lease for longer than that second."""
     fleet, member = await leader_of(new_fleet, lease=4.0, timeout=0.5)
-    await eventually(lambda: not member.may_call_sugar(1.0), 10)
+    await until(lambda: not member.may_call_sugar(1.0), timeout=10)
     with redis_server.admin() as admin:
         left_ms = admin.pttl(fleet.store.key(member.identity, "lease"))
     assert left_ms > 1000 * 0.5, f"Redis kept the lease only {left_ms} ms more"
@@ -303,7 +275,8 @@ async def test_may_call_sugar_turns_false_before_the_lease_lapses_in_redis(
 HOLDER = """
 import asyncio, sys, time
 sys.path.insert(0, sys.argv[3])
-from test_fleet_store import Fleet, fleet_config, record, sugar_instance
+from sugard.fleet import Fleet
+from support.fleet import fleet_config, record, sugar_instance
 
 async def main():
     fleet = Fleet(fleet_config(sys.argv[1], lease=float(sys.argv[2]), timeout=0.5))
@@ -323,7 +296,7 @@ async def test_a_sigstopped_holder_resumes_without_the_right_to_call_sugar(
 ) -> None:
     """A real holder process is SIGSTOP-ed past its lease, another host takes over; on
     SIGCONT its first check says it may not call Sugar, and its write is refused."""
-    here = str(Path(__file__).parent)
+    here = str(ROOT / "tests")
     with subprocess.Popen(
         [sys.executable, "-c", HOLDER, redis_server.url, "2.0", here],
         stdin=subprocess.PIPE,
@@ -362,10 +335,10 @@ async def test_followers_hear_a_new_epoch_at_once_through_pubsub(
     follower = follower_fleet.join(sugar_instance("eu"))
     await follower_fleet.start()
     await asyncio.wait_for(follower_fleet.subscribed.wait(), 10)
-    await eventually(lambda: follower.holder == leader_fleet.holder, what="first tick")
+    await until(lambda: follower.holder == leader_fleet.holder, what="first tick")
     written = await leader.publish(record(1))
     assert Written(1) == written
-    await eventually(lambda: follower.epoch == 1, 5, "the announcement")
+    await until(lambda: follower.epoch == 1, "the announcement", timeout=5)
     assert follower.current is not None
     assert ACCESS + "-1" == follower.current.access_token.reveal()
     assert {"role": "follower", "holder": leader_fleet.holder, "epoch": 1} == follower.status()
@@ -379,10 +352,10 @@ async def test_an_instance_joined_after_start_is_kept_and_heard(
     late_fleet = new_fleet()
     await late_fleet.start()
     late = late_fleet.join(sugar_instance("late"))
-    await eventually(lambda: late.holder is not None, what="the late member's first round")
+    await until(lambda: late.holder is not None, what="the late member's first round")
     await asyncio.wait_for(late_fleet.subscribed.wait(), 10)
     assert Written(1) == await leader.publish(record(1))
-    await eventually(lambda: late.epoch == 1, 5, "the announcement")
+    await until(lambda: late.epoch == 1, "the announcement", timeout=5)
 
 
 async def test_a_hundred_reports_on_five_hosts_make_one_renewal_request(
@@ -401,7 +374,7 @@ async def test_a_hundred_reports_on_five_hosts_make_one_renewal_request(
         if fleet is not leader_fleet:
             await fleet.start()
         await asyncio.wait_for(fleet.subscribed.wait(), 10)
-    await eventually(lambda: all(m.epoch == 1 for m in members), what="followers hold epoch 1")
+    await until(lambda: all(m.epoch == 1 for m in members), what="followers hold epoch 1")
     dead = Secret(ACCESS + "-1").fingerprint
     reports = [
         asyncio.create_task(members[i % 4].ask_leader("dead", dead, wait=20)) for i in range(100)
@@ -486,10 +459,10 @@ async def test_a_host_with_the_wrong_key_refuses_and_the_others_go_on(
     with pytest.raises(WrongKey, match="copy their key file"):
         await stray.tick()
     await stray_fleet.start()
-    await eventually(lambda: stray.problem is not None, what="the stray host's problem")
+    await until(lambda: stray.problem is not None, what="the stray host's problem")
     lease_key = leader.store.key(leader.identity, "lease")
     with redis_server.admin() as admin:
-        await eventually(lambda: not admin.exists(lease_key), 20, "the lease to lapse in Redis")
+        await until(lambda: not admin.exists(lease_key), "the lease to lapse in Redis", timeout=20)
         with pytest.raises(WrongKey):
             await stray.tick()  # the lease is free, and still not taken
         assert not admin.exists(lease_key)
@@ -501,7 +474,7 @@ async def test_a_host_with_the_wrong_key_refuses_and_the_others_go_on(
 
 def test_redis_server_is_here() -> None:
     """The fleet tests need a real redis-server; say so plainly if it is missing."""
-    from redis_server import REDIS_SERVER
+    from support.redis_server import REDIS_SERVER
 
     assert REDIS_SERVER, "install redis-server (apt-get install redis-server)"
     assert os.access(REDIS_SERVER, os.X_OK)

@@ -9,140 +9,24 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
-import sys
-import threading
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
-from test_fdstore import LAUNCHER
-from test_metrics import wait_for
+from support.daemon import PASSWORD, SUGARD, USER, instance, write_config
+from support.service_manager import FdStore, start, token
+from support.wait import wait_for
 
 from sugard.config import InstanceConfig, SecretRef, parse_config
 from sugard.daemon import fdstore as handoff
-from sugard.daemon.systemd import read_memfd
 from sugard.keeper import Grant
 from sugard.secret import Secret
 from sugard.testing import FakeSugar
 
 NAME = "store.session.prod"  # what sugard names the session of instance `prod`
-
-
-class FdStore:
-    """The service manager's end of NOTIFY_SOCKET, keeping fds by FDNAME like systemd."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.kept: dict[str, list[int]] = {}
-        self.messages: list[str] = []
-        self._lock = threading.Lock()
-        self.started: list[subprocess.Popen[bytes]] = []  # killed at the end if still running
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, fds, _, _ = socket.recv_fds(self.sock, 65536, 16)
-            except OSError:
-                return
-            lines = data.decode().split("\n")
-            fields = dict(line.split("=", 1) for line in lines if "=" in line)
-            with self._lock:
-                self.messages.append(data.decode())
-                name = fields.get("FDNAME", "stored")
-                if fields.get("FDSTORE") == "1":
-                    self.kept.setdefault(name, []).extend(fds)
-                    continue
-                if fields.get("FDSTOREREMOVE") == "1":
-                    for fd in self.kept.pop(name, []):
-                        os.close(fd)
-                for fd in fds:  # BARRIER=1: closing its fd says "read up to here"
-                    os.close(fd)
-
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(name for name, fds in self.kept.items() if fds)
-
-    def content(self, name: str) -> bytes:
-        with self._lock:
-            return read_memfd(self.kept[name][-1])
-
-    def fds(self) -> tuple[list[int], str]:
-        """What a restart passes: the kept fds (one per name) and LISTEN_FDNAMES."""
-        with self._lock:
-            named = [(name, fds[-1]) for name, fds in sorted(self.kept.items()) if fds]
-        return [fd for _, fd in named], ":".join(name for name, _ in named)
-
-    def close(self) -> None:
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        self.sock.close()
-        for fds in self.kept.values():
-            for fd in fds:
-                os.close(fd)
-
-
-@pytest.fixture
-def manager(short_dir: Path) -> Iterator[FdStore]:
-    store = FdStore(short_dir / "notify")
-    yield store
-    store.close()
-
-
-class Started:
-    """`sugard run` started as systemd would: NOTIFY_SOCKET, and LISTEN_* for `fds`."""
-
-    def __init__(self, config: Path, sock: Path, store: FdStore, fds: list[int], names: str):
-        self.socket = sock
-        self.log_path = sock.with_name(f"sugard-{len(store.messages)}.log")
-        argv = ["sugard", "run", "-c", str(config), "--socket", str(sock), "--log-level", "debug"]
-        program = f"import sys; sys.argv = {argv!r}; from sugard.cli import main; main()"
-        env = {**os.environ, "NOTIFY_SOCKET": str(store.path)}
-        if fds:
-            env |= {"LISTEN_FDS": str(len(fds)), "LISTEN_FDNAMES": names}
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", LAUNCHER, program, *map(str, fds)],
-                pass_fds=fds,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        store.started.append(self.proc)
-        wait_for(lambda: store_said(store, "READY=1", self), "READY=1")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        assert 0 == self.proc.wait(30), self.log()
-
-
-def store_said(store: FdStore, what: str, started: Started) -> bool:
-    assert started.proc.poll() is None, started.log()
-    return any(what in message for message in store.messages[-3:])
-
-
-def token(sock: Path) -> str:
-    done = sugarctl(sock, "token", "prod")
-    assert 0 == done.returncode, done.stderr
-    return done.stdout.strip()
-
-
-def start(config: Path, store: FdStore, short_dir: Path) -> Started:
-    return Started(config, short_dir / "s.sock", store, *store.fds())
 
 
 def test_a_restart_takes_the_session_back_with_no_login(

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import SUGARCTL, SUGARD
+from support.daemon import SUGARCTL, SUGARD
 
 from sugard import cli
 from sugard.client.ctl import COMMANDS

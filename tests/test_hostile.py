@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SUGARD, DaemonProcess, instance, sugarctl, wait_for, write_config
+from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from support.wait import wait_for
 
 from sugard import api
 from sugard.api import serving

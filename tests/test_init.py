@@ -11,7 +11,7 @@ import time
 import tomllib
 from pathlib import Path
 
-from conftest import PASSWORD, SUGARD, USER, sugarctl
+from support.daemon import PASSWORD, SUGARD, USER, sugarctl
 
 from sugard.config import load_config
 from sugard.testing import FakeSugar

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, instance, sugarctl, wait_for, write_config
-from test_handoff import FdStore, Started, manager, start  # noqa: F401  (manager: a fixture)
+from support.daemon import PASSWORD, instance, sugarctl, write_config
+from support.service_manager import FdStore, Started, start
+from support.wait import wait_for
 
 from sugard.config import SecretRef, parse_config
 from sugard.daemon import fdstore as kept_rejections
@@ -50,7 +51,7 @@ def refused(sock: Path) -> str:
 def test_a_crash_and_a_restart_do_not_resend_a_rejected_password(
     fake: FakeSugar,
     short_dir: Path,
-    manager: FdStore,  # noqa: F811
+    manager: FdStore,
 ) -> None:
     """One rejected login, then kill -9 and start, then SIGTERM and start: still one
     password login at Sugar, each new sugard saying why it refuses; the record in the store
@@ -87,7 +88,7 @@ def test_a_crash_and_a_restart_do_not_resend_a_rejected_password(
 def test_a_password_changed_while_sugard_was_down_gets_its_one_try(
     fake: FakeSugar,
     short_dir: Path,
-    manager: FdStore,  # noqa: F811
+    manager: FdStore,
 ) -> None:
     """The record is for the very password rejected: a start with another one logs in."""
     config = write_config(short_dir, {"prod": instance(fake, password=WRONG)})
@@ -107,7 +108,7 @@ def test_a_password_changed_while_sugard_was_down_gets_its_one_try(
 def test_a_removed_instance_takes_its_rejection_with_it(
     fake: FakeSugar,
     short_dir: Path,
-    manager: FdStore,  # noqa: F811
+    manager: FdStore,
 ) -> None:
     """A reload that removes the instance drops its record from the store."""
     other = instance(fake, username="admin", password="admin-pw")

@@ -14,81 +14,44 @@ import itertools
 import json
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import (
+from support.daemon import (
     PASSWORD,
     USER,
     DaemonProcess,
     fake_profile,
     instance,
+    status,
     sugarctl,
-    wait_for,
     write_config,
 )
+from support.rig import NAME, first_token, get_json, rig, token_calls, unix_aiohttp_session
+from support.wait import wait_for
 
 from sugard.config import load_config
 from sugard.daemon import Daemon
 from sugard.keeper import MAX_SLEEP
-from sugard.testing import FakeSugar, running_fake
-
-NAME = "crm"
-
-
-@pytest.fixture
-def sugar() -> Iterator[Callable[..., FakeSugar]]:
-    """Start fake SugarCRMs with chosen switches (alice's password is PASSWORD)."""
-    with contextlib.ExitStack() as stack:
-
-        def start(**switches: Any) -> FakeSugar:
-            switches.setdefault("users", {USER: PASSWORD})
-            return stack.enter_context(running_fake(**switches))
-
-        yield start
-
-
-def status(daemon: DaemonProcess) -> dict[str, Any]:
-    with daemon.client() as client:
-        result: dict[str, Any] = client.status(NAME)
-        return result
-
-
-def token_calls(fake: FakeSugar) -> dict[str, int]:
-    """What reached Sugar's token endpoint (the version read and the probes are pinned apart)."""
-    return {k: v for k, v in fake.calls.items() if k in ("token", "password", "refresh_token")}
-
-
-async def get_json(
-    http: aiohttp.ClientSession, path: str, method: str = "GET", **kwargs: Any
-) -> tuple[int, dict[str, Any]]:
-    async with http.request(method, "http://sugard" + path, **kwargs) as response:
-        return response.status, await response.json()
-
-
-def unix_session(socket: Path, connections: int) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.UnixConnector(path=str(socket), limit=connections),
-        timeout=aiohttp.ClientTimeout(total=30),
-    )
-
+from sugard.testing import FakeSugar
 
 # --------------------------------------------------------------- the real daemon process
 
 
 def test_wrong_password_makes_one_attempt_however_many_requests(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A rejected password is tried once, never again by itself: no lockout, however asked."""
-    fake = sugar(lockout_after=3)
+    fake = start_fake(lockout_after=3)
     config = write_config(short_dir, {NAME: instance(fake, password="wrong-password")})
     daemon = start_daemon(config)
-    wait_for(lambda: status(daemon)["state"] == "failed", what="state failed")
+    wait_for(lambda: status(daemon, NAME)["state"] == "failed", what="state failed")
 
     for _ in range(20):
         result = sugarctl(daemon.socket, "token", NAME)
@@ -101,7 +64,7 @@ def test_wrong_password_makes_one_attempt_however_many_requests(
 
     time.sleep(0.5)  # several backoff_max (0.2 s) periods: a retry would show by now
     assert 1 == fake.calls["password"]
-    current = status(daemon)
+    current = status(daemon, NAME)
     assert "failed" == current["state"]
     assert "credentials" == current["last_error"]["kind"]
     assert "fix the password" in current["last_error"]["message"]
@@ -117,35 +80,39 @@ def test_wrong_password_makes_one_attempt_however_many_requests(
 
 
 def test_a_reload_retries_a_failed_instance_once(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """An admin registers the platform in Sugar, config unchanged: `sugarctl reload` tries
     again (no secret was rejected, so it may)."""
-    fake = sugar()
+    fake = start_fake()
     fake.remove_platform("sugard")
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
-    wait_for(lambda: status(daemon)["state"] == "failed", what="state failed")
+    wait_for(lambda: status(daemon, NAME)["state"] == "failed", what="state failed")
     time.sleep(0.5)
     assert 1 == fake.calls["password"]
 
     fake.add_platform("sugard")
     reloaded = sugarctl(daemon.socket, "reload")
     assert 0 == reloaded.returncode, reloaded.stderr
-    wait_for(lambda: status(daemon)["state"] == "ready", what="state ready")
+    wait_for(lambda: status(daemon, NAME)["state"] == "ready", what="state ready")
     assert 2 == fake.calls["password"]
 
 
 @pytest.mark.timeout(120)
 def test_a_thousand_concurrent_requests_on_a_cold_instance_make_one_login(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """Requests that arrive while the first login is in flight all wait for that one login."""
-    fake = sugar(delay=1.0)  # a slow Sugar: the whole crowd arrives during the login
+    fake = start_fake(delay=1.0)  # a slow Sugar: the whole crowd arrives during the login
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
-    assert "logging_in" == status(daemon)["state"]
+    assert "logging_in" == status(daemon, NAME)["state"]
 
     async def crowd() -> list[tuple[int, dict[str, Any]]]:
-        async with unix_session(daemon.socket, 1000) as http:
+        async with unix_aiohttp_session(daemon.socket, 1000) as http:
             return await asyncio.gather(
                 *(get_json(http, f"/v1/instances/{NAME}/token") for _ in range(1000))
             )
@@ -161,14 +128,14 @@ def test_a_thousand_concurrent_requests_on_a_cold_instance_make_one_login(
 @pytest.mark.parametrize("version", ["13.3", "12.0"])
 def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
     version: str,
-    sugar: Callable[..., FakeSugar],
+    start_fake: Callable[..., FakeSugar],
     short_dir: Path,
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """Another login of the same user and platform kills our refresh token: one login fixes it.
     On 12.0 the evicted token works on for a while: a report then is checked and answered
     with the same token, and the recovery comes once Sugar refuses it."""
-    fake = sugar(**fake_profile(version))
+    fake = start_fake(**fake_profile(version))
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     dead = sugarctl(daemon.socket, "token", NAME).stdout.strip()
     assert 1 == fake.evict(USER, "sugard")
@@ -179,7 +146,7 @@ def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
     fake.reset_counters()
 
     async def reports() -> list[tuple[int, dict[str, Any]]]:
-        async with unix_session(daemon.socket, 100) as http:
+        async with unix_aiohttp_session(daemon.socket, 100) as http:
             return await asyncio.gather(
                 *(
                     get_json(
@@ -215,10 +182,12 @@ def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
 
 
 def test_a_hundred_reports_of_one_dead_token_make_one_refresh(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """An access token that died early (its refresh token alive) costs one refresh, no login."""
-    fake = sugar()
+    fake = start_fake()
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     dead = sugarctl(daemon.socket, "token", NAME).stdout.strip()
     assert fake.revoke(dead)
@@ -241,10 +210,12 @@ def test_a_hundred_reports_of_one_dead_token_make_one_refresh(
 
 
 def test_maintenance_burns_the_refresh_token_then_one_login_once_the_site_is_back(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """Maintenance is not a bad password: long backoff, the old token served, then one login."""
-    fake = sugar()
+    fake = start_fake()
     config = write_config(short_dir, {NAME: instance(fake, backoff_max=300)})
     daemon = start_daemon(config)
     before = sugarctl(daemon.socket, "token", NAME).stdout.strip()
@@ -255,10 +226,10 @@ def test_maintenance_burns_the_refresh_token_then_one_login_once_the_site_is_bac
     forced = sugarctl(daemon.socket, "refresh", NAME)
     assert 5 == forced.returncode, forced.stderr
     assert "maintenance" in forced.stderr
-    current = status(daemon)
+    current = status(daemon, NAME)
     assert "backing_off" == current["state"]
     assert "maintenance" == current["last_error"]["kind"]
-    assert "backing_off" == status(daemon)["state"]
+    assert "backing_off" == status(daemon, NAME)["state"]
     next_try = float(daemon.log().rsplit("next try in ", 1)[1].split(" s", 1)[0])
     assert 60.0 <= next_try <= 66.0  # the long backoff, not 1 s
     # Meanwhile scripts keep getting the still-valid token, without waiting.
@@ -271,19 +242,21 @@ def test_maintenance_burns_the_refresh_token_then_one_login_once_the_site_is_bac
     assert 0 == back.returncode, back.stderr
     assert fake.valid(back.stdout.strip())
     assert {"token": 1, "password": 1} == token_calls(fake)  # the burned refresh token not sent
-    assert "ready" == status(daemon)["state"]
+    assert "ready" == status(daemon, NAME)["state"]
 
 
 def test_maintenance_during_login_is_retried_not_reported_as_bad_password(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A 401 whose text is Sugar's maintenance message keeps retrying; the instance never fails."""
-    fake = sugar(maintenance=True)
+    fake = start_fake(maintenance=True)
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     wait_for(lambda: fake.calls["password"] >= 3, what="three login attempts")
     # Between attempts the state is backing_off; the next attempt may be under way already.
     settled = wait_for(
-        lambda: (state := status(daemon)["state"]) != "logging_in" and state,
+        lambda: (state := status(daemon, NAME)["state"]) != "logging_in" and state,
         what="the attempt to end",
     )
     assert "backing_off" == settled
@@ -299,15 +272,15 @@ def test_maintenance_during_login_is_retried_not_reported_as_bad_password(
 @pytest.mark.parametrize("lock", ["seats", "expired"])
 def test_license_lock_backs_off_long_and_recovers(
     lock: str,
-    sugar: Callable[..., FakeSugar],
+    start_fake: Callable[..., FakeSugar],
     short_dir: Path,
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A license lock is an admin's problem that passes: patient backoff, never `failed`."""
-    fake = sugar(license_error=lock)
+    fake = start_fake(license_error=lock)
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, backoff_max=300)}))
-    wait_for(lambda: status(daemon)["state"] == "backing_off", what="backing_off")
-    current = status(daemon)
+    wait_for(lambda: status(daemon, NAME)["state"] == "backing_off", what="backing_off")
+    current = status(daemon, NAME)
     assert "license" == current["last_error"]["kind"]
     assert "administrator" in current["last_error"]["message"]
     assert 1 == fake.calls["password"]
@@ -318,14 +291,16 @@ def test_license_lock_backs_off_long_and_recovers(
 
 
 def test_unregistered_platform_fails_with_how_to_register_it(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A platform removed from Sugar's registry is a configuration error, said so, not retried."""
-    fake = sugar()
+    fake = start_fake()
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     # The first login is done (the daemon answers before it is): the forced refresh below
     # is the first thing to meet the missing platform.
-    wait_for(lambda: status(daemon)["state"] == "ready", what="the first login")
+    wait_for(lambda: status(daemon, NAME)["state"] == "ready", what="the first login")
     fake.remove_platform("sugard")
     fake.reset_counters()
 
@@ -335,22 +310,24 @@ def test_unregistered_platform_fails_with_how_to_register_it(
     assert 1 == len(forced.stderr.strip().splitlines())
     time.sleep(0.5)
     assert {"token": 1, "refresh_token": 1} == token_calls(fake)
-    assert "failed" == status(daemon)["state"]
+    assert "failed" == status(daemon, NAME)["state"]
 
     fake.add_platform("sugard")
     again = sugarctl(daemon.socket, "refresh", NAME)
     assert 0 == again.returncode, again.stderr
-    assert "ready" == status(daemon)["state"]
+    assert "ready" == status(daemon, NAME)["state"]
 
 
 def test_unknown_client_fails_without_retrying(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """400 invalid_client names the OAuth key to check; one attempt only."""
-    fake = sugar()
+    fake = start_fake()
     config = write_config(short_dir, {NAME: instance(fake, client_id="no-such-key")})
     daemon = start_daemon(config)
-    wait_for(lambda: status(daemon)["state"] == "failed", what="state failed")
+    wait_for(lambda: status(daemon, NAME)["state"] == "failed", what="state failed")
     result = sugarctl(daemon.socket, "token", NAME)
     assert 6 == result.returncode
     assert "Admin > OAuth Keys" in result.stderr
@@ -361,28 +338,30 @@ def test_unknown_client_fails_without_retrying(
 @pytest.mark.parametrize("kind", ["html502", "503", "429", "reset", "garbage"])
 def test_transient_answers_are_retried_until_a_token_comes(
     kind: str,
-    sugar: Callable[..., FakeSugar],
+    start_fake: Callable[..., FakeSugar],
     short_dir: Path,
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A proxy's HTML 502, a 503, a 429, a dropped connection or junk: retried, then served."""
-    fake = sugar()
+    fake = start_fake()
     fake.fail_next(2, kind)
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     got = sugarctl(daemon.socket, "token", NAME, "--wait", "10")
     assert 0 == got.returncode, got.stderr
     assert fake.valid(got.stdout.strip())
     assert [kind, kind, None] == [r.fault for r in fake.requests]
-    current = status(daemon)
+    current = status(daemon, NAME)
     # `logins` counts login attempts: what the login endpoint saw from sugard.
     assert (2, 3, "ready") == (current["failures"], current["logins"], current["state"])
 
 
 def test_retry_after_is_honoured(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A 429 with Retry-After: 2 is not asked again before 2 s, though the backoff says 1 s."""
-    fake = sugar()
+    fake = start_fake()
     fake.fail_next(1, "429", retry_after=2)
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, backoff_max=10)}))
     got = sugarctl(daemon.socket, "token", NAME, "--wait", "10")
@@ -392,10 +371,12 @@ def test_retry_after_is_honoured(
 
 
 def test_every_upstream_call_names_the_platform(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """Logins and refreshes all send platform and client_id, so the session never lands on base."""
-    fake = sugar()
+    fake = start_fake()
     fake.add_platform("scripts")
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, platform="scripts")}))
     for _ in range(3):
@@ -408,10 +389,12 @@ def test_every_upstream_call_names_the_platform(
 
 
 def test_min_ttl_forces_a_renewal_that_leaves_enough_time(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A script about to run long asks for min_ttl; sugard renews first if the token is short."""
-    fake = sugar(access_lifetime=10)
+    fake = start_fake(access_lifetime=10)
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, refresh_before=1)}))
     first = sugarctl(daemon.socket, "token", NAME)
     time.sleep(1.5)
@@ -426,10 +409,12 @@ def test_min_ttl_forces_a_renewal_that_leaves_enough_time(
 
 
 def test_refresh_ahead_happens_in_the_background_before_expiry(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """With 3 s tokens, scripts asking all the time never wait and never get an expired token."""
-    fake = sugar(access_lifetime=3)
+    fake = start_fake(access_lifetime=3)
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     seen: list[tuple[float, str, float]] = []
     slowest = 0.0
@@ -451,10 +436,12 @@ def test_refresh_ahead_happens_in_the_background_before_expiry(
 
 
 def test_restart_after_a_crash_logs_in_with_the_password(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A daemon killed after a rotation has no refresh token: one password login, no refresh."""
-    fake = sugar()
+    fake = start_fake()
     config = write_config(short_dir, {NAME: instance(fake)})
     daemon = start_daemon(config)
     assert 0 == sugarctl(daemon.socket, "refresh", NAME).returncode
@@ -469,71 +456,6 @@ def test_restart_after_a_crash_logs_in_with_the_password(
 
 
 # --------------------------------------------------------------- in-process, virtual time
-
-
-class VirtualClock:
-    """A wall clock for the fake and the daemon: runs `speed` times real time and can jump."""
-
-    def __init__(self, speed: float = 1.0) -> None:
-        self.speed = speed
-        self._start = time.time()
-        self._offset = 0.0
-
-    def __call__(self) -> float:
-        return self._start + (time.time() - self._start) * self.speed + self._offset
-
-    def jump(self, seconds: float) -> None:
-        """As after a suspend: the wall clock moves on, asyncio's monotonic clock did not."""
-        self._offset += seconds
-
-    async def sleep(self, virtual_seconds: float) -> None:
-        await asyncio.sleep(virtual_seconds / self.speed)
-
-
-@dataclass
-class Rig:
-    fake: FakeSugar
-    daemon: Daemon
-    clock: VirtualClock
-    http: aiohttp.ClientSession
-
-    @property
-    def keeper(self) -> Any:
-        return self.daemon.keepers[NAME]
-
-    async def token(self, **query: float) -> tuple[int, dict[str, Any]]:
-        params = {key: str(value) for key, value in query.items()}
-        return await get_json(self.http, f"/v1/instances/{NAME}/token", params=params)
-
-
-@contextlib.asynccontextmanager
-async def rig(
-    directory: Path,
-    *,
-    speed: float = 1.0,
-    max_sleep: float = 0.02,
-    rng: Callable[[], float] = lambda: 0.5,
-    sugar: dict[str, Any] | None = None,
-    watch: Any = None,
-    **settings: Any,
-) -> AsyncIterator[Rig]:
-    clock = VirtualClock(speed)
-    fake = FakeSugar(users={USER: PASSWORD}, clock=clock, **(sugar or {}))
-    if watch is not None:
-        fake.app.middlewares.append(watch)  # sees every request the fake gets
-    await fake.start()
-    daemon: Daemon | None = None
-    try:
-        table = instance(fake, **settings)
-        config = load_config(write_config(directory, {NAME: table}))
-        daemon = Daemon(config, directory / "s.sock", clock=clock, max_sleep=max_sleep, rng=rng)
-        await daemon.start()
-        async with unix_session(directory / "s.sock", 64) as http:
-            yield Rig(fake, daemon, clock, http)
-    finally:
-        if daemon is not None:
-            await daemon.stop()
-        await fake.close()
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -687,7 +609,7 @@ async def daemon_on_stub(
         )
         await daemon.start()
         try:
-            async with unix_session(directory / "s.sock", 4) as http:
+            async with unix_aiohttp_session(directory / "s.sock", 4) as http:
                 yield http
         finally:
             await daemon.stop()
@@ -811,15 +733,6 @@ async def test_a_request_in_the_mandatory_window_waits_then_gets_retry_after(
 
 
 # --------------------------------------------------------------- renewal per Sugar version
-
-
-async def first_token(r: Rig, version: str | None = None) -> dict[str, Any]:
-    """The first token, once the keeper has read the server's version (after its login)."""
-    code, body = await r.token()
-    assert 200 == code, body
-    if version is not None:
-        await until(lambda: r.keeper.sugar_version == version + ".0")
-    return body
 
 
 async def test_min_ttl_requests_during_a_refresh_all_get_its_token(short_dir: Path) -> None:
@@ -968,11 +881,13 @@ async def test_the_probe_checks_the_token_once_a_minute(short_dir: Path) -> None
 
 
 def test_a_report_of_a_token_that_still_works_keeps_the_session(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """A script's 401 had another cause (a Bearer header, a wrong route): the probe finds the
     token alive, so sugarctl invalidate answers with the same token and nobody loses it."""
-    fake = sugar()
+    fake = start_fake()
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     alive = sugarctl(daemon.socket, "token", NAME).stdout.strip()
     fake.reset_counters()
@@ -1019,11 +934,13 @@ async def test_a_password_login_after_the_session_ends_says_why(
 
 
 def test_a_past_error_is_kept_but_not_shown_as_current(
-    sugar: Callable[..., FakeSugar], short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+    start_fake: Callable[..., FakeSugar],
+    short_dir: Path,
+    start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """After two 503s and a recovery, status keeps the last error, marked as past; while
     sugard backs off, the error is current."""
-    fake = sugar()
+    fake = start_fake()
     fake.fail_next(2, "503")
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake, backoff_max=300)}))
     assert 0 == sugarctl(daemon.socket, "token", NAME, "--wait", "10").returncode

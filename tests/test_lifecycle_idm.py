@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
-from test_lifecycle import NAME, first_token, rig, sugar, token_calls, until
+from support.daemon import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from support.rig import NAME, first_token, rig, token_calls
+from support.wait import until
 
 from sugard.testing import FakeSugar
-
-__all__ = ["sugar"]  # the fixture, imported from test_lifecycle
 
 PROFILES: dict[str, dict[str, Any]] = {
     "13.3": {"sugar_version": "13.3"},
@@ -46,14 +45,14 @@ def script_login(fake: FakeSugar, platform: str = "sugard") -> None:
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_a_script_logging_in_by_itself_evicts_sugard_except_under_sugaridentity(
     profile: str,
-    sugar: Callable[..., FakeSugar],
+    start_fake: Callable[..., FakeSugar],
     short_dir: Path,
     start_daemon: Callable[..., DaemonProcess],
 ) -> None:
     """On 13.3 another login with sugard's user and platform kills sugard's session: the report
     is confirmed by one probe and costs one refused refresh and one login. Under SugarIdentity
     there is no one-session rule: the probe finds the token alive and nothing is renewed."""
-    fake = sugar(**PROFILES[profile])
+    fake = start_fake(**PROFILES[profile])
     daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
     before = sugarctl(daemon.socket, "token", NAME).stdout.strip()
     script_login(fake)

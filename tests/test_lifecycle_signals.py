@@ -12,17 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import (
-    SUGARD,
-    DaemonProcess,
-    InFlight,
-    accepted_connections,
-    instance,
-    sugarctl,
-    wait_for,
-    wait_until_read,
-    write_config,
-)
+from support.daemon import SUGARD, DaemonProcess, InFlight, instance, sugarctl, write_config
+from support.http import accepted_connections, wait_until_read
+from support.wait import wait_for
 
 from sugard.client import DaemonUnreachable, SugardClient
 from sugard.testing import FakeSugar

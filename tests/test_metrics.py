@@ -17,66 +17,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PASSWORD, USER, DaemonProcess, instance, wait_for, write_config
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families
+from support.daemon import PASSWORD, USER, DaemonProcess, instance, write_config
+from support.daemon import status as daemon_status
+from support.http import run_curl
+from support.metrics import Samples, samples, scrape, value, with_name
+from support.nobody import AS_NOBODY
+from support.wait import wait_for
 
 from sugard.keeper import State
 from sugard.observe import STATES, Fanout, Observer
 from sugard.observe.metrics import Metrics, status_class
 from sugard.testing import FakeSugar, running_fake
 
-NOBODY = 65534
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["curl", "-sS", *args], capture_output=True, text=True, timeout=30, check=False
-    )
-
-
-def scrape(sock: Path, *headers: str) -> tuple[str, str]:
-    """(Content-Type, body) of GET /v1/metrics through curl on the socket."""
-    extra = [arg for header in headers for arg in ("-H", header)]
-    done = curl(
-        "--unix-socket", str(sock), "-w", "\n%{content_type}", *extra, "http://sugard/v1/metrics"
-    )
-    assert 0 == done.returncode, done.stderr
-    body, _, content_type = done.stdout.rpartition("\n")
-    return content_type, body
-
-
-def samples(text: str) -> Samples:
-    """Every sample of an exposition, keyed by (name, labels)."""
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(found: Samples, name: str, **labels: str) -> float:
-    return found[(name, frozenset(labels.items()))]
-
-
-def with_name(found: Samples, name: str) -> dict[frozenset[tuple[str, str]], float]:
-    return {labels: v for (n, labels), v in found.items() if n == name}
-
 
 def token_json(sock: Path, name: str = "prod") -> dict[str, Any]:
-    done = curl("--unix-socket", str(sock), f"http://sugard/v1/instances/{name}/token")
+    done = run_curl("--unix-socket", str(sock), f"http://sugard/v1/instances/{name}/token")
     assert 0 == done.returncode, done.stderr
-    body: dict[str, Any] = json.loads(done.stdout)
-    return body
-
-
-def status_json(sock: Path, name: str = "prod") -> dict[str, Any]:
-    done = curl("--unix-socket", str(sock), f"http://sugard/v1/instances/{name}")
     body: dict[str, Any] = json.loads(done.stdout)
     return body
 
@@ -112,14 +72,16 @@ def test_scrape_agrees_with_the_fake_over_a_login_and_refreshes(
     wait_for(lambda: fake.calls["refresh_token"] >= 2, "two refreshes")
     fake.access_lifetime = 3600  # the next refresh brings a token that lasts: things settle
     wait_for(
-        lambda: (status_json(daemon.socket)["expires_at"] or "") > _rfc(time.time() + 600),
+        lambda: (daemon_status(daemon)["expires_at"] or "") > _rfc(time.time() + 600),
         "a token that lasts",
     )
     last = token_json(daemon.socket)
     served += 1
-    bad = curl("--unix-socket", str(daemon.socket), "http://sugard/v1/instances/prod/token?wait=x")
+    bad = run_curl(
+        "--unix-socket", str(daemon.socket), "http://sugard/v1/instances/prod/token?wait=x"
+    )
     assert '"bad_request"' in bad.stdout
-    curl("--unix-socket", str(daemon.socket), "http://sugard/v1/instances/nope/token")
+    run_curl("--unix-socket", str(daemon.socket), "http://sugard/v1/instances/nope/token")
 
     before = time.time()
     content_type, text = scrape(daemon.socket)
@@ -240,7 +202,7 @@ def test_metrics_listen_serves_the_same_over_tcp(
     token_json(daemon.socket)
     match = re.search(r"metrics on (http://127\.0\.0\.1:\d+)/metrics", daemon.log())
     assert match, daemon.log()
-    done = curl("-w", "\n%{content_type}", f"{match.group(1)}/metrics")
+    done = run_curl("-w", "\n%{content_type}", f"{match.group(1)}/metrics")
     assert 0 == done.returncode, done.stderr
     body, _, content_type = done.stdout.rpartition("\n")
     assert content_type.startswith("text/plain; version=")
@@ -250,7 +212,7 @@ def test_metrics_listen_serves_the_same_over_tcp(
     )
     on_socket = samples(scrape(daemon.socket)[1])
     assert {k[0] for k in on_socket} == {k[0] for k in over_tcp}
-    assert "404" == curl("-o", "/dev/null", "-w", "%{http_code}", f"{match.group(1)}/").stdout
+    assert "404" == run_curl("-o", "/dev/null", "-w", "%{http_code}", f"{match.group(1)}/").stdout
 
 
 def test_metrics_listen_on_a_taken_port_stops_the_start(fake: FakeSugar, short_dir: Path) -> None:
@@ -283,7 +245,7 @@ def test_metrics_listen_on_a_taken_port_stops_the_start(fake: FakeSugar, short_d
 )
 def test_a_bad_metrics_listen_is_named(short_dir: Path, given: object, message: str) -> None:
     """`sugard check` names daemon.metrics_listen and what a good value looks like."""
-    from conftest import SUGARD
+    from support.daemon import SUGARD
 
     config = write_config(
         short_dir,
@@ -437,7 +399,7 @@ def test_a_reload_says_metrics_listen_waits_for_a_restart(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
     """metrics_listen changed in a reload: the log says it takes effect at the next start."""
-    from conftest import sugarctl
+    from support.daemon import sugarctl
 
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
     write_config(short_dir, {"prod": instance(fake)}, daemon={"metrics_listen": "127.0.0.1:0"})

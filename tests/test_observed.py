@@ -10,9 +10,11 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
-from test_events import lines, recorder
-from test_metrics import curl, samples, scrape, value, wait_for, with_name
+from support.daemon import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from support.hooks import lines, recorder
+from support.http import run_curl
+from support.metrics import samples, scrape, value, with_name
+from support.wait import wait_for
 
 from sugard.config import parse_config
 from sugard.keeper.supervisor import CountedCalls
@@ -180,7 +182,7 @@ def test_proxied_requests_are_counted_by_status_class(
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake, probe_interval=0)}))
     base = "http://sugard/v1/instances/prod/rest/v11_1"
     for path in ("/ping", "/me", "/Accounts/no-such-id"):
-        curl("--unix-socket", str(daemon.socket), "-o", "/dev/null", base + path)
+        run_curl("--unix-socket", str(daemon.socket), "-o", "/dev/null", base + path)
     found = samples(scrape(daemon.socket)[1])
     assert {"2xx": 2, "4xx": 1} == by(found, "sugard_proxy_requests_total", "status_class")
     assert 3 == value(found, "sugard_proxy_request_duration_seconds_count", sugar_instance="prod")

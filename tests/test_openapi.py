@@ -9,7 +9,6 @@ credential check in place (this process is the daemon's own uid).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,46 +17,16 @@ from typing import Any, ClassVar
 import pytest
 import requests
 import schemathesis
-from conftest import instance, write_config
 from hypothesis import HealthCheck, Phase, given, settings
-from requests.adapters import HTTPAdapter
 from schemathesis import GenerationMode
-from urllib3.connection import HTTPConnection
-from urllib3.connectionpool import HTTPConnectionPool
+from support.daemon import instance, write_config
+from support.http import unix_session
 
 from sugard.api import make_app
 from sugard.api.openapi import PROXIED_METHODS, PROXIED_PATH, spec
 from sugard.testing import FakeSugar
 
 EXAMPLES_PER_OPERATION = 40  # per operation and mode (4 of the 9 operations take input)
-
-
-def unix_session(path: Path) -> requests.Session:
-    """A requests session whose http://sugard URLs go to the Unix socket at `path`."""
-
-    class Connection(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            sock = socket.socket(socket.AF_UNIX)
-            sock.settimeout(30)
-            sock.connect(str(path))
-            return sock
-
-    class Pool(HTTPConnectionPool):
-        ConnectionCls = Connection
-
-    pool = Pool("sugard")
-
-    class Adapter(HTTPAdapter):
-        def get_connection_with_tls_context(self, *args: Any, **kwargs: Any) -> Pool:
-            return pool
-
-        def close(self) -> None:
-            pool.close()
-            super().close()
-
-    session = requests.Session()
-    session.mount("http://sugard", Adapter())
-    return session
 
 
 @pytest.fixture

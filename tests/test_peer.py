@@ -16,12 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support import ROOT
+from support.nobody import NOBODY, as_nobody
 
 from sugard import peer
 from sugard.peer import TcpPeerOwner, account_groups, tcp_peer_owner
-
-NOBODY = 65534
-ROOT = Path(__file__).resolve().parent.parent
 
 Lookup = Callable[[tuple[object, ...], tuple[object, ...]], TcpPeerOwner | None]
 
@@ -177,10 +176,6 @@ def nobody_python() -> Iterator[tuple[str, Path]]:
     finally:
         script.unlink()
         work.rmdir()
-
-
-def as_nobody(*argv: str) -> list[str]:
-    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
 
 
 @pytest.mark.parametrize(

@@ -13,20 +13,13 @@ import stat
 import subprocess
 from pathlib import Path
 
-from conftest import instance, sugarctl, write_config
+from support.daemon import instance, sugarctl, write_config
+from support.nobody import NOBODY, as_nobody
 
 from sugard.api.serving import REFUSED_PER_UID
 from sugard.testing import FakeSugar
 
-NOBODY = 65534
 OTHER_GROUP = 4242
-SETPRIV = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}"]
-
-
-def as_nobody(*argv: str, groups: tuple[int, ...] = ()) -> list[str]:
-    """argv run as uid/gid 65534, with exactly the given supplementary groups."""
-    group_args = [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
-    return [*SETPRIV, *group_args, *argv]
 
 
 def loosen(socket: Path) -> None:
@@ -35,7 +28,9 @@ def loosen(socket: Path) -> None:
     socket.chmod(0o666)
 
 
-def curl(socket: Path, path: str, *, groups: tuple[int, ...] = (), method: str = "GET"):
+def curl_socket_as_nobody(
+    socket: Path, path: str, *, groups: tuple[int, ...] = (), method: str = "GET"
+):
     """curl run as uid 65534; returns (status, JSON body, pid of curl)."""
     proc = subprocess.Popen(
         as_nobody(
@@ -82,7 +77,7 @@ def test_another_uid_gets_403_and_the_log_names_pid_uid_and_program(
     """By default another uid is refused with 403 `forbidden`; the log names its pid, uid, exe."""
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
     loosen(daemon.socket)
-    status, body, pid = curl(daemon.socket, "/v1/instances/prod/token")
+    status, body, pid = curl_socket_as_nobody(daemon.socket, "/v1/instances/prod/token")
     assert 403 == status
     assert "forbidden" == body["error"]
     assert f"uid {NOBODY} may not use this sugard" in body["message"]
@@ -122,10 +117,10 @@ def test_daemon_allowed_uids_widen_after_a_reload(
     config = write_config(short_dir, {"prod": instance(fake)})
     daemon = start_daemon(config)
     loosen(daemon.socket)
-    assert 403 == curl(daemon.socket, "/v1/instances/prod/token")[0]
+    assert 403 == curl_socket_as_nobody(daemon.socket, "/v1/instances/prod/token")[0]
     write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
     assert 0 == sugarctl(daemon.socket, "reload").returncode
-    status, body, _ = curl(daemon.socket, "/v1/instances/prod/token")
+    status, body, _ = curl_socket_as_nobody(daemon.socket, "/v1/instances/prod/token")
     assert 200 == status
     assert fake.valid(body["access_token"])
 
@@ -189,10 +184,12 @@ def test_allowed_gids_match_supplementary_groups(
     )
     daemon = start_daemon(config)
     loosen(daemon.socket)
-    status, body, _ = curl(daemon.socket, "/v1/instances/prod/token", groups=(OTHER_GROUP,))
+    status, body, _ = curl_socket_as_nobody(
+        daemon.socket, "/v1/instances/prod/token", groups=(OTHER_GROUP,)
+    )
     assert 200 == status
     assert fake.valid(body["access_token"])
-    assert 403 == curl(daemon.socket, "/v1/instances/prod/token")[0]
+    assert 403 == curl_socket_as_nobody(daemon.socket, "/v1/instances/prod/token")[0]
 
 
 def test_instance_lists_narrow_the_daemon_lists(
@@ -211,11 +208,11 @@ def test_instance_lists_narrow_the_daemon_lists(
     )
     daemon = start_daemon(config)
     loosen(daemon.socket)
-    status, body, _ = curl(daemon.socket, "/v1/instances/prod/token")
+    status, body, _ = curl_socket_as_nobody(daemon.socket, "/v1/instances/prod/token")
     assert 403 == status
     assert f"uid {NOBODY} may not use instance 'prod'" in body["message"]
-    assert 200 == curl(daemon.socket, "/v1/instances/test/token")[0]
-    status, body, _ = curl(daemon.socket, "/v1/instances")
+    assert 200 == curl_socket_as_nobody(daemon.socket, "/v1/instances/test/token")[0]
+    status, body, _ = curl_socket_as_nobody(daemon.socket, "/v1/instances")
     assert ["test"] == [i["name"] for i in body["instances"]]
     assert 0 == sugarctl(daemon.socket, "token", "prod").returncode
 
@@ -225,7 +222,7 @@ def test_only_the_owner_may_reload(fake: FakeSugar, short_dir: Path, start_daemo
     config = write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
     daemon = start_daemon(config)
     loosen(daemon.socket)
-    status, body, _ = curl(daemon.socket, "/v1/reload", method="POST")
+    status, body, _ = curl_socket_as_nobody(daemon.socket, "/v1/reload", method="POST")
     assert 403 == status
     assert "may not reload" in body["message"]
     assert "reloaded" not in daemon.log()

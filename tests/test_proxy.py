@@ -12,7 +12,6 @@ import re
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,11 @@ import aiohttp
 import httpx
 import pytest
 import requests
-from conftest import USER, DaemonProcess, curl_json, instance, sugarctl, write_config
-from proxy_upstream import SugarFront, pattern, pattern_sha256, running_front, vm_kib, wait_for
-from test_tls import certs, tls_fake  # noqa: F401 (fixtures)
+from support import ROOT
+from support.daemon import USER, DaemonProcess, current_token, instance, sugarctl, write_config
+from support.http import curl_json
+from support.proxy_upstream import SugarFront, pattern, pattern_sha256, running_front, vm_kib
+from support.wait import wait_for
 
 from sugard.proxy import PLACEHOLDER_REFRESH
 from sugard.testing import FakeSugar
@@ -41,12 +42,6 @@ RSS_BUDGET_KIB = 32 * 1024
 
 
 @pytest.fixture
-def front(fake: FakeSugar) -> Iterator[SugarFront]:
-    with running_front(fake.url) as server:
-        yield server
-
-
-@pytest.fixture
 def proxied(front: SugarFront, short_dir: Path, start_daemon) -> DaemonProcess:
     """A daemon with instance `prod` behind the front, listening on a loopback port."""
     config = write_config(short_dir, {"prod": instance(front, listen="127.0.0.1:0")})
@@ -60,11 +55,6 @@ def base_url(daemon: DaemonProcess, name: str = "prod") -> str:
     result = sugarctl(daemon.socket, "proxy-url", name)
     assert 0 == result.returncode, result.stderr
     return result.stdout.strip()
-
-
-def current_token(daemon: DaemonProcess) -> str:
-    with daemon.client() as client:
-        return str(client.token("prod")["access_token"])
 
 
 def curl_socket(daemon: DaemonProcess, path: str, *args: str) -> tuple[int, Any]:
@@ -413,7 +403,7 @@ def test_a_body_that_breaks_off_upstream_is_cut_for_the_client_too(
 def test_the_proxy_benchmark_runs_and_measures_every_row() -> None:
     """`python -m bench.bench_proxy --quick` prints its table, every figure a number; the
     streams came back byte-exact (it fails otherwise) in bounded memory."""
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     result = subprocess.run(
         [sys.executable, "-m", "bench.bench_proxy", "--quick"],
         cwd=root,
@@ -442,8 +432,8 @@ def test_the_proxy_benchmark_runs_and_measures_every_row() -> None:
 
 
 def test_the_proxy_verifies_tls_as_the_instance_does(
-    certs: dict[str, Path],  # noqa: F811 (the fixture imported from test_tls)
-    tls_fake: FakeSugar,  # noqa: F811
+    certs: dict[str, Path],
+    tls_fake: FakeSugar,
     short_dir: Path,
     start_daemon,
 ) -> None:

@@ -8,25 +8,17 @@ import http.client
 import json
 import socket
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
-from conftest import SUGARD, DaemonProcess, instance, sugarctl, write_config
-from proxy_upstream import SugarFront, running_front, wait_for
+from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from support.nobody import AS_NOBODY, NOBODY
+from support.proxy_upstream import SugarFront
+from support.wait import wait_for
 
 from sugard.testing import FakeSugar, running_fake
-
-NOBODY = 65534
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-
-
-@pytest.fixture
-def front(fake: FakeSugar) -> Iterator[SugarFront]:
-    with running_front(fake.url) as server:
-        yield server
 
 
 def proxy_url(daemon: DaemonProcess, name: str) -> str:

@@ -27,16 +27,28 @@ import aiohttp
 import httpx
 import pytest
 import requests
-from conftest import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
 from pysugarcrm import sugar_api
-from test_outbound_proxy import no_proxy_of_our_own, running_proxy  # noqa: F401 (autouse)
-from test_third_party_clients import pysugarcrm_workload, run_python
+from support import ROOT
+from support.daemon import (
+    PASSWORD,
+    USER,
+    DaemonProcess,
+    current_token,
+    instance,
+    sugarctl,
+    write_config,
+)
+from support.forward_proxy import running_proxy
+from support.sdks import pysugarcrm_workload, run_python
 from zucker import RequestsClient, model
 
 from sugard.testing import FakeSugar, running_fake
 
+# No proxy variable leaks in from the runner: each test sets the daemon's own.
+pytestmark = pytest.mark.usefixtures("no_proxy_of_our_own")
+
 ANSWERED_LOGIN = "answered a client's login"
-DOCS = Path(__file__).resolve().parent.parent / "docs" / "proxy.md"
+DOCS = ROOT / "docs" / "proxy.md"
 DOC_SITE = "http://127.0.0.1:8401"  # the listener docs/proxy.md's examples are written for
 
 
@@ -66,11 +78,6 @@ def listener(daemon: DaemonProcess) -> str:
     url = result.stdout.strip()
     assert url.startswith("http://127.0.0.1:")
     return url
-
-
-def current_token(daemon: DaemonProcess) -> str:
-    with daemon.client() as client:
-        return str(client.token("prod")["access_token"])
 
 
 class Session:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+
+from support import ROOT
+from support.readme import README, shell_blocks
 
 from sugard import client
-
-ROOT = Path(__file__).resolve().parent.parent
-README = (ROOT / "README.md").read_text()
-
-
-def shell_blocks(text: str) -> list[str]:
-    return re.findall(r"```sh\n(.*?)```", text, re.DOTALL)
 
 
 def test_ci_runs_the_readme_test_command_unchanged() -> None:

@@ -12,16 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
-    PASSWORD,
-    USER,
-    DaemonProcess,
-    curl_json,
-    instance,
-    sugarctl,
-    wait_for,
-    write_config,
-)
+from support.daemon import PASSWORD, USER, DaemonProcess, instance, status, sugarctl, write_config
+from support.http import curl_json
+from support.wait import wait_for
 
 from sugard.client import SugardClient
 from sugard.testing import FakeSugar, running_fake
@@ -34,12 +27,6 @@ def locking_fake() -> Iterator[FakeSugar]:
     """A fake Sugar that locks alice after three failed password logins."""
     with running_fake(users={USER: PASSWORD}, lockout_after=3) as server:
         yield server
-
-
-def status(daemon: DaemonProcess) -> dict[str, Any]:
-    with daemon.client() as client:
-        result: dict[str, Any] = client.status(NAME)
-        return result
 
 
 def set_password(directory: Path, password: str) -> None:

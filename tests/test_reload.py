@@ -12,36 +12,27 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import (
+from support.daemon import (
     PASSWORD,
     SUGARD,
     DaemonProcess,
     InFlight,
-    accepted_connections,
-    curl_json,
     instance,
+    status,
     sugarctl,
-    wait_for,
-    wait_until_read,
     write_config,
 )
+from support.http import accepted_connections, curl_json, wait_until_read
+from support.nobody import AS_NOBODY, NOBODY
+from support.wait import wait_for
 
 from sugard.client import SugardClient
 from sugard.testing import FakeSugar, running_fake
-
-NOBODY = 65534
-AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
 
 
 def tokens(daemon: DaemonProcess, *names: str) -> dict[str, str]:
     with SugardClient(daemon.socket) as client:
         return {name: client.token(name, wait=30)["access_token"] for name in names}
-
-
-def status(daemon: DaemonProcess, name: str) -> dict[str, Any]:
-    with SugardClient(daemon.socket) as client:
-        result: dict[str, Any] = client.status(name)
-        return result
 
 
 @pytest.fixture

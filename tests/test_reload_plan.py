@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from conftest import write_config
+from support.daemon import write_config
 
 from sugard.config import Config, InstanceConfig, load_config
 from sugard.daemon.reload import ReloadPlan, plan_reload

@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import SUGARD, curl, sugarctl, wait_for
+from support.daemon import SUGARD, sugarctl
+from support.http import curl
+from support.wait import wait_for
 
 from sugard.config import ConfigError, load_config
 from sugard.config import sources as secrets_module

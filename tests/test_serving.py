@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import instance, write_config
+from support.daemon import instance, write_config
 
 from sugard.api.serving import _response_started
 from sugard.config import load_config

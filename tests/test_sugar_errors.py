@@ -9,7 +9,7 @@ from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from support.daemon import write_config
 
 from sugard import sugar
 from sugard.config import load_config

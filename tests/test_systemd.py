@@ -18,13 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import SUGARD, DaemonProcess, instance, sugarctl, wait_for, write_config
+from support import ROOT
+from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from support.wait import wait_for
 
 from sugard.client import SugardClient
 from sugard.daemon.systemd import JournalFormatter
 from sugard.testing import FakeSugar
 
-UNITS = Path(__file__).resolve().parent.parent / "systemd"
+UNITS = ROOT / "systemd"
 SERVICE = UNITS / "sugard.service"
 SOCKET = UNITS / "sugard.socket"
 PIPX_BIN = "%h/.local/bin"  # where the shipped unit expects sugard and sugarctl

@@ -10,16 +10,14 @@ the bug) instead of the fake bending to it.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
 from pysugarcrm import sugar_api
+from support.sdks import pysugarcrm_workload, run_python
 from zucker import RequestsClient, model
 
 from sugard.testing import FakeSugar, running_fake
@@ -27,31 +25,15 @@ from sugard.testing import FakeSugar, running_fake
 USER, PASSWORD = "alice", "alice-pw"
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeSugar]:
-    """A fake with alice, the platforms the clients use registered, and one account."""
-    with running_fake(
-        users={USER: PASSWORD},
-        platforms={"base", "api", "zucker", "scripts"},
-        records={"Accounts": [{"name": "Zeta Ltd", "rank": 1}]},
-    ) as server:
-        yield server
+# `fake` (conftest): alice, the platforms the clients use registered, and one account.
+pytestmark = pytest.mark.fake(
+    users={USER: PASSWORD},
+    platforms={"base", "api", "zucker", "scripts"},
+    records={"Accounts": [{"name": "Zeta Ltd", "rank": 1}]},
+)
 
 
 # ---------------------------------------------------------------- pysugarcrm 1.0.3
-
-
-def pysugarcrm_workload(crm: Any) -> None:
-    """What a pysugarcrm script does between login and logout: create, filter, read, count
-    (the fake is seeded with one Account of rank 1), and its `me`."""
-    created = crm.post("/Accounts", data=json.dumps({"name": "Acme", "rank": 2}))
-    assert ("Acme", "Accounts") == (created["name"], created["_module"])
-    hits = crm.post("/Accounts/filter", data=json.dumps({"filter": [{"name": "acme"}]}))
-    assert [created["id"]] == [r["id"] for r in hits["records"]]
-    assert created == crm.get(f"/Accounts/{created['id']}")
-    count = crm.get("/Accounts/count", query_params={"filter[0][rank][$gte]": "1"})
-    assert {"record_count": 2} == count
-    assert USER == crm.me["current_user"]["user_name"]
 
 
 def test_pysugarcrm(fake: FakeSugar) -> None:
@@ -146,16 +128,6 @@ SCRIPT_25 = textwrap.dedent(
     print(json.dumps(out))
     """
 )
-
-
-def run_python(code: str, cwd: Path) -> str:
-    """Run `code` in a fresh interpreter in `cwd` (sugarcrm-25-api reads `.env` from the working
-    directory) and return what it printed; it must exit 0."""
-    run = subprocess.run(
-        [sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=60
-    )
-    assert 0 == run.returncode, run.stderr
-    return run.stdout
 
 
 def test_sugarcrm_25_api(fake: FakeSugar, tmp_path: Path) -> None:

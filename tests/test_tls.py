@@ -6,104 +6,14 @@ with a warning at every start.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import json
-import ssl
-import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-from aiohttp import web
-from conftest import PASSWORD, USER, instance, sugarctl, write_config
+from support.daemon import instance, sugarctl, write_config
 
 from sugard.testing import FakeSugar
 
 WARNING = "TLS verification is OFF (verify_tls = false)"
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A private CA and a server certificate for 127.0.0.1 it signed (openssl CLI)."""
-    d = tmp_path_factory.mktemp("tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=30)
-
-    openssl(
-        "req",
-        "-x509",
-        *ec,
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sugard test CA",
-    )
-    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
-    (d / "ext").write_text(
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
-    )
-    openssl(
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext",
-    )
-    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
-
-
-@contextmanager
-def running_tls_fake(cert: Path, key: Path) -> Iterator[FakeSugar]:
-    """The fake's aiohttp app served over HTTPS on 127.0.0.1, in a thread of its own."""
-    fake = FakeSugar(users={USER: PASSWORD})
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    ready: concurrent.futures.Future[tuple[asyncio.AbstractEventLoop, asyncio.Event, int]]
-    ready = concurrent.futures.Future()
-
-    async def serve() -> None:
-        runner = web.AppRunner(fake.app, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context).start()
-        stop = asyncio.Event()
-        ready.set_result((asyncio.get_running_loop(), stop, runner.addresses[0][1]))
-        await stop.wait()
-        await runner.cleanup()
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    loop, stop, port = ready.result(timeout=10)
-    fake.url = f"https://127.0.0.1:{port}"
-    try:
-        yield fake
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=10)
-
-
-@pytest.fixture
-def tls_fake(certs: dict[str, Path]) -> Iterator[FakeSugar]:
-    with running_tls_fake(certs["cert"], certs["key"]) as fake:
-        yield fake
 
 
 def test_a_private_ca_is_refused_by_default_with_an_error_naming_ca_file(

@@ -34,8 +34,9 @@ from typing import Any
 
 import pytest
 import tomli_w
-from conftest import PASSWORD, USER
-from test_readme import README, shell_blocks
+from support import ROOT
+from support.daemon import PASSWORD, USER
+from support.readme import README, shell_blocks
 
 from sugard.testing import FakeSugar, running_fake
 
@@ -43,7 +44,6 @@ from sugard.testing import FakeSugar, running_fake
 # busy machine, not the 60 s of one ordinary test.
 pytestmark = pytest.mark.timeout(600)
 
-ROOT = Path(__file__).resolve().parent.parent
 USER_NAME = "sugardtest"
 PASSWORDS = {USER: PASSWORD, "bob": "bob-secret-pw"}  # the fake's users and the config's
 CHECKOUT = "sugard"  # the user's clone, in their home
@@ -254,7 +254,7 @@ def sugar() -> Iterator[FakeSugar]:
         yield server
 
 
-def write_config(
+def write_user_config(
     user: UserSession, sugar: FakeSugar, daemon: dict[str, Any] | None = None, **instances: str
 ) -> None:
     """The user's ~/.config/sugard/config.toml: one instance per username given, each with
@@ -306,7 +306,7 @@ def installed(session: UserSession, sugar: FakeSugar) -> UserSession:
         ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "__pycache__", ".*_cache"),
     )
     session.give(clone)
-    write_config(session, sugar, prod=USER)
+    write_user_config(session, sugar, prod=USER)
     started = time.monotonic()
     session.ok(readme_line("pipx install"), cwd=clone)
     print(f"\n{readme_line('pipx install')}: {time.monotonic() - started:.1f} s")
@@ -365,12 +365,12 @@ def test_reload_fails_on_a_refused_config_and_keeps_the_old_one(
     before = token(user)
     main_pid = user.unit("MainPID")
 
-    write_config(user, sugar, prod=USER, second="bob")
+    write_user_config(user, sugar, prod=USER, second="bob")
     user.ok("systemctl --user reload sugard")
     assert sugar.valid(token(user, "second"))
     assert before == token(user)
 
-    write_config(user, sugar, daemon={"bogus": 1}, prod=USER)
+    write_user_config(user, sugar, daemon={"bogus": 1}, prod=USER)
     refused = user.run("systemctl --user reload sugard")
     assert 0 != refused.returncode, refused.stdout + refused.stderr
     assert "sugard.service failed" in refused.stderr, refused.stderr
@@ -384,7 +384,7 @@ def test_reload_fails_on_a_refused_config_and_keeps_the_old_one(
 def test_a_sighup_sent_by_hand_still_reloads(installed: UserSession, sugar: FakeSugar) -> None:
     """kill -HUP on the main process reloads too (systemd only hears of it by sd_notify)."""
     user = installed
-    write_config(user, sugar, prod=USER)
+    write_user_config(user, sugar, prod=USER)
     user.ok(f"kill -HUP {user.unit('MainPID')}")
     poll(
         "the reload that drops instance 'second'",

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
-from conftest import wait_for as wait_for  # the suite's one, for the proxy tests
+
+from support.wait import wait_for as wait_for  # the suite's one, for the proxy tests
 
 BLOCK = bytes(range(256)) * 4096  # 1 MiB of a pattern the client can check
 
