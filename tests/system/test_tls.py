@@ -1,0 +1,90 @@
+"""Upstream TLS: the fake SugarCRM served over HTTPS with a private CA made by the openssl CLI.
+
+Verification is on by default, `ca_file` trusts a private CA, and `verify_tls = false` works only
+with a warning at every start.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from support.daemon import instance, sugarctl, write_config
+
+from sugard.testing import FakeSugar
+
+WARNING = "TLS verification is OFF (verify_tls = false)"
+
+
+def test_a_private_ca_is_refused_by_default_with_an_error_naming_ca_file(
+    tls_fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """Without ca_file the site's certificate is not trusted: exit 6, a message naming ca_file,
+    and the password never sent (no request reached the token endpoint)."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(tls_fake)}))
+    result = sugarctl(daemon.socket, "token", "prod")
+    assert 6 == result.returncode, result.stderr
+    assert "not trusted" in result.stderr
+    assert "set ca_file" in result.stderr
+    assert 0 == tls_fake.calls["token"]
+    status = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
+    assert "failed" == status["state"]
+
+
+def test_ca_file_trusts_a_private_ca(
+    tls_fake: FakeSugar, certs: dict[str, Path], short_dir: Path, start_daemon
+) -> None:
+    """With ca_file set to the private CA, the daemon logs in over verified TLS."""
+    config = write_config(short_dir, {"prod": instance(tls_fake, ca_file=str(certs["ca"]))})
+    daemon = start_daemon(config)
+    result = sugarctl(daemon.socket, "token", "prod")
+    assert 0 == result.returncode, result.stderr
+    assert tls_fake.valid(result.stdout.strip())
+    assert WARNING not in daemon.log()
+
+
+def test_a_bad_ca_file_fails_the_instance_not_the_daemon(
+    tls_fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """A ca_file that does not exist fails that instance with a message naming it; the daemon
+    runs on and serves the other instances."""
+    missing = short_dir / "no-such-ca.pem"
+    tls_fake.set_password("bob", "bob-secret-pw")
+    config = write_config(
+        short_dir,
+        {
+            "prod": instance(tls_fake, ca_file=str(missing)),
+            "lab": instance(tls_fake, username="bob", password="bob-secret-pw", verify_tls=False),
+        },
+    )
+    daemon = start_daemon(config)
+    result = sugarctl(daemon.socket, "token", "prod")
+    assert 6 == result.returncode, result.stderr
+    assert f"ca_file {missing} does not exist" in result.stderr
+    assert 0 == sugarctl(daemon.socket, "token", "lab").returncode
+    assert "Traceback" not in daemon.log()
+
+
+def test_verify_tls_false_works_with_a_warning_at_every_start(
+    tls_fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """verify_tls = false gets a token, and each start (and a reload that adds such an
+    instance) logs the warning again."""
+    config = write_config(short_dir, {"prod": instance(tls_fake, verify_tls=False)})
+    for _ in range(2):
+        daemon = start_daemon(config)
+        result = sugarctl(daemon.socket, "token", "prod")
+        assert 0 == result.returncode, result.stderr
+        assert 1 == daemon.log().count(f"prod: {WARNING}")
+        daemon.stop()
+    daemon = start_daemon(config)
+    tls_fake.set_password("bob", "bob-secret-pw")
+    write_config(
+        short_dir,
+        {
+            "prod": instance(tls_fake, verify_tls=False),
+            "lab": instance(tls_fake, username="bob", password="bob-secret-pw", verify_tls=False),
+        },
+    )
+    assert 0 == sugarctl(daemon.socket, "reload").returncode
+    assert 1 == daemon.log().count(f"lab: {WARNING}")
