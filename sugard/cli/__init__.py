@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     with_config(p)
     p.add_argument(
-        "--socket", metavar="PATH", help=f"socket to listen on; without it {SOCKET_ORDER}"
+        "--socket", metavar="PATH", help=f"socket to listen on: --socket, else {SOCKET_ORDER}"
     )
     p.add_argument(
         "--log-level",
@@ -89,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
         "else the unit sugard ships; none: sugard does not run under systemd)",
     )
     p.add_argument(
-        "--socket", metavar="PATH", help=f"the daemon's socket, for --online: {SOCKET_ORDER}"
+        "--socket",
+        metavar="PATH",
+        help=f"the daemon's socket, for --online: --socket, else {SOCKET_ORDER}",
     )
     p.add_argument(
         "--wait",
