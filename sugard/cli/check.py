@@ -289,7 +289,8 @@ def _suffix(ref: SecretRef) -> str:
 async def _login_and_out(instance: InstanceConfig) -> str | None:
     """One password login, then a logout that ends the new session at once; why it failed,
     or None."""
-    from sugard.sugar import SugarClient, UpstreamError, new_http_session
+    from sugard.sugar import SugarClient, new_http_session
+    from sugard.sugar.errors import UpstreamError
 
     async with new_http_session() as http:
         client = SugarClient(instance, http)

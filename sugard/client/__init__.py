@@ -51,11 +51,6 @@ from sugard.wire import (
     socket_path,
 )
 
-TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-    from typing import Any
-
 __all__ = [
     "DEFAULT_WAIT",
     "BadRequest",
@@ -70,6 +65,11 @@ __all__ = [
     "default_socket_path",
     "resolve_socket",
 ]
+
+TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 # The daemon's bounds, so that a request it would refuse is refused here, in words the
 # caller used; the header it adds when a token cannot have min_ttl left.

@@ -11,6 +11,10 @@ from __future__ import annotations
 from sugard.client.ctl import CHOICES, COMMANDS, VALUED
 from sugard.client.help import option_summary, summary
 
+TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 __all__ = ["script"]
 
 
@@ -116,12 +120,15 @@ complete -F _sugarctl sugarctl
 """
 
 
-def _bash() -> str:
-    options = "\n".join(
-        f'            {command}) options="{" ".join(_options(command))}" ;;'
-        for command in COMMANDS
-        if _options(command)
+def _option_cases(case: Callable[[str, str], str]) -> str:
+    """One case line per command that takes options: `case(command, its options)`."""
+    return "\n".join(
+        case(command, " ".join(_options(command))) for command in COMMANDS if _options(command)
     )
+
+
+def _bash() -> str:
+    options = _option_cases(lambda command, o: f'            {command}) options="{o}" ;;')
     return _fill(_BASH, BASH_OPTIONS=options, **_shared())
 
 
@@ -192,11 +199,7 @@ fi
 
 
 def _zsh() -> str:
-    options = "\n".join(
-        f"            {command}) compadd -- {' '.join(_options(command))} ;;"
-        for command in COMMANDS
-        if _options(command)
-    )
+    options = _option_cases(lambda command, o: f"            {command}) compadd -- {o} ;;")
     return _fill(_ZSH, ZSH_OPTIONS=options, **_shared())
 
 

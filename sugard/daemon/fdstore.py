@@ -24,9 +24,9 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sugard.config import Config, InstanceConfig
 from sugard.daemon.systemd import Notifier, read_memfd, sealed_memfd
@@ -60,6 +60,8 @@ FORMAT = 1  # of each memfd's JSON; another is dropped (a downgrade), never misr
 # The fd store names are systemd.STORE_PREFIX + one of these + the instance name.
 SESSION_PREFIX = "session."
 REJECTION_PREFIX = "rejected."
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -172,18 +174,34 @@ def take(
     """The sessions the fd store passed back, by instance; each fd is closed and its entry
     removed from the store (while this sugard runs, the store holds nothing it could later
     be handed by mistake: a crash leaves no stale session behind)."""
-    sessions: dict[str, Session] = {}
-    for name, config, data in stored_records(notifier, stored, SESSION_PREFIX, configs):
+    return taken_back(
+        stored_records(notifier, stored, SESSION_PREFIX, configs),
+        load_session,
+        "session",
+        "its login settings changed since the session was kept; logging in",
+    )
+
+
+def taken_back(
+    records: Iterator[tuple[str, InstanceConfig, bytes]],
+    load: Callable[[InstanceConfig, bytes], T | None],
+    what: str,
+    changed: str,
+) -> dict[str, T]:
+    """Each record `load` reads and that still applies, by instance; the others are logged
+    (as `what` that cannot be read, or with `changed`) and dropped."""
+    kept: dict[str, T] = {}
+    for name, config, data in records:
         try:
-            session = load_session(config, data)
+            record = load(config, data)
         except ValueError as exc:
-            log.warning("%s: dropping the session kept across the restart: %s", name, exc)
+            log.warning("%s: dropping the %s kept across the restart: %s", name, what, exc)
             continue
-        if session is None:
-            log.info("%s: its login settings changed since the session was kept; logging in", name)
+        if record is None:
+            log.info("%s: %s", name, changed)
             continue
-        sessions[name] = session
-    return sessions
+        kept[name] = record
+    return kept
 
 
 def give(notifier: Notifier, sessions: Mapping[str, tuple[InstanceConfig, Session | None]]) -> int:
@@ -285,23 +303,19 @@ class RejectionStore:
             key: stored.pop(key)
             for key in [key for key in stored if key.startswith(REJECTION_PREFIX)]
         }
-        rejections: dict[str, Rejection] = {}
-        for name, config, data in stored_records(self._notifier, ours, REJECTION_PREFIX, configs):
-            try:
-                rejection = load_rejection(config, data)
-            except ValueError as exc:
-                log.warning("%s: dropping the rejection kept across the restart: %s", name, exc)
-                continue
-            if rejection is None:
-                log.info("%s: the secret Sugar rejected before the restart changed since", name)
-                continue
+        rejections = taken_back(
+            stored_records(self._notifier, ours, REJECTION_PREFIX, configs),
+            load_rejection,
+            "rejection",
+            "the secret Sugar rejected before the restart changed since",
+        )
+        for name, rejection in rejections.items():
             log.warning(
                 "%s: Sugar rejected its %s before the restart, and it has not changed: "
                 "not sending it",
                 name,
                 rejection.field.replace("_", " "),
             )
-            rejections[name] = rejection
         return rejections
 
     def keep(self, name: str, rejection: Rejection | None) -> None:

@@ -34,7 +34,8 @@ from sugard.fleet.sealing import SessionRecord
 from sugard.fleet.store import NotLeader, Stale, Written
 from sugard.observe import RenewalReason
 from sugard.secret import Secret
-from sugard.sugar import Grant, RejectedError, SugarClient, TransientError
+from sugard.sugar import Grant, SugarClient
+from sugard.sugar.errors import RejectedError, TransientError
 
 log = logging.getLogger("sugard.fleet")
 TOKEN_TYPE = "bearer"  # noqa: S105 - the type Sugar gives every token; the record omits it

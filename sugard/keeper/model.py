@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from sugard.config import InstanceConfig
 from sugard.observe import RenewalReason
-from sugard.sugar import ClientRejected, CredentialsRejected, UpstreamError
+from sugard.sugar.errors import ClientRejected, CredentialsRejected, UpstreamError
 
 __all__ = ["Board", "Demand", "ErrorStatus", "LastError", "Need", "Rejection", "State", "Status"]
 
@@ -30,6 +30,8 @@ class State(enum.StrEnum):
 
 @dataclass(frozen=True)
 class LastError:
+    """The last error: when (epoch seconds), its kind, and its one-line message."""
+
     at: float
     kind: str
     message: str

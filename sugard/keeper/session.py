@@ -27,7 +27,8 @@ from sugard.observe import (
     UpstreamOutcome,
 )
 from sugard.secret import Secret
-from sugard.sugar import Grant, Probe, RejectedError, SugarClient, UpstreamError
+from sugard.sugar import Grant, Probe, SugarClient
+from sugard.sugar.errors import RejectedError, UpstreamError
 
 __all__ = ["CountedCalls", "HeldSession", "Progress", "renewal_reason"]
 
@@ -257,14 +258,28 @@ class Progress:
             return
         self.state = state
         self._observer.observe(
-            StateChanged(self.name, state.value, self._expires_at(), self._error_kind())
+            StateChanged(
+                self.name,
+                state.value,
+                expires_at=self._expires_at(),
+                error_kind=self._error_kind(),
+            )
         )
 
     def evicted(self, found_by: EvictionFoundBy) -> None:
-        self._observer.observe(Evicted(self.name, found_by, self._expires_at(), self._error_kind()))
+        self._observer.observe(
+            Evicted(
+                self.name,
+                found_by,
+                expires_at=self._expires_at(),
+                error_kind=self._error_kind(),
+            )
+        )
 
     def renewed(self, expires_at: float) -> None:
-        self._observer.observe(Renewed(self.name, expires_at, self._error_kind()))
+        self._observer.observe(
+            Renewed(self.name, expires_at=expires_at, error_kind=self._error_kind())
+        )
 
     def error(self, exc: UpstreamError) -> None:
         self.last_error = LastError(self._clock(), exc.kind, exc.message)

@@ -18,15 +18,13 @@ from sugard.keeper.model import Board, Demand, Need, Rejection, State
 from sugard.keeper.session import CountedCalls, HeldSession, Progress, renewal_reason
 from sugard.observe import Observer, RenewalReason, RenewalStarted
 from sugard.secret import Secret
-from sugard.sugar import (
+from sugard.sugar import Grant, Probe, SugarClient
+from sugard.sugar.errors import (
     ClientRejected,
     CredentialsRejected,
-    Grant,
-    Probe,
     RefreshConsumed,
     RefreshRejected,
     RejectedError,
-    SugarClient,
     UpstreamError,
 )
 

@@ -11,7 +11,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from sugard.config import GRACE_AUTO, InstanceConfig
 from sugard.secret import Secret
-from sugard.sugar import Grant, Locked, TransientError
+from sugard.sugar import Grant
+from sugard.sugar.errors import Locked, TransientError
 
 __all__ = [
     "JITTER",

@@ -108,35 +108,37 @@ class RenewalStarted:
     reason: RenewalReason
 
 
-@dataclass(frozen=True)
-class StateChanged:
-    """The keeper's state is now `state` (one of wire.STATES); `expires_at` is the current
-    token's expiry (epoch seconds, None without one), `error_kind` the last error's."""
+@dataclass(frozen=True, kw_only=True)
+class _SessionNews:
+    """What the `on_event` hooks are told with each event: the token's expiry (epoch seconds,
+    None without one) and the kind of the last error."""
 
-    instance: str
-    state: str
     expires_at: float | None
     error_kind: str | None
 
 
 @dataclass(frozen=True)
-class Renewed:
-    """A new token from a login or a refresh is in place."""
+class StateChanged(_SessionNews):
+    """The keeper's state is now `state` (one of wire.STATES)."""
 
     instance: str
-    expires_at: float
-    error_kind: str | None
+    state: str
 
 
 @dataclass(frozen=True)
-class Evicted:
+class Renewed(_SessionNews):
+    """A new token from a login or a refresh is in place."""
+
+    instance: str
+
+
+@dataclass(frozen=True)
+class Evicted(_SessionNews):
     """Sugar no longer accepts the session: a script reported the current token, a probe
     found it dead, or Sugar refused the refresh token."""
 
     instance: str
     found_by: EvictionFoundBy
-    expires_at: float | None
-    error_kind: str | None
 
 
 @dataclass(frozen=True)

@@ -130,12 +130,12 @@ class EventHooks(Observer):
 
     def observe(self, event: ObservedEvent) -> None:
         match event:
-            case StateChanged(instance, state, expires_at, error_kind):
-                self._state_changed(instance, state, expires_at, error_kind)
-            case Renewed(instance, expires_at, error_kind):
-                self.fire(HookEvent("renewed", instance, expires_at, error_kind))
-            case Evicted(instance, _, expires_at, error_kind):
-                self.fire(HookEvent("evicted", instance, expires_at, error_kind))
+            case StateChanged(instance, state):
+                self._state_changed(instance, state, event.expires_at, event.error_kind)
+            case Renewed(instance):
+                self.fire(HookEvent("renewed", instance, event.expires_at, event.error_kind))
+            case Evicted(instance):
+                self.fire(HookEvent("evicted", instance, event.expires_at, event.error_kind))
             case Forgotten(instances):
                 for name in instances:
                     self._states.pop(name, None)

@@ -101,26 +101,38 @@ class TransientError(UpstreamError):
 
 
 class Timeout(TransientError):
+    """No answer within the instance's `timeout`."""
+
     kind = "timeout"
 
 
 class Unreachable(TransientError):
+    """No connection: DNS, refused, the TLS handshake, or the proxy."""
+
     kind = "unreachable"
 
 
 class ProxyFailed(TransientError):
+    """The outbound proxy would not pass the request on (other than a 407)."""
+
     kind = "proxy"
 
 
 class BadResponse(TransientError):
+    """An answer that is not Sugar's JSON (a proxy's or a front's page)."""
+
     kind = "bad_response"
 
 
 class RateLimited(TransientError):
+    """429: too many requests now."""
+
     kind = "rate_limited"
 
 
 class ServerError(TransientError):
+    """408, 425 or a 5xx: the site could not answer now."""
+
     kind = "server_error"
 
 
@@ -129,10 +141,14 @@ class Locked(TransientError):
 
 
 class Maintenance(Locked):
+    """The site is in maintenance mode (503 `maintenance`)."""
+
     kind = "maintenance"
 
 
 class LicenseLocked(Locked):
+    """The license expired, or no seat is free (403 `license_seats_needed`)."""
+
     kind = "license"
 
 
@@ -141,11 +157,11 @@ class RefreshConsumed(TransientError):
 
 
 class MaintenanceLogout(RefreshConsumed, Maintenance):
-    pass
+    """401 `need_login` saying maintenance: the refresh token is already gone."""
 
 
 class LicenseLogout(RefreshConsumed, LicenseLocked):
-    pass
+    """401 `need_login` naming the license: the refresh token is already gone."""
 
 
 # What an answer that says "not now" becomes: by Sugar's `error` label, else by status.
@@ -170,14 +186,20 @@ class RejectedError(UpstreamError):
 
 
 class CredentialsRejected(RejectedError):
+    """401 `need_login` on a password login: never retried (lockout)."""
+
     kind = "credentials"
 
 
 class ClientRejected(RejectedError):
+    """400 `invalid_client`: the client id or secret."""
+
     kind = "client"
 
 
 class PlatformRejected(RejectedError):
+    """422 `invalid_parameter`: the platform is not registered in Sugar."""
+
     kind = "platform"
 
 

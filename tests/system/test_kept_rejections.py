@@ -21,7 +21,7 @@ from sugard.config import SecretRef, parse_config
 from sugard.daemon import fdstore as kept_rejections
 from sugard.keeper import Rejection
 from sugard.secret import Secret
-from sugard.sugar import CredentialsRejected
+from sugard.sugar.errors import CredentialsRejected
 from sugard.testing import FakeSugar
 
 WRONG = "wrong-password-kept"

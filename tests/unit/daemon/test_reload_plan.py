@@ -14,7 +14,7 @@ from support.daemon import write_config
 from sugard.config import Config, InstanceConfig, load_config
 from sugard.daemon.reload import ReloadPlan, plan_reload
 from sugard.keeper import Rejection
-from sugard.sugar import ClientRejected, CredentialsRejected
+from sugard.sugar.errors import ClientRejected, CredentialsRejected
 
 SITE = "https://sugar.example"
 

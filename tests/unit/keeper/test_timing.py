@@ -15,9 +15,9 @@ from tenacity import AsyncRetrying, RetryCallState
 from sugard.config import InstanceConfig, parse_config
 from sugard.keeper import timing
 from sugard.secret import Secret
-from sugard.sugar import (
+from sugard.sugar import Grant
+from sugard.sugar.errors import (
     CredentialsRejected,
-    Grant,
     LicenseLocked,
     Maintenance,
     RateLimited,
