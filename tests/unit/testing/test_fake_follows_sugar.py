@@ -10,6 +10,9 @@ real HTTP with `requests`, like a user's own script would.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -486,3 +489,33 @@ def test_me_names_the_user_of_each_token(fake: FakeSugar) -> None:
     assert {"admin": "admin", "api": "user", "bob": "user"} == {
         u: me["type"] for u, me in seen.items()
     }
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_command_line_switches() -> None:
+    """`python -m sugard.testing --admin api --server-info-route --no-sugar-version-json`."""
+    command = [sys.executable, "-m", "sugard.testing", "--user", "api:api-pw", "--user", "bob:x"]
+    command += ["--admin", "api", "--server-info-route", "--no-sugar-version-json"]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        try:
+            creds = {"grant_type": "password", "client_id": "sugar", "username": "api"}
+            creds |= {"password": "api-pw", "platform": "sugard"}
+            reply = requests.post(f"{url}/rest/v10/oauth2/token", json=creds, timeout=TIMEOUT)
+            token = reply.json()["access_token"]
+            headers = {"OAuth-Token": token}
+            info = requests.get(f"{url}/rest/v10/ServerInfo", headers=headers, timeout=TIMEOUT)
+            assert 200 == info.status_code
+            sudo = requests.post(
+                f"{url}/rest/v10/oauth2/sudo/bob", headers=headers, timeout=TIMEOUT
+            )
+            assert 200 == sudo.status_code
+            assert 404 == requests.get(f"{url}/sugar_version.json", timeout=TIMEOUT).status_code
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert 0 == proc.wait(timeout=TIMEOUT)
