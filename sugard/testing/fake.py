@@ -33,7 +33,6 @@ from types import TracebackType
 from typing import Any, Final, Literal, Self, get_args, overload
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict
 
 from sugard.testing import _modules as modules
 from sugard.testing import _wire as wire
@@ -779,14 +778,19 @@ class FakeSugar:
     async def _sub_request(
         self, template: web.Request, sub: _SubRequest, auth: dict[str, str]
     ) -> web.Response:
-        headers = CIMultiDict(template.headers)
-        for name in (hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.TRANSFER_ENCODING):
-            headers.popall(name, None)
-        headers.update(sub.headers)
-        headers.update(auth)  # the parent's authentication, whatever the sub-request says
-        if sub.body and hdrs.CONTENT_TYPE not in headers:
-            headers[hdrs.CONTENT_TYPE] = "application/json"
-        headers[hdrs.CONTENT_LENGTH] = str(len(sub.body))
+        # Case-blind names, later sources winning: the parent's headers (less its body's),
+        # the sub-request's own, then the parent's authentication, whatever the sub says.
+        merged: dict[str, tuple[str, str]] = {}
+        body_headers = {"content-type", "content-length", "transfer-encoding"}
+        for name, value in template.headers.items():
+            if name.lower() not in body_headers:
+                merged[name.lower()] = (name, value)
+        for source in (sub.headers, auth):
+            merged.update((name.lower(), (name, value)) for name, value in source.items())
+        if sub.body and "content-type" not in merged:
+            merged["content-type"] = (hdrs.CONTENT_TYPE, "application/json")
+        merged["content-length"] = (hdrs.CONTENT_LENGTH, str(len(sub.body)))
+        headers = list(merged.values())
         try:
             clone = template.clone(method=sub.method, rel_url=sub.url, headers=headers)
         except ValueError:
