@@ -132,7 +132,7 @@ class Keeper:
 
     @property
     def sugar_version(self) -> str | None:
-        """As ServerInfo published it, once per session."""
+        """As the site published it (its metadata), read after the first login."""
         return self._supervisor.session.sugar_version
 
     # Lifecycle
@@ -213,17 +213,25 @@ class Keeper:
         """A script reports that Sugar refused `access_token`.
 
         A report of the current token is checked first with one probe, however many scripts
-        report it: a token that still works (a 401 for another reason) is not renewed for
-        everyone. An older token gets the current one back, with no upstream call.
+        report it (those that come while the check is under way join it; those that keep
+        coming after it found the token alive get its answer): a token that still works (a
+        401 for another reason) is not renewed for everyone. An older token gets the current
+        one back, with no upstream call.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         grant = self._supervisor.session.grant
         reported = Secret(access_token)
-        if (
+        session = self._supervisor.session
+        current = grant is not None and grant.access_token == reported
+        if current and self.state is State.FAILED:
+            session.mark_dead(reported)  # nothing to check with; never serve it again
+        elif (
             grant is not None
-            and grant.access_token == reported != self._supervisor.session.dead_token
-            and self.state is not State.FAILED
+            and current
+            and reported != session.dead_token
+            # A report in the burst a check just answered gets that answer: the same token.
+            and not session.alive_for_report(reported)
         ):
             # Logged by the report that starts the check: the others only join it.
             starts_check = self._board.pending() is None
@@ -235,9 +243,6 @@ class Keeper:
                     grant.access_token.fingerprint,
                 )
             await self._wait_for(lambda: check.done, deadline)
-        elif grant is not None and grant.access_token == reported:
-            # `failed`: nothing to check with; never serve it again
-            self._supervisor.session.mark_dead(reported)
         return await self.token(wait=max(0.0, deadline - loop.time()))
 
     async def refresh_now(self, wait: float = 10.0, *, retry_rejected: bool = False) -> Grant:

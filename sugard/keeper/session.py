@@ -27,7 +27,7 @@ from sugard.observe import (
     UpstreamOutcome,
 )
 from sugard.secret import Secret
-from sugard.sugar import Grant, Probe, SugarClient
+from sugard.sugar import Grant, Probe, ServerInfo, SugarClient
 from sugard.sugar.errors import RejectedError, UpstreamError
 
 __all__ = ["CountedCalls", "HeldSession", "Progress", "renewal_reason"]
@@ -66,10 +66,15 @@ class CountedCalls:
         return verdict
 
     async def server_version(self, access_token: Secret) -> str | None:
+        return (await self.version_info(access_token)).version
+
+    async def version_info(self, access_token: Secret) -> ServerInfo:
+        """The version read, each of its calls counted (under the label "serverinfo", the
+        call's old name) as a ping is: a 401 is Sugar refusing the token, whatever the body."""
         info = await self.upstream.server_info(access_token)
-        # Counted as a ping is: a 401 is Sugar refusing the token, whatever the body.
-        self.observer.observe(UpstreamCall(self.name, "serverinfo", PROBE_OUTCOMES[info.verdict]))
-        return info.version
+        for verdict in info.calls:
+            self.observer.observe(UpstreamCall(self.name, "serverinfo", PROBE_OUTCOMES[verdict]))
+        return info
 
     async def _grant(self, grant: UpstreamGrant, call: Awaitable[Grant]) -> Grant:
         """A password or refresh grant, counted by how Sugar answered it."""
@@ -98,8 +103,18 @@ class HeldSession:
         self.grant: Grant | None = None
         self.refresh_token: Secret | None = None  # None once burned or rejected
         self.dead_token: Secret | None = None  # refused by Sugar (a report, or a probe)
-        self.sugar_version: str | None = None  # as ServerInfo published it, once per session
-        self.observed_grace: float | None = None  # learned this session: version or watching
+        # A token a refresh's outcome left in doubt (no grace: Sugar may have run the grant
+        # and killed it): not served until a check says Sugar still takes it.
+        self.doubted: Secret | None = None
+        # What was learned of the server, kept across logins (the same site, user and platform:
+        # a reload that changes them makes a new keeper); forgotten after maintenance, which
+        # is when a site is upgraded.
+        self.sugar_version: str | None = None  # as the site published it
+        self.version_asked = False  # the site answered a version read: not asked again
+        self.observed_grace: float | None = None  # learned: by the version, or by watching
+        # The token a check made for a report found alive, when, and the latest report of it
+        # answered so (reports that keep coming are answered alike: timing.report_settled).
+        self.found_alive: tuple[Secret, float, float] | None = None
         self.quiet_until = 0.0  # no-grace servers: until then a handed-out token is in use
         self.ends_at: float | None = None  # a capped session's end (max lifetime)
 
@@ -108,10 +123,9 @@ class HeldSession:
         old = self.grant
         self.grant = grant
         self.refresh_token = grant.refresh_token
-        self.dead_token = None
+        self.dead_token = self.doubted = None
         if logged_in:
             self.ends_at = None
-            self.observed_grace = None  # a new session: learn the version again
         elif timing.session_capped(old, grant):
             # The refresh token inherited the old one's expiry: max_session_lifetime caps
             # this session, and refreshing earlier would not keep it past that end.
@@ -121,6 +135,15 @@ class HeldSession:
     def mark_dead(self, token: Secret) -> None:
         """Sugar refused `token`: it is never served again."""
         self.dead_token = token
+
+    def drop_refresh_token(self) -> None:
+        """Sugar burned or refused it: the next renewal is a password login."""
+        self.refresh_token = None
+
+    def doubt(self, token: Secret | None) -> None:
+        """`token` may be dead (a refused refresh may have killed it): not served before a
+        check says it works (None: no token is in doubt)."""
+        self.doubted = token
 
     def remember_version(self, sugar_version: str | None) -> None:
         """The Sugar version learnt before (a session handed over a restart)."""
@@ -140,7 +163,24 @@ class HeldSession:
 
     def servable(self) -> bool:
         grant = self.grant
-        return grant is not None and timing.servable(grant, self._clock(), self.dead_token)
+        if grant is None or grant.access_token == self.doubted:
+            return False
+        return timing.servable(grant, self._clock(), self.dead_token)
+
+    # Reports of a token Sugar still takes
+
+    def alive_for_report(self, token: Secret) -> bool:
+        """Whether a check found `token` alive so recently that a report of it is answered
+        by that check (it counts as one more of the same burst)."""
+        found, now = self.found_alive, self._clock()
+        if found is None or found[0] != token or not timing.report_settled(found[1], found[2], now):
+            return False
+        self.found_alive = (token, found[1], now)
+        return True
+
+    def checked_alive(self, token: Secret) -> None:
+        now = self._clock()
+        self.found_alive = (token, now, now)
 
     def kept(self, ready: bool) -> Grant | None:
         """The session to hand to the next sugard (see `Keeper.session`)."""
@@ -156,7 +196,10 @@ class HeldSession:
 
     def renewal_time(self, grant: Grant, config: InstanceConfig, refresh_at: float | None) -> float:
         grace, quiet = self.old_token_grace(config), self.quiet_until
-        return timing.renewal_time(grant, refresh_at, grace=grace, quiet_until=quiet)
+        deadline = timing.refresh_deadline(grant, capped=self.ends_at is not None)
+        return timing.renewal_time(
+            grant, refresh_at, grace=grace, quiet_until=quiet, deadline=deadline
+        )
 
     def handed_out(self, grant: Grant, promised: float) -> None:
         self.quiet_until = max(self.quiet_until, timing.quiet_until(grant, self._clock(), promised))
@@ -180,12 +223,21 @@ class HeldSession:
         if self.sugar_version is not None and config.old_token_grace == GRACE_AUTO:
             self.observed_grace = timing.grace_for_version(self.sugar_version)
 
+    def forget_version(self) -> None:
+        """The site went into maintenance: it may come back as another version."""
+        self.sugar_version, self.version_asked, self.observed_grace = None, False, None
+
     async def learn_version(self, grant: Grant, config: InstanceConfig) -> None:
-        """Once per session: read the server's version (a failure only leaves it unknown)."""
-        if config.old_token_grace != GRACE_AUTO:
+        """After a login, unless known: read the server's version (one call where the metadata
+        answers it). Asked again at a later login only if nobody answered this time."""
+        if config.old_token_grace != GRACE_AUTO or self.version_asked:
             return
-        version = await self._calls.server_version(grant.access_token)
-        self.sugar_version = version
+        if self.sugar_version is not None:  # kept across a restart
+            self.version_asked = True
+            return
+        info = await self._calls.version_info(grant.access_token)
+        self.version_asked = info.answered
+        version = self.sugar_version = info.version
         if version is not None:
             self.observed_grace = timing.grace_for_version(version)
             log.info(

@@ -22,6 +22,7 @@ from sugard.sugar import Grant, Probe, SugarClient
 from sugard.sugar.errors import (
     ClientRejected,
     CredentialsRejected,
+    Maintenance,
     RefreshConsumed,
     RefreshRejected,
     RejectedError,
@@ -172,6 +173,7 @@ class Supervisor:
         reported = demand.reason is RenewalReason.REPORTED
         if verdict is Probe.ALIVE:
             if reported:
+                self.session.checked_alive(grant.access_token)
                 log.info(
                     "%s: token %s still works (the script's 401 had another cause); not renewing",
                     self.name,
@@ -190,7 +192,7 @@ class Supervisor:
             grant.access_token.fingerprint,
             "reported by a script" if reported else "evicted, found by the probe",
         )
-        self.session.dead_token = grant.access_token
+        self.session.mark_dead(grant.access_token)
         self.progress.evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
         self.board.notify()
@@ -224,10 +226,13 @@ class Supervisor:
         demand.in_flight = True
         self.board.notify()  # requests that must not take the doomed token see it is in flight
         old = self.session.grant
+        refreshing = False
         try:
             refresh_token = self.session.refresh_token
             if refresh_token is not None and timing.refresh_usable(old, self._clock()):
+                refreshing = True
                 grant = await self._refresh(refresh_token)
+                refreshing = False
                 if grant is None:
                     grant = await self._login()
             else:
@@ -238,6 +243,10 @@ class Supervisor:
         except UpstreamError as exc:
             self.progress.failures += 1
             self.progress.error(exc)
+            if isinstance(exc, Maintenance):
+                self.session.forget_version()  # the site may come back upgraded
+            if refreshing and old is not None and timing.leaves_doubt(exc):
+                self._doubt(old)
             demand.in_flight = False
             self.board.settle(demand, failed=True, done=False)
             raise
@@ -263,13 +272,13 @@ class Supervisor:
             # exactly one password login gets the session back.
             self.progress.error(exc)
             log.warning("%s: %s; logging in again", self.name, exc.message)
-            self.session.refresh_token = None
+            self.session.drop_refresh_token()
             self.progress.evicted("refresh")
             return None
         except RefreshConsumed:
             # Maintenance or a license lock: Sugar deleted the refresh token before
             # refusing, so the next try must be a password login.
-            self.session.refresh_token = None
+            self.session.drop_refresh_token()
             raise
 
     async def _login(self) -> Grant:
@@ -329,6 +338,18 @@ class Supervisor:
             and self.session.old_token_grace(self.config) <= 0
         )
 
+    def _doubt(self, old: Grant) -> None:
+        """A refresh whose outcome may have killed the token it was to replace: where a
+        refresh kills it at once, it is not served again before a check (made at once)."""
+        if self.session.grant is old and self.session.old_token_grace(self.config) <= 0:
+            self.session.doubt(old.access_token)
+            log.info(
+                "%s: Sugar may have run the refused refresh and killed token %s; checking it "
+                "before serving it again",
+                self.name,
+                old.access_token.fingerprint,
+            )
+
     # Backoff (the policy: sugard/keeper/timing.py)
 
     def _before_backoff(self, retry_state: RetryCallState) -> None:
@@ -340,9 +361,54 @@ class Supervisor:
 
     async def _backoff_sleep(self, seconds: float, demand: Demand) -> None:
         """Sleep until a wall-clock deadline, in steps of at most `max_sleep` (suspend-proof);
-        a forced demand (`sugarctl refresh`) cuts it short."""
+        a forced demand (`sugarctl refresh`) cuts it short. Meanwhile the token still served
+        is checked: at once if a refresh left it in doubt, else when the probe is due."""
         deadline = self._clock() + seconds
         while (
             (left := deadline - self._clock()) > 0 and not demand.forced and not self.board.closed
         ):
-            await self.board.idle(min(left, self._max_sleep))
+            probe_in = self._probe_in_backoff()
+            if probe_in is not None and probe_in <= 0:
+                await self._check_in_backoff()
+                continue
+            wake = left if probe_in is None else min(left, probe_in)
+            await self.board.idle(min(wake, self._max_sleep))
+
+    def _probe_in_backoff(self) -> float | None:
+        """Seconds until the token served during a backoff is to be checked; None: never."""
+        grant = self.session.grant
+        if grant is None or not self.session.usable():
+            return None
+        if self.session.doubted == grant.access_token:
+            return 0.0
+        if self._probe_at is None or grant.expires_at <= self._clock():
+            return None
+        return self._probe_at - self._clock()
+
+    async def _check_in_backoff(self) -> None:
+        """One probe of the token served while the renewal backs off: a dead one is not
+        served again (requests then wait for the renewal or get 503 with when to retry)."""
+        grant = self.session.grant
+        assert grant is not None
+        verdict = await self.calls.probe(grant.access_token)
+        self._probe_at = self._next_probe()
+        if self.session.grant is not grant:
+            return
+        if verdict is Probe.DEAD:
+            log.warning(
+                "%s: Sugar refused token %s (found by the probe during the backoff); "
+                "not serving it",
+                self.name,
+                grant.access_token.fingerprint,
+            )
+            self.session.mark_dead(grant.access_token)
+            self.progress.evicted("probe")
+        elif self.session.doubted == grant.access_token:
+            log.info(
+                "%s: token %s %s; serving it",
+                self.name,
+                grant.access_token.fingerprint,
+                "still works" if verdict is Probe.ALIVE else "gave no verdict",
+            )
+        self.session.doubt(None)
+        self.board.notify()

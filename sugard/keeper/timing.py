@@ -12,7 +12,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 from sugard.config import GRACE_AUTO, InstanceConfig
 from sugard.secret import Secret
 from sugard.sugar import Grant
-from sugard.sugar.errors import Locked, TransientError
+from sugard.sugar.errors import Locked, RefreshConsumed, Timeout, TransientError
 
 __all__ = [
     "JITTER",
@@ -21,13 +21,16 @@ __all__ = [
     "SESSION_CHECK_INTERVAL",
     "delay",
     "grace_for_version",
+    "leaves_doubt",
     "next_probe",
     "old_token_grace",
     "quiet_until",
+    "refresh_deadline",
     "refresh_time",
     "refresh_usable",
     "renewal_retries",
     "renewal_time",
+    "report_settled",
     "servable",
     "session_capped",
     "wanted_ttl",
@@ -45,6 +48,11 @@ FIRST_VERSION_WITHOUT_GRACE = (13, 3)
 QUIET = 2.0
 SESSION_END_SLACK = 2.0  # a refresh that moves refresh_expires_at less than this: a capped session
 REFRESH_MARGIN = 5.0  # a refresh token this close to its end is not worth a try
+# A check that found a reported token alive answers the reports of it that keep coming less
+# than REPORT_GAP apart (one burst of scripts that saw the same 401), up to REPORT_SETTLED
+# after the check; then a report is checked again.
+REPORT_GAP = 1.0
+REPORT_SETTLED = 10.0
 
 
 def grace_for_version(version: str | None) -> float:
@@ -55,6 +63,13 @@ def grace_for_version(version: str | None) -> float:
         return 0.0
     major_minor = (int(match[1]), int(match[2]))
     return 0.0 if major_minor >= FIRST_VERSION_WITHOUT_GRACE else SESSION_CHECK_INTERVAL
+
+
+def leaves_doubt(refused: Exception) -> bool:
+    """Whether a refresh that failed so may still have run at Sugar, killing the old access
+    token where no grace keeps it: refused after the grant ran (maintenance, a license lock:
+    Sugar checks them after the grant), or no answer at all (a timeout)."""
+    return isinstance(refused, RefreshConsumed | Timeout)
 
 
 def old_token_grace(config: InstanceConfig, observed: float | None) -> float:
@@ -82,18 +97,40 @@ def refresh_time(grant: Grant, config: InstanceConfig, *, capped: bool, draw: fl
     return at
 
 
+def refresh_deadline(grant: Grant, *, capped: bool) -> float | None:
+    """The last moment a refresh can keep the session: the refresh token's end, less the margin
+    within which it is not tried (`refresh_usable`). None: no end known, or a capped session
+    (max_session_lifetime), whose end a refresh does not move: a login ends it anyway."""
+    ends = grant.refresh_expires_at
+    if ends is None or capped:
+        return None
+    return ends - REFRESH_MARGIN
+
+
 def renewal_time(
-    grant: Grant, refresh_at: float | None, *, grace: float, quiet_until: float
+    grant: Grant,
+    refresh_at: float | None,
+    *,
+    grace: float,
+    quiet_until: float,
+    deadline: float | None = None,
 ) -> float:
     """When the scheduled renewal starts. With a grace period, at the advisory window's
     start: scripts keep the old token a while. Without, the refresh kills the token every
     script holds, so it waits for a quiet moment (no token just handed out, no min_ttl
-    promise open) until halfway to expiry, keeping half the window for retries."""
+    promise open) until halfway to expiry, keeping half the window for retries.
+
+    A refresh token that ends first (`deadline`, from `refresh_deadline`) is a hard limit,
+    quiet moment or not: the wait ends halfway to it, keeping the other half for retries;
+    past it only a password login is left."""
     start = refresh_at if refresh_at is not None else grant.expires_at
-    if grace > 0:
-        return start
-    latest = start + (grant.expires_at - start) / 2
-    return max(start, min(quiet_until, latest))
+    at = start
+    if grace <= 0:
+        latest = start + (grant.expires_at - start) / 2
+        if deadline is not None:
+            latest = min(latest, start + (deadline - start) / 2)
+        at = max(start, min(quiet_until, latest))
+    return at if deadline is None else min(at, deadline)
 
 
 def quiet_until(grant: Grant, now: float, promised: float) -> float:
@@ -119,6 +156,12 @@ def refresh_usable(grant: Grant | None, now: float) -> bool:
     if grant is None or grant.refresh_expires_at is None:
         return True
     return grant.refresh_expires_at - now > REFRESH_MARGIN
+
+
+def report_settled(checked_at: float, last_report: float, now: float) -> bool:
+    """Whether a report made `now` belongs to the burst a check at `checked_at` answered (the
+    latest report of it at `last_report`): no new check, the same token back."""
+    return now - last_report < REPORT_GAP and now - checked_at < REPORT_SETTLED
 
 
 def next_probe(now: float, interval: float) -> float | None:

@@ -1,5 +1,5 @@
-"""SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, and two cheap authenticated
-calls (the token probe, the server's version). The daemon never logs out: that would end the
+"""SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, and two cheap calls (the token
+probe, the server's version). The daemon never logs out: that would end the
 session every script shares (docs/sugarcrm.md); `logout` serves only `sugard check --login`,
 which ends the throwaway session it opened to test a password.
 
@@ -45,7 +45,12 @@ __all__ = [
 
 TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
 PING_PATH = "/rest/v10/ping"
-SERVER_INFO_PATH = "/rest/v10/ServerInfo"
+# Where the version is (docs/sugarcrm.md): 12.0 and 13.3 have no /ServerInfo route (404
+# no_method), so it is read from the metadata's server_info section: with the token first, then
+# the login page's public metadata, then the static file some sites serve at their root.
+METADATA_VERSION_PATH = "/rest/v10/metadata?type_filter=server_info"
+PUBLIC_METADATA_PATH = "/rest/v10/metadata/public?type_filter=server_info"
+VERSION_FILE_PATH = "/sugar_version.json"
 LOGOUT_PATH = "/rest/v10/oauth2/logout"
 # The token request's fields that hold secrets (redacted from any text Sugar sends back).
 SECRET_FIELDS = ("password", "client_secret", "refresh_token")
@@ -82,10 +87,18 @@ class Probe(enum.Enum):
 
 @dataclass(frozen=True)
 class ServerInfo:
-    """What `GET /ServerInfo` told: the version (None: none or no answer), and the token's fate."""
+    """What the version read told: the version (None: none found), and what each call it made
+    answered, the first one with the token (its verdict on the token), in order. `answered`:
+    the site answered at all (else asking again later may find the version)."""
 
     version: str | None
-    verdict: Probe
+    calls: tuple[Probe, ...]
+    answered: bool
+
+    @property
+    def verdict(self) -> Probe:
+        """What the call made with the token says about the token."""
+        return self.calls[0]
 
 
 def _verdict(status: int | None) -> Probe:
@@ -181,13 +194,25 @@ class SugarClient:
         return _verdict(status)
 
     async def server_info(self, access_token: Secret) -> ServerInfo:
-        """The `version` that Sugar's ServerInfo publishes ("13.3.0"), or None if it did not
-        answer one: the caller treats an unknown version as the newest (docs/sugarcrm.md)."""
-        status, data = await self._authenticated_get(SERVER_INFO_PATH, access_token)
-        version = data.get("version") if status == 200 and data is not None else None
-        if not (isinstance(version, str) and VERSION_TEXT.match(version)):
-            version = None
-        return ServerInfo(version, _verdict(status))
+        """The version Sugar publishes ("13.3.0"), or None if no call answered one: the caller
+        treats an unknown version as the newest (docs/sugarcrm.md). One call when the metadata
+        answers it (every version from 7 on); the public metadata and `sugar_version.json` only
+        when it did not, and none of them when the token was refused or nobody answered."""
+        status, data = await self._authenticated_get(METADATA_VERSION_PATH, access_token)
+        calls, answered = [_verdict(status)], status is not None
+        version = _metadata_version(status, data)
+        if version is None and answered and status != 401:
+            for path, read in (
+                (PUBLIC_METADATA_PATH, _metadata_version),
+                (VERSION_FILE_PATH, _file_version),
+            ):
+                status, data = await self._authenticated_get(path, None)
+                calls.append(Probe.ALIVE if status == 200 else Probe.UNKNOWN)
+                answered = answered or status is not None
+                version = read(status, data)
+                if version is not None or status is None:
+                    break
+        return ServerInfo(version, tuple(calls), answered)
 
     async def logout(self, grant: Grant) -> None:
         """End the session of `grant` upstream (only `sugard check --login`'s own test login);
@@ -206,21 +231,22 @@ class SugarClient:
             pass
 
     async def _authenticated_get(
-        self, path: str, access_token: Secret
+        self, path: str, access_token: Secret | None
     ) -> tuple[int | None, dict[str, Any] | None]:
-        """One GET with the token; (None, None) when there was no answer at all."""
+        """One GET with the token (None: without one); (None, None) when there was no answer."""
         if self._tls_problem is not None:
             return None, None
         try:
             url = self.instance.url + path
+            headers = {"Accept": "application/json"}
+            if access_token is not None:
+                headers["OAuth-Token"] = access_token.reveal()
             async with self._session.get(
                 url,
                 timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
                 ssl=self._ssl,
                 allow_redirects=False,
-                **self.route.request_options(
-                    url, {"OAuth-Token": access_token.reveal(), "Accept": "application/json"}
-                ),
+                **self.route.request_options(url, headers),
             ) as response:
                 return response.status, _json_object(await response.read())
         except (aiohttp.ClientError, TimeoutError, OSError):
@@ -299,6 +325,21 @@ def _interpret(
         return parsed
 
     raise refusal(i, grant, status, data, retry_after, sent_secrets, TOKEN_PATH)
+
+
+def _metadata_version(status: int | None, data: dict[str, Any] | None) -> str | None:
+    """`server_info.version` of a metadata answer."""
+    info = data.get("server_info") if status == 200 and data is not None else None
+    return _version_text(info.get("version") if isinstance(info, dict) else None)
+
+
+def _file_version(status: int | None, data: dict[str, Any] | None) -> str | None:
+    """`sugar_version` of the site's `sugar_version.json`."""
+    return _version_text(data.get("sugar_version") if status == 200 and data is not None else None)
+
+
+def _version_text(value: object) -> str | None:
+    return value if isinstance(value, str) and VERSION_TEXT.match(value) else None
 
 
 def _json_object(raw: bytes) -> dict[str, Any] | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sugard.testing._versions import LATEST_VERSION, SUGAR_VERSIONS
-from sugard.testing.fake import DEFAULT_PLATFORMS, FakeSugar
+from sugard.testing.fake import ADMIN_USER, DEFAULT_PLATFORMS, FakeSugar
 
 # Sugar always accepts its built-in platforms; --platform adds custom ones next to them.
 _BUILTIN_PLATFORMS = frozenset({"base", "mobile", "portal"})
@@ -33,9 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; kept separate so tests and --help agree."""
     parser = argparse.ArgumentParser(
         prog="python -m sugard.testing",
-        description="Run a fake SugarCRM (OAuth2, /me, /ping, /ServerInfo, records, filters, "
-        "metadata, files) until interrupted. What each Sugar version does differently: "
-        "docs/sugarcrm.md; how to test a script against it: docs/testing.md.",
+        description="Run a fake SugarCRM (OAuth2, sudo, bulk, /me, /ping, records, filters, "
+        "metadata, files, /sugar_version.json) until interrupted. What each Sugar version "
+        "does differently: docs/sugarcrm.md; how to test a script against it: docs/testing.md.",
     )
     parser.add_argument(
         "--sugar-version",
@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_pair,
         metavar="NAME:PASSWORD",
         help="a user; repeatable (default: admin:admin-password)",
+    )
+    parser.add_argument(
+        "--admin",
+        action="append",
+        metavar="NAME",
+        help="a user with admin rights (may sudo); repeatable (default: admin)",
     )
     parser.add_argument(
         "--client",
@@ -93,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept unregistered platforms, as a site with the registry check off",
     )
     parser.add_argument(
+        "--server-info-route",
+        action="store_true",
+        help="answer GET /rest/{v}/ServerInfo, which Sugar 12.0 and 13.3 do not (404 there)",
+    )
+    parser.add_argument(
+        "--no-sugar-version-json",
+        dest="sugar_version_json",
+        action="store_false",
+        help="do not serve /sugar_version.json at the site root (404), as some sites do not",
+    )
+    parser.add_argument(
         "--seed",
         type=Path,
         metavar="FILE",
@@ -115,6 +132,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             platforms=platforms,
             sugar_version=args.sugar_version,
             accept_any_platform=args.accept_any_platform,
+            admins=set(args.admin) if args.admin else {ADMIN_USER},
+            server_info_route=args.server_info_route,
+            sugar_version_json=args.sugar_version_json,
             access_lifetime=args.access_lifetime,
             refresh_lifetime=args.refresh_lifetime,
             eviction_grace=args.eviction_grace,

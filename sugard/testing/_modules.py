@@ -24,7 +24,13 @@ from aiohttp import BodyPartReader, hdrs, web
 from sugard.testing import _wire as wire
 from sugard.testing._files import CHUNK, StoredFile, write_stream
 from sugard.testing._records import MODULE_RE, InvalidParameter, php_query
-from sugard.testing._wire import ApiError, PresentedToken, json_response, presented_token
+from sugard.testing._wire import (
+    API_VERSION,
+    ApiError,
+    PresentedToken,
+    json_response,
+    presented_token,
+)
 
 if TYPE_CHECKING:
     from sugard.testing._store import AccessToken
@@ -33,7 +39,7 @@ if TYPE_CHECKING:
 # Route names, as counted in `calls` and keyed in `latency`.
 ROUTES: Final = frozenset(
     {"list", "create", "read", "update", "delete", "filter", "count"}
-    | {"metadata", "file_download", "file_upload"}
+    | {"metadata", "metadata_public", "file_download", "file_upload"}
 )
 METADATA_SECTIONS: Final = ("server_info", "modules", "full_module_list")
 _DOWNLOAD_EXPIRES: Final = 30 * 86400  # Sugar lets browsers keep a download for 30 days
@@ -45,6 +51,8 @@ async def handle(site: FakeSugar, request: web.Request, path: str) -> web.Stream
     method = request.method
     if parts == ["metadata"] and method == "GET":
         return await _metadata(site, request)
+    if parts == ["metadata", "public"] and method == "GET":
+        return await _public_metadata(site, request)
     if not MODULE_RE.fullmatch(parts[0]):
         return None
     module, rest = parts[0], parts[1:]
@@ -137,14 +145,7 @@ async def _metadata(site: FakeSugar, request: web.Request) -> web.Response:
         version = site.sugar_version
     wanted = request.query.get("type_filter") or ",".join(METADATA_SECTIONS)
     sections: dict[str, Any] = {
-        "server_info": _hashed(
-            {
-                "flavor": "ENT",
-                "version": _full_version(version),
-                "build": "1",
-                "product_name": "SugarCRM Enterprise",
-            }
-        ),
+        "server_info": _server_info(version),
         # Per-module metadata (fields, views) needs vardefs, which the fake does not have.
         "modules": {},
         "full_module_list": _hashed({name: name for name in modules}),
@@ -153,7 +154,37 @@ async def _metadata(site: FakeSugar, request: web.Request) -> web.Response:
     return json_response(_hashed(body))
 
 
-def _full_version(version: str) -> str:
+async def _public_metadata(site: FakeSugar, request: web.Request) -> web.Response:
+    """`GET /metadata/public`: what the login page needs, without a token; the version too."""
+    await _arrive(site, "metadata_public")
+    with site._lock:
+        platform = request.query.get("platform")
+        if platform:
+            site._check_platform(platform)
+        version = site.sugar_version
+    sections: dict[str, Any] = {
+        "server_info": _server_info(version),
+        # A minimal config: the site's address and its list size, nothing the fake lacks.
+        "config": {"siteUrl": str(request.url.origin()), "maxQueryResult": 20},
+    }
+    wanted = request.query.get("type_filter") or ",".join(sections)
+    body = {name: sections[name] for name in wanted.split(",") if name in sections}
+    return json_response(_hashed(body))
+
+
+def _server_info(version: str) -> dict[str, Any]:
+    """The `server_info` metadata section, where Sugar publishes its version."""
+    return _hashed(
+        {
+            "flavor": "ENT",
+            "version": full_version(version),
+            "build": "1",
+            "product_name": "SugarCRM Enterprise",
+        }
+    )
+
+
+def full_version(version: str) -> str:
     """ "26.1" as Sugar prints it, "26.1.0"."""
     parts = version.split(".")
     return ".".join(parts + ["0"] * (3 - len(parts)))
@@ -239,7 +270,7 @@ async def _upload(
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    version = request.match_info["version"]
+    version = request.get(API_VERSION) or request.match_info["version"]
     uri = f"{request.url.origin()}/rest/{version}/{module}/{record_id}/file/{field}"
     info = {
         "content-type": stored.content_type,
@@ -339,7 +370,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError:
-        raise ApiError(422, "invalid_parameter", "The request body is not valid JSON.") from None
+        raise ApiError(422, "invalid_parameter", wire.MSG_BAD_JSON) from None
     if not isinstance(body, Mapping):
         raise ApiError(422, "invalid_parameter", "The request body must be a JSON object.")
     return dict(body)

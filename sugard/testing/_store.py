@@ -47,6 +47,7 @@ class AccessToken:
     expires_at: float
     checked_at: float
     gone_at: float = math.inf
+    sudoer: str | None = None  # the admin whose sudo made this token; no sudo from it
 
     def state(self, now: float, recheck: float) -> AccessState:
         """How Sugar would judge this token at `now`: a failed check wins over expiry."""
@@ -116,6 +117,7 @@ class TokenStore:
         chain: int | None = None,
         evict_others: bool = True,
         download_is_access: bool = False,
+        sudoer: str | None = None,
     ) -> Session:
         """Issue new tokens; unless told otherwise, evict the user's older sessions there."""
         access, refresh = self._mint(), self._mint()
@@ -131,7 +133,9 @@ class TokenStore:
             serial=serial,
             chain=serial if chain is None else chain,
         )
-        self.access[access] = AccessToken(user, platform, access_expires_at, first_check)
+        self.access[access] = AccessToken(
+            user, platform, access_expires_at, first_check, sudoer=sudoer
+        )
         self.refresh[refresh] = record
         self.downloads[download] = user
         self.issued.extend(dict.fromkeys((access, refresh, download)))

@@ -15,7 +15,7 @@ from typing import Final
 class VersionProfile:
     """The behaviours that tell one Sugar version from another."""
 
-    version: str  # "13.3": what `sugar_version` accepts; ServerInfo answers "13.3.0"
+    version: str  # "13.3": what `sugar_version` accepts; metadata's server_info says "13.3.0"
     # How often, at most, an API call re-checks that its session still exists. A rotated or
     # evicted access token keeps working until that next check: 120 s up to 13.0.x, 0 from 13.3.
     session_check_interval: float

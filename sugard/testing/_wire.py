@@ -43,17 +43,23 @@ MSG_INVALID_ACCESS: Final = "The access token provided is invalid."
 MSG_EXPIRED_ACCESS: Final = "The access token provided has expired."
 MSG_BAD_PLATFORM: Final = "Invalid platform specified."
 MSG_MAINTENANCE: Final = "The system is in maintenance mode. Please try again later."
+# What the token endpoint says when it refuses a login (or refresh) during maintenance.
+MSG_MAINTENANCE_LOGIN: Final = (
+    "SugarCRM is in maintenance mode. Only admins can login. "
+    "Please contact your administrator for details."
+)
 MSG_LICENSE_EXPIRED: Final = (
     "Your Sugar license has expired. Only administrators can log in; contact your administrator."
 )
 MSG_LICENSE_SEATS: Final = (
     "The number of active users exceeds the number of licensed seats. Contact your administrator."
 )
-MSG_BAD_JSON: Final = "Could not parse the request body as JSON."
+MSG_BAD_JSON: Final = "A parameter in your request was invalid."
 MSG_IMPLICIT_GRANT: Final = "This OAuth2 library does not yet support implicit grant types."
 MSG_IDM_NONRECOVERABLE: Final = "The identity server cannot confirm this session; log in again."
 MSG_CLIENT_OUTDATED: Final = "This client is too old for this server. Please update it."
 MSG_NOT_AUTHORIZED: Final = "You are not authorized to perform this action."
+MSG_NO_ROUTE: Final = "Could not find any route that accepted a path like: "
 
 _PROXY_PAGES: Final = {
     502: "502 Bad Gateway",
@@ -72,6 +78,9 @@ class ApiError(Exception):
         # None: Sugar sends no error_message at all (unsupported_grant_type).
         self.message = message
         self.extra = extra
+        # Set when the refusal came after PHP opened a session for a presented token: PHP's
+        # session start has already sent Pragma and Expires, Sugar then sets only no-store.
+        self.session_opened = False
 
     def response(self) -> web.Response:
         """Sugar's envelope, keys in Sugar's order; never cached, never a WWW-Authenticate."""
@@ -79,7 +88,11 @@ class ApiError(Exception):
         if self.message is not None:
             body["error_message"] = self.message
         body.update(self.extra)
-        return json_response(body, status=self.status)
+        cache: dict[str, str] = {hdrs.CACHE_CONTROL: "no-store"}
+        if self.session_opened:
+            cache[hdrs.PRAGMA] = SESSION_CACHE_HEADERS[hdrs.PRAGMA]
+            cache[hdrs.EXPIRES] = SESSION_CACHE_HEADERS[hdrs.EXPIRES]
+        return json_response(body, status=self.status, cache=cache)
 
 
 # What PHP's json_encode() with JSON_HEX_TAG|APOS|QUOT|AMP writes instead of these characters,
@@ -89,12 +102,16 @@ _PHP_ESCAPES: Final = {"<": "\\u003C", ">": "\\u003E", "'": "\\u0027", "&": "\\u
 # pairs left to right tells an escaped quote from an escaped backslash before a closing quote.
 _PAIR_OR_SPECIAL: Final = re.compile(r"""\\.|[<>'&/]""")
 
-# The headers PHP's session code adds to a successful token answer, besides the JSON type.
-TOKEN_CACHE_HEADERS: Final[Mapping[str, str]] = {
+# The headers PHP's session code (session.cache_limiter "nocache") adds to an answer given
+# inside a session: token answers, /me, logout and sudo, besides the JSON type.
+SESSION_CACHE_HEADERS: Final[Mapping[str, str]] = {
     hdrs.CACHE_CONTROL: "no-store, no-cache, must-revalidate",
     hdrs.PRAGMA: "no-cache",
     hdrs.EXPIRES: "Thu, 19 Nov 1981 08:52:00 GMT",
 }
+TOKEN_CACHE_HEADERS: Final = SESSION_CACHE_HEADERS
+# What Sugar's REST layer sends with a GET answer it tags with an ETag (/ping).
+ETAG_CACHE_CONTROL: Final = "max-age=0, private"
 
 
 def php_json(body: object) -> str:
@@ -119,10 +136,15 @@ def json_response(
     return web.Response(status=status, body=php_json(body).encode("ascii"), headers=headers)
 
 
+SESSION_COOKIE: Final = "PHPSESSID"
+# The API version a request was routed with, from its path or its Accept header.
+API_VERSION: Final = web.RequestKey("sugar_api_version", str)
+
+
 def set_download_cookie(
     response: web.Response, platform: str, value: str, max_age: int, now: float
 ) -> None:
-    """The download-token cookie as PHP's setcookie() writes it: no HttpOnly, path=/.
+    """The download-token cookie as PHP's setcookie() writes it: path=/, HttpOnly.
 
     Written by hand because aiohttp's cookie morsels use their own attribute order and date
     format, and the point here is to look like PHP.
@@ -130,16 +152,22 @@ def set_download_cookie(
     expires = _cookie_date(now + max_age)
     response.headers.add(
         hdrs.SET_COOKIE,
-        f"download_token_{platform}={value}; expires={expires}; Max-Age={max_age}; path=/",
+        f"download_token_{platform}={value}; expires={expires}; Max-Age={max_age}; path=/; "
+        "HttpOnly",
+    )
+
+
+def delete_cookie(response: web.Response, name: str) -> None:
+    """What PHP sends for setcookie() with an empty value: the cookie "deleted" in 1970."""
+    response.headers.add(
+        hdrs.SET_COOKIE,
+        f"{name}=deleted; expires={_cookie_date(1)}; Max-Age=0; path=/; HttpOnly",
     )
 
 
 def delete_download_cookie(response: web.Response, platform: str) -> None:
-    """What PHP sends for setcookie() with an empty value: the cookie "deleted" in 1970."""
-    response.headers.add(
-        hdrs.SET_COOKIE,
-        f"download_token_{platform}=deleted; expires={_cookie_date(1)}; Max-Age=0; path=/",
-    )
+    """The download-token cookie of `platform`, deleted."""
+    delete_cookie(response, f"download_token_{platform}")
 
 
 def _cookie_date(epoch: float) -> str:
@@ -147,6 +175,21 @@ def _cookie_date(epoch: float) -> str:
     day, rest = formatdate(epoch, usegmt=True).split(", ", 1)
     dd, month, year, clock, zone = rest.split(" ")
     return f"{day}, {dd}-{month}-{year} {clock} {zone}"
+
+
+# `Accept: application/vnd.sugarcrm.core+json; version=11.4`: the API version of a request
+# whose path names none (Sugar's RestRequest reads it there).
+_ACCEPT_VERSION: Final = re.compile(
+    r"application/vnd\.sugarcrm\.core\+json\s*;\s*version=\"?(\d+(?:\.\d+)?)\"?", re.IGNORECASE
+)
+
+
+def accept_version(accept: str) -> str | None:
+    """The path segment a versioned Accept header stands for: "10" is v10, "11.4" v11_4."""
+    match = _ACCEPT_VERSION.search(accept)
+    if match is None:
+        return None
+    return "v" + match.group(1).replace(".", "_")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,9 @@ no handler awaits while holding it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
+import json
 import math
 import re
 import secrets
@@ -30,7 +32,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Final, Literal, Self, get_args, overload
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from sugard.testing import _modules as modules
 from sugard.testing import _wire as wire
@@ -46,12 +48,17 @@ from sugard.testing._store import (
 )
 from sugard.testing._versions import LATEST_VERSION, VersionProfile, profile
 from sugard.testing._wire import (
+    API_VERSION,
+    ETAG_CACHE_CONTROL,
     FAULT_KINDS,
+    SESSION_CACHE_HEADERS,
+    SESSION_COOKIE,
     TOKEN_CACHE_HEADERS,
     ApiError,
     Args,
     FaultKind,
     PresentedToken,
+    delete_cookie,
     delete_download_cookie,
     fault_response,
     json_response,
@@ -72,6 +79,9 @@ _PLATFORM_RE: Final = re.compile(r"[a-z0-9_-]{1,127}")
 # What a request's platform must look like even where the registry check is off.
 _PLATFORM_FORMAT: Final = re.compile(r"[a-z0-9_-]{1,127}", re.IGNORECASE)
 _VERSION_RE: Final = re.compile(r"v10|v11(?:_\d+)?")
+# A first path segment that names an API version, supported or not (else the version may come
+# in the Accept header, and the segment is the start of the route).
+_VERSION_SHAPE: Final = re.compile(r"v\d+(?:_\d+)?")
 # What passes the OAuth2 library's grant_type filter; anything else is a malformed request.
 _GRANT_TYPE_RE: Final = re.compile(
     r"authorization_code|token|password|client_credentials|refresh_token|http://.*|urn:.*"
@@ -148,6 +158,13 @@ class FakeSugar:
     # IdM mode: how long Sugar trusts the identity server's last word on an access token.
     revocation_cache: float = 10.0
     accept_any_platform: bool = False  # the site turned the platform registry check off
+    # Users with admin rights: they may sudo, and /me says "type": "admin".
+    admins: set[str] = field(default_factory=lambda: {ADMIN_USER})
+    # Answer GET /ServerInfo as ServerInfoApi once did. Off: 404 no_method, as Sugar 12.0 and
+    # 13.3 do (seen); no supported version is known to serve it.
+    server_info_route: bool = False
+    # The site serves /sugar_version.json at its root; off: a web server's 404 page there.
+    sugar_version_json: bool = True
     lockout_after: int | None = None
     # Seed records per module, read back with records(module) (see _RecordsReader).
     records: InitVar[dict[str, list[dict[str, Any]]] | None] = _RecordsReader()
@@ -167,6 +184,7 @@ class FakeSugar:
     _store: TokenStore = field(init=False, repr=False)
     _faults: deque[_Fault] = field(default_factory=deque, init=False, repr=False)
     _calls: Counter[str] = field(default_factory=Counter, init=False, repr=False)
+    _sudos: Counter[str] = field(default_factory=Counter, init=False, repr=False)
     _requests: list[TokenRequest] = field(default_factory=list, init=False, repr=False)
     _failures: Counter[str] = field(default_factory=Counter, init=False, repr=False)
     _secrets: dict[str, None] = field(default_factory=dict, init=False, repr=False)
@@ -179,6 +197,7 @@ class FakeSugar:
         self.users = dict(self.users)
         self.clients = dict(self.clients)
         self.platforms = set(self.platforms)
+        self.admins = set(self.admins)
         self.latency = dict(self.latency)
         for name in self.platforms:
             if not _PLATFORM_RE.fullmatch(name):
@@ -204,6 +223,7 @@ class FakeSugar:
         self._data.seed(records or {})
         self.app = web.Application()
         self.app.on_cleanup.append(self._close_files)
+        self.app.router.add_route("GET", "/sugar_version.json", self._sugar_version_file)
         self.app.router.add_route("*", "/rest/{version}", self._dispatch)
         self.app.router.add_route("*", "/rest/{version}/{tail:.*}", self._dispatch)
 
@@ -320,6 +340,12 @@ class FakeSugar:
             return Counter(self._calls)
 
     @property
+    def sudo_calls(self) -> Counter[str]:
+        """A snapshot of the sudo requests per target user name, refused ones included."""
+        with self._lock:
+            return Counter(self._sudos)
+
+    @property
     def requests(self) -> list[TokenRequest]:
         """A snapshot of every token-endpoint request since the last reset_counters()."""
         with self._lock:
@@ -353,24 +379,28 @@ class FakeSugar:
             self._files.close()
 
     def reset_counters(self) -> None:
-        """Forget `calls` and `requests`; `issued` and the secrets stay, for leak scans."""
+        """Forget `calls`, `sudo_calls` and `requests`; `issued` and the secrets stay."""
         with self._lock:
             self._calls.clear()
+            self._sudos.clear()
             self._requests.clear()
 
     # ----------------------------------------------------------------- routing
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        version = request.match_info["version"]
-        if not _VERSION_RE.fullmatch(version):
-            return ApiError(
-                301, "incorrect_version", f"Unsupported API version: {version}."
-            ).response()
-        path = request.match_info.get("tail", "").strip("/")
+        first = request.match_info["version"]
+        return await self._serve(request, first, request.match_info.get("tail", ""), None)
+
+    async def _serve(
+        self, request: web.Request, first: str, tail: str, bulk: web.Request | None
+    ) -> web.StreamResponse:
+        """Route one request (or one bulk sub-request: `bulk` is then the parent's template)."""
         method = request.method
         try:
+            version, path = _api_version(request, first, tail)
+            request[API_VERSION] = version
             if method == "POST" and path == "oauth2/token":
-                return await self._token(request)
+                return await self._token(request, faults=bulk is None)
             if method == "POST" and path == "oauth2/logout":
                 return await self._logout(request)
             parts = path.split("/")
@@ -379,11 +409,14 @@ class FakeSugar:
             if method == "GET" and path == "me":
                 return await self._me(request)
             if method == "GET" and path == "ping":
-                await self._caller(request, "ping")
-                return json_response("pong")
-            if method == "GET" and path == "ServerInfo":
-                await self._caller(request, "serverinfo")
-                return self._server_info()
+                return await self._ping(request)
+            if path == "ServerInfo":
+                return await self._server_info(request, version, path)
+            if method == "POST" and path == "bulk":
+                return await self._bulk(request, bulk)
+            if bulk is not None and _is_file_route(parts):
+                # A file answer streams straight to the connection: not inside a bulk list.
+                raise ApiError(404, "no_method", f"{wire.MSG_NO_ROUTE}{version}/{path}")
             # Records, filters, metadata and files: the ordinary routes maintenance blocks.
             answer = await modules.handle(self, request, path)
             if answer is not None:
@@ -394,9 +427,23 @@ class FakeSugar:
             404, "no_method", f"Could not find a route for {method} /{path}."
         ).response()
 
+    async def _sugar_version_file(self, request: web.Request) -> web.Response:
+        """`/sugar_version.json` at the site root, a static file (when the site serves it)."""
+        with self._lock:
+            self._calls["sugar_version"] += 1
+            served = self.sugar_version_json
+            version = modules.full_version(self.sugar_version)
+        if not served:
+            return web.Response(
+                status=404, text=_NOT_FOUND_PAGE, content_type="text/html", charset="iso-8859-1"
+            )
+        body = {"sugar_version": version, "sugar_flavor": "ENT"}
+        return web.Response(body=json.dumps(body).encode(), content_type="application/json")
+
     # ----------------------------------------------------------------- token endpoint
 
-    async def _token(self, request: web.Request) -> web.StreamResponse:
+    async def _token(self, request: web.Request, *, faults: bool = True) -> web.StreamResponse:
+        """The token endpoint; `faults` False inside a bulk call, which no proxy can break."""
         unreadable: ApiError | None = None
         try:
             args = await read_args(request)
@@ -405,7 +452,7 @@ class FakeSugar:
         with self._lock:
             arrived = self.clock()
             self._calls["token"] += 1
-            fault = self._faults.popleft() if self._faults else None
+            fault = self._faults.popleft() if faults and self._faults else None
             self._remember_secrets(args)
         status, label = 0, None
         try:
@@ -548,6 +595,7 @@ class FakeSugar:
         *,
         chain: int | None = None,
         download_is_access: bool = False,
+        sudoer: str | None = None,
     ) -> Session:
         return self._store.open_session(
             user=user,
@@ -563,6 +611,7 @@ class FakeSugar:
             # SugarIdentity keeps no one-session-per-platform rule.
             evict_others=not self.idm_mode,
             download_is_access=download_is_access,
+            sudoer=sudoer,
         )
 
     def _token_response(
@@ -592,20 +641,38 @@ class FakeSugar:
 
     async def _me(self, request: web.Request) -> web.Response:
         _, record = await self._caller(request, "me")
+        with self._lock:
+            admin = record.user in self.admins
         user = {
             "id": _user_id(record.user),
             "user_name": record.user,
-            "type": "admin" if record.user == ADMIN_USER else "user",
+            "type": "admin" if admin else "user",
         }
-        return json_response({"current_user": user})
+        return json_response({"current_user": user}, cache=SESSION_CACHE_HEADERS)
 
-    def _server_info(self) -> web.Response:
-        """What Sugar's ServerInfoApi answers; a client learns the version from it."""
+    async def _ping(self, request: web.Request) -> web.Response:
+        await self._caller(request, "ping")
+        response = json_response("pong", cache={hdrs.CACHE_CONTROL: ETAG_CACHE_CONTROL})
+        assert isinstance(response.body, bytes)
+        response.headers[hdrs.ETAG] = hashlib.md5(response.body, usedforsecurity=False).hexdigest()
+        return response
+
+    async def _server_info(self, request: web.Request, version: str, path: str) -> web.Response:
+        """What ServerInfoApi once answered, where `server_info_route` asks for it; else the
+        404 that Sugar 12.0 and 13.3 give, as no route there accepts the path."""
+        with self._lock:
+            self._calls["serverinfo"] += 1
+            served = self.server_info_route
+        if not served or request.method != "GET":
+            raise ApiError(404, "no_method", f"{wire.MSG_NO_ROUTE}{version}/{path}")
+        presented = await presented_token(request)
+        with self._lock:
+            self._authenticate(presented, request, "serverinfo")
         now = self.clock()
         return json_response(
             {
                 "flavor": "ENT",
-                "version": f"{self.sugar_version}.0",
+                "version": modules.full_version(self.sugar_version),
                 "build": self._profile.build,
                 "marketing_version": self._profile.marketing_version,
                 "gmt_time": datetime.fromtimestamp(now, UTC).strftime(_SERVER_TIME),
@@ -619,7 +686,7 @@ class FakeSugar:
         with self._lock:
             self._calls["logout"] += 1
             self._remember_secrets(args)
-            token, _ = self._authenticate(presented, request, "logout")
+            token, record = self._authenticate(presented, request, "logout")
             now = self.clock()
             own_refresh = self._store.refresh_of(token)
             self._store.kill_access(token, now, at_once=True)
@@ -630,18 +697,23 @@ class FakeSugar:
             elif self._profile.logout_drops_refresh and own_refresh is not None:
                 # 12.0+: a logout without refresh_token ends the session it was made with.
                 self._store.drop_refresh(own_refresh, now)
-        response = json_response({"success": True})
-        delete_download_cookie(response, args.get("platform") or "base")
+        response = json_response({"success": True}, cache=SESSION_CACHE_HEADERS)
+        # The request's platform, else the one of the session the token belongs to.
+        delete_download_cookie(response, args.get("platform") or record.platform)
+        delete_cookie(response, SESSION_COOKIE)
         return response
 
     async def _sudo(self, request: web.Request, user_name: str) -> web.Response:
+        """A token for another user, for admins: four keys, no refresh or download token."""
         args = await read_args(request)
         presented = await presented_token(request)
         with self._lock:
             self._calls["sudo"] += 1
+            self._sudos[user_name] += 1
             self._remember_secrets(args)
             _, caller = self._authenticate(presented, request, "sudo")
-            if caller.user != ADMIN_USER:
+            # No sudo from a sudo session, even when the user sudoed to is an admin too.
+            if caller.sudoer is not None or caller.user not in self.admins:
                 raise ApiError(403, "not_authorized", wire.MSG_NOT_AUTHORIZED)
             if user_name not in self.users:
                 raise ApiError(404, "not_found", f"Could not find a user named {user_name}.")
@@ -649,10 +721,92 @@ class FakeSugar:
             self._check_platform(platform)
             now = self.clock()
             client_id = args.get("client_id") or "sugar"
+            # A login's session, so the user's other sessions on that platform are evicted
+            # by the version's rules; only the access token is handed out.
             session = self._open(
-                user_name, platform, client_id, now, now + self._session_lifetime()
+                user_name,
+                platform,
+                client_id,
+                now,
+                now + self._session_lifetime(),
+                sudoer=caller.user,
             )
-            return self._token_response(session, platform, now)
+        body = {
+            "access_token": session.access_token,
+            "expires_in": _wire_seconds(self.access_lifetime),
+            "token_type": "bearer",
+            "scope": None,
+        }
+        return json_response(body, cache=SESSION_CACHE_HEADERS)
+
+    async def _bulk(self, request: web.Request, template: web.Request | None) -> web.Response:
+        """`POST /bulk`: each sub-request in order, through the same routing, with the parent
+        request's authentication; a list of `{"contents", "headers", "status"}`."""
+        if template is None:
+            # Cloned before the body is read: aiohttp refuses to clone a read request.
+            template = request.clone()
+        raw = await request.read()
+        with self._lock:
+            self._calls["bulk"] += 1
+        subs = _bulk_requests(raw)
+        auth = {
+            name: value
+            for name in ("OAuth-Token", hdrs.AUTHORIZATION)
+            if (value := request.headers.get(name))
+        }
+        results: list[dict[str, Any]] = []
+        cookies: list[str] = []
+        for sub in subs:
+            with self._lock:
+                self._calls["bulk_requests"] += 1
+            answer = await self._sub_request(template, sub, auth)
+            headers = {
+                name: value
+                for name, value in answer.headers.items()
+                if name.lower() not in ("set-cookie", "content-length")
+            }
+            # The sub-requests run inside the parent's PHP process: their cookies are its own.
+            cookies.extend(answer.headers.getall(hdrs.SET_COOKIE, []))
+            results.append(
+                {"contents": _decoded(answer), "headers": headers, "status": answer.status}
+            )
+        response = json_response(results)
+        for cookie in cookies:
+            response.headers.add(hdrs.SET_COOKIE, cookie)
+        return response
+
+    async def _sub_request(
+        self, template: web.Request, sub: _SubRequest, auth: dict[str, str]
+    ) -> web.Response:
+        # Case-blind names, later sources winning: the parent's headers (less its body's),
+        # the sub-request's own, then the parent's authentication, whatever the sub says.
+        merged: dict[str, tuple[str, str]] = {}
+        body_headers = {"content-type", "content-length", "transfer-encoding"}
+        for name, value in template.headers.items():
+            if name.lower() not in body_headers:
+                merged[name.lower()] = (name, value)
+        for source in (sub.headers, auth):
+            merged.update((name.lower(), (name, value)) for name, value in source.items())
+        if sub.body and "content-type" not in merged:
+            merged["content-type"] = (hdrs.CONTENT_TYPE, "application/json")
+        merged["content-length"] = (hdrs.CONTENT_LENGTH, str(len(sub.body)))
+        headers = list(merged.values())
+        try:
+            clone = template.clone(method=sub.method, rel_url=sub.url, headers=headers)
+        except ValueError:
+            return ApiError(
+                404, "no_method", f"{wire.MSG_NO_ROUTE}{sub.url.lstrip('/')}"
+            ).response()
+        clone._read_bytes = sub.body  # its body, as if it had come on the wire
+        segments = clone.path.split("/", 3)
+        if len(segments) < 3 or segments[:2] != ["", "rest"]:
+            return ApiError(
+                404, "no_method", f"{wire.MSG_NO_ROUTE}{sub.url.lstrip('/')}"
+            ).response()
+        tail = segments[3] if len(segments) > 3 else ""
+        answer = await self._serve(clone, segments[2], tail, template)
+        assert isinstance(answer, web.Response)  # file routes, the streamed ones, are refused
+        return answer
 
     # ----------------------------------------------------------------- shared checks
 
@@ -674,13 +828,17 @@ class FakeSugar:
         if not token:
             raise ApiError(401, "need_login", wire.MSG_NO_TOKEN)
         if self.idm_mode and self.idm_nonrecoverable:
-            raise ApiError(401, "idm_nonrecoverable_error", wire.MSG_IDM_NONRECOVERABLE)
+            raise _in_session(
+                ApiError(401, "idm_nonrecoverable_error", wire.MSG_IDM_NONRECOVERABLE)
+            )
         now, recheck = self.clock(), self._recheck()
         state = AccessState.INVALID if record is None else record.state(now, recheck)
         if record is None or state is AccessState.INVALID:
-            raise ApiError(401, "invalid_grant", wire.MSG_INVALID_ACCESS)
+            raise _in_session(ApiError(401, "invalid_grant", wire.MSG_INVALID_ACCESS))
         if state is AccessState.EXPIRED:
-            raise ApiError(401, "invalid_grant", wire.MSG_EXPIRED_ACCESS)
+            # Sugar wipes the session that said so: from now on the token is just "invalid".
+            self._store.kill_access(token, now, at_once=True)
+            raise _in_session(ApiError(401, "invalid_grant", wire.MSG_EXPIRED_ACCESS))
         if record.check_due(now, recheck):
             self._store.checked(token, now)
         self._check_platform(record.platform)
@@ -714,7 +872,7 @@ class FakeSugar:
 
     def _check_status_at_login(self) -> None:
         if self.maintenance:
-            raise ApiError(401, "need_login", wire.MSG_MAINTENANCE)
+            raise ApiError(401, "need_login", wire.MSG_MAINTENANCE_LOGIN)
         if self.license_error == "expired":
             raise ApiError(401, "need_login", wire.MSG_LICENSE_EXPIRED)
         if self.license_error == "seats":
@@ -728,6 +886,88 @@ class FakeSugar:
                 self._secrets[value] = None
         if args.basic is not None and args.basic[1]:
             self._secrets[args.basic[1]] = None
+
+
+@dataclass(frozen=True)
+class _SubRequest:
+    """One entry of a bulk call's `requests` list."""
+
+    url: str  # "/rest/v10/..." (Sugar's lists say "/v10/...")
+    method: str
+    body: bytes
+    headers: dict[str, str]
+
+
+def _bulk_requests(raw: bytes) -> list[_SubRequest]:
+    """The sub-requests of a bulk body; 422 invalid_parameter when they cannot be read."""
+    try:
+        parsed: object = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        raise ApiError(422, "invalid_parameter", wire.MSG_BAD_JSON) from None
+    requests = parsed.get("requests") if isinstance(parsed, dict) else None
+    if not isinstance(requests, list) or not requests:
+        raise ApiError(422, "missing_parameter", "Missing parameter: requests")
+    subs = []
+    for entry in requests:
+        url = entry.get("url") if isinstance(entry, dict) else None
+        if not isinstance(url, str) or not url:
+            raise ApiError(422, "invalid_parameter", wire.MSG_BAD_JSON)
+        assert isinstance(entry, dict)
+        data = entry.get("data")
+        if data is None:
+            body = b""
+        elif isinstance(data, str):
+            body = data.encode()
+        else:
+            body = json.dumps(data).encode()
+        given = entry.get("headers")
+        headers = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
+        if not url.startswith("/rest/"):
+            url = "/rest/" + url.lstrip("/")
+        subs.append(_SubRequest(url, str(entry.get("method") or "GET").upper(), body, headers))
+    return subs
+
+
+def _decoded(answer: web.Response) -> object:
+    """A sub-request's body as the bulk list carries it: JSON decoded, else the text."""
+    raw = answer.body if isinstance(answer.body, bytes) else b""
+    text = raw.decode("utf-8", "replace")
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _api_version(request: web.Request, first: str, tail: str) -> tuple[str, str]:
+    """(API version, route) of a request: the version from the path, else from the Accept
+    header (`/rest/me` with `version=10` is `/rest/v10/me`); 301 when neither names one."""
+    if _VERSION_RE.fullmatch(first):
+        return first, tail.strip("/")
+    if not _VERSION_SHAPE.fullmatch(first):
+        accepted = wire.accept_version(request.headers.get(hdrs.ACCEPT, ""))
+        if accepted is not None and _VERSION_RE.fullmatch(accepted):
+            return accepted, f"{first}/{tail}".strip("/")
+        if accepted is not None:
+            first = accepted
+    raise ApiError(301, "incorrect_version", f"Unsupported API version: {first}.")
+
+
+def _is_file_route(parts: list[str]) -> bool:
+    """`{Module}/{id}/file/{field}`: the routes whose answers stream."""
+    return len(parts) == 4 and parts[2] == "file"
+
+
+def _in_session(error: ApiError) -> ApiError:
+    """Mark a refusal given after PHP opened the session of a presented token."""
+    error.session_opened = True
+    return error
+
+
+_NOT_FOUND_PAGE: Final = (
+    '<!DOCTYPE HTML PUBLIC "-//IETF//DTD HTML 2.0//EN">\n<html><head>\n'
+    "<title>404 Not Found</title>\n</head><body>\n<h1>Not Found</h1>\n"
+    "<p>The requested URL was not found on this server.</p>\n</body></html>\n"
+)
 
 
 def _same(expected: str, given: str) -> bool:

@@ -362,7 +362,7 @@ async def test_old_token_grace_in_the_config_overrides_the_version(short_dir: Pa
         assert (200, old) == (code, body["access_token"])
         assert "refreshing" == r.keeper.state.value  # answered while the refresh was in flight
         await forced
-        assert 0 == r.fake.calls["serverinfo"]  # a set grace needs no version
+        assert 0 == r.fake.calls["metadata"]  # a set grace needs no version
 
 
 async def test_a_server_without_server_info_is_served_as_the_newest(short_dir: Path) -> None:

@@ -40,6 +40,7 @@ TOKEN_KEYS = [
     "download_token",
 ]
 ADMIN_PASSWORD = "admin-password"
+SERVER_INFO = "metadata?type_filter=server_info"  # where Sugar publishes its version
 BOB_PASSWORD = "bob-password"
 
 
@@ -505,7 +506,7 @@ async def test_sudo(http: Http, sugar: FakeSugar) -> None:
     bob = (await http.login(username="bob", password=BOB_PASSWORD)).body
     reply = await http.post("oauth2/sudo/bob", admin, {"platform": "sugard"})
     assert 200 == reply.status
-    assert TOKEN_KEYS == list(reply.body)
+    assert TOKEN_KEYS[:4] == list(reply.body)  # no refresh or download token
     me = await http.get("me", reply.body["access_token"])
     assert "bob" == me.body["current_user"]["user_name"]
     assert not sugar.valid(bob["access_token"])
@@ -725,8 +726,9 @@ def test_unknown_version_is_refused_with_the_supported_ones() -> None:
 async def test_server_info_publishes_the_version(
     start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession, version: str
 ) -> None:
-    """GET /ServerInfo needs a token and answers ServerInfoApi's fields, version "V.0"."""
-    fake = await start(sugar_version=version)
+    """With server_info_route=True, GET /ServerInfo needs a token and answers ServerInfoApi's
+    fields, version "V.0" (no Sugar version is known to serve it: off by default)."""
+    fake = await start(sugar_version=version, server_info_route=True)
     http = Http(session, fake)
     assert_error(await http.get("ServerInfo"), 401, "need_login")
     token = (await http.login()).body["access_token"]
@@ -741,8 +743,12 @@ async def test_server_info_publishes_the_version(
     assert 2 == fake.calls["serverinfo"]  # the refused call counts too
 
 
-async def test_server_info_is_closed_during_maintenance(http: Http, sugar: FakeSugar) -> None:
-    """ServerInfo is an ordinary route: maintenance answers it 503."""
+async def test_server_info_is_closed_during_maintenance(
+    start: Callable[..., Awaitable[FakeSugar]], session: aiohttp.ClientSession
+) -> None:
+    """ServerInfo, where served, is an ordinary route: maintenance answers it 503."""
+    sugar = await start(server_info_route=True)
+    http = Http(session, sugar)
     token = (await http.login()).body["access_token"]
     sugar.maintenance = True
     assert_error(await http.get("ServerInfo", token), 503, "maintenance")
@@ -1037,20 +1043,20 @@ async def test_cache_headers(http: Http) -> None:
 
 
 async def test_download_cookie_attributes(http: Http, sugar: FakeSugar) -> None:
-    """The cookie: expires and Max-Age of the refresh lifetime, path=/, no HttpOnly; logout
-    deletes the cookie of the logout request's platform."""
+    """The cookie: expires and Max-Age of the refresh lifetime, path=/, HttpOnly; logout
+    deletes the cookie of the logout request's platform, and PHP's session cookie."""
     freeze(sugar, T0)
     reply = await http.login()
     cookie = reply.headers["Set-Cookie"]
     download = reply.body["download_token"]
     assert (
         f"download_token_sugard={download}; expires=Fri, 29-Jan-2027 08:00:00 GMT; "
-        "Max-Age=1209600; path=/"
+        "Max-Age=1209600; path=/; HttpOnly"
     ) == cookie
     logout = await http.post("oauth2/logout", reply.body["access_token"], {"platform": "sugard"})
-    assert (
-        "download_token_sugard=deleted; expires=Thu, 01-Jan-1970 00:00:01 GMT; Max-Age=0; path=/"
-    ) == logout.headers["Set-Cookie"]
+    deleted = "=deleted; expires=Thu, 01-Jan-1970 00:00:01 GMT; Max-Age=0; path=/; HttpOnly"
+    cookies = [value for name, value in logout.headers.items() if name == "Set-Cookie"]
+    assert [f"download_token_sugard{deleted}", f"PHPSESSID{deleted}"] == cookies
 
 
 async def test_refresh_expires_in_is_a_whole_number(
@@ -1269,14 +1275,14 @@ def get_json(url: str, token: str) -> tuple[int, Any]:
 
 
 def test_running_fake_plays_the_version_asked_for() -> None:
-    """running_fake(sugar_version=...) serves that version's ServerInfo and behaviour."""
+    """running_fake(sugar_version=...) serves that version's server_info and behaviour."""
     with running_fake(sugar_version="8.0", license_error="seats") as fake:
         status, body = post_form(f"{fake.url}/rest/v10/oauth2/token", creds())
         assert (401, "need_login") == (status, body["error"])
         fake.license_error = None
         status, body = post_form(f"{fake.url}/rest/v10/oauth2/token", creds())
-        info = get_json(f"{fake.url}/rest/v10/ServerInfo", body["access_token"])
-        assert (200, "8.0.0") == (info[0], info[1]["version"])
+        info = get_json(f"{fake.url}/rest/v10/{SERVER_INFO}", body["access_token"])
+        assert (200, "8.0.0") == (info[0], info[1]["server_info"]["version"])
 
 
 def test_module_takes_version_idm_and_platform_switches() -> None:
@@ -1301,8 +1307,8 @@ def test_module_takes_version_idm_and_platform_switches() -> None:
         status, body = post_form(f"{url}/rest/v10/oauth2/token", fields)
         assert 200 == status
         assert body["scope"]  # IdM: never null
-        info = get_json(f"{url}/rest/v10/ServerInfo", body["access_token"])
-        assert "12.0.0" == info[1]["version"]
+        info = get_json(f"{url}/rest/v10/{SERVER_INFO}", body["access_token"])
+        assert "12.0.0" == info[1]["server_info"]["version"]
         proc.send_signal(signal.SIGTERM)
         assert 0 == proc.wait(timeout=10)
         assert ("", "") == (proc.stdout.read(), proc.stderr.read())
