@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import pytest
 from support import ROOT
 
+pytestmark = pytest.mark.slow
+
 NUMBER = re.compile(r"^-?[0-9][0-9,]*(\.[0-9]+)?( [A-Za-z/]+)?$")
 RANGE = re.compile(r"^[0-9]+-[0-9]+$")
 WITH_DETAIL = re.compile(r"^[0-9][0-9,]* \(.*\)$")  # "150 (0)": a count and what it holds

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import ROOT
 from support.daemon import PASSWORD, SUGARD, USER, instance, sugarctl, write_config
 
@@ -360,6 +361,7 @@ def doc_examples() -> list[tuple[str | None, list[str]]]:
     return examples
 
 
+@pytest.mark.slow
 def test_common_mistakes_in_the_docs_print_what_the_docs_say(tmp_path: Path) -> None:
     """Every "common mistake" in docs/configuration.md makes `sugard check` print those lines."""
     examples = doc_examples()
@@ -428,6 +430,7 @@ def test_every_problem_in_one_pass(tmp_path: Path) -> None:
     ] == result.stderr.splitlines()
 
 
+@pytest.mark.slow
 def test_two_instances_of_one_session_are_refused_everywhere(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -466,6 +469,7 @@ def test_two_instances_of_one_session_are_refused_everywhere(
     assert 1 == fake.calls["token"]
 
 
+@pytest.mark.slow
 def test_paths_the_units_sandbox_hides_are_warned_about(tmp_path: Path) -> None:
     """With the shipped unit (none installed): a secret and a ca_file under /tmp (PrivateTmp)
     and a socket in a read-only tree (ProtectSystem=strict) are warned about, exit 0; an
@@ -530,6 +534,7 @@ def test_the_built_in_sandbox_is_the_shipped_units() -> None:
     assert SHIPPED == replace(parsed, unit=SHIPPED.unit)
 
 
+@pytest.mark.slow
 def test_login_tests_a_secret_only_where_no_daemon_holds_the_session(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:

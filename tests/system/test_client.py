@@ -80,6 +80,7 @@ def test_token_answer_gives_the_lifetime_when_min_ttl_cannot_be_met(
         assert token["expires_in"] <= 60
 
 
+@pytest.mark.slow
 def test_shutdown_of_a_daemon_systemd_runs_is_a_bad_request(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -150,6 +151,7 @@ def test_errors_are_typed_with_the_exit_codes(
     assert "instances.bad" in refused.value.errors[0]
 
 
+@pytest.mark.slow
 def test_token_unavailable_carries_retry_after(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -166,6 +168,7 @@ def test_token_unavailable_carries_retry_after(
 # One kept connection, threads
 
 
+@pytest.mark.slow
 def test_threads_share_one_client(fake: FakeSugar, daemon) -> None:
     """8 threads x 100 calls on one client all get the valid token over at most 8 connections
     (one per concurrent call, kept for reuse); afterwards calls open no new ones."""
@@ -186,6 +189,7 @@ def test_threads_share_one_client(fake: FakeSugar, daemon) -> None:
         assert opened == client.connections_opened
 
 
+@pytest.mark.slow
 def test_a_long_wait_in_one_thread_does_not_hold_up_another(fake: FakeSugar, daemon) -> None:
     """While one thread waits on a slow refresh, another thread's call on the same client
     answers at once."""
@@ -203,6 +207,7 @@ def test_a_long_wait_in_one_thread_does_not_hold_up_another(fake: FakeSugar, dae
         assert "ready" == client.status("prod")["state"]
 
 
+@pytest.mark.slow
 def test_the_kept_connection_survives_a_daemon_restart(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -363,6 +368,7 @@ def test_importing_the_client_needs_neither_requests_nor_heavy_modules() -> None
 # The 401 rule: the requests auth and the documented recipes
 
 
+@pytest.mark.slow
 def test_requests_auth_recovers_from_an_eviction_with_one_report_and_one_retry(
     fake: FakeSugar, daemon
 ) -> None:
@@ -399,6 +405,7 @@ def test_requests_auth_retries_only_once_and_never_logs_in(fake: FakeSugar, daem
     assert 1 == daemon.log().count(REPORTED)
 
 
+@pytest.mark.slow
 def test_requests_auth_in_threads_renews_the_session_once(fake: FakeSugar, daemon) -> None:
     """Eight threads hit by the same eviction all recover, and sugard logs in again once."""
     auth = SugarAuth("prod", SugardClient(daemon.socket))
@@ -425,6 +432,7 @@ def recipe(heading: str) -> list[str]:
     return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
 
 
+@pytest.mark.slow
 def test_the_documented_requests_recipe_runs(
     daemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -435,6 +443,7 @@ def test_the_documented_requests_recipe_runs(
     assert f"{USER}\n" == capsys.readouterr().out
 
 
+@pytest.mark.slow
 async def test_the_documented_aiohttp_recipe_follows_the_401_rule(
     fake: FakeSugar, daemon, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -463,6 +472,7 @@ async def test_the_documented_aiohttp_recipe_follows_the_401_rule(
 # The benchmark must keep running
 
 
+@pytest.mark.slow
 def test_benchmark_runs_at_a_tiny_size() -> None:
     """bench/bench_client.py runs end to end and prints its table and the in-process rate."""
     result = subprocess.run(

@@ -65,6 +65,7 @@ def sock(fake: FakeSugar, short_dir: Path, start_daemon) -> str:
     return str(start_daemon(config).socket)
 
 
+@pytest.mark.slow
 def test_bash_completes_commands_options_and_their_values() -> None:
     """Commands, each command's own options (those its parser takes), and option values."""
     assert list(COMMANDS) == bash_complete("sugarctl", "")
@@ -81,6 +82,7 @@ def test_bash_completes_commands_options_and_their_values() -> None:
     assert ["status", "shutdown"] == bash_complete("sugarctl", "help", "s")
 
 
+@pytest.mark.slow
 def test_bash_completes_instance_names_from_the_running_daemon(sock: str) -> None:
     """NAME is offered from the daemon on the --socket the line names (or $SUGARD_SOCKET);
     with no daemon nothing is offered and nothing is printed."""
@@ -101,6 +103,7 @@ def test_bash_completes_the_command_exec_runs(sock: str) -> None:
     assert "--wait" in bash_complete("sugarctl", "exec", "prod", "--w")
 
 
+@pytest.mark.slow
 def test_fish_completes_commands_options_and_instance_names(sock: str) -> None:
     """fish's own `complete -C` on the fish script: commands with descriptions, options,
     values, and the daemon's instance names."""

@@ -56,6 +56,7 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
 # token, header, exec
 
 
+@pytest.mark.slow
 def test_token_formats(fake: FakeSugar, daemon) -> None:
     """`token` prints the bare token, the header line, the TOKEN JSON, or eval-able exports."""
     bare = sugarctl(daemon.socket, "token", "prod")
@@ -100,6 +101,7 @@ def test_header_works_with_curl_against_sugar(fake: FakeSugar, daemon) -> None:
     assert USER == json.loads(me.stdout)["current_user"]["user_name"]
 
 
+@pytest.mark.slow
 def test_min_ttl_renews_a_token_that_would_expire_too_soon(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -154,6 +156,7 @@ def test_exec_passes_the_token_to_a_real_child_and_returns_its_status(
     assert 0 == plain.returncode, plain.stderr
 
 
+@pytest.mark.slow
 def test_exec_of_a_missing_or_unrunnable_command(daemon, short_dir: Path) -> None:
     """exec exits 127 for a command not found and 126 for a file that cannot be run."""
     missing = sugarctl(daemon.socket, "exec", "prod", "--", "no-such-command-here")
@@ -198,6 +201,7 @@ def on_a_terminal(
     return proc.returncode, output.decode().replace("\r\n", "\n"), stderr
 
 
+@pytest.mark.slow
 def test_status_table_fits_80_columns_with_short_errors_and_colour_on_a_terminal_only(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -275,6 +279,7 @@ def test_a_past_error_is_shown_with_its_age_never_as_the_current_state(
     assert re.search(r"last error +server_error, [0-9]+s ago \(.*Z\), past: it recovered", detail)
 
 
+@pytest.mark.slow
 def test_status_wait_shows_it_is_waiting_on_a_terminal(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -339,6 +344,7 @@ def test_refresh_prints_a_new_token(fake: FakeSugar, daemon) -> None:
     assert 1 == fake.calls["refresh_token"]
 
 
+@pytest.mark.slow
 def test_reload_prints_the_changes_or_each_problem_on_its_own_line(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -492,6 +498,7 @@ def test_no_daemon_exits_4_saying_how_to_start_it(short_dir: Path) -> None:
             assert "sugard run" in line
 
 
+@pytest.mark.slow
 def test_token_unavailable_exits_5_while_sugar_is_down(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -507,6 +514,7 @@ def test_token_unavailable_exits_5_while_sugar_is_down(
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.slow
 def test_token_unavailable_exits_5_while_still_logging_in(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -521,6 +529,7 @@ def test_token_unavailable_exits_5_while_still_logging_in(
     assert fake.valid(late.stdout.strip())
 
 
+@pytest.mark.slow
 def test_a_daemon_at_its_connection_limit_exits_5_for_every_command(
     fake: FakeSugar, short_dir: Path
 ) -> None:
@@ -596,6 +605,7 @@ def test_wrong_password_exits_6_and_exec_runs_nothing(
     assert 1 == fake.calls["password"]
 
 
+@pytest.mark.slow
 def test_permission_denied_exits_7(fake: FakeSugar, daemon, foreign_sugarctl: str) -> None:
     """Another uid exits 7: when the socket refuses it (EACCES) and when the daemon does (403)."""
     daemon.socket.parent.chmod(0o755)  # the socket itself stays 0600
@@ -612,6 +622,7 @@ def test_permission_denied_exits_7(fake: FakeSugar, daemon, foreign_sugarctl: st
 # The socket, help, and what sugarctl imports
 
 
+@pytest.mark.slow
 def test_socket_from_option_environment_or_config(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -676,6 +687,7 @@ def modules_after(python_flags: list[str], socket_path: Path, *argv: str) -> set
     return set(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_sugarctl_never_imports_aiohttp_asyncio_tenacity_or_the_daemon(daemon) -> None:
     """After real runs of each command, sys.modules holds none of the daemon's world."""
     for argv in (
@@ -703,6 +715,7 @@ def test_sugarctl_never_imports_aiohttp_asyncio_tenacity_or_the_daemon(daemon) -
             assert heavy not in loaded, (argv, heavy)
 
 
+@pytest.mark.slow
 def test_sugarctl_token_imports_only_cheap_modules(daemon) -> None:
     """`sugarctl token` loads only os (which site loads anyway) and C modules: no re, enum,
     json, socket, argparse, typing or pathlib, each of which costs about a bare interpreter
@@ -738,6 +751,7 @@ def test_sugarctl_token_imports_only_cheap_modules(daemon) -> None:
 # --min-ttl, --wait and fingerprints in the flags' own words
 
 
+@pytest.mark.slow
 def test_a_min_ttl_longer_than_tokens_live_is_said_on_stderr(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -780,6 +794,7 @@ def test_a_min_ttl_longer_than_tokens_live_is_said_on_stderr(
     assert "sugard-token-lifetime: 60\n" in curl.stdout.lower()
 
 
+@pytest.mark.slow
 def test_token_unavailable_names_the_wait_flag(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -793,6 +808,7 @@ def test_token_unavailable_names_the_wait_flag(
     assert "wait=" not in line
 
 
+@pytest.mark.slow
 def test_token_fingerprint_matches_the_log_and_status(fake: FakeSugar, daemon) -> None:
     """`token NAME --fingerprint` prints the 8 hex digits sugard's log names the token by
     (sugard.secret.fingerprint), and `status NAME` shows the same."""
@@ -814,6 +830,7 @@ def test_token_fingerprint_matches_the_log_and_status(fake: FakeSugar, daemon) -
 # env
 
 
+@pytest.mark.slow
 def test_env_prints_the_answering_socket_for_sh_and_fish(fake: FakeSugar, short_dir: Path) -> None:
     """`env` prints the SUGARD_SOCKET line of the socket it found answering (quoted when the
     path needs it); eval'd in a shell with no XDG_RUNTIME_DIR (cron, su), sugarctl finds the
@@ -873,6 +890,7 @@ def test_env_prints_the_answering_socket_for_sh_and_fish(fake: FakeSugar, short_
         assert (0, "ok") == (in_fish.returncode, in_fish.stdout[:2]), in_fish.stderr
 
 
+@pytest.mark.slow
 def test_env_line_without_quotes_for_a_plain_path(daemon) -> None:
     """The usual socket path comes out exactly as ssh-agent prints its own variable."""
     result = sugarctl(daemon.socket, "env", "--shell", "bash")
@@ -882,6 +900,7 @@ def test_env_line_without_quotes_for_a_plain_path(daemon) -> None:
 # shutdown
 
 
+@pytest.mark.slow
 def test_shutdown_stops_a_daemon_started_by_hand(daemon) -> None:
     """`shutdown` makes the daemon stop as SIGTERM does: sugarctl returns once the socket is
     gone, the daemon exits 0, and its log says who asked."""
@@ -896,6 +915,7 @@ def test_shutdown_stops_a_daemon_started_by_hand(daemon) -> None:
     assert 4 == again.returncode
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("systemd_env", ["INVOCATION_ID", "NOTIFY_SOCKET"])
 def test_shutdown_under_systemd_says_to_use_systemctl(
     fake: FakeSugar, short_dir: Path, start_daemon, systemd_env: str
@@ -917,6 +937,7 @@ def test_shutdown_under_systemd_says_to_use_systemctl(
         notify.close()
 
 
+@pytest.mark.slow
 def test_shutdown_of_a_socket_activated_daemon_says_to_use_systemctl(
     fake: FakeSugar, short_dir: Path
 ) -> None:

@@ -11,6 +11,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from support.daemon import SUGARD, TOKEN_KEYS, USER, instance, sugarctl, write_config
 
 from sugard.client import SugardClient
@@ -57,6 +58,7 @@ def test_curl_gets_the_token_json(fake: FakeSugar, short_dir: Path, start_daemon
     assert body["download_token"]
 
 
+@pytest.mark.slow
 def test_200_concurrent_requests_on_a_cold_start_make_one_login(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -92,6 +94,7 @@ def test_wrong_password_fails_clearly_after_one_attempt(
     assert 1 == fake.calls["password"]
 
 
+@pytest.mark.slow
 def test_status_and_ping(fake: FakeSugar, short_dir: Path, start_daemon) -> None:
     """`status --json` shows the design's STATUS; `ping` answers ok with the version."""
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))

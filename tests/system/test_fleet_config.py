@@ -190,6 +190,7 @@ def test_show_config_shows_the_fleet_with_secrets_redacted(tmp_path: Path) -> No
     assert "redis-secret-pw" not in done.stdout and key.read_text().strip() not in done.stdout
 
 
+@pytest.mark.slow
 def test_check_online_reaches_redis_and_proves_the_key(
     tmp_path: Path, redis_server: RedisServer
 ) -> None:

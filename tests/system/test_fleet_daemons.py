@@ -28,6 +28,8 @@ from support.wait import wait_for
 from sugard.client import SugardError, TokenUnavailable
 from sugard.testing import FakeSugar, running_fake
 
+pytestmark = pytest.mark.slow
+
 KEY = base64.b64encode(bytes(range(32))).decode()
 OTHER_KEY = base64.b64encode(bytes(range(7, 39))).decode()
 LEASE = 6.0  # seconds: the config's floor is 2 x 1.5 + 2 x 0.5 + 1

@@ -239,6 +239,7 @@ async def test_a_leader_that_stops_renewing_stops_calling_sugar_in_virtual_time(
     assert "follower" == member.role
 
 
+@pytest.mark.slow
 async def test_the_lease_lapses_in_redis_and_another_host_takes_over(
     redis_server: RedisServer, new_fleet: NewFleet
 ) -> None:
@@ -260,6 +261,7 @@ async def test_the_lease_lapses_in_redis_and_another_host_takes_over(
     assert isinstance(await holder.publish(record(2)), NotLeader)
 
 
+@pytest.mark.slow
 async def test_may_call_sugar_turns_false_before_the_lease_lapses_in_redis(
     redis_server: RedisServer, new_fleet: NewFleet
 ) -> None:
@@ -291,6 +293,7 @@ asyncio.run(main())
 """
 
 
+@pytest.mark.slow
 async def test_a_sigstopped_holder_resumes_without_the_right_to_call_sugar(
     redis_server: RedisServer, new_fleet: NewFleet
 ) -> None:
@@ -447,6 +450,7 @@ async def test_redis_paused_or_gone_is_a_typed_error_and_the_token_still_served(
     assert ACCESS + "-1" == member.current.access_token.reveal()
 
 
+@pytest.mark.slow
 async def test_a_host_with_the_wrong_key_refuses_and_the_others_go_on(
     redis_server: RedisServer, new_fleet: NewFleet
 ) -> None:

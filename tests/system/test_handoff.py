@@ -61,6 +61,7 @@ def test_a_restart_takes_the_session_back_with_no_login(
         assert secret not in first.log() + second.log()
 
 
+@pytest.mark.slow
 def test_a_changed_password_drops_the_kept_session(
     fake: FakeSugar, short_dir: Path, manager: FdStore
 ) -> None:
@@ -82,6 +83,7 @@ def test_a_changed_password_drops_the_kept_session(
     second.stop()
 
 
+@pytest.mark.slow
 def test_a_session_sugar_no_longer_takes_is_renewed_not_served(
     fake: FakeSugar, short_dir: Path, manager: FdStore
 ) -> None:
@@ -100,6 +102,7 @@ def test_a_session_sugar_no_longer_takes_is_renewed_not_served(
     second.stop()
 
 
+@pytest.mark.slow
 def test_without_notify_socket_nothing_is_kept(fake: FakeSugar, short_dir: Path) -> None:
     """Not under systemd: a restart logs in again, and nothing is said of an fd store."""
     config = write_config(short_dir, {"prod": instance(fake, probe_interval=0)})

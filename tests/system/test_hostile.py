@@ -174,6 +174,7 @@ async def connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     return await asyncio.open_unix_connection(sock=sock)
 
 
+@pytest.mark.slow
 async def test_a_thousand_connections_some_stalled_do_not_stop_token_requests(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -340,6 +341,7 @@ def _wait_ready(sock_path: Path) -> None:
             time.sleep(0.05)
 
 
+@pytest.mark.slow
 async def test_silent_slow_and_idle_connections_are_closed(
     fake: FakeSugar, short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

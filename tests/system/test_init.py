@@ -11,6 +11,7 @@ import time
 import tomllib
 from pathlib import Path
 
+import pytest
 from support.daemon import PASSWORD, SUGARD, USER, sugarctl
 
 from sugard.config import load_config
@@ -531,6 +532,7 @@ def test_interactive_init_offers_an_existing_password_file_before_any_question(
     assert not config.exists()
 
 
+@pytest.mark.slow
 def test_password_files_are_written_as_given_and_checked_first(short_dir: Path) -> None:
     """`~/x` stays `~/x`, a path relative to the config stays relative; a file that is not
     there (or only relative to the current directory) is refused before anything is read."""

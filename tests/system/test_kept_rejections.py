@@ -48,6 +48,7 @@ def refused(sock: Path) -> str:
     return done.stderr
 
 
+@pytest.mark.slow
 def test_a_crash_and_a_restart_do_not_resend_a_rejected_password(
     fake: FakeSugar,
     short_dir: Path,
@@ -85,6 +86,7 @@ def test_a_crash_and_a_restart_do_not_resend_a_rejected_password(
     assert WRONG not in third.log()
 
 
+@pytest.mark.slow
 def test_a_password_changed_while_sugard_was_down_gets_its_one_try(
     fake: FakeSugar,
     short_dir: Path,

@@ -34,6 +34,7 @@ from sugard.testing import FakeSugar
 # --------------------------------------------------------------- the real daemon process
 
 
+@pytest.mark.slow
 def test_wrong_password_makes_one_attempt_however_many_requests(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -71,6 +72,7 @@ def test_wrong_password_makes_one_attempt_however_many_requests(
     assert 1 == fake.calls["password"]
 
 
+@pytest.mark.slow
 def test_a_reload_retries_a_failed_instance_once(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -92,6 +94,7 @@ def test_a_reload_retries_a_failed_instance_once(
     assert 2 == fake.calls["password"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_thousand_concurrent_requests_on_a_cold_instance_make_one_login(
     start_fake: Callable[..., FakeSugar],
@@ -117,6 +120,7 @@ def test_a_thousand_concurrent_requests_on_a_cold_instance_make_one_login(
     assert {"token": 1, "password": 1} == token_calls(fake)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["13.3", "12.0"])
 def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
     version: str,
@@ -174,6 +178,7 @@ def test_eviction_is_recovered_with_one_password_login_after_the_first_report(
     assert 2 == fake.calls["token"]
 
 
+@pytest.mark.slow
 def test_a_hundred_reports_of_one_dead_token_make_one_refresh(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -241,6 +246,7 @@ def test_maintenance_burns_the_refresh_token_then_one_login_once_the_site_is_bac
     assert "ready" == status(daemon, NAME)["state"]
 
 
+@pytest.mark.slow
 def test_maintenance_during_login_is_retried_not_reported_as_bad_password(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -286,6 +292,7 @@ def test_license_lock_backs_off_long_and_recovers(
     assert 2 == fake.calls["password"]
 
 
+@pytest.mark.slow
 def test_unregistered_platform_fails_with_how_to_register_it(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -314,6 +321,7 @@ def test_unregistered_platform_fails_with_how_to_register_it(
     assert "ready" == status(daemon, NAME)["state"]
 
 
+@pytest.mark.slow
 def test_unknown_client_fails_without_retrying(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -331,6 +339,7 @@ def test_unknown_client_fails_without_retrying(
     assert 1 == fake.calls["token"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["html502", "503", "429", "reset", "garbage"])
 def test_transient_answers_are_retried_until_a_token_comes(
     kind: str,
@@ -351,6 +360,7 @@ def test_transient_answers_are_retried_until_a_token_comes(
     assert (2, 3, "ready") == (current["failures"], current["logins"], current["state"])
 
 
+@pytest.mark.slow
 def test_retry_after_is_honoured(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -384,6 +394,7 @@ def test_every_upstream_call_names_the_platform(
     assert {("scripts", "sugar")} == {(platform, client) for _, platform, client in sent}
 
 
+@pytest.mark.slow
 def test_min_ttl_forces_a_renewal_that_leaves_enough_time(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -404,6 +415,7 @@ def test_min_ttl_forces_a_renewal_that_leaves_enough_time(
     assert {"token": 2, "password": 1, "refresh_token": 1} == token_calls(fake)
 
 
+@pytest.mark.slow
 def test_refresh_ahead_happens_in_the_background_before_expiry(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,
@@ -470,6 +482,7 @@ def test_a_report_of_a_token_that_still_works_keeps_the_session(
     assert 1 == fake.calls["ping"]
 
 
+@pytest.mark.slow
 def test_a_past_error_is_kept_but_not_shown_as_current(
     start_fake: Callable[..., FakeSugar],
     short_dir: Path,

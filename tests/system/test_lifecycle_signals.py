@@ -39,6 +39,7 @@ def slow_login_daemon(
     return daemon, waiting
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_stop_signal_lets_a_slow_request_finish(
     fake: FakeSugar,
@@ -65,6 +66,7 @@ def test_stop_signal_lets_a_slow_request_finish(
     assert "waiting up to 10 s for 1 open connection(s) to finish" in daemon.log()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grace", [0.5, 0])
 def test_grace_period_bounds_the_stop(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess], grace: float
@@ -80,6 +82,7 @@ def test_grace_period_bounds_the_stop(
     assert not daemon.socket.exists()
 
 
+@pytest.mark.slow
 def test_second_signal_forces_the_exit(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -96,6 +99,7 @@ def test_second_signal_forces_the_exit(
     assert 4 == waiting.join().returncode
 
 
+@pytest.mark.slow
 def test_second_signal_cancels_what_is_left_and_says_how_many(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -131,6 +135,7 @@ def run_sugard(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.slow
 def test_second_daemon_on_a_live_socket_refuses(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -165,6 +170,7 @@ def test_something_else_answering_on_the_socket_is_left_alone(
         other.close()
 
 
+@pytest.mark.slow
 def test_daemons_started_at_the_same_moment_bind_once(fake: FakeSugar, short_dir: Path) -> None:
     """Of four `sugard run` started together on one socket, exactly one serves; the others
     exit 1 saying another sugard is running."""
@@ -214,6 +220,7 @@ def test_over_long_socket_path_is_a_readable_error(fake: FakeSugar, short_dir: P
     assert not path.parent.exists()  # nothing created on the way to the error
 
 
+@pytest.mark.slow
 def test_sighup_during_the_stop_is_ignored(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:

@@ -67,6 +67,7 @@ def test_the_states_are_the_keepers() -> None:
     assert [s.value for s in State] == list(STATES)
 
 
+@pytest.mark.slow
 def test_scrape_agrees_with_the_fake_over_a_login_and_refreshes(
     short_lived: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -165,6 +166,7 @@ def test_openmetrics_when_the_scraper_asks_for_it(
     assert {"sugard_instance_state", "sugard_token_requests", "process_cpu_seconds"} <= names
 
 
+@pytest.mark.slow
 def test_metrics_on_the_socket_follow_the_socket_rules(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -200,6 +202,7 @@ def test_metrics_on_the_socket_follow_the_socket_rules(
     )
 
 
+@pytest.mark.slow
 def test_metrics_listen_serves_the_same_over_tcp(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -244,6 +247,7 @@ def test_metrics_listen_on_a_taken_port_stops_the_start(fake: FakeSugar, short_d
     assert not daemon.socket.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("given", "message"),
     [

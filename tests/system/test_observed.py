@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from support.daemon import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
 from support.hooks import lines, recorder
 from support.http import run_curl
@@ -43,6 +44,7 @@ def by(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, la
     return {dict(labels)[label]: v for labels, v in with_name(found, name).items()}
 
 
+@pytest.mark.slow
 def test_counters_agree_with_the_fake_and_each_event_runs_its_command(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -133,6 +135,7 @@ def test_counters_agree_with_the_fake_and_each_event_runs_its_command(
     assert 1 == value(found, "sugard_instance_state", sugar_instance="prod", state="ready")
 
 
+@pytest.mark.slow
 def test_a_slow_hook_holds_up_nothing_and_events_coalesce(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -158,6 +161,7 @@ def test_a_slow_hook_holds_up_nothing_and_events_coalesce(
     assert 2 == daemon.log().count(ended)
 
 
+@pytest.mark.slow
 def test_a_failing_hook_is_logged_and_the_daemon_serves_on(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -174,6 +178,7 @@ def test_a_failing_hook_is_logged_and_the_daemon_serves_on(
     assert fake.valid(ok(sugarctl(daemon.socket, "token", "prod")))
 
 
+@pytest.mark.slow
 def test_proxied_requests_are_counted_by_status_class(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:

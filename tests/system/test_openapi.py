@@ -66,6 +66,7 @@ def test_every_route_is_described_and_nothing_else() -> None:
     assert routes == described
 
 
+@pytest.mark.slow
 def test_curl_error_answers_match_the_description(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -91,6 +92,7 @@ def test_curl_error_answers_match_the_description(
         assert body["error"] in codes
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(
     live: requests.Session,
 ) -> None:
@@ -140,6 +142,7 @@ def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_schema(
     assert {200, 400, 404} <= statuses  # the examples reached real tokens, bad input, unknowns
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("systemd", [False, True])
 def test_shutdown_answers_as_described(
     fake: FakeSugar, short_dir: Path, start_daemon, systemd: bool

@@ -106,6 +106,7 @@ def config_behind(proxy: ForwardProxy, site: Site, secret: Path, password: str) 
     return write_config(secret.parent, {"prod": table})
 
 
+@pytest.mark.slow
 def test_the_environments_proxy_carries_the_login(
     site: Site, proxy: ForwardProxy, short_dir: Path, start_daemon: StartDaemon
 ) -> None:
@@ -217,6 +218,7 @@ def test_proxy_credentials_come_from_a_secret_source(
     assert "DeprecationWarning" not in daemon.log()
 
 
+@pytest.mark.slow
 def test_wrong_proxy_credentials_fail_once_with_one_clear_line(
     site: Site, auth_proxy: ForwardProxy, short_dir: Path, start_daemon: StartDaemon
 ) -> None:
@@ -248,6 +250,7 @@ def test_wrong_proxy_credentials_fail_once_with_one_clear_line(
     assert site.fake.valid(result.stdout.strip())
 
 
+@pytest.mark.slow
 def test_credentials_in_the_environments_proxy_url_are_used_never_shown(
     auth_proxy: ForwardProxy, fake: FakeSugar, short_dir: Path, start_daemon: StartDaemon
 ) -> None:
@@ -274,6 +277,7 @@ def test_credentials_in_the_environments_proxy_url_are_used_never_shown(
         assert PROXY_PASSWORD not in text
 
 
+@pytest.mark.slow
 def test_an_unreachable_proxy_is_named_in_the_error(
     fake: FakeSugar, short_dir: Path, start_daemon: StartDaemon
 ) -> None:

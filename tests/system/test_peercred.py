@@ -13,6 +13,7 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
 from support.daemon import instance, sugarctl, write_config
 from support.nobody import NOBODY, as_nobody
 
@@ -175,6 +176,7 @@ def test_a_reload_withdraws_access_on_an_open_keep_alive_connection(
         conn.close()
 
 
+@pytest.mark.slow
 def test_allowed_gids_match_supplementary_groups(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -192,6 +194,7 @@ def test_allowed_gids_match_supplementary_groups(
     assert 403 == curl_socket_as_nobody(daemon.socket, "/v1/instances/prod/token")[0]
 
 
+@pytest.mark.slow
 def test_instance_lists_narrow_the_daemon_lists(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -255,6 +258,7 @@ print(open_)
 """
 
 
+@pytest.mark.slow
 def test_a_refused_uid_cannot_hold_many_connections(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:

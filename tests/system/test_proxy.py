@@ -70,6 +70,7 @@ def test_curl_over_the_socket_reaches_sugar_with_sugards_token(
     assert USER == body["current_user"]["user_name"]
 
 
+@pytest.mark.slow
 def test_the_clients_credentials_are_replaced_and_hop_by_hop_headers_stay_on_their_hop(
     proxied: DaemonProcess, front: SugarFront
 ) -> None:
@@ -182,6 +183,7 @@ def test_an_eviction_mid_run_is_invisible_to_the_client_and_a_post_is_replayed_o
     assert logins + 1 == fake.calls["password"]
 
 
+@pytest.mark.slow
 def test_a_streamed_body_is_not_replayed_and_its_401_goes_back(
     proxied: DaemonProcess, fake: FakeSugar, front: SugarFront
 ) -> None:
@@ -200,6 +202,7 @@ def test_a_streamed_body_is_not_replayed_and_its_401_goes_back(
     assert 2 * 1024 * 1024 == again.json()["size"]
 
 
+@pytest.mark.slow
 def test_50_concurrent_clients_and_one_eviction_make_one_renewal(
     proxied: DaemonProcess, fake: FakeSugar
 ) -> None:
@@ -270,6 +273,7 @@ def test_sugar_unreachable_is_a_502_in_sugars_envelope(
     assert "cannot reach" in body["error_message"]
 
 
+@pytest.mark.slow
 def test_proxy_timeout_answers_504(front: SugarFront, short_dir: Path, start_daemon) -> None:
     """A Sugar that never answers is given up on after proxy_timeout: 504 in Sugar's envelope."""
     config = write_config(short_dir, {"prod": instance(front, proxy_timeout=1)})
@@ -334,6 +338,7 @@ def _stream_upload(url: str, size: int) -> dict[str, Any]:
     return result
 
 
+@pytest.mark.slow
 def test_200_mb_each_way_byte_exact_in_bounded_memory(proxied: DaemonProcess) -> None:
     """A 200 MB download and a 200 MB upload through the listener arrive byte-exact, and the
     daemon's peak RSS grows by less than 32 MiB over them."""
@@ -400,6 +405,7 @@ def test_a_body_that_breaks_off_upstream_is_cut_for_the_client_too(
     assert "Traceback" not in proxied.log()
 
 
+@pytest.mark.slow
 def test_the_proxy_benchmark_runs_and_measures_every_row() -> None:
     """`python -m bench.bench_proxy --quick` prints its table, every figure a number; the
     streams came back byte-exact (it fails otherwise) in bounded memory."""

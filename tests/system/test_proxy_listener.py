@@ -88,6 +88,7 @@ def test_allowed_uids_admit_another_uid_over_tcp(
     assert "alice" == body["current_user"]["user_name"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "headers",
     [
@@ -147,6 +148,7 @@ def test_check_refuses_a_listen_address_that_is_not_loopback(
     assert "instances.prod.listen" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_check_refuses_two_instances_on_one_address(fake: FakeSugar, short_dir: Path) -> None:
     """Two instances cannot listen on the same address; listen in [defaults] is refused."""
     with socket.socket() as probe:
@@ -203,6 +205,7 @@ def _get_once(url: str) -> int:
         conn.close()
 
 
+@pytest.mark.slow
 def test_a_reload_adds_moves_and_removes_listeners_without_disturbing_the_others(
     short_dir: Path, start_daemon
 ) -> None:
@@ -250,6 +253,7 @@ def test_a_reload_adds_moves_and_removes_listeners_without_disturbing_the_others
         kept.close()
 
 
+@pytest.mark.slow
 def test_a_reload_onto_a_port_in_use_fails_and_keeps_the_old_listener(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:

@@ -272,6 +272,7 @@ def check_25_api_run(out: dict[str, Any], site: FakeSugar) -> None:
     assert {"success": True} == out["logout"]
 
 
+@pytest.mark.slow
 def test_sugarcrm_25_api_through_the_listener(
     proxied: DaemonProcess, site: FakeSugar, tmp_path: Path
 ) -> None:
@@ -287,6 +288,7 @@ def test_sugarcrm_25_api_through_the_listener(
     assert cached["refresh_token"] not in site.issued
 
 
+@pytest.mark.slow
 def test_sugarcrm_25_api_never_sees_an_eviction(
     proxied: DaemonProcess, site: FakeSugar, tmp_path: Path
 ) -> None:
@@ -409,6 +411,7 @@ def doc_blocks(heading: str, language: str = "python") -> list[str]:
     return [block.split("```", 1)[0] for block in section.split(f"```{language}\n")[1:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("heading", "printed"),
     [

@@ -92,6 +92,7 @@ def test_refresh_never_resends_a_rejected_password_and_tries_a_changed_one_once(
     assert "wrong-password" not in daemon.log()
 
 
+@pytest.mark.slow
 def test_retry_rejected_sends_the_same_password_once_after_an_unlock(
     short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -116,6 +117,7 @@ def test_retry_rejected_sends_the_same_password_once_after_an_unlock(
         assert "sending the rejected password again, as asked" in daemon.log()
 
 
+@pytest.mark.slow
 def test_reload_never_resends_a_rejected_password(
     locking_fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -152,6 +154,7 @@ def test_reload_never_resends_a_rejected_password(
     ]
 
 
+@pytest.mark.slow
 def test_a_rejected_client_secret_is_not_sent_again(
     short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:

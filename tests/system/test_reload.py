@@ -118,6 +118,7 @@ def test_one_changed_instance_is_the_only_upstream_call(
     assert "0 added, 0 removed, 2 changed (1 logging in again), 1 unchanged" in daemon.log()
 
 
+@pytest.mark.slow
 def test_reload_answers_the_diff_and_fails_waiters_of_removed_instances(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -147,6 +148,7 @@ def test_reload_answers_the_diff_and_fails_waiters_of_removed_instances(
     assert "admin" in gone.stderr
 
 
+@pytest.mark.slow
 def test_refresh_in_flight_for_a_replaced_instance_cannot_overwrite_the_new_session(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -177,6 +179,7 @@ def test_refresh_in_flight_for_a_replaced_instance_cannot_overwrite_the_new_sess
     assert "replaces" not in daemon.log()  # no refreshed token was ever installed
 
 
+@pytest.mark.slow
 def test_reload_time_with_100_instances(
     short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
@@ -214,6 +217,7 @@ def test_reload_time_with_100_instances(
     assert elapsed < 5.0
 
 
+@pytest.mark.slow
 def test_reload_applies_log_level_and_names_restart_only_settings(
     fake: FakeSugar, short_dir: Path
 ) -> None:
@@ -246,6 +250,7 @@ def test_reload_applies_log_level_and_names_restart_only_settings(
         assert 0 == proc.wait(15)
 
 
+@pytest.mark.slow
 def test_a_request_waiting_on_a_replaced_session_gets_the_new_one(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:

@@ -135,6 +135,7 @@ class Transcript:
         return result.stdout.strip()
 
 
+@pytest.mark.slow
 def test_no_secret_leaks_through_the_token_lifecycle(
     leak_fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -307,6 +308,7 @@ def test_a_config_with_an_inline_secret_others_can_read_is_refused(
     assert PASSWORDS["inline"] not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_group_readable_config_without_inline_secrets_is_fine(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:

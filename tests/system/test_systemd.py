@@ -72,6 +72,7 @@ def monotonic_usec() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
+@pytest.mark.slow
 def test_notify_sequence_ready_reloading_stopping(
     fake: FakeSugar,
     short_dir: Path,
@@ -113,6 +114,7 @@ def test_notify_sequence_ready_reloading_stopping(
     assert 0 == daemon.proc.wait(15)
 
 
+@pytest.mark.slow
 def test_watchdog_pings_at_half_of_watchdog_usec(
     fake: FakeSugar,
     short_dir: Path,
@@ -137,6 +139,7 @@ def test_watchdog_pings_at_half_of_watchdog_usec(
     assert 0.15 <= statistics.median(gaps) <= 0.3, gaps
 
 
+@pytest.mark.slow
 def test_watchdog_meant_for_another_pid_is_ignored(
     fake: FakeSugar,
     short_dir: Path,
@@ -163,6 +166,7 @@ def _cmdline(pid: int) -> list[str]:
     return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
 
 
+@pytest.mark.slow
 def test_socket_activation_first_connection_starts_the_daemon(
     fake: FakeSugar, short_dir: Path
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from support.daemon import instance, sugarctl, write_config
 
 from sugard.testing import FakeSugar
@@ -16,6 +17,7 @@ from sugard.testing import FakeSugar
 WARNING = "TLS verification is OFF (verify_tls = false)"
 
 
+@pytest.mark.slow
 def test_a_private_ca_is_refused_by_default_with_an_error_naming_ca_file(
     tls_fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
@@ -31,6 +33,7 @@ def test_a_private_ca_is_refused_by_default_with_an_error_naming_ca_file(
     assert "failed" == status["state"]
 
 
+@pytest.mark.slow
 def test_ca_file_trusts_a_private_ca(
     tls_fake: FakeSugar, certs: dict[str, Path], short_dir: Path, start_daemon
 ) -> None:
@@ -65,6 +68,7 @@ def test_a_bad_ca_file_fails_the_instance_not_the_daemon(
     assert "Traceback" not in daemon.log()
 
 
+@pytest.mark.slow
 def test_verify_tls_false_works_with_a_warning_at_every_start(
     tls_fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:

@@ -42,7 +42,7 @@ from sugard.testing import FakeSugar, running_fake
 
 # pipx builds a wheel and a virtualenv, and the manager starts sugard several times: minutes on a
 # busy machine, not the 60 s of one ordinary test.
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 USER_NAME = "sugardtest"
 PASSWORDS = {USER: PASSWORD, "bob": "bob-secret-pw"}  # the fake's users and the config's

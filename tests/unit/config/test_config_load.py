@@ -147,6 +147,7 @@ def test_diff_sees_secret_changes(tmp_path: Path) -> None:
     assert Secret("one") != Secret("two")
 
 
+@pytest.mark.slow
 def test_sugard_check_exit_codes(tmp_path: Path) -> None:
     """`sugard check` exits 0 on a good config and 1 with the problems on stderr."""
     good = write(

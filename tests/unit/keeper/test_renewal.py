@@ -38,6 +38,7 @@ def backoff_schedule(attempts: int, cap: float, jitter: float) -> list[float]:
     return [max(1.0, min(cap, 2.0**n) * jitter) for n in range(attempts)]
 
 
+@pytest.mark.slow
 async def test_a_sixty_second_outage_serves_the_valid_token_and_keeps_to_the_schedule(
     short_dir: Path,
 ) -> None:
@@ -126,6 +127,7 @@ async def test_downtime_longer_than_the_refresh_lifetime_ends_with_a_password_lo
         assert {"token": 1, "password": 1} == token_calls(r.fake)
 
 
+@pytest.mark.slow
 async def test_a_shrinking_session_is_renewed_by_login_without_a_storm(short_dir: Path) -> None:
     """Under max_session_lifetime each refresh leaves less session; sugard refreshes on its
     schedule and logs in once the session ends, never refreshing in a loop."""
@@ -142,6 +144,7 @@ async def test_a_shrinking_session_is_renewed_by_login_without_a_storm(short_dir
         assert r.fake.valid(after["access_token"])
 
 
+@pytest.mark.slow
 async def test_idm_epoch_refresh_expiry_is_read_as_a_time_not_a_duration(short_dir: Path) -> None:
     """IdM answers refresh_expires_in as an epoch: refreshes keep working, no needless logins."""
     async with rig(short_dir, speed=1000.0, sugar={"idm_mode": True, "access_lifetime": 600}) as r:
@@ -298,6 +301,7 @@ async def test_a_request_in_the_mandatory_window_waits_then_gets_retry_after(
 # --------------------------------------------------------------- renewal per Sugar version
 
 
+@pytest.mark.slow
 async def test_min_ttl_requests_during_a_refresh_all_get_its_token(short_dir: Path) -> None:
     """40 requests with a min_ttl the current token cannot meet, arriving while a slow refresh
     is in flight, wait for that refresh and get its token: one refresh, no second one that
@@ -320,6 +324,7 @@ async def test_min_ttl_requests_during_a_refresh_all_get_its_token(short_dir: Pa
         assert r.fake.valid(tokens.pop())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["13.3", "12.0"])
 async def test_requests_during_a_refresh_wait_only_where_it_kills_the_old_token(
     version: str, short_dir: Path
@@ -349,6 +354,7 @@ async def test_requests_during_a_refresh_wait_only_where_it_kills_the_old_token(
         assert all(r.fake.valid(token) for token in given)
 
 
+@pytest.mark.slow
 async def test_old_token_grace_in_the_config_overrides_the_version(short_dir: Path) -> None:
     """`old_token_grace = 120` on a server that says 13.3: requests during a refresh never wait."""
     async with rig(short_dir, sugar=fake_profile("13.3"), old_token_grace=120) as r:
@@ -385,6 +391,7 @@ async def test_a_server_without_server_info_is_served_as_the_newest(short_dir: P
         assert ("ready", None) == (shown["state"], shown["last_error"])
 
 
+@pytest.mark.slow
 async def test_a_quiet_moment_is_chosen_for_a_refresh_that_kills_the_old_token(
     short_dir: Path,
 ) -> None:
@@ -434,6 +441,7 @@ async def test_probe_interval_zero_turns_the_probe_off(short_dir: Path) -> None:
         assert 0 == r.fake.calls["ping"]
 
 
+@pytest.mark.slow
 async def test_the_probe_checks_the_token_once_a_minute(short_dir: Path) -> None:
     """The default interval: about ten pings in ten minutes of a live token, and no renewal."""
     async with rig(short_dir, speed=200.0) as r:
@@ -443,6 +451,7 @@ async def test_the_probe_checks_the_token_once_a_minute(short_dir: Path) -> None
         assert {"token": 1, "password": 1} == token_calls(r.fake)
 
 
+@pytest.mark.slow
 async def test_a_refresh_token_that_ends_first_is_used_before_it_ends(short_dir: Path) -> None:
     """Refresh tokens shorter-lived than access tokens: sugard refreshes while the refresh
     token still works, keeping the session, instead of a password login every time."""
@@ -458,6 +467,7 @@ async def test_a_refresh_token_that_ends_first_is_used_before_it_ends(short_dir:
         assert [] == [q.error for q in r.fake.requests if q.error]
 
 
+@pytest.mark.slow
 async def test_a_password_login_after_the_session_ends_says_why(
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -478,6 +488,7 @@ async def test_a_password_login_after_the_session_ends_says_why(
     assert "refresh token expired at" in caplog.text
 
 
+@pytest.mark.slow
 async def test_sugard_never_sends_scope_and_never_logs_out(short_dir: Path) -> None:
     """Across logins, refreshes, a report, an eviction, probes and the daemon's stop: no
     request carries `scope` (Sugar answers 400 invalid_scope), none goes to oauth2/logout."""

@@ -125,6 +125,7 @@ async def test_the_environment_has_no_secret_of_the_daemon(tmp_path: Path) -> No
     await hooks.close()
 
 
+@pytest.mark.slow
 async def test_a_slow_command_is_killed_with_its_process_group(
     tmp_path: Path, events_log: pytest.LogCaptureFixture
 ) -> None:

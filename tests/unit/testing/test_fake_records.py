@@ -580,6 +580,7 @@ def test_file_route_errors(api: Api) -> None:
     assert_error(api.call("GET", route), 404, "not_found")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_large_transfer_streams_in_bounded_memory(tmp_path: Path) -> None:
     """256 MiB up and down, byte-exact, while the fake's peak RSS grows by far less than that;
@@ -675,6 +676,7 @@ async def transfer(url: str, size: int) -> tuple[str, str]:
     return sent.hexdigest(), received.hexdigest()
 
 
+@pytest.mark.slow
 def test_the_fixture_example_in_docs_testing_passes(tmp_path: Path) -> None:
     """docs/testing.md's pytest example runs green, as a user would run it."""
     docs = (ROOT / "docs" / "testing.md").read_text()
