@@ -38,12 +38,9 @@ class LastError:
 
 
 @dataclass(frozen=True)
-class ErrorStatus:
+class ErrorStatus(LastError):
     """The last error as STATUS shows it; `current`: the instance's state now, not a past one."""
 
-    at: float
-    kind: str
-    message: str
     current: bool
 
 

@@ -118,6 +118,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The options handed to FakeSugar unchanged, under the same names.
+PASSED_AS_GIVEN = (
+    "sugar_version",
+    "accept_any_platform",
+    "server_info_route",
+    "sugar_version_json",
+    "access_lifetime",
+    "refresh_lifetime",
+    "eviction_grace",
+    "max_session_lifetime",
+    "idm_mode",
+    "lockout_after",
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, serve until SIGINT/SIGTERM; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -130,18 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             users=dict(args.user) if args.user else {"admin": "admin-password"},
             clients={"sugar": ""} | dict(args.client or []),
             platforms=platforms,
-            sugar_version=args.sugar_version,
-            accept_any_platform=args.accept_any_platform,
             admins=set(args.admin) if args.admin else {ADMIN_USER},
-            server_info_route=args.server_info_route,
-            sugar_version_json=args.sugar_version_json,
-            access_lifetime=args.access_lifetime,
-            refresh_lifetime=args.refresh_lifetime,
-            eviction_grace=args.eviction_grace,
-            max_session_lifetime=args.max_session_lifetime,
-            idm_mode=args.idm_mode,
-            lockout_after=args.lockout_after,
             records=records,
+            **{name: getattr(args, name) for name in PASSED_AS_GIVEN},
         )
     except ValueError as exc:
         print(f"sugard.testing: {exc}", file=sys.stderr)

@@ -13,11 +13,11 @@ import asyncio
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from email.utils import formatdate
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from aiohttp import BodyPartReader, hdrs, web
 
@@ -31,6 +31,8 @@ from sugard.testing._wire import (
     json_response,
     presented_token,
 )
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from sugard.testing._store import AccessToken
@@ -78,33 +80,37 @@ async def handle(site: FakeSugar, request: web.Request, path: str) -> web.Stream
 # ---------------------------------------------------------------- records
 
 
-async def _list(site: FakeSugar, request: web.Request, module: str, route: str) -> web.Response:
-    await _arrive(site, route)
-    args = await _filter_args(request)
+async def _as_caller(
+    site: FakeSugar, request: web.Request, route: str, query: Callable[[], T]
+) -> T:
+    """`query()` of the site's data once the request's token is checked for `route`; the
+    data's InvalidParameter answers 422, as Sugar's does."""
     presented = await presented_token(request)
     with site._lock, _as_422():
         site._authenticate(presented, request, route)
-        records, next_offset = site._data.query(module, args)
+        return query()
+
+
+async def _list(site: FakeSugar, request: web.Request, module: str, route: str) -> web.Response:
+    await _arrive(site, route)
+    args = await _filter_args(request)
+    records, next_offset = await _as_caller(
+        site, request, route, lambda: site._data.query(module, args)
+    )
     return json_response({"next_offset": next_offset, "records": records})
 
 
 async def _count(site: FakeSugar, request: web.Request, module: str) -> web.Response:
     await _arrive(site, "count")
     args = await _filter_args(request)
-    presented = await presented_token(request)
-    with site._lock, _as_422():
-        site._authenticate(presented, request, "count")
-        count = site._data.count(module, args)
+    count = await _as_caller(site, request, "count", lambda: site._data.count(module, args))
     return json_response({"record_count": count})
 
 
 async def _create(site: FakeSugar, request: web.Request, module: str) -> web.Response:
     await _arrive(site, "create")
     values = await _json_object(request)
-    presented = await presented_token(request)
-    with site._lock, _as_422():
-        site._authenticate(presented, request, "create")
-        record = site._data.create(module, values)
+    record = await _as_caller(site, request, "create", lambda: site._data.create(module, values))
     return json_response(record)
 
 
