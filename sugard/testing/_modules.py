@@ -204,11 +204,16 @@ def _hashed(section: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- file fields
 
 
+async def _arrived(site: FakeSugar, request: web.Request, route: str) -> PresentedToken:
+    """Count the request on `route` (with its latency), then read the token it presents."""
+    await _arrive(site, route)
+    return await presented_token(request)
+
+
 async def _download(
     site: FakeSugar, request: web.Request, module: str, record_id: str, field: str
 ) -> web.StreamResponse:
-    await _arrive(site, "file_download")
-    presented = await presented_token(request)
+    presented = await _arrived(site, request, "file_download")
     with site._lock:
         _authenticate_download(site, request, presented)
         if site._data.get(module, record_id) is None:
@@ -241,8 +246,7 @@ async def _upload(
     site: FakeSugar, request: web.Request, module: str, record_id: str, field: str
 ) -> web.Response:
     """POST takes a multipart form (the file in the part named after the field), PUT a raw body."""
-    await _arrive(site, "file_upload")
-    presented = await presented_token(request)
+    presented = await _arrived(site, request, "file_upload")
     with site._lock:
         # Unlike PHP, which takes in a whole upload before Sugar runs, the fake checks the
         # token first: it streams the body to disk only for a caller it knows.
