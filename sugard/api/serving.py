@@ -282,7 +282,7 @@ def _response_started(request: web.BaseRequest) -> bool:
     """Whether bytes of a response went out already (then no error answer can follow).
 
     aiohttp has no public way to ask this: its own handle_error reads the payload writer's
-    `output_size`, and so does this, alone (tests/test_hostile.py pins it)."""
+    `output_size`, and so does this, alone (tests/system/test_hostile.py pins it)."""
     return request.writer.output_size > 0
 
 

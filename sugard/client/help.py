@@ -2,7 +2,7 @@
 
 Kept out of sugard.client.ctl, which imports this only to print help: scripts run `sugarctl token`
 thousands of times, and every line they never read would be loaded each time.
-tests/test_help.py checks that every command and every option of sugarctl's parser
+tests/unit/cli/test_help.py checks that every command and every option of sugarctl's parser
 (sugard.client.ctl.COMMANDS) is described here.
 """
 
@@ -272,7 +272,7 @@ def command_help(name: str) -> str:
 
 
 def described_options(name: str) -> list[str]:
-    """The options the help of `name` describes (for tests/test_help.py)."""
+    """The options the help of `name` describes (for tests/unit/cli/test_help.py)."""
     return [option.split()[0] for option, _ in _COMMANDS[name][3]]
 
 
