@@ -8,8 +8,13 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+import requests
 from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from support.redirects import redirecting, serving
 
+from sugard.auth import SugarAuth
+from sugard.client import SugardClient
 from sugard.testing import FakeSugar
 
 URL_PASSWORD = "hunter2-in-the-url"
@@ -42,3 +47,44 @@ def test_a_site_url_with_a_password_is_refused_by_check_run_and_reload(
     assert URL_PASSWORD not in reload.stderr + reload.stdout + daemon.log()
     with daemon.client() as client:
         assert fake.url == client.status()[0]["url"]
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_sugar_auth_drops_the_token_on_a_redirect_to_another_host(
+    daemon: DaemonProcess, status: int
+) -> None:
+    """requests with SugarAuth follows a redirect to another host without `OAuth-Token` (as
+    requests drops Authorization there); the token reached only the host it was meant for."""
+    with daemon.client() as client:
+        token = client.token("prod")["access_token"]
+    with (
+        redirecting(status) as (url, _, ours, theirs),
+        SugarAuth("prod", SugardClient(daemon.socket)) as auth,
+        requests.Session() as http,
+    ):
+        http.auth = auth
+        answer = http.post(f"{url}/rest/v10/Accounts", json={"name": "x"}, timeout=30)
+        assert 200 == answer.status_code
+        assert [status] == [r.status_code for r in answer.history]
+    assert ours.carried(token)
+    assert 1 == len(theirs.requests)
+    assert not theirs.carried(token)
+    assert "OAuth-Token" not in theirs.requests[0][2]
+
+
+def test_sugar_auth_keeps_the_token_on_a_redirect_within_the_site(daemon: DaemonProcess) -> None:
+    """A redirect to another path of the same site keeps `OAuth-Token` (the site is the one
+    the token is for)."""
+    with (
+        serving() as (url, reached),
+        SugarAuth("prod", SugardClient(daemon.socket)) as auth,
+        requests.Session() as http,
+    ):
+        http.auth = auth
+        token = auth.client.token("prod")["access_token"]
+        answer = http.get(f"{url}/rest/v10/Moved/1", timeout=30)
+        assert 200 == answer.status_code
+        assert [301] == [r.status_code for r in answer.history]
+    assert [("/rest/v10/Moved/1", token), ("/rest/v10/Here/1", token)] == [
+        (path, headers.get("OAuth-Token")) for _, path, headers, _ in reached.requests
+    ]

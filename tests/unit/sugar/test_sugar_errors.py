@@ -13,25 +13,26 @@ from support.daemon import write_config
 
 from sugard import sugar
 from sugard.config import load_config
+from sugard.sugar import errors
 
 ANSWERS = [
     # (status, Sugar's label, its text) -> the class, its kind, whether the refresh token is gone
-    (429, None, "", sugar.RateLimited, "rate_limited", False),
-    (503, None, "", sugar.ServerError, "server_error", False),
-    (408, None, "", sugar.ServerError, "server_error", False),
-    (503, "maintenance", "down for maintenance", sugar.Maintenance, "maintenance", False),
+    (429, None, "", errors.RateLimited, "rate_limited", False),
+    (503, None, "", errors.ServerError, "server_error", False),
+    (408, None, "", errors.ServerError, "server_error", False),
+    (503, "maintenance", "down for maintenance", errors.Maintenance, "maintenance", False),
     (
         401,
         "need_login",
         "The system is in maintenance mode",
-        sugar.MaintenanceLogout,
+        errors.MaintenanceLogout,
         "maintenance",
         True,
     ),
-    (401, "need_login", "Your license has expired", sugar.LicenseLogout, "license", True),
-    (403, "license_seats_needed", "no seat", sugar.LicenseLocked, "license", False),
-    (502, None, None, sugar.ServerError, "server_error", False),
-    (418, None, None, sugar.BadResponse, "bad_response", False),
+    (401, "need_login", "Your license has expired", errors.LicenseLogout, "license", True),
+    (403, "license_seats_needed", "no seat", errors.LicenseLocked, "license", False),
+    (502, None, None, errors.ServerError, "server_error", False),
+    (418, None, None, errors.BadResponse, "bad_response", False),
 ]
 
 
@@ -55,12 +56,12 @@ def test_each_not_now_answer_becomes_its_transient_class(
     body = (
         b"<html>" if text is None else json.dumps({"error": label, "error_message": text}).encode()
     )
-    with pytest.raises(sugar.TransientError) as caught:
+    with pytest.raises(errors.TransientError) as caught:
         sugar._interpret(config.instances["prod"], "refresh_token", status, body, 7.0, 0.0, ())
     assert cls is type(caught.value)
     assert kind == caught.value.kind
-    assert consumed == isinstance(caught.value, sugar.RefreshConsumed)
-    assert (kind in ("maintenance", "license")) == isinstance(caught.value, sugar.Locked)
+    assert consumed == isinstance(caught.value, errors.RefreshConsumed)
+    assert (kind in ("maintenance", "license")) == isinstance(caught.value, errors.Locked)
 
 
 def test_a_retry_after_date_is_read_against_the_given_clock() -> None:
