@@ -31,7 +31,7 @@ from sugard.api.middleware import (
     seconds,
 )
 from sugard.api.openapi import spec
-from sugard.api.serving import error, peer_of
+from sugard.api.serving import MAX_HEADERS, MAX_LINE, error, peer_of
 from sugard.config import split_host_port
 from sugard.errors import (
     DaemonError,
@@ -45,6 +45,7 @@ from sugard.keeper import Keeper
 from sugard.observe import Observer, TokenOutcome, TokenRequested
 from sugard.peer import Peer
 from sugard.proxy import add_routes
+from sugard.proxy.tcp import TcpRunner
 from sugard.sugar import Grant
 from sugard.text import quoted
 from sugard.wire import (
@@ -74,6 +75,8 @@ INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 # To send a request body, once the headers are in. Passed to json_body at each call (not a
 # default there), so the value in this module is the one that holds.
 BODY_TIMEOUT = 10.0
+# A scraper asks every 15 s or so: an idle connection to metrics_listen is not kept longer.
+METRICS_IDLE_TIMEOUT = 10.0
 
 
 class Registry(Admission, Protocol):
@@ -397,10 +400,19 @@ async def serve_metrics(listen: str | None, render: RenderMetrics) -> web.AppRun
     app = web.Application()
     app[KEY_METRICS] = render
     app.router.add_get("/metrics", metrics_text)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = TcpRunner(
+        app,
+        name="metrics_listen",
+        admits=lambda peer: True,  # the operator's view, for whoever can reach the address
+        envelope=lambda status, code, message: error(code, message, status=status),
+        idle_timeout=METRICS_IDLE_TIMEOUT,
+        max_line=MAX_LINE,
+        max_headers=MAX_HEADERS,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host or None, port).start()
+        addresses = await runner.start(host, port)
     except OSError as exc:
         await runner.cleanup()
         # asyncio's text repeats the address; the errno's says it all.
@@ -408,7 +420,7 @@ async def serve_metrics(listen: str | None, render: RenderMetrics) -> web.AppRun
         raise SocketError(
             f"cannot serve metrics on {listen}: {why}; choose another [daemon] metrics_listen"
         ) from None
-    for address in runner.addresses:
+    for address in addresses:
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
         log.info("metrics on http://%s:%d/metrics", shown, address[1])
     return runner

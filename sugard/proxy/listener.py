@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -14,9 +13,9 @@ from aiohttp import web
 
 from sugard.config import Config, split_host_port
 from sugard.errors import ReloadFailed
-from sugard.peer import peer_of_tcp_socket
 from sugard.proxy.answers import refused, sugar_error
 from sugard.proxy.forward import Forwarder
+from sugard.proxy.tcp import TcpRunner, tcp_peer
 
 __all__ = ["close_listeners", "open_listeners"]
 
@@ -31,7 +30,7 @@ MAX_HEADERS = 128  # Sugar clients send more headers than sugarctl does
 class ProxyListener:
     """One instance's loopback TCP listener: `/rest/...` forwarded, anything else 404.
 
-    Who connects is read once per connection (`peer_of_socket`, from the kernel); browsers
+    Who connects is read once per connection (`TcpRunner`, from the kernel); browsers
     are refused, since a web page in the user's own browser runs as the same uid."""
 
     def __init__(
@@ -39,7 +38,6 @@ class ProxyListener:
         forwarder: Forwarder,
         name: str,
         address: str,
-        peer_of_socket: Callable[[Any], Any],
         *,
         shutdown_timeout: float = 10.0,
     ) -> None:
@@ -47,10 +45,8 @@ class ProxyListener:
         self.name = name
         self.address = address  # as configured: "127.0.0.1:8401"
         self.url = ""  # once started: the base URL, with the port the kernel gave
-        self._peer_of_socket = peer_of_socket
-        self._peers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._hosts: frozenset[str] = frozenset()
-        self._runner: web.AppRunner | None = None
+        self._runner: TcpRunner | None = None
         self._shutdown_timeout = shutdown_timeout
 
     async def start(self) -> None:
@@ -59,26 +55,24 @@ class ProxyListener:
         app = web.Application(middlewares=[self._admit])
         app.router.add_route("*", "/rest/{path:.*}", self._proxied)
         app.router.add_route("*", "/{tail:.*}", _not_found)
-        runner = web.AppRunner(
+        registry = self.forwarder.registry
+        runner = TcpRunner(
             app,
-            access_log=None,
-            handle_signals=False,
-            keepalive_timeout=IDLE_TIMEOUT,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_LINE,
+            name=f"{self.name}: proxy listener",
+            admits=lambda peer: registry.allowed(peer, self.name),
+            envelope=sugar_error,
+            idle_timeout=IDLE_TIMEOUT,
+            max_line=MAX_LINE,
             max_headers=MAX_HEADERS,
-            auto_decompress=False,  # a compressed upload is forwarded as it came
             shutdown_timeout=self._shutdown_timeout,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
+            bound = (await runner.start(host, port))[0]
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        bound = runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
         # DNS rebinding: a page on evil.example, resolved to 127.0.0.1, sends Host: evil.example.
@@ -110,13 +104,7 @@ class ProxyListener:
         return refusal if refusal is not None else await handler(request)
 
     def _peer(self, request: web.Request) -> Any:
-        # Once per connection: the lookup asks the kernel, and a TCP peer's owner is fixed.
-        transport = request.transport
-        if transport is None:
-            return None
-        if transport not in self._peers:
-            self._peers[transport] = self._peer_of_socket(transport.get_extra_info("socket"))
-        return self._peers[transport]
+        return tcp_peer(request)  # read once per connection, when it was made
 
     async def _proxied(self, request: web.Request) -> web.StreamResponse:
         return await self.forwarder.handle(request, self.name, 1)  # /rest/...
@@ -165,7 +153,6 @@ async def open_listeners(
                 forwarder,
                 name,
                 instance.listen,
-                peer_of_tcp_socket,
                 shutdown_timeout=shutdown_timeout,
             )
             try:

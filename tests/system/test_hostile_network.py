@@ -4,6 +4,8 @@ another uid's connections, and the proxy passes neither cookies nor hop-by-hop h
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from support.nobody import AS_NOBODY, NOBODY
 from support.redirects import redirecting, serving
 
 from sugard.auth import SugarAuth
@@ -88,3 +91,89 @@ def test_sugar_auth_keeps_the_token_on_a_redirect_within_the_site(daemon: Daemon
     assert [("/rest/v10/Moved/1", token), ("/rest/v10/Here/1", token)] == [
         (path, headers.get("OAuth-Token")) for _, path, headers, _ in reached.requests
     ]
+
+
+# Run as uid 65534 by the system's python (the test's interpreter may sit in a home directory
+# that uid cannot enter): opens COUNT connections to each HOST:PORT and holds them; on a line
+# from stdin, prints how many the server holds open (never answered), then on EOF closes them.
+FLOOD = r"""
+import selectors, socket, sys, time
+count = int(sys.argv[1])
+held = []
+for target in sys.argv[2:]:
+    host, port = target.rsplit(":", 1)
+    for _ in range(count):
+        held.append(socket.create_connection((host, int(port))))
+print("connected", flush=True)
+sys.stdin.readline()
+# Held: never answered. Turned-away ones get an answer and are closed; wait until no more
+# answers come for a while (the daemon may still be working through its listen queue).
+pending = selectors.DefaultSelector()
+for s in held:
+    s.setblocking(False)
+    pending.register(s, selectors.EVENT_READ)
+quiet_since = time.monotonic()
+while time.monotonic() - quiet_since < 3:
+    ready = pending.select(0.2)
+    for key, _ in ready:
+        pending.unregister(key.fileobj)
+    if ready:
+        quiet_since = time.monotonic()
+print(len(pending.get_map()), flush=True)
+sys.stdin.read()
+"""
+FLOOD_SIZE = 3000
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_another_uid_flooding_the_tcp_listeners_holds_few_connections_and_the_owner_is_served(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """uid 65534, allowed to use the instance, opens 3,000 idle connections to the proxy
+    listener and 3,000 to metrics_listen: the daemon holds a few dozen of them, its open files
+    stay far from the limit, and the owner's requests on both listeners are served meanwhile."""
+    config = write_config(
+        short_dir,
+        {"prod": instance(fake, listen="127.0.0.1:0")},
+        daemon={"metrics_listen": "127.0.0.1:0", "allowed_uids": [NOBODY]},
+    )
+    daemon = start_daemon(config)
+    listener = sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+    metrics = re.search(r"metrics on http://(127\.0\.0\.1:\d+)/metrics", daemon.log())
+    assert metrics and listener.startswith("http://"), daemon.log()
+    targets = [listener.removeprefix("http://"), metrics.group(1)]
+    before = open_fds(daemon.proc.pid)
+    flood = subprocess.Popen(
+        [*AS_NOBODY, "/usr/bin/python3", "-I", "-c", FLOOD, str(FLOOD_SIZE), *targets],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert flood.stdin is not None and flood.stdout is not None
+    try:
+        assert "connected" == flood.stdout.readline().strip()
+        flood.stdin.write("count\n")
+        flood.stdin.flush()
+        held = int(flood.stdout.readline())  # once the daemon answered all it turns away
+        fds = open_fds(daemon.proc.pid)
+        print(
+            f"\n{2 * FLOOD_SIZE} connections from uid {NOBODY}: {held} held; "
+            f"daemon fds {before} before, {fds} under the flood"
+        )
+        assert held <= 64
+        assert fds < before + 200
+        answer = requests.get(f"{listener}/rest/v10/me", timeout=30)
+        assert 200 == answer.status_code, answer.text
+        scraped = requests.get(f"http://{metrics.group(1)}/metrics", timeout=30)
+        assert 200 == scraped.status_code
+        with daemon.client() as client:
+            assert client.token("prod")["access_token"]
+    finally:
+        flood.stdin.close()
+        flood.wait(60)
+        flood.stdout.close()
