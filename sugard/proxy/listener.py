@@ -25,6 +25,7 @@ log = logging.getLogger("sugard.proxy")
 IDLE_TIMEOUT = 30.0  # a listener connection with no request for this long is closed
 MAX_LINE = 8190
 MAX_HEADERS = 128  # Sugar clients send more headers than sugarctl does
+HTTP_LABELS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class ProxyListener:
@@ -101,7 +102,22 @@ class ProxyListener:
             response.force_close()
             return response
         refusal = refused(request, self.forwarder.registry, self._peer(request), self.name)
-        return refusal if refusal is not None else await handler(request)
+        if refusal is not None:
+            return refusal
+        if request.method == "CONNECT":  # taken for an HTTP proxy: it is not one
+            response = sugar_error(
+                405,
+                "method_not_allowed",
+                f"sugard's listener is not an HTTP proxy; send Sugar's REST requests to "
+                f"{self.url}/rest/...",
+            )
+            response.force_close()
+            return response
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own answers, in Sugar's envelope too
+            label = HTTP_LABELS.get(exc.status, "bad_request")
+            return sugar_error(exc.status, label, exc.reason)
 
     def _peer(self, request: web.Request) -> Any:
         return tcp_peer(request)  # read once per connection, when it was made

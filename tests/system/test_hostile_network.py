@@ -4,9 +4,13 @@ another uid's connections, and the proxy passes neither cookies nor hop-by-hop h
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -177,3 +181,76 @@ def test_another_uid_flooding_the_tcp_listeners_holds_few_connections_and_the_ow
         flood.stdin.close()
         flood.wait(60)
         flood.stdout.close()
+
+
+def raw_exchange(address: str, request: bytes) -> bytes:
+    """Send `request` as it is to HOST:PORT; what came back before the server closed (or
+    went quiet for 5 s)."""
+    host, port = address.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        sock.settimeout(5)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := sock.recv(65536):
+                received += chunk
+    return received
+
+
+SECRET_IN_REQUEST = "tok-3f9c-never-in-the-log"
+
+
+def test_malformed_requests_on_the_tcp_listeners_are_logged_in_one_line_without_their_bytes(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Bytes that are not HTTP, on the proxy listener and on metrics_listen, get a 400 in the
+    listener's JSON envelope; the log says so in one line, with no traceback and nothing of
+    what was sent."""
+    config = write_config(
+        short_dir,
+        {"prod": instance(fake, listen="127.0.0.1:0")},
+        daemon={"metrics_listen": "127.0.0.1:0"},
+    )
+    daemon = start_daemon(config)
+    listener = sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+    metrics = re.search(r"metrics on (http://127\.0\.0\.1:\d+)/metrics", daemon.log())
+    assert metrics, daemon.log()
+    bad = [
+        f"GET /rest/v10/me HTTP/1.1\r\nHost: x\r\nX-Token: {SECRET_IN_REQUEST}\x01\r\n\r\n",
+        f"GET /{SECRET_IN_REQUEST} HTTP/1.1\r\nHost: x\r\nX: {'a' * 9000}\r\n\r\n",
+        f"\x16\x03\x01{SECRET_IN_REQUEST} HTTP/1.1\r\n\r\n",
+        f"GET /rest HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n{SECRET_IN_REQUEST}"
+        "\r\n\r\n",
+    ]
+    for address, key in ((listener, "error_message"), (metrics.group(1), "message")):
+        for request in bad:
+            answer = raw_exchange(address, request.encode())
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.split(b" ")[1] == b"400", answer
+            assert key in json.loads(body), answer
+    log = daemon.log()
+    assert "malformed HTTP request from uid" in log
+    assert "Traceback" not in log
+    assert SECRET_IN_REQUEST not in log
+
+
+def test_connect_on_the_proxy_listener_is_answered_in_sugars_envelope(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """CONNECT (someone taking the listener for an HTTP proxy) gets Sugar's JSON envelope
+    saying what the listener is, and the connection is closed; so does an unknown path."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake, listen="127.0.0.1:0")}))
+    listener = sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+    own = listener.removeprefix("http://")
+    for target in ("crm.example.com:443", own):
+        request = f"CONNECT {target} HTTP/1.1\r\nHost: {own}\r\n\r\n"
+        started = time.monotonic()
+        head, _, body = raw_exchange(listener, request.encode()).partition(b"\r\n\r\n")
+        assert time.monotonic() - started < 4, "the connection was left open"
+        assert head.startswith(b"HTTP/1.1 405 "), head
+        answer = json.loads(body)
+        assert "method_not_allowed" == answer["error"]
+        assert "/rest/" in answer["error_message"]
+    answer = requests.get(f"{listener}/v1/health", timeout=30)
+    assert 404 == answer.status_code
+    assert "not_found" == answer.json()["error"]
