@@ -42,6 +42,7 @@ __all__ = [
     "ServerInfo",
     "SugarClient",
     "new_http_session",
+    "unreadable_answer",
 ]
 
 TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
@@ -293,6 +294,8 @@ class SugarClient:
             ) from exc
         except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the CONNECT
             raise proxy_refused(i, route, exc.status) from exc
+        except aiohttp.ClientResponseError as exc:  # Sugar answered, in what we cannot read
+            raise BadResponse(unreadable_answer(i.url, exc)) from exc
         except aiohttp.ClientProxyConnectionError as exc:
             raise Unreachable(
                 f"cannot reach proxy {route.proxy} (for {i.url}): {_describe_network_error(exc)}"
@@ -395,6 +398,13 @@ def _parse_retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - now)
+
+
+def unreadable_answer(url: str, exc: aiohttp.ClientResponseError) -> str:
+    """What to say of an answer aiohttp could not parse (never its text, which quotes the
+    bytes it choked on)."""
+    what = "a header line over 8 KiB" if "Got more than" in exc.message else "malformed HTTP"
+    return f"{url} answered, but with {what}, which sugard cannot read"
 
 
 def _describe_network_error(exc: BaseException) -> str:

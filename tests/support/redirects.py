@@ -25,7 +25,9 @@ class Recorded:
         )
 
 
-def _handler(recorded: Recorded, status: int, location: str | None) -> type:
+def _handler(
+    recorded: Recorded, status: int, location: str | None, headers: dict[str, str]
+) -> type:
     class Handler(http.server.BaseHTTPRequestHandler):
         def _answer(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
@@ -38,6 +40,8 @@ def _handler(recorded: Recorded, status: int, location: str | None) -> type:
                 self.send_response(status)
             if location is not None:
                 self.send_header("Location", location + self.path)
+            for key, value in headers.items():
+                self.send_header(key, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", "2")
             self.end_headers()
@@ -52,12 +56,15 @@ def _handler(recorded: Recorded, status: int, location: str | None) -> type:
 
 
 @contextmanager
-def serving(status: int = 200, location: str | None = None) -> Iterator[tuple[str, Recorded]]:
-    """A server on 127.0.0.1 answering `status` (with `Location: location + path` if given),
-    and a path holding /Moved with a relative redirect to the same path with /Here; yields
-    (its root URL, what reached it)."""
+def serving(
+    status: int = 200, location: str | None = None, headers: dict[str, str] | None = None
+) -> Iterator[tuple[str, Recorded]]:
+    """A server on 127.0.0.1 answering `status` with `headers` (and `Location: location +
+    path` if given), and a path holding /Moved with a relative redirect to the same path with
+    /Here; yields (its root URL, what reached it)."""
     recorded = Recorded()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(recorded, status, location))
+    handler = _handler(recorded, status, location, headers or {})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:

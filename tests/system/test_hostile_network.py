@@ -18,6 +18,7 @@ import pytest
 import requests
 from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
 from support.nobody import AS_NOBODY, NOBODY
+from support.proxy_upstream import SugarFront
 from support.redirects import redirecting, serving
 
 from sugard.auth import SugarAuth
@@ -254,3 +255,55 @@ def test_connect_on_the_proxy_listener_is_answered_in_sugars_envelope(
     answer = requests.get(f"{listener}/v1/health", timeout=30)
     assert 404 == answer.status_code
     assert "not_found" == answer.json()["error"]
+
+
+def listener_of(daemon: DaemonProcess) -> str:
+    with daemon.client() as client:
+        client.token("prod", wait=20)
+    return sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+
+
+def test_the_proxy_passes_no_cookie_no_hop_header_sugar_named_and_no_underscored_token(
+    front: SugarFront, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Sugar's Set-Cookie (the download token's cookie) and the headers Sugar's Connection
+    names stay with sugard; a client's `OAuth_Token` (PHP reads it as HTTP_OAUTH_TOKEN, as it
+    reads OAuth-Token) never reaches Sugar: only sugard's token does."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(front, listen="127.0.0.1:0")}))
+    listener = listener_of(daemon)
+    front.extra_headers.update(
+        {
+            "Set-Cookie": "download_token_base=dl-cookie-value; Path=/; HttpOnly",
+            "Connection": "X-Sugar-Hop",
+            "X-Sugar-Hop": "this connection only",
+        }
+    )
+    answer = requests.get(
+        f"{listener}/rest/v10/Echo",
+        headers={"OAuth_Token": "client-token", "oauth_token": "client-token-2"},
+        timeout=30,
+    )
+    assert 200 == answer.status_code, answer.text
+    assert "Set-Cookie" not in answer.headers
+    assert "X-Sugar-Hop" not in answer.headers
+    assert "1" == answer.headers["X-Sugar"]
+    seen = answer.json()["headers"]
+    tokens = [v for k, v in seen.items() if k.lower().replace("_", "-") == "oauth-token"]
+    with daemon.client() as client:
+        assert [client.token("prod")["access_token"]] == tokens
+
+
+def test_a_sugar_header_over_8_kib_is_said_to_be_sugars_answer(
+    front: SugarFront, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Sugar answering with a header line over 8 KiB gets a 502 that says Sugar answered
+    with what sugard cannot read, not that Sugar could not be reached."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(front, listen="127.0.0.1:0")}))
+    listener = listener_of(daemon)
+    front.extra_headers["X-Huge"] = "h" * 9000
+    answer = requests.get(f"{listener}/rest/v10/Echo", timeout=30)
+    assert 502 == answer.status_code
+    message = answer.json()["error_message"]
+    assert "cannot reach" not in message
+    assert f"{front.url} answered" in message
+    assert "header" in message

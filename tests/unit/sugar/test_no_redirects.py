@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from support.daemon import write_config
-from support.redirects import redirecting
+from support.redirects import redirecting, serving
 
 from sugard import sugar
 from sugard.config import load_config
@@ -59,3 +59,17 @@ async def test_logout_and_probe_do_not_follow_a_redirect(tmp_path: Path) -> None
         assert 2 == len(ours.requests)
         assert [] == theirs.requests
         assert not theirs.carried(ACCESS) and not theirs.carried(REFRESH)
+
+
+async def test_a_token_answer_with_a_header_over_8_kib_is_an_answer_not_unreachable(
+    tmp_path: Path,
+) -> None:
+    """Sugar answering the login with a header line over 8 KiB: the error says the site
+    answered with what sugard cannot read (not "cannot reach"), and quotes none of it."""
+    with serving(200, headers={"X-Huge": "h" * 9000}) as (url, _):
+        async with sugar.new_http_session() as session:
+            with pytest.raises(UpstreamError) as caught:
+                await client_for(tmp_path, url, session).login()
+    message = str(caught.value)
+    assert f"{url} answered, but with a header line over 8 KiB" in message
+    assert "cannot reach" not in message and "hhhh" not in message
