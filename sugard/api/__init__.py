@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from sugard import __version__
 from sugard.api.middleware import (
@@ -118,6 +119,20 @@ RenderMetrics = Callable[[str, Sequence[str]], Awaitable[tuple[bytes, str]]]
 KEY_METRICS: web.AppKey[RenderMetrics | None] = web.AppKey("metrics")
 
 
+async def expect_small_body(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue`: a body over MAX_BODY is refused before the client sends it
+    (aiohttp's own handler would invite it with a 100 first); others get the 100."""
+    length = request.content_length
+    if request.headers.get("Expect", "").lower() == "100-continue" and (length or 0) > MAX_BODY:
+        response = error("bad_request", f"request body larger than {MAX_BODY} bytes", status=413)
+        response.force_close()
+        return response
+    # aiohttp's own (private) handler: it sends the 100 and resets what counts as a
+    # response started, which the error answers rely on (docs/architecture.md).
+    await _default_expect_handler(request)
+    return None
+
+
 def make_app(
     registry: Registry,
     clock: Callable[[], float],
@@ -138,10 +153,13 @@ def make_app(
     app.router.add_get("/v1/instances", list_instances)
     app.router.add_get("/v1/instances/{name}", instance_status)
     app.router.add_get("/v1/instances/{name}/token", token)
-    app.router.add_post("/v1/instances/{name}/invalidate", invalidate)
-    app.router.add_post("/v1/instances/{name}/refresh", refresh)
-    app.router.add_post("/v1/reload", reload)
-    app.router.add_post("/v1/shutdown", shutdown)
+    for path, handler in (
+        ("/v1/instances/{name}/invalidate", invalidate),
+        ("/v1/instances/{name}/refresh", refresh),
+        ("/v1/reload", reload),
+        ("/v1/shutdown", shutdown),
+    ):
+        app.router.add_post(path, handler, expect_handler=expect_small_body)
     add_routes(app, registry, peer_of, observer)
     app.router.add_get("/v1/metrics", metrics_text)
     return app

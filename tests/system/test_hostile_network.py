@@ -307,3 +307,79 @@ def test_a_sugar_header_over_8_kib_is_said_to_be_sugars_answer(
     assert "cannot reach" not in message
     assert f"{front.url} answered" in message
     assert "header" in message
+
+
+def pipelined(socket_path: Path, requests_: list[bytes]) -> list[tuple[int, dict[str, object]]]:
+    """Write `requests_` at once on one connection; the answers read back, in order, until
+    the daemon closes the connection or all have come (status, JSON body)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(socket_path))
+        sock.sendall(b"".join(requests_))
+        sock.settimeout(30)
+        buffer, answers = b"", []
+        while len(answers) < len(requests_):
+            head, found, rest = buffer.partition(b"\r\n\r\n")
+            if found:
+                length = int(re.search(rb"Content-Length: (\d+)", head, re.I)[1])  # type: ignore[index]
+                if len(rest) >= length:
+                    answers.append((int(head.split(b" ")[1]), json.loads(rest[:length])))
+                    buffer = rest[length:]
+                    continue
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            buffer += chunk
+    return answers
+
+
+def test_pipelined_requests_on_the_socket_are_all_answered_in_order(
+    daemon: DaemonProcess,
+) -> None:
+    """Three requests written at once (a token, a report of a stale token with a body, the
+    status) get three answers, in the order asked."""
+    host = b"Host: sugard\r\n"
+    body = json.dumps({"access_token": "not-the-current-one"}).encode()
+    answers = pipelined(
+        daemon.socket,
+        [
+            b"GET /v1/instances/prod/token HTTP/1.1\r\n" + host + b"\r\n",
+            b"POST /v1/instances/prod/invalidate HTTP/1.1\r\n"
+            + host
+            + b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            + body,
+            b"GET /v1/instances/prod HTTP/1.1\r\n" + host + b"\r\n",
+        ],
+    )
+    assert [200, 200, 200] == [status for status, _ in answers], answers
+    token, reported, status = (answer for _, answer in answers)
+    assert "access_token" in token and "access_token" in reported
+    assert "prod" == status["name"]
+
+
+def test_a_body_over_the_limit_gets_413_and_no_100_continue(daemon: DaemonProcess) -> None:
+    """`Expect: 100-continue` with a Content-Length over 64 KiB: the first answer is the
+    413, never a 100 Continue inviting the client to send it; within the limit, the 100
+    comes and the request is served."""
+    host = b"Host: sugard\r\n"
+    for path in (b"/v1/instances/prod/invalidate", b"/v1/reload"):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(daemon.socket))
+            sock.settimeout(30)
+            sock.sendall(
+                b"POST " + path + b" HTTP/1.1\r\n" + host + b"Content-Type: application/json\r\n"
+                b"Content-Length: 1000000\r\nExpect: 100-continue\r\n\r\n"
+            )
+            first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 413 "), first
+        assert b"100 Continue" not in first
+    body = json.dumps({"access_token": "stale"}).encode()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(daemon.socket))
+        sock.settimeout(30)
+        sock.sendall(
+            b"POST /v1/instances/prod/invalidate HTTP/1.1\r\n" + host + b"Content-Type: "
+            b"application/json\r\nContent-Length: %d\r\nExpect: 100-continue\r\n\r\n" % len(body)
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
