@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ log = logging.getLogger("sugard.proxy")
 IDLE_TIMEOUT = 30.0  # a listener connection with no request for this long is closed
 MAX_LINE = 8190
 MAX_HEADERS = 128  # Sugar clients send more headers than sugarctl does
+RETRY_FIRST, RETRY_MOST = 0.5, 30.0  # binding an address in use again: the backoff, in s
 HTTP_LABELS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
@@ -49,6 +51,37 @@ class ProxyListener:
         self._hosts: frozenset[str] = frozenset()
         self._runner: TcpRunner | None = None
         self._shutdown_timeout = shutdown_timeout
+        self.problem: str | None = None  # why it is not listening yet, while it retries
+        self._retrying: asyncio.Task[None] | None = None
+        self._on_change: Callable[[], object] = lambda: None
+
+    def keep_trying(self, exc: OSError, on_change: Callable[[], object]) -> None:
+        """Not bound (another process holds the address): serve without this listener and
+        try again, with a backoff, until it binds or is stopped; `on_change` hears when it
+        binds (the daemon's status says which listeners wait)."""
+        self.problem = f"cannot listen on {self.address}: {_why(exc)}"
+        self._on_change = on_change
+        log.warning(
+            "%s: %s; serving without this listener (the socket serves %s), trying again",
+            self.name,
+            self.problem,
+            self.name,
+        )
+        self._retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _retry(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MOST)
+            try:
+                await self.start()
+            except OSError as exc:
+                log.debug("%s: still cannot listen on %s: %s", self.name, self.address, exc)
+                continue
+            self.problem, self._retrying = None, None
+            self._on_change()
+            return
 
     async def start(self) -> None:
         """Bind and serve; raises OSError (address in use, not local) with nothing left open."""
@@ -82,7 +115,11 @@ class ProxyListener:
         log.info("%s: proxy listening on %s", self.name, self.url)
 
     async def stop(self) -> None:
-        if self.forwarder.listener_urls.get(self.name) == self.url:
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None:
+            retrying.cancel()
+            await asyncio.gather(retrying, return_exceptions=True)
+        if self.url and self.forwarder.listener_urls.get(self.name) == self.url:
             del self.forwarder.listener_urls[self.name]
         runner, self._runner = self._runner, None
         if runner is not None:
@@ -126,6 +163,11 @@ class ProxyListener:
         return await self.forwarder.handle(request, self.name, 1)  # /rest/...
 
 
+def _why(exc: OSError) -> str:
+    # asyncio's text repeats the address; the errno's says it all.
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 async def _not_found(request: web.Request) -> web.Response:
     return sugar_error(
         404, "not_found", "sugard's proxy serves only Sugar's REST API, under /rest/"
@@ -151,10 +193,13 @@ async def open_listeners(
     current: Mapping[str, ProxyListener],
     *,
     shutdown_timeout: float,
+    retry: Callable[[], object] | None = None,
 ) -> dict[str, ProxyListener]:
-    """The proxy listeners `config` asks for: the current ones where their address stays,
-    new ones bound now. If one cannot be bound, those bound here are closed again and
-    ReloadFailed says why; the current ones are never touched here."""
+    """The proxy listeners `config` asks for: the current ones where their address stays
+    (bound, or still trying), new ones bound now. If one cannot be bound: with `retry` (at
+    start) it keeps trying by itself and `retry` hears when it binds; without (a reload),
+    those bound here are closed again and ReloadFailed says why. The current ones are never
+    touched here."""
     wanted: dict[str, ProxyListener] = {}
     opened: list[ProxyListener] = []
     try:
@@ -174,10 +219,15 @@ async def open_listeners(
             try:
                 await listener.start()
             except OSError as exc:
+                if retry is not None:
+                    listener.keep_trying(exc, retry)
+                    opened.append(listener)
+                    wanted[name] = listener
+                    continue
                 raise ReloadFailed(
                     [
                         f"instances.{name}.listen: cannot listen on {instance.listen}: "
-                        f"{exc.strerror or exc}; choose another port"
+                        f"{_why(exc)}; choose another port"
                     ]
                 ) from None
             opened.append(listener)
@@ -200,4 +250,5 @@ async def close_listeners(
     await asyncio.gather(*(listener.stop() for listener in gone))
     for listener in keep.values():
         # A moved listener's successor bound first; the old one's stop() dropped the URL.
-        forwarder.listener_urls[listener.name] = listener.url
+        if listener.url:
+            forwarder.listener_urls[listener.name] = listener.url

@@ -20,6 +20,7 @@ from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_conf
 from support.nobody import AS_NOBODY, NOBODY
 from support.proxy_upstream import SugarFront
 from support.redirects import redirecting, serving
+from support.wait import wait_for
 
 from sugard.auth import SugarAuth
 from sugard.client import SugardClient
@@ -383,3 +384,85 @@ def test_a_body_over_the_limit_gets_413_and_no_100_continue(daemon: DaemonProces
         assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue")
         sock.sendall(body)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+
+
+# Run as uid 65534: listens on a port of 127.0.0.1, prints it, holds it until stdin closes.
+SQUAT = r"""
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_listener_port_taken_by_another_user_is_retried_while_the_rest_serves(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """uid 65534 holds the listener's port while sugard starts: sugard starts anyway (the
+    socket and the other instance serve), says so in the log and in STATUS, survives a reload,
+    and binds the port once it is free."""
+    squat = subprocess.Popen(
+        [*AS_NOBODY, "/usr/bin/python3", "-I", "-c", SQUAT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert squat.stdin is not None and squat.stdout is not None
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(short_dir / "notify"))
+    notify.settimeout(30)
+    try:
+        port = int(squat.stdout.readline())
+        address = f"127.0.0.1:{port}"
+        tables = {
+            "prod": instance(fake, listen=address),
+            "other": instance(fake, listen="127.0.0.1:0", username="admin", password="admin-pw"),
+        }
+        config = write_config(short_dir, tables)
+        daemon = start_daemon(config, env={"NOTIFY_SOCKET": str(short_dir / "notify")})
+        status = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
+        assert "1" == status["READY"]
+        assert f"prod: cannot listen on {address}: Address already in use" in status["STATUS"]
+        assert f"prod: cannot listen on {address}: Address already in use; serving" in (
+            daemon.log()
+        )
+        with daemon.client() as client:
+            assert client.token("prod", wait=20)["access_token"]
+        other = listener_of_instance(daemon, "other")
+        assert 200 == requests.get(f"{other}/rest/v10/me", timeout=30).status_code
+        assert 0 == sugarctl(daemon.socket, "reload").returncode
+
+        squat.stdin.close()
+        squat.wait(30)
+        wait_for(lambda: f"prod: proxy listening on http://{address}" in daemon.log())
+        assert f"http://{address}" == listener_of_instance(daemon, "prod")
+        answer = requests.get(f"http://{address}/rest/v10/me", timeout=30)
+        assert 200 == answer.status_code
+        while "cannot listen" in (text := notify.recv(4096).decode()) or "STATUS" not in text:
+            pass
+        assert "trying again" not in text
+    finally:
+        notify.close()
+        if squat.poll() is None:
+            squat.stdin.close()
+            squat.wait(30)
+        squat.stdout.close()
+
+
+def listener_of_instance(daemon: DaemonProcess, name: str) -> str:
+    return sugarctl(daemon.socket, "proxy-url", name).stdout.strip().splitlines()[0]
+
+
+def test_proxy_url_says_to_give_clients_a_placeholder_password(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """`sugarctl proxy-url` prints the listener's URL alone on stdout and, on stderr, that
+    clients get a placeholder password (sugard answers their login)."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake, listen="127.0.0.1:0")}))
+    result = sugarctl(daemon.socket, "proxy-url", "prod")
+    assert 0 == result.returncode
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+\n", result.stdout)
+    assert "placeholder password" in result.stderr
+    assert "sugard answers their login itself" in result.stderr
