@@ -93,7 +93,7 @@ class ProxyListener:
         runner = TcpRunner(
             app,
             name=f"{self.name}: proxy listener",
-            admits=lambda peer: registry.allowed(peer, self.name),
+            admits=lambda peer: peer is not None and registry.allowed(peer, self.name),
             envelope=sugar_error,
             idle_timeout=IDLE_TIMEOUT,
             max_line=MAX_LINE,

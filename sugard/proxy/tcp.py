@@ -150,7 +150,7 @@ class TcpRunner(web.AppRunner):
         app: web.Application,
         *,
         name: str,
-        admits: Callable[[Peer], bool],
+        admits: Callable[[Peer | None], bool],
         envelope: Envelope,
         idle_timeout: float,
         max_line: int,
@@ -228,7 +228,7 @@ class _TcpHandler(web.RequestHandler):
         self,
         server: web.Server,
         caps: TcpCaps,
-        admits: Callable[[Peer], bool],
+        admits: Callable[[Peer | None], bool],
         envelope: Envelope,
         malformed: _MalformedLog,
         *,
@@ -248,7 +248,7 @@ class _TcpHandler(web.RequestHandler):
         sock = transport.get_extra_info("socket")
         self.peer = peer_of_tcp_socket(sock)
         address = _host(transport.get_extra_info("peername"))
-        allowed = self.peer is not None and self._admits(self.peer)
+        allowed = self._admits(self.peer)
         refused = self._caps.refusal(self.peer, address, allowed)
         if refused is None:
             self._held = self._caps.admitted(self.peer, address)
