@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 from typing import Any
+from urllib.parse import urljoin, urlsplit
 
 from sugard.client import SugardClient
 
@@ -29,7 +30,8 @@ _RETRIED = "_sugard_retried"  # marks a request already sent again after a 401
 
 
 class SugarAuth:
-    """`requests` auth: sets `OAuth-Token`; on a 401, reports the token and retries once.
+    """`requests` auth: sets `OAuth-Token`; on a 401, reports the token and retries once; a
+    redirect to another host, scheme or port is followed without the token.
 
     `instance` is the name of the instance in sugard's config; `client` a SugardClient to
     share (one is made on the default socket if none is given); `min_ttl` and `wait` are
@@ -77,6 +79,13 @@ class SugarAuth:
         return request
 
     def _on_response(self, response: Any, **send_kwargs: Any) -> Any:
+        if response.is_redirect:
+            # requests builds the next hop from this request (a copy, Authorization dropped
+            # for another host, but not our header): the token stays with its own site.
+            target = urljoin(response.url, response.headers["Location"])
+            if _leaves_the_site(response.request.url, target):
+                response.request.headers.pop("OAuth-Token", None)
+            return response
         if response.status_code != 401:
             return response
         sent = response.request.headers.get("OAuth-Token")
@@ -112,3 +121,20 @@ def _rewind(request: Any) -> bool:
             body.seek(position)
             return True
     return False
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _leaves_the_site(old_url: str, new_url: str) -> bool:
+    """Whether a redirect from `old_url` to `new_url` leaves the site, by requests' own rule
+    for Authorization (`Session.should_strip_auth`): another host, scheme or port, except
+    http on its default port to https on its own."""
+    old, new = urlsplit(old_url), urlsplit(new_url)
+    if old.hostname != new.hostname:
+        return True
+    old_port = old.port or _DEFAULT_PORTS.get(old.scheme)
+    new_port = new.port or _DEFAULT_PORTS.get(new.scheme)
+    if (old.scheme, old_port, new.scheme, new_port) == ("http", 80, "https", 443):
+        return False
+    return (old.scheme, old_port) != (new.scheme, new_port)

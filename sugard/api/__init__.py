@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import _default_expect_handler
 
 from sugard import __version__
 from sugard.api.middleware import (
@@ -31,7 +32,7 @@ from sugard.api.middleware import (
     seconds,
 )
 from sugard.api.openapi import spec
-from sugard.api.serving import error, peer_of
+from sugard.api.serving import MAX_HEADERS, MAX_LINE, error, peer_of
 from sugard.config import split_host_port
 from sugard.errors import (
     DaemonError,
@@ -45,6 +46,7 @@ from sugard.keeper import Keeper
 from sugard.observe import Observer, TokenOutcome, TokenRequested
 from sugard.peer import Peer
 from sugard.proxy import add_routes
+from sugard.proxy.tcp import TcpRunner
 from sugard.sugar import Grant
 from sugard.text import quoted
 from sugard.wire import (
@@ -74,6 +76,8 @@ INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 # To send a request body, once the headers are in. Passed to json_body at each call (not a
 # default there), so the value in this module is the one that holds.
 BODY_TIMEOUT = 10.0
+# A scraper asks every 15 s or so: an idle connection to metrics_listen is not kept longer.
+METRICS_IDLE_TIMEOUT = 10.0
 
 
 class Registry(Admission, Protocol):
@@ -115,6 +119,20 @@ RenderMetrics = Callable[[str, Sequence[str]], Awaitable[tuple[bytes, str]]]
 KEY_METRICS: web.AppKey[RenderMetrics | None] = web.AppKey("metrics")
 
 
+async def expect_small_body(request: web.Request) -> web.StreamResponse | None:
+    """`Expect: 100-continue`: a body over MAX_BODY is refused before the client sends it
+    (aiohttp's own handler would invite it with a 100 first); others get the 100."""
+    length = request.content_length
+    if request.headers.get("Expect", "").lower() == "100-continue" and (length or 0) > MAX_BODY:
+        response = error("bad_request", f"request body larger than {MAX_BODY} bytes", status=413)
+        response.force_close()
+        return response
+    # aiohttp's own (private) handler: it sends the 100 and resets what counts as a
+    # response started, which the error answers rely on (docs/architecture.md).
+    await _default_expect_handler(request)
+    return None
+
+
 def make_app(
     registry: Registry,
     clock: Callable[[], float],
@@ -135,10 +153,13 @@ def make_app(
     app.router.add_get("/v1/instances", list_instances)
     app.router.add_get("/v1/instances/{name}", instance_status)
     app.router.add_get("/v1/instances/{name}/token", token)
-    app.router.add_post("/v1/instances/{name}/invalidate", invalidate)
-    app.router.add_post("/v1/instances/{name}/refresh", refresh)
-    app.router.add_post("/v1/reload", reload)
-    app.router.add_post("/v1/shutdown", shutdown)
+    for path, handler in (
+        ("/v1/instances/{name}/invalidate", invalidate),
+        ("/v1/instances/{name}/refresh", refresh),
+        ("/v1/reload", reload),
+        ("/v1/shutdown", shutdown),
+    ):
+        app.router.add_post(path, handler, expect_handler=expect_small_body)
     add_routes(app, registry, peer_of, observer)
     app.router.add_get("/v1/metrics", metrics_text)
     return app
@@ -397,10 +418,19 @@ async def serve_metrics(listen: str | None, render: RenderMetrics) -> web.AppRun
     app = web.Application()
     app[KEY_METRICS] = render
     app.router.add_get("/metrics", metrics_text)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
+    runner = TcpRunner(
+        app,
+        name="metrics_listen",
+        admits=lambda peer: True,  # the operator's view, for whoever can reach the address
+        envelope=lambda status, code, message: error(code, message, status=status),
+        idle_timeout=METRICS_IDLE_TIMEOUT,
+        max_line=MAX_LINE,
+        max_headers=MAX_HEADERS,
+        shutdown_timeout=1.0,
+    )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host or None, port).start()
+        addresses = await runner.start(host, port)
     except OSError as exc:
         await runner.cleanup()
         # asyncio's text repeats the address; the errno's says it all.
@@ -408,7 +438,7 @@ async def serve_metrics(listen: str | None, render: RenderMetrics) -> web.AppRun
         raise SocketError(
             f"cannot serve metrics on {listen}: {why}; choose another [daemon] metrics_listen"
         ) from None
-    for address in runner.addresses:
+    for address in addresses:
         shown = f"[{address[0]}]" if ":" in address[0] else address[0]
         log.info("metrics on http://%s:%d/metrics", shown, address[1])
     return runner

@@ -9,7 +9,6 @@ import contextlib
 import json
 import logging
 import math
-import resource
 import socket
 from collections import Counter
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from aiohttp.http_exceptions import (
 )
 
 from sugard.peer import Peer, peer_of_socket, refusal
+from sugard.proxy.tcp import raise_open_files_limit
 from sugard.wire import http_status
 
 __all__ = [
@@ -72,20 +72,6 @@ def peer_of(request: web.Request) -> Peer | None:
         return handler.peer
     transport = request.transport
     return peer_of_socket(transport.get_extra_info("socket") if transport else None)
-
-
-def raise_open_files_limit() -> int:
-    """Raise the soft RLIMIT_NOFILE to the hard one (systemd's soft default is 1024);
-    returns the soft limit now in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError) as exc:
-            log.debug("cannot raise the open files limit to %d: %s", target, exc)
-    return soft
 
 
 def connection_limits(open_files: int, most: int = MAX_CONNECTIONS) -> tuple[int, int]:

@@ -95,6 +95,11 @@ def print_proxy_url(urls: dict[str, Any], socket_path: str) -> None:
     """`sugarctl proxy-url NAME`: the loopback URL, or the one on the socket and how to use it."""
     if urls.get("listen_url"):
         print(urls["listen_url"])
+        print(
+            "sugarctl: give clients a placeholder password (like any-password), never the real "
+            "one: sugard answers their login itself",
+            file=sys.stderr,
+        )
         return
     print(urls["socket_url"])
     print(

@@ -90,6 +90,13 @@ def ids(v: Any) -> tuple[int, ...]:
 
 def site_url(v: Any) -> str:
     s = nonempty(v).rstrip("/")
+    authority = re.split(r"[/?#]", s.split("://", 1)[-1], maxsplit=1)[0]
+    if "@" in authority:  # never echoed: the part before the @ may be a password
+        raise ValueError(
+            "must not hold a user name or password (user:password@): sugard logs in with "
+            "username and password (or password_file, _env, _command, _credential); give "
+            "the site root alone, like https://crm.example.com"
+        )
     if not re.match(r"^https?://[^/\s]+", s):
         raise ValueError(f"must start with https:// (or http://), not {s!r}")
     if any(c.isspace() or not c.isprintable() for c in s):

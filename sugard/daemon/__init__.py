@@ -243,7 +243,11 @@ class Daemon:
         assert self._forwarder is not None
         try:
             self._listeners = await open_listeners(
-                self._forwarder, self.config, {}, shutdown_timeout=grace(self.config)
+                self._forwarder,
+                self.config,
+                {},
+                shutdown_timeout=grace(self.config),
+                retry=lambda: self._notifier.status(self._summary()),
             )
         except ReloadFailed as exc:
             raise SocketError(exc.problems[0]) from None
@@ -254,7 +258,9 @@ class Daemon:
         self._listeners = dict(keep)
 
     def _summary(self) -> str:
-        return f"serving {len(self._keepers)} instance(s) on {self.socket_path}"
+        waiting = [f"{name}: {lis.problem}" for name, lis in self._listeners.items() if lis.problem]
+        retrying = f"; trying again to listen ({'; '.join(waiting)})" if waiting else ""
+        return f"serving {len(self._keepers)} instance(s) on {self.socket_path}{retrying}"
 
     def _new_keeper(self, instance: InstanceConfig) -> Keeper:
         assert self._http is not None

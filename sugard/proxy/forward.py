@@ -21,6 +21,7 @@ from typing import TypeVar
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from yarl import URL
 
 from sugard.config import InstanceConfig
@@ -28,7 +29,7 @@ from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
 from sugard.keeper import Keeper
 from sugard.observe import Observer, Proxied
 from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
-from sugard.sugar import Grant
+from sugard.sugar import Grant, unreadable_answer
 
 log = logging.getLogger("sugard.proxy")
 access_log = logging.getLogger("sugard.proxy.access")
@@ -54,8 +55,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 # The client's credentials and its view of the address go; sugard's token and Sugar's host
-# come instead. `Expect` was answered by our server already (100-continue).
+# come instead. `Expect` was answered by our server already (100-continue). Matched with `_`
+# read as `-`: PHP reads OAuth_Token as OAuth-Token (both are HTTP_OAUTH_TOKEN).
 DROPPED_REQUEST = HOP_BY_HOP | {"host", "oauth-token", "authorization", "cookie", "expect"}
+# Sugar's cookies (the download token's among them) are sugard's session's, not the client's.
+DROPPED_RESPONSE = HOP_BY_HOP | {"content-length", "set-cookie", "set-cookie2"}
+BODY_TIMEOUT = 10.0  # to send a request body of known length, once the headers are in
 
 
 _R = TypeVar("_R", bound=web.StreamResponse)
@@ -91,8 +96,15 @@ class _Pool:
 class Forwarder:
     """Forwards proxied requests of every instance; one upstream pool per instance."""
 
-    def __init__(self, registry: ProxyRegistry, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        registry: ProxyRegistry,
+        observer: Observer | None = None,
+        *,
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
         self.registry = registry
+        self.body_timeout = body_timeout
         self.listener_urls: dict[str, str] = {}  # instance -> its listener's base URL
         self._pools: dict[str, _Pool] = {}
         self._closing: set[asyncio.Task[None]] = set()
@@ -186,7 +198,14 @@ class Forwarder:
         query = request.rel_url.raw_query_string
         url = URL(f"{config.url}/rest/{path}" + (f"?{query}" if query else ""), encoded=True)
         headers = _forwarded_headers(request.headers)
-        body, replayable = await _request_body(request)
+        try:
+            body, replayable = await _request_body(request, self.body_timeout)
+        except TimeoutError:
+            response = sugar_error(
+                408, "bad_request", f"request body not received within {self.body_timeout:g} s"
+            )
+            response.force_close()
+            return response
         grant = await keeper.token(wait=TOKEN_WAIT)
         pool = self._pool(keeper)
         pool.in_flight += 1
@@ -256,6 +275,8 @@ class Forwarder:
                     f"{keeper.config.url} did not answer within "
                     f"{keeper.config.proxy_timeout:g} s (proxy_timeout)",
                 )
+            except aiohttp.ClientResponseError as exc:  # Sugar answered, in what we cannot read
+                return sugar_error(502, "bad_gateway", unreadable_answer(keeper.config.url, exc))
             except aiohttp.ClientConnectorCertificateError as exc:
                 return sugar_error(
                     502,
@@ -273,21 +294,28 @@ class Forwarder:
 def _forwarded_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     """The client's headers Sugar is to see: not those of this hop, nor its credentials."""
     # Headers the client named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    named = headers.get("Connection")
-    dropped = DROPPED_REQUEST
-    if named:
-        dropped = dropped | {token.strip().lower() for token in named.split(",")}
-    return [(k, v) for k, v in headers.items() if k.lower() not in dropped]
+    dropped = DROPPED_REQUEST | _named_in_connection(headers)
+    return [(k, v) for k, v in headers.items() if k.lower().replace("_", "-") not in dropped]
 
 
-async def _request_body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+def _named_in_connection(headers: Mapping[str, str]) -> set[str]:
+    """The headers a message's Connection names: hop-by-hop too (RFC 9110 7.6.1)."""
+    values = headers.getall("Connection", []) if isinstance(headers, CIMultiDictProxy) else []
+    return {token.strip().lower() for value in values for token in value.split(",")}
+
+
+async def _request_body(
+    request: web.Request, timeout: float
+) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
     """(the body to send, whether it can be sent twice). A body of known length up to
-    REPLAY_LIMIT is read into memory; any other streams through in chunks."""
+    REPLAY_LIMIT is read into memory, within `timeout` (else TimeoutError); any other streams
+    through in chunks."""
     if not request.body_exists:
         return None, True
     length = request.content_length
     if length is not None and length <= REPLAY_LIMIT:
-        return await request.content.read(), True
+        async with asyncio.timeout(timeout):
+            return await request.content.read(), True
     return request.content.iter_chunked(CHUNK), False
 
 
@@ -329,9 +357,9 @@ _reports: set[asyncio.Task[None]] = set()
 
 def _copy_head(upstream: aiohttp.ClientResponse, response: _R) -> _R:
     response.set_status(upstream.status, upstream.reason)
+    dropped = DROPPED_RESPONSE | _named_in_connection(upstream.headers)
     for key, value in upstream.headers.items():
-        lower = key.lower()
-        if lower not in HOP_BY_HOP and lower != "content-length":
+        if key.lower() not in dropped:
             response.headers.add(key, value)
     return response
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -14,9 +14,9 @@ from aiohttp import web
 
 from sugard.config import Config, split_host_port
 from sugard.errors import ReloadFailed
-from sugard.peer import peer_of_tcp_socket
 from sugard.proxy.answers import refused, sugar_error
 from sugard.proxy.forward import Forwarder
+from sugard.proxy.tcp import TcpRunner, tcp_peer
 
 __all__ = ["close_listeners", "open_listeners"]
 
@@ -26,12 +26,14 @@ log = logging.getLogger("sugard.proxy")
 IDLE_TIMEOUT = 30.0  # a listener connection with no request for this long is closed
 MAX_LINE = 8190
 MAX_HEADERS = 128  # Sugar clients send more headers than sugarctl does
+RETRY_FIRST, RETRY_MOST = 0.5, 30.0  # binding an address in use again: the backoff, in s
+HTTP_LABELS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class ProxyListener:
     """One instance's loopback TCP listener: `/rest/...` forwarded, anything else 404.
 
-    Who connects is read once per connection (`peer_of_socket`, from the kernel); browsers
+    Who connects is read once per connection (`TcpRunner`, from the kernel); browsers
     are refused, since a web page in the user's own browser runs as the same uid."""
 
     def __init__(
@@ -39,7 +41,6 @@ class ProxyListener:
         forwarder: Forwarder,
         name: str,
         address: str,
-        peer_of_socket: Callable[[Any], Any],
         *,
         shutdown_timeout: float = 10.0,
     ) -> None:
@@ -47,11 +48,40 @@ class ProxyListener:
         self.name = name
         self.address = address  # as configured: "127.0.0.1:8401"
         self.url = ""  # once started: the base URL, with the port the kernel gave
-        self._peer_of_socket = peer_of_socket
-        self._peers: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
         self._hosts: frozenset[str] = frozenset()
-        self._runner: web.AppRunner | None = None
+        self._runner: TcpRunner | None = None
         self._shutdown_timeout = shutdown_timeout
+        self.problem: str | None = None  # why it is not listening yet, while it retries
+        self._retrying: asyncio.Task[None] | None = None
+        self._on_change: Callable[[], object] = lambda: None
+
+    def keep_trying(self, exc: OSError, on_change: Callable[[], object]) -> None:
+        """Not bound (another process holds the address): serve without this listener and
+        try again, with a backoff, until it binds or is stopped; `on_change` hears when it
+        binds (the daemon's status says which listeners wait)."""
+        self.problem = f"cannot listen on {self.address}: {_why(exc)}"
+        self._on_change = on_change
+        log.warning(
+            "%s: %s; serving without this listener (the socket serves %s), trying again",
+            self.name,
+            self.problem,
+            self.name,
+        )
+        self._retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _retry(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MOST)
+            try:
+                await self.start()
+            except OSError as exc:
+                log.debug("%s: still cannot listen on %s: %s", self.name, self.address, exc)
+                continue
+            self.problem, self._retrying = None, None
+            self._on_change()
+            return
 
     async def start(self) -> None:
         """Bind and serve; raises OSError (address in use, not local) with nothing left open."""
@@ -59,26 +89,24 @@ class ProxyListener:
         app = web.Application(middlewares=[self._admit])
         app.router.add_route("*", "/rest/{path:.*}", self._proxied)
         app.router.add_route("*", "/{tail:.*}", _not_found)
-        runner = web.AppRunner(
+        registry = self.forwarder.registry
+        runner = TcpRunner(
             app,
-            access_log=None,
-            handle_signals=False,
-            keepalive_timeout=IDLE_TIMEOUT,
-            max_line_size=MAX_LINE,
-            max_field_size=MAX_LINE,
+            name=f"{self.name}: proxy listener",
+            admits=lambda peer: peer is not None and registry.allowed(peer, self.name),
+            envelope=sugar_error,
+            idle_timeout=IDLE_TIMEOUT,
+            max_line=MAX_LINE,
             max_headers=MAX_HEADERS,
-            auto_decompress=False,  # a compressed upload is forwarded as it came
             shutdown_timeout=self._shutdown_timeout,
         )
         await runner.setup()
         try:
-            site = web.TCPSite(runner, host, port, reuse_address=True)
-            await site.start()
+            bound = (await runner.start(host, port))[0]
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
-        bound = runner.addresses[0]
         shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
         self.url = f"http://{shown}:{bound[1]}"
         # DNS rebinding: a page on evil.example, resolved to 127.0.0.1, sends Host: evil.example.
@@ -87,7 +115,11 @@ class ProxyListener:
         log.info("%s: proxy listening on %s", self.name, self.url)
 
     async def stop(self) -> None:
-        if self.forwarder.listener_urls.get(self.name) == self.url:
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None:
+            retrying.cancel()
+            await asyncio.gather(retrying, return_exceptions=True)
+        if self.url and self.forwarder.listener_urls.get(self.name) == self.url:
             del self.forwarder.listener_urls[self.name]
         runner, self._runner = self._runner, None
         if runner is not None:
@@ -107,19 +139,33 @@ class ProxyListener:
             response.force_close()
             return response
         refusal = refused(request, self.forwarder.registry, self._peer(request), self.name)
-        return refusal if refusal is not None else await handler(request)
+        if refusal is not None:
+            return refusal
+        if request.method == "CONNECT":  # taken for an HTTP proxy: it is not one
+            response = sugar_error(
+                405,
+                "method_not_allowed",
+                f"sugard's listener is not an HTTP proxy; send Sugar's REST requests to "
+                f"{self.url}/rest/...",
+            )
+            response.force_close()
+            return response
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own answers, in Sugar's envelope too
+            label = HTTP_LABELS.get(exc.status, "bad_request")
+            return sugar_error(exc.status, label, exc.reason)
 
     def _peer(self, request: web.Request) -> Any:
-        # Once per connection: the lookup asks the kernel, and a TCP peer's owner is fixed.
-        transport = request.transport
-        if transport is None:
-            return None
-        if transport not in self._peers:
-            self._peers[transport] = self._peer_of_socket(transport.get_extra_info("socket"))
-        return self._peers[transport]
+        return tcp_peer(request)  # read once per connection, when it was made
 
     async def _proxied(self, request: web.Request) -> web.StreamResponse:
         return await self.forwarder.handle(request, self.name, 1)  # /rest/...
+
+
+def _why(exc: OSError) -> str:
+    # asyncio's text repeats the address; the errno's says it all.
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 async def _not_found(request: web.Request) -> web.Response:
@@ -147,10 +193,13 @@ async def open_listeners(
     current: Mapping[str, ProxyListener],
     *,
     shutdown_timeout: float,
+    retry: Callable[[], object] | None = None,
 ) -> dict[str, ProxyListener]:
-    """The proxy listeners `config` asks for: the current ones where their address stays,
-    new ones bound now. If one cannot be bound, those bound here are closed again and
-    ReloadFailed says why; the current ones are never touched here."""
+    """The proxy listeners `config` asks for: the current ones where their address stays
+    (bound, or still trying), new ones bound now. If one cannot be bound: with `retry` (at
+    start) it keeps trying by itself and `retry` hears when it binds; without (a reload),
+    those bound here are closed again and ReloadFailed says why. The current ones are never
+    touched here."""
     wanted: dict[str, ProxyListener] = {}
     opened: list[ProxyListener] = []
     try:
@@ -165,16 +214,20 @@ async def open_listeners(
                 forwarder,
                 name,
                 instance.listen,
-                peer_of_tcp_socket,
                 shutdown_timeout=shutdown_timeout,
             )
             try:
                 await listener.start()
             except OSError as exc:
+                if retry is not None:
+                    listener.keep_trying(exc, retry)
+                    opened.append(listener)
+                    wanted[name] = listener
+                    continue
                 raise ReloadFailed(
                     [
                         f"instances.{name}.listen: cannot listen on {instance.listen}: "
-                        f"{exc.strerror or exc}; choose another port"
+                        f"{_why(exc)}; choose another port"
                     ]
                 ) from None
             opened.append(listener)
@@ -197,4 +250,5 @@ async def close_listeners(
     await asyncio.gather(*(listener.stop() for listener in gone))
     for listener in keep.values():
         # A moved listener's successor bound first; the old one's stop() dropped the URL.
-        forwarder.listener_urls[listener.name] = listener.url
+        if listener.url:
+            forwarder.listener_urls[listener.name] = listener.url

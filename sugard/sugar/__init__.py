@@ -4,7 +4,7 @@ session every script shares (docs/sugarcrm.md); `logout` serves only `sugard che
 which ends the throwaway session it opened to test a password.
 
 Everything Sugar (or the network, or a proxy in front of Sugar) can answer is translated here,
-once, into a `Grant` or one of the errors of `sugard.sugar.errors` (re-exported here), whose
+once, into a `Grant` or one of the errors of `sugard.sugar.errors`, whose
 docstring draws their tree; nothing above this module sees aiohttp.
 """
 
@@ -31,6 +31,7 @@ from sugard.sugar.errors import (
     Timeout,
     Unreachable,
     proxy_refused,
+    redirected,
     refusal,
 )
 from sugard.sugar.outbound import Route, UnusableCaFile, route_for, tls_context
@@ -41,6 +42,7 @@ __all__ = [
     "ServerInfo",
     "SugarClient",
     "new_http_session",
+    "unreadable_answer",
 ]
 
 TOKEN_PATH = "/rest/v10/oauth2/token"  # noqa: S105 (a URL path, not a password)
@@ -224,6 +226,7 @@ class SugarClient:
                 json={"refresh_token": grant.refresh_token.reveal()},
                 timeout=aiohttp.ClientTimeout(total=self.instance.timeout),
                 ssl=self._ssl,
+                allow_redirects=False,  # the tokens it carries go to this site alone
                 **self.route.request_options(url, {"OAuth-Token": grant.access_token.reveal()}),
             ) as response:
                 await response.read()
@@ -282,6 +285,7 @@ class SugarClient:
             ) as response:
                 status = response.status
                 raw = await response.read()
+                location = response.headers.get("Location")
                 retry_after = _parse_retry_after(response.headers.get("Retry-After"), self._clock())
         except aiohttp.ClientConnectorCertificateError as exc:
             raise RejectedError(
@@ -290,6 +294,8 @@ class SugarClient:
             ) from exc
         except aiohttp.ClientHttpProxyError as exc:  # the proxy refused the CONNECT
             raise proxy_refused(i, route, exc.status) from exc
+        except aiohttp.ClientResponseError as exc:  # Sugar answered, in what we cannot read
+            raise BadResponse(unreadable_answer(i.url, exc)) from exc
         except aiohttp.ClientProxyConnectionError as exc:
             raise Unreachable(
                 f"cannot reach proxy {route.proxy} (for {i.url}): {_describe_network_error(exc)}"
@@ -300,6 +306,8 @@ class SugarClient:
             raise Unreachable(f"cannot reach {i.url}{via}: {_describe_network_error(exc)}") from exc
         if status == 407 and route.proxy:  # a plain-HTTP request the proxy did not forward
             raise proxy_refused(i, route, status)
+        if 300 <= status < 400:  # never followed: the credentials would go wherever it points
+            raise redirected(i, grant, status, location)
         # Whatever secret this request carried may come back quoted in Sugar's error text.
         sent_secrets = tuple(body[key] for key in SECRET_FIELDS if key in body)
         return _interpret(i, grant, status, raw, retry_after, sent_at, sent_secrets)
@@ -390,6 +398,13 @@ def _parse_retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - now)
+
+
+def unreadable_answer(url: str, exc: aiohttp.ClientResponseError) -> str:
+    """What to say of an answer aiohttp could not parse (never its text, which quotes the
+    bytes it choked on)."""
+    what = "a header line over 8 KiB" if "Got more than" in exc.message else "malformed HTTP"
+    return f"{url} answered, but with {what}, which sugard cannot read"
 
 
 def _describe_network_error(exc: BaseException) -> str:

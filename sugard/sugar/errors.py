@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urljoin, urlsplit
 
 from sugard.text import one_line
 
@@ -63,6 +64,7 @@ __all__ = [
     "Unreachable",
     "UpstreamError",
     "proxy_refused",
+    "redirected",
     "refusal",
 ]
 
@@ -312,6 +314,24 @@ def refusal(
         f"{_quote(sugar_says)}",
         status=status,
         label=label,
+    )
+
+
+def redirected(i: InstanceConfig, grant: str, status: int, location: str | None) -> BadResponse:
+    """A token request answered with a redirect, which is never followed (it would carry the
+    password or the refresh token wherever it points): where it pointed, without the
+    Location's user information, query or fragment (they could hold anything)."""
+    what = "login" if grant == "password" else "refresh"
+    target = urlsplit(urljoin(i.url + "/", location or ""))
+    host = target.hostname or ""
+    shown = f"{target.scheme}://{f'[{host}]' if ':' in host else host}"
+    if target.port is not None:
+        shown += f":{target.port}"
+    where = f" to {one_line(shown + target.path, 200)}" if location else " without a Location"
+    return BadResponse(
+        f"{i.url} answered the {what} with a redirect (HTTP {status}){where}; sugard sends "
+        "no credentials on a redirect: set url to the site's own address",
+        status=status,
     )
 
 

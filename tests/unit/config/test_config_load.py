@@ -392,3 +392,22 @@ def test_a_name_with_a_trailing_newline_is_refused_on_one_line(tmp_path: Path) -
     assert 1 == len(init.stderr.splitlines())
     assert "'prod\\n' is not a valid instance name" in init.stderr
     assert not (tmp_path / "new.toml").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://api:pw-in-url-9@crm.example.com",
+        "https://pw-in-url-9@crm.example.com/sugar",
+        "api:pw-in-url-9@crm.example.com",
+        "https://api:pw-in-url-9@crm.example.com with a space",
+    ],
+)
+def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path, url: str) -> None:
+    """A site URL holding user:password@ is refused for its key, and the password is never
+    quoted, whatever else is wrong with the URL."""
+    path = write(tmp_path, f'[instances.prod]\nurl = "{url}"\nusername = "u"\npassword = "p"\n')
+    found = problems(path)
+    assert 1 == len(found), found
+    assert found[0].startswith(f"{path}: instances.prod.url: must not hold a user name")
+    assert "pw-in-url-9" not in found[0]
