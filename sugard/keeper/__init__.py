@@ -69,6 +69,7 @@ class Keeper:
         *,
         login_slots: asyncio.Semaphore | None = None,
         clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = timing.steady_clock,
         rng: Callable[[], float] = random.random,
         max_sleep: float = MAX_SLEEP,
         reread: Callable[[InstanceConfig], InstanceConfig] | None = None,
@@ -78,7 +79,8 @@ class Keeper:
     ) -> None:
         self.upstream = upstream
         self.fleet = fleet
-        self._clock = clock
+        self._clock = clock  # the wall clock: token expiries, times shown
+        self._ticks = ticks  # the steady one: intervals (timing.steady_clock)
         # Reads the secrets from their sources again (blocking: a file, a command).
         self._reread = reread
         self._board = Board()  # the one demand and the one condition (sugard/keeper/model.py)
@@ -90,6 +92,7 @@ class Keeper:
             fleet=fleet,
             login_slots=login_slots or asyncio.Semaphore(1),
             clock=clock,
+            ticks=ticks,
             rng=rng,
             max_sleep=max_sleep,
             on_rejection=on_rejection,  # told of each change of `rejection`

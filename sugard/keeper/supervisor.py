@@ -55,6 +55,7 @@ class Supervisor:
         fleet: Leadership | None,
         login_slots: asyncio.Semaphore,
         clock: Callable[[], float],
+        ticks: Callable[[], float],
         rng: Callable[[], float],
         max_sleep: float,
         on_rejection: Callable[[Rejection | None], None] | None = None,
@@ -62,12 +63,13 @@ class Supervisor:
         self.config = config  # replaced by the keeper when settings change (adopt, a re-read)
         self.upstream = upstream
         self.calls = CountedCalls(upstream, observer, config.name)  # each one counted
-        self.session = HeldSession(self.calls, clock, rng)  # the grant and what it learned
+        self.session = HeldSession(self.calls, clock, rng, ticks)  # the grant and what it learned
         self.board = board
         self.fleet = fleet
         self._observer = observer  # hears why each renewal is made
         self._login_slots = login_slots
-        self._clock = clock
+        self._clock = clock  # the wall clock: token expiries, times shown
+        self._ticks = ticks  # the steady one: probe and backoff intervals
         self._rng = rng
         self._max_sleep = max_sleep
 
@@ -116,7 +118,7 @@ class Supervisor:
             return self.board.join(Need.RENEW, RenewalReason.INITIAL)
         if now >= self._renewal_time(grant):
             return self.board.join(Need.RENEW, RenewalReason.SCHEDULED)
-        if self._probe_at is not None and now >= self._probe_at:
+        if self._probe_at is not None and self._ticks() >= self._probe_at:
             return self.board.join(Need.CHECK, RenewalReason.PROBE)
         return None
 
@@ -124,10 +126,10 @@ class Supervisor:
         grant = self.session.grant
         if self.progress.state is State.FAILED or grant is None:
             return self._max_sleep
-        due = self._renewal_time(grant)
+        wait = self._renewal_time(grant) - self._clock()
         if self._probe_at is not None:
-            due = min(due, self._probe_at)
-        return min(self._max_sleep, max(0.0, due - self._clock()))
+            wait = min(wait, self._probe_at - self._ticks())
+        return min(self._max_sleep, max(0.0, wait))
 
     async def _check_resumed(self, grant: Grant) -> None:
         """One probe of the session the sugard before this one handed over."""
@@ -229,16 +231,15 @@ class Supervisor:
         refreshing = False
         try:
             refresh_token = self.session.refresh_token
-            if refresh_token is not None and timing.refresh_usable(old, self._clock()):
+            # Tried even when the local clock says the refresh token has ended: only Sugar
+            # knows (the clock may have been set), and a refused refresh costs one call.
+            if refresh_token is not None:
                 refreshing = True
                 grant = await self._refresh(refresh_token)
                 refreshing = False
                 if grant is None:
                     grant = await self._login()
             else:
-                if refresh_token is not None:
-                    why = self.session.why_login()
-                    log.info("%s: %s; logging in with the password", self.name, why)
                 grant = await self._login()
         except UpstreamError as exc:
             self.progress.failures += 1
@@ -271,7 +272,9 @@ class Supervisor:
             # Evicted by another login, rotated by a refresh we never saw, or expired:
             # exactly one password login gets the session back.
             self.progress.error(exc)
-            log.warning("%s: %s; logging in again", self.name, exc.message)
+            ended = not timing.refresh_usable(self.session.grant, self._clock())
+            why = f" ({self.session.why_login()})" if ended else ""
+            log.warning("%s: %s%s; logging in again", self.name, exc.message, why)
             self.session.drop_refresh_token()
             self.progress.evicted("refresh")
             return None
@@ -326,7 +329,7 @@ class Supervisor:
         return self.session.renewal_time(grant, self.config, self.progress.refresh_at)
 
     def _next_probe(self) -> float | None:
-        return timing.next_probe(self._clock(), self.config.probe_interval)
+        return timing.next_probe(self._ticks(), self.config.probe_interval)
 
     def doomed(self) -> bool:
         """The current token dies when the renewal now in flight answers (no grace)."""
@@ -360,12 +363,13 @@ class Supervisor:
         log.warning("%s: %s; next try in %.1f s", self.name, exc, seconds)
 
     async def _backoff_sleep(self, seconds: float, demand: Demand) -> None:
-        """Sleep until a wall-clock deadline, in steps of at most `max_sleep` (suspend-proof);
-        a forced demand (`sugarctl refresh`) cuts it short. Meanwhile the token still served
-        is checked: at once if a refresh left it in doubt, else when the probe is due."""
-        deadline = self._clock() + seconds
+        """Sleep until a deadline on the steady clock, in steps of at most `max_sleep` (it
+        counts a suspend; asyncio's clock does not); a forced demand (`sugarctl refresh`) cuts
+        it short. Meanwhile the token still served is checked: at once if a refresh left it in
+        doubt, else when the probe is due."""
+        deadline = self._ticks() + seconds
         while (
-            (left := deadline - self._clock()) > 0 and not demand.forced and not self.board.closed
+            (left := deadline - self._ticks()) > 0 and not demand.forced and not self.board.closed
         ):
             probe_in = self._probe_in_backoff()
             if probe_in is not None and probe_in <= 0:
@@ -383,7 +387,7 @@ class Supervisor:
             return 0.0
         if self._probe_at is None or grant.expires_at <= self._clock():
             return None
-        return self._probe_at - self._clock()
+        return self._probe_at - self._ticks()
 
     async def _check_in_backoff(self) -> None:
         """One probe of the token served while the renewal backs off: a dead one is not

@@ -8,7 +8,8 @@ import pytest
 
 from sugard.keeper import timing
 from sugard.secret import Secret
-from sugard.sugar import Grant, MaintenanceLogout, RateLimited, ServerError, Timeout
+from sugard.sugar import Grant
+from sugard.sugar.errors import MaintenanceLogout, RateLimited, ServerError, Timeout
 
 
 def grant(access: float, refresh: float | None, issued: float = 1000.0) -> Grant:
