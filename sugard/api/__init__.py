@@ -327,6 +327,11 @@ async def refresh(request: web.Request) -> web.Response:
     retry_rejected = options.get("retry_rejected", False)
     if not isinstance(retry_rejected, bool) or set(options) - {"retry_rejected"}:
         return error("bad_request", REFRESH_BODY)
+    if retry_rejected:
+        # Each try may count towards a lockout of the account: the owner's call, not a user's.
+        refused = _not_owner(request, "send a rejected secret again through")
+        if refused is not None:
+            return refused
     # `retry_rejected` (sugarctl refresh --retry-rejected) is the one override of the rule
     # that a secret Sugar rejected is never sent again; the keeper applies both.
     return await _answer_token(

@@ -98,6 +98,9 @@ class Keeper:
             on_rejection=on_rejection,  # told of each change of `rejection`
         )
         self._progress = self._supervisor.progress  # what requests are told comes from it
+        # When (steady clock, and wall clock) a rejected secret was last sent again as asked:
+        # the next such retry of the same secret waits timing.REJECTED_RETRY_QUIET.
+        self._insisted: tuple[float, float] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -279,11 +282,26 @@ class Keeper:
                 ) from None
         if not self.refuses_rejected():
             log.info("%s: the rejected %s changed; trying it once", self.name, rejection.field)
+            self._insisted = None
         elif insist:
+            self._insist(rejection)
             log.warning("%s: sending the rejected %s again, as asked", self.name, rejection.field)
         else:
             raise InstanceNeedsAttention(rejection.refusal(self.config))
         self.rejection = None
+
+    def _insist(self, rejection: Rejection) -> None:
+        """One retry of a rejected secret per rejection: after a retry Sugar rejected too, the
+        next waits for a quiet period (the secret unchanged), so a loop cannot lock the account."""
+        now = self._ticks()
+        if self._insisted is not None:
+            left = self._insisted[0] + timing.REJECTED_RETRY_QUIET - now
+            if left > 0:
+                until = self._clock() + left
+                raise InstanceNeedsAttention(
+                    rejection.retry_refused(self.config, self._insisted[1], until, left)
+                )
+        self._insisted = (now, self._clock())
 
     def _take(self, config: InstanceConfig) -> None:
         self._supervisor.take_config(config)

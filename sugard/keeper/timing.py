@@ -19,6 +19,7 @@ __all__ = [
     "JITTER",
     "LONG_BACKOFF",
     "MIN_TTL_CAP",
+    "REJECTED_RETRY_QUIET",
     "SESSION_CHECK_INTERVAL",
     "delay",
     "grace_for_version",
@@ -55,6 +56,9 @@ REFRESH_MARGIN = 5.0  # a refresh token this close to its end is not worth a try
 # after the check; then a report is checked again.
 REPORT_GAP = 1.0
 REPORT_SETTLED = 10.0
+# After a rejected secret was sent again as asked (`--retry-rejected`), the next such retry of
+# the same secret waits this long: a loop of retries must not lock the account.
+REJECTED_RETRY_QUIET = 60.0
 
 
 def steady_clock() -> float:
