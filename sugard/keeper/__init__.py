@@ -187,7 +187,6 @@ class Keeper:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         joined: Demand | None = None
-        held = False  # the token met the request, but a renewal in flight is about to kill it
         while True:
             self._raise_if_stopped()
             grant = self._supervisor.session.grant
@@ -197,8 +196,7 @@ class Keeper:
                 renewed = joined is not None and joined.done
                 wanted = timing.wanted_ttl(min_ttl, grant)
                 enough = grant.expires_at - self._clock() >= wanted
-                held = enough and self._supervisor.doomed()
-                if renewed or (enough and not held):
+                if renewed or (enough and not self._supervisor.doomed()):
                     self._supervisor.session.handed_out(grant, wanted)
                     return grant
             if self.state is State.FAILED:
@@ -207,13 +205,26 @@ class Keeper:
                 joined = self._board.join(Need.RENEW, RenewalReason.DEMANDED)
             left = deadline - loop.time()
             if left <= 0 or not await self._board.idle(left):
-                if held and grant is not None and grant is self._supervisor.session.grant:
-                    # Held for a renewal that has not answered within the wait: the token is
-                    # still valid now, and a renewal this slow is likely failing. Better than
-                    # no token at all; the script was told how long it may wait.
-                    self._supervisor.session.handed_out(grant, 0.0)
-                    return grant
+                last = self._last_resort(min_ttl)
+                if last is not None:
+                    return last
                 raise self._progress.unavailable()
+
+    def _last_resort(self, min_ttl: float) -> Grant | None:
+        """At the end of a request's wait: the current token if it is still valid (outside the
+        mandatory window), not refused by Sugar, and has `min_ttl` left, even though a renewal
+        in flight may kill it or a refresh Sugar may have run left it in doubt. A renewal this
+        slow is likely failing, a check this slow likely stuck: a token still valid is better
+        than none, and the script was told how long it may wait."""
+        grant = self._supervisor.session.grant
+        if grant is None or not timing.servable(
+            grant, self._clock(), self._supervisor.session.dead_token
+        ):
+            return None
+        if grant.expires_at - self._clock() < timing.wanted_ttl(min_ttl, grant):
+            return None
+        self._supervisor.session.handed_out(grant, 0.0)
+        return grant
 
     async def invalidate(self, access_token: str, wait: float = 10.0) -> Grant:
         """A script reports that Sugar refused `access_token`.
