@@ -387,6 +387,12 @@ class Progress:
             return False
         return self.last_refresh is None or error.at >= self.last_refresh
 
+    def refused_at_once(self, message: str, seconds: float) -> None:
+        """The new token was refused at its first check: back off `seconds`, saying why."""
+        self.last_error = LastError(self._clock(), "token_refused", message)
+        self.next_attempt_at = self._clock() + seconds
+        self.set_state(State.BACKING_OFF)
+
     def unavailable(self) -> NoValidToken:
         """Why there is no token now, and when to ask again."""
         retry_after = 1.0

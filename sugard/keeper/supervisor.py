@@ -77,6 +77,11 @@ class Supervisor:
         self.progress = Progress(config.name, self.session, observer, clock, on_rejection)
         self.resumed: Grant | None = None  # a session kept across a restart, not yet checked
         self._probe_at: float | None = None
+        # The grant a renewal of ours brought and when (steady clock), until a check finds
+        # Sugar takes it; and how many such grants running were refused at their first check
+        # soon after (then: back off, not renew).
+        self._unproven: tuple[Grant, float] | None = None
+        self._refused_at_once = 0
 
     def take_config(self, config: InstanceConfig) -> None:
         """New settings (a reload, a re-read secret): the next call to Sugar uses them."""
@@ -174,6 +179,8 @@ class Supervisor:
             return
         reported = demand.reason is RenewalReason.REPORTED
         if verdict is Probe.ALIVE:
+            if self._unproven is not None and self._unproven[0] is grant:
+                self._unproven, self._refused_at_once = None, 0
             if reported:
                 self.session.checked_alive(grant.access_token)
                 log.info(
@@ -198,7 +205,35 @@ class Supervisor:
         self.progress.evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
         self.board.notify()
+        if self._refused_at_once_now(grant):
+            await self._back_off_refused(grant, demand)
         await self._renew(demand)
+
+    def _refused_at_once_now(self, grant: Grant) -> bool:
+        """Whether `grant`, just found refused, is the one our last renewal brought, refused at
+        its first check and soon after it came (not a session evicted after long service)."""
+        unproven = self._unproven
+        return (
+            unproven is not None
+            and unproven[0] is grant
+            and self._ticks() - unproven[1] < timing.REFUSED_AT_ONCE
+        )
+
+    async def _back_off_refused(self, grant: Grant, demand: Demand) -> None:
+        """The token our last renewal brought was refused at its first check: renewing at once
+        would likely bring one more Sugar refuses, for every request that reports it. Back off
+        (a person's `sugarctl refresh` cuts it short), and say why in STATUS and the log."""
+        self._refused_at_once += 1
+        seconds = timing.refused_token_backoff(self._refused_at_once, self.config.backoff_max)
+        message = (
+            f"Sugar refused token {grant.access_token.fingerprint} at its first check, right "
+            f"after issuing it ({self._refused_at_once} in a row; a site that checks the "
+            "client's IP address, or a broken front?); renewing again after a backoff, not "
+            "per request"
+        )
+        log.warning("%s: %s; next try in %.1f s", self.name, message, seconds)
+        self.progress.refused_at_once(message, seconds)
+        await self._backoff_sleep(seconds, demand)
 
     # Renewing
 
@@ -253,6 +288,7 @@ class Supervisor:
             raise
         logged_in = self.progress.state is State.LOGGING_IN
         self.install(grant)
+        self._unproven = (grant, self._ticks())
         self.progress.renewed(grant.expires_at)
         demand.in_flight = False
         self.board.settle(demand, failed=False)

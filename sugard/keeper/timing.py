@@ -19,6 +19,7 @@ __all__ = [
     "JITTER",
     "LONG_BACKOFF",
     "MIN_TTL_CAP",
+    "REFUSED_AT_ONCE",
     "REJECTED_RETRY_QUIET",
     "SESSION_CHECK_INTERVAL",
     "delay",
@@ -30,6 +31,7 @@ __all__ = [
     "refresh_deadline",
     "refresh_time",
     "refresh_usable",
+    "refused_token_backoff",
     "renewal_retries",
     "renewal_time",
     "report_settled",
@@ -59,6 +61,9 @@ REPORT_SETTLED = 10.0
 # After a rejected secret was sent again as asked (`--retry-rejected`), the next such retry of
 # the same secret waits this long: a loop of retries must not lock the account.
 REJECTED_RETRY_QUIET = 60.0
+# A new token Sugar refuses at its first check within this long of its arrival was "refused at
+# once": the next renewal waits (refused_token_backoff) instead of following every report.
+REFUSED_AT_ONCE = 30.0
 
 
 def steady_clock() -> float:
@@ -209,6 +214,14 @@ def delay(retry_state: RetryCallState, cap: float, rng: Callable[[], float]) -> 
         if exc.retry_after is not None:
             seconds = max(seconds, min(exc.retry_after, cap))
     return seconds
+
+
+def refused_token_backoff(in_a_row: int, cap: float) -> float:
+    """Seconds to wait before renewing again after the token the last renewal brought was
+    refused at its first check, `in_a_row` times running: 1 s, doubling up to `cap`. A site
+    that refuses every token it issues (one that checks the client's IP, a broken front) must
+    not cost a renewal per request."""
+    return min(cap, 2.0 ** (in_a_row - 1))
 
 
 def renewal_retries(
