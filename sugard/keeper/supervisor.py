@@ -220,11 +220,14 @@ class Supervisor:
         )
 
     async def _back_off_refused(self, grant: Grant, demand: Demand) -> None:
-        """The token our last renewal brought was refused at its first check: renewing at once
-        would likely bring one more Sugar refuses, for every request that reports it. Back off
-        (a person's `sugarctl refresh` cuts it short), and say why in STATUS and the log."""
+        """The token our last renewal brought was refused at its first check. Once, it may have
+        been evicted by chance: renew at once. Twice running, renewing at once would likely
+        bring one more Sugar refuses, for every request that reports it: back off (a person's
+        `sugarctl refresh` cuts it short), and say why in STATUS and the log."""
         self._refused_at_once += 1
-        seconds = timing.refused_token_backoff(self._refused_at_once, self.config.backoff_max)
+        if self._refused_at_once < 2:
+            return
+        seconds = timing.refused_token_backoff(self._refused_at_once - 1, self.config.backoff_max)
         message = (
             f"Sugar refused token {grant.access_token.fingerprint} at its first check, right "
             f"after issuing it ({self._refused_at_once} in a row; a site that checks the "

@@ -23,8 +23,8 @@ async def test_a_site_that_refuses_every_new_token_is_not_asked_for_one_per_repo
     short_dir: Path,
 ) -> None:
     """Every token Sugar issues is dead at once, and a script reports each one it gets, 20
-    times over 20 s: sugard renews a handful of times (1, 2, 4, 8 s apart), not 20, and
-    STATUS says why it backs off."""
+    times over 20 s: sugard renews a handful of times (at once, then 1, 2, 4, 8 s apart),
+    not 20, and STATUS says why it backs off."""
     async with rig(short_dir, speed=10.0, backoff_max=300, probe_interval=0) as r:
         await first_token(r)
         r.fake.reset_counters()
