@@ -114,8 +114,11 @@ def answer(exc: DaemonError) -> web.Response:
 KEY_REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 KEY_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 KEY_OBSERVER: web.AppKey[Observer] = web.AppKey("observer")
-# (Accept header, metric names) -> (body, Content-Type): Metrics.render
-RenderMetrics = Callable[[str, Sequence[str]], Awaitable[tuple[bytes, str]]]
+# (Accept header, metric names, the instances shown; None: all) -> (body, Content-Type):
+# Metrics.render
+RenderMetrics = Callable[
+    [str, Sequence[str], Callable[[str], bool] | None], Awaitable[tuple[bytes, str]]
+]
 KEY_METRICS: web.AppKey[RenderMetrics | None] = web.AppKey("metrics")
 
 
@@ -345,6 +348,11 @@ async def refresh(request: web.Request) -> web.Response:
     retry_rejected = options.get("retry_rejected", False)
     if not isinstance(retry_rejected, bool) or set(options) - {"retry_rejected"}:
         return error("bad_request", REFRESH_BODY)
+    if retry_rejected:
+        # Each try may count towards a lockout of the account: the owner's call, not a user's.
+        refused = _not_owner(request, "send a rejected secret again through")
+        if refused is not None:
+            return refused
     # `retry_rejected` (sugarctl refresh --retry-rejected) is the one override of the rule
     # that a secret Sugar rejected is never sent again; the keeper applies both.
     return await _answer_token(
@@ -367,12 +375,19 @@ _TOKEN_ROUTES = frozenset({token, invalidate, refresh})
 
 
 async def metrics_text(request: web.Request) -> web.StreamResponse:
-    """The Prometheus exposition (on the socket, with the access rules of every route)."""
+    """The Prometheus exposition. On the socket, with the access rules of every route, and
+    only the series of the instances the caller may use (as /v1/instances lists them); on
+    `metrics_listen` (no registry there), the operator's whole view."""
     render = request.app.get(KEY_METRICS)
     if render is None:
         return error("not_found", "this sugard serves no metrics")
+    registry = request.app.get(KEY_REGISTRY)
+    shown: Callable[[str], bool] | None = None
+    if registry is not None:
+        peer = peer_of(request)
+        shown = lambda name: peer is not None and registry.allowed(peer, name)  # noqa: E731
     body, content_type = await render(
-        request.headers.get("Accept", ""), request.query.getall("name[]", [])
+        request.headers.get("Accept", ""), request.query.getall("name[]", []), shown
     )
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type

@@ -250,7 +250,8 @@ def _document() -> dict[str, Any]:
                     "operationId": "refresh",
                     "summary": "renew the token now, even from `failed` or during backoff",
                     "description": "A password or client secret that Sugar rejected is not "
-                    "sent again unless it changed since, or the body asks for it.",
+                    "sent again unless it changed since, or the body asks for it (the "
+                    "daemon's owner and root only; once per rejection, then not for a minute).",
                     "requestBody": {
                         "required": False,
                         "content": {"application/json": {"schema": ref("RefreshRequest")}},

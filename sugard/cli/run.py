@@ -23,10 +23,12 @@ def run_daemon(
     """The exit status of `sugard run`. `explicit`: the config was named with -c; `log_level`:
     --log-level, which a reload then leaves alone."""
     from sugard.daemon import Daemon
+    from sugard.daemon.hardening import keep_memory_private
     from sugard.daemon.sockets import adopt_socket
     from sugard.daemon.systemd import Notifier, passed_fds, setup_logging
     from sugard.errors import SocketError
 
+    keep_memory_private()  # before any secret is read: no core file, no ptrace by our uid
     # Read (and remove) systemd's variables first, so no child process ever sees them.
     notifier = Notifier.from_environ()
     try:

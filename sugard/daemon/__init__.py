@@ -37,6 +37,7 @@ from sugard.daemon.sockets import SocketLock, prepare_socket
 from sugard.daemon.systemd import Notifier, started_by_systemd
 from sugard.errors import ReloadFailed, SocketError
 from sugard.keeper import MAX_SLEEP, Keeper
+from sugard.keeper.timing import steady_clock
 from sugard.observe import Fanout, Forgotten
 from sugard.observe.events import EventHooks
 from sugard.observe.metrics import Metrics
@@ -123,6 +124,7 @@ class Daemon:
         *,
         environ: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = steady_clock,
         rng: Callable[[], float] = random.random,
         listen_socket: socket.socket | None = None,
         max_sleep: float = MAX_SLEEP,
@@ -134,6 +136,7 @@ class Daemon:
         self.socket_path = socket_path
         self._environ = environ
         self._clock = clock
+        self._ticks = ticks  # intervals: a wall clock set back must not postpone them
         self._rng = rng  # injectable so tests can pin the backoff schedule
         self._inherited_socket = listen_socket
         self._keepers: dict[str, Keeper] = {}
@@ -270,6 +273,7 @@ class Daemon:
             sugar,
             login_slots=self._login_slots,
             clock=self._clock,
+            ticks=self._ticks,
             rng=self._rng,
             max_sleep=self._max_sleep,
             reread=self._reread_secrets,

@@ -69,6 +69,7 @@ class Keeper:
         *,
         login_slots: asyncio.Semaphore | None = None,
         clock: Callable[[], float] = time.time,
+        ticks: Callable[[], float] = timing.steady_clock,
         rng: Callable[[], float] = random.random,
         max_sleep: float = MAX_SLEEP,
         reread: Callable[[InstanceConfig], InstanceConfig] | None = None,
@@ -78,7 +79,8 @@ class Keeper:
     ) -> None:
         self.upstream = upstream
         self.fleet = fleet
-        self._clock = clock
+        self._clock = clock  # the wall clock: token expiries, times shown
+        self._ticks = ticks  # the steady one: intervals (timing.steady_clock)
         # Reads the secrets from their sources again (blocking: a file, a command).
         self._reread = reread
         self._board = Board()  # the one demand and the one condition (sugard/keeper/model.py)
@@ -90,11 +92,15 @@ class Keeper:
             fleet=fleet,
             login_slots=login_slots or asyncio.Semaphore(1),
             clock=clock,
+            ticks=ticks,
             rng=rng,
             max_sleep=max_sleep,
             on_rejection=on_rejection,  # told of each change of `rejection`
         )
         self._progress = self._supervisor.progress  # what requests are told comes from it
+        # When (steady clock, and wall clock) a rejected secret was last sent again as asked:
+        # the next such retry of the same secret waits timing.REJECTED_RETRY_QUIET.
+        self._insisted: tuple[float, float] | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -181,7 +187,6 @@ class Keeper:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         joined: Demand | None = None
-        held = False  # the token met the request, but a renewal in flight is about to kill it
         while True:
             self._raise_if_stopped()
             grant = self._supervisor.session.grant
@@ -191,8 +196,7 @@ class Keeper:
                 renewed = joined is not None and joined.done
                 wanted = timing.wanted_ttl(min_ttl, grant)
                 enough = grant.expires_at - self._clock() >= wanted
-                held = enough and self._supervisor.doomed()
-                if renewed or (enough and not held):
+                if renewed or (enough and not self._supervisor.doomed()):
                     self._supervisor.session.handed_out(grant, wanted)
                     return grant
             if self.state is State.FAILED:
@@ -201,13 +205,26 @@ class Keeper:
                 joined = self._board.join(Need.RENEW, RenewalReason.DEMANDED)
             left = deadline - loop.time()
             if left <= 0 or not await self._board.idle(left):
-                if held and grant is not None and grant is self._supervisor.session.grant:
-                    # Held for a renewal that has not answered within the wait: the token is
-                    # still valid now, and a renewal this slow is likely failing. Better than
-                    # no token at all; the script was told how long it may wait.
-                    self._supervisor.session.handed_out(grant, 0.0)
-                    return grant
+                last = self._last_resort(min_ttl)
+                if last is not None:
+                    return last
                 raise self._progress.unavailable()
+
+    def _last_resort(self, min_ttl: float) -> Grant | None:
+        """At the end of a request's wait: the current token if it is still valid (outside the
+        mandatory window), not refused by Sugar, and has `min_ttl` left, even though a renewal
+        in flight may kill it or a refresh Sugar may have run left it in doubt. A renewal this
+        slow is likely failing, a check this slow likely stuck: a token still valid is better
+        than none, and the script was told how long it may wait."""
+        grant = self._supervisor.session.grant
+        if grant is None or not timing.servable(
+            grant, self._clock(), self._supervisor.session.dead_token
+        ):
+            return None
+        if grant.expires_at - self._clock() < timing.wanted_ttl(min_ttl, grant):
+            return None
+        self._supervisor.session.handed_out(grant, 0.0)
+        return grant
 
     async def invalidate(self, access_token: str, wait: float = 10.0) -> Grant:
         """A script reports that Sugar refused `access_token`.
@@ -276,11 +293,26 @@ class Keeper:
                 ) from None
         if not self.refuses_rejected():
             log.info("%s: the rejected %s changed; trying it once", self.name, rejection.field)
+            self._insisted = None
         elif insist:
+            self._insist(rejection)
             log.warning("%s: sending the rejected %s again, as asked", self.name, rejection.field)
         else:
             raise InstanceNeedsAttention(rejection.refusal(self.config))
         self.rejection = None
+
+    def _insist(self, rejection: Rejection) -> None:
+        """One retry of a rejected secret per rejection: after a retry Sugar rejected too, the
+        next waits for a quiet period (the secret unchanged), so a loop cannot lock the account."""
+        now = self._ticks()
+        if self._insisted is not None:
+            left = self._insisted[0] + timing.REJECTED_RETRY_QUIET - now
+            if left > 0:
+                until = self._clock() + left
+                raise InstanceNeedsAttention(
+                    rejection.retry_refused(self.config, self._insisted[1], until, left)
+                )
+        self._insisted = (now, self._clock())
 
     def _take(self, config: InstanceConfig) -> None:
         self._supervisor.take_config(config)

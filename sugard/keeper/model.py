@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -123,10 +125,25 @@ class Rejection:
         source = getattr(config, self.field).describe()
         return (
             f"Sugar rejected the {what} of {config.name!r} and it has not changed since "
-            f"({source}): not sending it again, so the account is not locked. Fix the {what}, "
-            f"then run `sugarctl refresh {config.name}`; if an admin unlocked the account "
-            f"instead: `sugarctl refresh {config.name} --retry-rejected` (may count as a "
-            "failed login)"
+            f"({source}): not sending it again (each try may count towards a lockout). Fix "
+            f"the {what}, then run `sugarctl refresh {config.name}`; if an admin unlocked the "
+            f"account instead: `sugarctl refresh {config.name} --retry-rejected` (may count "
+            "as a failed login)"
+        )
+
+    def retry_refused(
+        self, config: InstanceConfig, sent_at: float, until: float, left: float
+    ) -> str:
+        """Why `--retry-rejected` is refused now: the secret was sent again at `sent_at` and
+        rejected again; not before `until` (wall-clock times), `left` seconds from now."""
+        what = self.field.replace("_", " ")
+        return (
+            f"the rejected {what} of {config.name!r} was sent again at "
+            f"{time.strftime('%H:%M:%S', time.localtime(sent_at))}, as asked, and Sugar "
+            f"rejected it again: not sending it again before "
+            f"{time.strftime('%H:%M:%S', time.localtime(until))} (in {math.ceil(left)} s) "
+            f"unless it changes (each try may count towards a lockout). Fix the {what}, then "
+            f"run `sugarctl refresh {config.name}`"
         )
 
 

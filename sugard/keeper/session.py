@@ -95,10 +95,15 @@ class HeldSession:
     """One keeper's session state; its methods are the only ones that replace a grant."""
 
     def __init__(
-        self, calls: CountedCalls, clock: Callable[[], float], rng: Callable[[], float]
+        self,
+        calls: CountedCalls,
+        clock: Callable[[], float],
+        rng: Callable[[], float],
+        ticks: Callable[[], float],
     ) -> None:
         self._calls = calls  # the keeper's, counted: learning the version is a call to Sugar
-        self._clock = clock
+        self._clock = clock  # the wall clock: token expiries
+        self._ticks = ticks  # the steady one: quiet moments, report bursts
         self._rng = rng
         self.grant: Grant | None = None
         self.refresh_token: Secret | None = None  # None once burned or rejected
@@ -115,7 +120,8 @@ class HeldSession:
         # The token a check made for a report found alive, when, and the latest report of it
         # answered so (reports that keep coming are answered alike: timing.report_settled).
         self.found_alive: tuple[Secret, float, float] | None = None
-        self.quiet_until = 0.0  # no-grace servers: until then a handed-out token is in use
+        # No-grace servers: until then (steady clock) a handed-out token is in use.
+        self.quiet_until = 0.0
         self.ends_at: float | None = None  # a capped session's end (max lifetime)
 
     def install(self, grant: Grant, *, logged_in: bool) -> Grant | None:
@@ -172,14 +178,14 @@ class HeldSession:
     def alive_for_report(self, token: Secret) -> bool:
         """Whether a check found `token` alive so recently that a report of it is answered
         by that check (it counts as one more of the same burst)."""
-        found, now = self.found_alive, self._clock()
+        found, now = self.found_alive, self._ticks()
         if found is None or found[0] != token or not timing.report_settled(found[1], found[2], now):
             return False
         self.found_alive = (token, found[1], now)
         return True
 
     def checked_alive(self, token: Secret) -> None:
-        now = self._clock()
+        now = self._ticks()
         self.found_alive = (token, now, now)
 
     def kept(self, ready: bool) -> Grant | None:
@@ -195,14 +201,18 @@ class HeldSession:
         return timing.refresh_time(grant, config, capped=capped, draw=self._rng())
 
     def renewal_time(self, grant: Grant, config: InstanceConfig, refresh_at: float | None) -> float:
-        grace, quiet = self.old_token_grace(config), self.quiet_until
+        # The quiet moment is kept on the steady clock, and read as a wall-clock time here.
+        grace, quiet = (
+            self.old_token_grace(config),
+            self._clock() + self.quiet_until - self._ticks(),
+        )
         deadline = timing.refresh_deadline(grant, capped=self.ends_at is not None)
         return timing.renewal_time(
             grant, refresh_at, grace=grace, quiet_until=quiet, deadline=deadline
         )
 
     def handed_out(self, grant: Grant, promised: float) -> None:
-        self.quiet_until = max(self.quiet_until, timing.quiet_until(grant, self._clock(), promised))
+        self.quiet_until = max(self.quiet_until, timing.quiet_until(grant, self._ticks(), promised))
 
     def why_login(self) -> str:
         """Why a password login is needed although sugard holds a refresh token."""
@@ -376,6 +386,12 @@ class Progress:
         if self.state is State.READY:
             return False
         return self.last_refresh is None or error.at >= self.last_refresh
+
+    def refused_at_once(self, message: str, seconds: float) -> None:
+        """The new token was refused at its first check: back off `seconds`, saying why."""
+        self.last_error = LastError(self._clock(), "token_refused", message)
+        self.next_attempt_at = self._clock() + seconds
+        self.set_state(State.BACKING_OFF)
 
     def unavailable(self) -> NoValidToken:
         """Why there is no token now, and when to ask again."""

@@ -55,6 +55,7 @@ class Supervisor:
         fleet: Leadership | None,
         login_slots: asyncio.Semaphore,
         clock: Callable[[], float],
+        ticks: Callable[[], float],
         rng: Callable[[], float],
         max_sleep: float,
         on_rejection: Callable[[Rejection | None], None] | None = None,
@@ -62,12 +63,13 @@ class Supervisor:
         self.config = config  # replaced by the keeper when settings change (adopt, a re-read)
         self.upstream = upstream
         self.calls = CountedCalls(upstream, observer, config.name)  # each one counted
-        self.session = HeldSession(self.calls, clock, rng)  # the grant and what it learned
+        self.session = HeldSession(self.calls, clock, rng, ticks)  # the grant and what it learned
         self.board = board
         self.fleet = fleet
         self._observer = observer  # hears why each renewal is made
         self._login_slots = login_slots
-        self._clock = clock
+        self._clock = clock  # the wall clock: token expiries, times shown
+        self._ticks = ticks  # the steady one: probe and backoff intervals
         self._rng = rng
         self._max_sleep = max_sleep
 
@@ -75,6 +77,11 @@ class Supervisor:
         self.progress = Progress(config.name, self.session, observer, clock, on_rejection)
         self.resumed: Grant | None = None  # a session kept across a restart, not yet checked
         self._probe_at: float | None = None
+        # The grant a renewal of ours brought and when (steady clock), until a check finds
+        # Sugar takes it; and how many such grants running were refused at their first check
+        # soon after (then: back off, not renew).
+        self._unproven: tuple[Grant, float] | None = None
+        self._refused_at_once = 0
 
     def take_config(self, config: InstanceConfig) -> None:
         """New settings (a reload, a re-read secret): the next call to Sugar uses them."""
@@ -116,7 +123,7 @@ class Supervisor:
             return self.board.join(Need.RENEW, RenewalReason.INITIAL)
         if now >= self._renewal_time(grant):
             return self.board.join(Need.RENEW, RenewalReason.SCHEDULED)
-        if self._probe_at is not None and now >= self._probe_at:
+        if self._probe_at is not None and self._ticks() >= self._probe_at:
             return self.board.join(Need.CHECK, RenewalReason.PROBE)
         return None
 
@@ -124,10 +131,10 @@ class Supervisor:
         grant = self.session.grant
         if self.progress.state is State.FAILED or grant is None:
             return self._max_sleep
-        due = self._renewal_time(grant)
+        wait = self._renewal_time(grant) - self._clock()
         if self._probe_at is not None:
-            due = min(due, self._probe_at)
-        return min(self._max_sleep, max(0.0, due - self._clock()))
+            wait = min(wait, self._probe_at - self._ticks())
+        return min(self._max_sleep, max(0.0, wait))
 
     async def _check_resumed(self, grant: Grant) -> None:
         """One probe of the session the sugard before this one handed over."""
@@ -172,6 +179,8 @@ class Supervisor:
             return
         reported = demand.reason is RenewalReason.REPORTED
         if verdict is Probe.ALIVE:
+            if self._unproven is not None and self._unproven[0] is grant:
+                self._unproven, self._refused_at_once = None, 0
             if reported:
                 self.session.checked_alive(grant.access_token)
                 log.info(
@@ -196,7 +205,38 @@ class Supervisor:
         self.progress.evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
         self.board.notify()
+        if self._refused_at_once_now(grant):
+            await self._back_off_refused(grant, demand)
         await self._renew(demand)
+
+    def _refused_at_once_now(self, grant: Grant) -> bool:
+        """Whether `grant`, just found refused, is the one our last renewal brought, refused at
+        its first check and soon after it came (not a session evicted after long service)."""
+        unproven = self._unproven
+        return (
+            unproven is not None
+            and unproven[0] is grant
+            and self._ticks() - unproven[1] < timing.REFUSED_AT_ONCE
+        )
+
+    async def _back_off_refused(self, grant: Grant, demand: Demand) -> None:
+        """The token our last renewal brought was refused at its first check. Once, it may have
+        been evicted by chance: renew at once. Twice running, renewing at once would likely
+        bring one more Sugar refuses, for every request that reports it: back off (a person's
+        `sugarctl refresh` cuts it short), and say why in STATUS and the log."""
+        self._refused_at_once += 1
+        if self._refused_at_once < 2:
+            return
+        seconds = timing.refused_token_backoff(self._refused_at_once - 1, self.config.backoff_max)
+        message = (
+            f"Sugar refused token {grant.access_token.fingerprint} at its first check, right "
+            f"after issuing it ({self._refused_at_once} in a row; a site that checks the "
+            "client's IP address, or a broken front?); renewing again after a backoff, not "
+            "per request"
+        )
+        log.warning("%s: %s; next try in %.1f s", self.name, message, seconds)
+        self.progress.refused_at_once(message, seconds)
+        await self._backoff_sleep(seconds, demand)
 
     # Renewing
 
@@ -229,16 +269,15 @@ class Supervisor:
         refreshing = False
         try:
             refresh_token = self.session.refresh_token
-            if refresh_token is not None and timing.refresh_usable(old, self._clock()):
+            # Tried even when the local clock says the refresh token has ended: only Sugar
+            # knows (the clock may have been set), and a refused refresh costs one call.
+            if refresh_token is not None:
                 refreshing = True
                 grant = await self._refresh(refresh_token)
                 refreshing = False
                 if grant is None:
                     grant = await self._login()
             else:
-                if refresh_token is not None:
-                    why = self.session.why_login()
-                    log.info("%s: %s; logging in with the password", self.name, why)
                 grant = await self._login()
         except UpstreamError as exc:
             self.progress.failures += 1
@@ -252,6 +291,7 @@ class Supervisor:
             raise
         logged_in = self.progress.state is State.LOGGING_IN
         self.install(grant)
+        self._unproven = (grant, self._ticks())
         self.progress.renewed(grant.expires_at)
         demand.in_flight = False
         self.board.settle(demand, failed=False)
@@ -271,7 +311,9 @@ class Supervisor:
             # Evicted by another login, rotated by a refresh we never saw, or expired:
             # exactly one password login gets the session back.
             self.progress.error(exc)
-            log.warning("%s: %s; logging in again", self.name, exc.message)
+            ended = not timing.refresh_usable(self.session.grant, self._clock())
+            why = f" ({self.session.why_login()})" if ended else ""
+            log.warning("%s: %s%s; logging in again", self.name, exc.message, why)
             self.session.drop_refresh_token()
             self.progress.evicted("refresh")
             return None
@@ -326,7 +368,7 @@ class Supervisor:
         return self.session.renewal_time(grant, self.config, self.progress.refresh_at)
 
     def _next_probe(self) -> float | None:
-        return timing.next_probe(self._clock(), self.config.probe_interval)
+        return timing.next_probe(self._ticks(), self.config.probe_interval)
 
     def doomed(self) -> bool:
         """The current token dies when the renewal now in flight answers (no grace)."""
@@ -360,12 +402,13 @@ class Supervisor:
         log.warning("%s: %s; next try in %.1f s", self.name, exc, seconds)
 
     async def _backoff_sleep(self, seconds: float, demand: Demand) -> None:
-        """Sleep until a wall-clock deadline, in steps of at most `max_sleep` (suspend-proof);
-        a forced demand (`sugarctl refresh`) cuts it short. Meanwhile the token still served
-        is checked: at once if a refresh left it in doubt, else when the probe is due."""
-        deadline = self._clock() + seconds
+        """Sleep until a deadline on the steady clock, in steps of at most `max_sleep` (it
+        counts a suspend; asyncio's clock does not); a forced demand (`sugarctl refresh`) cuts
+        it short. Meanwhile the token still served is checked: at once if a refresh left it in
+        doubt, else when the probe is due."""
+        deadline = self._ticks() + seconds
         while (
-            (left := deadline - self._clock()) > 0 and not demand.forced and not self.board.closed
+            (left := deadline - self._ticks()) > 0 and not demand.forced and not self.board.closed
         ):
             probe_in = self._probe_in_backoff()
             if probe_in is not None and probe_in <= 0:
@@ -383,7 +426,7 @@ class Supervisor:
             return 0.0
         if self._probe_at is None or grant.expires_at <= self._clock():
             return None
-        return self._probe_at - self._clock()
+        return self._probe_at - self._ticks()
 
     async def _check_in_backoff(self) -> None:
         """One probe of the token served while the renewal backs off: a dead one is not

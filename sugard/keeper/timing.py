@@ -5,6 +5,7 @@ and the config, so each rule reads in one place and is tested by tables.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never
@@ -18,6 +19,8 @@ __all__ = [
     "JITTER",
     "LONG_BACKOFF",
     "MIN_TTL_CAP",
+    "REFUSED_AT_ONCE",
+    "REJECTED_RETRY_QUIET",
     "SESSION_CHECK_INTERVAL",
     "delay",
     "grace_for_version",
@@ -28,11 +31,13 @@ __all__ = [
     "refresh_deadline",
     "refresh_time",
     "refresh_usable",
+    "refused_token_backoff",
     "renewal_retries",
     "renewal_time",
     "report_settled",
     "servable",
     "session_capped",
+    "steady_clock",
     "wanted_ttl",
 ]
 
@@ -53,6 +58,22 @@ REFRESH_MARGIN = 5.0  # a refresh token this close to its end is not worth a try
 # after the check; then a report is checked again.
 REPORT_GAP = 1.0
 REPORT_SETTLED = 10.0
+# After a rejected secret was sent again as asked (`--retry-rejected`), the next such retry of
+# the same secret waits this long: a loop of retries must not lock the account.
+REJECTED_RETRY_QUIET = 60.0
+# A new token Sugar refuses at its first check within this long of its arrival was "refused at
+# once": the next renewal waits (refused_token_backoff) instead of following every report.
+REFUSED_AT_ONCE = 30.0
+
+
+def steady_clock() -> float:
+    """Seconds on a clock that setting the wall clock never moves, and that counts a suspend
+    (Linux's CLOCK_BOOTTIME): what every interval (probe, backoff, quiet moment) runs on,
+    so a wall clock stepped back does not postpone them, and a laptop that slept catches up."""
+    return time.clock_gettime(BOOTTIME)
+
+
+BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 
 def grace_for_version(version: str | None) -> float:
@@ -98,8 +119,8 @@ def refresh_time(grant: Grant, config: InstanceConfig, *, capped: bool, draw: fl
 
 
 def refresh_deadline(grant: Grant, *, capped: bool) -> float | None:
-    """The last moment a refresh can keep the session: the refresh token's end, less the margin
-    within which it is not tried (`refresh_usable`). None: no end known, or a capped session
+    """The last moment a refresh can keep the session by the local clock: the refresh token's
+    end, less a margin (`refresh_usable`). None: no end known, or a capped session
     (max_session_lifetime), whose end a refresh does not move: a login ends it anyway."""
     ends = grant.refresh_expires_at
     if ends is None or capped:
@@ -152,7 +173,9 @@ def servable(grant: Grant, now: float, dead_token: Secret | None) -> bool:
 
 
 def refresh_usable(grant: Grant | None, now: float) -> bool:
-    """Whether the refresh token of `grant` (none yet: the one in hand) is worth a refresh."""
+    """Whether the refresh token of `grant` (none yet: the one in hand) is still good by the
+    local clock. It only explains a refusal: the refresh is tried anyway, since the clock may
+    have been set and only Sugar knows."""
     if grant is None or grant.refresh_expires_at is None:
         return True
     return grant.refresh_expires_at - now > REFRESH_MARGIN
@@ -191,6 +214,14 @@ def delay(retry_state: RetryCallState, cap: float, rng: Callable[[], float]) -> 
         if exc.retry_after is not None:
             seconds = max(seconds, min(exc.retry_after, cap))
     return seconds
+
+
+def refused_token_backoff(in_a_row: int, cap: float) -> float:
+    """Seconds to wait before renewing again after the token the last renewal brought was
+    refused at its first check, `in_a_row` times running: 1 s, doubling up to `cap`. A site
+    that refuses every token it issues (one that checks the client's IP, a broken front) must
+    not cost a renewal per request."""
+    return min(cap, 2.0 ** (in_a_row - 1))
 
 
 def renewal_retries(

@@ -31,6 +31,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from sugard import __version__
 from sugard.observe import (
@@ -153,9 +154,15 @@ class Metrics(Observer):
 
     # Exposition
 
-    async def render(self, accept: str = "", names: Sequence[str] = ()) -> tuple[bytes, str]:
+    async def render(
+        self,
+        accept: str = "",
+        names: Sequence[str] = (),
+        shown: Callable[[str], bool] | None = None,
+    ) -> tuple[bytes, str]:
         """(body, Content-Type) of a scrape: the format the `Accept` header asks for, only the
-        metrics in `names` if any are given.
+        metrics in `names` if any are given, only the series of the instances `shown` admits
+        (None: all of them).
 
         The keepers are read here, on the event loop (they are not thread-safe); the text is
         written in a thread, since for 1,000 instances that takes long enough to be felt by
@@ -164,7 +171,8 @@ class Metrics(Observer):
         snapshot = [dict(status) for status in self._statuses()]
         self.sync(snapshot)
         encoder, content_type = choose_encoder(accept)
-        scrape = _Scrape(self.registry, _instance_families(snapshot, self._clock()), set(names))
+        families = _instance_families(snapshot, self._clock())
+        scrape = _Scrape(self.registry, families, set(names), shown)
         return await asyncio.to_thread(encoder, scrape), content_type
 
     def sync(self, statuses: Iterable[Mapping[str, Any]] | None = None) -> None:
@@ -198,24 +206,38 @@ class Metrics(Observer):
 
 class _Scrape(Collector):
     """One scrape: the registry's metrics and the instance families read for it, only the
-    samples named in `names` when any are given."""
+    samples named in `names` when any are given, and only the series of the instances `shown`
+    admits (the others' are left out as if they did not exist)."""
 
-    def __init__(self, registry: CollectorRegistry, families: list[Metric], names: set[str]):
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        families: list[Metric],
+        names: set[str],
+        shown: Callable[[str], bool] | None = None,
+    ):
         self._registry = registry
         self._families = families
         self._names = names
+        self._shown = shown
 
     def collect(self) -> Iterator[Metric]:
         for family in itertools.chain(self._registry.collect(), self._families):
-            if not self._names:
+            if not self._names and self._shown is None:
                 yield family
                 continue
             # As prometheus_client's restricted registry does: by sample name.
-            kept = [sample for sample in family.samples if sample.name in self._names]
+            kept = [sample for sample in family.samples if self._keeps(sample)]
             if kept:
                 narrowed = Metric(family.name, family.documentation, family.type, family.unit)
                 narrowed.samples = kept
                 yield narrowed
+
+    def _keeps(self, sample: Sample) -> bool:
+        if self._names and sample.name not in self._names:
+            return False
+        instance = sample.labels.get(LABEL)
+        return self._shown is None or instance is None or self._shown(instance)
 
 
 def _instance_families(statuses: Iterable[Mapping[str, Any]], now: float) -> list[Metric]:

@@ -26,7 +26,8 @@ Which class an answer becomes is chosen by tables (`_UNAVAILABLE`, `_NEED_LOGIN_
 keeper decides by class alone and never reads an HTTP status. Branching uses the HTTP status
 and the `error` label only, since `error_message` is localised;
 the one exception is telling maintenance and license locks from a bad password, which Sugar
-answers with the same 401 `need_login`, so their English texts are recognised.
+answers with the same 401 `need_login`, so their English texts are recognised (and the text of
+an account lockout, for the words of the message only).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ __all__ = [
 TRANSIENT_STATUSES = {408, 425, 429}
 MAINTENANCE_TEXT = re.compile(r"maintenance", re.IGNORECASE)
 LICENSE_TEXT = re.compile(r"licen[cs]e|seats", re.IGNORECASE)
+# Only chooses the words of the message (the class is the same): Sugar's lockout text.
+LOCKOUT_TEXT = re.compile(r"\blocked\b|too many failed", re.IGNORECASE)
 
 
 class UpstreamError(Exception):
@@ -265,12 +268,23 @@ def refusal(
                     f"{i.url} " + says.format(says=_quote(sugar_says)), status=status, label=label
                 )
         if grant == "password":
+            if LOCKOUT_TEXT.search(sugar_says):
+                advice = (
+                    "Sugar says the account is locked: not sent again (each try counts again, "
+                    "and may restart a timed lock). Once an admin unlocked the user: "
+                    f"`sugarctl refresh {i.name} --retry-rejected`; or fix the password "
+                    f"({i.password.describe()}), then run `sugarctl refresh {i.name}`"
+                )
+            else:
+                advice = (
+                    "Not sent again (each try may count towards a lockout): fix the "
+                    f"password ({i.password.describe()}), then run `sugarctl refresh {i.name}`; "
+                    f"if an admin unlocked the user instead: `sugarctl refresh {i.name} "
+                    "--retry-rejected` (may count as a failed login)"
+                )
             return CredentialsRejected(
                 f"Sugar rejected the credentials of user {i.username!r} (need_login)"
-                f"{_quote(sugar_says)}. Not sent again, so the account is not locked: fix the "
-                f"password ({i.password.describe()}), then run `sugarctl refresh {i.name}`; "
-                f"if an admin unlocked the user instead: `sugarctl refresh {i.name} "
-                "--retry-rejected` (may count as a failed login)",
+                f"{_quote(sugar_says)}. {advice}",
                 status=status,
                 label=label,
             )

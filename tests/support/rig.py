@@ -42,19 +42,32 @@ def unix_aiohttp_session(socket: Path, connections: int) -> aiohttp.ClientSessio
 
 
 class VirtualClock:
-    """A wall clock for the fake and the daemon: runs `speed` times real time and can jump."""
+    """Time for the fake and the daemon: runs `speed` times real time and can jump. Called, it
+    is the true time (the fake's, and the daemon's steady clock); `wall` is the daemon's wall
+    clock, which a `step` sets apart from it."""
 
     def __init__(self, speed: float = 1.0) -> None:
         self.speed = speed
         self._start = time.time()
         self._offset = 0.0
+        self._stepped = 0.0
 
     def __call__(self) -> float:
         return self._start + (time.time() - self._start) * self.speed + self._offset
 
+    def wall(self) -> float:
+        """The daemon's wall clock: the true time, plus every step."""
+        return self() + self._stepped
+
     def jump(self, seconds: float) -> None:
-        """As after a suspend: the wall clock moves on, asyncio's monotonic clock did not."""
+        """As after a suspend: the wall clock and the steady clock (which counts a suspend)
+        move on, asyncio's monotonic clock did not."""
         self._offset += seconds
+
+    def step(self, seconds: float) -> None:
+        """As when the local clock is set (by hand, NTP): only the daemon's wall clock moves;
+        Sugar's clock and the daemon's steady clock do not."""
+        self._stepped += seconds
 
     async def sleep(self, virtual_seconds: float) -> None:
         await asyncio.sleep(virtual_seconds / self.speed)
@@ -96,7 +109,14 @@ async def rig(
     try:
         table = instance(fake, **settings)
         config = load_config(write_config(directory, {NAME: table}))
-        daemon = Daemon(config, directory / "s.sock", clock=clock, max_sleep=max_sleep, rng=rng)
+        daemon = Daemon(
+            config,
+            directory / "s.sock",
+            clock=clock.wall,
+            ticks=clock,
+            max_sleep=max_sleep,
+            rng=rng,
+        )
         await daemon.start()
         async with unix_aiohttp_session(directory / "s.sock", 64) as http:
             yield Rig(fake, daemon, clock, http)

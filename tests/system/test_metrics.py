@@ -25,7 +25,7 @@ from support.daemon import PASSWORD, USER, DaemonProcess, instance, write_config
 from support.daemon import status as daemon_status
 from support.http import run_curl
 from support.metrics import Samples, samples, scrape, value, with_name
-from support.nobody import AS_NOBODY
+from support.nobody import AS_NOBODY, NOBODY
 from support.wait import wait_for
 
 from sugard.keeper import State
@@ -200,6 +200,56 @@ def test_metrics_on_the_socket_follow_the_socket_rules(
     assert 1 == value(
         found, "sugard_token_requests_total", sugar_instance="prod", outcome="forbidden"
     )
+
+
+def instances_in(found: Samples) -> set[str]:
+    """The instances a scrape has series of."""
+    return {
+        dict(labels)["sugar_instance"] for _, labels in found if "sugar_instance" in dict(labels)
+    }
+
+
+def test_metrics_on_the_socket_show_a_uid_only_the_instances_it_may_use(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A uid allowed on `prod` but not on `finance` scrapes only prod's series on the socket
+    (as /v1/instances lists only prod); the owner, and metrics_listen, see both."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run curl as uid 65534 with setpriv")
+    config = write_config(
+        short_dir,
+        {
+            "prod": instance(fake),
+            "finance": instance(fake, allowed_uids=[], username="admin", password="admin-pw"),
+        },
+        daemon={"allowed_uids": [NOBODY], "metrics_listen": "127.0.0.1:0"},
+    )
+    daemon = start_daemon(config)
+    daemon.socket.parent.chmod(0o755)
+    daemon.socket.chmod(0o666)
+    token_json(daemon.socket, "finance")
+    done = subprocess.run(
+        [
+            *AS_NOBODY,
+            "curl",
+            "-sS",
+            "--unix-socket",
+            str(daemon.socket),
+            "http://sugard/v1/metrics",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    theirs = samples(done.stdout)
+    assert {"prod"} == instances_in(theirs)
+    assert ("process_open_fds", frozenset()) in theirs  # the daemon's own series stay
+    assert {"prod", "finance"} == instances_in(samples(scrape(daemon.socket)[1]))
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+)/metrics", daemon.log())
+    assert match, daemon.log()
+    over_tcp = run_curl(f"{match.group(1)}/metrics")
+    assert {"prod", "finance"} == instances_in(samples(over_tcp.stdout))
 
 
 @pytest.mark.slow

@@ -106,7 +106,14 @@ async def rig(
     daemon: Daemon | None = None
     try:
         config = load_config(write_config(directory, settings(fake, **table)))
-        daemon = Daemon(config, directory / "s.sock", clock=clock, max_sleep=0.02, rng=lambda: 0.5)
+        daemon = Daemon(
+            config,
+            directory / "s.sock",
+            clock=clock,
+            ticks=clock,  # virtual time for the intervals too
+            max_sleep=0.02,
+            rng=lambda: 0.5,
+        )
         await daemon.start()
         connector = aiohttp.UnixConnector(path=str(directory / "s.sock"), limit=64)
         async with aiohttp.ClientSession(
