@@ -37,6 +37,7 @@ from sugard.errors import (
     DaemonError,
     InstanceNeedsAttention,
     InstanceStopped,
+    LeaderOnly,
     NoValidToken,
     ReloadFailed,
     SocketError,
@@ -137,6 +138,7 @@ def make_app(
     app.router.add_get("/v1/instances/{name}/token", token)
     app.router.add_post("/v1/instances/{name}/invalidate", invalidate)
     app.router.add_post("/v1/instances/{name}/refresh", refresh)
+    app.router.add_post("/v1/instances/{name}/revoke", revoke)
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/shutdown", shutdown)
     add_routes(app, registry, peer_of, observer)
@@ -331,6 +333,23 @@ async def refresh(request: web.Request) -> web.Response:
     )
 
 
+async def revoke(request: web.Request) -> web.Response:
+    """End the session at Sugar, so every token handed out dies, and log in anew."""
+    refused = _not_owner(request, "revoke sessions of")
+    if refused is not None:
+        return refused
+    keeper = _keeper(request)
+    if isinstance(keeper, web.Response):
+        return keeper
+    peer = peer_of(request)
+    log.info("%s: revoke asked by %s", keeper.name, peer.describe() if peer else "?")
+    try:
+        return await _answer_token(request, keeper, lambda: keeper.revoke())
+    except LeaderOnly as exc:
+        _count(request, keeper, "bad_request")
+        return answer(exc)
+
+
 def _not_owner(request: web.Request, action: str) -> web.Response | None:
     """The 403 for a peer other than the daemon's owner and root, who alone may `action`."""
     peer = peer_of(request)
@@ -342,7 +361,7 @@ def _not_owner(request: web.Request, action: str) -> web.Response | None:
 
 
 # The routes that answer a TOKEN: how they end is counted per instance (metrics).
-_TOKEN_ROUTES = frozenset({token, invalidate, refresh})
+_TOKEN_ROUTES = frozenset({token, invalidate, refresh, revoke})
 
 
 async def metrics_text(request: web.Request) -> web.StreamResponse:
