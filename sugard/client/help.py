@@ -28,6 +28,7 @@ __all__ = [
     "command_help",
     "described_options",
     "general_help",
+    "long_option",
     "option_summary",
     "summary",
 ]
@@ -151,7 +152,8 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
             (
                 "--paginate",
                 "follow next_offset of a list answer (records and next_offset: GET lists, POST "
-                "filter) until it is -1, and print one record per line (JSON lines); without -X, a GET",
+                "filter) until it is -1, and print one record per line (JSON lines); without "
+                "-X, a GET",
             ),
             (
                 "-o, --output FILE",
@@ -356,9 +358,18 @@ def described_options(name: str) -> list[str]:
 def option_summary(name: str, option: str) -> str:
     """The first words of what `option` of command `name` does (for shell completion)."""
     for described, text in _COMMANDS[name][3]:
-        if described.split()[0] == option:
+        if described.split()[0].rstrip(",") == option:
             return text.split(";")[0].split(" (")[0].split(":")[0].split(", e.g.")[0]
     return ""
+
+
+def long_option(name: str, option: str) -> str | None:
+    """The long form the help of `name` gives short `option` (-X, --method M: --method)."""
+    for described, _ in _COMMANDS[name][3]:
+        words = described.split()
+        if words[0] == f"{option}," and len(words) > 1:
+            return words[1]
+    return None
 
 
 def summary(name: str) -> str:
