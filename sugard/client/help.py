@@ -126,7 +126,7 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         "carries Sugar's body whatever the status (JSON pretty on a terminal, as sent "
         "otherwise).\n"
         "Examples:\n"
-        '  sugarctl api prod Accounts -F \'filter=[{"name":{"$starts":"A"}}]\'  # list\n'
+        '  sugarctl api prod Accounts/filter -F \'filter=[{"name":{"$starts":"A"}}]\'\n'
         "  sugarctl api prod Accounts -f name=Acme -F employees=12    # create\n"
         "  sugarctl api prod Accounts/ID -X PUT -f industry=Retail    # update\n"
         "  sugarctl api prod Notes/ID/file/filename -o report.pdf     # download\n"
