@@ -352,3 +352,19 @@ def test_bad_input_is_a_usage_error_before_anything_is_sent(args: list[str], nam
     )
     assert (2, "") == (got.returncode, got.stdout)
     assert named in one_line(got.stderr)
+
+
+def test_revoke_never_sends_a_rejected_password_and_ends_nothing(
+    served: DaemonProcess, crm: FakeSugar
+) -> None:
+    """After Sugar rejected the password, `revoke` exits 6 without a logout or a login: a
+    rejected password is never sent again, whoever asks."""
+    crm.set_password(USER, "changed-by-the-admin")
+    crm.evict(USER, "sugard")  # the refresh token dies with it: the renewal is a login
+    refused = sugarctl(served.socket, "refresh", "prod")
+    assert 6 == refused.returncode, refused.stderr
+    logins, logouts = crm.calls["password"], crm.calls["logout"]
+    revoked = sugarctl(served.socket, "revoke", "prod")
+    assert 6 == revoked.returncode
+    assert "not sending it again" in one_line(revoked.stderr)
+    assert (logins, logouts) == (crm.calls["password"], crm.calls["logout"])
