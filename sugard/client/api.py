@@ -371,7 +371,10 @@ class _Session:
         conn = self.conn
         conn.sock.settimeout(None)  # sugard bounds the wait for Sugar (proxy_timeout)
         head = [f"{method} {target} HTTP/1.1", "Host: sugard", *(f"{k}: {v}" for k, v in headers)]
-        head += body.framing()
+        framing = body.framing()
+        if not framing and method not in ("GET", "HEAD"):
+            framing = ["Content-Length: 0"]  # said, for a POST or PUT without a body
+        head += framing
         try:
             conn.send(("\r\n".join(head) + "\r\n\r\n").encode("utf-8"))
             for piece in body.pieces():
