@@ -9,8 +9,8 @@ its few arguments itself rather than with argparse (which imports `re`, about as
 as starting the interpreter), and imports json and datetime only for the outputs that need
 them; help texts (sugard.client.help), the status table (sugard.client.status), completion scripts
 (sugard.client.completion), the commands about the daemon itself (sugard.client.commands) and the
-words for what went wrong (sugard.client.commands) only when asked for. See sugard.client for the
-transport.
+words for what went wrong (sugard.client.commands) only when asked for, and `api`
+(sugard.client.api) only when it runs. See sugard.client for the transport.
 """
 
 from __future__ import annotations
