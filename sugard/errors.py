@@ -6,12 +6,13 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
     +-- NoValidToken            token_unavailable  no token within the wait; `.retry_after`
     +-- InstanceNeedsAttention  upstream_rejected  Sugar refused what a person must fix
     +-- InstanceStopped         unknown_instance   removed by a reload, or the daemon stops
+    +-- LeaderOnly              bad_request        only the fleet's leader may do this
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
     +-- ConfigError             invalid_config     the config cannot be used (sugard.config)
     +-- SocketError             internal           the socket cannot be set up (at start)
     +-- InitError               bad_request        `sugard init` cannot go on (sugard.cli)
 
-The keeper raises the first three; the daemon the reload's and the socket's. What Sugar
+The keeper raises the first four; the daemon the reload's and the socket's. What Sugar
 answers is another tree (sugard.sugar.UpstreamError): the keeper decides what each means, and
 raises one of these. The client's tree (sugard.client.SugardError) is its own, built from the
 same wire table, so that `sugarctl` never imports this side.
@@ -27,6 +28,7 @@ __all__ = [
     "DaemonError",
     "InstanceNeedsAttention",
     "InstanceStopped",
+    "LeaderOnly",
     "NoValidToken",
     "ReloadFailed",
     "SocketError",
@@ -76,6 +78,13 @@ class InstanceStopped(DaemonError):
     """The instance was removed (reload) or the daemon is stopping."""
 
     code = "unknown_instance"
+
+
+class LeaderOnly(DaemonError):
+    """Asked of a fleet follower what only the host leading the fleet's session may do (end
+    that session at Sugar: `sugarctl revoke`)."""
+
+    code = "bad_request"
 
 
 class ReloadFailed(DaemonError):

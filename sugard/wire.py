@@ -21,6 +21,7 @@ __all__ = [
     "EXIT_ATTENTION",
     "EXIT_DENIED",
     "EXIT_INTERRUPTED",
+    "EXIT_SUGAR",
     "EXIT_UNAVAILABLE",
     "EXIT_UNEXPECTED",
     "EXIT_UNKNOWN",
@@ -30,6 +31,7 @@ __all__ = [
     "INSTANCE_NAME_RULE",
     "MAX_MIN_TTL",
     "MAX_WAIT",
+    "PROXY_ERROR_HEADER",
     "SERVING",
     "SETTLING",
     "SOCKET_ORDER",
@@ -50,6 +52,7 @@ EXIT_UNREACHABLE = 4  # no answer at all: the client's own finding, no error cod
 EXIT_UNAVAILABLE = 5
 EXIT_ATTENTION = 6
 EXIT_DENIED = 7
+EXIT_SUGAR = 8  # `sugarctl api`: Sugar answered with a status of 400 or more
 EXIT_INTERRUPTED = 130
 
 # Each error code of a JSON error answer: (HTTP status, sugarctl exit code). `bad_request` is
@@ -73,6 +76,10 @@ def http_status(code: str) -> int:
     """The HTTP status an error answer with `code` carries."""
     return ERRORS[code][0]
 
+
+# On an answer of the proxy that sugard made itself (in Sugar's envelope), the error label: so
+# `sugarctl api` tells sugard's own failures (no token, no route to Sugar) from Sugar's answers.
+PROXY_ERROR_HEADER = "Sugard-Error"
 
 # Defaults and bounds of a token request, applied by the daemon and checked by clients first.
 DEFAULT_WAIT = 10.0  # seconds the daemon waits for a token when a request names no wait

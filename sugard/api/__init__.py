@@ -38,6 +38,7 @@ from sugard.errors import (
     DaemonError,
     InstanceNeedsAttention,
     InstanceStopped,
+    LeaderOnly,
     NoValidToken,
     ReloadFailed,
     SocketError,
@@ -159,6 +160,7 @@ def make_app(
     for path, handler in (
         ("/v1/instances/{name}/invalidate", invalidate),
         ("/v1/instances/{name}/refresh", refresh),
+        ("/v1/instances/{name}/revoke", revoke),
         ("/v1/reload", reload),
         ("/v1/shutdown", shutdown),
     ):
@@ -360,6 +362,23 @@ async def refresh(request: web.Request) -> web.Response:
     )
 
 
+async def revoke(request: web.Request) -> web.Response:
+    """End the session at Sugar, so every token handed out dies, and log in anew."""
+    refused = _not_owner(request, "revoke sessions of")
+    if refused is not None:
+        return refused
+    keeper = _keeper(request)
+    if isinstance(keeper, web.Response):
+        return keeper
+    peer = peer_of(request)
+    log.info("%s: revoke asked by %s", keeper.name, peer.describe() if peer else "?")
+    try:
+        return await _answer_token(request, keeper, lambda: keeper.revoke())
+    except LeaderOnly as exc:
+        _count(request, keeper, "bad_request")
+        return answer(exc)
+
+
 def _not_owner(request: web.Request, action: str) -> web.Response | None:
     """The 403 for a peer other than the daemon's owner and root, who alone may `action`."""
     peer = peer_of(request)
@@ -371,7 +390,7 @@ def _not_owner(request: web.Request, action: str) -> web.Response | None:
 
 
 # The routes that answer a TOKEN: how they end is counted per instance (metrics).
-_TOKEN_ROUTES = frozenset({token, invalidate, refresh})
+_TOKEN_ROUTES = frozenset({token, invalidate, refresh, revoke})
 
 
 async def metrics_text(request: web.Request) -> web.StreamResponse:

@@ -264,6 +264,18 @@ def _document() -> dict[str, Any]:
                     ),
                 },
             },
+            "/v1/instances/{name}/revoke": {
+                "parameters": [_NAME],
+                "post": {
+                    "operationId": "revoke",
+                    "summary": "end the session at Sugar (every token handed out dies) and log "
+                    "in anew (the daemon's owner and root only)",
+                    "description": "A logout with the session's refresh token, then one password "
+                    "login; a password Sugar rejected is not sent (502, and nothing is ended). "
+                    "In a fleet, only the host leading the session may (400 elsewhere).",
+                    "responses": _token_answers(),
+                },
+            },
             "/v1/instances/{name}/proxy": {
                 "parameters": [_NAME],
                 "get": {

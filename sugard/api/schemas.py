@@ -208,7 +208,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "ProxyUrls": {
         "type": "object",
-        "required": ["instance", "socket_url", "listen_url"],
+        "required": ["instance", "socket_url", "listen_url", "api_version"],
         "additionalProperties": False,
         "properties": {
             "instance": {"type": "string", "pattern": INSTANCE_NAME},
@@ -221,6 +221,12 @@ SCHEMAS: dict[str, Any] = {
                 "type": "string",
                 "nullable": True,
                 "description": "the site root on the instance's loopback listener, if any",
+            },
+            "api_version": {
+                "type": "string",
+                "description": "the REST API version (api_version) `sugarctl api` puts before "
+                "a path that names none",
+                "example": "v10",
             },
         },
     },

@@ -256,9 +256,17 @@ class SugardClient:
         body = b'{"retry_rejected": true}' if retry_rejected else None
         return self._call("POST", _instance(name, "refresh"), body)  # type: ignore[no-any-return]
 
+    def revoke(self, name: str) -> dict[str, Any]:
+        """End the session of `name` at Sugar, so that every token it handed out dies, and log
+        in anew; returns the new TOKEN. For a token that leaked. The daemon's owner and root
+        only (PermissionDenied); a password Sugar rejected is not sent again (NeedsAttention).
+        """
+        return self._call("POST", _instance(name, "revoke"))  # type: ignore[no-any-return]
+
     def proxy_urls(self, name: str) -> dict[str, Any]:
         """Where a Sugar client reaches instance `name` through sugard's proxy:
-        `{"instance", "socket_url", "listen_url" (None without a listener)}`."""
+        `{"instance", "socket_url", "listen_url" (None without a listener), "api_version"
+        (the REST version a path without one gets: the instance's api_version)}`."""
         return self._call("GET", _instance(name, "proxy"))  # type: ignore[no-any-return]
 
     def reload(self) -> dict[str, Any]:

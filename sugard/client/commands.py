@@ -1,4 +1,4 @@
-"""What sugarctl does beyond fetching a token (env, proxy-url, shutdown), and the
+"""What sugarctl does beyond fetching a token (env, proxy-url, exec --proxy, shutdown), and the
 one line it prints on stderr when a command fails; loaded only when needed.
 """
 
@@ -8,7 +8,13 @@ import os
 import sys
 import time
 
-from sugard.client import NeedsAttention, SugardClient, SugardError, TokenUnavailable
+from sugard.client import (
+    BadRequest,
+    NeedsAttention,
+    SugardClient,
+    SugardError,
+    TokenUnavailable,
+)
 from sugard.client.ctl import shell_quote
 from sugard.wire import EXIT_UNAVAILABLE
 
@@ -16,7 +22,15 @@ TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
     from typing import Any
 
-__all__ = ["SHUTDOWN_WAIT", "env", "min_ttl_unmet", "print_proxy_url", "report", "shutdown"]
+__all__ = [
+    "SHUTDOWN_WAIT",
+    "env",
+    "min_ttl_unmet",
+    "print_proxy_url",
+    "proxy_environment",
+    "report",
+    "shutdown",
+]
 
 
 def report(exc: SugardError, command: str, wait: str | None) -> int:
@@ -107,6 +121,18 @@ def print_proxy_url(urls: dict[str, Any], socket_path: str) -> None:
         f"{urls['socket_url']}/rest/v10/me",
         file=sys.stderr,
     )
+
+
+def proxy_environment(client: SugardClient, name: str) -> dict[str, str]:
+    """`exec NAME --proxy`: SUGAR_URL is the instance's loopback listener, and no token is
+    given: every call CMD makes goes through sugard, which renews as needed."""
+    listen = client.proxy_urls(name).get("listen_url")
+    if not isinstance(listen, str) or not listen:
+        raise BadRequest(
+            f"exec --proxy needs a loopback listener for {name!r}: set listen = "
+            f'"127.0.0.1:PORT" in [instances.{name}], then sugarctl reload'
+        )
+    return {"SUGAR_URL": listen}
 
 
 class _StillStopping(SugardError):

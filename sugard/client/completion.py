@@ -8,8 +8,8 @@ Imported by sugard.client.ctl only for `completion`.
 
 from __future__ import annotations
 
-from sugard.client.ctl import CHOICES, COMMANDS, VALUED
-from sugard.client.help import option_summary, summary
+from sugard.client.ctl import API_VALUED, CHOICES, COMMANDS, VALUED
+from sugard.client.help import long_option, option_summary, summary
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def _fill(template: str, **values: str) -> str:
 
 
 def _shared() -> dict[str, str]:
-    valued = sorted(VALUED - {"--socket"})
+    valued = sorted((VALUED | API_VALUED) - {"--socket"})
     return {
         "COMMANDS": " ".join(COMMANDS),
         "VALUED": "|".join(valued),
@@ -81,7 +81,7 @@ _sugarctl() {
         esac
     done
     case $prev in
-        --socket) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --socket|--input|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --format) COMPREPLY=($(compgen -W "@FORMATS@" -- "$cur")); return ;;
         --shell) COMPREPLY=($(compgen -W "@SHELLS@" -- "$cur")); return ;;
         @VALUED@) return ;;
@@ -158,7 +158,7 @@ _sugarctl() {
         esac
     done
     case $prev in
-        --socket) _files; return ;;
+        --socket|--input|-o) _files; return ;;
         --format) compadd -- @FORMATS@; return ;;
         --shell) compadd -- @SHELLS@; return ;;
         @VALUED@) return ;;
@@ -269,15 +269,23 @@ def _fish() -> str:
             values = (
                 f" -x -a '{' '.join(choices)}'" if choices else (" -x" if option in VALUED else "")
             )
+            if option in ("--input", "-o"):
+                values = " -r -F"
+            elif option in API_VALUED:
+                values = " -x"
             what = f"one of {', '.join(choices)}" if choices else option_summary(command, option)
+            long = option if option.startswith("--") else long_option(command, option)
+            names = f"-l {long[2:]}" if long else ""
+            if not option.startswith("--"):
+                names = f"-s {option[1:]} {names}".rstrip()
             lines.append(
                 f"complete -c sugarctl -n '__fish_seen_subcommand_from {command}' "
-                f"-l {option[2:]}{values} -d {_fish_quote(what)}"
+                f"{names}{values} -d {_fish_quote(what)}"
             )
     return _fill(
         _FISH,
         FISH_COMMANDS="\n".join(lines),
-        FISH_VALUED=" ".join(sorted(VALUED - {"--socket"})),
+        FISH_VALUED=" ".join(sorted((VALUED | API_VALUED) - {"--socket"})),
         FISH_WITH_NAME=",".join(_with_name()),
         **_shared(),
     )

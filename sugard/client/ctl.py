@@ -9,8 +9,8 @@ its few arguments itself rather than with argparse (which imports `re`, about as
 as starting the interpreter), and imports json and datetime only for the outputs that need
 them; help texts (sugard.client.help), the status table (sugard.client.status), completion scripts
 (sugard.client.completion), the commands about the daemon itself (sugard.client.commands) and the
-words for what went wrong (sugard.client.commands) only when asked for. See sugard.client for the
-transport.
+words for what went wrong (sugard.client.commands) only when asked for, and `api`
+(sugard.client.api) only when it runs. See sugard.client for the transport.
 """
 
 from __future__ import annotations
@@ -31,10 +31,16 @@ if TYPE_CHECKING:
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
     "token": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--format", "--fingerprint"})),
     "header": (("NAME",), (), frozenset({"--min-ttl", "--wait"})),
-    "exec": (("NAME",), (), frozenset({"--min-ttl", "--wait"})),
+    "exec": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--proxy"})),
+    "api": (
+        ("NAME",),
+        ("PATH",),
+        frozenset({"-X", "-f", "-F", "-H", "-o", "-i", "--input", "--paginate"}),
+    ),
     "status": ((), ("NAME",), frozenset({"--json", "--names", "--wait"})),
     "invalidate": (("NAME",), ("TOKEN",), frozenset()),
     "refresh": (("NAME",), (), frozenset({"--retry-rejected"})),
+    "revoke": (("NAME",), (), frozenset()),
     "proxy-url": (("NAME",), (), frozenset()),
     "reload": ((), (), frozenset()),
     "shutdown": ((), (), frozenset({"--wait"})),
@@ -44,7 +50,10 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
     "completion": (("SHELL",), (), frozenset()),
 }
 VALUED = frozenset({"--socket", "--min-ttl", "--wait", "--format", "--shell"})
-FLAGS = frozenset({"--json", "--names", "--fingerprint", "--retry-rejected"})
+FLAGS = frozenset({"--json", "--names", "--fingerprint", "--retry-rejected", "--proxy"})
+# `api` parses its own arguments (repeated and short options: sugard.client.api); these are
+# its options that take a value, for shell completion.
+API_VALUED = frozenset({"-X", "-f", "-F", "-H", "-o", "--input"})
 # The values an option or positional may take: checked here, offered by shell completion.
 CHOICES: dict[str, tuple[str, ...]] = {
     "--format": ("bare", "header", "json", "env"),
@@ -111,6 +120,9 @@ def parse(argv: list[str]) -> _Args:
                 if arg not in COMMANDS:
                     raise _Usage(f"unknown command {arg!r}; commands: {', '.join(COMMANDS)}")
                 args.command = arg
+                if arg == "api":
+                    args.argv = list(rest)  # sugard.client.api reads them
+                    break
             else:
                 args.positionals.append(arg)
         elif arg == "--":
@@ -138,7 +150,8 @@ def parse(argv: list[str]) -> _Args:
         return args
     if not args.command:
         raise _Usage(f"missing COMMAND; one of: {', '.join(COMMANDS)}")
-    _check(args)
+    if args.command != "api":
+        _check(args)
     return args
 
 
@@ -164,6 +177,8 @@ def _check(args: _Args) -> None:
             raise _Usage(f"{key} must be one of {', '.join(allowed)}, not {value!r}", command)
     if "--fingerprint" in args.options and "--format" in args.options:
         raise _Usage("--fingerprint prints only the fingerprint: leave out --format", command)
+    if "--proxy" in args.options and ("--min-ttl" in args.options or "--wait" in args.options):
+        raise _Usage("--proxy hands CMD no token: leave out --min-ttl and --wait", command)
     if "--names" in args.options and ("--json" in args.options or args.positionals):
         raise _Usage("--names prints only the names: leave out --json and NAME", command)
     args.seconds("--min-ttl", MAX_MIN_TTL)
@@ -190,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
         print(script(args.name or ""), end="")
         return 0
+    if args.command == "api":
+        from sugard.client.api import main as api
+
+        return api(args.argv, args.options.get("--socket"))
     client = SugardClient(args.options.get("--socket"))
     try:
         return _run(args, client)
@@ -210,10 +229,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: _Args, client: SugardClient) -> int:
     command, name = args.command, args.name
+    if command == "exec" and "--proxy" in args.options:
+        from sugard.client.commands import proxy_environment
+
+        return _exec(proxy_environment(client, name or ""), args.argv, client)
     if command in ("token", "header", "exec"):
         token = _token(client, args)
         if command == "exec":
-            return _exec(token, args.argv, client)
+            _check_token(token)
+            return _exec(_token_env(token), args.argv, client)
         if "--fingerprint" in args.options:
             _check_token(token)
             print(_fingerprint(token["access_token"]))
@@ -232,6 +256,8 @@ def _run(args: _Args, client: SugardClient) -> int:
     elif command == "refresh":
         retry = "--retry-rejected" in args.options
         _print_token(client.refresh(name or "", retry_rejected=retry), "bare")
+    elif command == "revoke":
+        _print_token(client.revoke(name or ""), "bare")
     elif command == "proxy-url":
         from sugard.client.commands import print_proxy_url
 
@@ -288,10 +314,12 @@ def _token_from_stdin() -> str:
     return reported
 
 
-def _exec(token: dict[str, Any], argv: list[str], client: SugardClient) -> int:
-    _check_token(token)
+def _exec(variables: dict[str, str], argv: list[str], client: SugardClient) -> int:
+    """Run CMD in place of sugarctl, with `variables` (SUGAR_URL and what goes with it)."""
     client.close()  # CMD must not inherit our connection to the daemon
-    env = {**os.environ, **_token_env(token)}
+    # A token in our own environment is not CMD's: it gets those of `variables`, or none.
+    env = {k: v for k, v in os.environ.items() if k not in ("SUGAR_TOKEN", "SUGAR_DOWNLOAD_TOKEN")}
+    env.update(variables)
     sys.stdout.flush()
     try:
         # exec, not a child process: CMD gets our pid, signals and stdio, and its exit

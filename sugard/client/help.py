@@ -14,6 +14,7 @@ from sugard.wire import (
     EXIT_ATTENTION,
     EXIT_DENIED,
     EXIT_INTERRUPTED,
+    EXIT_SUGAR,
     EXIT_UNAVAILABLE,
     EXIT_UNEXPECTED,
     EXIT_UNKNOWN,
@@ -27,6 +28,7 @@ __all__ = [
     "command_help",
     "described_options",
     "general_help",
+    "long_option",
     "option_summary",
     "summary",
 ]
@@ -44,6 +46,8 @@ EXIT_CODES = {
     EXIT_ATTENTION: "instance needs attention (Sugar rejected the credentials, client or "
     "platform, or a reload found errors in the config): fix the config, then sugarctl reload",
     EXIT_DENIED: "permission denied by the daemon, or no access to its socket",
+    EXIT_SUGAR: "api: Sugar answered an HTTP status of 400 or more (its body on stdout, the "
+    "status and Sugar's error on stderr)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -91,13 +95,76 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         "2, 3, 4, 5, 6, 7",
     ),
     "exec": (
-        "exec NAME [--min-ttl S] [--wait S] [--] CMD [ARGS...]",
+        "exec NAME [--min-ttl S] [--wait S] [--proxy] [--] CMD [ARGS...]",
         "run CMD with the token in its environment",
         "Run CMD in place of sugarctl with SUGAR_URL, SUGAR_TOKEN and SUGAR_DOWNLOAD_TOKEN in "
         "its environment. Everything from CMD on is CMD's, even words that look like "
         "sugarctl's options. CMD's exit status becomes sugarctl's.",
-        [_MIN_TTL, _WAIT],
-        "before CMD runs 2, 3, 4, 5, 6, 7; 126 CMD cannot be run, 127 CMD not found",
+        [
+            _MIN_TTL,
+            _WAIT,
+            (
+                "--proxy",
+                "SUGAR_URL is the instance's loopback listener (its `listen` key) and CMD gets no "
+                "token at all: every call goes through sugard, which keeps it valid however long "
+                "CMD runs",
+            ),
+        ],
+        "before CMD runs 2 (also: --proxy for an instance without listen), 3, 4, 5, 6, 7; "
+        "126 CMD cannot be run, 127 CMD not found",
+    ),
+    "api": (
+        "api NAME [PATH] [-X METHOD] [-f KEY=VALUE]... [-F KEY=JSON]... [--input FILE|-] "
+        "[--paginate] [-o FILE] [-i] [-H 'Name: value']...",
+        "call Sugar's REST API through sugard",
+        "Call Sugar's REST API through sugard's proxy: sugard adds the token (it never reaches "
+        "sugarctl), renews and replays once if Sugar refuses it. PATH is relative to the "
+        "instance's REST root and its api_version (default v10): Accounts, Accounts/ID, "
+        "Notes/ID/file/filename; without PATH: me. v11_20/Accounts or /rest/v11_20/Accounts "
+        "choose another version. Without -X: GET, or POST with fields or --input (not with "
+        "--paginate). stdout "
+        "carries Sugar's body whatever the status (JSON pretty on a terminal, as sent "
+        "otherwise).\n"
+        "Examples:\n"
+        '  sugarctl api prod Accounts/filter -F \'filter=[{"name":{"$starts":"A"}}]\'\n'
+        "  sugarctl api prod Accounts -f name=Acme -F employees=12    # create\n"
+        "  sugarctl api prod Accounts/ID -X PUT -f industry=Retail    # update\n"
+        "  sugarctl api prod Notes/ID/file/filename -o report.pdf     # download\n"
+        "  sugarctl api prod Notes/ID/file/filename -X PUT --input a.pdf  # upload\n"
+        "  sugarctl api prod Accounts --paginate -f max_num=200 | jq -r .name",
+        [
+            ("-X, --method M", "the HTTP method (GET, POST, PUT, DELETE...)"),
+            (
+                "-f, --raw-field K=V",
+                "a string field: in the query string for GET and DELETE (and with --input), "
+                "else a key of the JSON object sent as the body",
+            ),
+            (
+                "-F, --field K=JSON",
+                "a field of JSON type, as -f: -F employees=12 -F active=true -F 'tags=[\"a\"]' "
+                "(in a query string a list or object goes as key[0]=..., as PHP reads it)",
+            ),
+            (
+                "--input FILE",
+                "send FILE's bytes as the body, streamed ('-': stdin); its Content-Type is "
+                "guessed from the name (or the first bytes), unless -H sets it",
+            ),
+            (
+                "--paginate",
+                "follow next_offset of a list answer (records and next_offset: GET lists, POST "
+                "filter) until it is -1, and print one record per line (JSON lines); without "
+                "-X, a GET",
+            ),
+            (
+                "-o, --output FILE",
+                "write the body to FILE (any size, in constant memory; whole or not at all)",
+            ),
+            ("-i, --include", "print the status line and the headers first"),
+            ("-H, --header 'N: V'", "add a header to the request (Content-Type, Accept...)"),
+        ],
+        "2 (bad arguments, before anything is sent), 3, 4, 5, 6, 7 (sugard's own failures, as "
+        "for the other commands); 8 Sugar answered 400 or more (one line on stderr: the "
+        "status, Sugar's error and error_message)",
     ),
     "status": (
         "status [NAME] [--json] [--names] [--wait S]",
@@ -142,6 +209,18 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
             )
         ],
         "2, 3, 4, 5, 6 (Sugar rejected it, or it was rejected before and did not change), 7",
+    ),
+    "revoke": (
+        "revoke NAME",
+        "end the session at Sugar, log in anew; print the new token",
+        "For a token that leaked: end the session of NAME at Sugar (a logout with its refresh "
+        "token), so that no token sugard handed out works any more, then log in anew (once) "
+        "and print the new token. Scripts holding an old token get 401 and ask again. Only "
+        "the daemon's owner and root may. A password Sugar rejected is never sent again: "
+        "then nothing is ended.",
+        [],
+        "2 (in a fleet: not the leading host), 3, 4, 5 (logged out, but the login failed for "
+        "now: sugard tries again), 6, 7 (not the owner)",
     ),
     "proxy-url": (
         "proxy-url NAME",
@@ -279,9 +358,18 @@ def described_options(name: str) -> list[str]:
 def option_summary(name: str, option: str) -> str:
     """The first words of what `option` of command `name` does (for shell completion)."""
     for described, text in _COMMANDS[name][3]:
-        if described.split()[0] == option:
+        if described.split()[0].rstrip(",") == option:
             return text.split(";")[0].split(" (")[0].split(":")[0].split(", e.g.")[0]
     return ""
+
+
+def long_option(name: str, option: str) -> str | None:
+    """The long form the help of `name` gives short `option` (-X, --method M: --method)."""
+    for described, _ in _COMMANDS[name][3]:
+        words = described.split()
+        if words[0] == f"{option}," and len(words) > 1:
+            return words[1]
+    return None
 
 
 def summary(name: str) -> str:

@@ -15,10 +15,10 @@ from _socket import socket as _unix_socket
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from typing import Any
 
-__all__ = ["Closed", "Connection", "json_loads", "json_object"]
+__all__ = ["Closed", "Connection", "json_loads", "json_object", "reusable"]
 
 _MAX_LINE = 65536
 _MAX_BODY = 64 * 1024 * 1024
@@ -77,6 +77,16 @@ def json_object(fields: dict[str, str]) -> bytes:
 # HTTP/1.1 on the Unix socket
 
 
+def reusable(status_line: bytes, headers: dict[bytes, bytes]) -> bool:
+    """Whether a connection can carry another request once this answer's body is read: not
+    when the body ends where the connection does, nor when the daemon said it closes."""
+    framed = b"chunked" in headers.get(b"transfer-encoding", b"").lower() or (
+        b"content-length" in headers
+    )
+    closes = headers.get(b"connection", b"").lower() == b"close"
+    return framed and status_line.startswith(b"HTTP/1.1") and not closes
+
+
 class Closed(Exception):
     """The daemon closed the connection before any byte of an answer."""
 
@@ -119,27 +129,53 @@ class Connection:
             # The daemon may have answered and closed before reading: it does so for a
             # refused uid and when it is at its connection limit. Read that answer.
             pass
+        status, line, pairs = self.read_head()
+        headers = {name.lower(): value for name, value in pairs}
+        data = bytearray()
+        for chunk in self.body_chunks(headers):
+            data += chunk
+            if len(data) > _MAX_BODY:
+                raise ValueError("body too large")
+        return status, bytes(data), headers, reusable(line, headers)
+
+    def send(self, data: bytes) -> None:
+        """Send `data`, all of it (a request's head, or a piece of its body)."""
+        self.sock.sendall(data)
+
+    def read_head(self) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+        """An answer's status, its status line, and its headers as sent (name, value)."""
         line = self._readline()
         if not line:
             raise Closed
         parts = line.split(None, 2)
         if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise ValueError("not an HTTP status line")
-        status = int(parts[1])
-        headers: dict[bytes, bytes] = {}
-        while (line := self._readline()) not in (b"\r\n", b"\n"):
-            if not line.endswith(b"\n"):
+        headers: list[tuple[bytes, bytes]] = []
+        while (line_ := self._readline()) not in (b"\r\n", b"\n"):
+            if not line_.endswith(b"\n"):
                 raise ValueError("headers cut short")
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        keep = parts[0] == b"HTTP/1.1" and headers.get(b"connection", b"").lower() != b"close"
+            name, _, value = line_.partition(b":")
+            headers.append((name.strip(), value.strip()))
+        return int(parts[1]), line.rstrip(b"\r\n"), headers
+
+    def body_chunks(self, headers: dict[bytes, bytes]) -> Iterator[bytes]:
+        """The body of the answer whose head was read (`headers`: lower-case names), a piece
+        at a time as it arrives, however large: a caller that keeps none holds no more than a
+        piece in memory."""
         if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
-            data = self._chunked()
+            while size := int(self._readline().split(b";")[0], 16):
+                yield from self._exactly(size)
+                if self._readline() not in (b"\r\n", b"\n"):
+                    raise ValueError("bad chunk end")
+            while self._readline() not in (b"\r\n", b"\n", b""):
+                pass  # trailers
         elif b"content-length" in headers:
-            data = self._read(int(headers[b"content-length"]))
+            yield from self._exactly(int(headers[b"content-length"]))
         else:
-            data, keep = self._read_to_end(), False
-        return status, data, headers, keep
+            while self._buf or self._fill():
+                data = bytes(self._buf)
+                self._buf.clear()
+                yield data
 
     def _fill(self) -> bool:
         data = self.sock.recv(65536)
@@ -160,34 +196,13 @@ class Connection:
         del self._buf[: end + 1]
         return line
 
-    def _read(self, size: int) -> bytes:
-        if not 0 <= size <= _MAX_BODY:
+    def _exactly(self, size: int) -> Iterator[bytes]:
+        if size < 0:
             raise ValueError("bad body size")
-        while len(self._buf) < size:
-            if not self._fill():
+        while size:
+            if not self._buf and not self._fill():
                 raise ValueError("body cut short")
-        data = bytes(self._buf[:size])
-        del self._buf[:size]
-        return data
-
-    def _read_to_end(self) -> bytes:
-        while self._fill():
-            if len(self._buf) > _MAX_BODY:
-                raise ValueError("body too large")
-        data = bytes(self._buf)
-        self._buf.clear()
-        return data
-
-    def _chunked(self) -> bytes:
-        chunks: list[bytes] = []
-        total = 0
-        while size := int(self._readline().split(b";")[0], 16):
-            total += size
-            if total > _MAX_BODY:
-                raise ValueError("body too large")
-            chunks.append(self._read(size))
-            if self._readline() not in (b"\r\n", b"\n"):
-                raise ValueError("bad chunk end")
-        while self._readline() not in (b"\r\n", b"\n", b""):
-            pass  # trailers
-        return b"".join(chunks)
+            piece = bytes(self._buf[:size])
+            del self._buf[: len(piece)]
+            size -= len(piece)
+            yield piece

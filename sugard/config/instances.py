@@ -16,6 +16,7 @@ from sugard.config.sources import SECRET_KINDS, SecretRef, resolve_path
 from sugard.config.values import (
     GRACE_AUTO,
     INSTANCE_NAME,
+    api_version,
     argv,
     boolean,
     did_you_mean,
@@ -61,6 +62,7 @@ class InstanceConfig:
     client_id: str = "sugar"
     client_secret: SecretRef = field(default_factory=lambda: SecretRef("inline", "", Secret("")))
     platform: str = "sugard"
+    api_version: str = "v10"  # the REST version `sugarctl api` puts before a PATH without one
     timeout: float = 10.0
     verify_tls: bool = True
     ca_file: str | None = None
@@ -102,6 +104,7 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "username": nonempty,
     "client_id": nonempty,
     "platform": platform_name,
+    "api_version": api_version,
     "timeout": number(0.1, 300),
     "verify_tls": boolean,
     "ca_file": file_path,
@@ -189,8 +192,8 @@ def _shared_listen_addresses(
 
 INSTANCE_KEYS_HELP = (
     "instance keys are url, username, password (or password_file, _env, _command, "
-    "_credential), client_id, client_secret (same sources), platform, timeout, verify_tls, "
-    "ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
+    "_credential), client_id, client_secret (same sources), platform, api_version, timeout, "
+    "verify_tls, ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
     "backoff_max, old_token_grace, probe_interval, allowed_uids, allowed_gids, listen, "
     "proxy_connections, proxy_timeout, on_event and fleet"
 )

@@ -19,6 +19,8 @@ from sugard.wire import INSTANCE_NAME_PATTERN
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
 INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
 PLATFORM_NAME = re.compile(r"[a-z0-9_-]{1,127}")
+# The REST API versions Sugar 8 to 26 route: v10, v11 and v11_N (v11_20 is /rest/v11_20/).
+API_VERSION = re.compile(r"v10|v11(?:_[1-9][0-9]?)?")
 PLAIN_KEY = re.compile(r"[A-Za-z0-9_.-]+")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DIRECT = "none"  # the `proxy` value that means: no proxy, whatever the environment says
@@ -113,6 +115,16 @@ def platform_name(v: Any) -> str:
         raise ValueError(
             f"{s!r} is not a valid platform name: use 1-127 of a-z, 0-9, '_' and '-', "
             f"like {like!r} (and register it in Sugar: Admin > Configure API Platforms)"
+        )
+    return s
+
+
+def api_version(v: Any) -> str:
+    s = string(v).strip()
+    if not API_VERSION.fullmatch(s):
+        raise ValueError(
+            f'must be a version of Sugar\'s REST API as its paths name it, like "v10" or '
+            f'"v11_20" (/rest/v11_20/...), not {s!r}'
         )
     return s
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from sugard.config import ConfigError, InstanceConfig
-from sugard.errors import InstanceNeedsAttention, InstanceStopped
+from sugard.errors import InstanceNeedsAttention, InstanceStopped, LeaderOnly
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Board, Demand, LastError, Need, Rejection, State, Status
 from sugard.keeper.supervisor import Leadership, Supervisor
@@ -275,6 +275,36 @@ class Keeper:
         attempts = demand.attempts
         loop = asyncio.get_running_loop()
         await self._wait_for(lambda: demand.attempts > attempts, loop.time() + wait)
+        if self.state is State.FAILED:
+            raise self._progress.needs_attention()
+        if demand.failed or self._supervisor.session.grant is None:
+            raise self._progress.unavailable()
+        return self._supervisor.session.grant
+
+    async def revoke(self, wait: float = 10.0) -> Grant:
+        """End the session at Sugar (a logout with its refresh token: every token handed out
+        dies), then log in anew, and answer with the outcome of that one login: the new token,
+        or why there is none (`sugarctl revoke`, for a token that leaked). A password Sugar
+        rejected is never sent: then nothing is ended either."""
+        self._raise_if_stopped()
+        if self.fleet is not None and not self.fleet.leads():
+            holder = self.fleet.status().get("holder") or "the leading host"
+            raise LeaderOnly(
+                f"{self.name!r} shares its session through the fleet, led by {holder}: run "
+                f"`sugarctl revoke {self.name}` there"
+            )
+        rejection = self.rejection
+        if rejection is not None and self.refuses_rejected():
+            raise InstanceNeedsAttention(rejection.refusal(self.config))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        demand = self._board.revocation()
+        while demand is None:
+            # A renewal under way settles first: the session it brings is the one to end.
+            await self._wait_for(lambda: not self._board.in_flight(), deadline)
+            demand = self._board.revocation()
+        attempts = demand.attempts
+        await self._wait_for(lambda: demand.attempts > attempts, deadline)
         if self.state is State.FAILED:
             raise self._progress.needs_attention()
         if demand.failed or self._supervisor.session.grant is None:

@@ -91,6 +91,7 @@ class Demand:
     attempts: int = 0  # upstream attempts finished for it
     failed: bool = False  # the latest attempt failed
     done: bool = False  # settled: a new grant, a verdict, or a refusal (the state says which)
+    revoke: bool = False  # end the session at Sugar first (`sugarctl revoke`), then log in
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,22 @@ class Board:
             demand.forced = True  # an attempt already under way answers the person as it is
         self.notify()
         return demand
+
+    def revocation(self) -> Demand | None:
+        """The demand that ends the session at Sugar and logs in anew: the one pending, made
+        so, or a new one; None while an attempt is in flight (its outcome is the session to
+        end: ask again once it settles)."""
+        if self.in_flight():
+            return None
+        demand = self.join(Need.RENEW, RenewalReason.REVOKED, forced=True)
+        demand.reason, demand.revoke = RenewalReason.REVOKED, True
+        self.notify()
+        return demand
+
+    def in_flight(self) -> bool:
+        """Whether an upstream attempt of the pending demand is under way."""
+        demand = self.pending()
+        return demand is not None and demand.in_flight
 
     def pending(self) -> Demand | None:
         """The demand not yet settled, if any."""

@@ -21,6 +21,7 @@ from sugard.observe import (
     Observer,
     RenewalReason,
     Renewed,
+    Revoked,
     StateChanged,
     UpstreamCall,
     UpstreamGrant,
@@ -41,6 +42,13 @@ PROBE_OUTCOMES: dict[Probe, UpstreamOutcome] = {
     Probe.UNKNOWN: "transient",
 }
 
+# SugarClient.logout's answer: ended, refused (the token was dead already), no answer.
+LOGOUT_OUTCOMES: dict[bool | None, UpstreamOutcome] = {
+    True: "ok",
+    False: "rejected",
+    None: "transient",
+}
+
 
 def renewal_reason(demand: Demand, grant: Grant | None) -> RenewalReason:
     return RenewalReason.INITIAL if grant is None else demand.reason
@@ -59,6 +67,13 @@ class CountedCalls:
 
     async def refresh(self, refresh_token: Secret) -> Grant:
         return await self._grant("refresh", self.upstream.refresh(refresh_token))
+
+    async def logout(self, grant: Grant) -> bool | None:
+        """End `grant`'s session at Sugar (see SugarClient.logout for the answer)."""
+        ended = await self.upstream.logout(grant)
+        outcome = LOGOUT_OUTCOMES[ended]
+        self.observer.observe(UpstreamCall(self.name, "logout", outcome))
+        return ended
 
     async def probe(self, access_token: Secret) -> Probe:
         verdict = await self.upstream.probe(access_token)
@@ -337,6 +352,10 @@ class Progress:
                 error_kind=self._error_kind(),
             )
         )
+
+    def revoked(self) -> None:
+        # No expiry: the token there was is dead, and the new one is not there yet.
+        self._observer.observe(Revoked(self.name, expires_at=None, error_kind=self._error_kind()))
 
     def renewed(self, expires_at: float) -> None:
         self._observer.observe(

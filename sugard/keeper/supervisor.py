@@ -265,6 +265,9 @@ class Supervisor:
         demand.forced = False  # this attempt is the one a person asked for
         demand.in_flight = True
         self.board.notify()  # requests that must not take the doomed token see it is in flight
+        if demand.revoke:
+            demand.revoke = False  # once: a retry after a failed login only logs in
+            await self._end_session()
         old = self.session.grant
         refreshing = False
         try:
@@ -299,6 +302,26 @@ class Supervisor:
             await self.session.learn_version(grant, self.config)
         elif old is not None:
             await self.session.watch_old_token(old, self.config)
+
+    async def _end_session(self) -> None:
+        """`sugarctl revoke`: log the session out at Sugar with its refresh token, so that no
+        token it handed out works any more, and serve none of them again; the login that
+        follows starts a new session (which on its own would evict the old one too, at Sugar's
+        next session check)."""
+        grant = self.session.grant
+        if grant is None:
+            log.warning("%s: revoke asked, but there is no session to end; logging in", self.name)
+        else:
+            ended = await self.calls.logout(grant)
+            self.session.mark_dead(grant.access_token)
+            log.warning(
+                "%s: revoked: %s the session of token %s at Sugar, as asked; logging in anew",
+                self.name,
+                {True: "ended", False: "Sugar refused to end", None: "no answer ending"}[ended],
+                grant.access_token.fingerprint,
+            )
+        self.session.drop_refresh_token()
+        self.progress.revoked()
 
     async def _refresh(self, refresh_token: Secret) -> Grant | None:
         """A refresh; None if Sugar no longer knows the refresh token (then log in)."""

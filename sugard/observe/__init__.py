@@ -35,6 +35,7 @@ __all__ = [
     "RenewalReason",
     "RenewalStarted",
     "Renewed",
+    "Revoked",
     "StateChanged",
     "TokenOutcome",
     "TokenRequested",
@@ -46,8 +47,15 @@ __all__ = [
 log = logging.getLogger("sugard.observe")
 
 
-UpstreamGrant = Literal["password", "refresh", "probe", "serverinfo"]
-UPSTREAM_GRANTS: Final[tuple[UpstreamGrant, ...]] = ("password", "refresh", "probe", "serverinfo")
+# `logout` ends the session at Sugar: only when a person asks (`sugarctl revoke`).
+UpstreamGrant = Literal["password", "refresh", "probe", "serverinfo", "logout"]
+UPSTREAM_GRANTS: Final[tuple[UpstreamGrant, ...]] = (
+    "password",
+    "refresh",
+    "probe",
+    "serverinfo",
+    "logout",
+)
 # ok: Sugar answered what was asked; rejected: Sugar said no (RejectedError, a dead token on a
 # probe); transient: no usable answer (TransientError: network, 5xx, maintenance...).
 UpstreamOutcome = Literal["ok", "rejected", "transient"]
@@ -66,11 +74,12 @@ class RenewalReason(enum.StrEnum):
     FORCED = "forced"  # `sugarctl refresh`, or a reload retrying a failed instance
     DEMANDED = "demanded"  # a request whose min_ttl the token cannot meet, a fleet follower
     INITIAL = "initial"  # no usable token at all
+    REVOKED = "revoked"  # `sugarctl revoke`: the session was ended at Sugar, a login follows
 
 
 RENEWAL_REASONS: Final[tuple[RenewalReason, ...]] = tuple(RenewalReason)
 
-# How a TOKEN request (token, invalidate, refresh) was answered: 200, 503 token_unavailable,
+# How a TOKEN request (token, invalidate, refresh, revoke) was answered: 200, 503 token_unavailable,
 # 502 upstream_rejected, 403 forbidden, 404 for an instance a reload removed meanwhile, 400.
 TokenOutcome = Literal["served", "unavailable", "rejected", "forbidden", "gone", "bad_request"]
 TOKEN_OUTCOMES: Final[tuple[TokenOutcome, ...]] = (
@@ -142,6 +151,14 @@ class Evicted(_SessionNews):
 
 
 @dataclass(frozen=True)
+class Revoked(_SessionNews):
+    """The session was ended at Sugar as a person asked (`sugarctl revoke`): every token it
+    handed out is dead, and a new login follows."""
+
+    instance: str
+
+
+@dataclass(frozen=True)
 class Forgotten:
     """These instances are gone (a reload removed them): drop what is kept about them."""
 
@@ -172,6 +189,7 @@ Event = (
     | StateChanged
     | Renewed
     | Evicted
+    | Revoked
     | Forgotten
     | TokenRequested
     | Proxied

@@ -1,8 +1,11 @@
-"""`on_event` commands: run a program when an instance is renewed, fails, recovers or is evicted.
+"""`on_event` commands: run a program when an instance is renewed, fails, recovers, is evicted
+or revoked.
 
 - `renewed`: a new token from a login or a refresh is in place;
 - `evicted`: Sugar no longer accepts the session (found by a script's report, a probe or a
   refused refresh);
+- `revoked`: the session was ended at Sugar as a person asked (`sugarctl revoke`), so every
+  token it handed out is dead; a new login follows (and `renewed` with it);
 - `failed`: the instance entered the `failed` state;
 - `recovered`: an instance that was `failed` or `backing_off` is `ready` again.
 
@@ -32,13 +35,13 @@ from datetime import UTC, datetime
 from typing import Final, Literal
 
 from sugard.observe import Event as ObservedEvent
-from sugard.observe import Evicted, Forgotten, Observer, Renewed, StateChanged
+from sugard.observe import Evicted, Forgotten, Observer, Renewed, Revoked, StateChanged
 
 __all__ = ["EVENT_TIMEOUT", "PASSED_ENVIRONMENT", "EventHooks", "EventKind", "HookEvent"]
 
 log = logging.getLogger("sugard.observe.events")
 
-EventKind = Literal["renewed", "failed", "recovered", "evicted"]
+EventKind = Literal["renewed", "failed", "recovered", "evicted", "revoked"]
 EVENT_TIMEOUT: Final = 30.0  # seconds a command may run before its process group is killed
 STOP_GRACE: Final = 2.0  # seconds a running command may finish when the daemon stops
 AFTER_EXIT: Final = 1.0  # how long stderr may stay open once the command itself has exited
@@ -136,6 +139,8 @@ class EventHooks(Observer):
                 self.fire(HookEvent("renewed", instance, event.expires_at, event.error_kind))
             case Evicted(instance):
                 self.fire(HookEvent("evicted", instance, event.expires_at, event.error_kind))
+            case Revoked(instance):
+                self.fire(HookEvent("revoked", instance, event.expires_at, event.error_kind))
             case Forgotten(instances):
                 for name in instances:
                     self._states.pop(name, None)

@@ -88,13 +88,13 @@ class Metrics(Observer):
         self._known: set[str] = set()
         self._upstream = Counter(
             "sugard_upstream_calls",
-            "Calls to Sugar by grant (password, refresh, probe, serverinfo) and outcome.",
+            "Calls to Sugar by grant (password, refresh, probe, serverinfo, logout) and outcome.",
             [LABEL, "grant", "outcome"],
             registry=registry,
         )
         self._token_requests = Counter(
             "sugard_token_requests",
-            "Token requests (token, invalidate, refresh) answered, by outcome.",
+            "Token requests (token, invalidate, refresh, revoke) answered, by outcome.",
             [LABEL, "outcome"],
             registry=registry,
         )

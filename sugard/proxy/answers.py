@@ -17,6 +17,7 @@ from aiohttp import web
 from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
 from sugard.keeper import Keeper
 from sugard.sugar import Grant
+from sugard.wire import PROXY_ERROR_HEADER
 
 log = logging.getLogger("sugard.proxy")
 
@@ -35,11 +36,12 @@ class ProxyRegistry(Protocol):
 
 
 def sugar_error(status: int, label: str, message: str) -> web.Response:
-    """An error in Sugar's own envelope, as Sugar sends it (no-store)."""
+    """An error in Sugar's own envelope, as Sugar sends it (no-store), marked as sugard's own
+    (PROXY_ERROR_HEADER), so a client can tell it from an answer of Sugar's."""
     return web.json_response(
         {"error": label, "error_message": message},
         status=status,
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": "no-store", PROXY_ERROR_HEADER: label},
     )
 
 

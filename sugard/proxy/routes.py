@@ -50,6 +50,7 @@ def add_routes(
                 "instance": name,
                 "socket_url": f"http://sugard/v1/instances/{name}",
                 "listen_url": forwarder.listener_urls.get(name),
+                "api_version": registry.keepers[name].config.api_version,
             }
         )
 

@@ -1,7 +1,8 @@
 """SugarCRM's OAuth2 token endpoint over aiohttp: login, refresh, and two cheap calls (the token
-probe, the server's version). The daemon never logs out: that would end the
-session every script shares (docs/sugarcrm.md); `logout` serves only `sugard check --login`,
-which ends the throwaway session it opened to test a password.
+probe, the server's version). The daemon never logs out by itself: that would end the session
+every script shares (docs/sugarcrm.md); `logout` serves `sugard check --login`, which ends the
+throwaway session it opened to test a password, and `sugarctl revoke`, a person ending a
+session whose token leaked.
 
 Everything Sugar (or the network, or a proxy in front of Sugar) can answer is translated here,
 once, into a `Grant` or one of the errors of `sugard.sugar.errors`, whose
@@ -216,9 +217,13 @@ class SugarClient:
                     break
         return ServerInfo(version, tuple(calls), answered)
 
-    async def logout(self, grant: Grant) -> None:
-        """End the session of `grant` upstream (only `sugard check --login`'s own test login);
-        failures are ignored: that session expires anyway."""
+    async def logout(self, grant: Grant) -> bool | None:
+        """End the session of `grant` upstream, its refresh token with it: `sugard check
+        --login`'s own test login, and a session a person revokes (`sugarctl revoke`). True:
+        Sugar ended it; False: Sugar refused (the access token was dead already); None: no
+        answer. Never raises: the caller decides what each means."""
+        if self._tls_problem is not None:
+            return None
         try:
             url = self.instance.url + LOGOUT_PATH
             async with self._session.post(
@@ -230,8 +235,12 @@ class SugarClient:
                 **self.route.request_options(url, {"OAuth-Token": grant.access_token.reveal()}),
             ) as response:
                 await response.read()
+                status = response.status
         except (aiohttp.ClientError, TimeoutError, OSError):
-            pass
+            return None
+        if status == 200:
+            return True
+        return False if 400 <= status < 500 else None
 
     async def _authenticated_get(
         self, path: str, access_token: Secret | None

@@ -72,7 +72,7 @@ def test_bash_completes_commands_options_and_their_values() -> None:
     assert ["token"] == bash_complete("sugarctl", "to")
     assert ["--socket", "--help", "--version"] == bash_complete("sugarctl", "--")
     for command, (_, _, takes) in COMMANDS.items():
-        offered = set(bash_complete("sugarctl", command, "--"))
+        offered = set(bash_complete("sugarctl", command, "-"))
         assert takes | {"--socket", "--help"} == offered, command
     assert ["bare", "header", "json", "env"] == bash_complete(
         "sugarctl", "token", "x", "--format", ""

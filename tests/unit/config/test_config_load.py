@@ -411,3 +411,30 @@ def test_a_url_with_credentials_is_refused_without_echoing_them(tmp_path: Path, 
     assert 1 == len(found), found
     assert found[0].startswith(f"{path}: instances.prod.url: must not hold a user name")
     assert "pw-in-url-9" not in found[0]
+
+
+def test_api_version_defaults_to_v10_and_is_checked(tmp_path: Path) -> None:
+    """api_version is v10 unless set (in [defaults] or the instance), show-config shows it, and
+    a value Sugar's paths do not name is a problem naming the key."""
+    path = write(
+        tmp_path,
+        '[defaults]\napi_version = "v11_20"\n'
+        '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\npassword = "p"\n'
+        '[instances.b]\nurl = "https://b.example.com"\nusername = "u"\npassword = "p"\n'
+        'api_version = "v10"\n',
+    )
+    config = load_config(path, {})
+    assert ("v11_20", "v10") == (
+        config.instances["a"].api_version,
+        config.instances["b"].api_version,
+    )
+    shown = tomllib.loads(show_config(path, {}).stdout)["instances"]
+    assert "v11_20" == shown["a"]["api_version"]
+    bad = write(
+        tmp_path,
+        '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\npassword = "p"\n'
+        'api_version = "10"\n',
+    )
+    (problem,) = problems(bad)
+    assert problem.startswith(f"{bad}: instances.a.api_version: must be a version of Sugar's")
+    assert "'10'" in problem
