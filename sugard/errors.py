@@ -6,12 +6,13 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
     +-- NoValidToken            token_unavailable  no token within the wait; `.retry_after`
     +-- InstanceNeedsAttention  upstream_rejected  Sugar refused what a person must fix
     +-- InstanceStopped         unknown_instance   removed by a reload, or the daemon stops
+    +-- UserNotListed           forbidden          a user the instance's `sudo` list lacks
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
     +-- ConfigError             invalid_config     the config cannot be used (sugard.config)
     +-- SocketError             internal           the socket cannot be set up (at start)
     +-- InitError               bad_request        `sugard init` cannot go on (sugard.cli)
 
-The keeper raises the first three; the daemon the reload's and the socket's. What Sugar
+The keeper raises the first four; the daemon the reload's and the socket's. What Sugar
 answers is another tree (sugard.sugar.UpstreamError): the keeper decides what each means, and
 raises one of these. The client's tree (sugard.client.SugardError) is its own, built from the
 same wire table, so that `sugarctl` never imports this side.
@@ -30,6 +31,7 @@ __all__ = [
     "NoValidToken",
     "ReloadFailed",
     "SocketError",
+    "UserNotListed",
 ]
 
 
@@ -76,6 +78,13 @@ class InstanceStopped(DaemonError):
     """The instance was removed (reload) or the daemon is stopping."""
 
     code = "unknown_instance"
+
+
+class UserNotListed(DaemonError):
+    """A token of a user the instance may not act as: its `sudo` list does not name them.
+    Refused before any call to Sugar."""
+
+    code = "forbidden"
 
 
 class ReloadFailed(DaemonError):

@@ -35,11 +35,15 @@ __all__ = [
     "SOCKET_ORDER",
     "SOCKET_PATH_MAX",
     "STATES",
+    "SUDO_ALL",
+    "SUDO_USER_MAX",
+    "SUDO_USER_RULE",
     "TOKEN_LIFETIME_HEADER",
     "default_config_path",
     "default_socket_path",
     "http_status",
     "socket_path",
+    "sudo_user_problem",
 ]
 
 # sugarctl's exit codes (sugard.client.help says what each means to a user).
@@ -86,6 +90,27 @@ INSTANCE_NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 INSTANCE_NAME_RULE = (
     "use up to 64 of A-Z, a-z, 0-9, '_', '.' and '-', starting with a letter or digit"
 )
+
+# A user sugard may act as (Sugar's sudo): in the config's `sudo` list, `?as=USER`, the
+# proxy's `/as/USER/` and `sugarctl --as USER`. Sugar's user names are free text; these are
+# refused because they cannot be one path segment of a URL or one word of a log line.
+SUDO_ALL = "*"  # `sudo = ["*"]`: any user
+SUDO_USER_MAX = 100
+SUDO_USER_RULE = (
+    f"a Sugar user name of 1 to {SUDO_USER_MAX} characters, with no '/', no space and no "
+    "control character"
+)
+
+
+def sudo_user_problem(name: str) -> str | None:
+    """Why `name` cannot be a user to act as (None: it can). No `re`: see the module's doc."""
+    if not name or len(name) > SUDO_USER_MAX or name in (".", "..", SUDO_ALL):
+        return f"bad user name {name[:SUDO_USER_MAX]!r}: {SUDO_USER_RULE}"
+    for char in name:
+        if char == "/" or char.isspace() or not char.isprintable():
+            return f"bad user name {name[:SUDO_USER_MAX]!r}: {SUDO_USER_RULE}"
+    return None
+
 
 # An instance's states (sugard.keeper.State has the same values).
 STATES = ("starting", "logging_in", "ready", "refreshing", "backing_off", "failed")

@@ -29,7 +29,8 @@ MAX_HEADERS = 128  # Sugar clients send more headers than sugarctl does
 
 
 class ProxyListener:
-    """One instance's loopback TCP listener: `/rest/...` forwarded, anything else 404.
+    """One instance's loopback TCP listener: `/rest/...` forwarded (`/as/USER/rest/...` on
+    the token of a user the instance acts as), anything else 404.
 
     Who connects is read once per connection (`peer_of_socket`, from the kernel); browsers
     are refused, since a web page in the user's own browser runs as the same uid."""
@@ -58,6 +59,7 @@ class ProxyListener:
         host, port = split_host_port(self.address)  # checked by the config
         app = web.Application(middlewares=[self._admit])
         app.router.add_route("*", "/rest/{path:.*}", self._proxied)
+        app.router.add_route("*", "/as/{user}/rest/{path:.*}", self._proxied_as)
         app.router.add_route("*", "/{tail:.*}", _not_found)
         runner = web.AppRunner(
             app,
@@ -120,6 +122,10 @@ class ProxyListener:
 
     async def _proxied(self, request: web.Request) -> web.StreamResponse:
         return await self.forwarder.handle(request, self.name, 1)  # /rest/...
+
+    async def _proxied_as(self, request: web.Request) -> web.StreamResponse:
+        user = request.match_info["user"]
+        return await self.forwarder.handle(request, self.name, 3, user)  # /as/{user}/rest/...
 
 
 async def _not_found(request: web.Request) -> web.Response:
