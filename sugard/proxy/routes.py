@@ -14,7 +14,7 @@ from sugard.proxy.answers import ProxyRegistry, refused
 from sugard.proxy.forward import Forwarder
 
 PROXY_ROUTE = "sugar-proxy"  # the socket route's name: api's peer check leaves it to us
-PROXY_AS_ROUTE = "sugar-proxy-as"  # the same, acting as a user (Sugar's sudo)
+PROXY_AS_ROUTE = "sugar-proxy-sudo"  # the same, acting as a user (Sugar's sudo)
 PROXY_ROUTES = frozenset({PROXY_ROUTE, PROXY_AS_ROUTE})
 PeerOf = Callable[[web.Request], Any]  # the request's peer (api.Peer), or None: refuse
 
