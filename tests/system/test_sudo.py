@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from support.daemon import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
 from support.http import curl, curl_json
 
@@ -24,31 +24,28 @@ USERS = {USER: PASSWORD, "jim": "jim-pw", "sally": "sally-pw"}
 pytestmark = pytest.mark.fake(users=USERS, admins={USER})
 
 
-def me(fake: FakeSugar, token: str, platform: str | None = None) -> dict[str, Any]:
+def me(fake: FakeSugar, token: str) -> dict[str, Any]:
     """Sugar's /me with `token`: who the token belongs to."""
-    request = urllib.request.Request(f"{fake.url}/rest/v10/me", headers={"OAuth-Token": token})
-    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (the fake)
-        return json.load(answer)["current_user"]  # type: ignore[no-any-return]
+    answer = requests.get(f"{fake.url}/rest/v10/me", headers={"OAuth-Token": token}, timeout=30)
+    return answer.json()["current_user"]  # type: ignore[no-any-return]
+
+
+def user_me(url: str) -> str:
+    """Who the proxy at `url` (a site URL) calls Sugar as."""
+    return requests.get(f"{url}/rest/v10/me", timeout=30).json()["current_user"]["user_name"]  # type: ignore[no-any-return]
 
 
 def password_login(fake: FakeSugar, user: str, platform: str) -> str:
     """A login of `user` at the fake, as the web UI (platform base) makes it."""
-    body = json.dumps(
-        {
-            "grant_type": "password",
-            "username": user,
-            "password": USERS[user],
-            "client_id": "sugar",
-            "platform": platform,
-        }
-    ).encode()
-    request = urllib.request.Request(
-        f"{fake.url}/rest/v10/oauth2/token",
-        data=body,
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 (the fake)
-        return json.load(answer)["access_token"]  # type: ignore[no-any-return]
+    fields = {
+        "grant_type": "password",
+        "username": user,
+        "password": USERS[user],
+        "client_id": "sugar",
+        "platform": platform,
+    }
+    answer = requests.post(f"{fake.url}/rest/v10/oauth2/token", json=fields, timeout=30)
+    return answer.json()["access_token"]  # type: ignore[no-any-return]
 
 
 def start(start_daemon: Any, short_dir: Path, fake: FakeSugar, **settings: Any) -> DaemonProcess:
@@ -155,11 +152,9 @@ def test_the_proxy_acts_as_jim_on_the_socket_and_the_listener(
     status, body = curl_json(daemon.socket, f"/v1/instances/{NAME}/rest/v10/me")
     assert (200, USER) == (status, body["current_user"]["user_name"])
     listen = sugarctl(daemon.socket, "proxy-url", NAME).stdout.strip()
-    with urllib.request.urlopen(f"{listen}/as/sally/rest/v10/me", timeout=30) as answer:  # noqa: S310
-        assert "sally" == json.load(answer)["current_user"]["user_name"]
+    assert "sally" == user_me(f"{listen}/as/sally")
     assert fake.revoke(sugarctl(daemon.socket, "token", NAME, "--as", "jim").stdout.strip())
-    with urllib.request.urlopen(f"{listen}/as/jim/rest/v10/me", timeout=30) as answer:  # noqa: S310
-        assert "jim" == json.load(answer)["current_user"]["user_name"]
+    assert "jim" == user_me(f"{listen}/as/jim")
     assert {"jim": 2, "sally": 1} == fake.sudo_calls
     status, body = curl_json(daemon.socket, f"/v1/instances/{NAME}/as/bob/rest/v10/me")
     assert (403, "forbidden") == (status, body["error"])
