@@ -18,6 +18,7 @@ from sugard.wire import (
     MAX_MIN_TTL,
     MAX_WAIT,
     SUDO_USER_MAX,
+    SUDO_USER_PATTERN,
     SUDO_USER_RULE,
     TOKEN_LIFETIME_HEADER,
 )
@@ -149,7 +150,12 @@ _AS = {
     "description": "a token of this user instead, by Sugar's sudo: the instance's `sudo` list "
     "must name the user (else 403 `forbidden`, and no call to Sugar); Sugar refusing the sudo "
     f"answers 502 `upstream_rejected`. A user name: {SUDO_USER_RULE} (else 400)",
-    "schema": {"type": "string", "minLength": 1, "maxLength": SUDO_USER_MAX},
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": SUDO_USER_MAX,
+        "pattern": SUDO_USER_PATTERN,
+    },
     "example": "jim",
 }
 _USER = {
@@ -157,7 +163,12 @@ _USER = {
     "in": "path",
     "required": True,
     "description": f"the user to act as (Sugar's sudo), like `as` of /token: {SUDO_USER_RULE}",
-    "schema": {"type": "string", "minLength": 1, "maxLength": SUDO_USER_MAX},
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": SUDO_USER_MAX,
+        "pattern": SUDO_USER_PATTERN,
+    },
     "example": "jim",
 }
 
