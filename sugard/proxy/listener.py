@@ -130,7 +130,9 @@ class ProxyListener:
 
 async def _not_found(request: web.Request) -> web.Response:
     return sugar_error(
-        404, "not_found", "sugard's proxy serves only Sugar's REST API, under /rest/"
+        404,
+        "not_found",
+        "sugard's proxy serves only Sugar's REST API, under /rest/ (or /as/USER/rest/)",
     )
 
 
