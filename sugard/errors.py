@@ -7,6 +7,7 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
     +-- InstanceNeedsAttention  upstream_rejected  Sugar refused what a person must fix
     +-- InstanceStopped         unknown_instance   removed by a reload, or the daemon stops
     +-- LeaderOnly              bad_request        only the fleet's leader may do this
+    +-- UserNotListed           forbidden          a user the instance's `sudo` list lacks
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
     +-- ConfigError             invalid_config     the config cannot be used (sugard.config)
     +-- SocketError             internal           the socket cannot be set up (at start)
@@ -32,6 +33,7 @@ __all__ = [
     "NoValidToken",
     "ReloadFailed",
     "SocketError",
+    "UserNotListed",
 ]
 
 
@@ -85,6 +87,13 @@ class LeaderOnly(DaemonError):
     that session at Sugar: `sugarctl revoke`)."""
 
     code = "bad_request"
+
+
+class UserNotListed(DaemonError):
+    """A token of a user the instance may not act as: its `sudo` list does not name them.
+    Refused before any call to Sugar."""
+
+    code = "forbidden"
 
 
 class ReloadFailed(DaemonError):

@@ -37,11 +37,16 @@ __all__ = [
     "SOCKET_ORDER",
     "SOCKET_PATH_MAX",
     "STATES",
+    "SUDO_ALL",
+    "SUDO_USER_MAX",
+    "SUDO_USER_PATTERN",
+    "SUDO_USER_RULE",
     "TOKEN_LIFETIME_HEADER",
     "default_config_path",
     "default_socket_path",
     "http_status",
     "socket_path",
+    "sudo_user_problem",
 ]
 
 # sugarctl's exit codes (sugard.client.help says what each means to a user).
@@ -93,6 +98,41 @@ INSTANCE_NAME_PATTERN = "[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 INSTANCE_NAME_RULE = (
     "use up to 64 of A-Z, a-z, 0-9, '_', '.' and '-', starting with a letter or digit"
 )
+
+# A user sugard may act as (Sugar's sudo): in the config's `sudo` list, `?as=USER`, the
+# proxy's `/as/USER/` and `sugarctl --as USER`. Sugar's user names are free text; refused here
+# are those that cannot be one path segment of a URL or one word of a log line: a '/', a space
+# (what str.isspace calls one), a control character, or only dots and stars ("..", "*").
+SUDO_ALL = "*"  # `sudo = ["*"]`: any user
+SUDO_USER_MAX = 100
+SUDO_USER_RULE = (
+    f"a Sugar user name of 1 to {SUDO_USER_MAX} characters, with no '/', no space and no "
+    "control character, and not only dots and stars"
+)
+_NOT_IN_USER = r"/\x00-\x20\x7f-\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# The same rule for the OpenAPI document (with maxLength); a test pins that both agree.
+SUDO_USER_PATTERN = f"^[^{_NOT_IN_USER}]*[^{_NOT_IN_USER}.*][^{_NOT_IN_USER}]*$"
+_ODD_SPACES = frozenset("\u1680\u2028\u2029\u202f\u205f\u3000")
+
+
+def sudo_user_problem(name: str) -> str | None:
+    """Why `name` cannot be a user to act as (None: it can). No `re`: see the module's doc."""
+    if not name or len(name) > SUDO_USER_MAX or not name.strip(".*") or any(map(_odd, name)):
+        return f"bad user name {name[:SUDO_USER_MAX]!r}: {SUDO_USER_RULE}"
+    return None
+
+
+def _odd(char: str) -> bool:
+    """A '/', a control character or a space: the characters of `_NOT_IN_USER`."""
+    code = ord(char)
+    return (
+        char == "/"
+        or code <= 0x20
+        or 0x7F <= code <= 0xA0
+        or 0x2000 <= code <= 0x200A
+        or char in _ODD_SPACES
+    )
+
 
 # An instance's states (sugard.keeper.State has the same values).
 STATES = ("starting", "logging_in", "ready", "refreshing", "backing_off", "failed")

@@ -33,6 +33,7 @@ from sugard.api.middleware import (
 )
 from sugard.api.openapi import spec
 from sugard.api.serving import MAX_HEADERS, MAX_LINE, error, peer_of
+from sugard.api.sudo import as_user, shown_sudo
 from sugard.config import split_host_port
 from sugard.errors import (
     DaemonError,
@@ -42,6 +43,7 @@ from sugard.errors import (
     NoValidToken,
     ReloadFailed,
     SocketError,
+    UserNotListed,
 )
 from sugard.keeper import Keeper
 from sugard.observe import Observer, TokenOutcome, TokenRequested
@@ -195,6 +197,7 @@ def _status(keeper: Keeper) -> dict[str, Any]:
         "refresh_at": rfc3339(status.refresh_at),
         "last_refresh": rfc3339(status.last_refresh),
         "last_error": None if error is None else {**asdict(error), "at": rfc3339(error.at)},
+        "sudo": shown_sudo(asdict(status.sudo) if status.sudo else None, rfc3339),
     }
 
 
@@ -217,9 +220,11 @@ async def _answer_token(
     *,
     min_ttl: float = 0.0,
     wait: float = DEFAULT_WAIT,
+    user: str | None = None,
 ) -> web.Response:
-    """`get()` from `keeper` as a TOKEN answer; `min_ttl` and `wait` are what `get` asks for,
-    for when the answer has to come from the keeper that replaced this one."""
+    """`get()` from `keeper` as a TOKEN answer; `min_ttl`, `wait` and `user` (a token of
+    that user: Sugar's sudo) are what `get` asks for, for when the answer has to come from
+    the keeper that replaced this one."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     try:
@@ -236,8 +241,13 @@ async def _answer_token(
             if isinstance(successor, web.Response):
                 return successor
             keeper = successor
-            grant = await keeper.token(min_ttl, max(0.0, deadline - loop.time()))
-    except (NoValidToken, InstanceNeedsAttention, InstanceStopped) as exc:
+            left = max(0.0, deadline - loop.time())
+            grant = await (
+                keeper.token(min_ttl, left)
+                if user is None
+                else keeper.sudo.token(user, min_ttl, left)
+            )
+    except (NoValidToken, InstanceNeedsAttention, InstanceStopped, UserNotListed) as exc:
         _count(request, keeper, _OUTCOMES[type(exc)])
         return answer(exc)
     _count(request, keeper, "served")
@@ -254,6 +264,7 @@ _OUTCOMES: dict[type[DaemonError], TokenOutcome] = {
     NoValidToken: "unavailable",
     InstanceNeedsAttention: "rejected",
     InstanceStopped: "gone",
+    UserNotListed: "forbidden",
 }
 
 
@@ -313,12 +324,16 @@ async def token(request: web.Request) -> web.Response:
     try:
         min_ttl = seconds(request, "min_ttl", 0.0, MAX_MIN_TTL)
         wait = seconds(request, "wait", DEFAULT_WAIT, MAX_WAIT)
+        user = as_user(request)
     except BadInput as exc:
         _count(request, keeper, "bad_request")
         return error("bad_request", str(exc))
-    return await _answer_token(
-        request, keeper, lambda: keeper.token(min_ttl, wait), min_ttl=min_ttl, wait=wait
+    get = (
+        (lambda: keeper.token(min_ttl, wait))
+        if user is None
+        else (lambda: keeper.sudo.token(user, min_ttl, wait))
     )
+    return await _answer_token(request, keeper, get, min_ttl=min_ttl, wait=wait, user=user)
 
 
 INVALIDATE_BODY = 'body must be JSON: {"access_token": "<the token Sugar refused>"}'
@@ -334,6 +349,13 @@ async def invalidate(request: web.Request) -> web.Response:
     reported = body.get("access_token")
     if not isinstance(reported, str) or not reported:
         return error("bad_request", INVALIDATE_BODY)
+    try:
+        user = as_user(request)
+    except BadInput as exc:
+        return error("bad_request", str(exc))
+    if user is not None:
+        get = lambda: keeper.sudo.invalidate(user, reported)  # noqa: E731
+        return await _answer_token(request, keeper, get, user=user)
     return await _answer_token(request, keeper, lambda: keeper.invalidate(reported))
 
 
@@ -355,6 +377,14 @@ async def refresh(request: web.Request) -> web.Response:
         refused = _not_owner(request, "send a rejected secret again through")
         if refused is not None:
             return refused
+    try:
+        user = as_user(request)
+    except BadInput as exc:
+        return error("bad_request", str(exc))
+    if user is not None:
+        # Also asks Sugar's sudo again after Sugar refused it (the one way besides a reload).
+        again = lambda: keeper.sudo.refresh_now(user)  # noqa: E731
+        return await _answer_token(request, keeper, again, user=user)
     # `retry_rejected` (sugarctl refresh --retry-rejected) is the one override of the rule
     # that a secret Sugar rejected is never sent again; the keeper applies both.
     return await _answer_token(

@@ -22,7 +22,7 @@ from aiohttp.typedefs import Middleware
 from sugard.api.serving import error, peer_of
 from sugard.observe import Observer, TokenRequested
 from sugard.peer import Peer, refusal
-from sugard.proxy import PROXY_ROUTE
+from sugard.proxy import PROXY_ROUTES
 from sugard.text import quoted
 
 __all__ = [
@@ -83,7 +83,7 @@ def check_peer(
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.match_info.route.name == PROXY_ROUTE:
+        if request.match_info.route.name in PROXY_ROUTES:
             return await handler(request)  # the same rules, answered in Sugar's envelope there
         peer = peer_of(request)
         instance = request.match_info.get("name")

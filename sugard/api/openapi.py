@@ -13,9 +13,17 @@ from typing import Any
 
 from sugard import __version__
 from sugard.api.schemas import INSTANCE_NAME, SCHEMAS, ref
-from sugard.wire import DEFAULT_WAIT, MAX_MIN_TTL, MAX_WAIT, TOKEN_LIFETIME_HEADER
+from sugard.wire import (
+    DEFAULT_WAIT,
+    MAX_MIN_TTL,
+    MAX_WAIT,
+    SUDO_USER_MAX,
+    SUDO_USER_PATTERN,
+    SUDO_USER_RULE,
+    TOKEN_LIFETIME_HEADER,
+)
 
-__all__ = ["PROXIED_METHODS", "PROXIED_PATH", "spec"]
+__all__ = ["PROXIED_AS_PATH", "PROXIED_METHODS", "PROXIED_PATH", "spec"]
 
 
 def _json(schema: dict[str, Any], description: str, **headers: dict[str, Any]) -> dict[str, Any]:
@@ -92,8 +100,14 @@ def _token_answers(**extra: dict[str, Any]) -> dict[str, Any]:
                 "the access token to use now",
                 **{"Cache-Control": _NO_STORE, TOKEN_LIFETIME_HEADER: _TOKEN_LIFETIME},
             ),
+            "403": _error(
+                "the peer's uid/gid is not allowed (SO_PEERCRED), or `as` names a user the "
+                "instance's `sudo` list does not",
+                "forbidden",
+            ),
             "502": _error(
-                "Sugar refused the credentials, client or platform; a person must fix the config",
+                "Sugar refused the credentials, client or platform, or the sudo of `as` (not "
+                "an admin, no such user); a person must fix it",
                 "upstream_rejected",
             ),
             "503": _error(
@@ -129,12 +143,57 @@ def _seconds(name: str, high: float, example: float, description: str) -> dict[s
     }
 
 
-# Sugar through sugard: any method is forwarded to {url}/rest/{path}, Sugar's answer comes back.
+_AS = {
+    "name": "as",
+    "in": "query",
+    "required": False,
+    "description": "a token of this user instead, by Sugar's sudo: the instance's `sudo` list "
+    "must name the user (else 403 `forbidden`, and no call to Sugar); Sugar refusing the sudo "
+    f"answers 502 `upstream_rejected`. A user name: {SUDO_USER_RULE} (else 400)",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": SUDO_USER_MAX,
+        "pattern": SUDO_USER_PATTERN,
+    },
+    "example": "jim",
+}
+_USER = {
+    "name": "user",
+    "in": "path",
+    "required": True,
+    "description": f"the user to act as (Sugar's sudo), like `as` of /token: {SUDO_USER_RULE}",
+    "schema": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": SUDO_USER_MAX,
+        "pattern": SUDO_USER_PATTERN,
+    },
+    "example": "jim",
+}
+
+# Sugar through sugard: any method is forwarded to {url}/rest/{path}, Sugar's answer comes back;
+# under /as/{user}/ with the token of that user.
 PROXIED_PATH = "/v1/instances/{name}/rest/{path}"
+PROXIED_AS_PATH = "/v1/instances/{name}/as/{user}/rest/{path}"
 PROXIED_METHODS = ("get", "post", "put", "patch", "delete")
+_SUGAR_PATH = {
+    "name": "path",
+    "in": "path",
+    "required": True,
+    "description": "Sugar's REST path, like v10/me (query kept)",
+    "schema": {"type": "string"},
+}
 
 
-def _proxied(method: str) -> dict[str, Any]:
+def _proxied(method: str, acting: bool = False) -> dict[str, Any]:
+    if acting:
+        return {
+            **_proxied(method),
+            "operationId": f"proxyAs{method.capitalize()}",
+            "summary": "forwarded to the instance's {url}/rest/{path} with a token of {user} "
+            "(Sugar's sudo), as the proxy without /as/{user} does with sugard's own",
+        }
     return {
         "operationId": f"proxy{method.capitalize()}",
         "summary": "forwarded to the instance's {url}/rest/{path} with sugard's OAuth-Token",
@@ -222,6 +281,7 @@ def _document() -> dict[str, Any]:
                             5,
                             f"how long to wait for a token (default {DEFAULT_WAIT:g})",
                         ),
+                        _AS,
                     ],
                     "responses": _token_answers(),
                 },
@@ -232,6 +292,7 @@ def _document() -> dict[str, Any]:
                     "operationId": "invalidate",
                     "summary": "report a token Sugar refused; answers the token to use now",
                     "description": "Only a report of the current token starts a refresh.",
+                    "parameters": [_AS],
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": ref("InvalidateRequest")}},
@@ -251,7 +312,10 @@ def _document() -> dict[str, Any]:
                     "summary": "renew the token now, even from `failed` or during backoff",
                     "description": "A password or client secret that Sugar rejected is not "
                     "sent again unless it changed since, or the body asks for it (the "
-                    "daemon's owner and root only; once per rejection, then not for a minute).",
+                    "daemon's owner and root only; once per rejection, then not for a minute). "
+                    "With `as`: a new token of that user, also after Sugar refused the sudo "
+                    "(asked again).",
+                    "parameters": [_AS],
                     "requestBody": {
                         "required": False,
                         "content": {"application/json": {"schema": ref("RefreshRequest")}},
@@ -287,17 +351,12 @@ def _document() -> dict[str, Any]:
                 },
             },
             PROXIED_PATH: {
-                "parameters": [
-                    _NAME,
-                    {
-                        "name": "path",
-                        "in": "path",
-                        "required": True,
-                        "description": "Sugar's REST path, like v10/me (query kept)",
-                        "schema": {"type": "string"},
-                    },
-                ],
+                "parameters": [_NAME, _SUGAR_PATH],
                 **{method: _proxied(method) for method in PROXIED_METHODS},
+            },
+            PROXIED_AS_PATH: {
+                "parameters": [_NAME, _USER, _SUGAR_PATH],
+                **{method: _proxied(method, acting=True) for method in PROXIED_METHODS},
             },
             "/v1/metrics": {
                 "get": {

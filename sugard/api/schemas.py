@@ -26,6 +26,67 @@ def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
 
 _TIME = {"type": "string", "format": "date-time", "description": "RFC 3339, UTC"}
 _COUNT = {"type": "integer", "minimum": 0}
+_ERROR_STATUS = {
+    "type": "object",
+    "nullable": True,
+    "required": ["at", "kind", "message", "current"],
+    "additionalProperties": False,
+    "properties": {
+        "at": _TIME,
+        "kind": {"type": "string"},
+        "message": {"type": "string"},
+        # True only while the state is caused by it; else it is history.
+        "current": {"type": "boolean"},
+    },
+}
+_SUDO = {
+    "type": "object",
+    "nullable": True,
+    "description": "the users the instance acts as (Sugar's sudo; null: none). Their names "
+    'only where the config lists them: with sudo = ["*"] counts only',
+    "required": [
+        "allowed",
+        "held",
+        "refused",
+        "refused_all",
+        "next_expiry",
+        "last_error",
+        "users",
+    ],
+    "additionalProperties": False,
+    "properties": {
+        "allowed": {
+            "oneOf": [
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "string", "enum": ["*"]},
+            ]
+        },
+        "held": {**_COUNT, "description": "users with a token now"},
+        "refused": {**_COUNT, "description": "users Sugar refused (not asked again)"},
+        "refused_all": {
+            "type": "boolean",
+            "description": "Sugar refused sugard's user itself (no admin): no sudo for anyone",
+        },
+        "next_expiry": _nullable(_TIME),
+        "last_error": _ERROR_STATUS,
+        "users": {
+            "type": "array",
+            "nullable": True,
+            "items": {
+                "type": "object",
+                "required": ["user", "expires_at", "refresh_at", "last_error", "refused"],
+                "additionalProperties": False,
+                "properties": {
+                    "user": {"type": "string"},
+                    "expires_at": _nullable(_TIME),
+                    "refresh_at": _nullable(_TIME),
+                    "last_error": _ERROR_STATUS,
+                    "refused": {"type": "boolean"},
+                },
+            },
+        },
+    },
+}
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -74,6 +135,7 @@ SCHEMAS: dict[str, Any] = {
             "refreshes",
             "failures",
             "fleet",
+            "sudo",
         ],
         "additionalProperties": False,
         "properties": {
@@ -85,19 +147,7 @@ SCHEMAS: dict[str, Any] = {
             "expires_at": _nullable(_TIME),
             "refresh_at": _nullable(_TIME),
             "last_refresh": _nullable(_TIME),
-            "last_error": {
-                "type": "object",
-                "nullable": True,
-                "required": ["at", "kind", "message", "current"],
-                "additionalProperties": False,
-                "properties": {
-                    "at": _TIME,
-                    "kind": {"type": "string"},
-                    "message": {"type": "string"},
-                    # True only while the state is caused by it; else it is history.
-                    "current": {"type": "boolean"},
-                },
-            },
+            "last_error": _ERROR_STATUS,
             "token_fingerprint": {
                 "type": "string",
                 "nullable": True,
@@ -124,6 +174,7 @@ SCHEMAS: dict[str, Any] = {
                     "epoch": {"type": "integer", "minimum": 0},
                 },
             },
+            "sudo": _SUDO,
         },
     },
     "StatusList": {

@@ -357,6 +357,16 @@ def audit_config(config: Config) -> tuple[list[Problem], list[Problem]]:
                     "per user and platform); register a platform for sugard, like sugard",
                 )
             )
+        if instance.sudo and instance.platform == "base":
+            warnings.append(
+                Problem(
+                    config.path,
+                    f"{where}.sudo",
+                    "warning: sudo sessions use the instance's platform 'base': each token of "
+                    "another user logs that user out of Sugar's web UI; give the instance a "
+                    "platform of its own, like sugard",
+                )
+            )
         host = instance.url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
         if instance.url.startswith("http://") and host not in LOOPBACK_HOSTS:
             warnings.append(

@@ -49,6 +49,7 @@ from sugard.wire import (
     default_config_path,
     default_socket_path,
     socket_path,
+    sudo_user_problem,
 )
 
 __all__ = [
@@ -205,15 +206,28 @@ class SugardClient:
         """`{"status": "ok", "version": ..., "instances": N}`."""
         return self._call("GET", "/v1/health")  # type: ignore[no-any-return]
 
-    def token(self, name: str, min_ttl: float = 0, wait: float | None = None) -> dict[str, Any]:
+    def token(
+        self,
+        name: str,
+        min_ttl: float = 0,
+        wait: float | None = None,
+        *,
+        as_user: str | None = None,
+    ) -> dict[str, Any]:
         """The TOKEN object (`access_token`, `url`, `expires_at`, `expires_in`,
         `download_token`...), valid for at least `min_ttl` more seconds if a token of this
         instance can be (else the freshest there is: see `token_answer`). Waits up to `wait`
-        seconds (the daemon's default: 10) while the daemon logs in or refreshes."""
-        return self.token_answer(name, min_ttl, wait)[0]
+        seconds (the daemon's default: 10) while the daemon logs in or refreshes. `as_user`:
+        a token of that user instead (Sugar's sudo; the instance's `sudo` must list them)."""
+        return self.token_answer(name, min_ttl, wait, as_user=as_user)[0]
 
     def token_answer(
-        self, name: str, min_ttl: float = 0, wait: float | None = None
+        self,
+        name: str,
+        min_ttl: float = 0,
+        wait: float | None = None,
+        *,
+        as_user: str | None = None,
     ) -> tuple[dict[str, Any], float | None]:
         """`token()`, and the lifetime Sugar gives this instance's tokens when the token has
         less than `min_ttl` left (a min_ttl that cannot be met); None when it has enough."""
@@ -222,6 +236,8 @@ class SugardClient:
             query.append(f"min_ttl={_seconds('min_ttl', min_ttl, MAX_MIN_TTL)}")
         if wait is not None:
             query.append(f"wait={_seconds('wait', wait, MAX_WAIT)}")
+        if as_user is not None:
+            query.append(_as_query(as_user))
         target = _instance(name, "token") + ("?" + "&".join(query) if query else "")
         data, headers = self._answer("GET", target, wait=wait)
         lifetime = headers.get(LIFETIME_HEADER)
@@ -236,25 +252,35 @@ class SugardClient:
             return self._call("GET", "/v1/instances")["instances"]
         return self._call("GET", _instance(name))
 
-    def invalidate(self, name: str, access_token: str) -> dict[str, Any]:
+    def invalidate(
+        self, name: str, access_token: str, *, as_user: str | None = None
+    ) -> dict[str, Any]:
         """Report that Sugar refused `access_token` (a 401); returns the TOKEN to use now.
 
         The daemon renews the session only if the reported token is its current one, and
-        only once however many scripts report it; an older token gets the current one."""
+        only once however many scripts report it; an older token gets the current one.
+        `as_user`: the token was one of that user (`token(..., as_user=)`)."""
         if not access_token:
             raise BadRequest("invalidate needs the access token that Sugar refused")
         body = _json_object({"access_token": access_token})
-        return self._call("POST", _instance(name, "invalidate"), body)  # type: ignore[no-any-return]
+        target = _instance(name, "invalidate") + (f"?{_as_query(as_user)}" if as_user else "")
+        return self._call("POST", target, body)  # type: ignore[no-any-return]
 
-    def refresh(self, name: str, retry_rejected: bool = False) -> dict[str, Any]:
+    def refresh(
+        self, name: str, retry_rejected: bool = False, *, as_user: str | None = None
+    ) -> dict[str, Any]:
         """Make the daemon renew the session now; returns the new TOKEN.
 
         After Sugar rejected the password (or client secret), the daemon refuses
         (NeedsAttention) unless the secret changed since; `retry_rejected=True` sends it
         once more anyway, for after an administrator unlocked the account. Sugar may count
-        that as one more failed login."""
+        that as one more failed login.
+
+        `as_user`: a new token of that user instead (Sugar's sudo), asked of Sugar again even
+        after Sugar refused it (once the user exists, or sugard's user is an admin)."""
         body = b'{"retry_rejected": true}' if retry_rejected else None
-        return self._call("POST", _instance(name, "refresh"), body)  # type: ignore[no-any-return]
+        target = _instance(name, "refresh") + (f"?{_as_query(as_user)}" if as_user else "")
+        return self._call("POST", target, body)  # type: ignore[no-any-return]
 
     def revoke(self, name: str) -> dict[str, Any]:
         """End the session of `name` at Sugar, so that every token it handed out dies, and log
@@ -390,9 +416,31 @@ class SugardClient:
 def _instance(name: str, action: str = "") -> str:
     if not name:
         raise BadRequest("the instance name is empty")
+    return f"/v1/instances/{_quoted(name)}" + (f"/{action}" if action else "")
+
+
+def proxy_path(name: str, as_user: str | None = None) -> str:
+    """The socket path the proxy serves instance `name` under: Sugar's site root for a
+    client of the socket, its token sugard's own, or with `as_user` that user's
+    (`.../as/USER`, Sugar's sudo). What `sugarctl api --as` sends its requests under."""
+    base = _instance(name)
+    return base + (f"/as/{_quoted(_checked_user(as_user))}" if as_user is not None else "")
+
+
+def _checked_user(user: str) -> str:
+    problem = sudo_user_problem(user)
+    if problem is not None:
+        raise BadRequest(problem)
+    return user
+
+
+def _as_query(user: str) -> str:
+    return f"as={_quoted(_checked_user(user))}"
+
+
+def _quoted(text: str) -> str:
     # Percent-encoded by hand: urllib.parse would cost an import of `re`.
-    quoted = "".join(c if c in _UNRESERVED else f"%{b:02X}" for c in name for b in c.encode())
-    return f"/v1/instances/{quoted}" + (f"/{action}" if action else "")
+    return "".join(c if c in _UNRESERVED else f"%{b:02X}" for c in text for b in c.encode())
 
 
 def _seconds(what: str, value: float, high: float) -> str:

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from sugard.client import BadRequest, SugardClient, SugardError
+from sugard.client import BadRequest, SugardClient, SugardError, proxy_path
 from sugard.client.transport import Closed, Connection, reusable
 from sugard.wire import (
     EXIT_ATTENTION,
@@ -32,6 +32,7 @@ from sugard.wire import (
     EXIT_UNKNOWN,
     EXIT_USAGE,
     PROXY_ERROR_HEADER,
+    sudo_user_problem,
 )
 
 __all__ = ["ApiRequest", "main", "parse"]
@@ -65,6 +66,7 @@ VALUED = {
     "--output": "output",
     "--input": "input",
     "--socket": "socket",
+    "--as": "as",
 }
 FLAGS = {"-i": "include", "--include": "include", "--paginate": "paginate"}
 HELP = frozenset({"-h", "--help"})
@@ -89,6 +91,7 @@ class ApiRequest:
         self.input: str | None = None
         self.output: str | None = None
         self.socket: str | None = None
+        self.as_user: str | None = None  # Sugar's sudo: the request acts as this user
         self.include = self.paginate = self.help = False
 
     @property
@@ -187,6 +190,11 @@ def _take(request: ApiRequest, what: str, value: str, option: str) -> None:
         request.output = value
     elif what == "input":
         request.input = value
+    elif what == "as":
+        problem = sudo_user_problem(value)  # the user-name rule, before anything is sent
+        if problem is not None:
+            raise _Usage(f"{option} {value!r}: {problem}")
+        request.as_user = value
     else:
         request.socket = value
 
@@ -551,7 +559,10 @@ def _run(request: ApiRequest, client: SugardClient, session: _Session, output: _
     if version is None:
         urls = client.proxy_urls(request.name)
         version = str(urls.get("api_version") or "v10")
-    base = _instance(request.name) + f"/rest/{version}/{rest}"
+    site = _instance(request.name)
+    if request.as_user is not None:
+        site = proxy_path(request.name, request.as_user)
+    base = site + f"/rest/{version}/{rest}"
     headers = list(request.headers)
     body = _Body()
     pairs: list[tuple[str, str]] = []

@@ -20,7 +20,14 @@ import sys
 
 from sugard import __version__
 from sugard.client import BadRequest, SugardClient, SugardError
-from sugard.wire import EXIT_ATTENTION, EXIT_INTERRUPTED, EXIT_UNEXPECTED, MAX_MIN_TTL, MAX_WAIT
+from sugard.wire import (
+    EXIT_ATTENTION,
+    EXIT_INTERRUPTED,
+    EXIT_UNEXPECTED,
+    MAX_MIN_TTL,
+    MAX_WAIT,
+    sudo_user_problem,
+)
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
 if TYPE_CHECKING:
@@ -29,17 +36,21 @@ if TYPE_CHECKING:
 # command -> (required positionals, optional positionals, options it takes); the help of
 # each is in sugard.client.help, in this order.
 COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
-    "token": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--format", "--fingerprint"})),
-    "header": (("NAME",), (), frozenset({"--min-ttl", "--wait"})),
-    "exec": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--proxy"})),
+    "token": (
+        ("NAME",),
+        (),
+        frozenset({"--min-ttl", "--wait", "--format", "--fingerprint", "--as"}),
+    ),
+    "header": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--as"})),
+    "exec": (("NAME",), (), frozenset({"--min-ttl", "--wait", "--proxy", "--as"})),
     "api": (
         ("NAME",),
         ("PATH",),
-        frozenset({"-X", "-f", "-F", "-H", "-o", "-i", "--input", "--paginate"}),
+        frozenset({"-X", "-f", "-F", "-H", "-o", "-i", "--input", "--paginate", "--as"}),
     ),
     "status": ((), ("NAME",), frozenset({"--json", "--names", "--wait"})),
-    "invalidate": (("NAME",), ("TOKEN",), frozenset()),
-    "refresh": (("NAME",), (), frozenset({"--retry-rejected"})),
+    "invalidate": (("NAME",), ("TOKEN",), frozenset({"--as"})),
+    "refresh": (("NAME",), (), frozenset({"--retry-rejected", "--as"})),
     "revoke": (("NAME",), (), frozenset()),
     "proxy-url": (("NAME",), (), frozenset()),
     "reload": ((), (), frozenset()),
@@ -49,11 +60,11 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
     "help": ((), ("COMMAND",), frozenset()),
     "completion": (("SHELL",), (), frozenset()),
 }
-VALUED = frozenset({"--socket", "--min-ttl", "--wait", "--format", "--shell"})
+VALUED = frozenset({"--socket", "--min-ttl", "--wait", "--format", "--shell", "--as"})
 FLAGS = frozenset({"--json", "--names", "--fingerprint", "--retry-rejected", "--proxy"})
 # `api` parses its own arguments (repeated and short options: sugard.client.api); these are
 # its options that take a value, for shell completion.
-API_VALUED = frozenset({"-X", "-f", "-F", "-H", "-o", "--input"})
+API_VALUED = frozenset({"-X", "-f", "-F", "-H", "-o", "--input", "--as"})
 # The values an option or positional may take: checked here, offered by shell completion.
 CHOICES: dict[str, tuple[str, ...]] = {
     "--format": ("bare", "header", "json", "env"),
@@ -84,6 +95,11 @@ class _Args:
     @property
     def name(self) -> str | None:
         return self.positionals[0] if self.positionals else None
+
+    @property
+    def as_user(self) -> str | None:
+        """`--as USER`: a token of that user (Sugar's sudo) instead of the instance's own."""
+        return self.options.get("--as")
 
     def seconds(self, option: str, high: float = MAX_WAIT) -> float | None:
         text = self.options.get(option)
@@ -181,6 +197,16 @@ def _check(args: _Args) -> None:
         raise _Usage("--proxy hands CMD no token: leave out --min-ttl and --wait", command)
     if "--names" in args.options and ("--json" in args.options or args.positionals):
         raise _Usage("--names prints only the names: leave out --json and NAME", command)
+    user = args.options.get("--as")
+    if user is not None:
+        problem = sudo_user_problem(user)
+        if problem is not None:
+            raise _Usage(f"--as: {problem}", command)
+        if "--retry-rejected" in args.options:
+            raise _Usage(
+                "--retry-rejected is about the instance's own password: leave it out with --as",
+                command,
+            )
     args.seconds("--min-ttl", MAX_MIN_TTL)
     args.seconds("--wait")
 
@@ -252,10 +278,10 @@ def _run(args: _Args, client: SugardClient) -> int:
     elif command == "invalidate":
         given = args.positionals[1] if len(args.positionals) > 1 else "-"
         reported = _token_from_stdin() if given == "-" else given
-        _print_token(client.invalidate(name or "", reported), "bare")
+        _print_token(client.invalidate(name or "", reported, as_user=args.as_user), "bare")
     elif command == "refresh":
         retry = "--retry-rejected" in args.options
-        _print_token(client.refresh(name or "", retry_rejected=retry), "bare")
+        _print_token(client.refresh(name or "", retry_rejected=retry, as_user=args.as_user), "bare")
     elif command == "revoke":
         _print_token(client.revoke(name or ""), "bare")
     elif command == "proxy-url":
@@ -288,7 +314,9 @@ def _run(args: _Args, client: SugardClient) -> int:
 def _token(client: SugardClient, args: _Args) -> dict[str, Any]:
     """The token the command line asks for; says on stderr when --min-ttl was not met."""
     min_ttl = args.seconds("--min-ttl", MAX_MIN_TTL) or 0.0
-    token, lifetime = client.token_answer(args.name or "", min_ttl, args.seconds("--wait"))
+    token, lifetime = client.token_answer(
+        args.name or "", min_ttl, args.seconds("--wait"), as_user=args.as_user
+    )
     left = token.get("expires_in")
     if min_ttl and isinstance(left, int | float) and left < min_ttl:
         from sugard.client.commands import min_ttl_unmet

@@ -61,16 +61,25 @@ _WAIT = (
     "wait at most S seconds for a token while sugard logs in (default 10, at most 300; "
     "0: answer at once)",
 )
+_AS = (
+    "--as USER",
+    "a token of Sugar user USER instead, by Sugar's sudo with the instance's admin session: "
+    "the instance's `sudo` list must name USER (else exit 7, with no call to Sugar); Sugar "
+    "refusing it (not an admin, no such user) exits 6, and it is not asked again until the "
+    "config changes or `sugarctl refresh NAME --as USER`",
+)
 _SOCKET = ("--socket PATH", f"the daemon's socket (may come anywhere); without it {SOCKET_ORDER}")
 _HELP = ("-h, --help", "print this help")
 
 # command: (usage, summary, what it does, options, exit codes beyond 0 and 130)
 _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
     "token": (
-        "token NAME [--min-ttl S] [--wait S] [--format bare|header|json|env] [--fingerprint]",
+        "token NAME [--as USER] [--min-ttl S] [--wait S] [--format bare|header|json|env] "
+        "[--fingerprint]",
         "print the access token of instance NAME",
         "Print the access token of instance NAME, and nothing else.",
         [
+            _AS,
             _MIN_TTL,
             _WAIT,
             (
@@ -88,19 +97,20 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         "2, 3, 4, 5, 6, 7",
     ),
     "header": (
-        "header NAME [--min-ttl S] [--wait S]",
+        "header NAME [--as USER] [--min-ttl S] [--wait S]",
         "print 'OAuth-Token: <token>'",
         "Print 'OAuth-Token: <token>', for curl -H \"$(sugarctl header NAME)\".",
-        [_MIN_TTL, _WAIT],
+        [_AS, _MIN_TTL, _WAIT],
         "2, 3, 4, 5, 6, 7",
     ),
     "exec": (
-        "exec NAME [--min-ttl S] [--wait S] [--proxy] [--] CMD [ARGS...]",
+        "exec NAME [--as USER] [--min-ttl S] [--wait S] [--proxy] [--] CMD [ARGS...]",
         "run CMD with the token in its environment",
         "Run CMD in place of sugarctl with SUGAR_URL, SUGAR_TOKEN and SUGAR_DOWNLOAD_TOKEN in "
         "its environment. Everything from CMD on is CMD's, even words that look like "
         "sugarctl's options. CMD's exit status becomes sugarctl's.",
         [
+            _AS,
             _MIN_TTL,
             _WAIT,
             (
@@ -114,8 +124,8 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         "126 CMD cannot be run, 127 CMD not found",
     ),
     "api": (
-        "api NAME [PATH] [-X METHOD] [-f KEY=VALUE]... [-F KEY=JSON]... [--input FILE|-] "
-        "[--paginate] [-o FILE] [-i] [-H 'Name: value']...",
+        "api NAME [PATH] [--as USER] [-X METHOD] [-f KEY=VALUE]... [-F KEY=JSON]... "
+        "[--input FILE|-] [--paginate] [-o FILE] [-i] [-H 'Name: value']...",
         "call Sugar's REST API through sugard",
         "Call Sugar's REST API through sugard's proxy: sugard adds the token (it never reaches "
         "sugarctl), renews and replays once if Sugar refuses it. PATH is relative to the "
@@ -161,6 +171,7 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
             ),
             ("-i, --include", "print the status line and the headers first"),
             ("-H, --header 'N: V'", "add a header to the request (Content-Type, Accept...)"),
+            _AS,
         ],
         "2 (bad arguments, before anything is sent), 3, 4, 5, 6, 7 (sugard's own failures, as "
         "for the other commands); 8 Sugar answered 400 or more (one line on stderr: the "
@@ -186,16 +197,16 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         "2, 3, 4, 5 (--wait ran out), 7",
     ),
     "invalidate": (
-        "invalidate NAME [TOKEN]",
+        "invalidate NAME [TOKEN] [--as USER]",
         "report a token Sugar refused; print the one to use now",
         "Report TOKEN as refused by Sugar (a 401), and print the token to use now. TOKEN "
         "missing or '-': the first line of stdin. sugard renews the session only if TOKEN "
         "is its current one, once however many scripts report it.",
-        [],
+        [("--as USER", "TOKEN is one of Sugar user USER (sugarctl token NAME --as USER)")],
         "2, 3, 4, 5, 6, 7",
     ),
     "refresh": (
-        "refresh NAME [--retry-rejected]",
+        "refresh NAME [--retry-rejected | --as USER]",
         "make sugard renew the session now; print the new token",
         "Make sugard renew the session of NAME now, even when it failed or backs off, and "
         "print the new token. After Sugar rejected the password (or client secret), sugard "
@@ -206,7 +217,12 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
                 "send a rejected password once more although it did not change, e.g. after an "
                 "administrator unlocked the account. It may count as a failed login at Sugar, "
                 "and enough of those lock the account",
-            )
+            ),
+            (
+                "--as USER",
+                "a new token of Sugar user USER instead (Sugar's sudo); also asks Sugar again "
+                "after it refused the sudo (once USER exists, or sugard's user is an admin)",
+            ),
         ],
         "2, 3, 4, 5, 6 (Sugar rejected it, or it was rejected before and did not change), 7",
     ),

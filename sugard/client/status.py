@@ -134,6 +134,9 @@ def detail(row: dict[str, Any], *, colour: bool = False) -> str:
     if isinstance(fleet, dict):
         holder = fleet.get("holder") or "nobody yet"
         items.append(("fleet", f"{fleet.get('role')}, epoch {fleet.get('epoch')}, lease: {holder}"))
+    sudo = row.get("sudo")
+    if isinstance(sudo, dict):
+        items.extend(_sudo_items(sudo, now, str(row.get("name", "NAME"))))
     error = row.get("last_error")
     if error:
         at = _epoch(error.get("at"))
@@ -149,6 +152,31 @@ def detail(row: dict[str, Any], *, colour: bool = False) -> str:
         items.append(("last error", "none"))
     head = f"{row.get('name', '?')}: {_paint(state, _state_colour(state)) if colour else state}"
     return "\n".join([head, *(f"  {key:<13} {value}".rstrip() for key, value in items)])
+
+
+def _sudo_items(sudo: dict[str, Any], now: float, name: str) -> list[tuple[str, str]]:
+    """The users an instance acts as (Sugar's sudo): how many are held, each one's token
+    where the config names them, and the latest error of them all."""
+    allowed = sudo.get("allowed")
+    who = "any user" if allowed == "*" else ", ".join(map(str, allowed or []))
+    refused = "every user (sugard's user is no admin)" if sudo.get("refused_all") else None
+    summary = f"as {who}: {sudo.get('held', 0)} held, {refused or sudo.get('refused', 0)} refused"
+    items = [("sudo", summary)]
+    for user in sudo.get("users") or []:
+        expires = _epoch(user.get("expires_at"))
+        if user.get("refused"):
+            again = f"sugarctl refresh {name} --as {user.get('user', 'USER')}"
+            held = f"refused by Sugar: not asked again before `{again}`"
+        elif expires is None:
+            held = "no token"
+        else:
+            held = f"expires in {_duration(expires - now)}" if expires > now else "expired"
+        items.append((f"  {user.get('user', '?')}", held))
+    error = sudo.get("last_error")
+    if error:
+        text = " ".join(str(error.get("message", "")).split())
+        items.append(("sudo error", f"{error.get('kind', '?')}: {text}"))
+    return items
 
 
 def _cells(row: dict[str, Any], now: float) -> tuple[str, ...]:

@@ -33,6 +33,7 @@ from sugard.config.values import (
     secret_ref,
     shown_key,
     site_url,
+    sudo_users,
     table_of,
     type_name,
 )
@@ -81,6 +82,7 @@ class InstanceConfig:
     proxy_timeout: float = 300.0
     on_event: tuple[str, ...] | None = None  # argv run on renewed/failed/recovered/evicted
     fleet: bool = True  # with a [fleet] table: share this instance's session through Redis
+    sudo: tuple[str, ...] = ()  # users whose tokens sugard may get by Sugar's sudo; ("*",): any
 
     def session_key(self) -> tuple[object, ...]:
         """What identifies the upstream session: while it is unchanged, the live token stays.
@@ -121,6 +123,7 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "proxy_timeout": number(1, 86400),
     "on_event": argv,
     "fleet": boolean,
+    "sudo": sudo_users,
 }
 
 
@@ -195,7 +198,7 @@ INSTANCE_KEYS_HELP = (
     "_credential), client_id, client_secret (same sources), platform, api_version, timeout, "
     "verify_tls, ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
     "backoff_max, old_token_grace, probe_interval, allowed_uids, allowed_gids, listen, "
-    "proxy_connections, proxy_timeout, on_event and fleet"
+    "proxy_connections, proxy_timeout, on_event, fleet and sudo"
 )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Final, Literal
 
 from sugard.config.sources import SECRET_KINDS, SecretRef
 from sugard.secret import Secret
-from sugard.wire import INSTANCE_NAME_PATTERN
+from sugard.wire import INSTANCE_NAME_PATTERN, SUDO_ALL, sudo_user_problem
 
 # Used with fullmatch: `$` would also match before a trailing newline ("prod\n").
 INSTANCE_NAME = re.compile(INSTANCE_NAME_PATTERN)
@@ -194,6 +194,27 @@ def argv(v: Any) -> tuple[str, ...]:
     if not isinstance(v, list) or not v or not all(isinstance(a, str) for a in v) or not v[0]:
         raise ValueError('must be a list of a command and its arguments, like ["notify", "-u"]')
     return tuple(v)
+
+
+SUDO_SHAPE = 'must be a list of Sugar user names, like ["jim", "sally"], or ["*"] for any user'
+
+
+def sudo_users(v: Any) -> tuple[str, ...]:
+    """The users an instance may act as (Sugar's sudo): names, or `["*"]` alone."""
+    if not isinstance(v, list):
+        raise ValueError(f"{SUDO_SHAPE}, not {type_name(v)}")
+    for user in v:
+        if not isinstance(user, str):
+            raise ValueError(f"{SUDO_SHAPE}, not a list holding {type_name(user)}")
+    if SUDO_ALL in v:
+        if len(v) > 1:
+            raise ValueError(f'"*" already means any user: write ["*"] alone, not {v!r}')
+        return (SUDO_ALL,)
+    for user in v:
+        problem = sudo_user_problem(user)
+        if problem is not None:
+            raise ValueError(problem)
+    return tuple(dict.fromkeys(v))
 
 
 def split_host_port(text: str) -> tuple[str, int]:

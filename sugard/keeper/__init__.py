@@ -20,12 +20,14 @@ import logging
 import random
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Protocol
 
 from sugard.config import ConfigError, InstanceConfig
 from sugard.errors import InstanceNeedsAttention, InstanceStopped, LeaderOnly
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Board, Demand, LastError, Need, Rejection, State, Status
+from sugard.keeper.sudo import SudoUsers
 from sugard.keeper.supervisor import Leadership, Supervisor
 from sugard.keeper.timing import grace_for_version
 from sugard.observe import Observer, RenewalReason
@@ -102,6 +104,17 @@ class Keeper:
         # the next such retry of the same secret waits timing.REJECTED_RETRY_QUIET.
         self._insisted: tuple[float, float] | None = None
         self._task: asyncio.Task[None] | None = None
+        # Tokens of other users, by Sugar's sudo with this session (sugard/keeper/sudo.py).
+        self.sudo = SudoUsers(
+            config,
+            upstream,
+            self,
+            lambda: self._supervisor.session.old_token_grace(self.config),
+            observer or Observer(),
+            clock=clock,
+            rng=rng,
+            max_sleep=max_sleep,
+        )
 
     @property
     def name(self) -> str:
@@ -151,6 +164,7 @@ class Keeper:
     async def stop(self) -> None:
         """Stop the supervisor; waiting requests get InstanceStopped."""
         self._board.close()
+        await self.sudo.stop()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,7 +188,7 @@ class Keeper:
     def status(self) -> Status:
         """A frozen snapshot of the instance now, for the API to render and metrics to read."""
         fleet = self.fleet.status() if self.fleet is not None else None
-        return self._progress.status(self.config, fleet)
+        return replace(self._progress.status(self.config, fleet), sudo=self.sudo.status())
 
     # Requests
 
@@ -346,6 +360,7 @@ class Keeper:
 
     def _take(self, config: InstanceConfig) -> None:
         self._supervisor.take_config(config)
+        self.sudo.take_config(config)
         if self.rejection is not None and not self.rejection.applies_to(config):
             self.rejection = None  # a new secret: it gets its one try
 

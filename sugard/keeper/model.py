@@ -10,11 +10,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from sugard.config import InstanceConfig
 from sugard.observe import RenewalReason
 from sugard.sugar.errors import ClientRejected, CredentialsRejected, UpstreamError
+
+if TYPE_CHECKING:
+    from sugard.keeper.sudo import SudoStatus
 
 __all__ = ["Board", "Demand", "ErrorStatus", "LastError", "Need", "Rejection", "State", "Status"]
 
@@ -65,6 +68,8 @@ class Status:
     token_fingerprint: str | None
     # Fleet mode: {"role", "holder", "epoch"} of this host's seat; None for a local instance.
     fleet: dict[str, Any] | None = None
+    # The users the instance acts as (Sugar's sudo); None: it acts as no other user.
+    sudo: SudoStatus | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The STATUS object's fields and order, times still epoch seconds."""

@@ -22,6 +22,7 @@ from typing import Final, Literal
 __all__ = [
     "EVICTION_FOUND_BY",
     "RENEWAL_REASONS",
+    "SUDO_OUTCOMES",
     "TOKEN_OUTCOMES",
     "UPSTREAM_GRANTS",
     "UPSTREAM_OUTCOMES",
@@ -37,6 +38,8 @@ __all__ = [
     "Renewed",
     "Revoked",
     "StateChanged",
+    "SudoCall",
+    "SudoOutcome",
     "TokenOutcome",
     "TokenRequested",
     "UpstreamCall",
@@ -94,6 +97,20 @@ TOKEN_OUTCOMES: Final[tuple[TokenOutcome, ...]] = (
 # How sugard learnt that Sugar no longer accepts the session.
 EvictionFoundBy = Literal["report", "probe", "refresh"]
 EVICTION_FOUND_BY: Final[tuple[EvictionFoundBy, ...]] = ("report", "probe", "refresh")
+
+
+# How a token of another user (Sugar's sudo) was asked for: ok, Sugar gave it (a sudo or a
+# refresh of one); rejected, Sugar refused it (not an admin, no such user); transient, no
+# usable answer; not_listed, sugard refused a user its config does not list (no call made);
+# held_back, a user (or an instance) Sugar refused before, not asked again before a person acts.
+SudoOutcome = Literal["ok", "rejected", "transient", "not_listed", "held_back"]
+SUDO_OUTCOMES: Final[tuple[SudoOutcome, ...]] = (
+    "ok",
+    "rejected",
+    "transient",
+    "not_listed",
+    "held_back",
+)
 
 
 # One frozen event per kind of thing that happens; an observer takes them all through one
@@ -174,6 +191,15 @@ class TokenRequested:
 
 
 @dataclass(frozen=True)
+class SudoCall:
+    """A token of another user was asked of Sugar, or refused without asking (`outcome`).
+    Never the user's name: it is free text from any allowed caller."""
+
+    instance: str
+    outcome: SudoOutcome
+
+
+@dataclass(frozen=True)
 class Proxied:
     """A proxied request finished with Sugar's (or sugard's) HTTP `status`, None if no answer
     was sent at all, after `seconds`."""
@@ -193,6 +219,7 @@ Event = (
     | Forgotten
     | TokenRequested
     | Proxied
+    | SudoCall
 )
 
 

@@ -37,6 +37,7 @@ from sugard import __version__
 from sugard.observe import (
     EVICTION_FOUND_BY,
     RENEWAL_REASONS,
+    SUDO_OUTCOMES,
     TOKEN_OUTCOMES,
     UPSTREAM_GRANTS,
     UPSTREAM_OUTCOMES,
@@ -46,6 +47,7 @@ from sugard.observe import (
     Observer,
     Proxied,
     RenewalStarted,
+    SudoCall,
     TokenRequested,
     UpstreamCall,
 )
@@ -116,6 +118,13 @@ class Metrics(Observer):
             [LABEL, "status_class"],
             registry=registry,
         )
+        self._sudo = Counter(
+            "sugard_sudo_calls",
+            "Tokens of other users (Sugar's sudo) asked of Sugar, by outcome; not_listed and "
+            "held_back were refused by sugard with no call (never a user's name).",
+            [LABEL, "outcome"],
+            registry=registry,
+        )
         self._proxy_seconds = Histogram(
             "sugard_proxy_request_duration_seconds",
             "Time from a proxied request's arrival to the end of its answer.",
@@ -143,6 +152,8 @@ class Metrics(Observer):
             case Proxied(instance, status, seconds):
                 self._proxied.labels(instance, status_class(status)).inc()
                 self._proxy_seconds.labels(instance).observe(seconds)
+            case SudoCall(instance, sudo_outcome):
+                self._sudo.labels(instance, sudo_outcome).inc()
             case Forgotten(instances):
                 self.forget(instances)
 
@@ -178,8 +189,14 @@ class Metrics(Observer):
     def sync(self, statuses: Iterable[Mapping[str, Any]] | None = None) -> None:
         """Give every configured instance all its counters, at 0 until something happens (so
         `rate()` and `increase()` see the first event), and drop those of instances gone."""
-        names = {str(status["name"]) for status in statuses or self._statuses()}
+        statuses = list(statuses or self._statuses())
+        names = {str(status["name"]) for status in statuses}
         self.forget(self._known - names)
+        for status in statuses:
+            # Only where the instance acts as other users: the others would carry zeros.
+            if status.get("sudo") is not None:
+                for sudo_outcome in SUDO_OUTCOMES:
+                    self._sudo.labels(str(status["name"]), sudo_outcome)
         for name in names - self._known:
             for grant, outcome in itertools.product(UPSTREAM_GRANTS, UPSTREAM_OUTCOMES):
                 self._upstream.labels(name, grant, outcome)
@@ -201,6 +218,7 @@ class Metrics(Observer):
             self._evictions,
             self._proxied,
             self._proxy_seconds,
+            self._sudo,
         )
 
 
@@ -269,6 +287,23 @@ def _instance_families(statuses: Iterable[Mapping[str, Any]], now: float) -> lis
         "kept locally.",
         labels=[LABEL, "role"],
     )
+    sudo_held = GaugeMetricFamily(
+        "sugard_sudo_tokens",
+        "Users the instance holds a token of now (Sugar's sudo); absent for instances that act "
+        "as no other user.",
+        labels=[LABEL],
+    )
+    sudo_refused = GaugeMetricFamily(
+        "sugard_sudo_refused_users",
+        "Users Sugar refused the sudo of, not asked again before a person acts (all of them "
+        "count as one while Sugar refuses sugard's user itself).",
+        labels=[LABEL],
+    )
+    sudo_expiry = GaugeMetricFamily(
+        "sugard_sudo_next_expiry_timestamp_seconds",
+        "When the first of the users' tokens expires, in Unix time; absent without one.",
+        labels=[LABEL],
+    )
     build = GaugeMetricFamily("sugard_build_info", "The running sugard.", labels=["version"])
     for status in statuses:
         name = str(status["name"])
@@ -279,9 +314,17 @@ def _instance_families(statuses: Iterable[Mapping[str, Any]], now: float) -> lis
             expires_at.add_metric([name], status["expires_at"])
         if status.get("last_refresh") is not None:
             renewed.add_metric([name], status["last_refresh"])
+        sudo = status.get("sudo")
+        if isinstance(sudo, Mapping):
+            sudo_held.add_metric([name], float(sudo["held"]))
+            refused = 1 if sudo["refused_all"] else sudo["refused"]
+            sudo_refused.add_metric([name], float(refused))
+            if sudo.get("next_expiry") is not None:
+                sudo_expiry.add_metric([name], sudo["next_expiry"])
         fleet = status.get("fleet")
         if isinstance(fleet, Mapping):
             for candidate in FLEET_ROLES:
                 role.add_metric([name, candidate], 1.0 if fleet.get("role") == candidate else 0.0)
     build.add_metric([__version__], 1.0)
-    return [state, expires_in, expires_at, renewed, role, build]
+    sudo = [sudo_held, sudo_refused, sudo_expiry]
+    return [state, expires_in, expires_at, renewed, role, *sudo, build]

@@ -15,12 +15,13 @@ The rooms, each with its own job:
 from sugard.proxy.answers import PLACEHOLDER_REFRESH, ProxyRegistry, sugar_error
 from sugard.proxy.forward import REPLAY_LIMIT, Forwarder, new_upstream_pool
 from sugard.proxy.listener import ProxyListener
-from sugard.proxy.routes import KEY_FORWARDER, PROXY_ROUTE, add_routes
+from sugard.proxy.routes import KEY_FORWARDER, PROXY_ROUTE, PROXY_ROUTES, add_routes
 
 __all__ = [
     "KEY_FORWARDER",
     "PLACEHOLDER_REFRESH",
     "PROXY_ROUTE",
+    "PROXY_ROUTES",
     "REPLAY_LIMIT",
     "Forwarder",
     "ProxyListener",

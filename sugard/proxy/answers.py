@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
+from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken, UserNotListed
 from sugard.keeper import Keeper
 from sugard.sugar import Grant
 from sugard.wire import PROXY_ERROR_HEADER
@@ -35,6 +35,21 @@ class ProxyRegistry(Protocol):
     def allowed(self, peer: Any, instance: str | None) -> bool: ...
 
 
+class TokenSource(Protocol):
+    """Whose token a proxied request carries: the instance's (its `Keeper`), or a user's the
+    instance acts as (`keeper.sudo.acting_as(user)`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    async def token(self, min_ttl: float = 0.0, wait: float = TOKEN_WAIT) -> Grant: ...
+
+    async def invalidate(self, access_token: str, wait: float = TOKEN_WAIT) -> Grant: ...
+
+
+TokenFailure = NoValidToken | InstanceNeedsAttention | InstanceStopped | UserNotListed
+
+
 def sugar_error(status: int, label: str, message: str) -> web.Response:
     """An error in Sugar's own envelope, as Sugar sends it (no-store), marked as sugard's own
     (PROXY_ERROR_HEADER), so a client can tell it from an answer of Sugar's."""
@@ -45,8 +60,10 @@ def sugar_error(status: int, label: str, message: str) -> web.Response:
     )
 
 
-def token_failure(exc: NoValidToken | InstanceNeedsAttention | InstanceStopped) -> web.Response:
+def token_failure(exc: TokenFailure) -> web.Response:
     """The keeper could not give a token: why, as Sugar would say it."""
+    if isinstance(exc, UserNotListed):
+        return sugar_error(403, "forbidden", str(exc))
     if isinstance(exc, NoValidToken):
         return sugar_error(503, "token_unavailable", str(exc))
     if isinstance(exc, InstanceNeedsAttention):
@@ -74,14 +91,14 @@ def refused(
     return response
 
 
-async def oauth2(request: web.Request, keeper: Keeper, route: str) -> web.Response:
+async def oauth2(request: web.Request, keeper: TokenSource, route: str) -> web.Response:
     """Sugar's login, logout and sudo, answered here: the caller was admitted by its uid,
     and a login or logout reaching Sugar would end the shared session."""
     if route == "token" and request.method == "POST":
         await _discard_body(request)
         try:
             grant = await keeper.token(wait=TOKEN_WAIT)
-        except (NoValidToken, InstanceNeedsAttention, InstanceStopped) as exc:
+        except (NoValidToken, InstanceNeedsAttention, InstanceStopped, UserNotListed) as exc:
             return token_failure(exc)
         log.info(
             "%s: answered a client's login with token %s (never sent to Sugar)",

@@ -25,11 +25,19 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from sugard.config import InstanceConfig
-from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
+from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken, UserNotListed
 from sugard.keeper import Keeper
 from sugard.observe import Observer, Proxied
-from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
+from sugard.proxy.answers import (
+    TOKEN_WAIT,
+    ProxyRegistry,
+    TokenSource,
+    oauth2,
+    sugar_error,
+    token_failure,
+)
 from sugard.sugar import Grant, unreadable_answer
+from sugard.wire import sudo_user_problem
 
 log = logging.getLogger("sugard.proxy")
 access_log = logging.getLogger("sugard.proxy.access")
@@ -145,14 +153,17 @@ class Forwarder:
 
     # The request
 
-    async def handle(self, request: web.Request, name: str, skip: int) -> web.StreamResponse:
-        """Answer one proxied request for instance `name`; Sugar's path is what follows the
-        first `skip` segments of the request's path (those up to and including `rest`)."""
+    async def handle(
+        self, request: web.Request, name: str, skip: int, user: str | None = None
+    ) -> web.StreamResponse:
+        """Answer one proxied request for instance `name` (on the token of `user`, Sugar's
+        sudo, if given); Sugar's path is what follows the first `skip` segments of the
+        request's path (those up to and including `rest`)."""
         started = time.perf_counter()
         # Only configured names: any other would be a new time series per typo (or attack).
         counted = name in self.registry.keepers
         try:
-            response = await self._answer(request, name, skip)
+            response = await self._answer(request, name, skip, user)
         except BaseException:  # the client went away (cancelled), or a bug: no answer
             if counted:
                 self.observer.observe(Proxied(name, None, time.perf_counter() - started))
@@ -169,21 +180,29 @@ class Forwarder:
         )
         return response
 
-    async def _answer(self, request: web.Request, name: str, skip: int) -> web.StreamResponse:
+    async def _answer(
+        self, request: web.Request, name: str, skip: int, user: str | None
+    ) -> web.StreamResponse:
         keeper = self.registry.keepers.get(name)
         if keeper is None:
             return sugar_error(404, "not_found", f"sugard has no instance {name!r}")
+        source: TokenSource = keeper
+        if user is not None:
+            problem = sudo_user_problem(user)
+            if problem is not None:
+                return sugar_error(400, "bad_request", problem)
+            source = keeper.sudo.acting_as(user)
         # Which route it is, is decided on the decoded path, as Sugar will see it; what is
         # sent is the path as the client encoded it (a record id may hold %2F).
         segments = [part for part in request.path.split("/")[skip + 1 :] if part]
         if any(part in (".", "..") for part in segments):
             return sugar_error(400, "bad_request", "sugard forwards no path with . or .. in it")
         if len(segments) >= 2 and segments[1].lower() == "oauth2":
-            return await oauth2(request, keeper, "/".join(segments[2:]).lower())
+            return await oauth2(request, source, "/".join(segments[2:]).lower())
         raw_path = request.rel_url.raw_path.split("/", skip + 1)[skip + 1]
         try:
-            return await self._forward(request, keeper, raw_path)
-        except (NoValidToken, InstanceNeedsAttention, InstanceStopped) as exc:
+            return await self._forward(request, keeper, raw_path, source)
+        except (NoValidToken, InstanceNeedsAttention, InstanceStopped, UserNotListed) as exc:
             replaced = self.registry.keepers.get(name, keeper) is not keeper
             if isinstance(exc, InstanceStopped) and replaced:
                 # Replaced by a reload (new credentials) while this request waited, before
@@ -193,7 +212,9 @@ class Forwarder:
                 )
             return token_failure(exc)
 
-    async def _forward(self, request: web.Request, keeper: Keeper, path: str) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, keeper: Keeper, path: str, source: TokenSource
+    ) -> web.StreamResponse:
         config = keeper.config
         query = request.rel_url.raw_query_string
         url = URL(f"{config.url}/rest/{path}" + (f"?{query}" if query else ""), encoded=True)
@@ -206,11 +227,13 @@ class Forwarder:
             )
             response.force_close()
             return response
-        grant = await keeper.token(wait=TOKEN_WAIT)
+        grant = await source.token(wait=TOKEN_WAIT)
         pool = self._pool(keeper)
         pool.in_flight += 1
         try:
-            return await self._exchange(request, pool, url, headers, body, replayable, grant)
+            return await self._exchange(
+                request, pool, url, headers, body, replayable, grant, source
+            )
         finally:
             pool.in_flight -= 1
             if pool.retired and pool.in_flight == 0:
@@ -225,6 +248,7 @@ class Forwarder:
         body: bytes | AsyncIterator[bytes] | None,
         replayable: bool,
         grant: Grant,
+        source: TokenSource,
     ) -> web.StreamResponse:
         keeper = pool.keeper
         timeout = aiohttp.ClientTimeout(
@@ -259,12 +283,12 @@ class Forwarder:
                                     request.method,
                                     request.path[:200],
                                 )
-                                grant = await keeper.invalidate(sent.reveal(), TOKEN_WAIT)
+                                grant = await source.invalidate(sent.reveal(), TOKEN_WAIT)
                                 continue
                             if attempt == 1:
                                 # Not after a replay: a brand-new token refused at once is
                                 # not a dead session, and renewing again would not help.
-                                _report_quietly(keeper, sent.reveal())
+                                _report_quietly(source, sent.reveal())
                         if raw is not None:
                             return _copy_head(upstream, web.Response(body=raw))
                     return await _relay(request, upstream)
@@ -339,12 +363,14 @@ def _label(raw: bytes) -> str | None:
     return label if isinstance(label, str) else None
 
 
-def _report_quietly(keeper: Keeper, token: str) -> None:
+def _report_quietly(keeper: TokenSource, token: str) -> None:
     """Tell the keeper its token is dead without waiting for the renewal: this request's
     401 goes back as it is, the next ones get the new token."""
 
     async def report() -> None:
-        with contextlib.suppress(NoValidToken, InstanceNeedsAttention, InstanceStopped):
+        with contextlib.suppress(
+            NoValidToken, InstanceNeedsAttention, InstanceStopped, UserNotListed
+        ):
             await keeper.invalidate(token, 0.0)
 
     task = asyncio.get_running_loop().create_task(report())

@@ -31,7 +31,8 @@ HTTP_LABELS = {404: "not_found", 405: "method_not_allowed", 413: "request_too_la
 
 
 class ProxyListener:
-    """One instance's loopback TCP listener: `/rest/...` forwarded, anything else 404.
+    """One instance's loopback TCP listener: `/rest/...` forwarded (`/as/USER/rest/...` on
+    the token of a user the instance acts as), anything else 404.
 
     Who connects is read once per connection (`TcpRunner`, from the kernel); browsers
     are refused, since a web page in the user's own browser runs as the same uid."""
@@ -88,6 +89,7 @@ class ProxyListener:
         host, port = split_host_port(self.address)  # checked by the config
         app = web.Application(middlewares=[self._admit])
         app.router.add_route("*", "/rest/{path:.*}", self._proxied)
+        app.router.add_route("*", "/as/{user}/rest/{path:.*}", self._proxied_as)
         app.router.add_route("*", "/{tail:.*}", _not_found)
         registry = self.forwarder.registry
         runner = TcpRunner(
@@ -162,6 +164,10 @@ class ProxyListener:
     async def _proxied(self, request: web.Request) -> web.StreamResponse:
         return await self.forwarder.handle(request, self.name, 1)  # /rest/...
 
+    async def _proxied_as(self, request: web.Request) -> web.StreamResponse:
+        user = request.match_info["user"]
+        return await self.forwarder.handle(request, self.name, 3, user)  # /as/{user}/rest/...
+
 
 def _why(exc: OSError) -> str:
     # asyncio's text repeats the address; the errno's says it all.
@@ -170,7 +176,9 @@ def _why(exc: OSError) -> str:
 
 async def _not_found(request: web.Request) -> web.Response:
     return sugar_error(
-        404, "not_found", "sugard's proxy serves only Sugar's REST API, under /rest/"
+        404,
+        "not_found",
+        "sugard's proxy serves only Sugar's REST API, under /rest/ (or /as/USER/rest/)",
     )
 
 

@@ -1,4 +1,6 @@
-"""On the socket: `ANY /v1/instances/{name}/rest/{path}` forwarded, and the proxy's base URLs."""
+"""On the socket: `ANY /v1/instances/{name}/rest/{path}` forwarded (and, on the token of a
+user the instance acts as, `/v1/instances/{name}/as/{user}/rest/{path}`), and the proxy's base
+URLs."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from sugard.proxy.answers import ProxyRegistry, refused
 from sugard.proxy.forward import Forwarder
 
 PROXY_ROUTE = "sugar-proxy"  # the socket route's name: api's peer check leaves it to us
+PROXY_AS_ROUTE = "sugar-proxy-sudo"  # the same, acting as a user (Sugar's sudo)
+PROXY_ROUTES = frozenset({PROXY_ROUTE, PROXY_AS_ROUTE})
 PeerOf = Callable[[web.Request], Any]  # the request's peer (api.Peer), or None: refuse
 
 
@@ -31,8 +35,9 @@ def add_routes(
         refusal = refused(request, registry, peer_of(request), name)
         if refusal is not None:
             return refusal
-        # /v1/instances/{name}/rest/...
-        return await forwarder.handle(request, name, 4)
+        # /v1/instances/{name}/rest/..., or /v1/instances/{name}/as/{user}/rest/...
+        user = request.match_info.get("user")
+        return await forwarder.handle(request, name, 4 if user is None else 6, user)
 
     async def proxy_urls(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -58,6 +63,9 @@ def add_routes(
         await forwarder.close()
 
     app.router.add_route("*", "/v1/instances/{name}/rest/{path:.*}", proxied, name=PROXY_ROUTE)
+    app.router.add_route(
+        "*", "/v1/instances/{name}/as/{user}/rest/{path:.*}", proxied, name=PROXY_AS_ROUTE
+    )
     app.router.add_get("/v1/instances/{name}/proxy", proxy_urls)
     app.on_cleanup.append(close)
     return forwarder

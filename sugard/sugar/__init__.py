@@ -36,6 +36,7 @@ from sugard.sugar.errors import (
     refusal,
 )
 from sugard.sugar.outbound import Route, UnusableCaFile, route_for, tls_context
+from sugard.sugar.sudo import sudo_body, sudo_grant, sudo_path, sudo_refusal
 
 __all__ = [
     "Grant",
@@ -189,6 +190,45 @@ class SugarClient:
             {"grant_type": "refresh_token", "refresh_token": refresh_token.reveal()},
             grant="refresh_token",
         )
+
+    async def sudo(self, admin_token: Secret, user: str) -> Grant:
+        """A token of `user`, from Sugar's sudo with the admin session's `admin_token`, on the
+        instance's own platform and client (sugard.sugar.sudo says what each answer becomes)."""
+        i = self.instance
+        if self._tls_problem is not None:
+            raise RejectedError(self._tls_problem.message)
+        if self.route.problem is not None:
+            raise RejectedError(self.route.problem)
+        sent_at = self._clock()
+        url = i.url + sudo_path(user)
+        headers = {"Accept": "application/json", "OAuth-Token": admin_token.reveal()}
+        try:
+            async with self._session.post(
+                url,
+                json=sudo_body(i),
+                timeout=aiohttp.ClientTimeout(total=i.timeout),
+                ssl=self._ssl,
+                allow_redirects=False,
+                **self.route.request_options(url, headers),
+            ) as response:
+                status, raw = response.status, await response.read()
+                retry_after = _parse_retry_after(response.headers.get("Retry-After"), self._clock())
+        except TimeoutError as exc:
+            raise Timeout(f"no answer from {i.url} to a sudo within {i.timeout:g} s") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise Unreachable(f"cannot reach {i.url}: {_describe_network_error(exc)}") from exc
+        data = _json_object(raw)
+        if status == 200:
+            grant = sudo_grant(data, sent_at) if data is not None else None
+            if grant is None:
+                raise BadResponse(f"{i.url} answered a sudo with 200 but no token", status=status)
+            return grant
+        raise sudo_refusal(i, user, status, data, retry_after)
+
+    async def refresh_user(self, refresh_token: Secret) -> Grant:
+        """A refresh of a sudo session (where Sugar gave it a refresh token): Sugar itself,
+        never a fleet's decision, which is about the instance's own session."""
+        return await SugarClient.refresh(self, refresh_token)
 
     async def probe(self, access_token: Secret) -> Probe:
         """`GET /rest/v10/ping` with the token: does Sugar still take it? Any 401 means no

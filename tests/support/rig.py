@@ -101,7 +101,7 @@ async def rig(
     **settings: Any,
 ) -> AsyncIterator[Rig]:
     clock = VirtualClock(speed)
-    fake = FakeSugar(users={USER: PASSWORD}, clock=clock, **(sugar or {}))
+    fake = FakeSugar(**{"users": {USER: PASSWORD}, **(sugar or {})}, clock=clock)
     if watch is not None:
         fake.app.middlewares.append(watch)  # sees every request the fake gets
     await fake.start()

@@ -31,3 +31,19 @@ def test_both_ends_take_the_wire_contract_from_one_table() -> None:
                             code == "bad_request" and status in ("408", "413")
                         ), (status, code)
     assert {"bad_request", "busy", "forbidden", "unknown_instance"} <= seen
+
+
+def test_the_user_name_rule_and_its_pattern_agree() -> None:
+    """`sudo_user_problem` (the daemon's and sugarctl's check) and SUDO_USER_PATTERN (the
+    OpenAPI document's) accept the same user names: every character of the first planes in
+    a name, names of dots and stars, the empty name."""
+    import re
+
+    from sugard.wire import SUDO_USER_PATTERN, sudo_user_problem
+
+    pattern = re.compile(SUDO_USER_PATTERN)
+    names = [f"a{chr(code)}b" for code in range(0x3100)] + ["", ".", "..", "*", ".*.", "j.", "*a"]
+    for name in names:
+        assert (sudo_user_problem(name) is None) == bool(pattern.fullmatch(name)), repr(name)
+    assert sudo_user_problem("jim.o'neil@example.com") is None
+    assert all(sudo_user_problem(bad) for bad in ("a/b", "a b", "a\tb", "a\x7fb", "..", "*"))

@@ -97,4 +97,5 @@ async def test_status_is_a_frozen_snapshot(fake: FakeSugar, tmp_path: Path) -> N
             "failures",
             "token_fingerprint",
             "fleet",
+            "sudo",
         ] == list(status.as_dict())
