@@ -34,6 +34,7 @@ log = logging.getLogger("sugard.proxy")
 access_log = logging.getLogger("sugard.proxy.access")
 
 REPLAY_LIMIT = 1024 * 1024  # a request body up to this size is kept, so it can be replayed
+REPORTER = "the proxy"  # who reported a refused token, as the keeper's log says
 # Fewer, larger writes: ~1.4x the download rate of 64 KiB chunks on loopback, a few hundred
 # KiB per stream still (docs/performance.md).
 CHUNK = 256 * 1024
@@ -240,11 +241,24 @@ class Forwarder:
                                     request.method,
                                     request.path[:200],
                                 )
-                                grant = await keeper.invalidate(sent.reveal(), TOKEN_WAIT)
+                                grant = await keeper.invalidate(
+                                    sent.reveal(), TOKEN_WAIT, reporter=REPORTER
+                                )
                                 continue
                             if attempt == 1:
                                 # Not after a replay: a brand-new token refused at once is
                                 # not a dead session, and renewing again would not help.
+                                log.warning(
+                                    "%s: Sugar refused token %s on %s %r; the request's body "
+                                    "(over %d bytes, or of unknown length) was streamed and "
+                                    "cannot be sent again: its 401 goes back to the client, "
+                                    "which may retry once sugard has renewed",
+                                    keeper.name,
+                                    sent.fingerprint,
+                                    request.method,
+                                    request.path[:200],
+                                    REPLAY_LIMIT,
+                                )
                                 _report_quietly(keeper, sent.reveal())
                         if raw is not None:
                             return _copy_head(upstream, web.Response(body=raw))
@@ -317,7 +331,7 @@ def _report_quietly(keeper: Keeper, token: str) -> None:
 
     async def report() -> None:
         with contextlib.suppress(NoValidToken, InstanceNeedsAttention, InstanceStopped):
-            await keeper.invalidate(token, 0.0)
+            await keeper.invalidate(token, 0.0, reporter=REPORTER)
 
     task = asyncio.get_running_loop().create_task(report())
     _reports.add(task)
