@@ -7,6 +7,7 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
     +-- InstanceNeedsAttention  upstream_rejected  Sugar refused what a person must fix
     +-- InstanceStopped         unknown_instance   removed by a reload, or the daemon stops
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
+    |   +-- ConfigRefused       invalid_config     started by systemd with a config it refuses
     +-- ConfigError             invalid_config     the config cannot be used (sugard.config)
     +-- SocketError             internal           the socket cannot be set up (at start)
     +-- InitError               bad_request        `sugard init` cannot go on (sugard.cli)
@@ -24,6 +25,7 @@ from typing import Any
 from sugard.wire import ERRORS
 
 __all__ = [
+    "ConfigRefused",
     "DaemonError",
     "InstanceNeedsAttention",
     "InstanceStopped",
@@ -93,6 +95,20 @@ class ReloadFailed(DaemonError):
 
     def details(self) -> dict[str, Any]:
         return {"errors": self.problems}
+
+
+class ConfigRefused(ReloadFailed):
+    """systemd started sugard with a config it refuses: it serves nothing but this answer
+    (the first problem in the message, all of them in `errors`) until a reload brings a
+    valid config, rather than exit and be restarted in a loop that hangs every client."""
+
+    @property
+    def answer_message(self) -> str:
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return (
+            f"sugard serves nothing until its config is fixed: {self.problems[0]}{more}; "
+            "fix it, then `systemctl --user reload sugard`"
+        )
 
 
 class SocketError(DaemonError):

@@ -21,21 +21,23 @@ from aiohttp import web
 
 from sugard.api import make_app, serve_metrics
 from sugard.api.serving import ApiRunner
-from sugard.config import Config, InstanceConfig, resolve_instance_secrets
+from sugard.config import Config, InstanceConfig, diff_configs, resolve_instance_secrets
 from sugard.daemon.fdstore import RejectionStore, hand_over_sessions, take_sessions
 from sugard.daemon.fleet import join_fleet, upstream
 from sugard.daemon.reload import apply_daemon_settings, build_aside, plan_reload, read_config_again
 from sugard.daemon.report import (
     failed_status,
     log_listening,
+    log_refused,
     log_routes,
+    refused_status,
     reloaded_status,
     warn_if_unverified,
     warn_restart_only,
 )
 from sugard.daemon.sockets import SocketLock, prepare_socket
 from sugard.daemon.systemd import Notifier, started_by_systemd
-from sugard.errors import ReloadFailed, SocketError
+from sugard.errors import ConfigRefused, ReloadFailed, SocketError
 from sugard.keeper import MAX_SLEEP, Keeper
 from sugard.observe import Fanout, Forgotten
 from sugard.observe.events import EventHooks
@@ -129,8 +131,12 @@ class Daemon:
         notifier: Notifier | None = None,
         apply_log_level: bool = False,
         stored: Mapping[str, int] | None = None,
+        refused: list[str] | None = None,
     ) -> None:
         self.config = config
+        # Started by systemd with a config it refused (`config` then has no instances): every
+        # request is answered with the problems until a reload brings a valid config.
+        self.refused = ConfigRefused(refused) if refused else None
         self.socket_path = socket_path
         self._environ = environ
         self._clock = clock
@@ -185,6 +191,14 @@ class Daemon:
         """Open the socket first (so a second daemon fails fast), then start every keeper;
         tell systemd READY=1 once the socket is served."""
         sock = self._take_socket()
+        if self.refused is not None:
+            # No instances, no listeners: only the socket, answering with the problems.
+            self._http = new_http_session()
+            await self._serve_api(sock)
+            log_refused(self.refused.problems, self.socket_path)
+            self._spawn(self._notifier.watchdog())
+            self._notifier.ready(refused_status(self.refused.problems))
+            return
         await self._serve_metrics(sock)
         self._http = new_http_session()
         self._fleet = join_fleet(self.config)
@@ -282,6 +296,8 @@ class Daemon:
             if self._stopping:
                 raise ReloadFailed(["sugard is stopping; nothing was reloaded"])
             self._notifier.reloading()
+            if self.refused is not None:
+                return await self._recover()
             try:
                 diff = await self._reload()
             except ReloadFailed as exc:
@@ -313,6 +329,50 @@ class Daemon:
         await self._close_listeners(listeners)
         self._forwarder.prune(self._keepers)
         return await staged.settle(plan.diff, stopping=lambda: self._stopping)
+
+    async def _recover(self) -> dict[str, Any]:
+        """A reload while the config is refused: a valid config now starts what start()
+        left out (metrics, listeners, fleet, keepers); another refused one is the new
+        answer to every request."""
+        try:
+            new = await read_config_again(self.config.path, self._environ)
+            listeners, metrics = await self._open_for(new)
+        except ReloadFailed as exc:
+            self.refused = ConfigRefused(exc.problems)
+            self._notifier.ready(refused_status(exc.problems))
+            raise self.refused from None
+        old, self.config, self.refused = self.config, new, None
+        self._listeners, self._metrics_runner = listeners, metrics
+        self._login_slots = asyncio.Semaphore(new.daemon.max_parallel_logins)
+        apply_daemon_settings(old, new, log_level=self._apply_log_level)
+        self._fleet = join_fleet(new)
+        self._start_keepers()
+        if self._fleet is not None:
+            await self._fleet.start()
+        log_routes(self._keepers, together=True)
+        log.info("config accepted: serving %d instance(s)", len(self._keepers))
+        self._notifier.ready(self._summary())
+        return diff_configs(old, new).as_dict()
+
+    async def _open_for(
+        self, config: Config
+    ) -> tuple[dict[str, ProxyListener], web.AppRunner | None]:
+        """The TCP listeners and the metrics endpoint of `config`, or ReloadFailed with
+        none of them left open."""
+        assert self._forwarder is not None
+        try:
+            metrics = await serve_metrics(config.daemon.metrics_listen, self.metrics.render)
+        except SocketError as exc:
+            raise ReloadFailed([str(exc)]) from None
+        try:
+            listeners = await open_listeners(
+                self._forwarder, config, {}, shutdown_timeout=grace(config)
+            )
+        except ReloadFailed:
+            if metrics is not None:
+                await metrics.cleanup()
+            raise
+        return listeners, metrics
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (shutdown_grace, or less after a

@@ -20,8 +20,10 @@ __all__ = [
     "log_instances_changed",
     "log_listening",
     "log_refusals",
+    "log_refused",
     "log_reload",
     "log_routes",
+    "refused_status",
     "reloaded_status",
     "warn_if_unverified",
     "warn_restart_only",
@@ -118,3 +120,25 @@ def failed_status(problems: Sequence[str], summary: str) -> str:
     """`STATUS=` after a reload refused: the first problem, and how many more."""
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"reload failed, still running the old config: {problems[0]}{more}; {summary}"
+
+
+def refused_status(problems: Sequence[str]) -> str:
+    """`STATUS=` while sugard serves nothing on a config it refused."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (
+        f"config refused, serving no instance: {problems[0]}{more}; fix it, then "
+        "systemctl --user reload sugard"
+    )
+
+
+def log_refused(problems: Sequence[str], socket_path: Path) -> None:
+    """Said once at start: each problem, and what sugard does meanwhile (answers every
+    request with them, rather than exit and be restarted in a loop)."""
+    for problem in problems:
+        log.error("config refused: %s", problem)
+    log.error(
+        "sugard %s listening on %s with no instance: every request is answered with the "
+        "config's problems until it is fixed and reloaded (systemctl --user reload sugard)",
+        __version__,
+        socket_path,
+    )

@@ -47,8 +47,9 @@ def test_counters_agree_with_the_fake_and_each_event_runs_its_command(
     fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
 ) -> None:
     """login; two `sugarctl refresh`; an eviction a script reports (probe, refused refresh,
-    login: one `evicted`, counted once); another with the password changed at Sugar (failed); the password back and
-    `sugarctl refresh --retry-rejected` (recovered). Each step waits for its event."""
+    login: one `evicted`, counted once); another with the password changed at Sugar
+    (failed); the password back and `sugarctl refresh --retry-rejected` (recovered). Each
+    step waits for its event."""
     out = short_dir / "events"
     config = write_config(
         short_dir, {"prod": instance(fake, probe_interval=0, on_event=recorder(out))}
