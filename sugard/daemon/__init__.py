@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from sugard.daemon.report import (
 )
 from sugard.daemon.sockets import SocketLock, prepare_socket
 from sugard.daemon.systemd import Notifier, started_by_systemd
+from sugard.daemon.twins import SessionLocks
 from sugard.errors import ConfigRefused, ReloadFailed, SocketError
 from sugard.keeper import MAX_SLEEP, Keeper
 from sugard.observe import Fanout, Forgotten
@@ -152,6 +154,7 @@ class Daemon:
         self._stopping = False
         self._owns_socket = listen_socket is None
         self._lock: SocketLock | None = None
+        self._session_locks = SessionLocks(socket_path)  # one daemon per session on a host
         self._max_sleep = max_sleep
         self._notifier = notifier or Notifier()
         # Then `sugarctl shutdown` is refused: stopping is systemctl's job.
@@ -191,6 +194,8 @@ class Daemon:
         """Open the socket first (so a second daemon fails fast), then start every keeper;
         tell systemd READY=1 once the socket is served."""
         sock = self._take_socket()
+        if self.refused is None:
+            await self._hold_sessions_at_start(sock)
         if self.refused is not None:
             # No instances, no listeners: only the socket, answering with the problems.
             self._http = new_http_session()
@@ -211,6 +216,33 @@ class Daemon:
         log_listening(self.socket_path, len(self._keepers), passed_in=not self._owns_socket)
         self._spawn(self._notifier.watchdog())
         self._notifier.ready(self._summary())
+
+    async def _hold_sessions_at_start(self, sock: socket.socket) -> None:
+        """Refuse to be a second daemon of the same sessions: by hand, exit (SocketError);
+        under systemd, answer every request with why (as for a refused config)."""
+        try:
+            await self._session_locks.hold(
+                self.config.instances.values(), self._fleet_on(self.config)
+            )
+        except SocketError as exc:
+            if not self.under_systemd:
+                if self._owns_socket:
+                    sock.close()
+                self._remove_socket()
+                raise
+            self.refused = ConfigRefused([str(exc)])
+            self.config = replace(self.config, instances={})
+
+    async def _hold_sessions(self, config: Config) -> None:
+        """The session locks of `config`'s instances, or ReloadFailed saying who has one."""
+        try:
+            await self._session_locks.hold(config.instances.values(), self._fleet_on(config))
+        except SocketError as exc:
+            raise ReloadFailed([str(exc)]) from None
+
+    @staticmethod
+    def _fleet_on(config: Config) -> bool:
+        return config.fleet is not None
 
     def _take_socket(self) -> socket.socket:
         if self._inherited_socket is not None:
@@ -309,17 +341,24 @@ class Daemon:
     async def _reload(self) -> dict[str, Any]:
         new = await read_config_again(self.config.path, self._environ)
         plan = plan_reload(self.config, new, self._keepers)
-        staged = build_aside(plan, new, self._keepers, self._new_keeper)
-        # New proxy addresses are bound before the swap too, so one in use fails the reload.
-        assert self._forwarder is not None
-        listeners = await open_listeners(
-            self._forwarder, new, self._listeners, shutdown_timeout=grace(new)
-        )
+        await self._hold_sessions(new)
+        try:
+            staged = build_aside(plan, new, self._keepers, self._new_keeper)
+            # New proxy addresses are bound before the swap too, so one in use fails the
+            # reload.
+            assert self._forwarder is not None
+            listeners = await open_listeners(
+                self._forwarder, new, self._listeners, shutdown_timeout=grace(new)
+            )
+        except BaseException:
+            self._session_locks.release_except(self.config.instances.values())
+            raise
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
         staged.adopt(new, self._keepers, plan.diff)
         old, self.config, self._keepers = self.config, new, staged.keepers
+        self._session_locks.release_except(new.instances.values())
         self.observer.observe(Forgotten(tuple(plan.diff.removed)))
         for name in (*plan.remove, *plan.restart):  # the old keepers' rejections go with them
             keeper = self._keepers.get(name)
@@ -336,7 +375,12 @@ class Daemon:
         answer to every request."""
         try:
             new = await read_config_again(self.config.path, self._environ)
-            listeners, metrics = await self._open_for(new)
+            await self._hold_sessions(new)
+            try:
+                listeners, metrics = await self._open_for(new)
+            except ReloadFailed:
+                self._session_locks.release_all()
+                raise
         except ReloadFailed as exc:
             self.refused = ConfigRefused(exc.problems)
             self._notifier.ready(refused_status(exc.problems))
@@ -393,6 +437,7 @@ class Daemon:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        self._session_locks.release_all()
         self._remove_socket()
         for task in self._background:
             task.cancel()
