@@ -37,12 +37,18 @@ log = logging.getLogger("sugard.daemon")
 PEERCRED = b"iII"  # struct ucred: pid, uid, gid
 
 
+# Daemons with different values count as on different hosts: for a benchmark or a test that
+# plays several hosts on one machine (bench/bench_fleet.py), never for real use.
+HOST_SCOPE = "SUGARD_HOST_SCOPE"
+
+
 def lock_name(instance: InstanceConfig, uid: int) -> bytes | None:
     """The abstract socket name of `instance`'s session for `uid`; None if it has none."""
     identity = session_identity(instance.url, instance.username, instance.platform)
     if identity is None:
         return None
-    digest = hashlib.sha256("\0".join((str(uid), *identity)).encode()).hexdigest()[:40]
+    scope = os.environ.get(HOST_SCOPE, "")
+    digest = hashlib.sha256("\0".join((str(uid), scope, *identity)).encode()).hexdigest()[:40]
     return b"\0sugard-session-" + digest.encode()
 
 
