@@ -364,10 +364,13 @@ class Daemon:
             keeper = self._keepers.get(name)
             self._rejections.keep(name, keeper.rejection if keeper is not None else None)
         apply_daemon_settings(old, new, log_level=self._apply_log_level)
-        warn_restart_only(old, new, plan.restart_only)
+        pending = warn_restart_only(old, new, plan.restart_only)
         await self._close_listeners(listeners)
         self._forwarder.prune(self._keepers)
-        return await staged.settle(plan.diff, stopping=lambda: self._stopping)
+        answer = await staged.settle(plan.diff, stopping=lambda: self._stopping)
+        if pending:
+            answer["restart_needed"] = pending  # said to whoever reloaded, not only the log
+        return answer
 
     async def _recover(self) -> dict[str, Any]:
         """A reload while the config is refused: a valid config now starts what start()

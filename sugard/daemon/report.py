@@ -71,8 +71,9 @@ def log_instances_changed(
     )
 
 
-def warn_restart_only(old: Config, new: Config, pending: Sequence[str]) -> None:
-    """Settings a reload read but cannot apply: they wait for a restart of sugard."""
+def warn_restart_only(old: Config, new: Config, pending: Sequence[str]) -> list[str]:
+    """Settings a reload read but cannot apply: they wait for a restart of sugard. Returns
+    them as the reload's answer names them (`[daemon] metrics_listen`, `[fleet]`)."""
     if old.fleet != new.fleet:
         log.warning("[fleet] changed: takes effect when sugard restarts")
     if pending:
@@ -81,6 +82,7 @@ def warn_restart_only(old: Config, new: Config, pending: Sequence[str]) -> None:
             "(systemctl --user restart sugard)",
             ", ".join(pending),
         )
+    return [f"[daemon] {key}" for key in pending] + (["[fleet]"] if old.fleet != new.fleet else [])
 
 
 def log_refusals(keepers: Mapping[str, Keeper]) -> dict[str, str]:
