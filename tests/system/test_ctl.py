@@ -275,6 +275,22 @@ def test_a_past_error_is_shown_with_its_age_never_as_the_current_state(
     assert re.search(r"last error +server_error, [0-9]+s ago \(.*Z\), past: it recovered", detail)
 
 
+def test_a_failed_instance_whose_session_was_evicted_shows_no_expiry(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """Evicted, then failed on a password Sugar rejects: the dead token expires nowhere, so
+    the table shows EXPIRES IN `-` and `--json` an expires_at of null, not the dead token's."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    evicted = sugarctl(daemon.socket, "token", "prod", "--wait", "20").stdout.strip()
+    fake.set_password(USER, "changed-at-sugar")
+    assert 1 == fake.evict(USER, "sugard")
+    assert 6 == sugarctl(daemon.socket, "invalidate", "prod", input=evicted + "\n").returncode
+    status = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
+    assert ("failed", None) == (status["state"], status["expires_at"])
+    [row] = sugarctl(daemon.socket, "status").stdout.splitlines()[1:]
+    assert ["prod", "failed", "-"] == row.split()[:3]
+
+
 def test_status_wait_shows_it_is_waiting_on_a_terminal(
     fake: FakeSugar, short_dir: Path, start_daemon
 ) -> None:
