@@ -28,7 +28,7 @@ from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
 from sugard.keeper import Keeper
 from sugard.observe import Observer, Proxied
 from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
-from sugard.sugar import Grant
+from sugard.sugar import NO_TLS, Grant, speaks_no_tls
 
 log = logging.getLogger("sugard.proxy")
 access_log = logging.getLogger("sugard.proxy.access")
@@ -395,6 +395,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
 
 
 def _why(exc: BaseException) -> str:
+    if speaks_no_tls(exc):
+        return NO_TLS
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientConnectorError):
