@@ -996,13 +996,15 @@ def test_the_table_takes_the_daemons_word_on_whether_an_error_is_current() -> No
     assert error_cell(row("ready", current=True)).startswith("timeout, 2m")
 
 
-def test_shutdown_is_for_the_owner_only(fake: FakeSugar, short_dir: Path, start_daemon) -> None:
+def test_shutdown_is_for_the_owner_only(
+    fake: FakeSugar, short_dir: Path, start_daemon, foreign_sugarctl: str
+) -> None:
     """A uid allowed to use the tokens (allowed_uids) may not shut the daemon down: exit 7."""
     config = write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
     daemon = start_daemon(config)
     daemon.socket.parent.chmod(0o755)
     daemon.socket.chmod(0o666)
-    argv = [*AS_NOBODY, SUGARCTL, "--socket", str(daemon.socket)]
+    argv = [*AS_NOBODY, foreign_sugarctl, "--socket", str(daemon.socket)]
     ping = subprocess.run([*argv, "ping"], capture_output=True, text=True, timeout=30, check=False)
     refused = subprocess.run(
         [*argv, "shutdown"], capture_output=True, text=True, timeout=30, check=False
