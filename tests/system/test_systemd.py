@@ -384,6 +384,7 @@ def test_journal_lines_of_a_traceback_all_carry_the_priority() -> None:
     assert [] == [line for line in lines if not line.startswith("<3>")]
 
 
+@pytest.mark.slow
 def test_a_refused_config_under_systemd_answers_instead_of_looping(
     fake: FakeSugar, short_dir: Path, notify_socket: NotifySocket
 ) -> None:
