@@ -463,3 +463,33 @@ def test_a_refused_config_under_systemd_answers_instead_of_looping(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert 0 == proc.wait(15)
+
+
+def test_a_twin_started_by_systemd_answers_who_keeps_the_session(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Socket-activated while another sugard keeps the same session, sugard does not exit into
+    a restart loop: it answers every request with the running daemon's pid and socket (exit 6),
+    and logs in nowhere."""
+    config = write_config(short_dir, {"prod": instance(fake)})
+    running = start_daemon(config)
+    assert 0 == sugarctl(running.socket, "token", "prod", "--wait", "20").returncode
+    logins = fake.calls["password"]
+    path = short_dir / "act.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(path), SUGARD, "run", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(path.exists)
+        twin = sugarctl(path, "token", "prod")
+        assert 6 == twin.returncode, twin.stderr
+        [line] = twin.stderr.splitlines()
+        assert f"another sugard (pid {running.proc.pid}, socket {running.socket})" in line
+        assert f"sugarctl --socket {running.socket} token prod" in line
+        assert proc.poll() is None
+        assert logins == fake.calls["password"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert 0 == proc.wait(15)
