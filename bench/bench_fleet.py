@@ -108,7 +108,8 @@ def start_hosts(root: Path, tag: str, url: str, redis: Redis | None) -> list[har
     for i in range(HOSTS):
         directory = root / f"{tag}{i}"
         directory.mkdir(mode=0o700)
-        hosts.append(harness.Daemon(directory, host_config(directory, url, redis, key), "d"))
+        config = host_config(directory, url, redis, key)
+        hosts.append(harness.Daemon(directory, config, "d", own_host=True))
     for host in hosts:
         host.wait_serving()
     return hosts

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -115,15 +116,19 @@ class BenchError(Exception):
 class Daemon:
     """`sugard run` as a subprocess on its own socket; its log goes to a file."""
 
-    def __init__(self, workdir: Path, config: Path, tag: str) -> None:
+    def __init__(self, workdir: Path, config: Path, tag: str, *, own_host: bool = False) -> None:
+        """`own_host`: as if on a host of its own (SUGARD_HOST_SCOPE), so that daemons of one
+        session on this machine may stand for several hosts."""
         self.socket = workdir / f"{tag}.sock"
         self.log_path = workdir / f"{tag}.log"
         self._log = self.log_path.open("wb")
         self.started = time.perf_counter()
+        env = {**os.environ, "SUGARD_HOST_SCOPE": str(workdir)} if own_host else None
         self.proc = subprocess.Popen(
             [str(SUGARD), "run", "-c", str(config), "--socket", str(self.socket)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         self.pid = self.proc.pid
 

@@ -9,6 +9,7 @@ it answers with on the socket. sugard.api turns any of them into its JSON answer
     +-- LeaderOnly              bad_request        only the fleet's leader may do this
     +-- UserNotListed           forbidden          a user the instance's `sudo` list lacks
     +-- ReloadFailed            invalid_config     the new config is invalid; `.problems`
+    |   +-- ConfigRefused       invalid_config     started by systemd with a config it refuses
     +-- ConfigError             invalid_config     the config cannot be used (sugard.config)
     +-- SocketError             internal           the socket cannot be set up (at start)
     +-- InitError               bad_request        `sugard init` cannot go on (sugard.cli)
@@ -26,6 +27,7 @@ from typing import Any
 from sugard.wire import ERRORS
 
 __all__ = [
+    "ConfigRefused",
     "DaemonError",
     "InstanceNeedsAttention",
     "InstanceStopped",
@@ -111,6 +113,20 @@ class ReloadFailed(DaemonError):
 
     def details(self) -> dict[str, Any]:
         return {"errors": self.problems}
+
+
+class ConfigRefused(ReloadFailed):
+    """systemd started sugard with a config it refuses: it serves nothing but this answer
+    (the first problem in the message, all of them in `errors`) until a reload brings a
+    valid config, rather than exit and be restarted in a loop that hangs every client."""
+
+    @property
+    def answer_message(self) -> str:
+        more = f" (and {len(self.problems) - 1} more)" if len(self.problems) > 1 else ""
+        return (
+            f"sugard serves nothing until its config is fixed: {self.problems[0]}{more}; "
+            "fix it, then `systemctl --user reload sugard`"
+        )
 
 
 class SocketError(DaemonError):

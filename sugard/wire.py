@@ -44,6 +44,7 @@ __all__ = [
     "TOKEN_LIFETIME_HEADER",
     "default_config_path",
     "default_socket_path",
+    "default_socket_paths",
     "http_status",
     "socket_path",
     "sudo_user_problem",
@@ -169,6 +170,16 @@ def default_socket_path(environ: Mapping[str, str] | None = None) -> str:
     if runtime:
         return os.path.join(runtime, "sugard", "sugard.sock")
     return f"/tmp/sugard-{os.getuid()}/sugard.sock"
+
+
+def default_socket_paths(environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Where a client looks when nothing names the socket, in order: a daemon started without
+    `$XDG_RUNTIME_DIR` (cron, su, a container) listens on the second, a shell with it set
+    must still find that daemon."""
+    env = os.environ if environ is None else environ
+    fallback = f"/tmp/sugard-{os.getuid()}/sugard.sock"
+    first = default_socket_path(env)
+    return (first,) if first == fallback else (first, fallback)
 
 
 def socket_path(

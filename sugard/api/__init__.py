@@ -36,6 +36,7 @@ from sugard.api.serving import MAX_HEADERS, MAX_LINE, error, peer_of
 from sugard.api.sudo import as_user, shown_sudo
 from sugard.config import split_host_port
 from sugard.errors import (
+    ConfigRefused,
     DaemonError,
     InstanceNeedsAttention,
     InstanceStopped,
@@ -99,6 +100,11 @@ class Registry(Admission, Protocol):
 
     def request_stop(self) -> None: ...
 
+    @property
+    def refused(self) -> ConfigRefused | None:
+        """Set while sugard runs without instances on a config it refused (under systemd)."""
+        ...
+
 
 # Cached: every token answer formats the same expiry again, and datetime formatting is a
 # measurable share of a token request's CPU (docs/performance.md).
@@ -117,6 +123,7 @@ def answer(exc: DaemonError) -> web.Response:
 KEY_REGISTRY: web.AppKey[Registry] = web.AppKey("registry")
 KEY_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("clock")
 KEY_OBSERVER: web.AppKey[Observer] = web.AppKey("observer")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # (Accept header, metric names, the instances shown; None: all) -> (body, Content-Type):
 # Metrics.render
 RenderMetrics = Callable[
@@ -149,7 +156,18 @@ def make_app(
     """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics."""
     observer = observer or Observer()
     guard = check_peer(registry, observer, _TOKEN_ROUTES)
-    app = web.Application(middlewares=[json_errors, guard], client_max_size=MAX_BODY)
+
+    @web.middleware
+    async def refused_config(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Every request gets the config's problems, at once, until a reload fixes them.
+        refused = registry.refused
+        if refused is not None and request.path != "/v1/reload":
+            return answer(refused)
+        return await handler(request)
+
+    app = web.Application(
+        middlewares=[json_errors, guard, refused_config], client_max_size=MAX_BODY
+    )
     app[KEY_REGISTRY] = registry
     app[KEY_CLOCK] = clock
     app[KEY_OBSERVER] = observer

@@ -255,6 +255,12 @@ SCHEMAS: dict[str, Any] = {
                 "their secret and it has not changed, so it is not sent again",
                 "additionalProperties": {"type": "string"},
             },
+            "restart_needed": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "settings that changed but take effect only when sugard "
+                "restarts, like `[daemon] metrics_listen` or `[fleet]`",
+            },
         },
     },
     "ProxyUrls": {

@@ -113,6 +113,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "init",
+        # By hand: argparse does not wrap a group of alternatives, which made a line of 103.
+        usage="sugard init [-h] [-c PATH] [--instance NAME | --add NAME] [--url URL]\n"
+        "                   [--username USERNAME]\n"
+        "                   [--password-stdin | --password-file F | --password-env VAR |\n"
+        "                    --password-command CMD]\n"
+        "                   [--platform PLATFORM] [--client-id CLIENT_ID]\n"
+        "                   [--client-secret-file F | --client-secret-env VAR |\n"
+        "                    --client-secret-command CMD]\n"
+        "                   [--force] [--fleet-key FILE]",
         help="write a config (mode 0600), or --add an instance to one",
         description="Write a config: asks on a terminal, or takes everything from flags. The "
         "password goes to NAME.password (mode 0600) next to the config, never into it.",
@@ -135,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
         "--once", action="store_true", help="exit after the first token (default: run until Ctrl-C)"
     )
 
+    # Its options are python -m sugard.testing's, parsed there: see main().
+    sub.add_parser(
+        "fake",
+        help="run the bundled fake SugarCRM (as python -m sugard.testing)",
+        add_help=False,
+    )
+
     p = sub.add_parser(
         "help",
         help="describe a command",
@@ -151,7 +167,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+FAKE = "sugard fake"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fake"] or argv[:2] == ["help", "fake"]:
+        # The fake's own parser (python -m sugard.testing's), so both take the same options;
+        # a pipx install has no `python -m sugard.testing` of the user's, but has this.
+        from sugard.testing.__main__ import main as run_fake
+
+        try:
+            return run_fake(argv[1:] if argv[0] == "fake" else ["--help"], prog=FAKE)
+        except SystemExit as exc:  # argparse's way to end after --help or a usage error
+            return exc.code if isinstance(exc.code, int) else 0
+        except KeyboardInterrupt:
+            return 130
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "help":

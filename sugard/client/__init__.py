@@ -26,6 +26,7 @@ The bytes on the socket (HTTP/1.1 and JSON, from C modules only, and why) are
 from __future__ import annotations
 
 import os
+import sys
 from _thread import allocate_lock
 
 from sugard.client.transport import Closed as _Closed
@@ -48,6 +49,7 @@ from sugard.wire import (
     TOKEN_LIFETIME_HEADER,
     default_config_path,
     default_socket_path,
+    default_socket_paths,
     socket_path,
     sudo_user_problem,
 )
@@ -145,6 +147,22 @@ def resolve_socket(explicit: str | os.PathLike[str] | None = None) -> str:
     return socket_path(explicit, lambda: _config_socket(default_config_path()))
 
 
+def _socket_candidates(explicit: str | os.PathLike[str] | None) -> tuple[tuple[str, ...], bool]:
+    """The sockets to try in order, and whether they are default paths. A path someone named
+    (`--socket`, `$SUGARD_SOCKET`, `[daemon].socket`) is the only one tried; with none named,
+    each default path is tried in turn (sugard.wire.default_socket_paths)."""
+    configured: list[str | None] = []
+
+    def from_config() -> str | None:
+        configured.append(_config_socket(default_config_path()))
+        return configured[0]
+
+    first = socket_path(explicit, from_config)
+    if explicit or os.environ.get("SUGARD_SOCKET") or (configured and configured[0]):
+        return (first,), False
+    return default_socket_paths(), True
+
+
 def _config_socket(config_path: str) -> str | None:
     """`[daemon].socket` of the config, if it names one. An unreadable or broken config is the
     daemon's to report (`sugard check`); here it only means "not set"."""
@@ -178,7 +196,10 @@ class SugardClient:
     MAX_IDLE = 8
 
     def __init__(self, socket: str | os.PathLike[str] | None = None, timeout: float = 30.0):
-        self.socket_path = resolve_socket(socket)
+        # At a default path, only a daemon of our own uid (or root's) is trusted: another
+        # user can create /tmp/sugard-UID first and answer there (sugard.client._trusted).
+        self._candidates, self._only_ours = _socket_candidates(socket)
+        self.socket_path = self._candidates[0]  # then the one that answered
         self.timeout = timeout
         self.connections_opened = 0  # for tests and benchmarks: are connections reused?
         self._idle: list[_Connection] = []  # last in, first out: the warmest one first
@@ -371,29 +392,42 @@ class SugardClient:
         conn.close()
 
     def _connect(self) -> _Connection:
-        path = self.socket_path
-        if len(os.fsencode(path)) > SOCKET_PATH_MAX:
-            raise BadRequest(
-                f"socket path {path} is {len(os.fsencode(path))} bytes; Unix sockets allow at "
-                f"most {SOCKET_PATH_MAX}: use a shorter --socket"
-            )
-        try:
-            conn = _Connection(path, self.timeout)
-        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-            raise DaemonUnreachable(
-                f"sugard is not running on {path} ({exc.strerror}); start it with "
-                "`systemctl --user start sugard` or `sugard run`, or point --socket or "
-                "$SUGARD_SOCKET at the socket it listens on"
-            ) from None
-        except PermissionError:
-            raise PermissionDenied(
-                f"no permission to connect to {path}: its directory or socket belongs to "
-                "another user; run as that user, or use your own sugard"
-            ) from None
-        except BaseException as exc:
-            raise self._translate(exc) from None
-        self.connections_opened += 1
-        return conn
+        missing: list[str] = []
+        for path in self._candidates:
+            size = len(os.fsencode(path))
+            if size > SOCKET_PATH_MAX:
+                raise BadRequest(
+                    f"socket path {path} is {size} bytes; Unix sockets allow at most "
+                    f"{SOCKET_PATH_MAX}: use a shorter --socket"
+                )
+            if self._only_ours:
+                _trusted(path, _owner_of_folder(path), "its folder belongs to")
+            try:
+                conn = _Connection(path, self.timeout)
+            except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+                missing.append(f"{path} ({exc.strerror})")
+                continue
+            except PermissionError:
+                raise PermissionDenied(
+                    f"no permission to connect to {path}: its directory or socket belongs to "
+                    "another user; run as that user, or use your own sugard"
+                ) from None
+            except BaseException as exc:
+                raise self._translate(exc) from None
+            if self._only_ours:
+                try:
+                    _trusted(path, _peer_uid(conn), "the process answering there runs as")
+                except BaseException:
+                    conn.close()
+                    raise
+            self.socket_path = path
+            self.connections_opened += 1
+            return conn
+        raise DaemonUnreachable(
+            f"sugard is not running on {' nor on '.join(missing)}; start it with "
+            "`systemctl --user start sugard` or `sugard run`, or point --socket or "
+            "$SUGARD_SOCKET at the socket it listens on"
+        )
 
     def _translate(self, exc: BaseException) -> BaseException:
         """Transport failures as SugardError; anything else (KeyboardInterrupt) unchanged."""
@@ -411,6 +445,35 @@ class SugardClient:
         if isinstance(exc, ValueError):
             return SugardError(f"sugard on {self.socket_path} sent a malformed HTTP answer")
         return exc
+
+
+def _owner_of_folder(path: str) -> int | None:
+    """The uid owning the folder of `path`; None if there is no such folder (nobody there)."""
+    try:
+        return os.stat(os.path.dirname(path) or ".").st_uid
+    except OSError:
+        return None
+
+
+def _peer_uid(conn: _Connection) -> int:
+    """The uid of the process that listens on the other end (SO_PEERCRED: pid, uid, gid)."""
+    from _socket import SO_PEERCRED, SOL_SOCKET
+
+    creds = conn.sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12)
+    return int.from_bytes(creds[4:8], sys.byteorder)
+
+
+def _trusted(path: str, uid: int | None, whose: str) -> None:
+    """Refuse a default socket that another user controls: they would receive the tokens
+    this user reports and hand out tokens (and a URL) of theirs. Root may, as it may anyway."""
+    me = os.getuid()
+    if uid is None or uid in (me, 0):
+        return
+    raise PermissionDenied(
+        f"refusing {path}: {whose} uid {uid}, not you (uid {me}) nor root, so it is not your "
+        "sugard and another user may be posing as it; name your daemon's socket with --socket "
+        "or $SUGARD_SOCKET, and tell whoever runs this machine"
+    )
 
 
 def _instance(name: str, action: str = "") -> str:

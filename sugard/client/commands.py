@@ -36,12 +36,18 @@ __all__ = [
 def report(exc: SugardError, command: str, wait: str | None) -> int:
     """Say `exc` on stderr for `command` (run with `--wait wait`); return the exit code."""
     print(f"sugarctl: {_one_line(exc, command, wait)}", file=sys.stderr)
-    if isinstance(exc, NeedsAttention):
-        # A refused reload: every problem on a line of its own, as `sugard check` prints
-        # them, so a long list stays readable and each line can be grepped.
-        for problem in exc.errors:
-            print(problem, file=sys.stderr)
+    # A refused config: every problem on a line of its own, as `sugard check` prints them,
+    # so a long list stays readable and each line can be grepped; not again the one the
+    # message already says.
+    for problem in _more_problems(exc):
+        print(problem, file=sys.stderr)
     return exc.exit_code
+
+
+def _more_problems(exc: SugardError) -> list[str]:
+    if not isinstance(exc, NeedsAttention):
+        return []
+    return [problem for problem in exc.errors if problem not in exc.message]
 
 
 def _one_line(exc: SugardError, command: str, wait: str | None) -> str:
@@ -55,7 +61,7 @@ def _one_line(exc: SugardError, command: str, wait: str | None) -> str:
         if exc.retry_after:
             hints.append(f"try again in {exc.retry_after:g} s")
         message += f" ({'; '.join(hints)})" if hints else ""
-    if isinstance(exc, NeedsAttention) and exc.errors:
+    if _more_problems(exc):
         message += ":"  # the problems follow, one per line
     return message
 

@@ -291,6 +291,12 @@ def _run(args: _Args, client: SugardClient) -> int:
     elif command == "reload":
         diff = client.reload()
         print(_reload_summary(diff))
+        if diff.get("restart_needed"):
+            print(
+                f"sugarctl: {', '.join(diff['restart_needed'])} changed: takes effect when "
+                "sugard restarts (systemctl --user restart sugard, or stop and start it)",
+                file=sys.stderr,
+            )
         # Applied, but these instances stay failed until a person acts (exit 6).
         for message in (diff.get("needs_attention") or {}).values():
             print(f"sugarctl: {message}", file=sys.stderr)

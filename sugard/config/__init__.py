@@ -86,6 +86,7 @@ __all__ = [
     "secret_file_problem",
     "session_identity",
     "split_host_port",
+    "toml_problem",
 ]
 
 
@@ -187,13 +188,42 @@ def read_config(
     except UnicodeDecodeError:
         return None, [Problem(str(path), "", "is not UTF-8 text")]
     except tomllib.TOMLDecodeError as exc:
-        return None, [Problem(str(path), "", f"invalid TOML: {exc}")]
+        return None, [Problem(str(path), "", toml_problem(exc, raw.decode("utf-8")))]
     config, problems = _parse(data, str(path))
     problems += _check_file_mode(path, config)
     if resolve:
         config, secret_problems = _resolved(config, environ)
         problems += secret_problems
     return config, list(dict.fromkeys(problems))
+
+
+_TOML_WORDS = ("true", "false", "inf", "nan")
+
+
+def toml_problem(exc: tomllib.TOMLDecodeError, text: str) -> str:
+    """tomllib's message, which says where, and what to do about the commonest mistakes: a
+    string without quotes, a string not closed on its line, a key given twice."""
+    message = str(exc)
+    where = message.rpartition(" (at line ")[2].rstrip(")").split(", column ")
+    if not message.endswith(")") or len(where) != 2 or not all(w.isdigit() for w in where):
+        return f"invalid TOML: {message}"
+    line_number = int(where[0])
+    lines = text.splitlines()
+    line = lines[line_number - 1] if 0 < line_number <= len(lines) else ""
+    key, equals, value = line.partition("=")
+    value = value.strip()
+    hint = ""
+    if message.startswith("Invalid value") and equals and value:
+        # The value is never echoed: it may be a password written inline.
+        if value.split()[0].lower() in ("true", "false"):
+            hint = "; true and false are written in lower case"
+        elif value[0].isalpha() and not value.startswith(_TOML_WORDS):
+            hint = f'; a string must be in quotes: {key.strip()} = "..."'
+    elif message.startswith("Illegal character") and value[:1] in ("'", '"'):
+        hint = "; a string must end on the line it starts, with the quote it opened with"
+    elif message.startswith("Cannot overwrite a value"):
+        hint = f"; {key.strip() or 'a key'} is set twice: keep one"
+    return f"invalid TOML: {message}{hint}"
 
 
 def _check_file_mode(path: Path, config: Config) -> list[Problem]:

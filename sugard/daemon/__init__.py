@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,21 +22,24 @@ from aiohttp import web
 
 from sugard.api import make_app, serve_metrics
 from sugard.api.serving import ApiRunner
-from sugard.config import Config, InstanceConfig, resolve_instance_secrets
+from sugard.config import Config, InstanceConfig, diff_configs, resolve_instance_secrets
 from sugard.daemon.fdstore import RejectionStore, hand_over_sessions, take_sessions
 from sugard.daemon.fleet import join_fleet, upstream
 from sugard.daemon.reload import apply_daemon_settings, build_aside, plan_reload, read_config_again
 from sugard.daemon.report import (
     failed_status,
     log_listening,
+    log_refused,
     log_routes,
+    refused_status,
     reloaded_status,
     warn_if_unverified,
     warn_restart_only,
 )
 from sugard.daemon.sockets import SocketLock, prepare_socket
 from sugard.daemon.systemd import Notifier, started_by_systemd
-from sugard.errors import ReloadFailed, SocketError
+from sugard.daemon.twins import SessionLocks
+from sugard.errors import ConfigRefused, ReloadFailed, SocketError
 from sugard.keeper import MAX_SLEEP, Keeper
 from sugard.keeper.timing import steady_clock
 from sugard.observe import Fanout, Forgotten
@@ -131,8 +135,12 @@ class Daemon:
         notifier: Notifier | None = None,
         apply_log_level: bool = False,
         stored: Mapping[str, int] | None = None,
+        refused: list[str] | None = None,
     ) -> None:
         self.config = config
+        # Started by systemd with a config it refused (`config` then has no instances): every
+        # request is answered with the problems until a reload brings a valid config.
+        self.refused = ConfigRefused(refused) if refused else None
         self.socket_path = socket_path
         self._environ = environ
         self._clock = clock
@@ -149,6 +157,7 @@ class Daemon:
         self._stopping = False
         self._owns_socket = listen_socket is None
         self._lock: SocketLock | None = None
+        self._session_locks = SessionLocks(socket_path)  # one daemon per session on a host
         self._max_sleep = max_sleep
         self._notifier = notifier or Notifier()
         # Then `sugarctl shutdown` is refused: stopping is systemctl's job.
@@ -188,6 +197,16 @@ class Daemon:
         """Open the socket first (so a second daemon fails fast), then start every keeper;
         tell systemd READY=1 once the socket is served."""
         sock = self._take_socket()
+        if self.refused is None:
+            await self._hold_sessions_at_start(sock)
+        if self.refused is not None:
+            # No instances, no listeners: only the socket, answering with the problems.
+            self._http = new_http_session()
+            await self._serve_api(sock)
+            log_refused(self.refused.problems, self.socket_path)
+            self._spawn(self._notifier.watchdog())
+            self._notifier.ready(refused_status(self.refused.problems))
+            return
         await self._serve_metrics(sock)
         self._http = new_http_session()
         self._fleet = join_fleet(self.config)
@@ -200,6 +219,33 @@ class Daemon:
         log_listening(self.socket_path, len(self._keepers), passed_in=not self._owns_socket)
         self._spawn(self._notifier.watchdog())
         self._notifier.ready(self._summary())
+
+    async def _hold_sessions_at_start(self, sock: socket.socket) -> None:
+        """Refuse to be a second daemon of the same sessions: by hand, exit (SocketError);
+        under systemd, answer every request with why (as for a refused config)."""
+        try:
+            await self._session_locks.hold(
+                self.config.instances.values(), self._fleet_on(self.config)
+            )
+        except SocketError as exc:
+            if not self.under_systemd:
+                if self._owns_socket:
+                    sock.close()
+                self._remove_socket()
+                raise
+            self.refused = ConfigRefused([str(exc)])
+            self.config = replace(self.config, instances={})
+
+    async def _hold_sessions(self, config: Config) -> None:
+        """The session locks of `config`'s instances, or ReloadFailed saying who has one."""
+        try:
+            await self._session_locks.hold(config.instances.values(), self._fleet_on(config))
+        except SocketError as exc:
+            raise ReloadFailed([str(exc)]) from None
+
+    @staticmethod
+    def _fleet_on(config: Config) -> bool:
+        return config.fleet is not None
 
     def _take_socket(self) -> socket.socket:
         if self._inherited_socket is not None:
@@ -292,6 +338,8 @@ class Daemon:
             if self._stopping:
                 raise ReloadFailed(["sugard is stopping; nothing was reloaded"])
             self._notifier.reloading()
+            if self.refused is not None:
+                return await self._recover()
             try:
                 diff = await self._reload()
             except ReloadFailed as exc:
@@ -303,26 +351,85 @@ class Daemon:
     async def _reload(self) -> dict[str, Any]:
         new = await read_config_again(self.config.path, self._environ)
         plan = plan_reload(self.config, new, self._keepers)
-        staged = build_aside(plan, new, self._keepers, self._new_keeper)
-        # New proxy addresses are bound before the swap too, so one in use fails the reload.
-        assert self._forwarder is not None
-        listeners = await open_listeners(
-            self._forwarder, new, self._listeners, shutdown_timeout=grace(new)
-        )
+        await self._hold_sessions(new)
+        try:
+            staged = build_aside(plan, new, self._keepers, self._new_keeper)
+            # New proxy addresses are bound before the swap too, so one in use fails the
+            # reload.
+            assert self._forwarder is not None
+            listeners = await open_listeners(
+                self._forwarder, new, self._listeners, shutdown_timeout=grace(new)
+            )
+        except BaseException:
+            self._session_locks.release_except(self.config.instances.values())
+            raise
 
         # The swap: no await in here, so every request sees the old config or the new one,
         # never a mix (allowed() reads self.config, the routes read self._keepers).
         staged.adopt(new, self._keepers, plan.diff)
         old, self.config, self._keepers = self.config, new, staged.keepers
+        self._session_locks.release_except(new.instances.values())
         self.observer.observe(Forgotten(tuple(plan.diff.removed)))
         for name in (*plan.remove, *plan.restart):  # the old keepers' rejections go with them
             keeper = self._keepers.get(name)
             self._rejections.keep(name, keeper.rejection if keeper is not None else None)
         apply_daemon_settings(old, new, log_level=self._apply_log_level)
-        warn_restart_only(old, new, plan.restart_only)
+        pending = warn_restart_only(old, new, plan.restart_only)
         await self._close_listeners(listeners)
         self._forwarder.prune(self._keepers)
-        return await staged.settle(plan.diff, stopping=lambda: self._stopping)
+        answer = await staged.settle(plan.diff, stopping=lambda: self._stopping)
+        if pending:
+            answer["restart_needed"] = pending  # said to whoever reloaded, not only the log
+        return answer
+
+    async def _recover(self) -> dict[str, Any]:
+        """A reload while the config is refused: a valid config now starts what start()
+        left out (metrics, listeners, fleet, keepers); another refused one is the new
+        answer to every request."""
+        try:
+            new = await read_config_again(self.config.path, self._environ)
+            await self._hold_sessions(new)
+            try:
+                listeners, metrics = await self._open_for(new)
+            except ReloadFailed:
+                self._session_locks.release_all()
+                raise
+        except ReloadFailed as exc:
+            self.refused = ConfigRefused(exc.problems)
+            self._notifier.ready(refused_status(exc.problems))
+            raise self.refused from None
+        old, self.config, self.refused = self.config, new, None
+        self._listeners, self._metrics_runner = listeners, metrics
+        self._login_slots = asyncio.Semaphore(new.daemon.max_parallel_logins)
+        apply_daemon_settings(old, new, log_level=self._apply_log_level)
+        self._fleet = join_fleet(new)
+        self._start_keepers()
+        if self._fleet is not None:
+            await self._fleet.start()
+        log_routes(self._keepers, together=True)
+        log.info("config accepted: serving %d instance(s)", len(self._keepers))
+        self._notifier.ready(self._summary())
+        return diff_configs(old, new).as_dict()
+
+    async def _open_for(
+        self, config: Config
+    ) -> tuple[dict[str, ProxyListener], web.AppRunner | None]:
+        """The TCP listeners and the metrics endpoint of `config`, or ReloadFailed with
+        none of them left open."""
+        assert self._forwarder is not None
+        try:
+            metrics = await serve_metrics(config.daemon.metrics_listen, self.metrics.render)
+        except SocketError as exc:
+            raise ReloadFailed([str(exc)]) from None
+        try:
+            listeners = await open_listeners(
+                self._forwarder, config, {}, shutdown_timeout=grace(config)
+            )
+        except ReloadFailed:
+            if metrics is not None:
+                await metrics.cleanup()
+            raise
+        return listeners, metrics
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (shutdown_grace, or less after a
@@ -343,6 +450,7 @@ class Daemon:
         if self._http is not None:
             await self._http.close()
             self._http = None
+        self._session_locks.release_all()
         self._remove_socket()
         for task in self._background:
             task.cancel()

@@ -20,8 +20,10 @@ __all__ = [
     "log_instances_changed",
     "log_listening",
     "log_refusals",
+    "log_refused",
     "log_reload",
     "log_routes",
+    "refused_status",
     "reloaded_status",
     "warn_if_unverified",
     "warn_restart_only",
@@ -69,8 +71,9 @@ def log_instances_changed(
     )
 
 
-def warn_restart_only(old: Config, new: Config, pending: Sequence[str]) -> None:
-    """Settings a reload read but cannot apply: they wait for a restart of sugard."""
+def warn_restart_only(old: Config, new: Config, pending: Sequence[str]) -> list[str]:
+    """Settings a reload read but cannot apply: they wait for a restart of sugard. Returns
+    them as the reload's answer names them (`[daemon] metrics_listen`, `[fleet]`)."""
     if old.fleet != new.fleet:
         log.warning("[fleet] changed: takes effect when sugard restarts")
     if pending:
@@ -79,6 +82,7 @@ def warn_restart_only(old: Config, new: Config, pending: Sequence[str]) -> None:
             "(systemctl --user restart sugard)",
             ", ".join(pending),
         )
+    return [f"[daemon] {key}" for key in pending] + (["[fleet]"] if old.fleet != new.fleet else [])
 
 
 def log_refusals(keepers: Mapping[str, Keeper]) -> dict[str, str]:
@@ -118,3 +122,25 @@ def failed_status(problems: Sequence[str], summary: str) -> str:
     """`STATUS=` after a reload refused: the first problem, and how many more."""
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
     return f"reload failed, still running the old config: {problems[0]}{more}; {summary}"
+
+
+def refused_status(problems: Sequence[str]) -> str:
+    """`STATUS=` while sugard serves nothing on a config it refused."""
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return (
+        f"config refused, serving no instance: {problems[0]}{more}; fix it, then "
+        "systemctl --user reload sugard"
+    )
+
+
+def log_refused(problems: Sequence[str], socket_path: Path) -> None:
+    """Said once at start: each problem, and what sugard does meanwhile (answers every
+    request with them, rather than exit and be restarted in a loop)."""
+    for problem in problems:
+        log.error("config refused: %s", problem)
+    log.error(
+        "sugard %s listening on %s with no instance: every request is answered with the "
+        "config's problems until it is fixed and reloaded (systemctl --user reload sugard)",
+        __version__,
+        socket_path,
+    )

@@ -80,8 +80,8 @@ class SocketLock:
                 os.close(fd)
                 who = f"sugard (pid {holder})" if holder else "sugard"
                 raise SocketError(
-                    f"another {who} is already running on {socket_path}; stop it first, "
-                    "or choose another --socket"
+                    f"another {who} is already running on {socket_path}; use it "
+                    f"(sugarctl --socket {socket_path} ...), or stop it first"
                 ) from None
             # The previous holder unlinks the file as it exits: a lock on that unlinked file
             # would exclude nobody, so make sure ours is the one at the path.
@@ -145,7 +145,7 @@ def _bind(path: Path) -> socket.socket:
         if _answers(path):
             raise SocketError(
                 f"something already answers on {path} (a sugard without a lock file?); "
-                "stop it first, or choose another --socket"
+                "stop it first"
             )
         log.info("removing stale socket %s", path)
         path.unlink()

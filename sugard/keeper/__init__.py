@@ -240,8 +240,10 @@ class Keeper:
         self._supervisor.session.handed_out(grant, 0.0)
         return grant
 
-    async def invalidate(self, access_token: str, wait: float = 10.0) -> Grant:
-        """A script reports that Sugar refused `access_token`.
+    async def invalidate(
+        self, access_token: str, wait: float = 10.0, *, reporter: str = "a script"
+    ) -> Grant:
+        """A script (or `reporter`: the proxy) reports that Sugar refused `access_token`.
 
         A report of the current token is checked first with one probe, however many scripts
         report it (those that come while the check is under way join it; those that keep
@@ -266,12 +268,13 @@ class Keeper:
         ):
             # Logged by the report that starts the check: the others only join it.
             starts_check = self._board.pending() is None
-            check = self._board.join(Need.CHECK, RenewalReason.REPORTED)
+            check = self._board.join(Need.CHECK, RenewalReason.REPORTED, reporter=reporter)
             if starts_check:
                 log.info(
-                    "%s: token %s reported as refused by Sugar; checking it",
+                    "%s: token %s reported as refused by Sugar (by %s); checking it",
                     self.name,
                     grant.access_token.fingerprint,
+                    reporter,
                 )
             await self._wait_for(lambda: check.done, deadline)
         return await self.token(wait=max(0.0, deadline - loop.time()))

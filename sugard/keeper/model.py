@@ -97,6 +97,7 @@ class Demand:
     failed: bool = False  # the latest attempt failed
     done: bool = False  # settled: a new grant, a verdict, or a refusal (the state says which)
     revoke: bool = False  # end the session at Sugar first (`sugarctl revoke`), then log in
+    reporter: str = "a script"  # for a REPORTED check: who saw Sugar refuse the token
 
 
 @dataclass(frozen=True)
@@ -167,11 +168,16 @@ class Board:
         self.closed = False  # the keeper stopped: waiters give up
         self._changed = asyncio.Event()
 
-    def join(self, need: Need, reason: RenewalReason, *, forced: bool = False) -> Demand:
-        """The demand that will bring what is needed: the one pending or in flight, or a new one."""
+    def join(
+        self, need: Need, reason: RenewalReason, *, forced: bool = False, reporter: str = ""
+    ) -> Demand:
+        """The demand that will bring what is needed: the one pending or in flight, or a new one.
+        `reporter`: who reported the token refused (a new REPORTED demand names them)."""
         demand = self.demand
         if demand is None or demand.done:
             demand = self.demand = Demand(need, reason)
+            if reporter:
+                demand.reporter = reporter
         elif need is Need.RENEW and demand.need is Need.CHECK:
             demand.need, demand.reason = Need.RENEW, reason
         elif not (forced and not demand.in_flight and not demand.forced):

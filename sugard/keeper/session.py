@@ -378,13 +378,15 @@ class Progress:
         """A frozen snapshot of the instance now, for the API to render and metrics to read."""
         grant = self._session.grant
         error = self.last_error
+        # A token Sugar refused (evicted, reported) expires nowhere: it is not served.
+        live = grant is not None and self._session.usable()
         return Status(
             name=self.name,
             url=config.url,
             username=config.username,
             platform=config.platform,
             state=self.state.value,
-            expires_at=grant.expires_at if grant else None,
+            expires_at=grant.expires_at if grant and live else None,
             refresh_at=self.refresh_at,
             last_refresh=self.last_refresh,
             last_error=(

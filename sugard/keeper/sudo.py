@@ -70,7 +70,9 @@ class AdminSession(Protocol):
 
     async def token(self, min_ttl: float = 0.0, wait: float = DEFAULT_WAIT) -> Grant: ...
 
-    async def invalidate(self, access_token: str, wait: float = DEFAULT_WAIT) -> Grant: ...
+    async def invalidate(
+        self, access_token: str, wait: float = DEFAULT_WAIT, *, reporter: str = "a script"
+    ) -> Grant: ...
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,9 @@ class ActingAs:
     async def token(self, min_ttl: float = 0.0, wait: float = DEFAULT_WAIT) -> Grant:
         return await self.users.token(self.user, min_ttl, wait)
 
-    async def invalidate(self, access_token: str, wait: float = DEFAULT_WAIT) -> Grant:
+    async def invalidate(
+        self, access_token: str, wait: float = DEFAULT_WAIT, *, reporter: str = "a script"
+    ) -> Grant:
         return await self.users.invalidate(self.user, access_token, wait)
 
 

@@ -16,7 +16,7 @@ from sugard.config import InstanceConfig
 from sugard.keeper import timing as timing
 from sugard.keeper.model import Board, Demand, Need, Rejection, State
 from sugard.keeper.session import CountedCalls, HeldSession, Progress, renewal_reason
-from sugard.observe import Observer, RenewalReason, RenewalStarted
+from sugard.observe import EvictionFoundBy, Observer, RenewalReason, RenewalStarted
 from sugard.secret import Secret
 from sugard.sugar import Grant, Probe, SugarClient
 from sugard.sugar.errors import (
@@ -82,6 +82,7 @@ class Supervisor:
         # soon after (then: back off, not renew).
         self._unproven: tuple[Grant, float] | None = None
         self._refused_at_once = 0
+        self._eviction_told = False  # the eviction of the current session was counted
 
     def take_config(self, config: InstanceConfig) -> None:
         """New settings (a reload, a re-read secret): the next call to Sugar uses them."""
@@ -151,7 +152,7 @@ class Supervisor:
                 # Its refresh token may still work (an expired token): one refresh, no login.
                 self.session.take_back_dead(grant)
                 if not expired:
-                    self.progress.evicted("probe")
+                    self._evicted("probe")
                 self.board.join(Need.RENEW, RenewalReason.INITIAL)
                 return
             self.install(grant)
@@ -184,9 +185,10 @@ class Supervisor:
             if reported:
                 self.session.checked_alive(grant.access_token)
                 log.info(
-                    "%s: token %s still works (the script's 401 had another cause); not renewing",
+                    "%s: token %s still works (the 401 %s saw had another cause); not renewing",
                     self.name,
                     grant.access_token.fingerprint,
+                    demand.reporter,
                 )
             self.board.settle(demand, failed=False)
             return
@@ -199,10 +201,10 @@ class Supervisor:
             "%s: Sugar refused token %s (%s); renewing",
             self.name,
             grant.access_token.fingerprint,
-            "reported by a script" if reported else "evicted, found by the probe",
+            f"reported by {demand.reporter}" if reported else "evicted, found by the probe",
         )
         self.session.mark_dead(grant.access_token)
-        self.progress.evicted("report" if reported else "probe")
+        self._evicted("report" if reported else "probe")
         demand.need = Need.RENEW  # its waiters (the reporters) get the renewal's token
         self.board.notify()
         if self._refused_at_once_now(grant):
@@ -338,7 +340,8 @@ class Supervisor:
             why = f" ({self.session.why_login()})" if ended else ""
             log.warning("%s: %s%s; logging in again", self.name, exc.message, why)
             self.session.drop_refresh_token()
-            self.progress.evicted("refresh")
+            if not self._eviction_told:  # a report or probe that found it told it already
+                self._evicted("refresh")
             return None
         except RefreshConsumed:
             # Maintenance or a license lock: Sugar deleted the refresh token before
@@ -360,8 +363,15 @@ class Supervisor:
             log.info("%s: logging in as %s", self.name, self.config.username)
             return await self.calls.login()
 
+    def _evicted(self, found_by: EvictionFoundBy) -> None:
+        """Tell one eviction once: the refresh that follows a report or a probe finding the
+        session gone is refused too, and is the same eviction, not another."""
+        self._eviction_told = True
+        self.progress.evicted(found_by)
+
     def install(self, grant: Grant) -> None:
         """Serve `grant` from now on (renewed here, kept across a restart, or the fleet's)."""
+        self._eviction_told = False
         old = self.session.install(grant, logged_in=self.progress.state is State.LOGGING_IN)
         self.progress.refresh_at = self.session.refresh_time(grant, self.config)
         self.progress.last_refresh = self._clock()
@@ -468,7 +478,7 @@ class Supervisor:
                 grant.access_token.fingerprint,
             )
             self.session.mark_dead(grant.access_token)
-            self.progress.evicted("probe")
+            self._evicted("probe")
         elif self.session.doubted == grant.access_token:
             log.info(
                 "%s: token %s %s; serving it",

@@ -44,7 +44,9 @@ class TokenSource(Protocol):
 
     async def token(self, min_ttl: float = 0.0, wait: float = TOKEN_WAIT) -> Grant: ...
 
-    async def invalidate(self, access_token: str, wait: float = TOKEN_WAIT) -> Grant: ...
+    async def invalidate(
+        self, access_token: str, wait: float = TOKEN_WAIT, *, reporter: str = "a script"
+    ) -> Grant: ...
 
 
 TokenFailure = NoValidToken | InstanceNeedsAttention | InstanceStopped | UserNotListed

@@ -36,13 +36,14 @@ from sugard.proxy.answers import (
     sugar_error,
     token_failure,
 )
-from sugard.sugar import Grant, unreadable_answer
+from sugard.sugar import NO_TLS, Grant, speaks_no_tls, unreadable_answer
 from sugard.wire import sudo_user_problem
 
 log = logging.getLogger("sugard.proxy")
 access_log = logging.getLogger("sugard.proxy.access")
 
 REPLAY_LIMIT = 1024 * 1024  # a request body up to this size is kept, so it can be replayed
+REPORTER = "the proxy"  # who reported a refused token, as the keeper's log says
 # Fewer, larger writes: ~1.4x the download rate of 64 KiB chunks on loopback, a few hundred
 # KiB per stream still (docs/performance.md).
 CHUNK = 256 * 1024
@@ -283,11 +284,24 @@ class Forwarder:
                                     request.method,
                                     request.path[:200],
                                 )
-                                grant = await source.invalidate(sent.reveal(), TOKEN_WAIT)
+                                grant = await source.invalidate(
+                                    sent.reveal(), TOKEN_WAIT, reporter=REPORTER
+                                )
                                 continue
                             if attempt == 1:
                                 # Not after a replay: a brand-new token refused at once is
                                 # not a dead session, and renewing again would not help.
+                                log.warning(
+                                    "%s: Sugar refused token %s on %s %r; the request's body "
+                                    "(over %d bytes, or of unknown length) was streamed and "
+                                    "cannot be sent again: its 401 goes back to the client, "
+                                    "which may retry once sugard has renewed",
+                                    source.name,
+                                    sent.fingerprint,
+                                    request.method,
+                                    request.path[:200],
+                                    REPLAY_LIMIT,
+                                )
                                 _report_quietly(source, sent.reveal())
                         if raw is not None:
                             return _copy_head(upstream, web.Response(body=raw))
@@ -371,7 +385,7 @@ def _report_quietly(keeper: TokenSource, token: str) -> None:
         with contextlib.suppress(
             NoValidToken, InstanceNeedsAttention, InstanceStopped, UserNotListed
         ):
-            await keeper.invalidate(token, 0.0)
+            await keeper.invalidate(token, 0.0, reporter=REPORTER)
 
     task = asyncio.get_running_loop().create_task(report())
     _reports.add(task)
@@ -435,6 +449,8 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
 
 
 def _why(exc: BaseException) -> str:
+    if speaks_no_tls(exc):
+        return NO_TLS
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientConnectorError):

@@ -39,11 +39,13 @@ from sugard.sugar.outbound import Route, UnusableCaFile, route_for, tls_context
 from sugard.sugar.sudo import sudo_body, sudo_grant, sudo_path, sudo_refusal
 
 __all__ = [
+    "NO_TLS",
     "Grant",
     "Probe",
     "ServerInfo",
     "SugarClient",
     "new_http_session",
+    "speaks_no_tls",
     "unreadable_answer",
 ]
 
@@ -118,6 +120,19 @@ def new_http_session() -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(limit=100, limit_per_host=8),
         headers={"User-Agent": "sugard"},
     )
+
+
+NO_TLS = (
+    "the site does not speak TLS on that port (a plain-HTTP port? then the url is http://, "
+    "or the port is the site's TLS one)"
+)
+
+
+def speaks_no_tls(exc: BaseException) -> bool:
+    """A TLS handshake answered with something that is not TLS (plain HTTP, most likely):
+    OpenSSL calls it WRONG_VERSION_NUMBER, which helps nobody."""
+    cause = exc.os_error if isinstance(exc, aiohttp.ClientConnectorError) else exc
+    return isinstance(cause, ssl.SSLError) and cause.reason == "WRONG_VERSION_NUMBER"
 
 
 def _ssl_for(instance: InstanceConfig) -> ssl.SSLContext | bool:
@@ -457,6 +472,8 @@ def unreadable_answer(url: str, exc: aiohttp.ClientResponseError) -> str:
 
 
 def _describe_network_error(exc: BaseException) -> str:
+    if speaks_no_tls(exc):
+        return NO_TLS
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientConnectorError):

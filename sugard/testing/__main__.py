@@ -29,13 +29,17 @@ def _pair(text: str) -> tuple[str, str]:
     return name, secret
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line; kept separate so tests and --help agree."""
+def build_parser(prog: str = "python -m sugard.testing") -> argparse.ArgumentParser:
+    """The command line; kept separate so tests and --help agree. `prog`: how it was run
+    (`sugard fake` runs the same)."""
     parser = argparse.ArgumentParser(
-        prog="python -m sugard.testing",
+        prog=prog,
         description="Run a fake SugarCRM (OAuth2, sudo, bulk, /me, /ping, records, filters, "
         "metadata, files, /sugar_version.json) until interrupted. What each Sugar version "
         "does differently: docs/sugarcrm.md; how to test a script against it: docs/testing.md.",
+        epilog="Exit status: 0 stopped (SIGINT or SIGTERM); 1 cannot listen on the address; "
+        "2 usage error (the message names the argument), or a --seed or user list it cannot "
+        "use; 130 interrupted before it serves.",
     )
     parser.add_argument(
         "--sugar-version",
@@ -133,9 +137,9 @@ PASSED_AS_GIVEN = (
 )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m sugard.testing") -> int:
     """Parse arguments, serve until SIGINT/SIGTERM; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     platforms = set(DEFAULT_PLATFORMS)
     if args.platform:
         platforms = set(_BUILTIN_PLATFORMS) | set(args.platform)
@@ -150,12 +154,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             **{name: getattr(args, name) for name in PASSED_AS_GIVEN},
         )
     except ValueError as exc:
-        print(f"sugard.testing: {exc}", file=sys.stderr)
+        print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     try:
         asyncio.run(_serve(fake, args.host, args.port))
     except OSError as exc:
-        print(f"sugard.testing: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"{prog}: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -279,6 +279,22 @@ def test_a_past_error_is_shown_with_its_age_never_as_the_current_state(
     assert re.search(r"last error +server_error, [0-9]+s ago \(.*Z\), past: it recovered", detail)
 
 
+def test_a_failed_instance_whose_session_was_evicted_shows_no_expiry(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """Evicted, then failed on a password Sugar rejects: the dead token expires nowhere, so
+    the table shows EXPIRES IN `-` and `--json` an expires_at of null, not the dead token's."""
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake)}))
+    evicted = sugarctl(daemon.socket, "token", "prod", "--wait", "20").stdout.strip()
+    fake.set_password(USER, "changed-at-sugar")
+    assert 1 == fake.evict(USER, "sugard")
+    assert 6 == sugarctl(daemon.socket, "invalidate", "prod", input=evicted + "\n").returncode
+    status = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
+    assert ("failed", None) == (status["state"], status["expires_at"])
+    [row] = sugarctl(daemon.socket, "status").stdout.splitlines()[1:]
+    assert ["prod", "failed", "-"] == row.split()[:3]
+
+
 @pytest.mark.slow
 def test_status_wait_shows_it_is_waiting_on_a_terminal(
     fake: FakeSugar, short_dir: Path, start_daemon
@@ -1001,13 +1017,15 @@ def test_the_table_takes_the_daemons_word_on_whether_an_error_is_current() -> No
     assert error_cell(row("ready", current=True)).startswith("timeout, 2m")
 
 
-def test_shutdown_is_for_the_owner_only(fake: FakeSugar, short_dir: Path, start_daemon) -> None:
+def test_shutdown_is_for_the_owner_only(
+    fake: FakeSugar, short_dir: Path, start_daemon, foreign_sugarctl: str
+) -> None:
     """A uid allowed to use the tokens (allowed_uids) may not shut the daemon down: exit 7."""
     config = write_config(short_dir, {"prod": instance(fake)}, daemon={"allowed_uids": [NOBODY]})
     daemon = start_daemon(config)
     daemon.socket.parent.chmod(0o755)
     daemon.socket.chmod(0o666)
-    argv = [*AS_NOBODY, SUGARCTL, "--socket", str(daemon.socket)]
+    argv = [*AS_NOBODY, foreign_sugarctl, "--socket", str(daemon.socket)]
     ping = subprocess.run([*argv, "ping"], capture_output=True, text=True, timeout=30, check=False)
     refused = subprocess.run(
         [*argv, "shutdown"], capture_output=True, text=True, timeout=30, check=False

@@ -66,7 +66,8 @@ class Fleet:
                 f'\n[fleet]\nredis_url = "{self.redis_url}"\nkey_file = "{key_file}"\n'
                 f"lease = {LEASE}\ntimeout = 0.5\n"
             )
-        host = DaemonProcess(config, directory / "s.sock")
+        # Each daemon plays a host of its own: the twin lock must not join them.
+        host = DaemonProcess(config, directory / "s.sock", {"SUGARD_HOST_SCOPE": str(directory)})
         self.hosts.append(host)
         return host
 

@@ -147,7 +147,7 @@ def test_second_daemon_on_a_live_socket_refuses(
     assert 1 == second.returncode
     assert (
         f"sugard: another sugard (pid {daemon.proc.pid}) is already running on {daemon.socket}; "
-        "stop it first, or choose another --socket\n"
+        f"use it (sugarctl --socket {daemon.socket} ...), or stop it first\n"
     ) == second.stderr
     assert 0 == sugarctl(daemon.socket, "ping").returncode
 
@@ -233,3 +233,58 @@ def test_sighup_during_the_stop_is_ignored(
     assert 0 == daemon.proc.wait(15)
     assert "SIGHUP ignored: sugard is stopping" in daemon.log()
     assert 0 == waiting.join().returncode
+
+
+def test_a_twin_of_a_running_daemon_is_refused_whatever_its_socket(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """A second sugard on another socket and another $XDG_RUNTIME_DIR, logging in as the same
+    url, user and platform, exits 1 naming the running daemon's pid and socket and how to use
+    it (never another socket); no login of its own, and the first keeps its token. A reload of
+    the first that adds an instance a third daemon keeps is refused the same way."""
+    config = write_config(short_dir, {"prod": instance(fake)})
+    daemon = start_daemon(config)
+    first = sugarctl(daemon.socket, "token", "prod").stdout.strip()
+    logins = fake.calls["password"]
+    other = short_dir / "other"
+    other.mkdir(mode=0o700)
+    twin = subprocess.run(
+        [SUGARD, "run", "-c", str(config), "--socket", str(other / "twin.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(other)},
+    )
+    assert 1 == twin.returncode
+    [line] = twin.stderr.splitlines()
+    assert line.startswith(
+        f"sugard: another sugard (pid {daemon.proc.pid}, socket {daemon.socket}) already keeps "
+        f"the session of 'prod' (alice at {fake.url}, platform sugard)"
+    )
+    assert f"Use that one: sugarctl --socket {daemon.socket} token prod" in line
+    assert "another socket" not in line and "another --socket" not in line
+    assert not (other / "twin.sock").exists()
+    assert logins == fake.calls["password"]
+    assert first == sugarctl(daemon.socket, "token", "prod").stdout.strip()
+
+    # Another platform is another session: that one may run beside it.
+    staging = write_config(
+        other, {"staging": instance(fake, platform="mobile")}, name="staging.toml"
+    )
+    beside = DaemonProcess(staging, other / "s.sock")
+    try:
+        beside.wait_ready()
+        assert 0 == sugarctl(other / "s.sock", "token", "staging").returncode
+        write_config(
+            short_dir,
+            {"prod": instance(fake), "staging": instance(fake, platform="mobile")},
+        )
+        refused = sugarctl(daemon.socket, "reload")
+        assert 6 == refused.returncode
+        assert f"(pid {beside.proc.pid}, socket {other / 's.sock'})" in refused.stderr
+        assert first == sugarctl(daemon.socket, "token", "prod").stdout.strip()
+    finally:
+        assert 0 == beside.stop()
+    assert 0 == sugarctl(daemon.socket, "reload").returncode  # the session is free now
+    assert 0 == sugarctl(daemon.socket, "token", "staging", "--wait", "20").returncode

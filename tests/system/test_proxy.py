@@ -187,8 +187,9 @@ def test_an_eviction_mid_run_is_invisible_to_the_client_and_a_post_is_replayed_o
 def test_a_streamed_body_is_not_replayed_and_its_401_goes_back(
     proxied: DaemonProcess, fake: FakeSugar, front: SugarFront
 ) -> None:
-    """A body over 1 MiB cannot be sent twice: the client gets Sugar's 401, the session is
-    renewed all the same, and the client's retry succeeds."""
+    """A body over 1 MiB cannot be sent twice: the client gets Sugar's 401, the log says so
+    (and that the proxy reported the token), the session is renewed all the same, and the
+    client's retry succeeds."""
     url = base_url(proxied)
     fake.evict(USER, "sugard")
     logins = fake.calls["password"]
@@ -197,6 +198,10 @@ def test_a_streamed_body_is_not_replayed_and_its_401_goes_back(
     assert "invalid_grant" == refused.json()["error"]
     assert "application/json" == refused.headers["Content-Type"]
     wait_for(lambda: fake.calls["password"] == logins + 1)
+    log = proxied.log()
+    assert "was streamed and cannot be sent again: its 401 goes back to the client" in log
+    assert "(reported by the proxy); renewing" in log
+    assert "reported by a script" not in log
     again = requests.post(url + "/rest/v10/Upload", data=b"x" * (2 * 1024 * 1024), timeout=60)
     assert 200 == again.status_code
     assert 2 * 1024 * 1024 == again.json()["size"]

@@ -222,7 +222,7 @@ def test_reload_applies_log_level_and_names_restart_only_settings(
     fake: FakeSugar, short_dir: Path
 ) -> None:
     """Without --log-level, a reload applies [daemon].log_level at once, and says which
-    [daemon] settings wait for a restart."""
+    [daemon] settings wait for a restart: in the log, and to whoever ran `sugarctl reload`."""
     config = write_config(short_dir, {"prod": instance(fake)}, daemon={"log_level": "warning"})
     sock = short_dir / "s.sock"
     log_path = short_dir / "run.log"
@@ -236,14 +236,22 @@ def test_reload_applies_log_level_and_names_restart_only_settings(
         wait_for(lambda: sugarctl(sock, "ping").returncode == 0)
         assert "listening on" not in log_path.read_text()  # info is below "warning"
         write_config(
-            short_dir, {"prod": instance(fake)}, daemon={"log_level": "debug", "shutdown_grace": 3}
+            short_dir,
+            {"prod": instance(fake)},
+            daemon={"log_level": "debug", "shutdown_grace": 3, "metrics_listen": "127.0.0.1:0"},
         )
-        assert 0 == sugarctl(sock, "reload").returncode
+        reloaded = sugarctl(sock, "reload")
+        assert 0 == reloaded.returncode
+        assert "no changes (1 unchanged)\n" == reloaded.stdout
+        assert (
+            "sugarctl: [daemon] shutdown_grace, [daemon] metrics_listen changed: takes effect "
+            "when sugard restarts (systemctl --user restart sugard, or stop and start it)\n"
+        ) == reloaded.stderr
         text = log_path.read_text()
         assert "log level is now debug" in text
         assert (
-            "[daemon] shutdown_grace changed: takes effect when sugard restarts "
-            "(systemctl --user restart sugard)"
+            "[daemon] shutdown_grace, metrics_listen changed: takes effect when sugard "
+            "restarts (systemctl --user restart sugard)"
         ) in text
     finally:
         proc.terminate()

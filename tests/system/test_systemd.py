@@ -386,3 +386,114 @@ def test_journal_lines_of_a_traceback_all_carry_the_priority() -> None:
     assert "<3>sugard.test: failed: x" == lines[0]
     assert "<3>ValueError: boom" == lines[-1]
     assert [] == [line for line in lines if not line.startswith("<3>")]
+
+
+@pytest.mark.slow
+def test_a_refused_config_under_systemd_answers_instead_of_looping(
+    fake: FakeSugar, short_dir: Path, notify_socket: NotifySocket
+) -> None:
+    """Socket-activated with a config it refuses, sugard stays up with no instance: READY=1
+    with the problem in STATUS, each problem logged once, every request answered at once with
+    invalid_config (sugarctl: exit 6, the problem in one line); a reload of a config still
+    wrong makes its problems the answer; one of a fixed config brings the instance up.
+    Started by hand, the same config exits 1."""
+    config = write_config(short_dir, {"prod": instance(fake, timeout="10")})
+    by_hand = subprocess.run(
+        [SUGARD, "run", "-c", str(config), "--socket", str(short_dir / "hand.sock")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert 1 == by_hand.returncode
+    assert "instances.prod.timeout" in by_hand.stderr
+
+    path = short_dir / "act.sock"
+    log_path = short_dir / "activate.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                "systemd-socket-activate",
+                "-l",
+                str(path),
+                f"--setenv=NOTIFY_SOCKET={notify_socket.path}",
+                SUGARD,
+                "run",
+                "-c",
+                str(config),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(path.exists)
+        for command in (["token", "prod"], ["ping"], ["status"], ["token", "prod"]):
+            started = time.monotonic()
+            result = sugarctl(path, *command)
+            took = time.monotonic() - started
+            assert 6 == result.returncode, result.stderr + log_path.read_text()
+            assert "" == result.stdout
+            [line] = result.stderr.splitlines()
+            assert line.startswith("sugarctl: sugard serves nothing until its config is fixed: ")
+            assert "instances.prod.timeout" in line
+            assert line.endswith("fix it, then `systemctl --user reload sugard`")
+            assert took < 5, took  # at once (under a second on an idle machine), not 40 s
+        ready = notify_socket.next()
+        assert "1" == ready["READY"]
+        assert ready["STATUS"].startswith("config refused, serving no instance: ")
+        assert "instances.prod.timeout" in ready["STATUS"]
+        assert proc.poll() is None  # still up: no exit, so no restart loop
+        assert 1 == log_path.read_text().count("config refused: ")
+        with pytest.raises(TimeoutError):
+            notify_socket.next(timeout=0.3)  # nothing more said per request
+
+        write_config(short_dir, {"prod": instance(fake)}, daemon={"bogus": 1})
+        still = sugarctl(path, "reload")
+        assert 6 == still.returncode
+        assert "bogus" in still.stderr and "timeout" not in still.stderr
+        assert "bogus" in sugarctl(path, "token", "prod").stderr  # the new problems now
+        assert "1" == notify_socket.next()["RELOADING"]
+        assert "bogus" in notify_socket.next()["STATUS"]
+
+        write_config(short_dir, {"prod": instance(fake)})
+        reloaded = sugarctl(path, "reload")
+        assert 0 == reloaded.returncode, reloaded.stderr + log_path.read_text()
+        assert "added: prod (0 unchanged)" == reloaded.stdout.strip()
+        assert "1" == notify_socket.next()["RELOADING"]
+        assert f"serving 1 instance(s) on {path}" == notify_socket.next()["STATUS"]
+        token = sugarctl(path, "token", "prod", "--wait", "20")
+        assert 0 == token.returncode, token.stderr
+        assert fake.valid(token.stdout.strip())
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert 0 == proc.wait(15)
+
+
+def test_a_twin_started_by_systemd_answers_who_keeps_the_session(
+    fake: FakeSugar, short_dir: Path, start_daemon: Callable[..., DaemonProcess]
+) -> None:
+    """Socket-activated while another sugard keeps the same session, sugard does not exit into
+    a restart loop: it answers every request with the running daemon's pid and socket (exit 6),
+    and logs in nowhere."""
+    config = write_config(short_dir, {"prod": instance(fake)})
+    running = start_daemon(config)
+    assert 0 == sugarctl(running.socket, "token", "prod", "--wait", "20").returncode
+    logins = fake.calls["password"]
+    path = short_dir / "act.sock"
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", str(path), SUGARD, "run", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(path.exists)
+        twin = sugarctl(path, "token", "prod")
+        assert 6 == twin.returncode, twin.stderr
+        [line] = twin.stderr.splitlines()
+        assert f"another sugard (pid {running.proc.pid}, socket {running.socket})" in line
+        assert f"sugarctl --socket {running.socket} token prod" in line
+        assert proc.poll() is None
+        assert logins == fake.calls["password"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert 0 == proc.wait(15)

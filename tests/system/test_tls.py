@@ -92,3 +92,18 @@ def test_verify_tls_false_works_with_a_warning_at_every_start(
     )
     assert 0 == sugarctl(daemon.socket, "reload").returncode
     assert 1 == daemon.log().count(f"lab: {WARNING}")
+
+
+def test_an_https_url_on_a_plain_http_port_says_the_site_does_not_speak_tls_there(
+    fake: FakeSugar, short_dir: Path, start_daemon
+) -> None:
+    """https:// to a port that answers plain HTTP: the error says the site does not speak TLS
+    on that port (not OpenSSL's WRONG_VERSION_NUMBER), in sugarctl's line and the status."""
+    https = fake.url.replace("http://", "https://")
+    daemon = start_daemon(write_config(short_dir, {"prod": instance(fake, url=https)}))
+    result = sugarctl(daemon.socket, "token", "prod", "--wait", "1")
+    assert 5 == result.returncode, result.stderr
+    assert "the site does not speak TLS on that port" in result.stderr
+    assert "WRONG_VERSION_NUMBER" not in result.stderr
+    status = json.loads(sugarctl(daemon.socket, "status", "prod", "--json").stdout)
+    assert f"cannot reach {https}: the site does not speak TLS" in status["last_error"]["message"]

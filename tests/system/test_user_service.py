@@ -236,7 +236,7 @@ def session() -> Iterator[UserSession]:
             "CI runs as root (run: sudo .venv/bin/pytest tests/test_user_service.py)"
         )
     missing = missing_tools()
-    assert not missing, f"install: {', '.join(missing)} (.ci/run installs them)"
+    assert not missing, f"install: {', '.join(missing)} (scripts/check installs them)"
     scratch = Path(tempfile.mkdtemp(prefix="sd-user-"))
     try:
         user = UserSession(scratch)
@@ -392,6 +392,37 @@ def test_a_sighup_sent_by_hand_still_reloads(installed: UserSession, sugar: Fake
     )
     gone = user.run("sugarctl token second")
     assert 3 == gone.returncode, gone.stderr
+
+
+def test_a_restart_on_a_refused_config_answers_instead_of_looping(
+    installed: UserSession, sugar: FakeSugar
+) -> None:
+    """`systemctl --user restart sugard` with a config sugard refuses: the unit is active
+    with the problem in its status, no restart follows, `sugarctl token` exits 6 at once
+    naming the problem, the journal has it once; `systemctl --user reload sugard` of the
+    fixed config serves tokens again."""
+    user = installed
+    write_user_config(user, sugar, daemon={"bogus": 1}, prod=USER)
+    user.ok("systemctl --user reset-failed sugard")
+    restarts = user.unit("NRestarts")
+    user.ok("systemctl --user restart sugard")
+    main_pid = user.unit("MainPID")
+    assert "active" == user.unit("ActiveState")
+    assert user.unit("StatusText").startswith("config refused, serving no instance: ")
+    started = time.monotonic()
+    refused = user.run("sugarctl token prod")
+    assert time.monotonic() - started < DEADLINE / 4
+    assert 6 == refused.returncode, refused.stderr
+    assert 1 == len(refused.stderr.splitlines()) and "daemon.bogus" in refused.stderr
+    time.sleep(3)  # longer than RestartSec=2s: a loop would show by now
+    assert (restarts, main_pid) == (user.unit("NRestarts"), user.unit("MainPID"))
+    journal = user.ok(f"journalctl --user -u sugard --no-pager -o cat _PID={main_pid}")
+    assert 1 == journal.count("config refused: ")
+
+    write_user_config(user, sugar, prod=USER)
+    user.ok("systemctl --user reload sugard")
+    assert sugar.valid(token(user))
+    assert main_pid == user.unit("MainPID")
 
 
 def test_kill_9_is_restarted(installed: UserSession, sugar: FakeSugar) -> None:

@@ -26,7 +26,7 @@ SOCKET_ORDER_WORDS = (
 
 def run(program: str, *argv: str) -> subprocess.CompletedProcess[str]:
     """`program argv...` with no daemon anywhere: help must not need one."""
-    env = {**os.environ, "SUGARD_SOCKET": "/nonexistent/sugard.sock"}
+    env = {**os.environ, "SUGARD_SOCKET": "/nonexistent/sugard.sock", "COLUMNS": "80"}
     return subprocess.run(
         [program, *argv], capture_output=True, text=True, timeout=60, check=False, env=env
     )
@@ -96,8 +96,8 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
 
 @pytest.mark.parametrize("command", list(subcommands()))
 def test_each_sugard_subcommand_describes_every_option_and_its_exit_codes(command: str) -> None:
-    """`sugard help CMD` equals `sugard CMD --help`; every option of CMD has a description,
-    a --socket lists the socket order, and the exit codes include 2 and 130."""
+    """`sugard help CMD` equals `sugard CMD --help`, in 80 columns; every option of CMD has a
+    description, a --socket lists the socket order, and the exit codes include 2 and 130."""
     parser = subcommands()[command]
     for action in parser._actions:
         assert action.help, (command, action.option_strings or action.dest)
@@ -107,6 +107,8 @@ def test_each_sugard_subcommand_describes_every_option_and_its_exit_codes(comman
     shown = run(SUGARD, "help", command)
     assert (0, "") == (shown.returncode, shown.stderr)
     assert shown.stdout == run(SUGARD, command, "--help").stdout
+    too_long = [line for line in shown.stdout.splitlines() if len(line) > 80]
+    assert [] == too_long  # argparse wraps to $COLUMNS (run() sets 80) but not alternatives
     flat = in_one_line(shown.stdout)
     assert "Exit status: 0 " in flat
     assert "2 usage error" in flat

@@ -438,3 +438,22 @@ def test_api_version_defaults_to_v10_and_is_checked(tmp_path: Path) -> None:
     (problem,) = problems(bad)
     assert problem.startswith(f"{bad}: instances.a.api_version: must be a version of Sugar's")
     assert "'10'" in problem
+
+
+def test_a_toml_syntax_error_says_what_to_do_and_never_echoes_the_value(tmp_path: Path) -> None:
+    """An unquoted string says to quote it (naming the key, not the value: it may be a
+    password), `True` says lower case, an unclosed string and a key given twice say so."""
+    head = '[instances.a]\nurl = "https://a.example.com"\nusername = "u"\n'
+    cases = {
+        "password = hunter2-secret\n": (
+            'Invalid value (at line 4, column 12); a string must be in quotes: password = "..."'
+        ),
+        "verify_tls = True\n": "; true and false are written in lower case",
+        'password = "unclosed\n': "; a string must end on the line it starts",
+        'username = "v"\n': "; username is set twice: keep one",
+    }
+    for line, said in cases.items():
+        [problem] = problems(write(tmp_path, head + line))
+        assert problem.startswith(f"{tmp_path / 'config.toml'}: invalid TOML: "), problem
+        assert said in problem, problem
+        assert "hunter2" not in problem and "unclosed" not in problem

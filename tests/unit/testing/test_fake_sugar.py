@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from support import ROOT
+from support.daemon import SUGARD
 from support.sugar_replies import assert_error
 
 from sugard.testing import LATEST_VERSION, SUGAR_VERSIONS, FakeSugar, TokenRequest, running_fake
@@ -1247,9 +1248,13 @@ def test_running_fake_from_synchronous_code() -> None:
     assert "" == fake.url
 
 
-def test_module_runs_as_a_subprocess() -> None:
-    """`python -m sugard.testing` prints only its URL, serves logins, exits 0 on SIGTERM."""
-    command = [sys.executable, "-m", "sugard.testing", "--port", "0", "--user", "carol:carol-pw"]
+@pytest.mark.parametrize(
+    "run", [[sys.executable, "-m", "sugard.testing"], [SUGARD, "fake"]], ids=["module", "sugard"]
+)
+def test_module_runs_as_a_subprocess(run: list[str]) -> None:
+    """`python -m sugard.testing` and `sugard fake` (what a pipx install has) print only
+    the URL, serve logins, exit 0 on SIGTERM."""
+    command = [*run, "--port", "0", "--user", "carol:carol-pw"]
     with subprocess.Popen(
         command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as proc:
@@ -1265,6 +1270,21 @@ def test_module_runs_as_a_subprocess() -> None:
         proc.send_signal(signal.SIGTERM)
         assert 0 == proc.wait(timeout=10)
         assert ("", "") == (proc.stdout.read(), proc.stderr.read())
+
+
+def test_sugard_fake_takes_the_module_options_and_names_itself() -> None:
+    """`sugard fake` has the module's options (its --help lists them as `sugard fake`, and
+    `sugard help fake` is the same); a bad option exits 2 naming `sugard fake`."""
+    helped = subprocess.run([SUGARD, "fake", "--help"], capture_output=True, text=True, timeout=30)
+    assert 0 == helped.returncode
+    assert helped.stdout.startswith("usage: sugard fake ")
+    for option in ("--sugar-version", "--user", "--seed", "--idm", "--lockout-after"):
+        assert option in helped.stdout
+    again = subprocess.run([SUGARD, "help", "fake"], capture_output=True, text=True, timeout=30)
+    assert (0, helped.stdout) == (again.returncode, again.stdout)
+    bad = subprocess.run([SUGARD, "fake", "--bogus"], capture_output=True, text=True, timeout=30)
+    assert 2 == bad.returncode
+    assert "sugard fake: error: unrecognized arguments: --bogus" in bad.stderr
 
 
 def get_json(url: str, token: str) -> tuple[int, Any]:
