@@ -27,6 +27,7 @@ from sugard.config import InstanceConfig
 from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken
 from sugard.keeper import Keeper
 from sugard.observe import Observer, Proxied
+from sugard.proxy import guards
 from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
 from sugard.sugar import Grant
 
@@ -162,15 +163,15 @@ class Forwarder:
         if keeper is None:
             return sugar_error(404, "not_found", f"sugard has no instance {name!r}")
         # Which route it is, is decided on the decoded path, as Sugar will see it; what is
-        # sent is the path as the client encoded it (a record id may hold %2F).
-        segments = [part for part in request.path.split("/")[skip + 1 :] if part]
-        if any(part in (".", "..") for part in segments):
-            return sugar_error(400, "bad_request", "sugard forwards no path with . or .. in it")
-        if len(segments) >= 2 and segments[1].lower() == "oauth2":
-            return await oauth2(request, keeper, "/".join(segments[2:]).lower())
+        # sent is the path as the client encoded it (guards.py: what may be sent at all).
         raw_path = request.rel_url.raw_path.split("/", skip + 1)[skip + 1]
+        verdict = await guards.inspect(request, name, raw_path)
+        if isinstance(verdict, web.Response):
+            return verdict
+        if isinstance(verdict, guards.LocalRoute):
+            return await oauth2(request, keeper, verdict.route)
         try:
-            return await self._forward(request, keeper, raw_path)
+            return await self._forward(request, keeper, raw_path, verdict)
         except (NoValidToken, InstanceNeedsAttention, InstanceStopped) as exc:
             replaced = self.registry.keepers.get(name, keeper) is not keeper
             if isinstance(exc, InstanceStopped) and replaced:
@@ -181,12 +182,14 @@ class Forwarder:
                 )
             return token_failure(exc)
 
-    async def _forward(self, request: web.Request, keeper: Keeper, path: str) -> web.StreamResponse:
+    async def _forward(
+        self, request: web.Request, keeper: Keeper, path: str, verdict: guards.Forward
+    ) -> web.StreamResponse:
         config = keeper.config
         query = request.rel_url.raw_query_string
         url = URL(f"{config.url}/rest/{path}" + (f"?{query}" if query else ""), encoded=True)
         headers = _forwarded_headers(request.headers)
-        body, replayable = await _request_body(request)
+        body, replayable = await _request_body(request, verdict)
         grant = await keeper.token(wait=TOKEN_WAIT)
         pool = self._pool(keeper)
         pool.in_flight += 1
@@ -280,15 +283,20 @@ def _forwarded_headers(headers: Mapping[str, str]) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in dropped]
 
 
-async def _request_body(request: web.Request) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
-    """(the body to send, whether it can be sent twice). A body of known length up to
-    REPLAY_LIMIT is read into memory; any other streams through in chunks."""
+async def _request_body(
+    request: web.Request, verdict: guards.Forward
+) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
+    """(the body to send, whether it can be sent twice). A body the guards read, or one of
+    known length up to REPLAY_LIMIT, is in memory; any other streams through in chunks."""
+    if verdict.body is not None:
+        return verdict.body, True
     if not request.body_exists:
         return None, True
     length = request.content_length
     if length is not None and length <= REPLAY_LIMIT:
         return await request.content.read(), True
-    return request.content.iter_chunked(CHUNK), False
+    chunks = request.content.iter_chunked(CHUNK)
+    return (guards.screened(chunks) if verdict.multipart else chunks), False
 
 
 async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
