@@ -413,7 +413,9 @@ class FakeSugar:
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         with self._lock:
-            self._arrivals.append(Arrival(time.monotonic(), request.method, request.rel_url.raw_path))
+            self._arrivals.append(
+                Arrival(time.monotonic(), request.method, request.rel_url.raw_path)
+            )
         return await handler(request)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
