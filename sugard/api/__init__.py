@@ -45,6 +45,7 @@ from sugard.keeper import Keeper
 from sugard.observe import Observer, TokenOutcome, TokenRequested
 from sugard.peer import Peer
 from sugard.proxy import add_routes
+from sugard.proxy.governor import Governor
 from sugard.sugar import Grant
 from sugard.text import quoted
 from sugard.wire import (
@@ -121,8 +122,10 @@ def make_app(
     *,
     observer: Observer | None = None,
     metrics: RenderMetrics | None = None,
+    governor: Governor | None = None,
 ) -> web.Application:
-    """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics."""
+    """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics,
+    `governor` keeps each instance's rate_limit (the proxy makes its own if none is given)."""
     observer = observer or Observer()
     guard = check_peer(registry, observer, _TOKEN_ROUTES)
     app = web.Application(middlewares=[json_errors, guard], client_max_size=MAX_BODY)
@@ -139,7 +142,7 @@ def make_app(
     app.router.add_post("/v1/instances/{name}/refresh", refresh)
     app.router.add_post("/v1/reload", reload)
     app.router.add_post("/v1/shutdown", shutdown)
-    add_routes(app, registry, peer_of, observer)
+    add_routes(app, registry, peer_of, observer, governor)
     app.router.add_get("/v1/metrics", metrics_text)
     return app
 

@@ -30,6 +30,7 @@ __all__ = [
     "EvictionFoundBy",
     "Fanout",
     "Forgotten",
+    "Governed",
     "Observer",
     "Proxied",
     "RenewalReason",
@@ -166,6 +167,15 @@ class Proxied:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Governed:
+    """A proxied request passed the instance's request governor after `queued` seconds in
+    its queue; None: refused (429), it could not go within rate_wait."""
+
+    instance: str
+    queued: float | None
+
+
 Event = (
     UpstreamCall
     | RenewalStarted
@@ -175,6 +185,7 @@ Event = (
     | Forgotten
     | TokenRequested
     | Proxied
+    | Governed
 )
 
 

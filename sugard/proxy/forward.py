@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -29,6 +29,8 @@ from sugard.keeper import Keeper
 from sugard.observe import Observer, Proxied
 from sugard.proxy import guards
 from sugard.proxy.answers import TOKEN_WAIT, ProxyRegistry, oauth2, sugar_error, token_failure
+from sugard.proxy.clients import Caller, ClientBook, caller_of
+from sugard.proxy.governor import Governor, RateRefused
 from sugard.sugar import Grant
 
 log = logging.getLogger("sugard.proxy")
@@ -60,6 +62,8 @@ DROPPED_REQUEST = HOP_BY_HOP | {"host", "oauth-token", "authorization", "cookie"
 
 
 _R = TypeVar("_R", bound=web.StreamResponse)
+KEY_CALLER: web.RequestKey[Caller] = web.RequestKey("caller")
+KEY_QUEUED: web.RequestKey[float] = web.RequestKey("queued")
 
 
 def new_upstream_pool(config: InstanceConfig) -> aiohttp.ClientSession:
@@ -92,12 +96,23 @@ class _Pool:
 class Forwarder:
     """Forwards proxied requests of every instance; one upstream pool per instance."""
 
-    def __init__(self, registry: ProxyRegistry, observer: Observer | None = None) -> None:
+    def __init__(
+        self,
+        registry: ProxyRegistry,
+        observer: Observer | None = None,
+        governor: Governor | None = None,
+    ) -> None:
         self.registry = registry
         self.listener_urls: dict[str, str] = {}  # instance -> its listener's base URL
         self._pools: dict[str, _Pool] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.observer = observer or Observer()  # hears every request (metrics)
+        self.governor = governor or Governor(self._config_of, self.observer)
+        self.clients = ClientBook()  # who sent what (sugarctl clients)
+
+    def _config_of(self, name: str) -> InstanceConfig | None:
+        keeper = self.registry.keepers.get(name)
+        return keeper.config if keeper is not None else None
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
@@ -116,6 +131,7 @@ class Forwarder:
 
     def prune(self, keepers: Mapping[str, Keeper]) -> None:
         """After a reload: let go of the pools of instances removed or given a new session."""
+        self.clients.forget(keepers)
         for name, pool in list(self._pools.items()):
             if keepers.get(name) is not pool.keeper:
                 del self._pools[name]
@@ -134,20 +150,27 @@ class Forwarder:
 
     # The request
 
-    async def handle(self, request: web.Request, name: str, skip: int) -> web.StreamResponse:
-        """Answer one proxied request for instance `name`; Sugar's path is what follows the
-        first `skip` segments of the request's path (those up to and including `rest`)."""
+    async def handle(
+        self, request: web.Request, name: str, skip: int, peer: Any = None
+    ) -> web.StreamResponse:
+        """Answer one proxied request for instance `name` from `peer` (who connected);
+        Sugar's path is what follows the first `skip` segments of the request's path (those
+        up to and including `rest`)."""
         started = time.perf_counter()
         # Only configured names: any other would be a new time series per typo (or attack).
         counted = name in self.registry.keepers
+        caller = await caller_of(request, peer)
+        request[KEY_CALLER] = caller
         try:
             response = await self._answer(request, name, skip)
         except BaseException:  # the client went away (cancelled), or a bug: no answer
             if counted:
                 self.observer.observe(Proxied(name, None, time.perf_counter() - started))
+                self._account(request, name, None)
             raise
         if counted:
             self.observer.observe(Proxied(name, response.status, time.perf_counter() - started))
+            self._account(request, name, response)
         access_log.debug(
             "%s %s %r -> %d (%.1f ms)",
             name,
@@ -157,6 +180,21 @@ class Forwarder:
             (time.perf_counter() - started) * 1000,
         )
         return response
+
+    def _account(
+        self, request: web.Request, name: str, response: web.StreamResponse | None
+    ) -> None:
+        size = request.content_length or 0
+        if response is not None:
+            size += response.content_length or response.body_length or 0
+        self.clients.record(
+            name,
+            request[KEY_CALLER],
+            None if response is None else response.status,
+            size,
+            request.get(KEY_QUEUED, 0.0),
+            request.path,
+        )
 
     async def _answer(self, request: web.Request, name: str, skip: int) -> web.StreamResponse:
         keeper = self.registry.keepers.get(name)
@@ -191,6 +229,12 @@ class Forwarder:
         headers = _forwarded_headers(request.headers)
         body, replayable = await _request_body(request, verdict)
         grant = await keeper.token(wait=TOKEN_WAIT)
+        try:
+            request[KEY_QUEUED] = await self.governor.admit(keeper.name, request[KEY_CALLER])
+        except RateRefused as refused:
+            response = sugar_error(429, "too_many_requests", refused.message)
+            response.headers["Retry-After"] = str(refused.retry_after)
+            return response
         pool = self._pool(keeper)
         pool.in_flight += 1
         try:
@@ -244,6 +288,7 @@ class Forwarder:
                                     request.path[:200],
                                 )
                                 grant = await keeper.invalidate(sent.reveal(), TOKEN_WAIT)
+                                await self.governor.own_call(keeper.name)  # the replay
                                 continue
                             if attempt == 1:
                                 # Not after a replay: a brand-new token refused at once is

@@ -119,7 +119,7 @@ class ProxyListener:
         return self._peers[transport]
 
     async def _proxied(self, request: web.Request) -> web.StreamResponse:
-        return await self.forwarder.handle(request, self.name, 1)  # /rest/...
+        return await self.forwarder.handle(request, self.name, 1, self._peer(request))
 
 
 async def _not_found(request: web.Request) -> web.Response:

@@ -9,7 +9,9 @@ from aiohttp import web
 
 from sugard.observe import Observer
 from sugard.proxy.answers import ProxyRegistry, refused
+from sugard.proxy.clients import clients_answer
 from sugard.proxy.forward import Forwarder
+from sugard.proxy.governor import Governor
 
 PROXY_ROUTE = "sugar-proxy"  # the socket route's name: api's peer check leaves it to us
 PeerOf = Callable[[web.Request], Any]  # the request's peer (api.Peer), or None: refuse
@@ -19,11 +21,16 @@ KEY_FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
 
 
 def add_routes(
-    app: web.Application, registry: ProxyRegistry, peer_of: PeerOf, observer: Observer
+    app: web.Application,
+    registry: ProxyRegistry,
+    peer_of: PeerOf,
+    observer: Observer,
+    governor: Governor | None = None,
 ) -> Forwarder:
-    """Serve the proxy on the socket app: `/v1/instances/{name}/rest/{path}` and
-    `GET /v1/instances/{name}/proxy` (the base URLs to give a client)."""
-    forwarder = Forwarder(registry, observer)
+    """Serve the proxy on the socket app: `/v1/instances/{name}/rest/{path}`,
+    `GET /v1/instances/{name}/proxy` (the base URLs to give a client) and
+    `GET /v1/instances/{name}/clients` (who sent what through it)."""
+    forwarder = Forwarder(registry, observer, governor)
     app[KEY_FORWARDER] = forwarder
 
     async def proxied(request: web.Request) -> web.StreamResponse:
@@ -32,7 +39,7 @@ def add_routes(
         if refusal is not None:
             return refusal
         # /v1/instances/{name}/rest/...
-        return await forwarder.handle(request, name, 4)
+        return await forwarder.handle(request, name, 4, peer_of(request))
 
     async def proxy_urls(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -58,5 +65,6 @@ def add_routes(
 
     app.router.add_route("*", "/v1/instances/{name}/rest/{path:.*}", proxied, name=PROXY_ROUTE)
     app.router.add_get("/v1/instances/{name}/proxy", proxy_urls)
+    app.router.add_get("/v1/instances/{name}/clients", clients_answer(registry, forwarder))
     app.on_cleanup.append(close)
     return forwarder
