@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
     "invalidate": (("NAME",), ("TOKEN",), frozenset()),
     "refresh": (("NAME",), (), frozenset({"--retry-rejected"})),
     "proxy-url": (("NAME",), (), frozenset()),
+    "clients": (("NAME",), (), frozenset({"--json"})),
     "reload": ((), (), frozenset()),
     "shutdown": ((), (), frozenset({"--wait"})),
     "env": ((), (), frozenset({"--shell"})),
@@ -236,6 +237,10 @@ def _run(args: _Args, client: SugardClient) -> int:
         from sugard.client.commands import print_proxy_url
 
         print_proxy_url(client.proxy_urls(name or ""), client.socket_path)
+    elif command == "clients":
+        from sugard.client.clients import clients
+
+        clients(client, name or "", "--json" in args.options)
     elif command == "reload":
         diff = client.reload()
         print(_reload_summary(diff))
