@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -136,3 +138,56 @@ def test_a_second_client_waits_about_one_turn_while_another_floods(
     assert len(flood_between) <= 3
     assert len(flood_after) >= 20  # the flood still had its backlog when curl got through
     assert [200] * 80 == [answer.status for answer in answers]
+
+
+def test_sugarctl_clients_names_each_process_with_its_counts(
+    governed: Callable[..., DaemonProcess], fake: FakeSugar
+) -> None:
+    """curl (3 requests on the socket, one refused) and a Python process (2 on the listener)
+    are two rows of `sugarctl clients prod`: their pids, commands, counts and last paths,
+    never a query; the table names both."""
+    daemon = governed(rate_limit=50)
+    curl = subprocess.Popen(
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--unix-socket",
+            str(daemon.socket),
+            SOCKET_SITE + "/rest/v10/me",
+            SOCKET_SITE + "/rest/v10/ping",
+            SOCKET_SITE + "/rest/v10/oauth2/sudo/admin?secret=query",
+        ]
+    )
+    assert 0 == curl.wait(60)
+    script = (
+        "import sys, urllib.request\n"
+        "for path in ('/rest/v10/me', '/rest/v10/ping?q=1'):\n"
+        "    urllib.request.urlopen(sys.argv[1] + path, timeout=30).read()\n"
+    )
+    python = subprocess.Popen(
+        [sys.executable, "-c", script, listener_url(daemon)], env={"NO_PROXY": "*"}
+    )
+    assert 0 == python.wait(60)
+    shown = sugarctl(daemon.socket, "clients", "prod", "--json")
+    assert 0 == shown.returncode, shown.stderr
+    rows = {row["pid"]: row for row in json.loads(shown.stdout)["clients"]}
+    assert {curl.pid, python.pid} <= set(rows)
+    mine = rows[curl.pid]
+    assert (3, 1, "/v1/instances/prod/rest/v10/oauth2/sudo/admin") == (
+        mine["requests"],
+        mine["errors"],
+        mine["last_path"],
+    )
+    assert mine["command"].startswith("curl -sS")
+    theirs = rows[python.pid]
+    assert (2, 0, "/rest/v10/ping") == (theirs["requests"], theirs["errors"], theirs["last_path"])
+    assert os.getuid() == theirs["uid"] == mine["uid"]
+    assert "secret=query" not in shown.stdout
+    table = sugarctl(daemon.socket, "clients", "prod")
+    assert 0 == table.returncode, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["PID", "UID", "REQUESTS"]
+    assert any(line.split()[:3] == [str(curl.pid), str(os.getuid()), "3"] for line in lines)
+    assert any(line.split()[:3] == [str(python.pid), str(os.getuid()), "2"] for line in lines)
