@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from support.daemon import DaemonProcess, instance, sugarctl, write_config
 from support.load import Answer, busiest_second, flood, rate_at_sugar
+from support.metrics import samples, scrape, value
 
 from sugard.testing import FakeSugar
 
@@ -79,7 +80,7 @@ def test_past_rate_wait_the_answer_is_429_with_retry_after(
 ) -> None:
     """rate_limit 2 and rate_wait 2: of 20 requests at once, those that cannot go within two
     seconds get 429 in Sugar's envelope with Retry-After; the fake never sees more than 2 in
-    any one-second window."""
+    any one-second window; the metrics count both, by instance only."""
     daemon = governed(rate_limit=2, rate_wait=2)
     fake.reset_counters()
     answers = asyncio.run(flood(SOCKET_SITE, "/rest/v10/ping", 20, 20, daemon.socket))
@@ -94,6 +95,11 @@ def test_past_rate_wait_the_answer_is_429_with_retry_after(
         assert "rate_wait" in body["error_message"]
     assert busiest_second(fake.arrivals) <= 2
     assert len(served) == sum(a.path.endswith("/ping") for a in fake.arrivals)
+    found = samples(scrape(daemon.socket)[1])
+    assert len(refused) == value(found, "sugard_proxy_rate_refused_total", sugar_instance="prod")
+    assert len(served) == value(found, "sugard_proxy_queued_seconds_count", sugar_instance="prod")
+    labels = {name for (metric, labels) in found for name, _ in labels if "queued" in metric}
+    assert {"sugar_instance", "le"} == labels  # never a pid or a uid
 
 
 @pytest.mark.slow

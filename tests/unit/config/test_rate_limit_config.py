@@ -66,7 +66,10 @@ def test_the_config_overrides_the_sugarcloud_default(tmp_path: Path) -> None:
     [
         ("rate_limit = -1", "instances.prod.rate_limit: must be between 0 and 100000, not -1"),
         ('rate_limit = "fast"', "instances.prod.rate_limit: must be a number, not a string"),
-        ('rate_limit = "20"', "instances.prod.rate_limit: must be a number, not a string; write 20"),
+        (
+            'rate_limit = "20"',
+            "instances.prod.rate_limit: must be a number, not a string; write 20",
+        ),
         ("rate_wait = -0.5", "instances.prod.rate_wait: must be between 0 and 3600, not -0.5"),
     ],
 )
