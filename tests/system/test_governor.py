@@ -108,7 +108,7 @@ def test_a_second_client_waits_about_one_turn_while_another_floods(
     governed: Callable[..., DaemonProcess], fake: FakeSugar, route: str
 ) -> None:
     """While this process floods (80 requests, 20 at a time, rate_limit 10), curl, another
-    process, sends one request: at most 3 of the flood's requests reach Sugar between curl's
+    process, sends one request: at most 5 of the flood's requests reach Sugar between curl's
     start and its request's arrival (round robin: about one turn), not the flood's backlog."""
     daemon = governed(rate_limit=10)
     fake.reset_counters()
@@ -141,7 +141,7 @@ def test_a_second_client_waits_about_one_turn_while_another_floods(
     pinged = next(a.at for a in arrivals if a.path.endswith("/ping"))
     flood_between = [a for a in arrivals if a.path.endswith("/me") and sent < a.at < pinged]
     flood_after = [a for a in arrivals if a.path.endswith("/me") and a.at > pinged]
-    assert len(flood_between) <= 3
+    assert len(flood_between) <= 5
     assert len(flood_after) >= 20  # the flood still had its backlog when curl got through
     assert [200] * 80 == [answer.status for answer in answers]
 
@@ -197,3 +197,32 @@ def test_sugarctl_clients_names_each_process_with_its_counts(
     assert lines[0].split()[:3] == ["PID", "UID", "REQUESTS"]
     assert any(line.split()[:3] == [str(curl.pid), str(os.getuid()), "3"] for line in lines)
     assert any(line.split()[:3] == [str(python.pid), str(os.getuid()), "2"] for line in lines)
+
+
+@pytest.mark.slow
+def test_sugards_own_renewal_goes_before_the_queue(
+    governed: Callable[..., DaemonProcess], fake: FakeSugar
+) -> None:
+    """While this process floods (rate_limit 10), `sugarctl refresh prod` gets its call to
+    Sugar's token endpoint out first: at most 5 of the flood's requests reach Sugar between
+    the refresh's start (sugarctl starting up included) and its arrival."""
+    daemon = governed(rate_limit=10)
+    fake.reset_counters()
+    answers: list[Answer] = []
+    run = flood(SOCKET_SITE, "/rest/v10/me", 60, 20, daemon.socket)
+    flooding = threading.Thread(target=lambda: answers.extend(asyncio.run(run)))
+    flooding.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sum(a.path.endswith("/me") for a in fake.arrivals) < 15:
+            assert time.monotonic() < deadline, "the flood did not start"
+            time.sleep(0.02)
+        sent = time.monotonic()
+        refreshed = sugarctl(daemon.socket, "refresh", "prod")
+    finally:
+        flooding.join(120)
+    assert 0 == refreshed.returncode, refreshed.stderr
+    arrivals = fake.arrivals
+    renewed = next(a.at for a in arrivals if a.path.endswith("/oauth2/token") and a.at > sent)
+    assert len([a for a in arrivals if a.path.endswith("/me") and sent < a.at < renewed]) <= 5
+    assert len([a for a in arrivals if a.path.endswith("/me") and a.at > renewed]) >= 15
