@@ -181,12 +181,14 @@ class Lane:
         expected = ahead / self.pace.rate
         if expected > self.wait:
             raise self._refusal(expected)
-        ticket = _Ticket(flow, started + self.wait)
+        # rate_wait 0 means "only if a slot is free now": allow the scheduler one turn.
+        wait = max(self.wait, self.pace.spacing)
+        ticket = _Ticket(flow, started + wait)
         if queue is None:
             queue = self._queues[flow] = deque()
             self._turns.append(flow)
         queue.append(ticket)
-        await self._released(ticket, self.wait)
+        await self._released(ticket, wait)
         return self._clock() - started
 
     async def own_call(self) -> None:
@@ -349,15 +351,6 @@ class Governor:
         ):
             lane.take(config.rate_limit, config.rate_wait, slots or lane.slots)
         return lane
-
-    def status(self, name: str) -> dict[str, Any] | None:
-        """What STATUS says of `name`'s limit: None when it has none."""
-        config = self._config_of(name)
-        if config is None or config.rate_limit <= 0:
-            return None
-        slots = self._shared.get(name)
-        shown = {"limit": config.rate_limit, "wait": config.rate_wait}
-        return {**shown, **(slots.status() if slots is not None else {"shared": False})}
 
     async def admit(self, name: str, flow: Flow) -> float:
         """A proxied request to `name` may go: the seconds it queued (0 with no limit).

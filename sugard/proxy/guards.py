@@ -146,6 +146,7 @@ async def screened(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     tail = b""
     async for chunk in chunks:
         if _MULTIPART_ROUTING.search(tail + chunk):
+            log.warning("cut off a multipart upload naming __sugar_url before its end")
             raise _Refused(400, "bad_request", "a multipart field named __sugar_url")
         tail = (tail + chunk)[-_MULTIPART_OVERLAP:]
         yield chunk

@@ -250,3 +250,24 @@ def test_ordinary_paths_still_reach_sugar(
     status, _, _ = send(route, "GET", path, ACCEPT_10)
     assert status in (200, 404)
     assert [path.split("?")[0]] == [arrival.path for arrival in fake.arrivals]
+
+
+def test_a_streamed_multipart_body_naming_sugar_url_is_cut_off_before_its_end(
+    route: tuple[Path | str, str], fake: FakeSugar
+) -> None:
+    """A multipart upload longer than sugard reads whole (1 MiB), with a field named
+    __sugar_url after 300 KiB, is cut off before that field: Sugar never gets the whole
+    request (no record is made), the client gets 502."""
+    boundary = "sugardboundary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="filler"\r\n\r\n'.encode()
+        + b"x" * (300 * 1024)
+        + f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="__sugar_url"\r\n\r\n'
+        "v10/oauth2/logout\r\n".encode()
+        + b"y" * (1024 * 1024)
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, answer = send(route, "POST", "/rest/v10/Notes", headers, body)
+    assert 502 == status, answer
+    assert [] == fake.records("Notes")
