@@ -18,6 +18,7 @@ import pytest
 from support.daemon import DaemonProcess, instance, write_config
 from support.fleet import fleet_config
 from support.load import busiest_second, flood, rate_at_sugar
+from support.raw_http import exchange
 from support.redis_server import RedisServer
 
 from sugard.config import SecretRef
@@ -142,7 +143,8 @@ def test_two_fleet_hosts_share_one_limit_and_fall_back_to_their_share(
     fake: FakeSugar, redis_server: RedisServer
 ) -> None:
     """Two hosts, rate_limit 10 each (the fleet's): flooded together, the fake never sees more
-    than 10 in a second, and gets at least 0.85 of 10. Redis gone: STATUS says each counts
+    than 10 in a second, and gets at least 0.85 of 10; token requests take no slot in Redis,
+    a proxied request one. Redis gone: STATUS says each counts
     alone on 1/2 of the limit, and together they still stay within 10."""
     hosts = Hosts(fake, redis_server.url)
     try:
@@ -153,6 +155,20 @@ def test_two_fleet_hosts_share_one_limit_and_fall_back_to_their_share(
         assert 60 == len(arrivals)
         assert busiest_second(arrivals) <= 10
         assert rate_at_sugar(arrivals) >= 0.85 * 10
+
+        # A token request, or a login sugard answers itself, takes no slot in Redis; a
+        # proxied request takes one.
+        with redis_server.admin() as admin:
+            (hosts_key,) = list(admin.scan_iter(match="sugard:*:rate-hosts"))
+            before = admin.hgetall(hosts_key)
+            with started[0].client() as client:
+                for _ in range(10):
+                    client.token("prod")
+            login = exchange(started[0].socket, "POST", "/v1/instances/prod/rest/v10/oauth2/token")
+            assert 200 == login[0]
+            assert before == admin.hgetall(hosts_key)
+            assert 200 == exchange(started[0].socket, "GET", "/v1/instances/prod/rest/v10/me")[0]
+            assert before != admin.hgetall(hosts_key)
 
         redis_server.stop()
         fake.reset_counters()
