@@ -50,6 +50,7 @@ from sugard.keeper import Keeper
 from sugard.observe import Observer, TokenOutcome, TokenRequested
 from sugard.peer import Peer
 from sugard.proxy import add_routes
+from sugard.proxy.governor import Governor
 from sugard.proxy.tcp import TcpRunner
 from sugard.sugar import Grant
 from sugard.text import quoted
@@ -152,8 +153,10 @@ def make_app(
     *,
     observer: Observer | None = None,
     metrics: RenderMetrics | None = None,
+    governor: Governor | None = None,
 ) -> web.Application:
-    """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics."""
+    """The /v1 app; `observer` hears how token requests end, `metrics` answers /v1/metrics,
+    `governor` keeps each instance's rate_limit (the proxy makes its own if none is given)."""
     observer = observer or Observer()
     guard = check_peer(registry, observer, _TOKEN_ROUTES)
 
@@ -185,7 +188,7 @@ def make_app(
         ("/v1/shutdown", shutdown),
     ):
         app.router.add_post(path, handler, expect_handler=expect_small_body)
-    add_routes(app, registry, peer_of, observer)
+    add_routes(app, registry, peer_of, observer, governor)
     app.router.add_get("/v1/metrics", metrics_text)
     return app
 

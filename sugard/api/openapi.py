@@ -199,11 +199,20 @@ def _proxied(method: str, acting: bool = False) -> dict[str, Any]:
         "summary": "forwarded to the instance's {url}/rest/{path} with sugard's OAuth-Token",
         "description": (
             "The client's OAuth-Token, Authorization and Cookie are dropped. POST oauth2/token "
-            "and oauth2/logout are answered by sugard; oauth2/sudo and other oauth2 routes are "
-            "refused (403). Errors sugard makes itself use Sugar's envelope."
+            "and oauth2/logout (versioned or not, any case) are answered by sugard; "
+            "oauth2/sudo and other oauth2 routes, and a bulk request with an oauth2 "
+            "sub-request, are refused (403); a path another server could read as another "
+            "path, or an unreadable bulk body, is refused (400). Past the instance's "
+            "rate_limit a request queues; one that cannot go within rate_wait gets 429 with "
+            "Retry-After. Errors sugard makes itself use Sugar's envelope."
         ),
         "responses": {
-            "default": _json(ref("SugarError"), "Sugar's answer, or sugard's in Sugar's envelope")
+            "429": _json(
+                ref("SugarError"),
+                "over the instance's rate_limit for longer than rate_wait",
+                **{"Retry-After": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+            ),
+            "default": _json(ref("SugarError"), "Sugar's answer, or sugard's in Sugar's envelope"),
         },
     }
 
@@ -347,6 +356,19 @@ def _document() -> dict[str, Any]:
                     "summary": "the Sugar site root to give a client of the proxy",
                     "responses": _with_instance(
                         **{"200": _json(ref("ProxyUrls"), "where the proxy serves the instance")}
+                    ),
+                },
+            },
+            "/v1/instances/{name}/clients": {
+                "parameters": [_NAME],
+                "get": {
+                    "operationId": "clients",
+                    "summary": "who used the instance through the proxy in the last 15 minutes",
+                    "description": "One row per client process (at most 1,000), most recently "
+                    "seen first: what it sent through the proxy, and how long it waited for "
+                    "the instance's rate_limit.",
+                    "responses": _with_instance(
+                        **{"200": _json(ref("Clients"), "the instance's clients")}
                     ),
                 },
             },

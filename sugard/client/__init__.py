@@ -316,6 +316,12 @@ class SugardClient:
         (the REST version a path without one gets: the instance's api_version)}`."""
         return self._call("GET", _instance(name, "proxy"))  # type: ignore[no-any-return]
 
+    def clients(self, name: str) -> dict[str, Any]:
+        """Who used instance `name` through the proxy in the last 15 minutes: `{"instance",
+        "clients": [{"uid", "pid", "command", "first_seen", "last_seen", "requests",
+        "errors", "bytes", "queued_seconds", "last_path"}]}`, most recent first."""
+        return self._call("GET", _instance(name, "clients"))  # type: ignore[no-any-return]
+
     def reload(self) -> dict[str, Any]:
         """Make the daemon re-read its config: `{"added", "removed", "changed", "unchanged"}`,
         and `"needs_attention"` (instance -> message) for instances it leaves failed.

@@ -53,6 +53,7 @@ COMMANDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]] = {
     "refresh": (("NAME",), (), frozenset({"--retry-rejected", "--as"})),
     "revoke": (("NAME",), (), frozenset()),
     "proxy-url": (("NAME",), (), frozenset()),
+    "clients": (("NAME",), (), frozenset({"--json"})),
     "reload": ((), (), frozenset()),
     "shutdown": ((), (), frozenset({"--wait"})),
     "env": ((), (), frozenset({"--shell"})),
@@ -288,6 +289,10 @@ def _run(args: _Args, client: SugardClient) -> int:
         from sugard.client.commands import print_proxy_url
 
         print_proxy_url(client.proxy_urls(name or ""), client.socket_path)
+    elif command == "clients":
+        from sugard.client.clients import clients
+
+        clients(client, name or "", "--json" in args.options)
     elif command == "reload":
         diff = client.reload()
         print(_reload_summary(diff))

@@ -248,6 +248,18 @@ _COMMANDS: dict[str, tuple[str, str, str, list[tuple[str, str]], str]] = {
         [],
         "3, 4, 7",
     ),
+    "clients": (
+        "clients NAME [--json]",
+        "who sent what through the proxy to NAME",
+        "Print, per client process that used instance NAME through sugard's proxy in the "
+        "last 15 minutes (at most 1,000): its pid, uid and command, the requests it sent, "
+        "how many failed (no answer, or 4xx/5xx), the bytes of their bodies both ways, the "
+        "seconds they waited for NAME's rate_limit, when it was last seen and the last path "
+        "it asked for (never the query). Sugar's audit trail names sugard's user for all of "
+        "them; this says which script it was.",
+        [("--json", "print the daemon's answer as JSON, times in RFC 3339 UTC")],
+        "3, 4, 7",
+    ),
     "reload": (
         "reload",
         "make sugard re-read its config; print what changed",

@@ -47,6 +47,7 @@ __all__ = [
     "SECRET_FIELDS",
     "InstanceConfig",
     "distinct_platform",
+    "effective_rate_limit",
     "parse_instances",
     "session_identity",
 ]
@@ -83,6 +84,10 @@ class InstanceConfig:
     on_event: tuple[str, ...] | None = None  # argv run on renewed/failed/recovered/evicted
     fleet: bool = True  # with a [fleet] table: share this instance's session through Redis
     sudo: tuple[str, ...] = ()  # users whose tokens sugard may get by Sugar's sudo; ("*",): any
+    # Requests per second Sugar gets from sugard (proxied and its own); 0: no limit. Not
+    # given: SUGARCLOUD_RATE_LIMIT for a SugarCloud site, else 0 (effective_rate_limit).
+    rate_limit: float = 0.0
+    rate_wait: float = 30.0  # seconds a proxied request may queue for the rate before a 429
 
     def session_key(self) -> tuple[object, ...]:
         """What identifies the upstream session: while it is unchanged, the live token stays.
@@ -124,7 +129,22 @@ INSTANCE_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "on_event": argv,
     "fleet": boolean,
     "sudo": sudo_users,
+    "rate_limit": number(0, 100000),
+    "rate_wait": number(0, 3600),
 }
+
+# SugarCloud blocks a client's IP for a while above about 20 requests a second per instance
+# (docs/sugarcrm.md); sugard keeps its own sites under that by default, with room to spare.
+SUGARCLOUD_RATE_LIMIT = 15.0
+SUGARCLOUD_SUFFIX = ".sugarondemand.com"
+
+
+def effective_rate_limit(url: object) -> float:
+    """rate_limit when the config gives none: SUGARCLOUD_RATE_LIMIT for a SugarCloud site."""
+    if not isinstance(url, str):
+        return 0.0
+    host = url.partition("://")[2].split("/", 1)[0].rpartition("@")[2].split(":", 1)[0]
+    return SUGARCLOUD_RATE_LIMIT if host.lower().endswith(SUGARCLOUD_SUFFIX) else 0.0
 
 
 # The defaults are stated once, on the dataclasses; these tables are read from them.
@@ -198,7 +218,7 @@ INSTANCE_KEYS_HELP = (
     "_credential), client_id, client_secret (same sources), platform, api_version, timeout, "
     "verify_tls, ca_file, proxy, proxy_username, proxy_password (same sources), refresh_before, "
     "backoff_max, old_token_grace, probe_interval, allowed_uids, allowed_gids, listen, "
-    "proxy_connections, proxy_timeout, on_event, fleet and sudo"
+    "proxy_connections, proxy_timeout, on_event, fleet, sudo, rate_limit and rate_wait"
 )
 
 
@@ -277,6 +297,8 @@ def _build_instance(
             f"missing; {present} needs it: the proxy's credentials are proxy_username and "
             "proxy_password (or proxy_password_file, _env, _command, _credential)",
         )
+    if "rate_limit" not in defaults and "rate_limit" not in table:
+        values["rate_limit"] = effective_rate_limit(values.get("url"))
     if "ca_file" in values:
         # Like password_file: relative to the config, not to wherever the daemon was started.
         values["ca_file"] = str(resolve_path(values["ca_file"], base_dir))

@@ -24,7 +24,7 @@ from sugard.api import make_app, serve_metrics
 from sugard.api.serving import ApiRunner
 from sugard.config import Config, InstanceConfig, diff_configs, resolve_instance_secrets
 from sugard.daemon.fdstore import RejectionStore, hand_over_sessions, take_sessions
-from sugard.daemon.fleet import join_fleet, upstream
+from sugard.daemon.fleet import join_fleet, shared_slots, upstream
 from sugard.daemon.reload import apply_daemon_settings, build_aside, plan_reload, read_config_again
 from sugard.daemon.report import (
     failed_status,
@@ -47,6 +47,7 @@ from sugard.observe.events import EventHooks
 from sugard.observe.metrics import Metrics
 from sugard.peer import Peer, may_use
 from sugard.proxy import KEY_FORWARDER, Forwarder, ProxyListener
+from sugard.proxy.governor import Governor
 from sugard.proxy.listener import close_listeners, open_listeners
 from sugard.sugar import new_http_session
 
@@ -179,6 +180,12 @@ class Daemon:
         self._stored = dict(stored or {})
         self._rejections = RejectionStore(self._notifier)  # kept across a restart (systemd)
         self._fleet: Fleet | None = None  # with [fleet]: the instances' seats in the fleet
+        # Each instance's rate_limit, for the proxy's requests and the keepers' own calls.
+        self.governor = Governor(self._config_of, self.observer, clock=time.monotonic)
+
+    def _config_of(self, name: str) -> InstanceConfig | None:
+        keeper = self._keepers.get(name)
+        return keeper.config if keeper is not None else None
 
     def _on_event(self, name: str) -> tuple[str, ...] | None:
         keeper = self._keepers.get(name)
@@ -279,7 +286,13 @@ class Daemon:
             keeper.start()
 
     async def _serve_api(self, sock: socket.socket) -> None:
-        app = make_app(self, self._clock, observer=self.observer, metrics=self.metrics.render)
+        app = make_app(
+            self,
+            self._clock,
+            observer=self.observer,
+            metrics=self.metrics.render,
+            governor=self.governor,
+        )
         self._forwarder = app[KEY_FORWARDER]
         runner = ApiRunner(
             app, lambda peer: self.allowed(peer, None), shutdown_timeout=grace(self.config)
@@ -314,6 +327,8 @@ class Daemon:
     def _new_keeper(self, instance: InstanceConfig) -> Keeper:
         assert self._http is not None
         sugar, seat = upstream(self._fleet, instance, self._http, self._clock)
+        sugar.pace_with(self.governor.pacer(instance.name))
+        self.governor.share(instance.name, shared_slots(seat))
         return Keeper(
             instance,
             sugar,
@@ -442,6 +457,7 @@ class Daemon:
             self._metrics_runner = None
         for keeper in self._keepers.values():
             await keeper.stop()
+        await self.governor.close()
         hand_over_sessions(self._notifier, self.config, self._keepers)
         if self._fleet is not None:
             await self._fleet.stop()  # gives up the leases: another host leads at once

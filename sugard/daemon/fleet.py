@@ -19,8 +19,9 @@ from sugard.sugar import SugarClient
 if TYPE_CHECKING:
     from sugard.fleet import Fleet
     from sugard.keeper import FleetSeat
+    from sugard.proxy.governor import SlotSource
 
-__all__ = ["join_fleet", "upstream"]
+__all__ = ["join_fleet", "shared_slots", "upstream"]
 
 log = logging.getLogger("sugard.daemon")
 
@@ -51,3 +52,13 @@ def upstream(
     member = fleet.join(instance)
     source = FleetSource(instance, http, member, shown_url(fleet.config), clock=clock)
     return source, source
+
+
+def shared_slots(seat: FleetSeat | None) -> SlotSource | None:
+    """Where the governor counts an instance's requests: the fleet's count in Redis for a
+    fleet instance (its limit is the fleet's), None (this host's own) for any other."""
+    if seat is None:
+        return None
+    from sugard.fleet.source import FleetSource
+
+    return seat.rate if isinstance(seat, FleetSource) else None

@@ -30,6 +30,7 @@ import aiohttp
 from sugard.config import FleetConfig, InstanceConfig
 from sugard.fleet.errors import FleetError, WrongKey
 from sugard.fleet.member import FleetMember
+from sugard.fleet.ratelimit import FleetRate
 from sugard.fleet.sealing import SessionRecord
 from sugard.fleet.store import NotLeader, Stale, Written
 from sugard.observe import RenewalReason
@@ -110,14 +111,18 @@ class FleetSource(SugarClient):
     ) -> None:
         super().__init__(instance, session, clock)
         self.member = member
+        # The instance's rate_limit is the fleet's: the governor counts here (ratelimit.py).
+        self.rate = FleetRate(member.store, member.identity, member.fleet.holder, member.name)
         self._where = f"the fleet store (Redis at {where})"
         self._handed = 0  # the epoch the keeper holds: a newer stored one is answered at once
         self._seat: Seat | None = None
         self._task: asyncio.Task[None] | None = None
 
     def status(self) -> dict[str, Any]:
-        """STATUS.fleet."""
-        return self.member.status()
+        """STATUS.fleet, with `rate`: whether Redis counts the rate limit now."""
+        if self.instance.rate_limit <= 0:
+            return self.member.status()
+        return {**self.member.status(), "rate": self.rate.status()}
 
     def leads(self) -> bool:
         return self.member.role == "leader"

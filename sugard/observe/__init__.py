@@ -31,6 +31,7 @@ __all__ = [
     "EvictionFoundBy",
     "Fanout",
     "Forgotten",
+    "Governed",
     "Observer",
     "Proxied",
     "RenewalReason",
@@ -209,6 +210,15 @@ class Proxied:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Governed:
+    """A proxied request passed the instance's request governor after `queued` seconds in
+    its queue; None: refused (429), it could not go within rate_wait."""
+
+    instance: str
+    queued: float | None
+
+
 Event = (
     UpstreamCall
     | RenewalStarted
@@ -220,6 +230,7 @@ Event = (
     | TokenRequested
     | Proxied
     | SudoCall
+    | Governed
 )
 
 

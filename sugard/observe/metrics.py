@@ -44,6 +44,7 @@ from sugard.observe import (
     Event,
     Evicted,
     Forgotten,
+    Governed,
     Observer,
     Proxied,
     RenewalStarted,
@@ -60,6 +61,8 @@ Statuses = Callable[[], Iterable[Mapping[str, Any]]]
 # Proxied Sugar calls: a cached record read takes milliseconds, a report or a 2 GB download
 # minutes (the proxy's own timeout is 300 s).
 PROXY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# A request queued for the rate: none (0), a turn (tens of ms), up to rate_wait (30 s).
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 FLEET_ROLES = ("leader", "follower")
 # The instance's local name. Not `instance`: Prometheus sets that label on every scraped
 # series itself (the target's host:port) and would rename ours to `exported_instance`.
@@ -132,6 +135,20 @@ class Metrics(Observer):
             buckets=PROXY_BUCKETS,
             registry=registry,
         )
+        self._queued = Histogram(
+            "sugard_proxy_queued_seconds",
+            "Time proxied requests waited in the instance's rate_limit queue (refused ones "
+            "not counted).",
+            [LABEL],
+            buckets=QUEUE_BUCKETS,
+            registry=registry,
+        )
+        self._rate_refused = Counter(
+            "sugard_proxy_rate_refused",
+            "Proxied requests answered 429: they could not go within rate_wait.",
+            [LABEL],
+            registry=registry,
+        )
         self._clock = clock
         if process:
             ProcessCollector(registry=registry)
@@ -154,6 +171,10 @@ class Metrics(Observer):
                 self._proxy_seconds.labels(instance).observe(seconds)
             case SudoCall(instance, sudo_outcome):
                 self._sudo.labels(instance, sudo_outcome).inc()
+            case Governed(instance, None):
+                self._rate_refused.labels(instance).inc()
+            case Governed(instance, float(queued)):
+                self._queued.labels(instance).observe(queued)
             case Forgotten(instances):
                 self.forget(instances)
 
@@ -219,6 +240,8 @@ class Metrics(Observer):
             self._proxied,
             self._proxy_seconds,
             self._sudo,
+            self._queued,
+            self._rate_refused,
         )
 
 

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +28,7 @@ from sugard.config import InstanceConfig
 from sugard.errors import InstanceNeedsAttention, InstanceStopped, NoValidToken, UserNotListed
 from sugard.keeper import Keeper
 from sugard.observe import Observer, Proxied
+from sugard.proxy import guards
 from sugard.proxy.answers import (
     TOKEN_WAIT,
     ProxyRegistry,
@@ -36,6 +37,8 @@ from sugard.proxy.answers import (
     sugar_error,
     token_failure,
 )
+from sugard.proxy.clients import Caller, ClientBook, caller_of
+from sugard.proxy.governor import Governor, RateRefused
 from sugard.sugar import NO_TLS, Grant, speaks_no_tls, unreadable_answer
 from sugard.wire import sudo_user_problem
 
@@ -73,6 +76,8 @@ BODY_TIMEOUT = 10.0  # to send a request body of known length, once the headers 
 
 
 _R = TypeVar("_R", bound=web.StreamResponse)
+KEY_CALLER: web.RequestKey[Caller] = web.RequestKey("caller")
+KEY_QUEUED: web.RequestKey[float] = web.RequestKey("queued")
 
 
 def new_upstream_pool(config: InstanceConfig) -> aiohttp.ClientSession:
@@ -109,6 +114,7 @@ class Forwarder:
         self,
         registry: ProxyRegistry,
         observer: Observer | None = None,
+        governor: Governor | None = None,
         *,
         body_timeout: float = BODY_TIMEOUT,
     ) -> None:
@@ -118,6 +124,12 @@ class Forwarder:
         self._pools: dict[str, _Pool] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self.observer = observer or Observer()  # hears every request (metrics)
+        self.governor = governor or Governor(self._config_of, self.observer)
+        self.clients = ClientBook()  # who sent what (sugarctl clients)
+
+    def _config_of(self, name: str) -> InstanceConfig | None:
+        keeper = self.registry.keepers.get(name)
+        return keeper.config if keeper is not None else None
 
     async def close(self) -> None:
         pools, self._pools = list(self._pools.values()), {}
@@ -136,6 +148,7 @@ class Forwarder:
 
     def prune(self, keepers: Mapping[str, Keeper]) -> None:
         """After a reload: let go of the pools of instances removed or given a new session."""
+        self.clients.forget(keepers)
         for name, pool in list(self._pools.items()):
             if keepers.get(name) is not pool.keeper:
                 del self._pools[name]
@@ -155,22 +168,31 @@ class Forwarder:
     # The request
 
     async def handle(
-        self, request: web.Request, name: str, skip: int, user: str | None = None
+        self,
+        request: web.Request,
+        name: str,
+        skip: int,
+        user: str | None = None,
+        peer: Any = None,
     ) -> web.StreamResponse:
-        """Answer one proxied request for instance `name` (on the token of `user`, Sugar's
-        sudo, if given); Sugar's path is what follows the first `skip` segments of the
-        request's path (those up to and including `rest`)."""
+        """Answer one proxied request for instance `name` from `peer` (who connected), on the
+        token of `user` (Sugar's sudo) if given; Sugar's path is what follows the first `skip`
+        segments of the request's path (those up to and including `rest`)."""
         started = time.perf_counter()
         # Only configured names: any other would be a new time series per typo (or attack).
         counted = name in self.registry.keepers
+        caller = await caller_of(request, peer)
+        request[KEY_CALLER] = caller
         try:
             response = await self._answer(request, name, skip, user)
         except BaseException:  # the client went away (cancelled), or a bug: no answer
             if counted:
                 self.observer.observe(Proxied(name, None, time.perf_counter() - started))
+                self._account(request, name, None)
             raise
         if counted:
             self.observer.observe(Proxied(name, response.status, time.perf_counter() - started))
+            self._account(request, name, response)
         access_log.debug(
             "%s %s %r -> %d (%.1f ms)",
             name,
@@ -180,6 +202,21 @@ class Forwarder:
             (time.perf_counter() - started) * 1000,
         )
         return response
+
+    def _account(
+        self, request: web.Request, name: str, response: web.StreamResponse | None
+    ) -> None:
+        size = request.content_length or 0
+        if response is not None:
+            size += response.content_length or response.body_length or 0
+        self.clients.record(
+            name,
+            request[KEY_CALLER],
+            None if response is None else response.status,
+            size,
+            request.get(KEY_QUEUED, 0.0),
+            request.path,
+        )
 
     async def _answer(
         self, request: web.Request, name: str, skip: int, user: str | None
@@ -194,15 +231,15 @@ class Forwarder:
                 return sugar_error(400, "bad_request", problem)
             source = keeper.sudo.acting_as(user)
         # Which route it is, is decided on the decoded path, as Sugar will see it; what is
-        # sent is the path as the client encoded it (a record id may hold %2F).
-        segments = [part for part in request.path.split("/")[skip + 1 :] if part]
-        if any(part in (".", "..") for part in segments):
-            return sugar_error(400, "bad_request", "sugard forwards no path with . or .. in it")
-        if len(segments) >= 2 and segments[1].lower() == "oauth2":
-            return await oauth2(request, source, "/".join(segments[2:]).lower())
+        # sent is the path as the client encoded it (guards.py: what may be sent at all).
         raw_path = request.rel_url.raw_path.split("/", skip + 1)[skip + 1]
+        verdict = await guards.inspect(request, name, raw_path)
+        if isinstance(verdict, web.Response):
+            return verdict
+        if isinstance(verdict, guards.LocalRoute):
+            return await oauth2(request, source, verdict.route)
         try:
-            return await self._forward(request, keeper, raw_path, source)
+            return await self._forward(request, keeper, raw_path, source, verdict)
         except (NoValidToken, InstanceNeedsAttention, InstanceStopped, UserNotListed) as exc:
             replaced = self.registry.keepers.get(name, keeper) is not keeper
             if isinstance(exc, InstanceStopped) and replaced:
@@ -214,14 +251,19 @@ class Forwarder:
             return token_failure(exc)
 
     async def _forward(
-        self, request: web.Request, keeper: Keeper, path: str, source: TokenSource
+        self,
+        request: web.Request,
+        keeper: Keeper,
+        path: str,
+        source: TokenSource,
+        verdict: guards.Forward,
     ) -> web.StreamResponse:
         config = keeper.config
         query = request.rel_url.raw_query_string
         url = URL(f"{config.url}/rest/{path}" + (f"?{query}" if query else ""), encoded=True)
         headers = _forwarded_headers(request.headers)
         try:
-            body, replayable = await _request_body(request, self.body_timeout)
+            body, replayable = await _request_body(request, verdict, self.body_timeout)
         except TimeoutError:
             response = sugar_error(
                 408, "bad_request", f"request body not received within {self.body_timeout:g} s"
@@ -229,6 +271,12 @@ class Forwarder:
             response.force_close()
             return response
         grant = await source.token(wait=TOKEN_WAIT)
+        try:
+            request[KEY_QUEUED] = await self.governor.admit(keeper.name, request[KEY_CALLER])
+        except RateRefused as refused:
+            response = sugar_error(429, "too_many_requests", refused.message)
+            response.headers["Retry-After"] = str(refused.retry_after)
+            return response
         pool = self._pool(keeper)
         pool.in_flight += 1
         try:
@@ -287,6 +335,7 @@ class Forwarder:
                                 grant = await source.invalidate(
                                     sent.reveal(), TOKEN_WAIT, reporter=REPORTER
                                 )
+                                await self.governor.own_call(keeper.name)  # the replay
                                 continue
                             if attempt == 1:
                                 # Not after a replay: a brand-new token refused at once is
@@ -343,18 +392,21 @@ def _named_in_connection(headers: Mapping[str, str]) -> set[str]:
 
 
 async def _request_body(
-    request: web.Request, timeout: float
+    request: web.Request, verdict: guards.Forward, timeout: float
 ) -> tuple[bytes | AsyncIterator[bytes] | None, bool]:
-    """(the body to send, whether it can be sent twice). A body of known length up to
-    REPLAY_LIMIT is read into memory, within `timeout` (else TimeoutError); any other streams
-    through in chunks."""
+    """(the body to send, whether it can be sent twice). A body the guards read, or one of
+    known length up to REPLAY_LIMIT (read within `timeout`, else TimeoutError), is in memory;
+    any other streams through in chunks."""
+    if verdict.body is not None:
+        return verdict.body, True
     if not request.body_exists:
         return None, True
     length = request.content_length
     if length is not None and length <= REPLAY_LIMIT:
         async with asyncio.timeout(timeout):
             return await request.content.read(), True
-    return request.content.iter_chunked(CHUNK), False
+    chunks = request.content.iter_chunked(CHUNK)
+    return (guards.screened(chunks) if verdict.multipart else chunks), False
 
 
 async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:

@@ -162,11 +162,13 @@ class ProxyListener:
         return tcp_peer(request)  # read once per connection, when it was made
 
     async def _proxied(self, request: web.Request) -> web.StreamResponse:
-        return await self.forwarder.handle(request, self.name, 1)  # /rest/...
+        return await self.forwarder.handle(request, self.name, 1, peer=self._peer(request))
 
     async def _proxied_as(self, request: web.Request) -> web.StreamResponse:
         user = request.match_info["user"]
-        return await self.forwarder.handle(request, self.name, 3, user)  # /as/{user}/rest/...
+        return await self.forwarder.handle(
+            request, self.name, 3, user, peer=self._peer(request)
+        )  # /as/{user}/rest/...
 
 
 def _why(exc: OSError) -> str:

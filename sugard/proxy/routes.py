@@ -11,7 +11,9 @@ from aiohttp import web
 
 from sugard.observe import Observer
 from sugard.proxy.answers import ProxyRegistry, refused
+from sugard.proxy.clients import clients_answer
 from sugard.proxy.forward import Forwarder
+from sugard.proxy.governor import Governor
 
 PROXY_ROUTE = "sugar-proxy"  # the socket route's name: api's peer check leaves it to us
 PROXY_AS_ROUTE = "sugar-proxy-sudo"  # the same, acting as a user (Sugar's sudo)
@@ -23,11 +25,16 @@ KEY_FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder")
 
 
 def add_routes(
-    app: web.Application, registry: ProxyRegistry, peer_of: PeerOf, observer: Observer
+    app: web.Application,
+    registry: ProxyRegistry,
+    peer_of: PeerOf,
+    observer: Observer,
+    governor: Governor | None = None,
 ) -> Forwarder:
-    """Serve the proxy on the socket app: `/v1/instances/{name}/rest/{path}` and
-    `GET /v1/instances/{name}/proxy` (the base URLs to give a client)."""
-    forwarder = Forwarder(registry, observer)
+    """Serve the proxy on the socket app: `/v1/instances/{name}/rest/{path}`,
+    `GET /v1/instances/{name}/proxy` (the base URLs to give a client) and
+    `GET /v1/instances/{name}/clients` (who sent what through it)."""
+    forwarder = Forwarder(registry, observer, governor)
     app[KEY_FORWARDER] = forwarder
 
     async def proxied(request: web.Request) -> web.StreamResponse:
@@ -37,7 +44,8 @@ def add_routes(
             return refusal
         # /v1/instances/{name}/rest/..., or /v1/instances/{name}/as/{user}/rest/...
         user = request.match_info.get("user")
-        return await forwarder.handle(request, name, 4 if user is None else 6, user)
+        skip = 4 if user is None else 6
+        return await forwarder.handle(request, name, skip, user, peer=peer_of(request))
 
     async def proxy_urls(request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -67,5 +75,6 @@ def add_routes(
         "*", "/v1/instances/{name}/as/{user}/rest/{path:.*}", proxied, name=PROXY_AS_ROUTE
     )
     app.router.add_get("/v1/instances/{name}/proxy", proxy_urls)
+    app.router.add_get("/v1/instances/{name}/clients", clients_answer(registry, forwarder))
     app.on_cleanup.append(close)
     return forwarder

@@ -18,7 +18,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +160,7 @@ class SugarClient:
         self.instance = instance  # also chooses the route
         self._session = session
         self._clock = clock
+        self._pacer: Callable[[], Awaitable[None]] | None = None
         # A bad ca_file fails this instance (every attempt says why), not the whole daemon.
         self._tls_problem: RejectedError | None = None
         self._ssl: ssl.SSLContext | bool = True
@@ -171,6 +172,15 @@ class SugarClient:
     def take_config(self, instance: InstanceConfig) -> None:
         """Call Sugar with these settings from now on (a reload, a re-read secret)."""
         self.instance = instance
+
+    def pace_with(self, pacer: Callable[[], Awaitable[None]] | None) -> None:
+        """Wait on `pacer` before each call to Sugar: the instance's request governor, which
+        counts sugard's own calls towards its rate_limit and lets them go first."""
+        self._pacer = pacer
+
+    async def _paced(self) -> None:
+        if self._pacer is not None:
+            await self._pacer()
 
     @property
     def instance(self) -> InstanceConfig:
@@ -280,6 +290,7 @@ class SugarClient:
         if self._tls_problem is not None:
             return None
         try:
+            await self._paced()
             url = self.instance.url + LOGOUT_PATH
             async with self._session.post(
                 url,
@@ -303,6 +314,7 @@ class SugarClient:
         """One GET with the token (None: without one); (None, None) when there was no answer."""
         if self._tls_problem is not None:
             return None, None
+        await self._paced()
         try:
             url = self.instance.url + path
             headers = {"Accept": "application/json"}
@@ -332,6 +344,7 @@ class SugarClient:
             "client_secret": i.client_secret.reveal(),
             "platform": i.platform,
         }
+        await self._paced()
         # Expiry counts from when we asked, not when the answer came: never overestimate it.
         sent_at = self._clock()
         url = i.url + TOKEN_PATH

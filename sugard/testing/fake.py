@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -101,6 +101,17 @@ class TokenRequest:
     status: int  # 0: the connection was reset, or the request abandoned, before any answer
     error: str | None  # Sugar's error label, None on success and on injected faults
     fault: FaultKind | None = None  # set when `fail_next` produced this answer
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One request as it reached the site, whatever its route: when (`time.monotonic()`, the
+    real clock, never the fake's `clock`: rates are measured by it), its method and raw path
+    (no query: it may carry a password)."""
+
+    at: float
+    method: str
+    path: str
 
 
 @dataclass(frozen=True)
@@ -186,6 +197,7 @@ class FakeSugar:
     _calls: Counter[str] = field(default_factory=Counter, init=False, repr=False)
     _sudos: Counter[str] = field(default_factory=Counter, init=False, repr=False)
     _requests: list[TokenRequest] = field(default_factory=list, init=False, repr=False)
+    _arrivals: list[Arrival] = field(default_factory=list, init=False, repr=False)
     _failures: Counter[str] = field(default_factory=Counter, init=False, repr=False)
     _secrets: dict[str, None] = field(default_factory=dict, init=False, repr=False)
     _runner: web.AppRunner | None = field(default=None, init=False, repr=False)
@@ -221,7 +233,7 @@ class FakeSugar:
             raise ValueError(f"latency for unknown routes {sorted(unknown)}")
         self._data = RecordStore(clock=lambda: self.clock())
         self._data.seed(records or {})
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._arrive])
         self.app.on_cleanup.append(self._close_files)
         self.app.router.add_route("GET", "/sugar_version.json", self._sugar_version_file)
         self.app.router.add_route("*", "/rest/{version}", self._dispatch)
@@ -357,6 +369,13 @@ class FakeSugar:
         with self._lock:
             return list(self._store.issued)
 
+    @property
+    def arrivals(self) -> list[Arrival]:
+        """A snapshot of every request that reached the site since the last reset_counters(),
+        in order of arrival."""
+        with self._lock:
+            return list(self._arrivals)
+
     def received_secrets(self) -> list[str]:
         """Every password, client secret and refresh token ever received, to scan logs for leaks."""
         with self._lock:
@@ -379,13 +398,25 @@ class FakeSugar:
             self._files.close()
 
     def reset_counters(self) -> None:
-        """Forget `calls`, `sudo_calls` and `requests`; `issued` and the secrets stay."""
+        """Forget `calls`, `sudo_calls`, `requests` and `arrivals`; `issued` and the secrets
+        stay."""
         with self._lock:
             self._calls.clear()
             self._sudos.clear()
             self._requests.clear()
+            self._arrivals.clear()
 
     # ----------------------------------------------------------------- routing
+
+    @web.middleware
+    async def _arrive(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        with self._lock:
+            self._arrivals.append(
+                Arrival(time.monotonic(), request.method, request.rel_url.raw_path)
+            )
+        return await handler(request)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         first = request.match_info["version"]

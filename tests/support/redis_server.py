@@ -20,7 +20,8 @@ ADMIN, ADMIN_PASSWORD = "admin", "admin-pw-for-tests"
 SUGARD_RIGHTS = (
     "resetkeys ~sugard:* resetchannels &sugard:* -@all "
     "+ping +get +set +hmget +hget +hset +del +pexpire +publish +subscribe +unsubscribe "
-    "+evalsha +script|load +client|setname"
+    "+evalsha +script|load +client|setname "
+    "+time +hgetall +hdel +zadd +zcard +zrange +zremrangebyscore"
 )
 
 
@@ -131,6 +132,8 @@ class RedisServer:
                         out += k + b"=" + v + b"\n"
                 elif kind == b"list":
                     out += b"\n".join(client.lrange(key, 0, -1))
+                elif kind == b"zset":
+                    out += b"\n".join(client.zrange(key, 0, -1))
                 else:
                     raise AssertionError(f"unexpected {kind!r} at {key!r}")
         return out

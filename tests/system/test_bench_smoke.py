@@ -138,3 +138,27 @@ def test_bench_client_still_runs_alone() -> None:
     assert 0 == result.returncode, result.stderr
     assert "| `sugarctl token bench` |" in result.stdout
     assert "In process: `SugardClient.token()` x 20" in result.stdout
+
+
+def test_bench_governor_still_runs_and_keeps_the_limit() -> None:
+    """`python -m bench.bench_governor --quick` prints every figure as a number; the busiest
+    second it measured at Sugar is within the limit (a count, not a timing)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.bench_governor", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert 0 == result.returncode, result.stderr
+    figures = dict(
+        line.strip().split(": ", 1)
+        for line in result.stdout.splitlines()
+        if ": " in line and not line.startswith("#")
+    )
+    assert {"rate at Sugar", "share of the limit", "added by the governor (ms)"} <= set(figures)
+    for value in figures.values():
+        float(value)
+    assert 0 == int(figures["failed curls"])
+    assert int(figures["busiest second"]) <= 20

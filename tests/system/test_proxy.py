@@ -379,12 +379,14 @@ def test_the_access_log_holds_no_query_and_no_token(
 def test_the_path_goes_as_the_client_encoded_it_and_dot_segments_are_refused(
     proxied: DaemonProcess, front: SugarFront
 ) -> None:
-    """A record id with %2F reaches Sugar still encoded; a path with .. (which could reach
-    oauth2/logout after Sugar's front normalises it) is refused before it is forwarded."""
+    """A path with harmless escapes reaches Sugar still encoded, its query as sent; a path
+    with .. (which could reach oauth2/logout after Sugar's front normalises it) or an
+    encoded slash is refused before it is forwarded (test_proxy_guards.py: the rest)."""
     url = base_url(proxied)
-    answer = requests.get(url + "/rest/v10/Echo/a%2Fb%20c?q=%C3%A9", timeout=30)
+    answer = requests.get(url + "/rest/v10/Echo/a%40b%C3%A9?q=%C3%A9%2F%20", timeout=30)
     assert 200 == answer.status_code
-    assert "/rest/v10/Echo/a%2Fb%20c?q=%C3%A9" == answer.json()["raw_path"]
+    assert "/rest/v10/Echo/a%40b%C3%A9?q=%C3%A9%2F%20" == answer.json()["raw_path"]
+    assert 400 == requests.get(url + "/rest/v10/Echo/a%2Fb", timeout=30).status_code
     status, body = curl_socket(
         proxied, "/rest/v10/Echo/%2e%2e/oauth2/logout", "-X", "POST", "--path-as-is"
     )

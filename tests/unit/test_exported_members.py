@@ -26,6 +26,7 @@ EXPORTED = {
     "sugard.auth": ["SugarAuth"],
     "sugard.testing": [
         "ADMIN_USER",
+        "Arrival",
         "DEFAULT_PLATFORMS",
         "DEFAULT_STATUS_EXEMPT",
         "FakeSugar",
