@@ -5,14 +5,12 @@ socket, and the TCP site of `metrics_listen`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
 import socket
 from collections import Counter
 from collections.abc import Callable
-from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
@@ -25,7 +23,7 @@ from aiohttp.http_exceptions import (
 )
 
 from sugard.peer import Peer, peer_of_socket, refusal
-from sugard.proxy.tcp import raise_open_files_limit
+from sugard.proxy.tcp import AdmittingHandler, raise_open_files_limit
 from sugard.wire import http_status
 
 __all__ = [
@@ -199,7 +197,7 @@ class _Admission:
             self._busy_logged_at, self._turned_away = now, 0
 
 
-class _RequestHandler(web.RequestHandler):
+class _RequestHandler(AdmittingHandler):
     """aiohttp's HTTP protocol, turning away connections that are not admitted, and answering
     requests that cannot be parsed with a JSON error, logging no traceback for them (aiohttp
     would log one per malformed request: a flood, and the bytes may hold a token)."""
@@ -209,8 +207,6 @@ class _RequestHandler(web.RequestHandler):
     ) -> None:
         super().__init__(server, loop=loop, **options)
         self._admission = admission
-        self._counted = False
-        self._refused_uid: int | None = None
         # Read once per connection: the kernel fixes a Unix socket's peer credentials at
         # connect(), and two getsockopt calls per request were ~10% of a token request's CPU.
         self.peer: Peer | None = None
@@ -220,56 +216,23 @@ class _RequestHandler(web.RequestHandler):
         refused = self._admission.refusal(self.peer)
         if refused is None:
             assert self.peer is not None
-            self._refused_uid = self._admission.admitted(self.peer)
-            self._counted = True
-            super().connection_made(transport)
+            refused_uid = self._admission.admitted(self.peer)
+            self.admit(transport, lambda: self._admission.released(refused_uid))
             return
-        # Answered and closed here, before aiohttp sets the connection up: a turned-away
-        # connection holds its descriptor for as short a time as possible.
-        assert isinstance(transport, asyncio.Transport)
-        status = http_status(refused["error"])
-        body = json.dumps(refused).encode()
-        retry = f"Retry-After: {refused['retry_after']}\r\n" if "retry_after" in refused else ""
-        head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            "Content-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n"
+        self.turn_away(
+            transport,
+            http_status(refused["error"]),
+            "application/json",
+            json.dumps(refused).encode(),
+            refused.get("retry_after"),
         )
-        with contextlib.suppress(OSError, RuntimeError):
-            transport.write(head.encode() + body)
-        transport.close()
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._counted:
-            self._counted = False
-            self._admission.released(self._refused_uid)
-        super().connection_lost(exc)
-
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if _response_started(request):
-            raise ConnectionError("response already started; closing the connection")
+    def error_answer(self, status: int, exc: BaseException | None) -> web.Response:
         if status >= 500:
             log.error("internal error answering a request", exc_info=exc)
-            resp = error("internal", "internal error in sugard; see its log")
-        else:
-            log.debug("malformed request: %s", type(exc).__name__ if exc else status)
-            resp = error("bad_request", _malformed(exc))
-        resp.force_close()
-        return resp
-
-
-def _response_started(request: web.BaseRequest) -> bool:
-    """Whether bytes of a response went out already (then no error answer can follow).
-
-    aiohttp has no public way to ask this: its own handle_error reads the payload writer's
-    `output_size`, and so does this, alone (tests/system/test_hostile.py pins it)."""
-    return request.writer.output_size > 0
+            return error("internal", "internal error in sugard; see its log")
+        log.debug("malformed request: %s", type(exc).__name__ if exc else status)
+        return error("bad_request", _malformed(exc))
 
 
 def _malformed(exc: BaseException | None) -> str:

@@ -30,10 +30,12 @@ from sugard.peer import Peer, peer_of_tcp_socket
 __all__ = [
     "PER_PEER",
     "REFUSED_PER_PEER",
+    "AdmittingHandler",
     "Envelope",
     "TcpCaps",
     "TcpRunner",
     "raise_open_files_limit",
+    "response_started",
     "tcp_peer",
 ]
 
@@ -220,7 +222,75 @@ class _MalformedLog:
         self._logged_at, self._since = now, 0
 
 
-class _TcpHandler(web.RequestHandler):
+def response_started(request: web.BaseRequest) -> bool:
+    """Whether bytes of a response went out already (then no error answer can follow).
+
+    aiohttp has no public way to ask this: its own handle_error reads the payload writer's
+    `output_size`, and so does this, alone (tests/unit/api/test_serving.py pins it)."""
+    return request.writer.output_size > 0
+
+
+class AdmittingHandler(web.RequestHandler):
+    """aiohttp's HTTP protocol for a listener that turns connections away. A subclass's
+    connection_made either `admit`s the connection (with what to release when it closes) or
+    `turn_away`s it; requests that cannot be parsed get the subclass's `error_answer`."""
+
+    def __init__(self, server: web.Server, *, loop: Any, **options: Any) -> None:
+        super().__init__(server, loop=loop, **options)
+        self._release: Callable[[], None] | None = None
+
+    def admit(self, transport: asyncio.BaseTransport, release: Callable[[], None]) -> None:
+        """Serve the connection; `release` runs once when it closes."""
+        self._release = release
+        super().connection_made(transport)
+
+    @staticmethod
+    def turn_away(
+        transport: asyncio.BaseTransport,
+        status: int,
+        content_type: str,
+        body: bytes,
+        retry_after: object | None = None,
+    ) -> None:
+        """Answer `status` with `body` and close, before aiohttp sets the connection up: a
+        turned-away connection holds its descriptor for as short a time as possible."""
+        retry = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
+        head = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            f"Content-Type: {content_type}; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n"
+        )
+        assert isinstance(transport, asyncio.Transport)
+        with contextlib.suppress(OSError, RuntimeError):
+            transport.write(head.encode() + body)
+        transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if response_started(request):  # as aiohttp's own: no answer can follow
+            raise ConnectionError("response already started; closing the connection")
+        answer = self.error_answer(status, exc)
+        answer.force_close()
+        return answer
+
+    def error_answer(self, status: int, exc: BaseException | None) -> web.Response:
+        """The answer to a request that failed with `status` before a response began: 500
+        for an error of the daemon's, else a request that cannot be parsed."""
+        raise NotImplementedError
+
+
+class _TcpHandler(AdmittingHandler):
     """aiohttp's HTTP protocol, turning away connections over the caps at once, and
     answering requests that cannot be parsed in the listener's envelope."""
 
@@ -240,8 +310,6 @@ class _TcpHandler(web.RequestHandler):
         self._admits = admits
         self._envelope = envelope
         self._malformed = malformed
-        self._held: object | None = None
-        self._counted = False
         self.peer: Peer | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -251,51 +319,22 @@ class _TcpHandler(web.RequestHandler):
         allowed = self._admits(self.peer)
         refused = self._caps.refusal(self.peer, address, allowed)
         if refused is None:
-            self._held = self._caps.admitted(self.peer, address)
-            self._counted = True
-            super().connection_made(transport)
+            held = self._caps.admitted(self.peer, address)
+            self.admit(transport, lambda: self._caps.released(held))
             return
-        # Answered and closed before aiohttp sets the connection up: a turned-away connection
-        # holds its descriptor for as short a time as possible.
         status, label, message = refused
         log.debug("turned away a TCP connection: %s", message)
         answer = self._envelope(status, label, message)
         body = answer.body if isinstance(answer.body, bytes) else b""
-        retry = "Retry-After: 1\r\n" if status == 503 else ""
-        head = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            f"Content-Type: {answer.content_type}; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\n{retry}Connection: close\r\n\r\n"
-        )
-        assert isinstance(transport, asyncio.Transport)
-        with contextlib.suppress(OSError, RuntimeError):
-            transport.write(head.encode() + body)
-        transport.close()
+        self.turn_away(transport, status, answer.content_type, body, 1 if status == 503 else None)
 
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._counted:
-            self._counted = False
-            self._caps.released(self._held)
-        super().connection_lost(exc)
-
-    def handle_error(
-        self,
-        request: Any,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:  # as aiohttp's own: no answer can follow
-            raise ConnectionError("response already started; closing the connection")
+    def error_answer(self, status: int, exc: BaseException | None) -> web.Response:
         if status >= 500:
             log.error("%s: internal error answering a request", self._malformed.name, exc_info=exc)
-            answer = self._envelope(500, "internal", "internal error in sugard; see its log")
-        else:
-            what = type(exc).__name__ if exc is not None else f"HTTP {status}"
-            self._malformed.report(self.peer, what)
-            answer = self._envelope(400, "bad_request", "malformed HTTP request; send HTTP/1.1")
-        answer.force_close()
-        return answer
+            return self._envelope(500, "internal", "internal error in sugard; see its log")
+        what = type(exc).__name__ if exc is not None else f"HTTP {status}"
+        self._malformed.report(self.peer, what)
+        return self._envelope(400, "bad_request", "malformed HTTP request; send HTTP/1.1")
 
 
 def _host(peername: Any) -> str:

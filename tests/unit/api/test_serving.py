@@ -11,10 +11,10 @@ import pytest
 from aiohttp import web
 from support.daemon import instance, write_config
 
-from sugard.api.serving import _response_started
 from sugard.config import load_config
 from sugard.keeper import Keeper, Status
 from sugard.peer import Peer, may_use
+from sugard.proxy.tcp import response_started
 from sugard.sugar import SugarClient
 from sugard.testing import FakeSugar
 
@@ -25,11 +25,11 @@ async def test_the_response_started_check_follows_aiohttp(short_dir: Path) -> No
     seen: list[bool] = []
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        seen.append(_response_started(request))
+        seen.append(response_started(request))
         response = web.StreamResponse()
         await response.prepare(request)
         await response.write(b"x")
-        seen.append(_response_started(request))
+        seen.append(response_started(request))
         return response
 
     app = web.Application()
