@@ -23,7 +23,15 @@ from aiohttp import web
 
 from sugard.peer import tcp_peer_owner
 
-__all__ = ["MAX_CLIENTS", "WINDOW", "Caller", "ClientBook", "caller_of", "clients_answer"]
+__all__ = [
+    "MAX_CLIENTS",
+    "WINDOW",
+    "Caller",
+    "ClientBook",
+    "caller_of",
+    "clients_answer",
+    "unknown_instance",
+]
 
 WINDOW = 15 * 60.0  # seconds a client is remembered after its last request
 MAX_CLIENTS = 1000  # per instance
@@ -151,6 +159,17 @@ class _Keepers(Protocol):
     def keepers(self) -> Mapping[str, Any]: ...
 
 
+def unknown_instance(name: str, keepers: Mapping[str, Any]) -> web.Response | None:
+    """The socket API's 404 for an instance not among `keepers`; None for a known one."""
+    if name in keepers:
+        return None
+    names = ", ".join(sorted(keepers)) or "none"
+    return web.json_response(
+        {"error": "unknown_instance", "message": f"no instance {name!r}; configured: {names}"},
+        status=404,
+    )
+
+
 def clients_answer(
     registry: _Keepers, books: _Books
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
@@ -158,15 +177,9 @@ def clients_answer(
 
     async def clients(request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name not in registry.keepers:
-            names = ", ".join(sorted(registry.keepers)) or "none"
-            return web.json_response(
-                {
-                    "error": "unknown_instance",
-                    "message": f"no instance {name!r}; configured: {names}",
-                },
-                status=404,
-            )
+        unknown = unknown_instance(name, registry.keepers)
+        if unknown is not None:
+            return unknown
         shown = [
             {
                 **row,

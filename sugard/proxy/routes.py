@@ -11,7 +11,7 @@ from aiohttp import web
 
 from sugard.observe import Observer
 from sugard.proxy.answers import ProxyRegistry, refused
-from sugard.proxy.clients import clients_answer
+from sugard.proxy.clients import clients_answer, unknown_instance
 from sugard.proxy.forward import Forwarder
 from sugard.proxy.governor import Governor
 
@@ -49,15 +49,9 @@ def add_routes(
 
     async def proxy_urls(request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name not in registry.keepers:
-            names = ", ".join(sorted(registry.keepers)) or "none"
-            return web.json_response(
-                {
-                    "error": "unknown_instance",
-                    "message": f"no instance {name!r}; configured: {names}",
-                },
-                status=404,
-            )
+        unknown = unknown_instance(name, registry.keepers)
+        if unknown is not None:
+            return unknown
         return web.json_response(
             {
                 "instance": name,
