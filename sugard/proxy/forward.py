@@ -39,7 +39,7 @@ from sugard.proxy.answers import (
 )
 from sugard.proxy.clients import Caller, ClientBook, caller_of
 from sugard.proxy.governor import Governor, RateRefused
-from sugard.sugar import NO_TLS, Grant, speaks_no_tls, unreadable_answer
+from sugard.sugar import Grant, connection_failure, unreadable_answer
 from sugard.wire import sudo_user_problem
 
 log = logging.getLogger("sugard.proxy")
@@ -501,12 +501,9 @@ async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.
 
 
 def _why(exc: BaseException) -> str:
-    if speaks_no_tls(exc):
-        return NO_TLS
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "the server closed the connection"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return exc.strerror or "connection failed"
+    said = connection_failure(exc)
+    if said is not None:
+        return said
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return type(exc).__name__

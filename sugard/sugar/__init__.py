@@ -44,6 +44,7 @@ __all__ = [
     "Probe",
     "ServerInfo",
     "SugarClient",
+    "connection_failure",
     "new_http_session",
     "speaks_no_tls",
     "unreadable_answer",
@@ -484,13 +485,22 @@ def unreadable_answer(url: str, exc: aiohttp.ClientResponseError) -> str:
     return f"{url} answered, but with {what}, which sugard cannot read"
 
 
-def _describe_network_error(exc: BaseException) -> str:
+def connection_failure(exc: BaseException) -> str | None:
+    """What `exc` says went wrong with a connection to a site, in words (a handshake with no
+    TLS, a server that closed it, or the connector's reason); None for another error."""
     if speaks_no_tls(exc):
         return NO_TLS
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientConnectorError):
         return exc.strerror or "connection failed"
+    return None
+
+
+def _describe_network_error(exc: BaseException) -> str:
+    said = connection_failure(exc)
+    if said is not None:
+        return said
     if isinstance(exc, asyncio.IncompleteReadError | ConnectionResetError):
         return "connection reset"
     return type(exc).__name__
