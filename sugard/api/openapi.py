@@ -143,6 +143,13 @@ def _seconds(name: str, high: float, example: float, description: str) -> dict[s
     }
 
 
+# A user name of Sugar's sudo, as `as` and the /as/{user}/ path take it.
+_USER_NAME = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": SUDO_USER_MAX,
+    "pattern": SUDO_USER_PATTERN,
+}
 _AS = {
     "name": "as",
     "in": "query",
@@ -150,12 +157,7 @@ _AS = {
     "description": "a token of this user instead, by Sugar's sudo: the instance's `sudo` list "
     "must name the user (else 403 `forbidden`, and no call to Sugar); Sugar refusing the sudo "
     f"answers 502 `upstream_rejected`. A user name: {SUDO_USER_RULE} (else 400)",
-    "schema": {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": SUDO_USER_MAX,
-        "pattern": SUDO_USER_PATTERN,
-    },
+    "schema": _USER_NAME,
     "example": "jim",
 }
 _USER = {
@@ -163,12 +165,7 @@ _USER = {
     "in": "path",
     "required": True,
     "description": f"the user to act as (Sugar's sudo), like `as` of /token: {SUDO_USER_RULE}",
-    "schema": {
-        "type": "string",
-        "minLength": 1,
-        "maxLength": SUDO_USER_MAX,
-        "pattern": SUDO_USER_PATTERN,
-    },
+    "schema": _USER_NAME,
     "example": "jim",
 }
 
