@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from sugard.client import BadRequest, SugardClient, SugardError, proxy_path
+from sugard.client.ctl import stdout_gone
 from sugard.client.transport import Closed, Connection, reusable
 from sugard.wire import (
     EXIT_ATTENTION,
@@ -546,9 +547,7 @@ def main(argv: list[str], socket: str | None = None) -> int:
         output.abandon()
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # Whoever read our stdout went away (`sugarctl api ... | head -1`).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_UNEXPECTED
+        return stdout_gone()
     finally:
         session.close()
         client.close()

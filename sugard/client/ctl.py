@@ -246,12 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # Whoever read our stdout went away (`sugarctl status | head -1`): not an error of
-        # ours, and Python must not complain about it again when it flushes at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_UNEXPECTED
+        return stdout_gone()
     finally:
         client.close()
+
+
+def stdout_gone() -> int:
+    """Whoever read our stdout went away (`sugarctl status | head -1`): not an error of ours,
+    and Python must not complain about it again when it flushes at exit; the exit code."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return EXIT_UNEXPECTED
 
 
 def _run(args: _Args, client: SugardClient) -> int:
