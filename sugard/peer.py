@@ -39,6 +39,7 @@ __all__ = [
     "may_use",
     "peer_of_socket",
     "peer_of_tcp_socket",
+    "process_name",
     "refusal",
     "tcp_peer_owner",
 ]
@@ -85,15 +86,20 @@ class Peer:
         try:
             return os.readlink(f"/proc/{self.pid}/exe")
         except OSError:
-            pass
-        try:
-            with open(f"/proc/{self.pid}/comm", encoding="utf-8", errors="replace") as f:
-                return f"[{f.read().strip()}]"
-        except OSError:
-            return "?"
+            return process_name(self.pid)
 
     def describe(self) -> str:
         return f"pid {self.pid} uid {self.uid} ({self.executable()!r})"
+
+
+def process_name(pid: int) -> str:
+    """The process's name from /proc, in brackets (what is left to read of another user's
+    process); "?" when it is gone or unknown."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
+            return f"[{f.read().strip()}]"
+    except OSError:
+        return "?"
 
 
 def peer_of_socket(sock: Any) -> Peer | None:

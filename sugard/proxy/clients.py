@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from sugard.peer import tcp_peer_owner
+from sugard.peer import process_name, tcp_peer_owner
 
 __all__ = [
     "MAX_CLIENTS",
@@ -142,11 +142,7 @@ def _command(pid: int) -> str:
             return " ".join(w.decode("utf-8", "replace") for w in words)[:MAX_COMMAND]
     except OSError:
         pass
-    try:
-        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as f:
-            return f"[{f.read().strip()}]"
-    except OSError:
-        return "?"
+    return process_name(pid)
 
 
 class _Books(Protocol):
