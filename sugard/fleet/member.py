@@ -64,7 +64,7 @@ class FleetMember:
     # from: the refresh token of that epoch is spent, so this is the fleet's live session.
     unstored: tuple[int, SessionRecord] | None = None
     _lost: bool = False
-    _gathered: bool = False  # after a loss: the other hosts were asked for an unstored session
+    _lost_at: float = float("-inf")  # when this host noticed the loss (lease clock)
     _queued_epoch: int = -1
     _asked: dict[int, float] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -151,7 +151,7 @@ class FleetMember:
         if found is None:
             self.stored_epoch = 0
             if self.current is not None and not self._lost:
-                self._lost = True
+                self._lost, self._lost_at = True, self.lease.clock()
                 self.losses += 1
                 if self.lease.held() and await self.store.holder(self.identity) != self.holder:
                     # Redis lost the lease with the record: another host may take it now, so
@@ -171,7 +171,7 @@ class FleetMember:
             return None
         epoch, blob = found
         self.stored_epoch = epoch
-        self._lost = self._gathered = False
+        self._lost = False
         if epoch != self.epoch:
             self._adopt(unseal(self.fleet.key, self.identity, epoch, blob))
         return self.current
@@ -208,7 +208,7 @@ class FleetMember:
         )
         if isinstance(result, Written):
             self.stored_epoch = result.epoch
-            self._lost = self._gathered = False
+            self._lost = False
             self._adopt(replace(record, epoch=result.epoch))
         elif isinstance(result, NotLeader):
             self.lease.lost()
@@ -243,7 +243,7 @@ class FleetMember:
                 result.epoch,
             )
             self.stored_epoch = result.epoch
-            self._lost = self._gathered = False
+            self._lost = False
             self._adopt(replace(record, epoch=result.epoch))
         else:
             log.warning(
@@ -258,14 +258,14 @@ class FleetMember:
     async def gather(self, wait: float) -> None:
         """After the store lost its record, before this leader calls Sugar: ask the other
         hosts for a session no write took (one that renewed as Redis went away holds the only
-        live one) and wait up to `wait` s for it to be stored. Once per loss: nobody may hold
-        one, and then the leader goes on (its refresh token, else a login)."""
-        if not self._lost or self._gathered:
+        live one) and wait for it to be stored, until `wait` s after the loss was noticed.
+        A host holding one stores it at its first round anyway, so later there is nothing to
+        wait for, and the leader goes on (its refresh token, else a login) at once."""
+        deadline = self._lost_at + wait
+        if not self._lost or self.lease.clock() >= deadline:
             return
-        self._gathered = True
         request = RenewalRequest("refresh", self.epoch, None, self.fleet.holder)
         await self.store.ask_leader(self.identity, request)
-        deadline = self.lease.clock() + wait
         while self._lost and (left := deadline - self.lease.clock()) > 0:
             changed = self._changed
             with contextlib.suppress(TimeoutError):

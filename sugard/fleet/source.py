@@ -206,10 +206,11 @@ class FleetSource(SugarClient):
             return await self._from_leader(refresh_token)
         with self._unreachable_is_transient():
             if member.session_lost:
-                # Redis lost the record: a host that renewed as it went away holds the live
-                # session, and its refresh token is the only one Sugar still takes. Before
+                # Redis lost the record: a host that renewed as it went away may hold the
+                # live session, whose refresh token is the only one Sugar still takes. Before
                 # this leader spends its own (a reused one ends the chain in IdM mode) or logs
-                # in (which ends that session), that host stores it (`gather`).
+                # in (which ends that session), it gives that host the rest of a round after
+                # the loss to store it (`gather`).
                 await member.store_unstored()
                 await member.gather(member.lease.length / 3)
                 if (newer := self._newer()) is not None:

@@ -479,9 +479,9 @@ async def test_a_session_no_write_took_is_never_stored_over_a_newer_one(
 async def test_a_new_leader_after_a_loss_asks_and_waits_for_the_unstored_session(
     redis_server: RedisServer, new_fleet: NewFleet
 ) -> None:
-    """A new leader that finds the store emptied asks the other hosts before it calls Sugar:
-    the host holding a session no write took hears it and stores it at once (not at its next
-    round, 10 s away), and the new leader holds it."""
+    """A new leader that finds the store emptied asks the other hosts before it calls Sugar,
+    within a round of the loss: the host holding a session no write took hears it and stores
+    it at once (not at its next round, 10 s away), and the new leader holds it."""
     old_fleet, old = await leader_of(new_fleet)
     assert Written(1) == await old.publish(record(1))
     new_leader_fleet = new_fleet()
@@ -495,6 +495,9 @@ async def test_a_new_leader_after_a_loss_asks_and_waits_for_the_unstored_session
         await fleet.start()
         await asyncio.wait_for(fleet.subscribed.wait(), 10)
     await until(lambda: old.session_lost, what="the old leader's first round")
+    started = time.monotonic()
+    await new_leader.gather(wait=0)  # past the window after the loss: nothing to wait for
+    assert time.monotonic() - started < 1 and new_leader.session_lost
     old.keep_unstored(record(2))
     started = time.monotonic()
     await new_leader.gather(wait=20)
