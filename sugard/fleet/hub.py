@@ -128,6 +128,8 @@ class Fleet:
                 if member.problem != str(exc):
                     log.error("%s: %s; serving the held token while it lasts", member.name, exc)
                 member.problem, member.fault = str(exc), exc
+                if isinstance(exc, StoreUnreachable):
+                    member.unreachable()
             member.settled.set()
             await asyncio.sleep(self.config.lease / 3)
 
@@ -151,7 +153,7 @@ class Fleet:
                 failures = 0
                 self.subscribed.set()
                 # Announcements made while we were not listening are lost: read them now.
-                await self._reread_all(self.members.values())
+                await self._catch_up(self.members.values())
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1)
                     if message is not None:
@@ -186,6 +188,8 @@ class Fleet:
                 member.heard_request(
                     RenewalRequest(kind, int(data["epoch"]), token, str(data.get("from", "")))
                 )
+                if member.unstored is not None:  # a new leader asks before it calls Sugar
+                    await self._catch_up([member])
         except (ValueError, KeyError, TypeError):
             log.warning("%s: ignored a malformed fleet message on %s", member.name, what)
 
@@ -193,5 +197,14 @@ class Fleet:
         for member in members:
             try:
                 await member.reread()
+            except WrongKey as exc:
+                log.error("%s: %s", member.name, exc)
+
+    async def _catch_up(self, members: Iterable[FleetMember]) -> None:
+        """Read each record again, and store a session no write took (`store_unstored`)."""
+        for member in members:
+            try:
+                await member.reread()
+                await member.store_unstored()
             except WrongKey as exc:
                 log.error("%s: %s", member.name, exc)

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, Any, Literal
 from sugard.fleet.errors import FleetError
 from sugard.fleet.lease import Lease
 from sugard.fleet.sealing import SessionRecord, seal, unseal
-from sugard.fleet.store import FleetStore, NotLeader, RenewalRequest, WriteResult, Written
+from sugard.fleet.store import (
+    FleetStore,
+    NotLeader,
+    RenewalRequest,
+    Stale,
+    WriteResult,
+    Written,
+)
+from sugard.secret import Secret
 
 if TYPE_CHECKING:  # the hub imports this module: the seat names its hub only as a type
     from sugard.fleet.hub import Fleet
@@ -49,7 +57,14 @@ class FleetMember:
     settled: asyncio.Event = field(default_factory=asyncio.Event)
     # Called with each record adopted (a follower hears of the leader's new session).
     on_adopt: list[Callable[[SessionRecord], None]] = field(default_factory=list)
+    # Called with the held record's token when a renewal this host could not hear of may have
+    # replaced it at Sugar, and whether to hold it back until a check says Sugar takes it.
+    on_suspect: list[Callable[[Secret, bool], None]] = field(default_factory=list)
+    # A session Sugar gave this host that no write took, with the stored epoch it was renewed
+    # from: the refresh token of that epoch is spent, so this is the fleet's live session.
+    unstored: tuple[int, SessionRecord] | None = None
     _lost: bool = False
+    _lost_at: float = float("-inf")  # when this host noticed the loss (lease clock)
     _queued_epoch: int = -1
     _asked: dict[int, float] = field(default_factory=dict)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -97,6 +112,19 @@ class FleetMember:
             if (self.role, self.holder) != was:
                 self._log_role()
         await self.reread()
+        await self.store_unstored()
+
+    def unreachable(self) -> None:
+        """A round found the store unreachable. A follower checks the token it holds (one
+        ping, which evicts nobody): the leader may have renewed as Redis went away, and then
+        Sugar refuses it, and no announcement can come."""
+        if self.role == "follower" and self.current is not None:
+            self._suspect(hold=False)
+
+    def _suspect(self, *, hold: bool) -> None:
+        assert self.current is not None
+        for listener in self.on_suspect:
+            listener(self.current.access_token, hold)
 
     async def retake(self) -> bool:
         """Take the lease if nobody holds it (after Redis lost it); whether this host leads."""
@@ -123,7 +151,7 @@ class FleetMember:
         if found is None:
             self.stored_epoch = 0
             if self.current is not None and not self._lost:
-                self._lost = True
+                self._lost, self._lost_at = True, self.lease.clock()
                 self.losses += 1
                 if self.lease.held() and await self.store.holder(self.identity) != self.holder:
                     # Redis lost the lease with the record: another host may take it now, so
@@ -132,10 +160,13 @@ class FleetMember:
                     self.holder = None
                     self._log_role()
                 log.warning(
-                    "%s: the fleet store lost the session (Redis restarted empty?); "
-                    "the leader logs in once for the fleet",
+                    "%s: the fleet store lost the session (Redis restarted empty?); checking "
+                    "the held token before serving it again",
                     self.name,
                 )
+                # A leader may have renewed as Redis went away: until the store holds an epoch
+                # again, or Sugar takes the token, it is not served.
+                self._suspect(hold=True)
                 self._wake()
             return None
         epoch, blob = found
@@ -152,6 +183,8 @@ class FleetMember:
 
     def _adopt(self, record: SessionRecord) -> None:
         self.current = record
+        if self.unstored is not None and record.epoch > self.unstored[0]:
+            self.unstored = None  # the store moved on from the epoch it was renewed from
         self._asked = {e: t for e, t in self._asked.items() if e >= record.epoch}
         log.debug("%s: holding fleet epoch %d", self.name, record.epoch)
         self._wake()
@@ -181,6 +214,63 @@ class FleetMember:
             self.lease.lost()
         return result
 
+    def keep_unstored(self, record: SessionRecord) -> None:
+        """Sugar gave this host `record` and no write took it (Redis went away, or the lease
+        lapsed, while the call ran): store it as soon as the store answers (`store_unstored`)."""
+        self.unstored = (self.stored_epoch, record)
+
+    async def store_unstored(self) -> Written | Stale | None:
+        """Store the session no write took, lease or not, if the store still holds the epoch
+        it was renewed from, or nothing (Redis lost its data); None if there is none. Sugar
+        rotated that epoch's refresh token, so this is the live session: the other hosts adopt
+        it at once, and nobody logs in."""
+        if self.unstored is None:
+            return None
+        renewed_from, record = self.unstored
+        self.unstored = None  # taken: a round and the listener may both try at once
+        epoch = max(self.stored_epoch, self.epoch, renewed_from) + 1
+        blob = seal(self.fleet.key, self.identity, epoch, record)
+        try:
+            result = await self.store.offer(self.identity, renewed_from, epoch, blob)
+        except FleetError:
+            if self.unstored is None and self.stored_epoch in (0, renewed_from):
+                self.unstored = (renewed_from, record)  # still the live one: next time
+            raise
+        if isinstance(result, Written):
+            log.info(
+                "%s: stored the session renewed as the store went away (epoch %d)",
+                self.name,
+                result.epoch,
+            )
+            self.stored_epoch = result.epoch
+            self._lost = False
+            self._adopt(replace(record, epoch=result.epoch))
+        else:
+            log.warning(
+                "%s: the session renewed as the store went away is outdated (epoch %d is "
+                "stored); taking that one",
+                self.name,
+                result.stored_epoch,
+            )
+            await self.reread()
+        return result
+
+    async def gather(self, wait: float) -> None:
+        """After the store lost its record, before this leader calls Sugar: ask the other
+        hosts for a session no write took (one that renewed as Redis went away holds the only
+        live one) and wait for it to be stored, until `wait` s after the loss was noticed.
+        A host holding one stores it at its first round anyway, so later there is nothing to
+        wait for, and the leader goes on (its refresh token, else a login) at once."""
+        deadline = self._lost_at + wait
+        if not self._lost or self.lease.clock() >= deadline:
+            return
+        request = RenewalRequest("refresh", self.epoch, None, self.fleet.holder)
+        await self.store.ask_leader(self.identity, request)
+        while self._lost and (left := deadline - self.lease.clock()) > 0:
+            changed = self._changed
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), left)
+
     async def ask_leader(
         self, kind: Literal["dead", "refresh"], token: str | None, wait: float
     ) -> SessionRecord | None:
@@ -205,6 +295,8 @@ class FleetMember:
     def heard_request(self, request: RenewalRequest) -> None:
         """A request from a follower: queued for the keeper once per epoch, and only while
         this host leads; one for an older epoch was answered already."""
+        if request.sender == self.fleet.holder:
+            return  # our own, from `gather`
         if self.role != "leader" or request.epoch < self.epoch:
             return
         if request.epoch <= self._queued_epoch:

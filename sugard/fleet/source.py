@@ -32,7 +32,7 @@ from sugard.fleet.errors import FleetError, WrongKey
 from sugard.fleet.member import FleetMember
 from sugard.fleet.ratelimit import FleetRate
 from sugard.fleet.sealing import SessionRecord
-from sugard.fleet.store import NotLeader, Stale, Written
+from sugard.fleet.store import NotLeader, Stale, WriteResult, Written
 from sugard.observe import RenewalReason
 from sugard.secret import Secret
 from sugard.sugar import Grant, SugarClient
@@ -61,6 +61,8 @@ class Seat(Protocol):
     def offer(self, grant: Grant) -> bool: ...
 
     def request_renewal(self, reason: RenewalReason) -> None: ...
+
+    def suspect(self, token: Secret, *, hold: bool) -> None: ...
 
 
 def shown_url(fleet: FleetConfig) -> str:
@@ -115,6 +117,7 @@ class FleetSource(SugarClient):
         self.rate = FleetRate(member.store, member.identity, member.fleet.holder, member.name)
         self._where = f"the fleet store (Redis at {where})"
         self._handed = 0  # the epoch the keeper holds: a newer stored one is answered at once
+        self._served: Secret | None = None  # the token of the grant the keeper holds from us
         self._seat: Seat | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -133,6 +136,7 @@ class FleetSource(SugarClient):
         """Feed `seat`: adopted records, and (while leading) the followers' requests."""
         self._seat = seat
         self.member.on_adopt.append(self._adopted)
+        self.member.on_suspect.append(self._suspected)
         self._task = asyncio.create_task(
             self._serve_requests(), name=f"fleet-requests:{self.member.name}"
         )
@@ -140,6 +144,8 @@ class FleetSource(SugarClient):
     async def detach(self) -> None:
         with contextlib.suppress(ValueError):
             self.member.on_adopt.remove(self._adopted)
+        with contextlib.suppress(ValueError):
+            self.member.on_suspect.remove(self._suspected)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,8 +157,16 @@ class FleetSource(SugarClient):
         # Not taken while a renewal of the keeper's own is under way: that renewal answers
         # with this record (see _newer), so nothing is handed over twice.
         seat = self._seat
-        if seat is not None and record.epoch > self._handed and seat.offer(grant_of(record)):
-            self._handed = record.epoch
+        if seat is None or record.epoch <= self._handed:
+            return
+        if record.access_token == self._served:
+            self._handed = record.epoch  # what this host stored: the keeper serves it already
+        elif seat.offer(grant_of(record)):
+            self._handed, self._served = record.epoch, record.access_token
+
+    def _suspected(self, token: Secret, hold: bool) -> None:
+        if self._seat is not None:
+            self._seat.suspect(token, hold=hold)
 
     async def _serve_requests(self) -> None:
         while True:
@@ -175,10 +189,14 @@ class FleetSource(SugarClient):
     # nobody, so every host makes its own.)
 
     async def login(self) -> Grant:
-        return await self._renew(None)
+        return self._hand(await self._renew(None))
 
     async def refresh(self, refresh_token: Secret) -> Grant:
-        return await self._renew(refresh_token)
+        return self._hand(await self._renew(refresh_token))
+
+    def _hand(self, grant: Grant) -> Grant:
+        self._served = grant.access_token
+        return grant
 
     async def _renew(self, refresh_token: Secret | None) -> Grant:
         member = self.member
@@ -192,6 +210,16 @@ class FleetSource(SugarClient):
         if member.role != "leader":
             return await self._from_leader(refresh_token)
         with self._unreachable_is_transient():
+            if member.session_lost:
+                # Redis lost the record: a host that renewed as it went away may hold the
+                # live session, whose refresh token is the only one Sugar still takes. Before
+                # this leader spends its own (a reused one ends the chain in IdM mode) or logs
+                # in (which ends that session), it gives that host the rest of a round after
+                # the loss to store it (`gather`).
+                await member.store_unstored()
+                await member.gather(member.lease.length / 3)
+                if (newer := self._newer()) is not None:
+                    return newer
             if refresh_token is None:
                 # Before any password login: another leader may have stored a session since.
                 await member.reread()
@@ -214,22 +242,35 @@ class FleetSource(SugarClient):
         if current is None or current.epoch <= self._handed:
             return None
         self._handed = current.epoch
+        if current.access_token == self._served:
+            return None  # what this host stored itself: no news for the keeper
         return grant_of(current)
 
     async def _store(self, grant: Grant) -> Grant:
         member = self.member
+        record = record_of(grant)
         try:
-            result = await member.publish(record_of(grant))
+            result: WriteResult | None = await member.publish(record)
+            if isinstance(result, NotLeader) and await member.retake():
+                # Redis lost the lease (restarted empty) while the call ran: nobody else
+                # holds it, and this is the only live session, so store it.
+                result = await member.publish(record)
+            if isinstance(result, NotLeader):
+                # The lease lapsed while the call ran, and Sugar rotated the stored session's
+                # refresh token: store this one all the same if nobody wrote since.
+                member.keep_unstored(record)
+                result = await member.store_unstored()
         except FleetError as exc:
-            # Sugar rotated the session already: the new one lives only here now, so keep it.
+            # Sugar rotated the session already: the new one lives only here now, so keep it,
+            # and store it when the store answers again (or the next leader asks for it).
+            member.keep_unstored(record)
             log.warning(
-                "%s: could not store the new session (%s); serving it here", member.name, exc
+                "%s: could not store the new session (%s); serving it here, and storing it "
+                "when the fleet store answers again",
+                member.name,
+                exc,
             )
             return grant
-        if isinstance(result, NotLeader) and await member.retake():
-            # Redis lost the lease (restarted empty) while the call ran: nobody else holds
-            # it, and this is the only live session, so store it.
-            result = await member.publish(record_of(grant))
         if isinstance(result, Written):
             self._handed = result.epoch
             return grant
@@ -238,9 +279,8 @@ class FleetSource(SugarClient):
             stored = self._newer()
             if stored is not None:
                 return stored
-        # Sugar gave us this session and the store will not take it (the lease lapsed while
-        # the call ran): serve it here; the next leader's refresh token is spent, so the
-        # fleet pays one login.
+        # Sugar gave us this session and the store will not take it (another host wrote
+        # since): serve it here; its session is the fleet's from now on.
         assert isinstance(result, (NotLeader, Stale))
         log.warning(
             "%s: could not store the new session (%s); serving it on this host only",

@@ -70,6 +70,17 @@ redis.call('HSET', KEYS[1], 'epoch', ARGV[5], 'blob', ARGV[3])
 redis.call('PUBLISH', ARGV[4], ARGV[5])
 return {1, tonumber(ARGV[5])}
 """
+# A session a host got from Sugar that no write took (Redis went away, or the lease lapsed,
+# while the call ran): stored, lease or not, if the store still holds the epoch it was renewed
+# from, or nothing at all (Redis lost its data). Sugar has rotated that epoch's refresh token,
+# so this is the only live session; anything newer in the store wins.
+OFFER_SCRIPT = """
+local stored = tonumber(redis.call('HGET', KEYS[1], 'epoch') or '0')
+if stored ~= 0 and stored ~= tonumber(ARGV[1]) then return {-1, stored} end
+redis.call('HSET', KEYS[1], 'epoch', ARGV[4], 'blob', ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return {1, tonumber(ARGV[4])}
+"""
 RENEW_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -117,6 +128,7 @@ class FleetStore:
         self.prefix = prefix
         self.timeout = timeout
         self._write = client.register_script(WRITE_SCRIPT)
+        self._offer = client.register_script(OFFER_SCRIPT)
         self._renew = client.register_script(RENEW_SCRIPT)
         self._release = client.register_script(RELEASE_SCRIPT)
 
@@ -194,6 +206,22 @@ class FleetStore:
         if done == 1:
             return Written(int(stored))
         return NotLeader(int(stored)) if done == 0 else Stale(int(stored))
+
+    async def offer(
+        self, identity: str, renewed_from: int, epoch: int, blob: bytes
+    ) -> Written | Stale:
+        """Store `blob` as `epoch`, a session renewed from the stored epoch `renewed_from` that
+        no write took, if the store still holds that epoch or nothing; announce it. Atomic."""
+        if epoch <= renewed_from:
+            raise ValueError("a new epoch must be above the one it was renewed from")
+        done, stored = await self.call(
+            "storing a session",
+            self._offer(
+                keys=[self.key(identity, "session")],
+                args=[renewed_from, blob, self.key(identity, "epoch"), epoch],
+            ),
+        )
+        return Written(int(stored)) if done == 1 else Stale(int(stored))
 
     async def acquire(self, identity: str, holder: str, lease: float) -> bool:
         """Take the lease if nobody holds it (SET NX PX)."""

@@ -216,7 +216,10 @@ class Keeper:
             if self.state is State.FAILED:
                 raise self._progress.needs_attention()
             if (joined is None or joined.done) and self._supervisor.resumed is None:
-                joined = self._board.join(Need.RENEW, RenewalReason.DEMANDED)
+                # A check of a token in doubt decides whether a renewal is needed at all.
+                joined = self._supervisor.doubt_check() or self._board.join(
+                    Need.RENEW, RenewalReason.DEMANDED
+                )
             left = deadline - loop.time()
             if left <= 0 or not await self._board.idle(left):
                 last = self._last_resort(min_ttl)
@@ -410,6 +413,16 @@ class Keeper:
             )  # a pending check: the token it was about is gone
         self._board.notify()
         return True
+
+    def suspect(self, token: Secret, *, hold: bool) -> None:
+        """The fleet has reason to think `token` replaced at Sugar by a renewal this host could
+        not hear of: check it now (one probe); with `hold`, it is not served until then."""
+        if self._board.closed or self.grant is None or self.grant.access_token != token:
+            return
+        if hold:
+            self._supervisor.session.doubt(token)
+        self._board.join(Need.CHECK, RenewalReason.PROBE)
+        self._board.notify()  # a backoff checks a doubted token at once
 
     def request_renewal(self, reason: RenewalReason) -> None:
         """Renew once for a follower that asked (joins a renewal pending or in flight)."""

@@ -175,6 +175,8 @@ class Supervisor:
         verdict = await self.calls.probe(grant.access_token)
         demand.in_flight = False
         self._probe_at = self._next_probe()
+        if verdict is not Probe.DEAD and self.session.doubted == grant.access_token:
+            self.session.doubt(None)  # Sugar still takes it (or gave no verdict): serve it
         if demand.need is Need.RENEW:  # someone needed a new token meanwhile
             await self._renew(demand)
             return
@@ -402,6 +404,14 @@ class Supervisor:
 
     def _next_probe(self) -> float | None:
         return timing.next_probe(self._ticks(), self.config.probe_interval)
+
+    def doubt_check(self) -> Demand | None:
+        """The pending check of the token in doubt, if that is the demand: requests wait for
+        its verdict rather than demand a renewal (a token Sugar still takes needs none)."""
+        demand, grant = self.board.pending(), self.session.grant
+        if demand is None or demand.need is not Need.CHECK or grant is None:
+            return None
+        return demand if grant.access_token == self.session.doubted else None
 
     def doomed(self) -> bool:
         """The current token dies when the renewal now in flight answers (no grace)."""

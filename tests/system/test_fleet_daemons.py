@@ -22,7 +22,15 @@ from typing import Any
 
 import pytest
 from support import ROOT
-from support.daemon import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from support.daemon import (
+    PASSWORD,
+    USER,
+    DaemonProcess,
+    InFlight,
+    instance,
+    sugarctl,
+    write_config,
+)
 from support.wait import wait_for
 
 from sugard.client import SugardError, TokenUnavailable
@@ -410,3 +418,127 @@ def test_a_reload_that_removes_the_instance_hands_the_lead_over(
     wait_for(lambda: fleet.role(other) == "leader", timeout=LEASE + 10, what="the lead handed over")
     assert fleet.tokens([other]) == {token}
     assert logins(fake) == 1
+
+
+class Scripts:
+    """Two scripts per host, each in a loop: take a token, use it at Sugar (here: ask the fake
+    whether it would take it) and, on a refusal, report it and take the next. Counts per
+    phase, and per host, the tokens served dead (refused on arrival) and the failed requests."""
+
+    def __init__(self, fake: FakeSugar, hosts: list[DaemonProcess]) -> None:
+        self.fake = fake
+        self.hosts = hosts
+        self.phase = "start"
+        self.dead: dict[tuple[str, int], int] = {}
+        self.failed: dict[tuple[str, int], int] = {}
+        self.served: dict[tuple[str, int], int] = {}
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True)
+            for i in range(len(hosts))
+            for _ in range(2)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _count(self, what: dict[tuple[str, int], int], host: int) -> None:
+        key = (self.phase, host)
+        what[key] = what.get(key, 0) + 1
+
+    def _run(self, host: int) -> None:
+        with self.hosts[host].client() as client:
+            while not self._stop.is_set():
+                try:
+                    token = client.token("prod", wait=5)["access_token"]
+                    self._count(self.served, host)
+                    if not self.fake.valid(token):
+                        self._count(self.dead, host)
+                        client.invalidate("prod", token)
+                except SugardError:
+                    self._count(self.failed, host)
+                time.sleep(0.05)
+
+    def total(self, what: dict[tuple[str, int], int], phase: str) -> dict[int, int]:
+        return {h: what.get((phase, h), 0) for h in range(len(self.hosts))}
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def test_redis_restarted_empty_while_the_leader_renewed_costs_no_login_and_no_dead_token(
+    fleet: Fleet, fake: FakeSugar, redis_server: Any
+) -> None:
+    """The leader's refresh answers while Redis is down (its write fails), Redis comes back
+    empty and a follower takes the lease: no password login, no host serves the token Sugar
+    replaced once the store is back, and every host serves the live session within a round."""
+    hosts = fleet.start(3)
+    (first,) = fleet.tokens()
+    leader = wait_for(fleet.leader, what="a leader")
+    followers = [h for h in hosts if h is not leader]
+    index = {id(h): i for i, h in enumerate(hosts)}
+    scripts = Scripts(fake, hosts)
+    try:
+        # The leader's refresh is in flight at Sugar when Redis goes away: Sugar replaces the
+        # session (the old token dies at once), and the leader cannot store what it got.
+        fake.delay = 1.0
+        arrived = fake.calls["token"]
+        renewal = InFlight(leader.socket, "refresh", "prod")
+        wait_for(lambda: fake.calls["token"] > arrived, what="the refresh at Sugar")
+        scripts.phase = "outage"
+        redis_server.stop()
+        assert renewal.join().returncode == 0, renewal.result
+        fake.delay = 0.0
+        assert not fake.valid(first)
+        for host in followers:
+            wait_for(lambda h=host: "Redis unreachable" in h.log(), what="the outage seen")
+        time.sleep(LEASE / 3)  # a round more of the outage: the hosts go on serving meanwhile
+        # Redis comes back empty while the old leader is held up: a follower takes the lease.
+        leader.signal(signal.SIGSTOP)
+        try:
+            redis_server.start()
+            back = time.monotonic()
+            scripts.phase = "back"
+            wait_for(
+                lambda: any(fleet.role(h) == "leader" for h in followers),
+                what="a follower leading",
+            )
+        finally:
+            leader.signal(signal.SIGCONT)
+        resumed = time.monotonic()
+
+        def converged() -> bool:
+            try:
+                served = fleet.tokens(wait=5)
+            except TokenUnavailable:
+                return False
+            return len(served) == 1 and fake.valid(next(iter(served)))
+
+        wait_for(converged, what="every host on one live token", interval=0.05)
+        settled, since_resumed = time.monotonic() - back, time.monotonic() - resumed
+        time.sleep(LEASE / 3)  # one more round, to see nothing changes after
+        scripts.phase = "after"
+        time.sleep(LEASE / 3)
+    finally:
+        scripts.stop()
+    figures = {
+        "logins": logins(fake),
+        "dead served during the outage": scripts.total(scripts.dead, "outage"),
+        "dead served once Redis was back": scripts.total(scripts.dead, "back"),
+        "dead served after": scripts.total(scripts.dead, "after"),
+        "failed during the outage": scripts.total(scripts.failed, "outage"),
+        "failed once Redis was back": scripts.total(scripts.failed, "back"),
+        "served": {p: sum(scripts.total(scripts.served, p).values()) for p in ("outage", "back")},
+        "converged after Redis came back": round(settled, 2),
+        "converged after the old leader resumed": round(since_resumed, 2),
+        "leader": index[id(leader)],
+    }
+    print(figures)
+    assert logins(fake) == 1, figures
+    assert sum(scripts.total(scripts.dead, "back").values()) == 0, figures
+    assert sum(scripts.total(scripts.dead, "after").values()) == 0, figures
+    # The old leader stores its session at its next round (at once if it hears the new
+    # leader ask), and every host adopts it at once (pub/sub) or at its next round.
+    assert since_resumed < 2 * LEASE / 3, figures
+    assert len(fleet.tokens()) == 1

@@ -427,6 +427,112 @@ async def test_redis_restarted_empty_costs_one_login_for_the_fleet(
     assert all(ACCESS + "-2" == (m.current or record()).access_token.reveal() for m in members)
 
 
+async def test_a_session_renewed_as_redis_went_away_is_stored_by_its_host_without_the_lease(
+    redis_server: RedisServer, new_fleet: NewFleet
+) -> None:
+    """The leader's write fails (Redis gone), Redis comes back empty and another host takes
+    the lease: the old leader's next round stores its session all the same, above every epoch
+    held, and the new leader adopts it; the hosts that held the replaced token are told to hold
+    it back meanwhile, once."""
+    _, old = await leader_of(new_fleet)
+    assert Written(1) == await old.publish(record(1))
+    new_fleet_ = new_fleet()
+    follower = new_fleet_.join(sugar_instance("eu"))
+    await follower.tick()
+    suspected: list[tuple[str, bool]] = []
+    follower.on_suspect.append(lambda token, hold: suspected.append((token.reveal(), hold)))
+    redis_server.stop()
+    with pytest.raises(StoreUnreachable):
+        await old.publish(record(2))
+    old.keep_unstored(record(2))
+    redis_server.start()
+    old.lease.lost()  # it was held up: the lease lapsed, and the follower's round comes first
+    await follower.tick()
+    assert "leader" == follower.role and follower.session_lost
+    assert [(ACCESS + "-1", True)] == suspected
+    await old.tick()
+    assert "follower" == old.role and old.unstored is None and not old.session_lost
+    assert 2 == old.stored_epoch
+    await follower.reread()
+    assert follower.current is not None and 2 == follower.epoch
+    assert ACCESS + "-2" == follower.current.access_token.reveal()
+    assert [(ACCESS + "-1", True)] == suspected  # told once, at the loss
+
+
+async def test_a_session_no_write_took_is_never_stored_over_a_newer_one(
+    redis_server: RedisServer, new_fleet: NewFleet
+) -> None:
+    """The store moved on from the epoch the session was renewed from: the offer is Stale,
+    the store is untouched, and the host takes the stored record instead."""
+    fleet, leader = await leader_of(new_fleet)
+    assert Written(1) == await leader.publish(record(1))
+    leader.keep_unstored(record(2))  # renewed from epoch 1, not stored
+    newer = seal(fleet.key, leader.identity, 2, record(3))
+    assert Written(2) == await fleet.store.write(leader.identity, fleet.holder, 1, 2, newer)
+    before = redis_server.dump()
+    assert Stale(2) == await leader.store_unstored()
+    assert before == redis_server.dump()
+    assert leader.unstored is None and 2 == leader.epoch
+    assert ACCESS + "-3" == (leader.current or record()).access_token.reveal()
+
+
+async def test_a_new_leader_after_a_loss_asks_and_waits_for_the_unstored_session(
+    redis_server: RedisServer, new_fleet: NewFleet
+) -> None:
+    """A new leader that finds the store emptied asks the other hosts before it calls Sugar,
+    within a round of the loss: the host holding a session no write took hears it and stores
+    it at once (not at its next round, 10 s away), and the new leader holds it."""
+    old_fleet, old = await leader_of(new_fleet)
+    assert Written(1) == await old.publish(record(1))
+    new_leader_fleet = new_fleet()
+    new_leader = new_leader_fleet.join(sugar_instance("eu"))
+    await new_leader.tick()
+    redis_server.restart_empty()
+    old.lease.lost()
+    await new_leader.tick()
+    assert "leader" == new_leader.role and new_leader.session_lost
+    for fleet in (old_fleet, new_leader_fleet):
+        await fleet.start()
+        await asyncio.wait_for(fleet.subscribed.wait(), 10)
+    await until(lambda: old.session_lost, what="the old leader's first round")
+    started = time.monotonic()
+    await new_leader.gather(wait=0)  # past the window after the loss: nothing to wait for
+    assert time.monotonic() - started < 1 and new_leader.session_lost
+    old.keep_unstored(record(2))
+    started = time.monotonic()
+    await new_leader.gather(wait=20)
+    assert time.monotonic() - started < 5
+    assert ACCESS + "-2" == (new_leader.current or record()).access_token.reveal()
+    assert not new_leader.session_lost and old.unstored is None
+    started = time.monotonic()
+    await new_leader.gather(wait=20)  # nothing is lost now: no wait
+    assert time.monotonic() - started < 1
+
+
+async def test_a_follower_checks_its_token_each_round_the_store_is_away(
+    redis_server: RedisServer, new_fleet: NewFleet
+) -> None:
+    """While Redis is unreachable a follower is told each round to check the token it holds
+    (the leader may have renewed as Redis went away), without holding it back; the leader,
+    whose lease has not run out, is not told."""
+    fleet = new_fleet(lease=6.0, timeout=0.5)
+    leader = fleet.join(sugar_instance())
+    await leader.tick()
+    await leader.publish(record(1))
+    other = new_fleet(lease=6.0, timeout=0.5)
+    follower = other.join(sugar_instance("eu"))
+    await follower.tick()
+    told: list[tuple[str, bool, str]] = []
+    for member in (leader, follower):
+        member.on_suspect.append(lambda t, hold, m=member.name: told.append((t.reveal(), hold, m)))
+    redis_server.stop()
+    await fleet.start()
+    await other.start()
+    await until(lambda: len(told) >= 2, what="two rounds while Redis is away", timeout=10)
+    assert "leader" == leader.role
+    assert {(ACCESS + "-1", False, "eu")} == set(told)
+
+
 async def test_redis_paused_or_gone_is_a_typed_error_and_the_token_still_served(
     redis_server: RedisServer, new_fleet: NewFleet
 ) -> None:
