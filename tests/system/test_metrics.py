@@ -30,6 +30,9 @@ from support.wait import wait_for
 
 from sugard.keeper import State
 from sugard.observe import (
+    RENEWAL_REASONS,
+    UPSTREAM_GRANTS,
+    UPSTREAM_OUTCOMES,
     Evicted,
     Fanout,
     Observer,
@@ -126,8 +129,10 @@ def test_scrape_agrees_with_the_fake_over_a_login_and_refreshes(
         "bad_request": 1,
     } == requests
     # Counted through the observer by the keeper: every series is there from the start.
-    assert 4 * 3 == len(with_name(found, "sugard_upstream_calls_total"))
-    assert 6 == len(with_name(found, "sugard_renewals_total"))
+    assert len(UPSTREAM_GRANTS) * len(UPSTREAM_OUTCOMES) == len(
+        with_name(found, "sugard_upstream_calls_total")
+    )
+    assert len(RENEWAL_REASONS) == len(with_name(found, "sugard_renewals_total"))
     assert not with_name(found, "sugard_proxy_request_duration_seconds_count")  # none proxied
     assert not with_name(found, "sugard_fleet_role")  # fleet mode is off
 
