@@ -5,8 +5,8 @@ so sugard adds the token there and the token never enters this process; the 401 
 replay once) and whatever else the proxy does apply on the daemon's side. Bodies stream both
 ways: `--input` a file or stdin, `-o` a download of any size, in constant memory.
 
-Loaded by sugard.client.ctl only when the `api` command runs; it parses its own arguments (the
-repeated `-f`/`-F`/`-H` and the short options sugarctl's own parser has no use for).
+Loaded by sugard.client.ctl only when the `api` command runs; its arguments are read and
+checked by sugard.client.api_args, this module sends them and puts the answer out.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
-import re
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from sugard.client import BadRequest, SugardClient, SugardError, proxy_path
+from sugard.client import SugardClient, SugardError, proxy_path
+from sugard.client.api_args import ApiRequest, Usage, parse, query_pairs, split_path
 from sugard.client.ctl import stdout_gone
 from sugard.client.transport import Closed, Connection, reusable
 from sugard.wire import (
@@ -33,250 +33,18 @@ from sugard.wire import (
     EXIT_UNKNOWN,
     EXIT_USAGE,
     PROXY_ERROR_HEADER,
-    sudo_user_problem,
 )
 
-__all__ = ["ApiRequest", "main", "parse"]
+__all__ = ["main"]
 
 CHUNK = 256 * 1024
 MAX_ERROR_BODY = 1024 * 1024  # an error answer is read whole (for its stderr line) up to this
 MAX_PRETTY = 16 * 1024 * 1024  # JSON larger than this goes to a terminal as it came
 MAX_PAGE = 256 * 1024 * 1024  # one page of a list, read whole to split it into records
-# A path's first segment that names Sugar's REST version: v10, v11, v11_20.
-VERSION = re.compile(r"v\d+(?:_\d+)?")
-METHOD = re.compile(r"[A-Za-z]+")
-HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-# Set by sugarctl itself: a value given with -H would contradict the body sent.
-OWN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
-QUERY_METHODS = frozenset({"GET", "DELETE", "HEAD"})  # fields go to the query string
-PAGED_METHODS = frozenset({"GET", "POST"})  # list and filter calls
-# The characters a path may keep as they are; anything else is percent-encoded.
-PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 ERROR_HEADER = PROXY_ERROR_HEADER.lower().encode()
 
-VALUED = {
-    "-X": "method",
-    "--method": "method",
-    "-f": "raw-field",
-    "--raw-field": "raw-field",
-    "-F": "field",
-    "--field": "field",
-    "-H": "header",
-    "--header": "header",
-    "-o": "output",
-    "--output": "output",
-    "--input": "input",
-    "--socket": "socket",
-    "--as": "as",
-}
-FLAGS = {"-i": "include", "--include": "include", "--paginate": "paginate"}
-HELP = frozenset({"-h", "--help"})
 
-
-class _Usage(BadRequest):
-    """A usage error of `api`: exit status 2, with a pointer to its help."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"{message} (see: sugarctl help api)")
-
-
-class ApiRequest:
-    """What `sugarctl api` is asked to do, checked before anything is sent."""
-
-    def __init__(self) -> None:
-        self.name = ""
-        self.path = "me"
-        self.method = ""
-        self.fields: list[tuple[str, Any, str]] = []  # (key, value, the argument as given)
-        self.headers: list[tuple[str, str]] = []
-        self.input: str | None = None
-        self.output: str | None = None
-        self.socket: str | None = None
-        self.as_user: str | None = None  # Sugar's sudo: the request acts as this user
-        self.include = self.paginate = self.help = False
-
-    @property
-    def body_fields(self) -> bool:
-        """Whether the fields go in a JSON body (else in the query string)."""
-        return bool(self.fields) and self.input is None and self.method not in QUERY_METHODS
-
-    def header(self, name: str) -> str | None:
-        for given, value in self.headers:
-            if given.lower() == name:
-                return value
-        return None
-
-
-def parse(argv: list[str]) -> ApiRequest:
-    """`api`'s arguments (what follows `api` on sugarctl's command line) as an ApiRequest;
-    raises _Usage naming the argument that is wrong."""
-    request = ApiRequest()
-    positionals: list[str] = []
-    words = iter(argv)
-    only_positionals = False
-    for word in words:
-        if only_positionals or word == "-" or not word.startswith("-"):
-            positionals.append(word)
-            continue
-        if word == "--":
-            only_positionals = True
-            continue
-        if word in HELP:
-            request.help = True
-            continue
-        if word in FLAGS:
-            setattr(request, FLAGS[word], True)
-            continue
-        option, value = _option(word)
-        if value is None:
-            value = next(words, None)
-            if value is None:
-                raise _Usage(f"{option} needs a value")
-        _take(request, VALUED[option], value, option)
-    if request.help:
-        return request
-    if not positionals:
-        raise _Usage("api needs NAME: sugarctl api NAME [PATH]")
-    if len(positionals) > 2:
-        raise _Usage(f"api got an extra argument {positionals[2]!r}")
-    request.name = positionals[0]
-    if len(positionals) == 2:
-        request.path = positionals[1]
-    _check(request)
-    return request
-
-
-def _option(word: str) -> tuple[str, str | None]:
-    """(the option, its value if given in the same word: --method=GET, -XGET, -fname=x)."""
-    if word.startswith("--"):
-        option, eq, value = word.partition("=")
-        if option in VALUED:
-            return option, value if eq else None
-        if option in FLAGS and eq:
-            raise _Usage(f"{option} takes no value")
-        raise _Usage(f"unknown option {option!r}")
-    option = word[:2]
-    if option in VALUED:
-        return option, word[2:] or None
-    raise _Usage(f"unknown option {word!r}")
-
-
-def _take(request: ApiRequest, what: str, value: str, option: str) -> None:
-    if what == "method":
-        if not METHOD.fullmatch(value):
-            raise _Usage(f"{option} {value!r}: a method is a word, like GET, POST or PUT")
-        request.method = value.upper()
-    elif what in ("raw-field", "field"):
-        key, eq, text = value.partition("=")
-        if not eq or not key:
-            raise _Usage(f"{option} {value!r}: a field is KEY=VALUE")
-        typed: Any = text
-        if what == "field":
-            try:
-                typed = json.loads(text)
-            except ValueError:
-                raise _Usage(
-                    f"{option} {value!r}: the value is not JSON; a string goes with -f, "
-                    f"or quoted: -F '{key}=\"{text}\"'"
-                ) from None
-        request.fields.append((key, typed, f"{option} {value}"))
-    elif what == "header":
-        name, colon, text = value.partition(":")
-        if not colon or not HEADER_NAME.fullmatch(name) or any(c in text for c in "\r\n\0"):
-            raise _Usage(f"{option} {value!r}: a header is 'Name: value'")
-        if name.lower() in OWN_HEADERS:
-            raise _Usage(f"{option} {value!r}: sugarctl sets {name} itself")
-        request.headers.append((name, text.strip()))
-    elif what == "output":
-        request.output = value
-    elif what == "input":
-        request.input = value
-    elif what == "as":
-        problem = sudo_user_problem(value)  # the user-name rule, before anything is sent
-        if problem is not None:
-            raise _Usage(f"{option} {value!r}: {problem}")
-        request.as_user = value
-    else:
-        request.socket = value
-
-
-def _check(request: ApiRequest) -> None:
-    """What parse() cannot see word by word: the path, combinations, the files."""
-    _split_path(request.path)  # a bad PATH is refused here, before anything is sent
-    if not request.method:
-        # As gh api; but a --paginate is a list (GET): fields would create a record otherwise.
-        sends = (request.fields or request.input is not None) and not request.paginate
-        request.method = "POST" if sends else "GET"
-    if request.paginate:
-        if request.input is not None:
-            raise _Usage("--paginate sends each page's offset itself: leave out --input")
-        if request.method not in PAGED_METHODS:
-            raise _Usage(
-                f"--paginate follows next_offset of GET lists and POST filters, not of "
-                f"-X {request.method}"
-            )
-    if request.body_fields:
-        seen: dict[str, str] = {}
-        for key, _, given in request.fields:
-            if key in seen:
-                raise _Usage(f"{given!r}: field {key!r} is given twice ({seen[key]!r})")
-            seen[key] = given
-    if request.input is not None and request.input != "-":
-        try:
-            with open(request.input, "rb"):
-                pass
-        except OSError as exc:
-            raise _Usage(f"--input {request.input}: {exc.strerror}") from None
-        if os.path.isdir(request.input):
-            raise _Usage(f"--input {request.input}: is a directory")
-    if request.output is not None:
-        folder = os.path.dirname(request.output) or "."
-        if not os.path.isdir(folder):
-            raise _Usage(f"-o {request.output}: there is no folder {folder}")
-        if os.path.isdir(request.output):
-            raise _Usage(f"-o {request.output}: is a directory; name the file to write")
-
-
-def _split_path(path: str) -> tuple[str | None, str, str]:
-    """(the version PATH names, if any; the rest, percent-encoded; the query, if any)."""
-    from urllib.parse import quote, unquote
-
-    if "://" in path:
-        raise _Usage(f"PATH {path!r}: give the path after the site's /rest/, like Accounts")
-    path, _, query = path.partition("?")
-    rest = path.lstrip("/")
-    if rest == "rest" or rest.startswith("rest/"):
-        rest = rest[5:]
-    segments = rest.split("/")
-    for segment in segments:
-        if unquote(segment) in (".", ".."):
-            raise _Usage(f"PATH {path!r}: no '.' or '..' segments; name the route itself")
-    version = None
-    if VERSION.fullmatch(segments[0]):
-        version, rest = segments[0], "/".join(segments[1:])
-    return version, quote(rest, safe=PATH_SAFE), query
-
-
-# The query string and the body
-
-
-def query_pairs(key: str, value: Any) -> Iterator[tuple[str, str]]:
-    """`key=value` as PHP reads a query string (Sugar does): a list or an object as
-    `key[0]=...`, `key[name]=...`, so it arrives as the array a JSON body would carry."""
-    if isinstance(value, dict):
-        for sub, item in value.items():
-            yield from query_pairs(f"{key}[{sub}]", item)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from query_pairs(f"{key}[{index}]", item)
-    elif isinstance(value, bool):
-        yield key, "true" if value else "false"
-    elif value is None:
-        yield key, ""
-    elif isinstance(value, str):
-        yield key, value
-    else:
-        yield key, json.dumps(value)
+# The query string
 
 
 def _query(given: str, pairs: Iterable[tuple[str, str]]) -> str:
@@ -525,7 +293,7 @@ def main(argv: list[str], socket: str | None = None) -> int:
 
     try:
         request = parse(argv)
-    except _Usage as exc:
+    except Usage as exc:
         print(f"sugarctl: {exc.message}", file=sys.stderr)
         return exc.exit_code
     if request.help:
@@ -554,7 +322,7 @@ def main(argv: list[str], socket: str | None = None) -> int:
 
 
 def _run(request: ApiRequest, client: SugardClient, session: _Session, output: _Output) -> int:
-    version, rest, query = _split_path(request.path)
+    version, rest, query = split_path(request.path)
     if version is None:
         urls = client.proxy_urls(request.name)
         version = str(urls.get("api_version") or "v10")
@@ -592,7 +360,7 @@ def _instance(name: str) -> str:
     from urllib.parse import quote
 
     if not name:
-        raise _Usage("the instance name is empty")
+        raise Usage("the instance name is empty")
     return "/v1/instances/" + quote(name, safe="")
 
 

@@ -1,4 +1,4 @@
-"""`sugarctl api`'s arguments as sugard.client.api reads them, before anything is sent: the
+"""`sugarctl api`'s arguments as sugard.client.api_args reads them, before anything is sent: the
 method it picks, where fields go, how PHP will read a typed field, and the PATH rules."""
 
 from __future__ import annotations
@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from sugard.client import BadRequest
-from sugard.client.api import _split_path, parse, query_pairs
+from sugard.client.api_args import parse, query_pairs
+from sugard.client.api_args import split_path as _split_path
 
 
 def test_the_method_follows_gh_api_but_a_paginated_run_lists() -> None:
