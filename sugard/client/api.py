@@ -326,10 +326,7 @@ def _run(request: ApiRequest, client: SugardClient, session: _Session, output: _
     if version is None:
         urls = client.proxy_urls(request.name)
         version = str(urls.get("api_version") or "v10")
-    site = _instance(request.name)
-    if request.as_user is not None:
-        site = proxy_path(request.name, request.as_user)
-    base = site + f"/rest/{version}/{rest}"
+    base = proxy_path(request.name, request.as_user) + f"/rest/{version}/{rest}"
     headers = list(request.headers)
     body = _Body()
     pairs: list[tuple[str, str]] = []
@@ -354,14 +351,6 @@ def _run(request: ApiRequest, client: SugardClient, session: _Session, output: _
 
 def _question(query: str) -> str:
     return f"?{query}" if query else ""
-
-
-def _instance(name: str) -> str:
-    from urllib.parse import quote
-
-    if not name:
-        raise Usage("the instance name is empty")
-    return "/v1/instances/" + quote(name, safe="")
 
 
 def _input_body(path: str) -> _Body:

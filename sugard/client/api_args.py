@@ -115,6 +115,10 @@ def parse(argv: list[str]) -> ApiRequest:
         raise Usage("api needs NAME: sugarctl api NAME [PATH]")
     if len(positionals) > 2:
         raise Usage(f"api got an extra argument {positionals[2]!r}")
+    if not positionals[0]:
+        raise Usage(
+            "NAME is empty: give an instance's name, as `sugarctl status --names` lists them"
+        )
     request.name = positionals[0]
     if len(positionals) == 2:
         request.path = positionals[1]
