@@ -15,7 +15,7 @@ from sugard.client import (
     SugardError,
     TokenUnavailable,
 )
-from sugard.client.ctl import shell_quote
+from sugard.client.ctl import fish_quote, shell_quote
 from sugard.wire import EXIT_UNAVAILABLE
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
@@ -97,18 +97,13 @@ def _login_shell() -> str:
 
 def _env_line(path: str, shell: str) -> str:
     if shell == "fish":
-        return f"set -gx SUGARD_SOCKET {path if _plain(path) else _fish_quote(path)};"
+        return f"set -gx SUGARD_SOCKET {path if _plain(path) else fish_quote(path)};"
     return f"SUGARD_SOCKET={path if _plain(path) else shell_quote(path)}; export SUGARD_SOCKET;"
 
 
 def _plain(word: str) -> bool:
     """`word` means itself to every shell, unquoted."""
     return bool(word) and all(c.isalnum() or c in "/._-+,:@%" for c in word)
-
-
-def _fish_quote(value: str) -> str:
-    # In fish's single quotes, backslash escapes a backslash or a quote.
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def print_proxy_url(urls: dict[str, Any], socket_path: str) -> None:

@@ -8,7 +8,7 @@ Imported by sugard.client.ctl only for `completion`.
 
 from __future__ import annotations
 
-from sugard.client.ctl import API_VALUED, CHOICES, COMMANDS, VALUED
+from sugard.client.ctl import API_VALUED, CHOICES, COMMANDS, VALUED, fish_quote
 from sugard.client.help import long_option, option_summary, summary
 
 TYPE_CHECKING = False  # typing costs an import; mypy treats this name as True
@@ -262,7 +262,7 @@ complete -c sugarctl -n '__sugarctl_at completion 0' -a '@COMPLETION_SHELLS@'
 def _fish() -> str:
     lines = []
     for command in COMMANDS:
-        description = _fish_quote(summary(command))
+        description = fish_quote(summary(command))
         lines.append(f"complete -c sugarctl -n __fish_use_subcommand -a {command} -d {description}")
         for option in _options(command):
             choices = CHOICES.get(option)
@@ -280,7 +280,7 @@ def _fish() -> str:
                 names = f"-s {option[1:]} {names}".rstrip()
             lines.append(
                 f"complete -c sugarctl -n '__fish_seen_subcommand_from {command}' "
-                f"{names}{values} -d {_fish_quote(what)}"
+                f"{names}{values} -d {fish_quote(what)}"
             )
     return _fill(
         _FISH,
@@ -289,7 +289,3 @@ def _fish() -> str:
         FISH_WITH_NAME=",".join(_with_name()),
         **_shared(),
     )
-
-
-def _fish_quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -409,6 +409,12 @@ def shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
 
 
+def fish_quote(value: str) -> str:
+    """`value` as one word to fish: in its single quotes, backslash escapes a backslash or a
+    quote (sugard.client.commands and sugard.client.completion)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _reload_summary(diff: dict[str, Any]) -> str:
     parts = [
         f"{key}: {', '.join(diff[key])}" for key in ("added", "removed", "changed") if diff.get(key)
