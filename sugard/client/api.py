@@ -14,10 +14,12 @@ from __future__ import annotations
 import json
 import mimetypes
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
+from urllib.parse import urlencode
 
 from sugard.client import SugardClient, SugardError, proxy_path
 from sugard.client.api_args import ApiRequest, Usage, parse, query_pairs, split_path
@@ -48,8 +50,6 @@ ERROR_HEADER = PROXY_ERROR_HEADER.lower().encode()
 
 
 def _query(given: str, pairs: Iterable[tuple[str, str]]) -> str:
-    from urllib.parse import urlencode
-
     encoded = urlencode(list(pairs))
     return "&".join(part for part in (given, encoded) if part)
 
@@ -201,7 +201,7 @@ class _Body:
                 info = os.fstat(stream.fileno())
             except (OSError, ValueError):
                 info = None
-            if info is not None and _regular(info.st_mode):
+            if info is not None and stat.S_ISREG(info.st_mode):
                 self.length = info.st_size - stream.tell() + len(first)
 
     def framing(self) -> list[str]:
@@ -229,12 +229,6 @@ class _Body:
                 break
         if chunked:
             yield b"0\r\n\r\n"
-
-
-def _regular(mode: int) -> bool:
-    import stat
-
-    return stat.S_ISREG(mode)
 
 
 # Output
