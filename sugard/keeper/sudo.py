@@ -506,10 +506,7 @@ class SudoUsers:
         held.failed = True
         held.failures += 1
         held.last_error = LastError(self._clock(), kind, message)
-        cap = self._config.backoff_max
-        seconds = max(min(1.0, cap), min(cap, 2.0 ** (held.failures - 1)) * self._rng())
-        if retry_after is not None:
-            seconds = max(seconds, min(retry_after, self._config.backoff_max))
+        seconds = timing.backoff(held.failures, self._config.backoff_max, self._rng(), retry_after)
         held.next_attempt_at = self._clock() + seconds
         log.warning(
             "%s: no token of %r (%s); next try in %.1f s", self.name, held.name, message, seconds

@@ -22,6 +22,7 @@ __all__ = [
     "REFUSED_AT_ONCE",
     "REJECTED_RETRY_QUIET",
     "SESSION_CHECK_INTERVAL",
+    "backoff",
     "delay",
     "grace_for_version",
     "leaves_doubt",
@@ -203,16 +204,22 @@ def session_capped(old: Grant | None, new: Grant) -> bool:
 LONG_BACKOFF = 60.0  # floor for maintenance and license locks: they last minutes, not seconds
 
 
+def backoff(attempt: int, cap: float, draw: float, retry_after: float | None = None) -> float:
+    """Full-jitter exponential backoff from 1 s to `cap` before try `attempt` + 1 (`draw` in
+    [0, 1)), at least Retry-After (itself at most `cap`)."""
+    seconds = max(min(1.0, cap), min(cap, 2.0 ** (attempt - 1)) * draw)
+    if retry_after is not None:
+        seconds = max(seconds, min(retry_after, cap))
+    return seconds
+
+
 def delay(retry_state: RetryCallState, cap: float, rng: Callable[[], float]) -> float:
-    """Full-jitter exponential backoff from 1 s to `cap`, honouring Retry-After."""
+    """`backoff` for tenacity, with a long floor for maintenance and license locks."""
     exc = retry_state.outcome.exception() if retry_state.outcome else None
-    ceiling = min(cap, 2.0 ** (retry_state.attempt_number - 1))
-    seconds = max(min(1.0, cap), ceiling * rng())
-    if isinstance(exc, TransientError):
-        if isinstance(exc, Locked):
-            seconds = max(seconds, min(LONG_BACKOFF, cap) * (1 + JITTER * rng()))
-        if exc.retry_after is not None:
-            seconds = max(seconds, min(exc.retry_after, cap))
+    retry_after = exc.retry_after if isinstance(exc, TransientError) else None
+    seconds = backoff(retry_state.attempt_number, cap, rng(), retry_after)
+    if isinstance(exc, Locked):
+        seconds = max(seconds, min(LONG_BACKOFF, cap) * (1 + JITTER * rng()))
     return seconds
 
 

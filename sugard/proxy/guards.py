@@ -54,6 +54,9 @@ _RAW_OK = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456
 # Not `/`, `\\`, `%` (a second decoding makes another path of it), `;`, `&`, `+`, `?`, `#`,
 # spaces or control characters.
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_MALFORMED_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_PATH_OK = _RAW_OK | frozenset("/%")
+_PHP_UNDERSCORED = str.maketrans(" .[", "___")
 _VERSION = re.compile(r"v\d+(?:_\d+)?", re.IGNORECASE)
 # A multipart field whose name starts with __sugar (Sugar's routing parameter).
 _MULTIPART_ROUTING = re.compile(rb"name\s*=\s*[\"']?\s*__sugar", re.IGNORECASE)
@@ -155,16 +158,16 @@ async def screened(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 def _decoded_segments(raw: str) -> list[str]:
     """The segments of a raw path, each decoded once; _Refused if any part could read as
     something else to a server that decodes again, or to one that splits differently."""
-    for char in raw:
-        if char not in _RAW_OK and char not in "/%":
-            raise _Refused(
-                400,
-                "bad_request",
-                f"sugard forwards no path with {char!r} in it: a server or front before Sugar "
-                "could read it as another path"
-                + ("; encode it as %XX" if char.isprintable() and char not in ";&+\\" else ""),
-            )
-    if re.search(r"%(?![0-9A-Fa-f]{2})", raw):
+    if not _PATH_OK.issuperset(raw):
+        char = next(c for c in raw if c not in _PATH_OK)  # the first, as the client reads it
+        raise _Refused(
+            400,
+            "bad_request",
+            f"sugard forwards no path with {char!r} in it: a server or front before Sugar "
+            "could read it as another path"
+            + ("; encode it as %XX" if char.isprintable() and char not in ";&+\\" else ""),
+        )
+    if _MALFORMED_ESCAPE.search(raw):
         raise _Refused(400, "bad_request", "sugard forwards no path with a malformed % escape")
     for match in _ESCAPE.finditer(raw):
         byte = int(match.group(1), 16)
@@ -213,7 +216,7 @@ def _php_name(key: str) -> str:
         decoded = unquote_to_bytes(key.replace("+", " ")).decode("utf-8", "replace")
     except ValueError:
         decoded = key
-    return decoded.lstrip(" ").translate(str.maketrans(" .[", "___")).lower()
+    return decoded.lstrip(" ").translate(_PHP_UNDERSCORED).lower()
 
 
 def _routing_refused(where: str) -> _Refused:
