@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 from support.daemon import DaemonProcess, instance, sugarctl, write_config
+from support.http import run_curl
 from support.load import Answer, busiest_second, flood, rate_at_sugar
 from support.metrics import samples, scrape, value
+from support.wait import wait_for
 
 from sugard.testing import FakeSugar
 
@@ -122,18 +124,13 @@ def test_a_second_client_waits_about_one_turn_while_another_floods(
     flooding = threading.Thread(target=lambda: answers.extend(asyncio.run(run)))
     flooding.start()
     try:
-        deadline = time.monotonic() + 30
-        while sum(a.path.endswith("/me") for a in fake.arrivals) < 25:
-            assert time.monotonic() < deadline, "the flood did not start"
-            time.sleep(0.02)
-        sent = time.monotonic()
-        done = subprocess.run(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", *curl],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        wait_for(
+            lambda: sum(a.path.endswith("/me") for a in fake.arrivals) >= 25,
+            "the flood to start",
+            timeout=30,
         )
+        sent = time.monotonic()
+        done = run_curl("-o", "/dev/null", "-w", "%{http_code}", *curl, timeout=60)
     finally:
         flooding.join(120)
     assert "200" == done.stdout
@@ -213,10 +210,11 @@ def test_sugards_own_renewal_goes_before_the_queue(
     flooding = threading.Thread(target=lambda: answers.extend(asyncio.run(run)))
     flooding.start()
     try:
-        deadline = time.monotonic() + 30
-        while sum(a.path.endswith("/me") for a in fake.arrivals) < 15:
-            assert time.monotonic() < deadline, "the flood did not start"
-            time.sleep(0.02)
+        wait_for(
+            lambda: sum(a.path.endswith("/me") for a in fake.arrivals) >= 15,
+            "the flood to start",
+            timeout=30,
+        )
         sent = time.monotonic()
         refreshed = sugarctl(daemon.socket, "refresh", "prod")
     finally:
