@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.daemon import DaemonProcess, instance, sugarctl, write_config
+from support.daemon import DaemonProcess, instance, proxy_url, sugarctl, write_config
 from support.http import run_curl
 from support.load import Answer, busiest_second, flood, rate_at_sugar
 from support.metrics import samples, scrape, value
@@ -41,10 +41,6 @@ def governed(fake: FakeSugar, short_dir: Path, start_daemon) -> Callable[..., Da
     return start
 
 
-def listener_url(daemon: DaemonProcess) -> str:
-    return sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("route", ["socket", "listener"])
 def test_no_second_at_sugar_is_over_the_limit_and_the_limit_is_used(
@@ -57,7 +53,7 @@ def test_no_second_at_sugar_is_over_the_limit_and_the_limit_is_used(
     if route == "socket":
         answers = asyncio.run(flood(SOCKET_SITE, "/rest/v10/me", 70, 20, daemon.socket))
     else:
-        answers = asyncio.run(flood(listener_url(daemon), "/rest/v10/me", 70, 20))
+        answers = asyncio.run(flood(proxy_url(daemon), "/rest/v10/me", 70, 20))
     assert [200] * 70 == [answer.status for answer in answers]
     arrivals = fake.arrivals
     assert 70 <= len(arrivals)
@@ -119,8 +115,8 @@ def test_a_second_client_waits_about_one_turn_while_another_floods(
         run = flood(SOCKET_SITE, "/rest/v10/me", 80, 20, daemon.socket)
         curl = ["--unix-socket", str(daemon.socket), SOCKET_SITE + "/rest/v10/ping"]
     else:
-        run = flood(listener_url(daemon), "/rest/v10/me", 80, 20)
-        curl = [listener_url(daemon) + "/rest/v10/ping"]
+        run = flood(proxy_url(daemon), "/rest/v10/me", 80, 20)
+        curl = [proxy_url(daemon) + "/rest/v10/ping"]
     flooding = threading.Thread(target=lambda: answers.extend(asyncio.run(run)))
     flooding.start()
     try:
@@ -170,7 +166,7 @@ def test_sugarctl_clients_names_each_process_with_its_counts(
         "    urllib.request.urlopen(sys.argv[1] + path, timeout=30).read()\n"
     )
     python = subprocess.Popen(
-        [sys.executable, "-c", script, listener_url(daemon)], env={"NO_PROXY": "*"}
+        [sys.executable, "-c", script, proxy_url(daemon)], env={"NO_PROXY": "*"}
     )
     assert 0 == python.wait(60)
     shown = sugarctl(daemon.socket, "clients", "prod", "--json")
