@@ -124,6 +124,13 @@ def sugarctl(
     )
 
 
+def proxy_url(daemon: DaemonProcess, name: str = "prod") -> str:
+    """The site URL `sugarctl proxy-url NAME` prints: `name`'s loopback listener."""
+    result = sugarctl(daemon.socket, "proxy-url", name)
+    assert 0 == result.returncode, result.stderr
+    return result.stdout.strip()
+
+
 # The TOKEN object of the design's socket API.
 TOKEN_KEYS = {
     "instance",

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.daemon import DaemonProcess, instance, sugarctl, write_config
+from support.daemon import DaemonProcess, instance, proxy_url, sugarctl, write_config
+from support.http import run_curl
 from support.load import Answer, busiest_second, flood, rate_at_sugar
 from support.metrics import samples, scrape, value
+from support.wait import wait_for
 
 from sugard.testing import FakeSugar
 
@@ -39,10 +41,6 @@ def governed(fake: FakeSugar, short_dir: Path, start_daemon) -> Callable[..., Da
     return start
 
 
-def listener_url(daemon: DaemonProcess) -> str:
-    return sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("route", ["socket", "listener"])
 def test_no_second_at_sugar_is_over_the_limit_and_the_limit_is_used(
@@ -55,7 +53,7 @@ def test_no_second_at_sugar_is_over_the_limit_and_the_limit_is_used(
     if route == "socket":
         answers = asyncio.run(flood(SOCKET_SITE, "/rest/v10/me", 70, 20, daemon.socket))
     else:
-        answers = asyncio.run(flood(listener_url(daemon), "/rest/v10/me", 70, 20))
+        answers = asyncio.run(flood(proxy_url(daemon), "/rest/v10/me", 70, 20))
     assert [200] * 70 == [answer.status for answer in answers]
     arrivals = fake.arrivals
     assert 70 <= len(arrivals)
@@ -117,23 +115,18 @@ def test_a_second_client_waits_about_one_turn_while_another_floods(
         run = flood(SOCKET_SITE, "/rest/v10/me", 80, 20, daemon.socket)
         curl = ["--unix-socket", str(daemon.socket), SOCKET_SITE + "/rest/v10/ping"]
     else:
-        run = flood(listener_url(daemon), "/rest/v10/me", 80, 20)
-        curl = [listener_url(daemon) + "/rest/v10/ping"]
+        run = flood(proxy_url(daemon), "/rest/v10/me", 80, 20)
+        curl = [proxy_url(daemon) + "/rest/v10/ping"]
     flooding = threading.Thread(target=lambda: answers.extend(asyncio.run(run)))
     flooding.start()
     try:
-        deadline = time.monotonic() + 30
-        while sum(a.path.endswith("/me") for a in fake.arrivals) < 25:
-            assert time.monotonic() < deadline, "the flood did not start"
-            time.sleep(0.02)
-        sent = time.monotonic()
-        done = subprocess.run(
-            ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", *curl],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
+        wait_for(
+            lambda: sum(a.path.endswith("/me") for a in fake.arrivals) >= 25,
+            "the flood to start",
+            timeout=30,
         )
+        sent = time.monotonic()
+        done = run_curl("-o", "/dev/null", "-w", "%{http_code}", *curl, timeout=60)
     finally:
         flooding.join(120)
     assert "200" == done.stdout
@@ -173,7 +166,7 @@ def test_sugarctl_clients_names_each_process_with_its_counts(
         "    urllib.request.urlopen(sys.argv[1] + path, timeout=30).read()\n"
     )
     python = subprocess.Popen(
-        [sys.executable, "-c", script, listener_url(daemon)], env={"NO_PROXY": "*"}
+        [sys.executable, "-c", script, proxy_url(daemon)], env={"NO_PROXY": "*"}
     )
     assert 0 == python.wait(60)
     shown = sugarctl(daemon.socket, "clients", "prod", "--json")
@@ -213,10 +206,11 @@ def test_sugards_own_renewal_goes_before_the_queue(
     flooding = threading.Thread(target=lambda: answers.extend(asyncio.run(run)))
     flooding.start()
     try:
-        deadline = time.monotonic() + 30
-        while sum(a.path.endswith("/me") for a in fake.arrivals) < 15:
-            assert time.monotonic() < deadline, "the flood did not start"
-            time.sleep(0.02)
+        wait_for(
+            lambda: sum(a.path.endswith("/me") for a in fake.arrivals) >= 15,
+            "the flood to start",
+            timeout=30,
+        )
         sent = time.monotonic()
         refreshed = sugarctl(daemon.socket, "refresh", "prod")
     finally:

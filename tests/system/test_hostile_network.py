@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from support.daemon import SUGARD, DaemonProcess, instance, proxy_url, sugarctl, write_config
 from support.nobody import AS_NOBODY, NOBODY
 from support.proxy_upstream import SugarFront
 from support.redirects import redirecting, serving
@@ -149,7 +149,7 @@ def test_another_uid_flooding_the_tcp_listeners_holds_few_connections_and_the_ow
         daemon={"metrics_listen": "127.0.0.1:0", "allowed_uids": [NOBODY]},
     )
     daemon = start_daemon(config)
-    listener = sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+    listener = proxy_url(daemon)
     metrics = re.search(r"metrics on http://(127\.0\.0\.1:\d+)/metrics", daemon.log())
     assert metrics and listener.startswith("http://"), daemon.log()
     targets = [listener.removeprefix("http://"), metrics.group(1)]
@@ -214,7 +214,7 @@ def test_malformed_requests_on_the_tcp_listeners_are_logged_in_one_line_without_
         daemon={"metrics_listen": "127.0.0.1:0"},
     )
     daemon = start_daemon(config)
-    listener = sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+    listener = proxy_url(daemon)
     metrics = re.search(r"metrics on (http://127\.0\.0\.1:\d+)/metrics", daemon.log())
     assert metrics, daemon.log()
     bad = [
@@ -242,7 +242,7 @@ def test_connect_on_the_proxy_listener_is_answered_in_sugars_envelope(
     """CONNECT (someone taking the listener for an HTTP proxy) gets Sugar's JSON envelope
     saying what the listener is, and the connection is closed; so does an unknown path."""
     daemon = start_daemon(write_config(short_dir, {"prod": instance(fake, listen="127.0.0.1:0")}))
-    listener = sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+    listener = proxy_url(daemon)
     own = listener.removeprefix("http://")
     for target in ("crm.example.com:443", own):
         request = f"CONNECT {target} HTTP/1.1\r\nHost: {own}\r\n\r\n"
@@ -261,7 +261,7 @@ def test_connect_on_the_proxy_listener_is_answered_in_sugars_envelope(
 def listener_of(daemon: DaemonProcess) -> str:
     with daemon.client() as client:
         client.token("prod", wait=20)
-    return sugarctl(daemon.socket, "proxy-url", "prod").stdout.strip().splitlines()[0]
+    return proxy_url(daemon)
 
 
 def test_the_proxy_passes_no_cookie_no_hop_header_sugar_named_and_no_underscored_token(
@@ -430,14 +430,14 @@ def test_a_listener_port_taken_by_another_user_is_retried_while_the_rest_serves(
         )
         with daemon.client() as client:
             assert client.token("prod", wait=20)["access_token"]
-        other = listener_of_instance(daemon, "other")
+        other = proxy_url(daemon, "other")
         assert 200 == requests.get(f"{other}/rest/v10/me", timeout=30).status_code
         assert 0 == sugarctl(daemon.socket, "reload").returncode
 
         squat.stdin.close()
         squat.wait(30)
         wait_for(lambda: f"prod: proxy listening on http://{address}" in daemon.log())
-        assert f"http://{address}" == listener_of_instance(daemon, "prod")
+        assert f"http://{address}" == proxy_url(daemon, "prod")
         answer = requests.get(f"http://{address}/rest/v10/me", timeout=30)
         assert 200 == answer.status_code
         while "cannot listen" in (text := notify.recv(4096).decode()) or "STATUS" not in text:
@@ -449,10 +449,6 @@ def test_a_listener_port_taken_by_another_user_is_retried_while_the_rest_serves(
             squat.stdin.close()
             squat.wait(30)
         squat.stdout.close()
-
-
-def listener_of_instance(daemon: DaemonProcess, name: str) -> str:
-    return sugarctl(daemon.socket, "proxy-url", name).stdout.strip().splitlines()[0]
 
 
 def test_proxy_url_says_to_give_clients_a_placeholder_password(

@@ -20,7 +20,14 @@ import httpx
 import pytest
 import requests
 from support import ROOT
-from support.daemon import USER, DaemonProcess, current_token, instance, sugarctl, write_config
+from support.daemon import (
+    USER,
+    DaemonProcess,
+    current_token,
+    instance,
+    proxy_url,
+    write_config,
+)
 from support.http import curl_json
 from support.proxy_upstream import SugarFront, pattern, pattern_sha256, running_front, vm_kib
 from support.wait import wait_for
@@ -51,12 +58,6 @@ def proxied(front: SugarFront, short_dir: Path, start_daemon) -> DaemonProcess:
     return daemon
 
 
-def base_url(daemon: DaemonProcess, name: str = "prod") -> str:
-    result = sugarctl(daemon.socket, "proxy-url", name)
-    assert 0 == result.returncode, result.stderr
-    return result.stdout.strip()
-
-
 def curl_socket(daemon: DaemonProcess, path: str, *args: str) -> tuple[int, Any]:
     return curl_json(daemon.socket, f"/v1/instances/prod{path}", *args)
 
@@ -78,7 +79,7 @@ def test_the_clients_credentials_are_replaced_and_hop_by_hop_headers_stay_on_the
     headers of one connection (Connection and those it names, Keep-Alive) are not forwarded,
     nor Sugar's hop-by-hop answer headers; the query is kept."""
     answer = requests.post(
-        base_url(proxied) + "/rest/v10/Echo?fields=name&max_num=2",
+        proxy_url(proxied) + "/rest/v10/Echo?fields=name&max_num=2",
         json={"name": "x"},
         headers={
             "OAuth-Token": "bogus",
@@ -108,7 +109,7 @@ def test_the_clients_credentials_are_replaced_and_hop_by_hop_headers_stay_on_the
 
 def test_paths_outside_rest_are_404(proxied: DaemonProcess, front: SugarFront) -> None:
     """Only Sugar's /rest/ API is served: other paths answer 404, and never reach Sugar."""
-    answer = requests.get(base_url(proxied) + "/index.php", timeout=30)
+    answer = requests.get(proxy_url(proxied) + "/index.php", timeout=30)
     assert 404 == answer.status_code
     assert "not_found" == answer.json()["error"]
     assert "error_message" in answer.json()
@@ -125,7 +126,7 @@ def test_a_login_is_answered_locally_with_the_current_token(
     Sugar's seven keys with sugard's token and a placeholder refresh token; Sugar sees no login."""
     fake.reset_counters()
     answer = requests.post(
-        base_url(proxied) + path,
+        proxy_url(proxied) + path,
         json={"grant_type": "password", "username": "x", "password": "y", "client_id": "z"},
         timeout=30,
     )
@@ -156,7 +157,7 @@ def test_a_logout_is_answered_locally_and_the_session_lives_on(
 def test_sudo_and_other_oauth2_routes_are_refused(proxied: DaemonProcess, fake: FakeSugar) -> None:
     """oauth2/sudo/USER is 403 in Sugar's envelope and never reaches Sugar."""
     fake.reset_counters()
-    answer = requests.post(base_url(proxied) + "/rest/v10/oauth2/sudo/admin", timeout=30)
+    answer = requests.post(proxy_url(proxied) + "/rest/v10/oauth2/sudo/admin", timeout=30)
     assert 403 == answer.status_code
     assert {"error", "error_message"} == set(answer.json())
     assert 0 == fake.calls["sudo"]
@@ -167,7 +168,7 @@ def test_an_eviction_mid_run_is_invisible_to_the_client_and_a_post_is_replayed_o
 ) -> None:
     """Another login evicts sugard's session: the client's next POST still answers 200, after
     one renewal, its JSON body sent twice (once refused, once accepted) and never more."""
-    url = base_url(proxied)
+    url = proxy_url(proxied)
     with requests.Session() as client:
         assert 200 == client.get(url + "/rest/v10/me", timeout=30).status_code
         logins = fake.calls["password"]
@@ -190,7 +191,7 @@ def test_a_streamed_body_is_not_replayed_and_its_401_goes_back(
     """A body over 1 MiB cannot be sent twice: the client gets Sugar's 401, the log says so
     (and that the proxy reported the token), the session is renewed all the same, and the
     client's retry succeeds."""
-    url = base_url(proxied)
+    url = proxy_url(proxied)
     fake.evict(USER, "sugard")
     logins = fake.calls["password"]
     refused = requests.post(url + "/rest/v10/Upload", data=b"x" * (2 * 1024 * 1024), timeout=60)
@@ -213,7 +214,7 @@ def test_50_concurrent_clients_and_one_eviction_make_one_renewal(
 ) -> None:
     """50 aiohttp clients, 10 requests each through the listener, an eviction after the first
     100 answers: every request answers 200, and the fake sees exactly one new login."""
-    url = base_url(proxied) + "/rest/v10/me"
+    url = proxy_url(proxied) + "/rest/v10/me"
     logins = fake.calls["password"]
 
     async def run() -> list[int]:
@@ -347,7 +348,7 @@ def _stream_upload(url: str, size: int) -> dict[str, Any]:
 def test_200_mb_each_way_byte_exact_in_bounded_memory(proxied: DaemonProcess) -> None:
     """A 200 MB download and a 200 MB upload through the listener arrive byte-exact, and the
     daemon's peak RSS grows by less than 32 MiB over them."""
-    url = base_url(proxied)
+    url = proxy_url(proxied)
     pid = proxied.proc.pid
     # Warm up first: the first requests allocate what every later one reuses.
     assert pattern_sha256(4 << 20) == _stream_download(url, 4 << 20)
@@ -365,7 +366,7 @@ def test_the_access_log_holds_no_query_and_no_token(
     proxied: DaemonProcess, fake: FakeSugar
 ) -> None:
     """The debug access log names the path without its query; no token appears in the log."""
-    url = base_url(proxied)
+    url = proxy_url(proxied)
     token = current_token(proxied)
     requests.get(url + "/rest/v10/Accounts?download_token=s3cret-in-query", timeout=30)
     requests.post(url + "/rest/v10/oauth2/token", json={"grant_type": "password"}, timeout=30)
@@ -382,7 +383,7 @@ def test_the_path_goes_as_the_client_encoded_it_and_dot_segments_are_refused(
     """A path with harmless escapes reaches Sugar still encoded, its query as sent; a path
     with .. (which could reach oauth2/logout after Sugar's front normalises it) or an
     encoded slash is refused before it is forwarded (test_proxy_guards.py: the rest)."""
-    url = base_url(proxied)
+    url = proxy_url(proxied)
     answer = requests.get(url + "/rest/v10/Echo/a%40b%C3%A9?q=%C3%A9%2F%20", timeout=30)
     assert 200 == answer.status_code
     assert "/rest/v10/Echo/a%40b%C3%A9?q=%C3%A9%2F%20" == answer.json()["raw_path"]
@@ -399,7 +400,7 @@ def test_a_body_that_breaks_off_upstream_is_cut_for_the_client_too(
 ) -> None:
     """When Sugar's answer breaks off mid-body, the client's transfer fails too rather than
     ending as if complete; the daemon keeps serving."""
-    host, port = base_url(proxied).removeprefix("http://").split(":")
+    host, port = proxy_url(proxied).removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     conn.request("GET", "/rest/v10/Broken")
     answer = conn.getresponse()
@@ -407,7 +408,7 @@ def test_a_body_that_breaks_off_upstream_is_cut_for_the_client_too(
     with pytest.raises((http.client.IncompleteRead, ConnectionError)):
         answer.read()
     conn.close()
-    assert 200 == requests.get(base_url(proxied) + "/rest/v10/me", timeout=30).status_code
+    assert 200 == requests.get(proxy_url(proxied) + "/rest/v10/me", timeout=30).status_code
     assert "broke off mid-body" in proxied.log()
     assert "Traceback" not in proxied.log()
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.daemon import DaemonProcess, current_token, instance, sugarctl, write_config
+from support.daemon import DaemonProcess, current_token, instance, proxy_url, write_config
 from support.raw_http import exchange
 
 from sugard.proxy.guards import BULK_LIMIT
@@ -41,7 +41,7 @@ def route(request: pytest.FixtureRequest, guarded: DaemonProcess) -> tuple[Path 
     """(where to connect, the site root's path) of one of the proxy's two routes."""
     if request.param == "socket":
         return guarded.socket, "/v1/instances/prod"
-    url = sugarctl(guarded.socket, "proxy-url", "prod").stdout.strip()
+    url = proxy_url(guarded)
     return url, ""
 
 

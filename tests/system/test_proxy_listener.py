@@ -13,18 +13,12 @@ from typing import Any
 
 import pytest
 import requests
-from support.daemon import SUGARD, DaemonProcess, instance, sugarctl, write_config
+from support.daemon import SUGARD, instance, proxy_url, sugarctl, write_config
 from support.nobody import AS_NOBODY, NOBODY
 from support.proxy_upstream import SugarFront
 from support.wait import wait_for
 
 from sugard.testing import FakeSugar, running_fake
-
-
-def proxy_url(daemon: DaemonProcess, name: str) -> str:
-    result = sugarctl(daemon.socket, "proxy-url", name)
-    assert 0 == result.returncode, result.stderr
-    return result.stdout.strip()
 
 
 def curl_as_nobody(url: str, *args: str) -> tuple[int, dict[str, Any]]:

@@ -35,7 +35,7 @@ from support.daemon import (
     DaemonProcess,
     current_token,
     instance,
-    sugarctl,
+    proxy_url,
     write_config,
 )
 from support.forward_proxy import running_proxy
@@ -73,9 +73,7 @@ def proxied(site: FakeSugar, short_dir: Path, start_daemon) -> DaemonProcess:
 
 
 def listener(daemon: DaemonProcess) -> str:
-    result = sugarctl(daemon.socket, "proxy-url", "prod")
-    assert 0 == result.returncode, result.stderr
-    url = result.stdout.strip()
+    url = proxy_url(daemon)
     assert url.startswith("http://127.0.0.1:")
     return url
 

@@ -3,133 +3,30 @@
 end as a hard deadline, no dead token served after a refresh refused for maintenance (and the
 probe during a backoff), and one check for a burst of reports of a token Sugar still takes.
 
-Self-contained: the in-process daemon with a virtual clock (minutes pass in a second), or the
-real `sugard run` process with `sugarctl` scripts; conftest's fixtures only as fixtures.
+The in-process daemon with a virtual clock (minutes pass in a second), or the real `sugard
+run` process with `sugarctl` scripts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import subprocess
-import sys
-import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import tomli_w
 from aiohttp import web
+from support.daemon import PASSWORD, SUGARCTL, USER, instance, sugarctl, write_config
+from support.rig import NAME, Rig, get_json, rig
+from support.wait import until
 
-from sugard.config import load_config
-from sugard.daemon import Daemon
 from sugard.testing import FakeSugar, running_fake
 
-NAME = "crm"
-USER, PASSWORD = "alice", "alice-secret-pw"
-SUGARCTL = str(Path(sys.executable).parent / "sugarctl")
 
-
-def write_config(directory: Path, table: dict[str, Any]) -> Path:
-    """One instance, NAME, its password in a 0600 file."""
-    secret = directory / "password"
-    secret.write_text(PASSWORD + "\n")
-    secret.chmod(0o600)
-    document = {"instances": {NAME: {**table, "password_file": str(secret)}}}
-    path = directory / "config.toml"
-    path.write_text(tomli_w.dumps(document))
-    path.chmod(0o600)
-    return path
-
-
-def settings(fake: FakeSugar, **overrides: Any) -> dict[str, Any]:
-    return {"url": fake.url, "username": USER, "backoff_max": 0.2, **overrides}
-
-
-class VirtualClock:
-    """A wall clock for the fake and the daemon, `speed` times real time; it can jump."""
-
-    def __init__(self, speed: float) -> None:
-        self.speed = speed
-        self._start = time.time()
-        self._offset = 0.0
-
-    def __call__(self) -> float:
-        return self._start + (time.time() - self._start) * self.speed + self._offset
-
-    def jump(self, seconds: float) -> None:
-        self._offset += seconds
-
-    async def sleep(self, virtual_seconds: float) -> None:
-        await asyncio.sleep(virtual_seconds / self.speed)
-
-
-@dataclass
-class Rig:
-    fake: FakeSugar
-    daemon: Daemon
-    clock: VirtualClock
-    http: aiohttp.ClientSession
-
-    @property
-    def keeper(self) -> Any:
-        return self.daemon.keepers[NAME]
-
-    async def call(self, path: str, method: str = "GET", **kwargs: Any) -> tuple[int, Any]:
-        url = f"http://sugard/v1/instances/{NAME}{path}"
-        async with self.http.request(method, url, **kwargs) as response:
-            return response.status, await response.json()
-
-    async def token(self, **query: float) -> tuple[int, dict[str, Any]]:
-        params = {key: str(value) for key, value in query.items()}
-        code, body = await self.call("/token", params=params)
-        return code, body
-
-
-@contextlib.asynccontextmanager
-async def rig(
-    directory: Path,
-    *,
-    speed: float = 1.0,
-    sugar: dict[str, Any] | None = None,
-    watch: Any = None,
-    **table: Any,
-) -> AsyncIterator[Rig]:
-    clock = VirtualClock(speed)
-    fake = FakeSugar(users={USER: PASSWORD}, clock=clock, **(sugar or {}))
-    if watch is not None:
-        fake.app.middlewares.append(watch)
-    await fake.start()
-    daemon: Daemon | None = None
-    try:
-        config = load_config(write_config(directory, settings(fake, **table)))
-        daemon = Daemon(
-            config,
-            directory / "s.sock",
-            clock=clock,
-            ticks=clock,  # virtual time for the intervals too
-            max_sleep=0.02,
-            rng=lambda: 0.5,
-        )
-        await daemon.start()
-        connector = aiohttp.UnixConnector(path=str(directory / "s.sock"), limit=64)
-        async with aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=30)
-        ) as http:
-            yield Rig(fake, daemon, clock, http)
-    finally:
-        if daemon is not None:
-            await daemon.stop()
-        await fake.close()
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
+async def call(r: Rig, path: str, method: str = "GET", **kwargs: Any) -> tuple[int, Any]:
+    """The instance's route `path` on the in-process daemon."""
+    return await get_json(r.http, f"/v1/instances/{NAME}{path}", method, **kwargs)
 
 
 def version_calls(fake: FakeSugar) -> dict[str, int]:
@@ -156,8 +53,8 @@ async def test_the_version_comes_from_the_metadata_once_across_logins(
         for _ in range(2):  # two evictions, two logins: the version is not asked again
             r.fake.evict(USER, "sugard")
             r.fake.revoke(first["access_token"])
-            code, first = await r.call(
-                "/invalidate", "POST", json={"access_token": first["access_token"]}
+            code, first = await call(
+                r, "/invalidate", "POST", json={"access_token": first["access_token"]}
             )
             assert 200 == code, first
         assert 3 == r.fake.calls["password"]
@@ -166,7 +63,7 @@ async def test_the_version_comes_from_the_metadata_once_across_logins(
 
         old = first["access_token"]
         r.fake.delay = 0.5
-        forced = asyncio.create_task(r.call("/refresh", "POST"))
+        forced = asyncio.create_task(call(r, "/refresh", "POST"))
         await until(lambda: r.keeper.state.value == "refreshing")
         code, during = await r.token()
         assert 200 == code
@@ -242,7 +139,7 @@ async def test_after_a_refresh_refused_for_maintenance_the_old_token_is_checked(
         await until(lambda: r.keeper.sugar_version == f"{version}.0")
         r.fake.maintenance = True
         r.fake.reset_counters()
-        code, body = await r.call("/refresh", "POST")
+        code, body = await call(r, "/refresh", "POST")
         assert 503 == code
         assert "maintenance" in body["message"]
         code, body = await r.token(wait=2)
@@ -257,7 +154,7 @@ async def test_after_a_refresh_refused_for_maintenance_the_old_token_is_checked(
         assert 1 == r.fake.calls["refresh_token"]
 
         r.fake.maintenance = False
-        code, body = await r.call("/refresh", "POST")
+        code, body = await call(r, "/refresh", "POST")
         assert 200 == code
         assert r.fake.valid(body["access_token"])
         assert 1 == r.fake.calls["password"]  # the burned refresh token is not sent again
@@ -289,16 +186,6 @@ async def test_the_probe_runs_during_a_backoff(short_dir: Path) -> None:
 # ------------------------------------------------------------------ 4. coalesced reports
 
 
-def sugarctl(socket: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [SUGARCTL, "--socket", str(socket), *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
 @pytest.mark.timeout(120)
 def test_fifty_reports_of_a_token_sugar_still_takes_make_one_check(
     short_dir: Path, start_daemon: Callable[..., Any]
@@ -307,7 +194,7 @@ def test_fifty_reports_of_a_token_sugar_still_takes_make_one_check(
     another cause): one ping at Sugar, the same token back to all. Before: 6 to 21 pings, as
     the processes' reports trickle in after the first check answered."""
     with running_fake(users={USER: PASSWORD}, sugar_version="13.3") as fake:
-        daemon = start_daemon(write_config(short_dir, settings(fake)))
+        daemon = start_daemon(write_config(short_dir, {NAME: instance(fake)}))
         alive = sugarctl(daemon.socket, "token", NAME).stdout.strip()
         fake.reset_counters()
         procs = [

@@ -13,7 +13,15 @@ from typing import Any
 
 import pytest
 import requests
-from support.daemon import PASSWORD, USER, DaemonProcess, instance, sugarctl, write_config
+from support.daemon import (
+    PASSWORD,
+    USER,
+    DaemonProcess,
+    instance,
+    proxy_url,
+    sugarctl,
+    write_config,
+)
 from support.http import curl, curl_json
 
 from sugard.client import SugardClient
@@ -151,7 +159,7 @@ def test_the_proxy_acts_as_jim_on_the_socket_and_the_listener(
     assert (200, "jim") == (status, body["current_user"]["user_name"])
     status, body = curl_json(daemon.socket, f"/v1/instances/{NAME}/rest/v10/me")
     assert (200, USER) == (status, body["current_user"]["user_name"])
-    listen = sugarctl(daemon.socket, "proxy-url", NAME).stdout.strip()
+    listen = proxy_url(daemon, NAME)
     assert "sally" == user_me(f"{listen}/as/sally")
     assert fake.revoke(sugarctl(daemon.socket, "token", NAME, "--as", "jim").stdout.strip())
     assert "jim" == user_me(f"{listen}/as/jim")

@@ -197,7 +197,7 @@ def test_a_3_mib_upload_and_download_are_byte_exact(
     )
     assert 0 == piped.returncode, piped.stderr
     to_stdout = subprocess.run(
-        [SUGARCTL, "--socket", str(served.socket), "api", "prod", field],
+        [*ctl(served), "api", "prod", field],
         capture_output=True,
         timeout=60,
         check=False,
@@ -343,13 +343,7 @@ def test_revoke_is_for_the_owner_only(crm: FakeSugar, short_dir: Path, start_dae
 def test_bad_input_is_a_usage_error_before_anything_is_sent(args: list[str], named: str) -> None:
     """Each bad argument: exit 2 and one line naming it, with no daemon at all (so nothing
     was sent: reaching for one would exit 4)."""
-    got = subprocess.run(
-        [SUGARCTL, "--socket", "/nonexistent/sugard.sock", "api", "prod", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    got = sugarctl(Path("/nonexistent/sugard.sock"), "api", "prod", *args)
     assert (2, "") == (got.returncode, got.stdout)
     assert named in one_line(got.stderr)
 
