@@ -349,9 +349,10 @@ def general_help(commands: tuple[str, ...]) -> str:
         "  exec: CMD's exit status; 126 if CMD cannot be run, 127 if it is not found",
         "",
         *textwrap.wrap(
-            "When Sugar answers 401 to a token, report it (sugarctl invalidate NAME TOKEN) and "
-            "retry once with the token printed. Never log in, refresh or log out from a "
-            "script: that ends the shared session for every other script.",
+            "When Sugar answers 401 to a token, report it (the token on stdin of "
+            "sugarctl invalidate NAME) and retry once with the token printed. Never log in, "
+            "refresh or log out from a script: that ends the shared session for every other "
+            "script.",
             WIDTH,
         ),
     ]

@@ -27,10 +27,11 @@ def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def guarded(fake: FakeSugar, short_dir: Path, start_daemon) -> DaemonProcess:
-    """A daemon whose instance `prod` is the fake, on the socket and on a listener."""
-    daemon: DaemonProcess = start_daemon(
-        write_config(short_dir, {"prod": instance(fake, listen="127.0.0.1:0")})
-    )
+    """A daemon whose instance `prod` is the fake, on the socket and on a listener. It makes
+    no call of its own after the login (no probe; a set grace needs no version read), so
+    whatever reaches the fake during a test was sent through the proxy."""
+    table = instance(fake, listen="127.0.0.1:0", probe_interval=0, old_token_grace=0)
+    daemon: DaemonProcess = start_daemon(write_config(short_dir, {"prod": table}))
     with daemon.client() as client:
         client.token("prod", wait=20)
     return daemon
